@@ -1,0 +1,78 @@
+use std::net::IpAddr;
+
+use crate::{hash, Params};
+
+/// What kind of traffic opened a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Opener {
+    /// IKE on UDP 500.
+    Ike,
+    /// IKE or ESP-in-UDP on UDP 4500.
+    NatT,
+    /// Raw ESP (IP protocol 50).
+    Esp,
+}
+
+/// The identity of one new tunnel, as the contract's `tunnel-key`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TunnelKey {
+    /// The initiator's outer address.
+    pub peer: IpAddr,
+    /// The initiator's UDP source port; 0 for raw ESP.
+    pub peer_port: u16,
+    /// The VIP the initiator sent to.
+    pub vip: IpAddr,
+    /// The IKE initiator SPI, when the opening packet was IKE.
+    pub ike_spi: Option<u64>,
+    pub opened_by: Opener,
+}
+
+impl TunnelKey {
+    /// A stable 64-bit hash of where the tunnel comes from: outer address and
+    /// UDP port. Deliberately not the SPI, which is new on every
+    /// re-establishment: hashing the endpoint sends a tunnel that comes back
+    /// after a failure to the same gateway, and makes placement predictable
+    /// from the lab's addressing alone.
+    pub fn endpoint_hash(&self) -> u64 {
+        let (family, hi, lo) = match self.peer {
+            IpAddr::V4(a) => (4u64, 0u64, u64::from(u32::from(a))),
+            IpAddr::V6(a) => {
+                let bits = u128::from(a);
+                (6, (bits >> 64) as u64, bits as u64)
+            }
+        };
+        hash::words(&[family, hi, lo, u64::from(self.peer_port)])
+    }
+}
+
+/// One gateway, as the contract's `gateway`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gateway {
+    pub id: u32,
+    pub name: String,
+    pub weight: u32,
+    pub healthy: bool,
+    pub draining: bool,
+    /// Live tunnels when the set was pushed.
+    pub tunnels: u64,
+}
+
+impl Gateway {
+    /// May this gateway take a new tunnel? Healthy, not draining, weight > 0.
+    pub fn takes_new_tunnels(&self) -> bool {
+        self.healthy && !self.draining && self.weight > 0
+    }
+}
+
+/// A balancing policy. See the crate docs for the call order.
+pub trait Balance: Sized {
+    /// Build the policy from its parameters. Reject unknown keys and bad
+    /// values with a message that names them ([`Params::finish`] helps).
+    fn configure(params: Params) -> Result<Self, String>;
+
+    /// The whole gateway set changed; rebuild whatever depends on it.
+    fn set_gateways(&mut self, gateways: &[Gateway]);
+
+    /// The gateway id for a new tunnel, or `None` for "no answer".
+    fn choose(&mut self, key: &TunnelKey) -> Option<u32>;
+}
