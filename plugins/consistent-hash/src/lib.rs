@@ -31,9 +31,14 @@ pub struct ConsistentHash {
 impl ConsistentHash {
     pub fn with_table_size(size: u32) -> Result<Self, String> {
         if size < 101 || !is_prime(size) {
-            return Err(format!("parameter `table-size` = {size}: must be a prime ≥ 101"));
+            return Err(format!(
+                "parameter `table-size` = {size}: must be a prime ≥ 101"
+            ));
         }
-        Ok(ConsistentHash { configured_size: size, table: Vec::new() })
+        Ok(ConsistentHash {
+            configured_size: size,
+            table: Vec::new(),
+        })
     }
 
     /// The table size in use (the configured one unless the set outgrew it).
@@ -50,7 +55,8 @@ impl Balance for ConsistentHash {
     }
 
     fn set_gateways(&mut self, gateways: &[Gateway]) {
-        let mut members: Vec<&Gateway> = gateways.iter().filter(|g| g.takes_new_tunnels()).collect();
+        let mut members: Vec<&Gateway> =
+            gateways.iter().filter(|g| g.takes_new_tunnels()).collect();
         // The fill order decides ties between gateways: make it depend on
         // names only, never on the host's ordering of the set.
         members.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
@@ -123,7 +129,9 @@ fn is_prime(n: u32) -> bool {
 }
 
 fn next_prime(from: u32) -> u32 {
-    (from..).find(|&n| is_prime(n)).expect("a prime exists below u32::MAX for any table we build")
+    (from..)
+        .find(|&n| is_prime(n))
+        .expect("a prime exists below u32::MAX for any table we build")
 }
 
 #[cfg(test)]
@@ -135,7 +143,14 @@ mod tests {
 
     fn gws(n: u32) -> Vec<Gateway> {
         (1..=n)
-            .map(|id| Gateway { id, name: format!("segw{id}"), weight: 1, healthy: true, draining: false, tunnels: 0 })
+            .map(|id| Gateway {
+                id,
+                name: format!("segw{id}"),
+                weight: 1,
+                healthy: true,
+                draining: false,
+                tunnels: 0,
+            })
             .collect()
     }
 
@@ -182,7 +197,10 @@ mod tests {
         let own = before.iter().filter(|&&g| g == 3).count();
         // Every tunnel of segw3 must move; others may move only a little.
         assert!(before.iter().zip(&after).all(|(b, a)| *b != 3 || *a != 3));
-        assert!(moved >= own && (moved as f64) < own as f64 * 1.1, "moved {moved}, own {own}");
+        assert!(
+            moved >= own && (moved as f64) < own as f64 * 1.1,
+            "moved {moved}, own {own}"
+        );
     }
 
     #[test]
@@ -197,7 +215,10 @@ mod tests {
     fn host_order_does_not_matter() {
         let mut reversed = gws(4);
         reversed.reverse();
-        assert_eq!(place(&mut policy(&gws(4)), 1000), place(&mut policy(&reversed), 1000));
+        assert_eq!(
+            place(&mut policy(&gws(4)), 1000),
+            place(&mut policy(&reversed), 1000)
+        );
     }
 
     /// Golden mapping: a change here moves real tunnels. Update it only on
@@ -211,8 +232,11 @@ mod tests {
 
     #[test]
     fn table_size_is_validated_and_grows() {
-        assert!(ConsistentHash::with_table_size(65_536).unwrap_err().contains("prime"));
-        let err = ConsistentHash::configure(Params::new(vec![("table-size".into(), "x".into())])).unwrap_err();
+        assert!(ConsistentHash::with_table_size(65_536)
+            .unwrap_err()
+            .contains("prime"));
+        let err = ConsistentHash::configure(Params::new(vec![("table-size".into(), "x".into())]))
+            .unwrap_err();
         assert!(err.contains("table-size"), "{err}");
         let mut p = ConsistentHash::with_table_size(101).unwrap();
         p.set_gateways(&gws(3));

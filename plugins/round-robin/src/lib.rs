@@ -22,7 +22,10 @@ impl Balance for RoundRobin {
     }
 
     fn set_gateways(&mut self, gateways: &[Gateway]) {
-        self.order = gateways.iter().map(|g| (g.id, g.takes_new_tunnels())).collect();
+        self.order = gateways
+            .iter()
+            .map(|g| (g.id, g.takes_new_tunnels()))
+            .collect();
     }
 
     fn choose(&mut self, _key: &TunnelKey) -> Option<u32> {
@@ -50,7 +53,14 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     fn gw(id: u32, healthy: bool, draining: bool) -> Gateway {
-        Gateway { id, name: format!("segw{id}"), weight: 1, healthy, draining, tunnels: 0 }
+        Gateway {
+            id,
+            name: format!("segw{id}"),
+            weight: 1,
+            healthy,
+            draining,
+            tunnels: 0,
+        }
     }
 
     fn key(n: u32) -> TunnelKey {
@@ -77,7 +87,12 @@ mod tests {
     #[test]
     fn skips_down_and_draining() {
         let mut p = RoundRobin::default();
-        p.set_gateways(&[gw(1, true, false), gw(2, false, false), gw(3, true, true), gw(4, true, false)]);
+        p.set_gateways(&[
+            gw(1, true, false),
+            gw(2, false, false),
+            gw(3, true, true),
+            gw(4, true, false),
+        ]);
         assert_eq!(picks(&mut p, 4), [1, 4, 1, 4]);
     }
 
@@ -102,6 +117,8 @@ mod tests {
     #[test]
     fn rejects_parameters() {
         let params = Params::new(vec![("table-size".into(), "7".into())]);
-        assert!(RoundRobin::configure(params).unwrap_err().contains("table-size"));
+        assert!(RoundRobin::configure(params)
+            .unwrap_err()
+            .contains("table-size"));
     }
 }

@@ -67,9 +67,24 @@ mod tests {
 
     #[test]
     fn ln_matches_std_closely() {
-        for &x in &[1e-16, 1e-9, 0.001, 0.25, 0.5, core::f64::consts::FRAC_1_SQRT_2, 1.0, 1.5, 2.0, 3.0, 0.999999] {
+        for &x in &[
+            1e-16,
+            1e-9,
+            0.001,
+            0.25,
+            0.5,
+            core::f64::consts::FRAC_1_SQRT_2,
+            1.0,
+            1.5,
+            2.0,
+            3.0,
+            0.999999,
+        ] {
             let (ours, std) = (ln(x), x.ln());
-            assert!((ours - std).abs() <= 1e-10 * std.abs().max(1.0), "ln({x}) = {ours}, std {std}");
+            assert!(
+                (ours - std).abs() <= 1e-10 * std.abs().max(1.0),
+                "ln({x}) = {ours}, std {std}"
+            );
         }
     }
 

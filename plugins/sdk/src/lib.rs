@@ -48,8 +48,9 @@ macro_rules! export_policy {
             }
 
             impl wit::Guest for Component {
-                fn configure(params: ::std::vec::Vec<(::std::string::String, ::std::string::String)>)
-                    -> ::core::result::Result<(), ::std::string::String> {
+                fn configure(
+                    params: ::std::vec::Vec<(::std::string::String, ::std::string::String)>,
+                ) -> ::core::result::Result<(), ::std::string::String> {
                     POLICY.with(|slot| slot.configure(params))
                 }
                 fn set_gateways(gateways: ::std::vec::Vec<wit::Gateway>) {
@@ -60,7 +61,7 @@ macro_rules! export_policy {
                 }
             }
 
-            $crate::guest::bindings::export!(Component with_types_in $crate::guest::bindings);
+    $crate::guest::bindings::export!(Component with_types_in $crate::guest::bindings);
         };
     };
 }

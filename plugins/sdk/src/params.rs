@@ -52,7 +52,12 @@ mod tests {
     use super::*;
 
     fn params(pairs: &[(&str, &str)]) -> Params {
-        Params::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        Params::new(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
     }
 
     #[test]
@@ -67,13 +72,21 @@ mod tests {
     fn bad_value_names_key_and_value() {
         let mut p = params(&[("table-size", "big")]);
         let err = p.get::<u32>("table-size").unwrap_err();
-        assert!(err.contains("table-size") && err.contains("\"big\""), "{err}");
+        assert!(
+            err.contains("table-size") && err.contains("\"big\""),
+            "{err}"
+        );
     }
 
     #[test]
     fn leftover_key_is_an_error() {
-        let err = params(&[("tabel-size", "7")]).finish(&["table-size"]).unwrap_err();
-        assert!(err.contains("tabel-size") && err.contains("table-size"), "{err}");
+        let err = params(&[("tabel-size", "7")])
+            .finish(&["table-size"])
+            .unwrap_err();
+        assert!(
+            err.contains("tabel-size") && err.contains("table-size"),
+            "{err}"
+        );
         let err = params(&[("x", "1")]).finish(&[]).unwrap_err();
         assert!(err.contains("takes none"), "{err}");
     }

@@ -31,7 +31,13 @@ impl Balance for Weighted {
         self.members = gateways
             .iter()
             .filter(|g| g.takes_new_tunnels())
-            .map(|g| (g.id, hash::str_seeded(&g.name, 0x77), 1.0 / f64::from(g.weight)))
+            .map(|g| {
+                (
+                    g.id,
+                    hash::str_seeded(&g.name, 0x77),
+                    1.0 / f64::from(g.weight),
+                )
+            })
             .collect();
     }
 
@@ -115,7 +121,10 @@ mod tests {
         let before = place(&[1, 1, 1, 1], 40_000);
         let after = place(&[1, 1, 1, 3], 40_000);
         for (b, a) in before.iter().zip(&after) {
-            assert!(b == a || *a == 4, "a tunnel moved {b} -> {a}, not to the heavier gateway");
+            assert!(
+                b == a || *a == 4,
+                "a tunnel moved {b} -> {a}, not to the heavier gateway"
+            );
         }
         let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count() as f64 / 40_000.0;
         // Minimum: segw4 goes from 1/4 to 3/6 of tunnels, so 1/4 must move.

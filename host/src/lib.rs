@@ -1,0 +1,7 @@
+//! segwlb: an L2 (transparent) IPsec tunnel load balancer with balancing
+//! policies as WebAssembly components. See ARCHITECTURE.md for the map.
+
+pub mod check;
+pub mod policy;
+pub mod time;
+pub mod workload;

@@ -1,0 +1,376 @@
+//! Every policy answer passes through here before the core acts on it.
+
+use std::time::Duration;
+
+use segwlb_policy_sdk::Balance;
+
+use super::{CallError, Gateway, Policy, TunnelKey};
+use crate::time::Timestamp;
+
+/// Why the host answered instead of the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FallbackReason {
+    Trap,
+    Timeout,
+    MemoryCap,
+    /// The policy could not be brought back after an earlier failure.
+    Unavailable,
+    /// It answered an id that is not in the set.
+    UnknownGateway,
+    /// It answered a gateway that is down, draining or of weight 0.
+    GatewayNotTakingTunnels,
+    /// It answered `none` although some gateway takes tunnels.
+    NoAnswer,
+}
+
+impl FallbackReason {
+    pub const ALL: [FallbackReason; 7] = [
+        FallbackReason::Trap,
+        FallbackReason::Timeout,
+        FallbackReason::MemoryCap,
+        FallbackReason::Unavailable,
+        FallbackReason::UnknownGateway,
+        FallbackReason::GatewayNotTakingTunnels,
+        FallbackReason::NoAnswer,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackReason::Trap => "trap",
+            FallbackReason::Timeout => "timeout",
+            FallbackReason::MemoryCap => "memory_cap",
+            FallbackReason::Unavailable => "unavailable",
+            FallbackReason::UnknownGateway => "unknown_gateway",
+            FallbackReason::GatewayNotTakingTunnels => "gateway_not_taking_tunnels",
+            FallbackReason::NoAnswer => "no_answer",
+        }
+    }
+
+    fn of(err: &CallError) -> Self {
+        match err {
+            CallError::Trap(_) => FallbackReason::Trap,
+            CallError::Timeout(_) => FallbackReason::Timeout,
+            CallError::MemoryCap(_) => FallbackReason::MemoryCap,
+            CallError::Unavailable(_) => FallbackReason::Unavailable,
+        }
+    }
+}
+
+/// The gateway for one new tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    pub gateway: u32,
+    /// `Some` when the host's fallback chose instead of the policy.
+    pub fallback: Option<FallbackReason>,
+}
+
+/// What the policy did, for status and reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyStats {
+    /// Calls to `choose`.
+    pub decisions: u64,
+    /// Fallbacks, indexed like [`FallbackReason::ALL`].
+    pub fallbacks: [u64; 7],
+    /// Failed `set-gateways` pushes (the policy then answers from a fresh
+    /// instance or falls back).
+    pub failed_pushes: u64,
+}
+
+impl PolicyStats {
+    pub fn fallbacks_total(&self) -> u64 {
+        self.fallbacks.iter().sum()
+    }
+
+    pub fn fallbacks_for(&self, reason: FallbackReason) -> u64 {
+        self.fallbacks[reason as usize]
+    }
+}
+
+/// A policy with its answers checked and a deterministic fallback.
+///
+/// The fallback is weighted rendezvous hashing over the gateways that take
+/// new tunnels (the native `weighted` policy): it honours weights, needs no
+/// state, and gives the same answer for the same key and set every time.
+pub struct Guarded<P = Box<dyn Policy>> {
+    policy: P,
+    gateways: Vec<Gateway>,
+    fallback: weighted::Weighted,
+    stats: PolicyStats,
+    burst: BurstLog,
+}
+
+impl<P: Policy> Guarded<P> {
+    pub fn new(policy: P) -> Self {
+        Guarded {
+            policy,
+            gateways: Vec::new(),
+            fallback: weighted::Weighted::default(),
+            stats: PolicyStats::default(),
+            burst: BurstLog::new(Duration::from_secs(10)),
+        }
+    }
+
+    pub fn policy(&self) -> &P {
+        &self.policy
+    }
+
+    pub fn stats(&self) -> &PolicyStats {
+        &self.stats
+    }
+
+    pub fn gateways(&self) -> &[Gateway] {
+        &self.gateways
+    }
+
+    /// Tell the policy (and the fallback) the new gateway set.
+    pub fn set_gateways(&mut self, gateways: Vec<Gateway>, now: Timestamp) {
+        self.fallback.set_gateways(&gateways);
+        if let Err(err) = self.policy.set_gateways(&gateways) {
+            self.stats.failed_pushes += 1;
+            tracing::warn!(
+                policy = self.policy.name(),
+                "policy failed to take the gateway set: {err}"
+            );
+            self.burst.reset(now);
+        }
+        self.gateways = gateways;
+    }
+
+    /// Put another policy in place, already told the current set. Returns
+    /// the old one. Existing tunnels are the caller's; nothing moves here.
+    pub fn replace(&mut self, mut policy: P) -> P {
+        if let Err(err) = policy.set_gateways(&self.gateways) {
+            self.stats.failed_pushes += 1;
+            tracing::warn!(
+                policy = policy.name(),
+                "new policy failed to take the gateway set: {err}"
+            );
+        }
+        std::mem::replace(&mut self.policy, policy)
+    }
+
+    /// The gateway for a new tunnel; `None` only when no gateway takes new
+    /// tunnels at all.
+    pub fn choose(&mut self, key: &TunnelKey, now: Timestamp) -> Option<Choice> {
+        self.stats.decisions += 1;
+        let (reason, error) = match self.policy.choose(key) {
+            Ok(Some(id)) => match self.gateways.iter().find(|g| g.id == id) {
+                Some(g) if g.takes_new_tunnels() => {
+                    return Some(Choice {
+                        gateway: id,
+                        fallback: None,
+                    })
+                }
+                Some(_) => (FallbackReason::GatewayNotTakingTunnels, None),
+                None => (FallbackReason::UnknownGateway, None),
+            },
+            Ok(None) => (FallbackReason::NoAnswer, None),
+            Err(err) => (FallbackReason::of(&err), Some(err)),
+        };
+        // With no gateway taking tunnels there is nothing to fall back to,
+        // and "none" was the right answer.
+        let gateway = self.fallback.choose(key)?;
+        self.stats.fallbacks[reason as usize] += 1;
+        if self.burst.should_log(now) {
+            let policy = self.policy.name();
+            let suppressed = self.burst.suppressed_before;
+            match error {
+                Some(err) => tracing::warn!(
+                    policy,
+                    suppressed,
+                    "policy {err}; the built-in fallback answers"
+                ),
+                None => tracing::warn!(
+                    policy,
+                    reason = reason.as_str(),
+                    suppressed,
+                    "policy answer not usable; the built-in fallback answers"
+                ),
+            }
+        }
+        Some(Choice {
+            gateway,
+            fallback: Some(reason),
+        })
+    }
+}
+
+/// Log the first event of a burst, then at most once per window, so a broken
+/// policy facing a flood of new tunnels does not flood the log too.
+#[derive(Debug)]
+struct BurstLog {
+    window: Duration,
+    last_logged: Option<Timestamp>,
+    suppressed: u64,
+    /// How many were kept quiet before the last one that was logged.
+    suppressed_before: u64,
+}
+
+impl BurstLog {
+    fn new(window: Duration) -> Self {
+        BurstLog {
+            window,
+            last_logged: None,
+            suppressed: 0,
+            suppressed_before: 0,
+        }
+    }
+
+    fn should_log(&mut self, now: Timestamp) -> bool {
+        match self.last_logged {
+            Some(at) if now.since(at) < self.window => {
+                self.suppressed += 1;
+                false
+            }
+            _ => {
+                self.last_logged = Some(now);
+                self.suppressed_before = std::mem::take(&mut self.suppressed);
+                true
+            }
+        }
+    }
+
+    fn reset(&mut self, now: Timestamp) {
+        self.last_logged = Some(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Opener;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    /// A policy that answers whatever it is told to.
+    struct Scripted(Result<Option<u32>, CallError>);
+
+    impl Policy for Scripted {
+        fn name(&self) -> &str {
+            "scripted"
+        }
+        fn set_gateways(&mut self, _: &[Gateway]) -> Result<(), CallError> {
+            Ok(())
+        }
+        fn choose(&mut self, _: &TunnelKey) -> Result<Option<u32>, CallError> {
+            self.0.clone()
+        }
+    }
+
+    fn set() -> Vec<Gateway> {
+        let gw = |id: u32, healthy, draining| Gateway {
+            id,
+            name: format!("segw{id}"),
+            weight: 1,
+            healthy,
+            draining,
+            tunnels: 0,
+        };
+        vec![
+            gw(1, true, false),
+            gw(2, false, false),
+            gw(3, true, true),
+            gw(4, true, false),
+        ]
+    }
+
+    fn key(n: u32) -> TunnelKey {
+        TunnelKey {
+            peer: IpAddr::V4(Ipv4Addr::from(0xc000_0200 + n)),
+            peer_port: 500,
+            vip: IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1)),
+            ike_spi: Some(7),
+            opened_by: Opener::Ike,
+        }
+    }
+
+    fn guarded(answer: Result<Option<u32>, CallError>) -> Guarded<Scripted> {
+        let mut g = Guarded::new(Scripted(answer));
+        g.set_gateways(set(), Timestamp::ZERO);
+        g
+    }
+
+    #[test]
+    fn a_good_answer_passes_through() {
+        let mut g = guarded(Ok(Some(4)));
+        assert_eq!(
+            g.choose(&key(1), Timestamp::ZERO),
+            Some(Choice {
+                gateway: 4,
+                fallback: None
+            })
+        );
+        assert_eq!(g.stats().fallbacks_total(), 0);
+    }
+
+    #[test]
+    fn every_bad_answer_falls_back_to_a_gateway_taking_tunnels() {
+        let cases = [
+            (Ok(Some(99)), FallbackReason::UnknownGateway),
+            (Ok(Some(2)), FallbackReason::GatewayNotTakingTunnels),
+            (Ok(Some(3)), FallbackReason::GatewayNotTakingTunnels),
+            (Ok(None), FallbackReason::NoAnswer),
+            (
+                Err(CallError::Trap("unreachable".into())),
+                FallbackReason::Trap,
+            ),
+            (
+                Err(CallError::Timeout(Duration::from_millis(20))),
+                FallbackReason::Timeout,
+            ),
+            (
+                Err(CallError::MemoryCap(1 << 20)),
+                FallbackReason::MemoryCap,
+            ),
+        ];
+        for (answer, reason) in cases {
+            let mut g = guarded(answer);
+            for n in 0..50 {
+                let choice = g
+                    .choose(&key(n), Timestamp::from_secs(u64::from(n)))
+                    .unwrap();
+                assert!(
+                    [1, 4].contains(&choice.gateway),
+                    "{reason:?} chose {}",
+                    choice.gateway
+                );
+                assert_eq!(choice.fallback, Some(reason));
+            }
+            assert_eq!(g.stats().fallbacks_for(reason), 50);
+            assert_eq!(g.stats().fallbacks_total(), 50);
+        }
+    }
+
+    #[test]
+    fn fallback_is_deterministic() {
+        let mut a = guarded(Ok(None));
+        let mut b = guarded(Err(CallError::Trap("x".into())));
+        for n in 0..100 {
+            let (ca, cb) = (
+                a.choose(&key(n), Timestamp::ZERO),
+                b.choose(&key(n), Timestamp::ZERO),
+            );
+            assert_eq!(ca.map(|c| c.gateway), cb.map(|c| c.gateway));
+        }
+    }
+
+    #[test]
+    fn no_gateway_means_no_choice_and_no_fallback_count() {
+        let mut g = Guarded::new(Scripted(Ok(None)));
+        let mut down = set();
+        down.iter_mut().for_each(|gw| gw.healthy = false);
+        g.set_gateways(down, Timestamp::ZERO);
+        assert_eq!(g.choose(&key(1), Timestamp::ZERO), None);
+        assert_eq!(g.stats().fallbacks_total(), 0);
+        assert_eq!(g.stats().decisions, 1);
+    }
+
+    #[test]
+    fn burst_log_speaks_once_per_window() {
+        let mut log = BurstLog::new(Duration::from_secs(10));
+        let spoke: Vec<bool> = [0, 1, 5, 9, 10, 11, 30]
+            .iter()
+            .map(|&s| log.should_log(Timestamp::from_secs(s)))
+            .collect();
+        assert_eq!(spoke, [true, false, false, false, true, false, true]);
+    }
+}
