@@ -9,6 +9,7 @@
 //!    ordinary route, a plain `cargo build --target wasm32-unknown-unknown`;
 //! 2. Debian's `rustc-web` + `rust-web-src` + `lld-19`: std is built from
 //!    source with `-Zbuild-std` by /usr/bin/rustc, linked by wasm-ld.
+//!
 //! Neither: a warning naming what to install; the host still builds (it can
 //! load policies built elsewhere and has native twins of the shipped ones).
 //!

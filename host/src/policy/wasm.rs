@@ -212,14 +212,6 @@ impl Runtime {
     /// on; the full type check follows in `PolicyPre::new`.
     fn check_contract(&self, path: &Path, component: &Component) -> Result<(), LoadError> {
         let ty = component.component_type();
-        for (import, _) in ty.imports(&self.engine) {
-            if !ALLOWED_IMPORTS.contains(&import) {
-                return Err(LoadError::ForbiddenImport {
-                    path: path.into(),
-                    import: import.into(),
-                });
-            }
-        }
         let exports: Vec<&str> = ty.exports(&self.engine).map(|(name, _)| name).collect();
         let Some(balancer) = ty.get_export(&self.engine, EXPORT) else {
             let other_version = exports
@@ -251,6 +243,16 @@ impl Runtime {
                 return Err(LoadError::MissingExport {
                     path: path.into(),
                     missing: func.into(),
+                });
+            }
+        }
+        // After the exports: a component of another contract version also
+        // imports that version's types, and the version is the news.
+        for (import, _) in ty.imports(&self.engine) {
+            if !ALLOWED_IMPORTS.contains(&import) {
+                return Err(LoadError::ForbiddenImport {
+                    path: path.into(),
+                    import: import.into(),
                 });
             }
         }

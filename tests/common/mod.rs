@@ -1,0 +1,101 @@
+//! Shared by the integration tests: where the built policies are, and how to
+//! make a policy component from hand-written WAT.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The repository's `policies/` directory, where `cargo build` puts the
+/// shipped policies.
+pub fn policies_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies")
+}
+
+/// A shipped policy's component; fails with what to do when it is missing.
+pub fn shipped(name: &str) -> PathBuf {
+    let path = policies_dir().join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: the host's build script builds it. Install a wasm32 toolchain \
+         (`rustup target add wasm32-unknown-unknown`, or `apt-get install rustc-web rust-web-src lld-19`) \
+         and run `cargo build` again",
+        path.display()
+    );
+    path
+}
+
+/// The contract as this checkout defines it.
+pub const CONTRACT_WIT: &str = include_str!("../../wit/policy.wit");
+
+/// Componentise a core module written in WAT against `wit` (world `policy`).
+pub fn component(wit: &str, wat: &str) -> Vec<u8> {
+    let mut resolve = wit_parser::Resolve::default();
+    let pkg = resolve
+        .push_str("policy.wit", wit)
+        .expect("test WIT parses");
+    let world = resolve
+        .select_world(&[pkg], Some("policy"))
+        .expect("world `policy`");
+    let mut module = wat::parse_str(wat).expect("test WAT parses");
+    wit_component::embed_component_metadata(
+        &mut module,
+        &resolve,
+        world,
+        wit_component::StringEncoding::UTF8,
+        false,
+    )
+    .expect("metadata embeds");
+    let mut encoder = wit_component::ComponentEncoder::default();
+    encoder.validate(true);
+    encoder
+        .module(&module)
+        .expect("module matches the test WIT");
+    encoder.encode().expect("component encodes")
+}
+
+/// A policy module in WAT, by the canonical ABI of `wit/policy.wit`, whose
+/// `choose` runs `choose_body` (which must leave an i32 pointer to an
+/// `option<u32>` on the stack; `(call $some (i32.const N))` answers N).
+/// `configure_body` likewise returns a pointer to a `result<_, string>`.
+pub fn policy_wat(configure_body: &str, choose_body: &str) -> String {
+    format!(
+        r#"(module
+  (memory (export "memory") 2)
+  (global $bump (mut i32) (i32.const 4096))
+  (data (i32.const 64) "no such knob: speed")
+  (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $bump))
+    (global.set $bump (i32.and (i32.add (i32.add (global.get $bump) (local.get 3)) (i32.const 7)) (i32.const -8)))
+    (local.get $p))
+  ;; result<_, string>: ok
+  (func $ok (result i32)
+    (i32.store8 (i32.const 16) (i32.const 0))
+    (i32.const 16))
+  ;; result<_, string>: err("no such knob: speed")
+  (func $rejected (result i32)
+    (i32.store8 (i32.const 16) (i32.const 1))
+    (i32.store (i32.const 20) (i32.const 64))
+    (i32.store (i32.const 24) (i32.const 19))
+    (i32.const 16))
+  ;; option<u32>: some(id)
+  (func $some (param $id i32) (result i32)
+    (i32.store8 (i32.const 32) (i32.const 1))
+    (i32.store (i32.const 36) (local.get $id))
+    (i32.const 32))
+  (func (export "segwlb:policy/balancer@0.1.0#configure") (param i32 i32) (result i32)
+    {configure_body})
+  (func (export "segwlb:policy/balancer@0.1.0#set-gateways") (param i32 i32)
+    ;; the host allocated the list with cabi_realloc; nothing here keeps it
+    (global.set $bump (i32.const 4096)))
+  (func (export "segwlb:policy/balancer@0.1.0#choose")
+    (param i32 i64 i64 i32 i32 i64 i64 i32 i64 i32) (result i32)
+    {choose_body})
+)"#
+    )
+}
+
+pub fn answers(id: u32) -> String {
+    format!("(call $some (i32.const {id}))")
+}
+
+pub const OK: &str = "(call $ok)";

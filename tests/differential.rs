@@ -1,0 +1,104 @@
+//! Each shipped wasm policy decides exactly as its native twin, on 100,000
+//! keys across gateway-set changes. A difference is a bug in the contract's
+//! plumbing (conversions, the glue), not in a policy.
+
+mod common;
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use segwlb::policy::wasm::{Limits, Runtime};
+use segwlb::policy::{native, Gateway, Policy};
+use segwlb::workload::{self, Mix};
+
+fn set(weights: &[u32], down: &[u32], draining: &[u32]) -> Vec<Gateway> {
+    weights
+        .iter()
+        .enumerate()
+        .map(|(i, &weight)| {
+            let id = i as u32 + 1;
+            Gateway {
+                id,
+                name: format!("segw{id}"),
+                weight,
+                healthy: !down.contains(&id),
+                draining: draining.contains(&id),
+                tunnels: 0,
+            }
+        })
+        .collect()
+}
+
+/// The same sequence of set changes a segw farm lives through.
+fn phases() -> Vec<Vec<Gateway>> {
+    vec![
+        set(&[1, 1, 1, 1], &[], &[]),
+        set(&[1, 1, 1, 1, 1], &[], &[]),  // segw5 added
+        set(&[1, 1, 1, 1, 1], &[2], &[]), // segw2 fails
+        set(&[1, 1, 1, 1, 1], &[2], &[4]),
+        set(&[2, 1, 1, 1, 3], &[], &[]), // recovered, reweighted
+        set(
+            &[5, 1, 9, 1, 2, 1, 1, 7, 1, 1, 1, 1, 1, 1, 1, 1, 4],
+            &[3],
+            &[],
+        ),
+    ]
+}
+
+fn compare(name: &str, params: &[(String, String)]) {
+    let runtime = Runtime::new().unwrap();
+    let loaded = runtime
+        .load(&common::shipped(name), params, Limits::default())
+        .unwrap();
+    let mut wasm = loaded.instantiate();
+    let mut twin = native::shipped(name, params).unwrap();
+    let mut keys = workload::tunnel_keys(
+        42,
+        100_000,
+        Mix {
+            nat: 0.3,
+            raw_esp: 0.2,
+            nat_addresses: 16,
+        },
+    );
+    // A quarter over IPv6, so both halves of a v6 address cross the boundary.
+    for (i, key) in keys.iter_mut().enumerate().filter(|(i, _)| i % 4 == 0) {
+        let spread = (i as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+        key.peer = IpAddr::V6(Ipv6Addr::from((0x2001_0db8_u128 << 96) | (spread >> 32)));
+        key.vip = IpAddr::V6(Ipv6Addr::from((0x2001_0db8_u128 << 96) | 1));
+    }
+    let phases = phases();
+    let per_phase = keys.len() / phases.len() + 1;
+    let mut compared = 0;
+    for (phase, chunk) in phases.iter().zip(keys.chunks(per_phase)) {
+        wasm.set_gateways(phase).unwrap();
+        twin.set_gateways(phase).unwrap();
+        for key in chunk {
+            let (w, n) = (wasm.choose(key).unwrap(), twin.choose(key).unwrap());
+            assert_eq!(
+                w,
+                n,
+                "{name}: wasm and native differ for {key:?} with {} gateways",
+                phase.len()
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 100_000);
+    assert_eq!(wasm.restarts(), 0);
+}
+
+#[test]
+fn round_robin_matches_its_twin() {
+    compare("round-robin", &[]);
+}
+
+#[test]
+fn consistent_hash_matches_its_twin() {
+    compare("consistent-hash", &[]);
+    compare("consistent-hash", &[("table-size".into(), "5003".into())]);
+}
+
+#[test]
+fn weighted_matches_its_twin() {
+    compare("weighted", &[]);
+}

@@ -1,0 +1,287 @@
+//! Hostile policies, built here from WAT: each gets a clear error at load or
+//! a counted fallback at call time; the host never panics or hangs, and
+//! every tunnel still gets a gateway that takes tunnels.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{answers, component, policy_wat, CONTRACT_WIT, OK};
+use segwlb::policy::wasm::{Limits, LoadError, Runtime};
+use segwlb::policy::{FallbackReason, Gateway, Guarded, Opener, Policy, TunnelKey};
+use segwlb::time::Timestamp;
+
+fn limits() -> Limits {
+    Limits {
+        call: Duration::from_millis(20),
+        setup: Duration::from_millis(200),
+        memory: 1 << 20,
+    }
+}
+
+fn gateways() -> Vec<Gateway> {
+    (1..=3)
+        .map(|id| Gateway {
+            id,
+            name: format!("segw{id}"),
+            weight: 1,
+            healthy: id != 2,
+            draining: false,
+            tunnels: 0,
+        })
+        .collect()
+}
+
+fn key(n: u32) -> TunnelKey {
+    TunnelKey {
+        peer: IpAddr::V4(Ipv4Addr::from(0xc633_6400 + n)),
+        peer_port: 500,
+        vip: IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1)),
+        ike_spi: Some(0x1122_3344_5566_7788),
+        opened_by: Opener::Ike,
+    }
+}
+
+fn load(
+    runtime: &Runtime,
+    name: &str,
+    bytes: &[u8],
+) -> Result<segwlb::policy::wasm::Loaded, LoadError> {
+    runtime.load_bytes(Path::new(name), bytes, &[], limits())
+}
+
+/// Place `n` tunnels through the guard; every one must land on a gateway
+/// that takes tunnels. Returns the guard for its counters.
+fn place(runtime: &Runtime, name: &str, choose_body: &str, n: u32) -> Guarded {
+    let loaded = load(
+        runtime,
+        name,
+        &component(CONTRACT_WIT, &policy_wat(OK, choose_body)),
+    )
+    .expect("loads");
+    let mut guarded: Guarded = Guarded::new(Box::new(loaded.instantiate()));
+    guarded.set_gateways(gateways(), Timestamp::ZERO);
+    for i in 0..n {
+        let choice = guarded
+            .choose(&key(i), Timestamp::from_millis(u64::from(i)))
+            .expect("a gateway");
+        assert!(
+            [1, 3].contains(&choice.gateway),
+            "{name}: tunnel {i} sent to {}",
+            choice.gateway
+        );
+    }
+    guarded
+}
+
+#[test]
+fn a_well_behaved_wat_policy_is_obeyed() {
+    // The scaffolding itself is sound: without hostility, no fallback.
+    let runtime = Runtime::new().unwrap();
+    let g = place(&runtime, "good.wasm", &answers(3), 20);
+    assert_eq!(g.stats().fallbacks_total(), 0);
+    assert_eq!(g.stats().decisions, 20);
+}
+
+#[test]
+fn endless_loop_is_stopped_by_the_deadline() {
+    let runtime = Runtime::new().unwrap();
+    let started = Instant::now();
+    let g = place(
+        &runtime,
+        "loop.wasm",
+        "(loop $spin (br $spin)) (unreachable)",
+        3,
+    );
+    let took = started.elapsed();
+    assert_eq!(g.stats().fallbacks_for(FallbackReason::Timeout), 3);
+    // Three calls at a 20 ms budget (2 ms ticks): well under a second.
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+}
+
+#[test]
+fn memory_bomb_hits_the_cap() {
+    let runtime = Runtime::new().unwrap();
+    let bomb = "(loop $grow (br_if $grow (i32.ne (memory.grow (i32.const 1)) (i32.const -1)))) (unreachable)";
+    let g = place(&runtime, "bomb.wasm", bomb, 4);
+    assert_eq!(g.stats().fallbacks_for(FallbackReason::MemoryCap), 4);
+}
+
+#[test]
+fn trap_falls_back_and_the_next_call_gets_a_fresh_instance() {
+    let runtime = Runtime::new().unwrap();
+    let g = place(&runtime, "trap.wasm", "(unreachable)", 5);
+    assert_eq!(g.stats().fallbacks_for(FallbackReason::Trap), 5);
+    assert_eq!(g.stats().failed_pushes, 0);
+}
+
+#[test]
+fn bogus_and_unavailable_answers_fall_back() {
+    let runtime = Runtime::new().unwrap();
+    let g = place(&runtime, "bogus.wasm", &answers(999), 4);
+    assert_eq!(g.stats().fallbacks_for(FallbackReason::UnknownGateway), 4);
+    // segw2 is down in the set.
+    let g = place(&runtime, "down.wasm", &answers(2), 4);
+    assert_eq!(
+        g.stats()
+            .fallbacks_for(FallbackReason::GatewayNotTakingTunnels),
+        4
+    );
+    // option::none at the return area.
+    let none = "(i32.store8 (i32.const 32) (i32.const 0)) (i32.const 32)";
+    let g = place(&runtime, "none.wasm", none, 4);
+    assert_eq!(g.stats().fallbacks_for(FallbackReason::NoAnswer), 4);
+}
+
+#[test]
+fn a_trap_mid_stream_does_not_lose_the_good_answers_after_it() {
+    // Answers 3, except it traps when the peer's last octet is 5.
+    let body = "(if (i32.eq (i32.and (i32.wrap_i64 (local.get 1)) (i32.const 255)) (i32.const 5)) \
+                  (then (unreachable))) (call $some (i32.const 3))";
+    let runtime = Runtime::new().unwrap();
+    let loaded = load(
+        &runtime,
+        "flaky.wasm",
+        &component(CONTRACT_WIT, &policy_wat(OK, body)),
+    )
+    .unwrap();
+    let mut policy = loaded.instantiate();
+    policy.set_gateways(&gateways()).unwrap();
+    let answers: Vec<_> = (0..8)
+        .map(|i| policy.choose(&key(i)).map_err(|_| ()))
+        .collect();
+    assert_eq!(answers[5], Err(()));
+    assert!(
+        answers
+            .iter()
+            .enumerate()
+            .all(|(i, a)| i == 5 || *a == Ok(Some(3))),
+        "{answers:?}"
+    );
+    assert_eq!(policy.restarts(), 1);
+}
+
+#[test]
+fn missing_export_is_named_at_load() {
+    let wit = CONTRACT_WIT.replace("choose: func(key: tunnel-key) -> option<u32>;", "");
+    let wat = policy_wat(OK, &answers(1)).replace(
+        "(func (export \"segwlb:policy/balancer@0.1.0#choose\")",
+        "(func $unexported",
+    );
+    let err = load(
+        &Runtime::new().unwrap(),
+        "nochoose.wasm",
+        &component(&wit, &wat),
+    )
+    .err()
+    .expect("refused");
+    let msg = err.to_string();
+    assert!(matches!(err, LoadError::MissingExport { .. }), "{msg}");
+    assert!(
+        msg.contains("nochoose.wasm") && msg.contains("`choose`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn wrong_contract_version_is_named_at_load() {
+    let wit = CONTRACT_WIT.replace(
+        "package segwlb:policy@0.1.0;",
+        "package segwlb:policy@0.2.0;",
+    );
+    let wat = policy_wat(OK, &answers(1)).replace("@0.1.0#", "@0.2.0#");
+    let err = load(
+        &Runtime::new().unwrap(),
+        "future.wasm",
+        &component(&wit, &wat),
+    )
+    .err()
+    .expect("refused");
+    let msg = err.to_string();
+    assert!(matches!(err, LoadError::WrongVersion { .. }), "{msg}");
+    assert!(
+        msg.contains("future.wasm") && msg.contains("segwlb:policy@0.2.0") && msg.contains("0.1.0"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn an_import_the_host_does_not_offer_is_refused() {
+    let wit = CONTRACT_WIT.replace(
+        "world policy {",
+        "interface clock { now: func() -> u64; }\nworld policy {\n    import clock;",
+    );
+    let wat = policy_wat(OK, "(drop (call $now)) (call $some (i32.const 1))").replace(
+        "(module",
+        "(module\n  (import \"segwlb:policy/clock@0.1.0\" \"now\" (func $now (result i64)))",
+    );
+    let err = load(
+        &Runtime::new().unwrap(),
+        "clock.wasm",
+        &component(&wit, &wat),
+    )
+    .err()
+    .expect("refused");
+    let msg = err.to_string();
+    assert!(matches!(err, LoadError::ForbiddenImport { .. }), "{msg}");
+    assert!(msg.contains("segwlb:policy/clock@0.1.0"), "{msg}");
+}
+
+#[test]
+fn rejected_parameters_are_a_load_error_with_the_policys_message() {
+    let wat = policy_wat("(call $rejected)", &answers(1));
+    let err = load(
+        &Runtime::new().unwrap(),
+        "picky.wasm",
+        &component(CONTRACT_WIT, &wat),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(
+        err.to_string(),
+        "picky.wasm: rejected its parameters: no such knob: speed"
+    );
+}
+
+#[test]
+fn core_modules_and_garbage_are_refused_with_what_they_are() {
+    let runtime = Runtime::new().unwrap();
+    let core = wat::parse_str(policy_wat(OK, &answers(1))).unwrap();
+    assert!(matches!(
+        load(&runtime, "core.wasm", &core),
+        Err(LoadError::CoreModule { .. })
+    ));
+    let err = load(&runtime, "junk.wasm", b"definitely not wasm")
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, LoadError::Invalid { .. }) && err.to_string().starts_with("junk.wasm: "),
+        "{err}"
+    );
+    let err = runtime
+        .load(Path::new("/nonexistent/p.wasm"), &[], limits())
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("/nonexistent/p.wasm: cannot read"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_policy_looping_in_configure_is_refused_at_load_not_hung() {
+    let wat = policy_wat("(loop $spin (br $spin)) (unreachable)", &answers(1));
+    let started = Instant::now();
+    let err = load(
+        &Runtime::new().unwrap(),
+        "stuck.wasm",
+        &component(CONTRACT_WIT, &wat),
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(err, LoadError::Start { .. }), "{err}");
+    assert!(err.to_string().contains("time budget"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
