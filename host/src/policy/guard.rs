@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use segwlb_policy_sdk::Balance;
-
 use super::{CallError, Gateway, Policy, TunnelKey};
 use crate::time::Timestamp;
 
@@ -89,12 +87,13 @@ impl PolicyStats {
 /// A policy with its answers checked and a deterministic fallback.
 ///
 /// The fallback is weighted rendezvous hashing over the gateways that take
-/// new tunnels (the native `weighted` policy): it honours weights, needs no
-/// state, and gives the same answer for the same key and set every time.
+/// new tunnels (`weighted::Rendezvous`, per key, no table): it honours
+/// weights, keeps no state, and gives the same answer for the same key and
+/// set every time.
 pub struct Guarded<P = Box<dyn Policy>> {
     policy: P,
     gateways: Vec<Gateway>,
-    fallback: weighted::Weighted,
+    fallback: weighted::Rendezvous,
     stats: PolicyStats,
     burst: BurstLog,
 }
@@ -104,7 +103,7 @@ impl<P: Policy> Guarded<P> {
         Guarded {
             policy,
             gateways: Vec::new(),
-            fallback: weighted::Weighted::default(),
+            fallback: weighted::Rendezvous::default(),
             stats: PolicyStats::default(),
             burst: BurstLog::new(Duration::from_secs(10)),
         }
@@ -124,7 +123,7 @@ impl<P: Policy> Guarded<P> {
 
     /// Tell the policy (and the fallback) the new gateway set.
     pub fn set_gateways(&mut self, gateways: Vec<Gateway>, now: Timestamp) {
-        self.fallback.set_gateways(&gateways);
+        self.fallback = weighted::Rendezvous::new(&gateways);
         if let Err(err) = self.policy.set_gateways(&gateways) {
             self.stats.failed_pushes += 1;
             tracing::warn!(
@@ -169,7 +168,7 @@ impl<P: Policy> Guarded<P> {
         };
         // With no gateway taking tunnels there is nothing to fall back to,
         // and "none" was the right answer.
-        let gateway = self.fallback.choose(key)?;
+        let gateway = self.fallback.winner(key.endpoint_hash())?;
         self.stats.fallbacks[reason as usize] += 1;
         if self.burst.should_log(now) {
             let policy = self.policy.name();

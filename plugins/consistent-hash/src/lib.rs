@@ -17,9 +17,7 @@
 //! M/100 gateways the policy switches to the next prime above 100·N and says
 //! so in the log, rather than silently spreading worse.
 
-use segwlb_policy_sdk::{export_policy, hash, log, Balance, Gateway, Params, TunnelKey};
-
-pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
+use segwlb_policy_sdk::{export_policy, hash, table, Balance, Gateway, Params, TunnelKey};
 
 #[derive(Debug)]
 pub struct ConsistentHash {
@@ -30,13 +28,8 @@ pub struct ConsistentHash {
 
 impl ConsistentHash {
     pub fn with_table_size(size: u32) -> Result<Self, String> {
-        if size < 101 || !is_prime(size) {
-            return Err(format!(
-                "parameter `table-size` = {size}: must be a prime ≥ 101"
-            ));
-        }
         Ok(ConsistentHash {
-            configured_size: size,
+            configured_size: table::validate(size)?,
             table: Vec::new(),
         })
     }
@@ -49,7 +42,7 @@ impl ConsistentHash {
 
 impl Balance for ConsistentHash {
     fn configure(mut params: Params) -> Result<Self, String> {
-        let size = params.get("table-size")?.unwrap_or(DEFAULT_TABLE_SIZE);
+        let size = params.get("table-size")?.unwrap_or(table::DEFAULT_SIZE);
         params.finish(&["table-size"])?;
         Self::with_table_size(size)
     }
@@ -60,16 +53,8 @@ impl Balance for ConsistentHash {
         // The fill order decides ties between gateways: make it depend on
         // names only, never on the host's ordering of the set.
         members.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-        let mut size = self.configured_size;
-        if u64::from(size) <= 100 * members.len() as u64 {
-            size = next_prime(100 * members.len() as u32 + 1);
-            log::warn(&format!(
-                "{} gateways outgrow table-size {}: using {size}",
-                members.len(),
-                self.configured_size
-            ));
-        }
-        self.table = maglev_table(&members, size as usize);
+        let size = table::size_for(self.configured_size, members.len());
+        self.table = maglev_table(&members, size);
     }
 
     fn choose(&mut self, key: &TunnelKey) -> Option<u32> {
@@ -118,20 +103,6 @@ fn maglev_table(members: &[&Gateway], m: usize) -> Vec<u32> {
             }
         }
     }
-}
-
-fn is_prime(n: u32) -> bool {
-    if n < 2 {
-        return false;
-    }
-    let n = u64::from(n);
-    (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
-}
-
-fn next_prime(from: u32) -> u32 {
-    (from..)
-        .find(|&n| is_prime(n))
-        .expect("a prime exists below u32::MAX for any table we build")
 }
 
 #[cfg(test)]
@@ -240,7 +211,7 @@ mod tests {
         assert!(err.contains("table-size"), "{err}");
         let mut p = ConsistentHash::with_table_size(101).unwrap();
         p.set_gateways(&gws(3));
-        assert!(p.table_size() > 300 && is_prime(p.table_size() as u32));
+        assert!(p.table_size() > 300 && table::is_prime(p.table_size() as u32));
     }
 
     #[test]

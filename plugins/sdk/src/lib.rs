@@ -16,6 +16,7 @@
 
 pub mod hash;
 mod params;
+pub mod table;
 mod types;
 
 pub use params::Params;

@@ -1,34 +1,39 @@
-//! Weighted rendezvous hashing (highest random weight, with the logarithmic
-//! method of Schindelhauer & Schomaker).
+//! Weighted rendezvous hashing (highest random weight with the logarithmic
+//! method of Schindelhauer & Schomaker), sampled into a lookup table.
 //!
-//! Each gateway scores a tunnel by `ln(u) / weight`, with `u` in (0, 1) a
-//! hash of the tunnel's endpoint and the gateway's name; the highest score
-//! wins. The winner is gateway i with probability exactly wᵢ/Σw, so weights
-//! 1:10 give 1:10 — not the "1:10 becomes 1:5.5" of schemes that scale the
-//! hash by the weight.
+//! [`Rendezvous`] is the definition: each gateway scores a key by
+//! `ln(u) / weight`, `u` in (0, 1) a hash of the key and the gateway's name;
+//! the highest score wins. Gateway i wins with probability exactly wᵢ/Σw, so
+//! weights 1:10 give 1:10, not the "1:10 becomes 1:5.5" of schemes that
+//! scale the hash by the weight. And when one weight changes, a key moves
+//! only to or from that gateway: nothing shuffles between the others.
 //!
-//! Why rendezvous rather than a weighted Maglev fill: when one weight
-//! changes, only tunnels that must move to honour the new shares do (from or
-//! to that gateway); nothing shuffles between the others. The price is O(N)
-//! per decision (a hash and a log per gateway), which at 64 gateways still
-//! fits the budget for a new tunnel, and no table to rebuild.
+//! [`Weighted`] evaluates that function once per slot of a table of prime
+//! size M when the set changes, and a tunnel takes `table[hash % M]`. Both
+//! properties carry over slot by slot, and a decision is one load instead of
+//! N logarithms (1.2 µs native at 64 gateways, measured; a table keeps it
+//! flat at any N). The price: shares follow the slots, which sample the
+//! weights with a relative error of about 1/√(M·share), ~0.5% at the default
+//! M = 65537; and a set change costs M·N scores.
+//!
+//! Why not a weighted Maglev fill: it hits shares exactly, but a weight
+//! change reshuffles slots among all gateways, not just the one that changed.
+//!
+//! Parameter: `table-size` (prime, default 65537).
 
-use segwlb_policy_sdk::{export_policy, hash, Balance, Gateway, Params, TunnelKey};
+use segwlb_policy_sdk::{export_policy, hash, table, Balance, Gateway, Params, TunnelKey};
 
-#[derive(Debug, Default)]
-pub struct Weighted {
-    /// (id, name hash, 1/weight) of each gateway that takes new tunnels.
+/// Weighted rendezvous over the gateways that take new tunnels, computed
+/// per key. The host uses it directly as its fallback.
+#[derive(Debug, Default, Clone)]
+pub struct Rendezvous {
+    /// (id, name hash, 1/weight).
     members: Vec<(u32, u64, f64)>,
 }
 
-impl Balance for Weighted {
-    fn configure(params: Params) -> Result<Self, String> {
-        params.finish(&[])?;
-        Ok(Weighted::default())
-    }
-
-    fn set_gateways(&mut self, gateways: &[Gateway]) {
-        self.members = gateways
+impl Rendezvous {
+    pub fn new(gateways: &[Gateway]) -> Self {
+        let members = gateways
             .iter()
             .filter(|g| g.takes_new_tunnels())
             .map(|g| {
@@ -39,20 +44,72 @@ impl Balance for Weighted {
                 )
             })
             .collect();
+        Rendezvous { members }
     }
 
-    fn choose(&mut self, key: &TunnelKey) -> Option<u32> {
-        let k = key.endpoint_hash();
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The winner for a 64-bit key hash.
+    pub fn winner(&self, key: u64) -> Option<u32> {
         let mut best: Option<(f64, u32)> = None;
         for &(id, name, inv_weight) in &self.members {
-            // ln(u) < 0; dividing by the weight brings heavy gateways closer
-            // to 0, i.e. higher.
-            let score = hash::ln(hash::unit_open(hash::mix(k ^ name))) * inv_weight;
+            // ln(u) < 0; dividing by the weight brings heavy gateways
+            // closer to 0, i.e. higher.
+            let score = hash::ln(hash::unit_open(hash::mix(key ^ name))) * inv_weight;
             if best.is_none_or(|(s, _)| score > s) {
                 best = Some((score, id));
             }
         }
         best.map(|(_, id)| id)
+    }
+}
+
+#[derive(Debug)]
+pub struct Weighted {
+    configured_size: u32,
+    /// Gateway id per slot; empty when no gateway takes tunnels.
+    table: Vec<u32>,
+}
+
+impl Weighted {
+    pub fn with_table_size(size: u32) -> Result<Self, String> {
+        Ok(Weighted {
+            configured_size: table::validate(size)?,
+            table: Vec::new(),
+        })
+    }
+}
+
+impl Balance for Weighted {
+    fn configure(mut params: Params) -> Result<Self, String> {
+        let size = params.get("table-size")?.unwrap_or(table::DEFAULT_SIZE);
+        params.finish(&["table-size"])?;
+        Self::with_table_size(size)
+    }
+
+    fn set_gateways(&mut self, gateways: &[Gateway]) {
+        let rendezvous = Rendezvous::new(gateways);
+        self.table = if rendezvous.is_empty() {
+            Vec::new()
+        } else {
+            let size = table::size_for(self.configured_size, rendezvous.members.len());
+            (0..size as u64)
+                .map(|slot| {
+                    rendezvous
+                        .winner(hash::mix(slot ^ 0x5eed))
+                        .expect("members exist")
+                })
+                .collect()
+        };
+    }
+
+    fn choose(&mut self, key: &TunnelKey) -> Option<u32> {
+        if self.table.is_empty() {
+            return None;
+        }
+        Some(self.table[(key.endpoint_hash() % self.table.len() as u64) as usize])
     }
 }
 
@@ -117,6 +174,16 @@ mod tests {
     }
 
     #[test]
+    fn the_table_agrees_with_rendezvous_in_shares() {
+        // The table's slots are rendezvous answers, so its slot shares are
+        // the weights up to sampling error.
+        let mut p = Weighted::configure(Params::default()).unwrap();
+        p.set_gateways(&set(&[3, 1]));
+        let heavy = p.table.iter().filter(|&&g| g == 1).count() as f64 / p.table.len() as f64;
+        assert!((heavy - 0.75).abs() < 0.006, "slot share {heavy}");
+    }
+
+    #[test]
     fn weight_change_moves_only_to_or_from_that_gateway() {
         let before = place(&[1, 1, 1, 1], 40_000);
         let after = place(&[1, 1, 1, 3], 40_000);
@@ -134,8 +201,15 @@ mod tests {
     #[test]
     fn weight_zero_takes_nothing() {
         assert!(place(&[0, 1], 1000).iter().all(|&g| g == 2));
-        let mut p = Weighted::default();
+        let mut p = Weighted::configure(Params::default()).unwrap();
         p.set_gateways(&set(&[0, 0]));
         assert_eq!(p.choose(&key(1)), None);
+        assert_eq!(Rendezvous::new(&set(&[0, 0])).winner(1), None);
+    }
+
+    #[test]
+    fn table_size_is_validated() {
+        let params = Params::new(vec![("table-size".into(), "1000".into())]);
+        assert!(Weighted::configure(params).unwrap_err().contains("prime"));
     }
 }
