@@ -67,7 +67,8 @@ fn main() {
     for name in native::SHIPPED {
         let path = policies.join(format!("{name}.wasm"));
         let (loaded, load_time) = time(|| runtime.load(&path, &[], Limits::default()));
-        let loaded = loaded.unwrap_or_else(|e| panic!("{e} (build the policies with `cargo build`)"));
+        let loaded =
+            loaded.unwrap_or_else(|e| panic!("{e} (build the policies with `cargo build`)"));
         let (_, start_time) = time(|| {
             let mut p = loaded.instantiate();
             p.set_gateways(&gateways(3)).unwrap();
@@ -91,7 +92,10 @@ fn main() {
         }
     }
     println!();
-    println!("{:<16} {:>18} {:>26}", "policy", "load+check ms", "instantiate+configure µs");
+    println!(
+        "{:<16} {:>18} {:>26}",
+        "policy", "load+check ms", "instantiate+configure µs"
+    );
     for (name, load, start) in loads {
         println!(
             "{name:<16} {:>18.1} {:>26.0}",

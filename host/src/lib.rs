@@ -2,6 +2,7 @@
 //! policies as WebAssembly components. See ARCHITECTURE.md for the map.
 
 pub mod check;
+pub mod compare;
 pub mod policy;
 pub mod time;
 pub mod workload;

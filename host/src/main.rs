@@ -1,13 +1,16 @@
 //! The `segwlb` command line: parse, dispatch, report errors. The work is in
 //! the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use segwlb::check;
+use segwlb::compare::{self, Scenario};
+use segwlb::policy::native as native_policies;
 use segwlb::policy::wasm::{Limits, Runtime};
+use segwlb::policy::Policy;
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +25,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run every policy on the same workload and compare spread, disruption
+    /// and cost (the built-in workload unless told otherwise).
+    Compare {
+        /// Policies to compare: names in --policy-dir or paths to .wasm
+        /// files, comma-separated. Default: every .wasm in --policy-dir.
+        #[arg(long, value_delimiter = ',')]
+        policies: Vec<String>,
+        /// Where policies are found by name.
+        #[arg(long, default_value = "policies")]
+        policy_dir: PathBuf,
+        /// Use the shipped policies' native twins instead of wasm (to see
+        /// what the wasm boundary costs).
+        #[arg(long)]
+        native: bool,
+        /// Tunnels in the initial population.
+        #[arg(long)]
+        tunnels: Option<usize>,
+        /// Seed for the workload.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Work with policy components.
     Policy {
         #[command(subcommand)]
@@ -70,6 +94,16 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Compare {
+            policies,
+            policy_dir,
+            native,
+            tunnels,
+            seed,
+        } => {
+            compare(policies, &policy_dir, native, tunnels, seed)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Policy {
             command:
                 PolicyCommand::Check {
@@ -94,7 +128,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     seed,
                 },
             );
-            println!("{report}");
+            print_out(&report)?;
             Ok(if report.violations().is_empty() {
                 ExitCode::SUCCESS
             } else {
@@ -113,4 +147,88 @@ fn parse_params(raw: &[String]) -> anyhow::Result<Vec<(String, String)>> {
             Ok((k.trim().to_string(), v.to_string()))
         })
         .collect()
+}
+
+fn compare(
+    mut policies: Vec<String>,
+    dir: &Path,
+    native: bool,
+    tunnels: Option<usize>,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let mut scenario = Scenario::builtin();
+    if let Some(n) = tunnels {
+        scenario.tunnels = n;
+    }
+    if policies.is_empty() {
+        policies = if native {
+            native_policies::SHIPPED
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        } else {
+            wasm_files_in(dir)?
+        };
+    }
+    let runtime = Runtime::new().map_err(anyhow::Error::msg)?;
+    let mut runs = Vec::new();
+    for spec in &policies {
+        let run = if native {
+            native_policies::shipped(spec, &[]).map_err(anyhow::Error::msg)?;
+            compare::run(&scenario, seed, &mut || {
+                native_policies::shipped(spec, &[]).expect("checked above")
+            })
+        } else {
+            let path = if spec.contains('/') || spec.ends_with(".wasm") {
+                PathBuf::from(spec)
+            } else {
+                dir.join(format!("{spec}.wasm"))
+            };
+            let loaded = runtime.load(&path, &[], Limits::default())?;
+            compare::run(&scenario, seed, &mut || {
+                Box::new(loaded.instantiate()) as Box<dyn Policy>
+            })
+        };
+        runs.push(run);
+    }
+    print_out(&compare::Table {
+        scenario: &scenario,
+        seed,
+        runs: &runs,
+    })?;
+    Ok(())
+}
+
+/// Policy names in `dir`, sorted.
+fn wasm_files_in(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let entries = std::fs::read_dir(dir).with_context(|| {
+        format!(
+            "{}: cannot list policies (run from the repository root, or pass --policy-dir)",
+            dir.display()
+        )
+    })?;
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        bail!(
+            "{}: no policies (*.wasm). `cargo build` builds the shipped ones; it needs a wasm32 toolchain \
+             (scripts/setup.sh installs one)",
+            dir.display()
+        );
+    }
+    Ok(names)
+}
+
+/// Print a result; a reader that went away (`| head`) is not an error.
+fn print_out(what: &dyn std::fmt::Display) -> anyhow::Result<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{what}") {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }

@@ -25,39 +25,58 @@ use segwlb_policy_sdk::{export_policy, hash, table, Balance, Gateway, Params, Tu
 
 /// Weighted rendezvous over the gateways that take new tunnels, computed
 /// per key. The host uses it directly as its fallback.
+///
+/// Gateways are grouped by weight: `ln` is monotonic, so within one weight
+/// the highest hash wins and only one logarithm per weight class is needed
+/// (sets usually have one to three distinct weights).
 #[derive(Debug, Default, Clone)]
 pub struct Rendezvous {
-    /// (id, name hash, 1/weight).
-    members: Vec<(u32, u64, f64)>,
+    classes: Vec<WeightClass>,
+}
+
+#[derive(Debug, Clone)]
+struct WeightClass {
+    inv_weight: f64,
+    weight: u32,
+    /// (id, name hash), in set order.
+    members: Vec<(u32, u64)>,
 }
 
 impl Rendezvous {
     pub fn new(gateways: &[Gateway]) -> Self {
-        let members = gateways
-            .iter()
-            .filter(|g| g.takes_new_tunnels())
-            .map(|g| {
-                (
-                    g.id,
-                    hash::str_seeded(&g.name, 0x77),
-                    1.0 / f64::from(g.weight),
-                )
-            })
-            .collect();
-        Rendezvous { members }
+        let mut classes: Vec<WeightClass> = Vec::new();
+        for g in gateways.iter().filter(|g| g.takes_new_tunnels()) {
+            let member = (g.id, hash::str_seeded(&g.name, 0x77));
+            match classes.iter_mut().find(|c| c.weight == g.weight) {
+                Some(class) => class.members.push(member),
+                None => classes.push(WeightClass {
+                    inv_weight: 1.0 / f64::from(g.weight),
+                    weight: g.weight,
+                    members: vec![member],
+                }),
+            }
+        }
+        Rendezvous { classes }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.members.is_empty()
+    pub fn members(&self) -> usize {
+        self.classes.iter().map(|c| c.members.len()).sum()
     }
 
     /// The winner for a 64-bit key hash.
     pub fn winner(&self, key: u64) -> Option<u32> {
         let mut best: Option<(f64, u32)> = None;
-        for &(id, name, inv_weight) in &self.members {
+        for class in &self.classes {
+            // Highest hash in the class; unit_open keeps only the top 52
+            // bits, so compare those (first in set order wins a tie).
+            let (id, h) = class
+                .members
+                .iter()
+                .map(|&(id, name)| (id, hash::mix(key ^ name)))
+                .reduce(|a, b| if b.1 >> 12 > a.1 >> 12 { b } else { a })?;
             // ln(u) < 0; dividing by the weight brings heavy gateways
             // closer to 0, i.e. higher.
-            let score = hash::ln(hash::unit_open(hash::mix(key ^ name))) * inv_weight;
+            let score = hash::ln(hash::unit_open(h)) * class.inv_weight;
             if best.is_none_or(|(s, _)| score > s) {
                 best = Some((score, id));
             }
@@ -91,10 +110,10 @@ impl Balance for Weighted {
 
     fn set_gateways(&mut self, gateways: &[Gateway]) {
         let rendezvous = Rendezvous::new(gateways);
-        self.table = if rendezvous.is_empty() {
+        self.table = if rendezvous.members() == 0 {
             Vec::new()
         } else {
-            let size = table::size_for(self.configured_size, rendezvous.members.len());
+            let size = table::size_for(self.configured_size, rendezvous.members());
             (0..size as u64)
                 .map(|slot| {
                     rendezvous

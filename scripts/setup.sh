@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Install what building and testing segwlb needs, if it is missing:
+#   - a wasm32 toolchain for the policies (rustup's target, or Debian's
+#     rustc-web + rust-web-src + lld-19 where rustup cannot fetch targets).
+# Idempotent and quiet when everything is there. Never installs by hand what
+# it could not name: when it cannot install, it says what to install.
+set -euo pipefail
+
+say() { printf 'setup: %s\n' "$*" >&2; }
+
+have_rustup_wasm() {
+    local libdir
+    libdir=$(rustc --print target-libdir --target wasm32-unknown-unknown 2>/dev/null) || return 1
+    compgen -G "$libdir/libstd-*.rlib" >/dev/null
+}
+
+have_debian_wasm() {
+    [ -x /usr/bin/rustc ] || return 1
+    [ -d "$(/usr/bin/rustc --print sysroot)/lib/rustlib/src/rust/library/std" ] || return 1
+    compgen -G "/usr/lib/llvm-*/bin/wasm-ld" >/dev/null || command -v wasm-ld >/dev/null
+}
+
+apt_install() {
+    [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null || return 1
+    if [ -z "${SEGWLB_APT_UPDATED:-}" ]; then
+        say "apt-get update"
+        apt-get update -qq >/dev/null
+        export SEGWLB_APT_UPDATED=1
+    fi
+    say "apt-get install $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+apt_has() { apt-cache policy "$1" 2>/dev/null | grep -q 'Candidate: [0-9]'; }
+
+if ! command -v cargo >/dev/null; then
+    say "cargo not found: install Rust (https://rustup.rs) first"
+    exit 1
+fi
+
+if have_rustup_wasm || have_debian_wasm; then
+    :
+else
+    # Where we are root on Debian and the packages exist, they are the route
+    # that works offline from rustup's servers; elsewhere, rustup's target.
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        [ -n "${SEGWLB_APT_UPDATED:-}" ] || { apt-get update -qq >/dev/null; export SEGWLB_APT_UPDATED=1; }
+        if apt_has rustc-web && apt_has rust-web-src && apt_has lld-19; then
+            apt_install rustc-web rust-web-src lld-19
+        fi
+    fi
+    if ! have_debian_wasm && command -v rustup >/dev/null; then
+        say "rustup target add wasm32-unknown-unknown"
+        timeout 120 rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || true
+    fi
+    if ! have_rustup_wasm && ! have_debian_wasm; then
+        say "no wasm32 toolchain for the policies. Install one of:"
+        say "  rustup target add wasm32-unknown-unknown"
+        say "  apt-get install rustc-web rust-web-src lld-19   (Debian, when rustup cannot fetch targets)"
+        exit 1
+    fi
+fi
