@@ -20,18 +20,25 @@ have_debian_wasm() {
     compgen -G "/usr/lib/llvm-*/bin/wasm-ld" >/dev/null || command -v wasm-ld >/dev/null
 }
 
-apt_install() {
-    [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null || return 1
+can_apt() { [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; }
+
+apt_update() {
     if [ -z "${SEGWLB_APT_UPDATED:-}" ]; then
         say "apt-get update"
         apt-get update -qq >/dev/null
         export SEGWLB_APT_UPDATED=1
     fi
+}
+
+apt_install() {
+    apt_update
     say "apt-get install $*"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
-apt_has() { apt-cache policy "$1" 2>/dev/null | grep -q 'Candidate: [0-9]'; }
+# No pipe into `grep -q` here: under pipefail, grep's early exit kills
+# apt-cache with SIGPIPE and the test fails although the package exists.
+apt_has() { [[ "$(apt-cache policy "$1" 2>/dev/null)" == *"Candidate: "[0-9]* ]]; }
 
 if ! command -v cargo >/dev/null; then
     say "cargo not found: install Rust (https://rustup.rs) first"
@@ -43,8 +50,8 @@ if have_rustup_wasm || have_debian_wasm; then
 else
     # Where we are root on Debian and the packages exist, they are the route
     # that works offline from rustup's servers; elsewhere, rustup's target.
-    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
-        [ -n "${SEGWLB_APT_UPDATED:-}" ] || { apt-get update -qq >/dev/null; export SEGWLB_APT_UPDATED=1; }
+    if can_apt; then
+        apt_update
         if apt_has rustc-web && apt_has rust-web-src && apt_has lld-19; then
             apt_install rustc-web rust-web-src lld-19
         fi
