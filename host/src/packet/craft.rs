@@ -1,0 +1,219 @@
+//! Build the frames IPsec peers send: IKE on 500 and 4500, ESP in UDP, raw
+//! ESP, NAT keepalives, IP fragments, ICMP errors. Used by the tests and by
+//! the simulation, which drive the balancer with real frames.
+//!
+//! Checksums are computed (IPv4 header, UDP, ICMP), so a frame built here
+//! is what a capture would show.
+
+use std::net::IpAddr;
+
+use etherparse::{IpNumber, Ipv4Header, Ipv6FragmentHeader, Ipv6Header, UdpHeader};
+
+use super::{IkeHeader, Mac};
+
+/// The 28-byte IKE header, then `extra` bytes of payload; with `nat_t`,
+/// behind the 4-byte non-ESP marker.
+pub fn ike_body(h: &IkeHeader, nat_t: bool, extra: usize) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4 + IkeHeader::LEN + extra);
+    if nat_t {
+        b.extend_from_slice(&[0; 4]);
+    }
+    b.extend_from_slice(&h.initiator_spi.to_be_bytes());
+    b.extend_from_slice(&h.responder_spi.to_be_bytes());
+    let flags = if h.from_initiator { 0x08 } else { 0 } | if h.response { 0x20 } else { 0 };
+    b.extend_from_slice(&[33, 0x20, h.exchange, flags]);
+    b.extend_from_slice(&h.message_id.to_be_bytes());
+    b.extend_from_slice(&((IkeHeader::LEN + extra) as u32).to_be_bytes());
+    b.resize(b.len() + extra, 0x5a);
+    b
+}
+
+/// An ESP packet: SPI, sequence number, then `len - 8` bytes of ciphertext.
+pub fn esp_body(spi: u32, seq: u32, len: usize) -> Vec<u8> {
+    let mut b = Vec::with_capacity(len.max(8));
+    b.extend_from_slice(&spi.to_be_bytes());
+    b.extend_from_slice(&seq.to_be_bytes());
+    b.resize(len.max(8), 0xe5);
+    b
+}
+
+/// The NAT keepalive (RFC 3948): one 0xFF byte on UDP 4500.
+pub fn keepalive_body() -> Vec<u8> {
+    vec![0xff]
+}
+
+/// A UDP datagram in an IP packet, checksums included.
+pub fn udp_packet(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, body: &[u8]) -> Vec<u8> {
+    let mut udp = Vec::with_capacity(8 + body.len());
+    let header = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => UdpHeader::with_ipv4_checksum(
+            sport,
+            dport,
+            &ipv4_header(s.octets(), d.octets(), 17, 8 + body.len(), 1),
+            body,
+        ),
+        (IpAddr::V6(s), IpAddr::V6(d)) => UdpHeader::with_ipv6_checksum(
+            sport,
+            dport,
+            &ipv6_header(s.octets(), d.octets(), 17, 8 + body.len()),
+            body,
+        ),
+        _ => panic!("udp_packet: mixed address families"),
+    }
+    .expect("UDP length fits");
+    udp.extend_from_slice(&header.to_bytes());
+    udp.extend_from_slice(body);
+    ip_packet(src, dst, 17, &udp, 1)
+}
+
+/// An IP packet around `payload` (IPv4 with identification `id`).
+pub fn ip_packet(src: IpAddr, dst: IpAddr, protocol: u8, payload: &[u8], id: u16) -> Vec<u8> {
+    let mut p = Vec::with_capacity(40 + payload.len());
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            ipv4_header(s.octets(), d.octets(), protocol, payload.len(), id)
+                .write(&mut p)
+                .expect("write to a Vec");
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            ipv6_header(s.octets(), d.octets(), protocol, payload.len())
+                .write(&mut p)
+                .expect("write to a Vec");
+        }
+        _ => panic!("ip_packet: mixed address families"),
+    }
+    p.extend_from_slice(payload);
+    p
+}
+
+fn ipv4_header(
+    src: [u8; 4],
+    dst: [u8; 4],
+    protocol: u8,
+    payload_len: usize,
+    id: u16,
+) -> Ipv4Header {
+    let mut h =
+        Ipv4Header::new(payload_len as u16, 64, IpNumber(protocol), src, dst).expect("length fits");
+    h.identification = id;
+    h.header_checksum = h.calc_header_checksum();
+    h
+}
+
+fn ipv6_header(src: [u8; 16], dst: [u8; 16], next: u8, payload_len: usize) -> Ipv6Header {
+    Ipv6Header {
+        traffic_class: 0,
+        flow_label: Default::default(),
+        payload_length: payload_len as u16,
+        next_header: IpNumber(next),
+        hop_limit: 64,
+        source: src,
+        destination: dst,
+    }
+}
+
+/// An Ethernet frame around an IP packet (EtherType from its version).
+pub fn frame(dst: Mac, src: Mac, vlan: Option<u16>, ip: &[u8]) -> Vec<u8> {
+    let ether_type: u16 = if ip.first().is_some_and(|b| b >> 4 == 6) {
+        0x86dd
+    } else {
+        0x0800
+    };
+    let mut f = Vec::with_capacity(18 + ip.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    if let Some(id) = vlan {
+        f.extend_from_slice(&0x8100u16.to_be_bytes());
+        f.extend_from_slice(&(id & 0x0fff).to_be_bytes());
+    }
+    f.extend_from_slice(&ether_type.to_be_bytes());
+    f.extend_from_slice(ip);
+    f
+}
+
+/// Split an IP packet (as built above: IPv4 without options, or IPv6 with
+/// no extension headers) into fragments carrying at most `chunk` bytes of
+/// payload each (rounded down to a multiple of 8), with identification `id`.
+pub fn fragments(packet: &[u8], chunk: usize, id: u32) -> Vec<Vec<u8>> {
+    let chunk = (chunk / 8).max(1) * 8;
+    let v6 = packet[0] >> 4 == 6;
+    let header_len = if v6 { 40 } else { 20 };
+    let (header, payload) = packet.split_at(header_len);
+    let pieces: Vec<&[u8]> = payload.chunks(chunk).collect();
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            let offset = (i * chunk) as u16;
+            let more = i + 1 < pieces.len();
+            let mut out = Vec::with_capacity(header_len + 8 + piece.len());
+            if v6 {
+                let mut h = Ipv6Header::from_slice(header).expect("an IPv6 header").0;
+                let next = h.next_header;
+                h.next_header = IpNumber::IPV6_FRAGMENTATION_HEADER;
+                h.payload_length = (8 + piece.len()) as u16;
+                h.write(&mut out).expect("write to a Vec");
+                let frag = Ipv6FragmentHeader::new(
+                    next,
+                    etherparse::IpFragOffset::try_new(offset / 8).expect("fits"),
+                    more,
+                    id,
+                );
+                frag.write(&mut out).expect("write to a Vec");
+            } else {
+                let mut h = Ipv4Header::from_slice(header).expect("an IPv4 header").0;
+                h.identification = id as u16;
+                h.more_fragments = more;
+                h.fragment_offset = etherparse::IpFragOffset::try_new(offset / 8).expect("fits");
+                h.total_len = (20 + piece.len()) as u16;
+                h.header_checksum = h.calc_header_checksum();
+                h.write(&mut out).expect("write to a Vec");
+            }
+            out.extend_from_slice(piece);
+            out
+        })
+        .collect()
+}
+
+/// An ICMP "fragmentation needed" (IPv4) or "packet too big" (IPv6) error
+/// from `from` to `to`, quoting the first bytes of `offending` (an IP packet)
+/// as routers do.
+pub fn icmp_too_big(from: IpAddr, to: IpAddr, offending: &[u8], mtu: u32) -> Vec<u8> {
+    let v6 = from.is_ipv6();
+    let quote = &offending[..offending.len().min(if v6 { 1232 } else { 548 })];
+    let mut icmp = Vec::with_capacity(8 + quote.len());
+    if v6 {
+        icmp.extend_from_slice(&[2, 0, 0, 0]);
+        icmp.extend_from_slice(&mtu.to_be_bytes());
+    } else {
+        icmp.extend_from_slice(&[3, 4, 0, 0, 0, 0]);
+        icmp.extend_from_slice(&(mtu as u16).to_be_bytes());
+    }
+    icmp.extend_from_slice(quote);
+    let sum = match (from, to) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            // Pseudo-header: addresses, length, next header 58.
+            let mut pseudo = Vec::with_capacity(40 + icmp.len());
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, 58]);
+            pseudo.extend_from_slice(&icmp);
+            internet_checksum(&pseudo)
+        }
+        _ => internet_checksum(&icmp),
+    };
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    ip_packet(from, to, if v6 { 58 } else { 1 }, &icmp, 7)
+}
+
+fn internet_checksum(b: &[u8]) -> u16 {
+    let mut sum: u32 = b
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
