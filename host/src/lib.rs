@@ -1,8 +1,10 @@
 //! segwlb: an L2 (transparent) IPsec tunnel load balancer with balancing
 //! policies as WebAssembly components. See ARCHITECTURE.md for the map.
 
+pub mod balancer;
 pub mod check;
 pub mod compare;
+pub mod packet;
 pub mod policy;
 pub mod time;
 pub mod workload;

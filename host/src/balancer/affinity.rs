@@ -1,0 +1,335 @@
+//! The affinity table: which segw each tunnel is on.
+//!
+//! A tunnel is one entry, found by any of three keys, most specific first:
+//! its IKE initiator SPI, its outer (address, UDP port), its outer address.
+//! Fragments get a small table of their own, keyed (source, destination,
+//! IP ID), so every piece of a packet follows the first one seen.
+//!
+//! Bounds, stated: at most `capacity` tunnels. A new tunnel that finds the
+//! table full evicts the oldest *half-open* entry (only IKE_SA_INIT seen);
+//! established tunnels are never evicted to make room, they leave only by
+//! idle expiry. With no half-open entry to evict, the new tunnel is refused
+//! (counted), so a flood of IKE_SA_INIT from spoofed sources churns through
+//! half-open slots and never displaces a tunnel that works.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use super::gateways::GwId;
+use crate::packet::Mac;
+use crate::policy::Opener;
+use crate::time::Timestamp;
+
+/// Index of an entry in the table's slab.
+pub type TunnelId = u32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelState {
+    /// Only IKE_SA_INIT seen: cheap to forget.
+    HalfOpen,
+    Established,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tunnel {
+    pub peer: IpAddr,
+    /// 0 for raw ESP.
+    pub peer_port: u16,
+    /// The address the peer talks to (the VIP).
+    pub vip: IpAddr,
+    pub ike_spi: Option<u64>,
+    pub opened_by: Opener,
+    pub gateway: GwId,
+    pub state: TunnelState,
+    pub since: Timestamp,
+    pub last_seen: Timestamp,
+    /// The initiator-side next hop its frames came from.
+    pub next_hop: Option<Mac>,
+    pub frames: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Established tunnels idle this long are forgotten (well past DPD).
+    pub idle: Duration,
+    /// Half-open tunnels idle this long are forgotten.
+    pub half_open: Duration,
+    /// Fragment steering records live this long.
+    pub fragment: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            idle: Duration::from_secs(600),
+            half_open: Duration::from_secs(30),
+            fragment: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the table did besides answering, for the counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableCounters {
+    pub inserted: u64,
+    pub evicted_half_open: u64,
+    pub refused_full: u64,
+    pub expired: u64,
+    pub rebound: u64,
+}
+
+pub type FragmentKey = (IpAddr, IpAddr, u32);
+
+#[derive(Debug)]
+pub struct AffinityTable {
+    slots: Vec<Option<Tunnel>>,
+    free: Vec<TunnelId>,
+    len: usize,
+    capacity: usize,
+    by_spi: HashMap<u64, TunnelId>,
+    by_endpoint: HashMap<(IpAddr, u16), TunnelId>,
+    /// The most recently bound tunnel from each address.
+    by_addr: HashMap<IpAddr, TunnelId>,
+    /// Half-open tunnels in arrival order (may hold stale ids: checked on pop).
+    half_open: VecDeque<TunnelId>,
+    fragments: HashMap<FragmentKey, (GwId, Timestamp)>,
+    /// Fragment records are bounded too: a flood of fragments is a flood.
+    fragment_capacity: usize,
+    timeouts: Timeouts,
+    sweep_cursor: usize,
+    pub counters: TableCounters,
+}
+
+impl AffinityTable {
+    pub fn new(capacity: usize, timeouts: Timeouts) -> Self {
+        AffinityTable {
+            slots: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+            capacity,
+            by_spi: HashMap::new(),
+            by_endpoint: HashMap::new(),
+            by_addr: HashMap::new(),
+            half_open: VecDeque::new(),
+            fragments: HashMap::new(),
+            fragment_capacity: 65_536,
+            timeouts,
+            sweep_cursor: 0,
+            counters: TableCounters::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn get(&self, id: TunnelId) -> Option<&Tunnel> {
+        self.slots.get(id as usize)?.as_ref()
+    }
+
+    pub fn get_mut(&mut self, id: TunnelId) -> Option<&mut Tunnel> {
+        self.slots.get_mut(id as usize)?.as_mut()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (TunnelId, &Tunnel)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| Some((i as TunnelId, t.as_ref()?)))
+    }
+
+    pub fn ids(&self) -> Vec<TunnelId> {
+        self.iter().map(|(id, _)| id).collect()
+    }
+
+    pub fn by_spi(&self, spi: u64) -> Option<TunnelId> {
+        self.by_spi.get(&spi).copied()
+    }
+
+    pub fn by_endpoint(&self, addr: IpAddr, port: u16) -> Option<TunnelId> {
+        self.by_endpoint.get(&(addr, port)).copied()
+    }
+
+    pub fn by_addr(&self, addr: IpAddr) -> Option<TunnelId> {
+        self.by_addr.get(&addr).copied()
+    }
+
+    /// Add a tunnel; `None` when the table is full of established tunnels.
+    pub fn insert(&mut self, tunnel: Tunnel) -> Option<TunnelId> {
+        if self.len >= self.capacity && !self.evict_one_half_open() {
+            self.counters.refused_full += 1;
+            return None;
+        }
+        let half_open = tunnel.state == TunnelState::HalfOpen;
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = Some(tunnel);
+                id
+            }
+            None => {
+                self.slots.push(Some(tunnel));
+                (self.slots.len() - 1) as TunnelId
+            }
+        };
+        self.len += 1;
+        self.counters.inserted += 1;
+        if half_open {
+            self.half_open.push_back(id);
+        }
+        self.index(id);
+        Some(id)
+    }
+
+    fn index(&mut self, id: TunnelId) {
+        let t = self.slots[id as usize]
+            .as_ref()
+            .expect("indexing a live entry");
+        if let Some(spi) = t.ike_spi {
+            self.by_spi.insert(spi, id);
+        }
+        self.by_endpoint.insert((t.peer, t.peer_port), id);
+        self.by_addr.insert(t.peer, id);
+    }
+
+    /// Drop the index entries that still point at `id`.
+    fn unindex(&mut self, id: TunnelId) {
+        let t = self.slots[id as usize]
+            .as_ref()
+            .expect("unindexing a live entry");
+        if let Some(spi) = t.ike_spi {
+            if self.by_spi.get(&spi) == Some(&id) {
+                self.by_spi.remove(&spi);
+            }
+        }
+        if self.by_endpoint.get(&(t.peer, t.peer_port)) == Some(&id) {
+            self.by_endpoint.remove(&(t.peer, t.peer_port));
+        }
+        if self.by_addr.get(&t.peer) == Some(&id) {
+            self.by_addr.remove(&t.peer);
+        }
+    }
+
+    pub fn remove(&mut self, id: TunnelId) -> Option<Tunnel> {
+        self.get(id)?;
+        self.unindex(id);
+        let t = self.slots[id as usize].take();
+        self.free.push(id);
+        self.len -= 1;
+        t
+    }
+
+    /// The tunnel now comes from another address or port (NAT-T float,
+    /// MOBIKE, NAT rebinding): move its keys, keep its gateway.
+    pub fn rebind(&mut self, id: TunnelId, peer: IpAddr, peer_port: u16) {
+        let Some(t) = self.get(id) else { return };
+        if (t.peer, t.peer_port) == (peer, peer_port) {
+            return;
+        }
+        self.unindex(id);
+        let t = self.get_mut(id).expect("checked above");
+        t.peer = peer;
+        t.peer_port = peer_port;
+        self.index(id);
+        self.counters.rebound += 1;
+    }
+
+    /// The tunnel's IKE SA is now `spi` (learned, or a rekeyed IKE SA):
+    /// the old SPI stops pointing here.
+    pub fn set_spi(&mut self, id: TunnelId, spi: u64) {
+        let Some(t) = self.get_mut(id) else { return };
+        let old = t.ike_spi.replace(spi);
+        if old == Some(spi) {
+            return;
+        }
+        if let Some(old) = old {
+            if self.by_spi.get(&old) == Some(&id) {
+                self.by_spi.remove(&old);
+            }
+        }
+        self.by_spi.insert(spi, id);
+    }
+
+    pub fn establish(&mut self, id: TunnelId) {
+        if let Some(t) = self.get_mut(id) {
+            t.state = TunnelState::Established;
+        }
+    }
+
+    fn evict_one_half_open(&mut self) -> bool {
+        while let Some(id) = self.half_open.pop_front() {
+            if self
+                .get(id)
+                .is_some_and(|t| t.state == TunnelState::HalfOpen)
+            {
+                self.remove(id);
+                self.counters.evicted_half_open += 1;
+                return true;
+            }
+        }
+        false
+    }
+
+    pub fn fragment(&self, key: &FragmentKey) -> Option<GwId> {
+        self.fragments.get(key).map(|&(gw, _)| gw)
+    }
+
+    pub fn record_fragment(&mut self, key: FragmentKey, gw: GwId, now: Timestamp) {
+        if self.fragments.len() >= self.fragment_capacity {
+            let ttl = self.timeouts.fragment;
+            self.fragments.retain(|_, (_, at)| now.since(*at) < ttl);
+            if self.fragments.len() >= self.fragment_capacity {
+                return;
+            }
+        }
+        self.fragments.insert(key, (gw, now));
+    }
+
+    /// Forget up to `budget` slots' worth of idle tunnels, resuming where the
+    /// last sweep stopped, plus stale fragment records. Returns the removed
+    /// tunnels. Call it regularly with a budget that keeps each call short.
+    pub fn expire(&mut self, now: Timestamp, budget: usize) -> Vec<Tunnel> {
+        let mut gone = Vec::new();
+        let n = self.slots.len();
+        for _ in 0..budget.min(n) {
+            if self.sweep_cursor >= n {
+                self.sweep_cursor = 0;
+            }
+            let id = self.sweep_cursor as TunnelId;
+            self.sweep_cursor += 1;
+            let Some(t) = self.get(id) else { continue };
+            let limit = match t.state {
+                TunnelState::HalfOpen => self.timeouts.half_open,
+                TunnelState::Established => self.timeouts.idle,
+            };
+            if now.since(t.last_seen) > limit {
+                gone.extend(self.remove(id));
+                self.counters.expired += 1;
+            }
+        }
+        let ttl = self.timeouts.fragment;
+        self.fragments.retain(|_, (_, at)| now.since(*at) < ttl);
+        gone
+    }
+
+    /// Bytes held per tunnel, for the closing note and `status`: the slot,
+    /// and its share of the three indexes (hashbrown: key + value + 1 control
+    /// byte, at a load of up to 7/8).
+    pub fn bytes_per_tunnel() -> usize {
+        use std::mem::size_of;
+        let slot = size_of::<Option<Tunnel>>();
+        let index = |k: usize| (k + size_of::<TunnelId>() + 1) * 8 / 7;
+        slot + index(size_of::<u64>())
+            + index(size_of::<(IpAddr, u16)>())
+            + index(size_of::<IpAddr>())
+    }
+}

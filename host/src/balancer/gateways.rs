@@ -1,0 +1,161 @@
+//! The segws: where each is, what it may take, what it carries.
+
+use crate::packet::Mac;
+use crate::policy::Gateway;
+
+/// A port of the balancer: 0 is the uplink (initiator side), then one per
+/// segw, as the I/O layer numbers them.
+pub type PortId = u16;
+
+pub const UPLINK: PortId = 0;
+
+/// Stable id of a gateway for its whole life (what policies answer).
+pub type GwId = u32;
+
+/// What the operator says about a segw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewaySpec {
+    pub name: String,
+    /// The balancer port the segw sits behind.
+    pub port: PortId,
+    /// The segw's MAC when configured; otherwise learned from its frames.
+    pub mac: Option<Mac>,
+    pub weight: u32,
+}
+
+/// Per-gateway counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GatewayCounters {
+    /// Live tunnels bound to it.
+    pub tunnels: u64,
+    /// Frames and bytes towards the segw (from initiators).
+    pub frames_to: u64,
+    pub bytes_to: u64,
+    /// Frames and bytes from the segw (to initiators).
+    pub frames_from: u64,
+    pub bytes_from: u64,
+    /// Tunnels moved here from a down gateway or a rebalance.
+    pub moved_in: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayState {
+    pub id: GwId,
+    pub spec: GatewaySpec,
+    /// Configured or learned.
+    pub mac: Option<Mac>,
+    pub healthy: bool,
+    pub draining: bool,
+    pub counters: GatewayCounters,
+}
+
+impl GatewayState {
+    pub fn takes_new_tunnels(&self) -> bool {
+        self.healthy && !self.draining && self.spec.weight > 0
+    }
+
+    /// The gateway as a policy sees it.
+    pub fn view(&self) -> Gateway {
+        Gateway {
+            id: self.id,
+            name: self.spec.name.clone(),
+            weight: self.spec.weight,
+            healthy: self.healthy,
+            draining: self.draining,
+            tunnels: self.counters.tunnels,
+        }
+    }
+}
+
+/// Errors from changing the gateway set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no gateway named `{0}`")]
+    Unknown(String),
+    #[error("a gateway named `{0}` already exists")]
+    Duplicate(String),
+    #[error("port {0} is the uplink; a gateway needs a port of its own")]
+    UplinkPort(PortId),
+    #[error("port {port} already serves gateway `{by}`")]
+    PortTaken { port: PortId, by: String },
+}
+
+/// The gateway set, in the order gateways were added.
+#[derive(Debug, Default)]
+pub struct Gateways {
+    list: Vec<GatewayState>,
+    next_id: GwId,
+}
+
+impl Gateways {
+    pub fn add(&mut self, spec: GatewaySpec) -> Result<GwId, GatewayError> {
+        if spec.port == UPLINK {
+            return Err(GatewayError::UplinkPort(spec.port));
+        }
+        if self.by_name(&spec.name).is_some() {
+            return Err(GatewayError::Duplicate(spec.name));
+        }
+        if let Some(other) = self.list.iter().find(|g| g.spec.port == spec.port) {
+            return Err(GatewayError::PortTaken {
+                port: spec.port,
+                by: other.spec.name.clone(),
+            });
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        self.list.push(GatewayState {
+            id,
+            mac: spec.mac,
+            spec,
+            healthy: true,
+            draining: false,
+            counters: GatewayCounters::default(),
+        });
+        Ok(id)
+    }
+
+    pub fn remove(&mut self, name: &str) -> Result<GatewayState, GatewayError> {
+        let i = self
+            .list
+            .iter()
+            .position(|g| g.spec.name == name)
+            .ok_or_else(|| GatewayError::Unknown(name.into()))?;
+        Ok(self.list.remove(i))
+    }
+
+    pub fn get(&self, id: GwId) -> Option<&GatewayState> {
+        self.list.iter().find(|g| g.id == id)
+    }
+
+    pub fn get_mut(&mut self, id: GwId) -> Option<&mut GatewayState> {
+        self.list.iter_mut().find(|g| g.id == id)
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&GatewayState> {
+        self.list.iter().find(|g| g.spec.name == name)
+    }
+
+    pub fn by_name_mut(&mut self, name: &str) -> Result<&mut GatewayState, GatewayError> {
+        self.list
+            .iter_mut()
+            .find(|g| g.spec.name == name)
+            .ok_or_else(|| GatewayError::Unknown(name.into()))
+    }
+
+    pub fn on_port(&self, port: PortId) -> Option<&GatewayState> {
+        self.list.iter().find(|g| g.spec.port == port)
+    }
+
+    pub fn on_port_mut(&mut self, port: PortId) -> Option<&mut GatewayState> {
+        self.list.iter_mut().find(|g| g.spec.port == port)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &GatewayState> {
+        self.list.iter()
+    }
+
+    /// The set as policies see it.
+    pub fn views(&self) -> Vec<Gateway> {
+        self.list.iter().map(GatewayState::view).collect()
+    }
+}

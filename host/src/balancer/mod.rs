@@ -1,0 +1,676 @@
+//! The balancer core: `handle(frame, ingress port, now) -> verdict`.
+//!
+//! One story per frame: classify (`packet::parse`) → steer (the affinity
+//! table; the policy on a miss only) → rewrite the two MACs → tell the
+//! caller which port to send it on. ARP requests for proxied addresses are
+//! answered in place. Everything else is a counted drop.
+//!
+//! This module owns the tunnel table, the gateway set and the counters. It
+//! never touches a socket, a thread, wasmtime or the clock: time comes in
+//! with each frame, the policy through the `Policy` trait, and the frame
+//! goes back to the caller to send.
+
+pub mod affinity;
+pub mod gateways;
+pub mod prefix;
+#[cfg(test)]
+mod tests;
+
+use std::net::IpAddr;
+
+use affinity::{AffinityTable, Timeouts, Tunnel, TunnelId, TunnelState};
+pub use gateways::{
+    GatewayCounters, GatewayError, GatewaySpec, GatewayState, GwId, PortId, UPLINK,
+};
+pub use prefix::Prefix;
+
+use crate::packet::{
+    self, arp::Arp, rewrite, IkeHeader, IpPacket, Kind, Mac, Malformed, Payload, Udp,
+};
+use crate::policy::{Guarded, Opener, Policy, PolicyStats, TunnelKey};
+use crate::time::Timestamp;
+
+/// What the caller does with the frame after `handle`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send the (rewritten) frame on this port.
+    Forward(PortId),
+    /// The frame now holds a reply: send it back on the ingress port.
+    Reply,
+    Drop(DropReason),
+}
+
+/// Why a frame was dropped. Each is a counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    Malformed,
+    /// Not IKE, NAT-T or ESP (nor an ICMP error about them).
+    NotIpsec,
+    /// An ARP we do not answer (not a request, or not for a proxied address).
+    ArpIgnored,
+    /// An EtherType we do not handle.
+    OtherEtherType,
+    /// A keepalive, later fragment or ICMP error for a tunnel we do not know.
+    UnknownTunnel,
+    /// No gateway takes new tunnels.
+    NoGateway,
+    /// The chosen segw's MAC is not known yet.
+    GatewayMacUnknown,
+    /// Return traffic for a peer whose next hop is not known yet.
+    NextHopUnknown,
+    /// The table is full of established tunnels.
+    TableFull,
+    /// A frame on a port with no gateway behind it.
+    UnknownPort,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 10] = [
+        DropReason::Malformed,
+        DropReason::NotIpsec,
+        DropReason::ArpIgnored,
+        DropReason::OtherEtherType,
+        DropReason::UnknownTunnel,
+        DropReason::NoGateway,
+        DropReason::GatewayMacUnknown,
+        DropReason::NextHopUnknown,
+        DropReason::TableFull,
+        DropReason::UnknownPort,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::NotIpsec => "not_ipsec",
+            DropReason::ArpIgnored => "arp_ignored",
+            DropReason::OtherEtherType => "other_ethertype",
+            DropReason::UnknownTunnel => "unknown_tunnel",
+            DropReason::NoGateway => "no_gateway",
+            DropReason::GatewayMacUnknown => "gateway_mac_unknown",
+            DropReason::NextHopUnknown => "next_hop_unknown",
+            DropReason::TableFull => "table_full",
+            DropReason::UnknownPort => "unknown_port",
+        }
+    }
+}
+
+/// Everything the balancer decides, counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub forwarded: u64,
+    pub arp_replies: u64,
+    /// By [`DropReason::ALL`] index.
+    pub drops: [u64; 10],
+    /// Malformed frames by what was wrong.
+    pub malformed: std::collections::BTreeMap<String, u64>,
+    /// New tunnels placed by the policy.
+    pub placed: u64,
+    /// Tunnels learned from a segw's return traffic (no policy call).
+    pub taught: u64,
+    /// Tunnels moved off a down or removed gateway, or by a rebalance.
+    pub moved: u64,
+}
+
+impl Counters {
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize]
+    }
+}
+
+/// The core's configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Our MAC on each port, indexed by port id (0 is the uplink).
+    pub port_macs: Vec<Mac>,
+    /// Addresses answered for with ARP (IPv4) on every port.
+    pub proxy: Vec<Prefix>,
+    /// Hard bound on the tunnel table.
+    pub max_tunnels: usize,
+    pub timeouts: Timeouts,
+}
+
+pub struct Balancer<P: Policy = Box<dyn Policy>> {
+    config: Config,
+    gateways: gateways::Gateways,
+    table: AffinityTable,
+    policy: Guarded<P>,
+    counters: Counters,
+    /// The last initiator-side next hop seen on the uplink: where return
+    /// traffic goes for a peer whose own next hop is not known.
+    default_next_hop: Option<Mac>,
+}
+
+/// Where a frame goes, before the rewrite.
+struct Egress {
+    port: PortId,
+    dst: Mac,
+}
+
+impl<P: Policy> Balancer<P> {
+    pub fn new(config: Config, policy: P) -> Self {
+        let table = AffinityTable::new(config.max_tunnels, config.timeouts);
+        Balancer {
+            config,
+            gateways: gateways::Gateways::default(),
+            table,
+            policy: Guarded::new(policy),
+            counters: Counters::default(),
+            default_next_hop: None,
+        }
+    }
+
+    // ----- the data path -------------------------------------------------
+
+    /// Decide what happens to one frame that arrived on `ingress` at `now`.
+    /// On `Forward` the frame's MACs are rewritten in place; on `Reply` the
+    /// frame has been replaced by the reply.
+    pub fn handle(&mut self, frame: &mut Vec<u8>, ingress: PortId, now: Timestamp) -> Verdict {
+        let parsed = match packet::parse(frame) {
+            Ok(p) => p,
+            Err(m) => return self.malformed(m),
+        };
+        let step = match &parsed.kind {
+            Kind::Arp(arp) => match self.arp(arp, ingress) {
+                Some(reply) => {
+                    *frame = reply.to_frame(arp.sender_mac, self.port_mac(ingress), parsed.vlan);
+                    self.counters.arp_replies += 1;
+                    return Verdict::Reply;
+                }
+                None => Err(DropReason::ArpIgnored),
+            },
+            Kind::Ip(ip) if ingress == UPLINK => self.initiator_to_segw(ip, parsed.src, now),
+            Kind::Ip(ip) => self.segw_to_initiator(ip, ingress, parsed.src, now),
+            Kind::Other(_) => Err(DropReason::OtherEtherType),
+        };
+        match step {
+            Ok(egress) => {
+                rewrite::set_macs(frame, egress.dst, self.port_mac(egress.port));
+                self.counters.forwarded += 1;
+                Verdict::Forward(egress.port)
+            }
+            Err(reason) => {
+                self.counters.drops[reason as usize] += 1;
+                Verdict::Drop(reason)
+            }
+        }
+    }
+
+    fn malformed(&mut self, m: Malformed) -> Verdict {
+        self.counters.drops[DropReason::Malformed as usize] += 1;
+        *self.counters.malformed.entry(m.to_string()).or_default() += 1;
+        Verdict::Drop(DropReason::Malformed)
+    }
+
+    fn port_mac(&self, port: PortId) -> Mac {
+        self.config
+            .port_macs
+            .get(usize::from(port))
+            .copied()
+            .unwrap_or([0; 6])
+    }
+
+    /// Answer ARP requests for proxied addresses, on any port; learn a
+    /// segw's MAC from any ARP it sends.
+    fn arp(&mut self, arp: &Arp, ingress: PortId) -> Option<Arp> {
+        if ingress != UPLINK {
+            if let Some(gw) = self.gateways.on_port_mut(ingress) {
+                if gw.spec.mac.is_none() {
+                    gw.mac = Some(arp.sender_mac);
+                }
+            }
+        }
+        let target = IpAddr::V4(arp.target_ip);
+        let proxied = self.config.proxy.iter().any(|p| p.contains(target));
+        (arp.op == packet::arp::REQUEST && proxied && arp.sender_ip != arp.target_ip)
+            .then(|| arp.reply(self.port_mac(ingress)))
+    }
+
+    /// Initiator → segw.
+    fn initiator_to_segw(
+        &mut self,
+        ip: &IpPacket,
+        src_mac: Mac,
+        now: Timestamp,
+    ) -> Result<Egress, DropReason> {
+        self.default_next_hop = Some(src_mac);
+        let frag_key = ip.fragment.map(|f| (ip.src, ip.dst, f.id));
+        // Whichever piece of a fragmented packet comes first decides for all.
+        let recorded = frag_key
+            .and_then(|k| self.table.fragment(&k))
+            .filter(|&gw| self.is_up(gw));
+        let (gw, tunnel) = match recorded {
+            Some(gw) => (gw, None),
+            None => self.steer_in(ip, now)?,
+        };
+        if let Some(key) = frag_key {
+            self.table.record_fragment(key, gw, now);
+        }
+        if let Some(id) = tunnel {
+            let t = self
+                .table
+                .get_mut(id)
+                .expect("steer_in returns live tunnels");
+            t.last_seen = now;
+            t.next_hop = Some(src_mac);
+            t.frames += 1;
+            t.bytes += ip.len as u64;
+        }
+        let gateway = self
+            .gateways
+            .get_mut(gw)
+            .expect("steered to a live gateway");
+        gateway.counters.frames_to += 1;
+        gateway.counters.bytes_to += ip.len as u64;
+        let dst = gateway.mac.ok_or(DropReason::GatewayMacUnknown)?;
+        Ok(Egress {
+            port: gateway.spec.port,
+            dst,
+        })
+    }
+
+    /// The gateway (and tunnel) for a packet from an initiator.
+    fn steer_in(
+        &mut self,
+        ip: &IpPacket,
+        now: Timestamp,
+    ) -> Result<(GwId, Option<TunnelId>), DropReason> {
+        let id = match &ip.payload {
+            Payload::Ike { udp, header, nat_t } => self.ike_in(ip, *udp, header, *nat_t, now)?,
+            Payload::EspInUdp { udp, .. } => self.esp_in(ip, Some(udp.src), Opener::NatT, now)?,
+            Payload::Esp { .. } => self.esp_in(ip, None, Opener::Esp, now)?,
+            Payload::NatKeepalive { udp } => self.known(ip.src, Some(udp.src))?,
+            Payload::LaterFragment { .. } => self.known(ip.src, None)?,
+            // An ICMP error about a segw's packet to a peer: the peer's tunnel.
+            Payload::IcmpError { quoted: Some(q) } => self.known(q.dst, q.udp.map(|u| u.dst))?,
+            Payload::IcmpError { quoted: None }
+            | Payload::OtherUdp { .. }
+            | Payload::Other { .. } => return Err(DropReason::NotIpsec),
+        };
+        Ok((self.live_gateway(id, now)?, Some(id)))
+    }
+
+    /// IKE from an initiator: by SPI first, so the 500 → 4500 float and
+    /// MOBIKE keep the segw; then by endpoint (a new IKE SA from a known
+    /// peer stays on its segw); else a new tunnel.
+    fn ike_in(
+        &mut self,
+        ip: &IpPacket,
+        udp: Udp,
+        h: &IkeHeader,
+        nat_t: bool,
+        now: Timestamp,
+    ) -> Result<TunnelId, DropReason> {
+        let spi = h.initiator_spi;
+        let found = self
+            .table
+            .by_spi(spi)
+            .or_else(|| self.table.by_endpoint(ip.src, udp.src));
+        let id = match found {
+            Some(id) => {
+                self.table.rebind(id, ip.src, udp.src);
+                self.table.set_spi(id, spi);
+                id
+            }
+            None => {
+                let opener = if nat_t { Opener::NatT } else { Opener::Ike };
+                let state = if h.is_sa_init_request() {
+                    TunnelState::HalfOpen
+                } else {
+                    TunnelState::Established
+                };
+                self.open(ip, udp.src, Some(spi), opener, state, now)?
+            }
+        };
+        if !h.is_sa_init_request() {
+            self.table.establish(id);
+        }
+        Ok(id)
+    }
+
+    /// ESP (in UDP, or raw) from an initiator: by endpoint, then address;
+    /// else a new tunnel (an SA exists, so it is established). ESP never
+    /// rebinds: only IKE, which carries the SPI, proves a move.
+    fn esp_in(
+        &mut self,
+        ip: &IpPacket,
+        port: Option<u16>,
+        opener: Opener,
+        now: Timestamp,
+    ) -> Result<TunnelId, DropReason> {
+        match self.known(ip.src, port) {
+            Ok(id) => Ok(id),
+            Err(_) => self.open(
+                ip,
+                port.unwrap_or(0),
+                None,
+                opener,
+                TunnelState::Established,
+                now,
+            ),
+        }
+    }
+
+    /// A tunnel that must already exist: by endpoint, then by address.
+    fn known(&self, addr: IpAddr, port: Option<u16>) -> Result<TunnelId, DropReason> {
+        port.and_then(|p| self.table.by_endpoint(addr, p))
+            .or_else(|| self.table.by_addr(addr))
+            .ok_or(DropReason::UnknownTunnel)
+    }
+
+    /// A new tunnel: the only place the policy is asked.
+    fn open(
+        &mut self,
+        ip: &IpPacket,
+        peer_port: u16,
+        ike_spi: Option<u64>,
+        opened_by: Opener,
+        state: TunnelState,
+        now: Timestamp,
+    ) -> Result<TunnelId, DropReason> {
+        let key = TunnelKey {
+            peer: ip.src,
+            peer_port,
+            vip: ip.dst,
+            ike_spi,
+            opened_by,
+        };
+        let gw = self
+            .policy
+            .choose(&key, now)
+            .ok_or(DropReason::NoGateway)?
+            .gateway;
+        let tunnel = Tunnel {
+            peer: ip.src,
+            peer_port,
+            vip: ip.dst,
+            ike_spi,
+            opened_by,
+            gateway: gw,
+            state,
+            since: now,
+            last_seen: now,
+            next_hop: None,
+            frames: 0,
+            bytes: 0,
+        };
+        let id = self.table.insert(tunnel).ok_or(DropReason::TableFull)?;
+        self.counters.placed += 1;
+        self.gateway_tunnels(gw, 1);
+        Ok(id)
+    }
+
+    /// The tunnel's gateway, re-placing the tunnel first if that gateway is
+    /// down or gone (counted as moved).
+    fn live_gateway(&mut self, id: TunnelId, now: Timestamp) -> Result<GwId, DropReason> {
+        let t = self.table.get(id).expect("live tunnel");
+        let current = t.gateway;
+        if self.is_up(current) {
+            return Ok(current);
+        }
+        let key = key_of(t);
+        let gw = self
+            .policy
+            .choose(&key, now)
+            .ok_or(DropReason::NoGateway)?
+            .gateway;
+        self.move_tunnel(id, gw);
+        Ok(gw)
+    }
+
+    fn move_tunnel(&mut self, id: TunnelId, to: GwId) {
+        let t = self.table.get_mut(id).expect("live tunnel");
+        let from = std::mem::replace(&mut t.gateway, to);
+        if from != to {
+            self.gateway_tunnels(from, -1);
+            self.gateway_tunnels(to, 1);
+            if let Some(g) = self.gateways.get_mut(to) {
+                g.counters.moved_in += 1;
+            }
+            self.counters.moved += 1;
+        }
+    }
+
+    fn gateway_tunnels(&mut self, gw: GwId, delta: i64) {
+        if let Some(g) = self.gateways.get_mut(gw) {
+            g.counters.tunnels = g.counters.tunnels.saturating_add_signed(delta);
+        }
+    }
+
+    fn is_up(&self, gw: GwId) -> bool {
+        self.gateways.get(gw).is_some_and(|g| g.healthy)
+    }
+
+    /// Segw → initiator: confirm or teach the peer's tunnel, then out the
+    /// uplink to the peer's next hop.
+    fn segw_to_initiator(
+        &mut self,
+        ip: &IpPacket,
+        ingress: PortId,
+        src_mac: Mac,
+        now: Timestamp,
+    ) -> Result<Egress, DropReason> {
+        let gw = {
+            let g = self
+                .gateways
+                .on_port_mut(ingress)
+                .ok_or(DropReason::UnknownPort)?;
+            if g.spec.mac.is_none() {
+                g.mac = Some(src_mac);
+            }
+            g.counters.frames_from += 1;
+            g.counters.bytes_from += ip.len as u64;
+            g.id
+        };
+        let peer = ip.dst;
+        let tunnel = match &ip.payload {
+            Payload::Ike { udp, header, nat_t } => {
+                let opener = if *nat_t { Opener::NatT } else { Opener::Ike };
+                let found = self
+                    .table
+                    .by_spi(header.initiator_spi)
+                    .or_else(|| self.table.by_endpoint(peer, udp.dst));
+                Some(self.teach(
+                    found,
+                    peer,
+                    udp.dst,
+                    ip.src,
+                    Some(header.initiator_spi),
+                    opener,
+                    gw,
+                    now,
+                ))
+            }
+            Payload::EspInUdp { udp, .. } | Payload::NatKeepalive { udp } => {
+                let found = self.known(peer, Some(udp.dst)).ok();
+                Some(self.teach(found, peer, udp.dst, ip.src, None, Opener::NatT, gw, now))
+            }
+            Payload::Esp { .. } => {
+                let found = self.table.by_addr(peer);
+                Some(self.teach(found, peer, 0, ip.src, None, Opener::Esp, gw, now))
+            }
+            // Fragments, ICMP and the rest: find the next hop, teach nothing.
+            _ => self.table.by_addr(peer).map(Ok),
+        };
+        let next_hop = match tunnel {
+            Some(Ok(id)) => self.table.get(id).and_then(|t| t.next_hop),
+            Some(Err(reason)) => return Err(reason),
+            None => None,
+        };
+        let dst = next_hop
+            .or(self.default_next_hop)
+            .ok_or(DropReason::NextHopUnknown)?;
+        Ok(Egress { port: UPLINK, dst })
+    }
+
+    /// A segw sent to a peer: it holds that peer's tunnel. Confirm it, move
+    /// the binding to it, or learn the tunnel outright (after a restart).
+    #[allow(clippy::too_many_arguments)]
+    fn teach(
+        &mut self,
+        found: Option<TunnelId>,
+        peer: IpAddr,
+        peer_port: u16,
+        vip: IpAddr,
+        ike_spi: Option<u64>,
+        opened_by: Opener,
+        gw: GwId,
+        now: Timestamp,
+    ) -> Result<TunnelId, DropReason> {
+        if let Some(id) = found {
+            if self.table.get(id).is_some_and(|t| t.gateway != gw) {
+                self.move_tunnel(id, gw);
+                self.counters.taught += 1;
+            }
+            let t = self.table.get_mut(id).expect("found above");
+            t.last_seen = now;
+            t.state = TunnelState::Established;
+            return Ok(id);
+        }
+        let tunnel = Tunnel {
+            peer,
+            peer_port,
+            vip,
+            ike_spi,
+            opened_by,
+            gateway: gw,
+            state: TunnelState::Established,
+            since: now,
+            last_seen: now,
+            next_hop: None,
+            frames: 0,
+            bytes: 0,
+        };
+        let id = self.table.insert(tunnel).ok_or(DropReason::TableFull)?;
+        self.gateway_tunnels(gw, 1);
+        self.counters.taught += 1;
+        Ok(id)
+    }
+
+    // ----- control -------------------------------------------------------
+
+    pub fn add_gateway(&mut self, spec: GatewaySpec, now: Timestamp) -> Result<GwId, GatewayError> {
+        let id = self.gateways.add(spec)?;
+        self.push_set(now);
+        Ok(id)
+    }
+
+    /// Remove a gateway; its tunnels are re-placed on their next packet.
+    pub fn remove_gateway(&mut self, name: &str, now: Timestamp) -> Result<(), GatewayError> {
+        self.gateways.remove(name)?;
+        self.push_set(now);
+        Ok(())
+    }
+
+    pub fn set_weight(
+        &mut self,
+        name: &str,
+        weight: u32,
+        now: Timestamp,
+    ) -> Result<(), GatewayError> {
+        self.gateways.by_name_mut(name)?.spec.weight = weight;
+        self.push_set(now);
+        Ok(())
+    }
+
+    /// Draining: no new tunnels; existing ones stay.
+    pub fn set_draining(
+        &mut self,
+        name: &str,
+        draining: bool,
+        now: Timestamp,
+    ) -> Result<(), GatewayError> {
+        self.gateways.by_name_mut(name)?.draining = draining;
+        self.push_set(now);
+        Ok(())
+    }
+
+    /// Down: no new tunnels; its tunnels are re-placed on their next packet.
+    pub fn set_healthy(
+        &mut self,
+        name: &str,
+        healthy: bool,
+        now: Timestamp,
+    ) -> Result<(), GatewayError> {
+        self.gateways.by_name_mut(name)?.healthy = healthy;
+        self.push_set(now);
+        Ok(())
+    }
+
+    fn push_set(&mut self, now: Timestamp) {
+        self.policy.set_gateways(self.gateways.views(), now);
+    }
+
+    /// Put another policy in place. Without `rebalance` no tunnel moves;
+    /// with it, every tunnel is placed afresh and the moves are counted
+    /// (returned). Returns the old policy too.
+    pub fn replace_policy(&mut self, policy: P, rebalance: bool, now: Timestamp) -> (P, u64) {
+        let old = self.policy.replace(policy);
+        let mut moved = 0;
+        if rebalance {
+            for id in self.table.ids() {
+                let key = key_of(self.table.get(id).expect("listed"));
+                if let Some(choice) = self.policy.choose(&key, now) {
+                    let before = self.counters.moved;
+                    self.move_tunnel(id, choice.gateway);
+                    moved += self.counters.moved - before;
+                }
+            }
+        }
+        (old, moved)
+    }
+
+    /// Forget idle tunnels (up to `budget` slots per call; see
+    /// [`AffinityTable::expire`]).
+    pub fn expire(&mut self, now: Timestamp, budget: usize) -> usize {
+        let gone = self.table.expire(now, budget);
+        for t in &gone {
+            self.gateway_tunnels(t.gateway, -1);
+        }
+        gone.len()
+    }
+
+    /// Gratuitous ARP for `ip` on every port, from that port's MAC.
+    pub fn announce(&self, ip: std::net::Ipv4Addr) -> Vec<(PortId, Vec<u8>)> {
+        (0..self.config.port_macs.len() as PortId)
+            .map(|port| {
+                (
+                    port,
+                    Arp::gratuitous(self.port_mac(port), ip)
+                        .broadcast_frame(self.port_mac(port), None),
+                )
+            })
+            .collect()
+    }
+
+    // ----- what it knows ---------------------------------------------------
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn policy_stats(&self) -> &PolicyStats {
+        self.policy.stats()
+    }
+
+    pub fn table(&self) -> &AffinityTable {
+        &self.table
+    }
+
+    pub fn gateways(&self) -> impl Iterator<Item = &GatewayState> {
+        self.gateways.iter()
+    }
+
+    pub fn gateway(&self, name: &str) -> Option<&GatewayState> {
+        self.gateways.by_name(name)
+    }
+}
+
+fn key_of(t: &Tunnel) -> TunnelKey {
+    TunnelKey {
+        peer: t.peer,
+        peer_port: t.peer_port,
+        vip: t.vip,
+        ike_spi: t.ike_spi,
+        opened_by: t.opened_by,
+    }
+}

@@ -1,0 +1,503 @@
+//! Every affinity rule of DESIGN.md, on real frames, with simulated time.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use super::affinity::Timeouts;
+use super::*;
+use crate::packet::craft::*;
+use crate::packet::ike::{IKE_AUTH, IKE_SA_INIT, INFORMATIONAL};
+use crate::packet::IkeHeader;
+use crate::policy::native;
+
+const PEER_SIDE_ROUTER: Mac = [2, 0xaa, 0, 0, 0, 1];
+const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1));
+
+fn port_mac(port: PortId) -> Mac {
+    [2, 0x1b, 0, 0, 0, port as u8]
+}
+
+fn segw_mac(n: u8) -> Mac {
+    [2, 0x5e, 0, 0, 0, n]
+}
+
+fn peer(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(198, 51, 100, n))
+}
+
+struct Lab {
+    lb: Balancer,
+    now: Timestamp,
+}
+
+impl Lab {
+    /// Three segws on ports 1..3 behind a round-robin policy (so placements
+    /// are predictable: segw1, segw2, segw3, segw1, …).
+    fn new() -> Self {
+        Self::with_capacity(1 << 16)
+    }
+
+    fn with_capacity(max_tunnels: usize) -> Self {
+        let config = Config {
+            port_macs: (0..4).map(port_mac).collect(),
+            proxy: vec![
+                "10.2.2.1".parse().unwrap(),
+                "198.51.100.0/24".parse().unwrap(),
+            ],
+            max_tunnels,
+            timeouts: Timeouts::default(),
+        };
+        let mut lb = Balancer::new(config, native::shipped("round-robin", &[]).unwrap());
+        for n in 1..=3u8 {
+            let spec = GatewaySpec {
+                name: format!("segw{n}"),
+                port: PortId::from(n),
+                mac: Some(segw_mac(n)),
+                weight: 1,
+            };
+            lb.add_gateway(spec, Timestamp::ZERO).unwrap();
+        }
+        Lab {
+            lb,
+            now: Timestamp::ZERO,
+        }
+    }
+
+    fn tick(&mut self, d: Duration) {
+        self.now = self.now + d;
+    }
+
+    /// Send an IP packet from the initiator side; returns the segw number
+    /// it went to, checking the rewrite on the way.
+    fn up(&mut self, ip: Vec<u8>) -> Result<u8, DropReason> {
+        let original = frame(port_mac(UPLINK), PEER_SIDE_ROUTER, None, &ip);
+        let mut f = original.clone();
+        match self.lb.handle(&mut f, UPLINK, self.now) {
+            Verdict::Forward(port) => {
+                assert_eq!(&f[12..], &original[12..], "bytes past the MACs changed");
+                assert_eq!(
+                    &f[6..12],
+                    &port_mac(port),
+                    "source MAC is not the egress port's"
+                );
+                assert_eq!(
+                    &f[0..6],
+                    &segw_mac(port as u8),
+                    "destination is not the segw's MAC"
+                );
+                Ok(port as u8)
+            }
+            Verdict::Drop(r) => Err(r),
+            Verdict::Reply => panic!("an IP packet got a reply"),
+        }
+    }
+
+    /// Send an IP packet from segw `n` towards an initiator.
+    fn down(&mut self, n: u8, ip: Vec<u8>) -> Result<Mac, DropReason> {
+        let original = frame(port_mac(PortId::from(n)), segw_mac(n), None, &ip);
+        let mut f = original.clone();
+        match self.lb.handle(&mut f, PortId::from(n), self.now) {
+            Verdict::Forward(UPLINK) => {
+                assert_eq!(&f[12..], &original[12..]);
+                assert_eq!(&f[6..12], &port_mac(UPLINK));
+                Ok(f[0..6].try_into().unwrap())
+            }
+            other => match other {
+                Verdict::Drop(r) => Err(r),
+                v => panic!("return traffic: {v:?}"),
+            },
+        }
+    }
+
+    fn placed(&self) -> u64 {
+        self.lb.counters().placed
+    }
+}
+
+fn ike(spi: u64, exchange: u8, responder_spi: u64) -> IkeHeader {
+    IkeHeader {
+        initiator_spi: spi,
+        responder_spi,
+        exchange,
+        from_initiator: true,
+        response: false,
+        message_id: 0,
+    }
+}
+
+fn sa_init(p: IpAddr, port: u16, spi: u64) -> Vec<u8> {
+    udp_packet(
+        p,
+        port,
+        VIP,
+        500,
+        &ike_body(&ike(spi, IKE_SA_INIT, 0), false, 100),
+    )
+}
+
+fn auth_4500(p: IpAddr, port: u16, spi: u64) -> Vec<u8> {
+    udp_packet(
+        p,
+        port,
+        VIP,
+        4500,
+        &ike_body(&ike(spi, IKE_AUTH, 77), true, 400),
+    )
+}
+
+fn esp_udp(p: IpAddr, port: u16, spi: u32) -> Vec<u8> {
+    udp_packet(p, port, VIP, 4500, &esp_body(spi, 1, 120))
+}
+
+fn arp_frame(op_request: bool, target: Ipv4Addr) -> Vec<u8> {
+    let req = packet::arp::Arp::request(PEER_SIDE_ROUTER, Ipv4Addr::new(198, 51, 100, 1), target);
+    let arp = if op_request {
+        req
+    } else {
+        req.reply(PEER_SIDE_ROUTER)
+    };
+    arp.broadcast_frame(PEER_SIDE_ROUTER, None)
+}
+
+#[test]
+fn arp_for_proxied_addresses_is_answered_from_the_ingress_port() {
+    let mut lab = Lab::new();
+    for port in [UPLINK, 2] {
+        let mut f = arp_frame(true, Ipv4Addr::new(10, 2, 2, 1));
+        assert_eq!(lab.lb.handle(&mut f, port, lab.now), Verdict::Reply);
+        let Kind::Arp(reply) = packet::parse(&f).unwrap().kind else {
+            panic!()
+        };
+        assert_eq!(
+            (reply.op, reply.sender_mac),
+            (packet::arp::REPLY, port_mac(port))
+        );
+        assert_eq!(reply.sender_ip, Ipv4Addr::new(10, 2, 2, 1));
+        assert_eq!(&f[0..6], &PEER_SIDE_ROUTER);
+    }
+    let mut outside = arp_frame(true, Ipv4Addr::new(10, 9, 9, 9));
+    assert_eq!(
+        lab.lb.handle(&mut outside, UPLINK, lab.now),
+        Verdict::Drop(DropReason::ArpIgnored)
+    );
+    let mut not_a_request = arp_frame(false, Ipv4Addr::new(10, 2, 2, 1));
+    assert_eq!(
+        lab.lb.handle(&mut not_a_request, UPLINK, lab.now),
+        Verdict::Drop(DropReason::ArpIgnored)
+    );
+}
+
+#[test]
+fn the_500_to_4500_float_keeps_the_segw_a_five_tuple_hash_would_not() {
+    let mut lab = Lab::new();
+    // Two other tunnels first, so this one does not land on segw1 by luck.
+    lab.up(sa_init(peer(1), 500, 1)).unwrap();
+    lab.up(sa_init(peer(2), 500, 2)).unwrap();
+    let first = lab.up(sa_init(peer(9), 500, 0x99)).unwrap();
+    assert_eq!(first, 3);
+    // NAT detected: IKE_AUTH moves to 4500, and the NAT maps a new port.
+    assert_eq!(lab.up(auth_4500(peer(9), 40_001, 0x99)), Ok(first));
+    assert_eq!(lab.up(esp_udp(peer(9), 40_001, 0xc0de)), Ok(first));
+    assert_eq!(lab.placed(), 3, "the float must not ask the policy again");
+    assert_eq!(lab.lb.table().counters.rebound, 1);
+}
+
+#[test]
+fn esp_in_udp_by_endpoint_then_address_and_raw_esp_by_address() {
+    let mut lab = Lab::new();
+    let gw = lab.up(sa_init(peer(5), 500, 5)).unwrap();
+    assert_eq!(
+        lab.up(ip_packet(peer(5), VIP, 50, &esp_body(0xe5, 1, 80), 3)),
+        Ok(gw)
+    );
+    // ESP-in-UDP from a port never seen: the address decides.
+    assert_eq!(lab.up(esp_udp(peer(5), 5555, 0xe6)), Ok(gw));
+    assert_eq!(lab.placed(), 1);
+}
+
+#[test]
+fn fragments_follow_their_first_fragment_in_either_order() {
+    let mut lab = Lab::new();
+    lab.up(sa_init(peer(1), 500, 1)).unwrap();
+    let gw = lab.up(sa_init(peer(7), 500, 7)).unwrap();
+    lab.up(auth_4500(peer(7), 4500, 7)).unwrap();
+    let big = udp_packet(
+        peer(7),
+        4500,
+        VIP,
+        4500,
+        &ike_body(&ike(7, IKE_AUTH, 77), true, 3000),
+    );
+    let in_order = fragments(&big, 1400, 0x1111);
+    let mut reversed = fragments(&big, 1400, 0x2222);
+    reversed.reverse();
+    for pieces in [in_order, reversed] {
+        for p in pieces {
+            assert_eq!(lab.up(p), Ok(gw));
+        }
+    }
+    // A later fragment of an unknown peer has nothing to follow.
+    let stranger = udp_packet(peer(66), 4500, VIP, 4500, &esp_body(1, 1, 3000));
+    let later = fragments(&stranger, 1400, 0x3333).pop().unwrap();
+    assert_eq!(lab.up(later), Err(DropReason::UnknownTunnel));
+}
+
+#[test]
+fn mobike_moves_the_binding_not_the_segw() {
+    let mut lab = Lab::new();
+    lab.up(sa_init(peer(1), 500, 1)).unwrap();
+    let gw = lab.up(sa_init(peer(8), 500, 8)).unwrap();
+    lab.up(auth_4500(peer(8), 4500, 8)).unwrap();
+    // The initiator moves to a new address (UPDATE_SA_ADDRESSES rides an
+    // INFORMATIONAL with the same IKE SPI).
+    let moved_to = peer(200);
+    let update = udp_packet(
+        moved_to,
+        4500,
+        VIP,
+        4500,
+        &ike_body(&ike(8, INFORMATIONAL, 77), true, 60),
+    );
+    assert_eq!(lab.up(update), Ok(gw));
+    assert_eq!(lab.up(esp_udp(moved_to, 4500, 0xabc)), Ok(gw));
+    assert_eq!(
+        lab.lb.table().by_endpoint(peer(8), 4500),
+        None,
+        "the old binding is gone"
+    );
+    assert_eq!(lab.placed(), 2);
+}
+
+#[test]
+fn icmp_packet_too_big_goes_to_the_segw_of_the_quoted_tunnel() {
+    let mut lab = Lab::new();
+    lab.up(sa_init(peer(1), 500, 1)).unwrap();
+    let gw = lab.up(sa_init(peer(4), 500, 4)).unwrap();
+    lab.up(auth_4500(peer(4), 4500, 4)).unwrap();
+    // The segw's ESP to the peer was too big for a router on the way.
+    let segw_to_peer = udp_packet(VIP, 4500, peer(4), 4500, &esp_body(0x77, 5, 1400));
+    let router = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 254));
+    assert_eq!(
+        lab.up(icmp_too_big(router, VIP, &segw_to_peer, 1280)),
+        Ok(gw)
+    );
+}
+
+#[test]
+fn nat_keepalives_follow_known_tunnels_and_never_open_one() {
+    let mut lab = Lab::new();
+    let gw = lab.up(auth_4500(peer(3), 4500, 3)).unwrap();
+    let ka = |p| udp_packet(p, 4500, VIP, 4500, &keepalive_body());
+    assert_eq!(lab.up(ka(peer(3))), Ok(gw));
+    assert_eq!(lab.up(ka(peer(30))), Err(DropReason::UnknownTunnel));
+    assert_eq!(lab.lb.table().len(), 1);
+}
+
+#[test]
+fn return_traffic_rebuilds_the_table_after_a_restart() {
+    let mut lab = Lab::new();
+    // A fresh balancer: segw2 already holds peer 6's tunnel.
+    let to_peer = udp_packet(VIP, 4500, peer(6), 4500, &esp_body(0x66, 1, 100));
+    assert_eq!(
+        lab.down(2, to_peer.clone()),
+        Err(DropReason::NextHopUnknown)
+    );
+    // Once the initiator side has spoken, the way back is known.
+    lab.up(sa_init(peer(1), 500, 1)).unwrap();
+    assert_eq!(lab.down(2, to_peer), Ok(PEER_SIDE_ROUTER));
+    let placed = lab.placed();
+    assert_eq!(
+        lab.up(esp_udp(peer(6), 4500, 0x99)),
+        Ok(2),
+        "taught by segw2's traffic"
+    );
+    assert_eq!(lab.placed(), placed, "no policy call for a taught tunnel");
+    assert!(lab.lb.counters().taught >= 1);
+}
+
+#[test]
+fn a_segw_answering_for_a_tunnel_confirms_or_takes_its_binding() {
+    let mut lab = Lab::new();
+    let gw = lab.up(sa_init(peer(5), 500, 5)).unwrap();
+    assert_eq!(gw, 1);
+    // segw3 answers IKE for this SPI (say the table was wrong after a restart).
+    let answer = udp_packet(
+        VIP,
+        500,
+        peer(5),
+        500,
+        &ike_body(
+            &IkeHeader {
+                response: true,
+                ..ike(5, IKE_SA_INIT, 9)
+            },
+            false,
+            80,
+        ),
+    );
+    lab.down(3, answer).unwrap();
+    assert_eq!(lab.up(auth_4500(peer(5), 4500, 5)), Ok(3));
+    assert_eq!(lab.lb.gateway("segw1").unwrap().counters.tunnels, 0);
+    assert_eq!(lab.lb.gateway("segw3").unwrap().counters.tunnels, 1);
+}
+
+#[test]
+fn a_down_segw_loses_its_tunnels_on_their_next_packet_and_gets_no_new_ones() {
+    let mut lab = Lab::new();
+    let gws: Vec<u8> = (1..=6)
+        .map(|n| lab.up(sa_init(peer(n), 500, u64::from(n))).unwrap())
+        .collect();
+    assert_eq!(gws, [1, 2, 3, 1, 2, 3]);
+    lab.lb.set_healthy("segw2", false, lab.now).unwrap();
+    for n in 1..=6 {
+        let gw = lab.up(auth_4500(peer(n), 4500, u64::from(n))).unwrap();
+        assert_ne!(gw, 2);
+        if gws[usize::from(n) - 1] != 2 {
+            assert_eq!(
+                gw,
+                gws[usize::from(n) - 1],
+                "a tunnel of a healthy segw moved"
+            );
+        }
+    }
+    assert_eq!(lab.lb.counters().moved, 2);
+    assert!((7..20).all(|n| lab.up(sa_init(peer(n), 500, u64::from(n))).unwrap() != 2));
+    // Back up: no tunnel moves back by itself.
+    lab.lb.set_healthy("segw2", true, lab.now).unwrap();
+    assert_eq!(lab.lb.gateway("segw2").unwrap().counters.tunnels, 0);
+}
+
+#[test]
+fn draining_takes_no_new_tunnels_and_keeps_its_own() {
+    let mut lab = Lab::new();
+    let gw = lab.up(sa_init(peer(1), 500, 1)).unwrap();
+    lab.lb
+        .set_draining(&format!("segw{gw}"), true, lab.now)
+        .unwrap();
+    assert_eq!(lab.up(auth_4500(peer(1), 4500, 1)), Ok(gw));
+    assert!((2..10).all(|n| lab.up(sa_init(peer(n), 500, u64::from(n))).unwrap() != gw));
+}
+
+#[test]
+fn half_open_entries_expire_sooner_than_established_ones() {
+    let mut lab = Lab::new();
+    lab.up(sa_init(peer(1), 500, 1)).unwrap(); // stays half-open
+    lab.up(sa_init(peer(2), 500, 2)).unwrap();
+    lab.up(auth_4500(peer(2), 4500, 2)).unwrap(); // established
+    lab.tick(Duration::from_secs(31));
+    assert_eq!(lab.lb.expire(lab.now, usize::MAX), 1);
+    assert_eq!(lab.lb.table().len(), 1);
+    lab.tick(Duration::from_secs(560)); // 591 s idle: under the 600 s idle timeout
+    assert_eq!(lab.lb.expire(lab.now, usize::MAX), 0);
+    lab.tick(Duration::from_secs(20));
+    assert_eq!(lab.lb.expire(lab.now, usize::MAX), 1);
+    assert!(lab.lb.table().is_empty());
+    assert_eq!(
+        lab.lb.gateways().map(|g| g.counters.tunnels).sum::<u64>(),
+        0
+    );
+}
+
+#[test]
+fn an_ike_sa_init_flood_stays_in_bounds_and_moves_no_established_tunnel() {
+    let mut lab = Lab::with_capacity(100);
+    let established: Vec<(u8, u8)> = (1..=20)
+        .map(|n| {
+            lab.up(sa_init(peer(n), 500, u64::from(n))).unwrap();
+            (n, lab.up(auth_4500(peer(n), 4500, u64::from(n))).unwrap())
+        })
+        .collect();
+    for i in 0..10_000u32 {
+        let spoofed = IpAddr::V4(Ipv4Addr::from(0xcb00_7100 + i));
+        let _ = lab.up(sa_init(spoofed, 500, u64::from(i) << 20));
+        assert!(lab.lb.table().len() <= 100);
+    }
+    for (n, gw) in established {
+        assert_eq!(
+            lab.up(esp_udp(peer(n), 4500, 1)),
+            Ok(gw),
+            "established tunnel {n} moved"
+        );
+    }
+    assert!(lab.lb.table().counters.evicted_half_open > 9_000);
+}
+
+#[test]
+fn a_table_full_of_established_tunnels_refuses_new_ones() {
+    let mut lab = Lab::with_capacity(3);
+    for n in 1..=3 {
+        lab.up(auth_4500(peer(n), 4500, u64::from(n))).unwrap();
+    }
+    assert_eq!(
+        lab.up(auth_4500(peer(4), 4500, 4)),
+        Err(DropReason::TableFull)
+    );
+    assert_eq!(lab.lb.counters().dropped(DropReason::TableFull), 1);
+}
+
+#[test]
+fn only_a_miss_asks_the_policy_and_a_swap_moves_nothing_unless_asked() {
+    let mut lab = Lab::new();
+    for n in 1..=9 {
+        lab.up(sa_init(peer(n), 500, u64::from(n))).unwrap();
+        for _ in 0..5 {
+            lab.up(auth_4500(peer(n), 4500, u64::from(n))).unwrap();
+        }
+    }
+    assert_eq!(lab.lb.policy_stats().decisions, 9);
+    let before: Vec<u64> = lab.lb.gateways().map(|g| g.counters.tunnels).collect();
+    let (_, moved) = lab.lb.replace_policy(
+        native::shipped("consistent-hash", &[]).unwrap(),
+        false,
+        lab.now,
+    );
+    assert_eq!(moved, 0);
+    assert_eq!(
+        before,
+        lab.lb
+            .gateways()
+            .map(|g| g.counters.tunnels)
+            .collect::<Vec<_>>()
+    );
+    let (_, moved) =
+        lab.lb
+            .replace_policy(native::shipped("weighted", &[]).unwrap(), true, lab.now);
+    assert_eq!(moved, lab.lb.counters().moved);
+    assert_eq!(
+        lab.lb.gateways().map(|g| g.counters.tunnels).sum::<u64>(),
+        9
+    );
+}
+
+#[test]
+fn vlan_tagged_frames_keep_their_tag() {
+    let mut lab = Lab::new();
+    let ip = sa_init(peer(1), 500, 1);
+    let original = frame(port_mac(UPLINK), PEER_SIDE_ROUTER, Some(300), &ip);
+    let mut f = original.clone();
+    assert_eq!(lab.lb.handle(&mut f, UPLINK, lab.now), Verdict::Forward(1));
+    assert_eq!(&f[12..], &original[12..]);
+}
+
+#[test]
+fn garbage_is_a_counted_drop() {
+    let mut lab = Lab::new();
+    let mut rng = crate::workload::Rng::new(9);
+    for len in 0..2000 {
+        let mut f: Vec<u8> = (0..len % 200).map(|_| rng.next_u64() as u8).collect();
+        // Half of them with a plausible Ethernet/IPv4 start.
+        if len % 2 == 0 && f.len() > 14 {
+            f[12] = 0x08;
+            f[13] = 0x00;
+            f[14] = 0x45;
+        }
+        let port = (len % 4) as PortId;
+        let _ = lab.lb.handle(&mut f, port, lab.now);
+    }
+    let c = lab.lb.counters();
+    assert_eq!(
+        c.drops.iter().sum::<u64>() + c.forwarded + c.arp_replies,
+        2000
+    );
+    assert!(c.dropped(DropReason::Malformed) > 0);
+}
