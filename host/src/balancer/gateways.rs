@@ -13,7 +13,7 @@ pub const UPLINK: PortId = 0;
 pub type GwId = u32;
 
 /// What the operator says about a segw.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GatewaySpec {
     pub name: String,
     /// The balancer port the segw sits behind.
@@ -21,6 +21,40 @@ pub struct GatewaySpec {
     /// The segw's MAC when configured; otherwise learned from its frames.
     pub mac: Option<Mac>,
     pub weight: u32,
+    /// SPI-range steering, for segws configured to cooperate.
+    pub steering: SpiSteering,
+}
+
+/// How a cooperating segw marks the SPIs it allocates, so that its traffic
+/// can be recognised with no table state (after a balancer restart, a NAT
+/// rebinding, an address change).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpiSteering {
+    /// strongSwan's `charon.spi_mask` / `charon.spi_label`: the segw's own
+    /// IKE SPIs (the responder SPI, for tunnels it answers) have
+    /// `spi & mask == label`.
+    pub ike_label: Option<IkeSpiLabel>,
+    /// strongSwan's `charon.spi_min` / `charon.spi_max`: the inbound ESP
+    /// SPIs it allocates, inclusive.
+    pub esp_range: Option<(u32, u32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IkeSpiLabel {
+    pub mask: u64,
+    pub label: u64,
+}
+
+impl SpiSteering {
+    pub fn owns_ike_spi(&self, responder_spi: u64) -> bool {
+        self.ike_label
+            .is_some_and(|l| responder_spi & l.mask == l.label)
+    }
+
+    pub fn owns_esp_spi(&self, spi: u32) -> bool {
+        self.esp_range
+            .is_some_and(|(min, max)| (min..=max).contains(&spi))
+    }
 }
 
 /// Per-gateway counters.

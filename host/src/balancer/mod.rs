@@ -20,7 +20,8 @@ use std::net::IpAddr;
 
 use affinity::{AffinityTable, Timeouts, Tunnel, TunnelId, TunnelState};
 pub use gateways::{
-    GatewayCounters, GatewayError, GatewaySpec, GatewayState, GwId, PortId, UPLINK,
+    GatewayCounters, GatewayError, GatewaySpec, GatewayState, GwId, IkeSpiLabel, PortId,
+    SpiSteering, UPLINK,
 };
 pub use prefix::Prefix;
 
@@ -109,6 +110,8 @@ pub struct Counters {
     pub taught: u64,
     /// Tunnels moved off a down or removed gateway, or by a rebalance.
     pub moved: u64,
+    /// Packets sent by SPI-range steering (no table lookup needed).
+    pub steered: u64,
 }
 
 impl Counters {
@@ -274,6 +277,9 @@ impl<P: Policy> Balancer<P> {
         ip: &IpPacket,
         now: Timestamp,
     ) -> Result<(GwId, Option<TunnelId>), DropReason> {
+        if let Some(gw) = self.spi_owner(&ip.payload) {
+            return Ok((gw, self.steered(ip, gw, now)));
+        }
         let id = match &ip.payload {
             Payload::Ike { udp, header, nat_t } => self.ike_in(ip, *udp, header, *nat_t, now)?,
             Payload::EspInUdp { udp, .. } => self.esp_in(ip, Some(udp.src), Opener::NatT, now)?,
@@ -287,6 +293,53 @@ impl<P: Policy> Balancer<P> {
             | Payload::Other { .. } => return Err(DropReason::NotIpsec),
         };
         Ok((self.live_gateway(id, now)?, Some(id)))
+    }
+
+    /// The healthy segw whose SPI marks this packet carries, if any segw is
+    /// configured for SPI-range steering.
+    fn spi_owner(&self, payload: &Payload) -> Option<GwId> {
+        let owns: &dyn Fn(&SpiSteering) -> bool = match payload {
+            Payload::Ike { header, .. } if header.responder_spi != 0 => {
+                &|s| s.owns_ike_spi(header.responder_spi)
+            }
+            Payload::EspInUdp { spi, .. } | Payload::Esp { spi } => &|s| s.owns_esp_spi(*spi),
+            _ => return None,
+        };
+        self.gateways
+            .iter()
+            .find(|g| g.healthy && owns(&g.spec.steering))
+            .map(|g| g.id)
+    }
+
+    /// A packet SPI steering sent to `gw`: keep the table in step (bind the
+    /// tunnel there, or learn it) so keepalives, fragments and return
+    /// traffic agree. Never asks the policy.
+    fn steered(&mut self, ip: &IpPacket, gw: GwId, now: Timestamp) -> Option<TunnelId> {
+        let (port, spi, opener) = match &ip.payload {
+            Payload::Ike { udp, header, nat_t } => (
+                udp.src,
+                Some(header.initiator_spi),
+                if *nat_t { Opener::NatT } else { Opener::Ike },
+            ),
+            Payload::EspInUdp { udp, .. } => (udp.src, None, Opener::NatT),
+            _ => (0, None, Opener::Esp),
+        };
+        // Exact keys only: behind a NAT one address holds many tunnels, and
+        // moving the wrong one would split it.
+        let found = match &ip.payload {
+            Payload::Esp { .. } => self.table.by_addr(ip.src),
+            _ => spi
+                .and_then(|s| self.table.by_spi(s))
+                .or_else(|| self.table.by_endpoint(ip.src, port)),
+        };
+        if let (Some(id), Some(_)) = (found, spi) {
+            self.table.rebind(id, ip.src, port);
+        }
+        let id = self
+            .teach(found, ip.src, port, ip.dst, spi, opener, gw, now)
+            .ok()?;
+        self.counters.steered += 1;
+        Some(id)
     }
 
     /// IKE from an initiator: by SPI first, so the 500 → 4500 float and
@@ -481,7 +534,8 @@ impl<P: Policy> Balancer<P> {
                 ))
             }
             Payload::EspInUdp { udp, .. } | Payload::NatKeepalive { udp } => {
-                let found = self.known(peer, Some(udp.dst)).ok();
+                // Exact endpoint only, as in `steered`: never the address.
+                let found = self.table.by_endpoint(peer, udp.dst);
                 Some(self.teach(found, peer, udp.dst, ip.src, None, Opener::NatT, gw, now))
             }
             Payload::Esp { .. } => {

@@ -25,6 +25,24 @@ fn peer(n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(198, 51, 100, n))
 }
 
+/// segw2 and segw3 cooperate: segw2 labels its IKE SPIs 0x02 in the top
+/// byte and allocates ESP SPIs 0xc2000000..=0xc2ffffff; segw3 likewise with
+/// 0x03 and 0xc3…. segw1 does not.
+fn steering(n: u8) -> SpiSteering {
+    if n == 1 {
+        return SpiSteering::default();
+    }
+    let top = u64::from(n) << 56;
+    let esp = 0xc000_0000 | (u32::from(n) << 24);
+    SpiSteering {
+        ike_label: Some(IkeSpiLabel {
+            mask: 0xff << 56,
+            label: top,
+        }),
+        esp_range: Some((esp, esp | 0x00ff_ffff)),
+    }
+}
+
 struct Lab {
     lb: Balancer,
     now: Timestamp,
@@ -54,6 +72,7 @@ impl Lab {
                 port: PortId::from(n),
                 mac: Some(segw_mac(n)),
                 weight: 1,
+                steering: steering(n),
             };
             lb.add_gateway(spec, Timestamp::ZERO).unwrap();
         }
@@ -500,4 +519,65 @@ fn garbage_is_a_counted_drop() {
         2000
     );
     assert!(c.dropped(DropReason::Malformed) > 0);
+}
+
+#[test]
+fn spi_ranges_steer_with_no_table_state_even_after_a_restart() {
+    // A fresh balancer knows no tunnel; the SPIs say where each one lives.
+    let mut lab = Lab::new();
+    let segw3_ike = 0x03aa_bbcc_dd00_1122;
+    let auth = udp_packet(
+        peer(40),
+        4500,
+        VIP,
+        4500,
+        &ike_body(&ike(0x40, IKE_AUTH, segw3_ike), true, 200),
+    );
+    assert_eq!(lab.up(auth), Ok(3));
+    // ESP into segw2's range, from an address nobody has seen (NAT rebinding).
+    assert_eq!(lab.up(esp_udp(peer(41), 61_000, 0xc200_0042)), Ok(2));
+    assert_eq!(
+        lab.up(ip_packet(
+            peer(42),
+            VIP,
+            50,
+            &esp_body(0xc300_0001, 1, 80),
+            1
+        )),
+        Ok(3)
+    );
+    assert_eq!(
+        lab.lb.policy_stats().decisions,
+        0,
+        "steering never asks the policy"
+    );
+    assert_eq!(lab.lb.counters().steered, 3);
+    // The table followed, so a keepalive of the steered tunnel finds it.
+    assert_eq!(
+        lab.up(udp_packet(peer(41), 61_000, VIP, 4500, &keepalive_body())),
+        Ok(2)
+    );
+    // SPIs outside every range, and a responder SPI of 0, use the table.
+    assert_eq!(lab.up(esp_udp(peer(43), 4500, 0x1234)), Ok(1));
+    assert_eq!(lab.lb.policy_stats().decisions, 1);
+}
+
+#[test]
+fn return_traffic_for_one_tunnel_behind_a_nat_never_moves_its_neighbour() {
+    let mut lab = Lab::new();
+    let nat = peer(100);
+    let a = lab.up(auth_4500(nat, 40_001, 0xa)).unwrap();
+    let b = lab.up(auth_4500(nat, 40_002, 0xb)).unwrap();
+    assert_ne!(a, b);
+    // segw3 talks to a third endpoint behind the same NAT address.
+    let other = 6 - a - b;
+    lab.down(
+        other,
+        udp_packet(VIP, 4500, nat, 40_003, &esp_body(9, 1, 60)),
+    )
+    .unwrap();
+    assert_eq!(lab.up(esp_udp(nat, 40_001, 1)), Ok(a));
+    assert_eq!(lab.up(esp_udp(nat, 40_002, 1)), Ok(b));
+    assert_eq!(lab.up(esp_udp(nat, 40_003, 1)), Ok(other));
+    assert_eq!(lab.lb.counters().moved, 0);
 }

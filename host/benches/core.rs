@@ -1,0 +1,163 @@
+//! How fast the balancer core decides, on one core, with no I/O.
+//!
+//!     cargo bench -p segwlb --bench core
+//!
+//! Establishes T tunnels (IKE_SA_INIT, then IKE_AUTH on 4500), then times
+//! `Balancer::handle` on 150-byte frames of established tunnels: ESP in
+//! UDP, raw ESP, and IKE (the SPI lookup). Baseline in the same run:
+//! `packet::parse` alone on the same frames, so the ratio shows what
+//! steering and counting add on top of parsing. Also prints the table's
+//! memory per tunnel.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+
+use segwlb::balancer::affinity::{AffinityTable, Timeouts};
+use segwlb::balancer::{Balancer, Config, GatewaySpec, PortId, Verdict, UPLINK};
+use segwlb::packet::craft::{esp_body, frame, ike_body, ip_packet, udp_packet};
+use segwlb::packet::ike::{IKE_AUTH, IKE_SA_INIT};
+use segwlb::packet::{self, IkeHeader};
+use segwlb::policy::native;
+use segwlb::time::Timestamp;
+
+const TUNNELS: u32 = 100_000;
+const ROUNDS: usize = 20;
+const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1));
+
+fn peer(i: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))
+}
+
+fn ike(spi: u64, exchange: u8) -> IkeHeader {
+    IkeHeader {
+        initiator_spi: spi,
+        responder_spi: 0,
+        exchange,
+        from_initiator: true,
+        response: false,
+        message_id: 0,
+    }
+}
+
+fn up(ip: &[u8]) -> Vec<u8> {
+    frame([2, 0, 0, 0, 0, 0], [2, 0xaa, 0, 0, 0, 1], None, ip)
+}
+
+/// Frames per second through `f`, best of three passes over `frames`.
+fn rate(frames: &mut [Vec<u8>], mut f: impl FnMut(&mut Vec<u8>)) -> f64 {
+    (0..3)
+        .map(|_| {
+            let started = Instant::now();
+            for _ in 0..ROUNDS {
+                for fr in frames.iter_mut() {
+                    f(fr);
+                }
+            }
+            (frames.len() * ROUNDS) as f64 / started.elapsed().as_secs_f64()
+        })
+        .fold(0.0, f64::max)
+}
+
+fn main() {
+    let config = Config {
+        port_macs: (0..5).map(|p| [2, 0x1b, 0, 0, 0, p as u8]).collect(),
+        proxy: vec!["10.2.2.1".parse().unwrap()],
+        max_tunnels: 1 << 20,
+        timeouts: Timeouts::default(),
+    };
+    let mut lb = Balancer::new(config, native::shipped("consistent-hash", &[]).unwrap());
+    for n in 1..=4u8 {
+        let spec = GatewaySpec {
+            name: format!("segw{n}"),
+            port: PortId::from(n),
+            mac: Some([2, 0x5e, 0, 0, 0, n]),
+            weight: 1,
+            ..Default::default()
+        };
+        lb.add_gateway(spec, Timestamp::ZERO).unwrap();
+    }
+    let now = Timestamp::from_secs(1);
+    for i in 0..TUNNELS {
+        for (exchange, port, nat_t) in [(IKE_SA_INIT, 500, false), (IKE_AUTH, 4500, true)] {
+            let ip = udp_packet(
+                peer(i),
+                port,
+                VIP,
+                port,
+                &ike_body(&ike(u64::from(i) + 1, exchange), nat_t, 0),
+            );
+            let mut f = up(&ip);
+            assert!(matches!(
+                lb.handle(&mut f, UPLINK, now),
+                Verdict::Forward(_)
+            ));
+        }
+    }
+
+    // 150-byte frames: 14 Ethernet + 20 IP + 8 UDP + 108 ESP.
+    let mut esp_udp: Vec<Vec<u8>> = (0..TUNNELS)
+        .map(|i| {
+            up(&udp_packet(
+                peer(i),
+                4500,
+                VIP,
+                4500,
+                &esp_body(i + 1, 1, 108),
+            ))
+        })
+        .collect();
+    let mut esp_raw: Vec<Vec<u8>> = (0..TUNNELS)
+        .map(|i| up(&ip_packet(peer(i), VIP, 50, &esp_body(i + 1, 1, 116), 1)))
+        .collect();
+    let mut ike_4500: Vec<Vec<u8>> = (0..TUNNELS)
+        .map(|i| {
+            up(&udp_packet(
+                peer(i),
+                4500,
+                VIP,
+                4500,
+                &ike_body(&ike(u64::from(i) + 1, IKE_AUTH), true, 76),
+            ))
+        })
+        .collect();
+    assert_eq!(esp_udp[0].len(), 150);
+
+    let parse_only = rate(&mut esp_udp, |f| {
+        black_box(packet::parse(black_box(f)).is_ok());
+    });
+    println!("segwlb core on one core: {TUNNELS} established tunnels, 4 segws, 150-byte frames, best of 3");
+    println!("{:<34} {:>14} {:>10}", "path", "frames/s", "ns/frame");
+    println!(
+        "{:<34} {:>14.0} {:>10.1}",
+        "baseline: packet::parse only",
+        parse_only,
+        1e9 / parse_only
+    );
+    for (name, frames) in [
+        ("handle: ESP in UDP", &mut esp_udp),
+        ("handle: raw ESP", &mut esp_raw),
+        ("handle: IKE on 4500 (SPI lookup)", &mut ike_4500),
+    ] {
+        let r = rate(frames, |f| {
+            black_box(lb.handle(f, UPLINK, now));
+        });
+        println!(
+            "{name:<34} {r:>14.0} {:>10.1}   {:.2}x the parse-only time",
+            1e9 / r,
+            parse_only / r
+        );
+    }
+    let per = AffinityTable::bytes_per_tunnel();
+    println!();
+    println!(
+        "table: {} tunnels, ~{per} bytes per tunnel (slot + 3 index entries) -> ~{} MiB per million tunnels",
+        lb.table().len(),
+        (per * 1_000_000) >> 20
+    );
+    assert_eq!(
+        lb.policy_stats().decisions,
+        u64::from(TUNNELS),
+        "established traffic never asks the policy"
+    );
+}
