@@ -49,6 +49,8 @@ pub enum DropReason {
     NotIpsec,
     /// An ARP we do not answer (not a request, or not for a proxied address).
     ArpIgnored,
+    /// A neighbour solicitation for an address we do not proxy.
+    NeighborIgnored,
     /// An EtherType we do not handle.
     OtherEtherType,
     /// A keepalive, later fragment or ICMP error for a tunnel we do not know.
@@ -66,10 +68,11 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Malformed,
         DropReason::NotIpsec,
         DropReason::ArpIgnored,
+        DropReason::NeighborIgnored,
         DropReason::OtherEtherType,
         DropReason::UnknownTunnel,
         DropReason::NoGateway,
@@ -84,6 +87,7 @@ impl DropReason {
             DropReason::Malformed => "malformed",
             DropReason::NotIpsec => "not_ipsec",
             DropReason::ArpIgnored => "arp_ignored",
+            DropReason::NeighborIgnored => "neighbor_ignored",
             DropReason::OtherEtherType => "other_ethertype",
             DropReason::UnknownTunnel => "unknown_tunnel",
             DropReason::NoGateway => "no_gateway",
@@ -99,9 +103,10 @@ impl DropReason {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counters {
     pub forwarded: u64,
-    pub arp_replies: u64,
+    /// ARP replies and neighbour advertisements sent for proxied addresses.
+    pub replies: u64,
     /// By [`DropReason::ALL`] index.
-    pub drops: [u64; 10],
+    pub drops: [u64; 11],
     /// Malformed frames by what was wrong.
     pub malformed: std::collections::BTreeMap<String, u64>,
     /// New tunnels placed by the policy.
@@ -176,11 +181,31 @@ impl<P: Policy> Balancer<P> {
             Kind::Arp(arp) => match self.arp(arp, ingress) {
                 Some(reply) => {
                     *frame = reply.to_frame(arp.sender_mac, self.port_mac(ingress), parsed.vlan);
-                    self.counters.arp_replies += 1;
+                    self.counters.replies += 1;
                     return Verdict::Reply;
                 }
                 None => Err(DropReason::ArpIgnored),
             },
+            Kind::Ip(IpPacket {
+                src: IpAddr::V6(from),
+                payload: Payload::NeighborSolicit(ns),
+                ..
+            }) => {
+                if self.proxies(IpAddr::V6(ns.target)) {
+                    let our_mac = self.port_mac(ingress);
+                    let to_mac = ns.source_mac.unwrap_or(parsed.src);
+                    let reply = packet::ndp::answer(ns, *from, our_mac);
+                    let to_mac = if from.is_unspecified() {
+                        packet::ndp::multicast_mac(packet::ndp::ALL_NODES)
+                    } else {
+                        to_mac
+                    };
+                    *frame = packet::craft::frame(to_mac, our_mac, parsed.vlan, &reply);
+                    self.counters.replies += 1;
+                    return Verdict::Reply;
+                }
+                Err(DropReason::NeighborIgnored)
+            }
             Kind::Ip(ip) if ingress == UPLINK => self.initiator_to_segw(ip, parsed.src, now),
             Kind::Ip(ip) => self.segw_to_initiator(ip, ingress, parsed.src, now),
             Kind::Other(_) => Err(DropReason::OtherEtherType),
@@ -222,10 +247,13 @@ impl<P: Policy> Balancer<P> {
                 }
             }
         }
-        let target = IpAddr::V4(arp.target_ip);
-        let proxied = self.config.proxy.iter().any(|p| p.contains(target));
+        let proxied = self.proxies(IpAddr::V4(arp.target_ip));
         (arp.op == packet::arp::REQUEST && proxied && arp.sender_ip != arp.target_ip)
             .then(|| arp.reply(self.port_mac(ingress)))
+    }
+
+    fn proxies(&self, ip: IpAddr) -> bool {
+        self.config.proxy.iter().any(|p| p.contains(ip))
     }
 
     /// Initiator → segw.
@@ -289,6 +317,7 @@ impl<P: Policy> Balancer<P> {
             // An ICMP error about a segw's packet to a peer: the peer's tunnel.
             Payload::IcmpError { quoted: Some(q) } => self.known(q.dst, q.udp.map(|u| u.dst))?,
             Payload::IcmpError { quoted: None }
+            | Payload::NeighborSolicit(_)
             | Payload::OtherUdp { .. }
             | Payload::Other { .. } => return Err(DropReason::NotIpsec),
         };
@@ -683,15 +712,22 @@ impl<P: Policy> Balancer<P> {
         gone.len()
     }
 
-    /// Gratuitous ARP for `ip` on every port, from that port's MAC.
-    pub fn announce(&self, ip: std::net::Ipv4Addr) -> Vec<(PortId, Vec<u8>)> {
+    /// Announce `ip` on every port, from that port's MAC: a gratuitous ARP
+    /// (IPv4) or an unsolicited neighbour advertisement (IPv6).
+    pub fn announce(&self, ip: IpAddr) -> Vec<(PortId, Vec<u8>)> {
         (0..self.config.port_macs.len() as PortId)
             .map(|port| {
-                (
-                    port,
-                    Arp::gratuitous(self.port_mac(port), ip)
-                        .broadcast_frame(self.port_mac(port), None),
-                )
+                let mac = self.port_mac(port);
+                let frame = match ip {
+                    IpAddr::V4(v4) => Arp::gratuitous(mac, v4).broadcast_frame(mac, None),
+                    IpAddr::V6(v6) => packet::craft::frame(
+                        packet::ndp::multicast_mac(packet::ndp::ALL_NODES),
+                        mac,
+                        None,
+                        &packet::ndp::unsolicited(v6, mac),
+                    ),
+                };
+                (port, frame)
             })
             .collect()
     }

@@ -514,10 +514,7 @@ fn garbage_is_a_counted_drop() {
         let _ = lab.lb.handle(&mut f, port, lab.now);
     }
     let c = lab.lb.counters();
-    assert_eq!(
-        c.drops.iter().sum::<u64>() + c.forwarded + c.arp_replies,
-        2000
-    );
+    assert_eq!(c.drops.iter().sum::<u64>() + c.forwarded + c.replies, 2000);
     assert!(c.dropped(DropReason::Malformed) > 0);
 }
 
@@ -580,4 +577,54 @@ fn return_traffic_for_one_tunnel_behind_a_nat_never_moves_its_neighbour() {
     assert_eq!(lab.up(esp_udp(nat, 40_002, 1)), Ok(b));
     assert_eq!(lab.up(esp_udp(nat, 40_003, 1)), Ok(other));
     assert_eq!(lab.lb.counters().moved, 0);
+}
+
+#[test]
+fn neighbour_solicitations_for_proxied_ipv6_get_an_advertisement_from_the_ingress_port() {
+    use crate::packet::ndp;
+    use std::net::Ipv6Addr;
+    let config = Config {
+        port_macs: (0..4).map(port_mac).collect(),
+        proxy: vec!["2001:db8:2::1".parse().unwrap()],
+        max_tunnels: 16,
+        timeouts: Timeouts::default(),
+    };
+    let mut lb: Balancer = Balancer::new(config, native::shipped("round-robin", &[]).unwrap());
+    let asker = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 7);
+    let vip6 = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
+    let solicit = |target| {
+        frame(
+            ndp::multicast_mac(ndp::solicited_node(target)),
+            PEER_SIDE_ROUTER,
+            None,
+            &ndp::solicitation(asker, PEER_SIDE_ROUTER, target),
+        )
+    };
+    let mut f = solicit(vip6);
+    assert_eq!(lb.handle(&mut f, UPLINK, Timestamp::ZERO), Verdict::Reply);
+    assert_eq!(
+        (&f[0..6], &f[6..12]),
+        (&PEER_SIDE_ROUTER[..], &port_mac(UPLINK)[..])
+    );
+    let Kind::Ip(ip) = packet::parse(&f).unwrap().kind else {
+        panic!()
+    };
+    assert_eq!((ip.src, ip.dst), (IpAddr::V6(vip6), IpAddr::V6(asker)));
+    let icmp = &f[14 + 40..];
+    assert_eq!(icmp[0], ndp::ADVERTISEMENT);
+    assert_eq!(&icmp[8..24], &vip6.octets());
+    assert_eq!(
+        &icmp[26..32],
+        &port_mac(UPLINK),
+        "target link-layer address option"
+    );
+    assert_eq!(f[14 + 7], 255, "hop limit");
+    // The checksum verifies: summing the message with its checksum gives 0.
+    assert!(crate::packet::checksum_ok_for_test(vip6, asker, icmp));
+    let mut other = solicit(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 9));
+    assert_eq!(
+        lb.handle(&mut other, UPLINK, Timestamp::ZERO),
+        Verdict::Drop(DropReason::NeighborIgnored)
+    );
+    assert_eq!(lb.announce(IpAddr::V6(vip6)).len(), 4);
 }

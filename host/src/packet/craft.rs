@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use etherparse::{IpNumber, Ipv4Header, Ipv6FragmentHeader, Ipv6Header, UdpHeader};
 
-use super::{IkeHeader, Mac};
+use super::{checksum, IkeHeader, Mac};
 
 /// The 28-byte IKE header, then `extra` bytes of payload; with `nat_t`,
 /// behind the 4-byte non-ESP marker.
@@ -191,29 +191,9 @@ pub fn icmp_too_big(from: IpAddr, to: IpAddr, offending: &[u8], mtu: u32) -> Vec
     }
     icmp.extend_from_slice(quote);
     let sum = match (from, to) {
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            // Pseudo-header: addresses, length, next header 58.
-            let mut pseudo = Vec::with_capacity(40 + icmp.len());
-            pseudo.extend_from_slice(&s.octets());
-            pseudo.extend_from_slice(&d.octets());
-            pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
-            pseudo.extend_from_slice(&[0, 0, 0, 58]);
-            pseudo.extend_from_slice(&icmp);
-            internet_checksum(&pseudo)
-        }
-        _ => internet_checksum(&icmp),
+        (IpAddr::V6(s), IpAddr::V6(d)) => checksum::icmpv6(s, d, &icmp),
+        _ => checksum::internet(&icmp),
     };
     icmp[2..4].copy_from_slice(&sum.to_be_bytes());
     ip_packet(from, to, if v6 { 58 } else { 1 }, &icmp, 7)
-}
-
-fn internet_checksum(b: &[u8]) -> u16 {
-    let mut sum: u32 = b
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }

@@ -10,8 +10,10 @@
 //! building replies is [`arp`]'s, rewriting MACs is [`rewrite`]'s.
 
 pub mod arp;
+mod checksum;
 pub mod craft;
 pub mod ike;
+pub mod ndp;
 pub mod rewrite;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -119,6 +121,8 @@ pub enum Payload {
     OtherUdp { udp: Udp },
     /// A non-first fragment: no transport header to look at.
     LaterFragment { protocol: u8 },
+    /// An IPv6 neighbour solicitation (proxy-NDP answers it).
+    NeighborSolicit(ndp::Solicitation),
     /// ICMP/ICMPv6 error quoting a packet (destination unreachable,
     /// fragmentation needed, packet too big, time exceeded).
     IcmpError { quoted: Option<Quoted> },
@@ -297,6 +301,11 @@ fn classify_udp(data: &[u8]) -> Result<Payload, Malformed> {
 /// 8-byte ICMP header. The quote is often truncated, so it is parsed
 /// leniently and whatever is missing stays `None`.
 fn classify_icmp(data: &[u8], error_types: &[u8], v6: bool) -> Payload {
+    if v6 && data.first() == Some(&ndp::SOLICITATION) {
+        if let Some(s) = ndp::Solicitation::parse(data) {
+            return Payload::NeighborSolicit(s);
+        }
+    }
     match data.first() {
         Some(t) if error_types.contains(t) && data.len() >= 8 => Payload::IcmpError {
             quoted: quoted(&data[8..], v6),
@@ -362,3 +371,10 @@ fn u32_at_checked(b: &[u8], at: usize) -> Option<u32> {
 
 #[cfg(test)]
 mod tests;
+
+/// For tests elsewhere in the crate: does this ICMPv6 message's checksum
+/// verify?
+#[cfg(test)]
+pub(crate) fn checksum_ok_for_test(src: Ipv6Addr, dst: Ipv6Addr, icmp: &[u8]) -> bool {
+    checksum::icmpv6(src, dst, icmp) == 0
+}
