@@ -5,8 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use proptest::prelude::*;
-use segwlb::balancer::affinity::Timeouts;
-use segwlb::balancer::{Balancer, Config, GatewaySpec, PortId, Verdict, UPLINK};
+use segwlb::balancer::{farm, Balancer, PortId, Verdict, UPLINK};
 use segwlb::packet::craft::*;
 use segwlb::packet::ike::{IKE_AUTH, IKE_SA_INIT};
 use segwlb::packet::{arp::Arp, IkeHeader};
@@ -17,24 +16,13 @@ const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1));
 const PEER: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7));
 
 fn balancer() -> Balancer {
-    let config = Config {
-        port_macs: (0..4).map(|p| [2, 0x1b, 0, 0, 0, p]).collect(),
-        proxy: vec!["10.2.2.0/24".parse().unwrap()],
-        max_tunnels: 64,
-        timeouts: Timeouts::default(),
-    };
-    let mut lb = Balancer::new(config, native::shipped("consistent-hash", &[]).unwrap());
-    for n in 1..=3u8 {
-        let spec = GatewaySpec {
-            name: format!("segw{n}"),
-            port: PortId::from(n),
-            mac: Some([2, 0x5e, 0, 0, 0, n]),
-            weight: 1,
-            ..Default::default()
-        };
-        lb.add_gateway(spec, Timestamp::ZERO).unwrap();
-    }
-    lb
+    let proxy = vec!["10.2.2.0/24".parse().unwrap()];
+    farm::balancer(
+        native::shipped("consistent-hash", &[]).unwrap(),
+        3,
+        proxy,
+        64,
+    )
 }
 
 fn ike(exchange: u8) -> IkeHeader {

@@ -13,8 +13,8 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
-use segwlb::balancer::affinity::{AffinityTable, Timeouts};
-use segwlb::balancer::{Balancer, Config, GatewaySpec, PortId, Verdict, UPLINK};
+use segwlb::balancer::affinity::AffinityTable;
+use segwlb::balancer::{farm, Verdict, UPLINK};
 use segwlb::packet::craft::{esp_body, frame, ike_body, ip_packet, udp_packet};
 use segwlb::packet::ike::{IKE_AUTH, IKE_SA_INIT};
 use segwlb::packet::{self, IkeHeader};
@@ -68,23 +68,12 @@ fn main() {
 }
 
 fn run(tunnels: u32) {
-    let config = Config {
-        port_macs: (0..5).map(|p| [2, 0x1b, 0, 0, 0, p as u8]).collect(),
-        proxy: vec!["10.2.2.1".parse().unwrap()],
-        max_tunnels: 1 << 20,
-        timeouts: Timeouts::default(),
-    };
-    let mut lb = Balancer::new(config, native::shipped("consistent-hash", &[]).unwrap());
-    for n in 1..=4u8 {
-        let spec = GatewaySpec {
-            name: format!("segw{n}"),
-            port: PortId::from(n),
-            mac: Some([2, 0x5e, 0, 0, 0, n]),
-            weight: 1,
-            ..Default::default()
-        };
-        lb.add_gateway(spec, Timestamp::ZERO).unwrap();
-    }
+    let mut lb = farm::balancer(
+        native::shipped("consistent-hash", &[]).unwrap(),
+        4,
+        vec!["10.2.2.1".parse().unwrap()],
+        1 << 20,
+    );
     let now = Timestamp::from_secs(1);
     for i in 0..tunnels {
         for (exchange, port, nat_t) in [(IKE_SA_INIT, 500, false), (IKE_AUTH, 4500, true)] {

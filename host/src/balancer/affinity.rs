@@ -50,6 +50,36 @@ pub struct Tunnel {
     pub bytes: u64,
 }
 
+impl Tunnel {
+    /// A tunnel first seen at `now`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        peer: IpAddr,
+        peer_port: u16,
+        vip: IpAddr,
+        ike_spi: Option<u64>,
+        opened_by: Opener,
+        gateway: GwId,
+        state: TunnelState,
+        now: Timestamp,
+    ) -> Self {
+        Tunnel {
+            peer,
+            peer_port,
+            vip,
+            ike_spi,
+            opened_by,
+            gateway,
+            state,
+            since: now,
+            last_seen: now,
+            next_hop: None,
+            frames: 0,
+            bytes: 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     /// Established tunnels idle this long are forgotten (well past DPD).

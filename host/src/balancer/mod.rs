@@ -11,6 +11,7 @@
 //! goes back to the caller to send.
 
 pub mod affinity;
+pub mod farm;
 pub mod gateways;
 pub mod prefix;
 #[cfg(test)]
@@ -461,20 +462,9 @@ impl<P: Policy> Balancer<P> {
             .choose(&key, now)
             .ok_or(DropReason::NoGateway)?
             .gateway;
-        let tunnel = Tunnel {
-            peer: ip.src,
-            peer_port,
-            vip: ip.dst,
-            ike_spi,
-            opened_by,
-            gateway: gw,
-            state,
-            since: now,
-            last_seen: now,
-            next_hop: None,
-            frames: 0,
-            bytes: 0,
-        };
+        let tunnel = Tunnel::new(
+            ip.src, peer_port, ip.dst, ike_spi, opened_by, gw, state, now,
+        );
         let id = self.table.insert(tunnel).ok_or(DropReason::TableFull)?;
         self.counters.placed += 1;
         self.gateway_tunnels(gw, 1);
@@ -609,20 +599,16 @@ impl<P: Policy> Balancer<P> {
             t.state = TunnelState::Established;
             return Ok(id);
         }
-        let tunnel = Tunnel {
+        let tunnel = Tunnel::new(
             peer,
             peer_port,
             vip,
             ike_spi,
             opened_by,
-            gateway: gw,
-            state: TunnelState::Established,
-            since: now,
-            last_seen: now,
-            next_hop: None,
-            frames: 0,
-            bytes: 0,
-        };
+            gw,
+            TunnelState::Established,
+            now,
+        );
         let id = self.table.insert(tunnel).ok_or(DropReason::TableFull)?;
         self.gateway_tunnels(gw, 1);
         self.counters.taught += 1;
@@ -650,9 +636,7 @@ impl<P: Policy> Balancer<P> {
         weight: u32,
         now: Timestamp,
     ) -> Result<(), GatewayError> {
-        self.gateways.by_name_mut(name)?.spec.weight = weight;
-        self.push_set(now);
-        Ok(())
+        self.update(name, now, |g| g.spec.weight = weight)
     }
 
     /// Draining: no new tunnels; existing ones stay.
@@ -662,9 +646,7 @@ impl<P: Policy> Balancer<P> {
         draining: bool,
         now: Timestamp,
     ) -> Result<(), GatewayError> {
-        self.gateways.by_name_mut(name)?.draining = draining;
-        self.push_set(now);
-        Ok(())
+        self.update(name, now, |g| g.draining = draining)
     }
 
     /// Down: no new tunnels; its tunnels are re-placed on their next packet.
@@ -674,7 +656,17 @@ impl<P: Policy> Balancer<P> {
         healthy: bool,
         now: Timestamp,
     ) -> Result<(), GatewayError> {
-        self.gateways.by_name_mut(name)?.healthy = healthy;
+        self.update(name, now, |g| g.healthy = healthy)
+    }
+
+    /// Change one gateway and tell the policy the new set.
+    fn update(
+        &mut self,
+        name: &str,
+        now: Timestamp,
+        change: impl FnOnce(&mut GatewayState),
+    ) -> Result<(), GatewayError> {
+        change(self.gateways.by_name_mut(name)?);
         self.push_set(now);
         Ok(())
     }

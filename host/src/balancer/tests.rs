@@ -4,6 +4,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use super::affinity::Timeouts;
+use super::farm::{port_mac, segw_mac};
 use super::*;
 use crate::packet::craft::*;
 use crate::packet::ike::{IKE_AUTH, IKE_SA_INIT, INFORMATIONAL};
@@ -12,14 +13,6 @@ use crate::policy::native;
 
 const PEER_SIDE_ROUTER: Mac = [2, 0xaa, 0, 0, 0, 1];
 const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1));
-
-fn port_mac(port: PortId) -> Mac {
-    [2, 0x1b, 0, 0, 0, port as u8]
-}
-
-fn segw_mac(n: u8) -> Mac {
-    [2, 0x5e, 0, 0, 0, n]
-}
 
 fn peer(n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(198, 51, 100, n))
