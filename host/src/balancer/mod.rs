@@ -109,7 +109,8 @@ pub struct Counters {
     /// By [`DropReason::ALL`] index.
     pub drops: [u64; 11],
     /// Malformed frames by what was wrong.
-    pub malformed: std::collections::BTreeMap<String, u64>,
+    /// Malformed frames by what was wrong, indexed like [`Malformed::ALL`].
+    pub malformed: [u64; 9],
     /// New tunnels placed by the policy.
     pub placed: u64,
     /// Tunnels learned from a segw's return traffic (no policy call).
@@ -194,13 +195,8 @@ impl<P: Policy> Balancer<P> {
             }) => {
                 if self.proxies(IpAddr::V6(ns.target)) {
                     let our_mac = self.port_mac(ingress);
-                    let to_mac = ns.source_mac.unwrap_or(parsed.src);
-                    let reply = packet::ndp::answer(ns, *from, our_mac);
-                    let to_mac = if from.is_unspecified() {
-                        packet::ndp::multicast_mac(packet::ndp::ALL_NODES)
-                    } else {
-                        to_mac
-                    };
+                    let solicitor_mac = ns.source_mac.unwrap_or(parsed.src);
+                    let (to_mac, reply) = packet::ndp::answer(ns, *from, solicitor_mac, our_mac);
                     *frame = packet::craft::frame(to_mac, our_mac, parsed.vlan, &reply);
                     self.counters.replies += 1;
                     return Verdict::Reply;
@@ -226,7 +222,7 @@ impl<P: Policy> Balancer<P> {
 
     fn malformed(&mut self, m: Malformed) -> Verdict {
         self.counters.drops[DropReason::Malformed as usize] += 1;
-        *self.counters.malformed.entry(m.to_string()).or_default() += 1;
+        self.counters.malformed[m as usize] += 1;
         Verdict::Drop(DropReason::Malformed)
     }
 

@@ -63,6 +63,20 @@ pub enum Malformed {
     Esp,
 }
 
+impl Malformed {
+    pub const ALL: [Malformed; 9] = [
+        Malformed::Ethernet,
+        Malformed::VlanStack,
+        Malformed::Vlan,
+        Malformed::Arp,
+        Malformed::Ipv4,
+        Malformed::Ipv6,
+        Malformed::Udp,
+        Malformed::Ike,
+        Malformed::Esp,
+    ];
+}
+
 /// A parsed frame, borrowing the bytes it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {

@@ -61,13 +61,17 @@ pub fn advertisement(target: Ipv6Addr, mac: Mac, to: Ipv6Addr, solicited: bool) 
     packet
 }
 
-/// The answer to a solicitation that came from `from`: to the solicitor,
-/// or to all nodes when it asked from the unspecified address (DAD).
-pub fn answer(s: &Solicitation, from: Ipv6Addr, our_mac: Mac) -> Vec<u8> {
+/// The answer to a solicitation that came from `from` at `from_mac`, with
+/// the Ethernet destination to send it to: the solicitor, or all nodes when
+/// it asked from the unspecified address (DAD).
+pub fn answer(s: &Solicitation, from: Ipv6Addr, from_mac: Mac, our_mac: Mac) -> (Mac, Vec<u8>) {
     if from.is_unspecified() {
-        advertisement(s.target, our_mac, ALL_NODES, false)
+        (
+            multicast_mac(ALL_NODES),
+            advertisement(s.target, our_mac, ALL_NODES, false),
+        )
     } else {
-        advertisement(s.target, our_mac, from, true)
+        (from_mac, advertisement(s.target, our_mac, from, true))
     }
 }
 

@@ -408,17 +408,18 @@ impl Policy for WasmPolicy {
 
     fn set_gateways(&mut self, gateways: &[Gateway]) -> Result<(), CallError> {
         let set: Vec<wit::Gateway> = gateways.iter().map(to_wit_gateway).collect();
-        let budget = self.loaded.0.limits.setup;
-        let had_instance = self.live.is_some();
-        self.gateways = Some(set);
-        if !had_instance {
-            // Starting replays the set just stored.
+        if self.live.is_none() {
+            // Starting replays the stored set.
+            self.gateways = Some(set);
             return self.live().map(|_| ());
         }
-        let set = self.gateways.as_ref().expect("stored above").clone();
-        self.call(budget, |b, store| {
+        let budget = self.loaded.0.limits.setup;
+        let pushed = self.call(budget, |b, store| {
             b.segwlb_policy_balancer().call_set_gateways(store, &set)
-        })
+        });
+        // Kept either way: after a failure, the fresh instance gets this set.
+        self.gateways = Some(set);
+        pushed
     }
 
     fn choose(&mut self, key: &TunnelKey) -> Result<Option<u32>, CallError> {
