@@ -11,7 +11,9 @@ cargo fmt --all -- --check
 
 # The host build compiles every plugin to policies/*.wasm first.
 cargo clippy --workspace --all-targets -- -D warnings
-# Native tests of the policies, in the host's target dir (same toolchain).
-(cd plugins && cargo clippy --workspace --all-targets --target-dir ../target -- -D warnings)
-(cd plugins && cargo test --workspace --target-dir ../target)
+# Native tests of the policies, in plugins/target: sharing the host's target
+# dir makes both workspaces build segwlb-policy-sdk under one name from
+# different paths, and the next host build sees two versions of it.
+(cd plugins && cargo clippy --workspace --all-targets -- -D warnings)
+(cd plugins && cargo test --workspace)
 cargo test --workspace
