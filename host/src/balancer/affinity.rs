@@ -34,8 +34,11 @@ pub enum TunnelState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tunnel {
     pub peer: IpAddr,
-    /// 0 for raw ESP.
+    /// 0 for raw ESP. Follows the peer (the float to 4500, NAT rebinding).
     pub peer_port: u16,
+    /// The port the tunnel opened from: with `peer`, the endpoint the policy
+    /// placed it by, and places it by again (a rebalance, a failed segw).
+    pub opened_port: u16,
     /// The address the peer talks to (the VIP).
     pub vip: IpAddr,
     pub ike_spi: Option<u64>,
@@ -66,6 +69,7 @@ impl Tunnel {
         Tunnel {
             peer,
             peer_port,
+            opened_port: peer_port,
             vip,
             ike_spi,
             opened_by,

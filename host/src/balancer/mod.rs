@@ -746,7 +746,7 @@ impl<P: Policy> Balancer<P> {
 fn key_of(t: &Tunnel) -> TunnelKey {
     TunnelKey {
         peer: t.peer,
-        peer_port: t.peer_port,
+        peer_port: t.opened_port,
         vip: t.vip,
         ike_spi: t.ike_spi,
         opened_by: t.opened_by,

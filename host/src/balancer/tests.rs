@@ -482,6 +482,48 @@ fn only_a_miss_asks_the_policy_and_a_swap_moves_nothing_unless_asked() {
 }
 
 #[test]
+fn a_rebalance_places_a_floated_tunnel_by_the_endpoint_it_opened_from() {
+    // Consistent hashing placed each tunnel by (address, 500); after the
+    // float the tunnel lives on (address, NAT port). Placing it afresh with
+    // the same policy must give the same segw: the policy sees the opening
+    // key, not wherever the peer has moved to since.
+    let config = Config {
+        port_macs: (0..4).map(port_mac).collect(),
+        proxy: vec!["10.2.2.1".parse().unwrap()],
+        max_tunnels: 1024,
+        timeouts: Timeouts::default(),
+    };
+    let ch = || native::shipped("consistent-hash", &[]).unwrap();
+    let mut lb = Balancer::new(config, ch());
+    for n in 1..=3u8 {
+        let spec = GatewaySpec {
+            name: format!("segw{n}"),
+            port: PortId::from(n),
+            mac: Some(segw_mac(n)),
+            weight: 1,
+            ..Default::default()
+        };
+        lb.add_gateway(spec, Timestamp::ZERO).unwrap();
+    }
+    let send = |lb: &mut Balancer, ip: Vec<u8>| {
+        let mut f = frame(port_mac(UPLINK), PEER_SIDE_ROUTER, None, &ip);
+        lb.handle(&mut f, UPLINK, Timestamp::ZERO)
+    };
+    for n in 1..=60u8 {
+        let spi = u64::from(n) << 8;
+        send(&mut lb, sa_init(peer(n), 500, spi));
+        // Through a NAT: IKE_AUTH on 4500 from another port.
+        let natted = 30_000 + u16::from(n);
+        assert!(matches!(
+            send(&mut lb, auth_4500(peer(n), natted, spi)),
+            Verdict::Forward(_)
+        ));
+    }
+    let (_, moved) = lb.replace_policy(ch(), true, Timestamp::ZERO);
+    assert_eq!(moved, 0);
+}
+
+#[test]
 fn vlan_tagged_frames_keep_their_tag() {
     let mut lab = Lab::new();
     let ip = sa_init(peer(1), 500, 1);
