@@ -39,12 +39,23 @@ enum Command {
         /// what the wasm boundary costs).
         #[arg(long)]
         native: bool,
-        /// Tunnels in the initial population.
+        /// A scenario file (TOML; see config/scenarios/). Default: the
+        /// built-in one, config/scenarios/default.toml.
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+        /// Override the scenario's tunnel count.
         #[arg(long)]
         tunnels: Option<usize>,
-        /// Seed for the workload.
+        /// Seed for the workload: the same seed gives the same run.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Where report.json and report.html go.
+        #[arg(long, default_value = "compare-report")]
+        out: PathBuf,
+        /// Leave ns per decision out (null), so the same seed gives a
+        /// byte-identical report.json.
+        #[arg(long)]
+        no_timing: bool,
     },
     /// Work with policy components.
     Policy {
@@ -98,10 +109,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             policies,
             policy_dir,
             native,
+            scenario,
             tunnels,
             seed,
+            out,
+            no_timing,
         } => {
-            compare(policies, &policy_dir, native, tunnels, seed)?;
+            let mut scenario = match scenario {
+                Some(path) => Scenario::load(&path)?,
+                None => Scenario::builtin(),
+            };
+            if let Some(n) = tunnels {
+                if n == 0 || n > compare::scenario::MAX_TUNNELS {
+                    bail!("--tunnels must be 1..={}", compare::scenario::MAX_TUNNELS);
+                }
+                scenario.tunnels.count = n;
+            }
+            let options = compare::Options {
+                seed,
+                timing: !no_timing,
+            };
+            compare(policies, &policy_dir, native, &scenario, options, &out)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy {
@@ -153,13 +181,10 @@ fn compare(
     mut policies: Vec<String>,
     dir: &Path,
     native: bool,
-    tunnels: Option<usize>,
-    seed: u64,
+    scenario: &Scenario,
+    options: compare::Options,
+    out: &Path,
 ) -> anyhow::Result<()> {
-    let mut scenario = Scenario::builtin();
-    if let Some(n) = tunnels {
-        scenario.tunnels = n;
-    }
     if policies.is_empty() {
         policies = if native {
             native_policies::SHIPPED
@@ -173,11 +198,15 @@ fn compare(
     let runtime = Runtime::new().map_err(anyhow::Error::msg)?;
     let mut runs = Vec::new();
     for spec in &policies {
+        let mut progress = Progress::new(spec, scenario.steps);
         let run = if native {
             native_policies::shipped(spec, &[]).map_err(anyhow::Error::msg)?;
-            compare::run(&scenario, seed, &mut || {
-                native_policies::shipped(spec, &[]).expect("checked above")
-            })
+            compare::run(
+                scenario,
+                options,
+                &mut || native_policies::shipped(spec, &[]).expect("checked above"),
+                &mut |step| progress.step(step),
+            )
         } else {
             let path = if spec.contains('/') || spec.ends_with(".wasm") {
                 PathBuf::from(spec)
@@ -185,18 +214,64 @@ fn compare(
                 dir.join(format!("{spec}.wasm"))
             };
             let loaded = runtime.load(&path, &[], Limits::default())?;
-            compare::run(&scenario, seed, &mut || {
-                Box::new(loaded.instantiate()) as Box<dyn Policy>
-            })
+            compare::run(
+                scenario,
+                options,
+                &mut || Box::new(loaded.instantiate()) as Box<dyn Policy>,
+                &mut |step| progress.step(step),
+            )
         };
+        progress.done();
         runs.push(run);
     }
     print_out(&compare::Table {
-        scenario: &scenario,
-        seed,
+        scenario,
+        seed: options.seed,
         runs: &runs,
     })?;
+    let (json, html) = compare::report::write(out, scenario, options.seed, &runs)
+        .with_context(|| format!("{}: cannot write the report", out.display()))?;
+    eprintln!("wrote {} and {}", json.display(), html.display());
     Ok(())
+}
+
+/// A one-line progress report on stderr, only when it is a terminal and
+/// the run takes long enough to wonder about.
+struct Progress<'a> {
+    policy: &'a str,
+    steps: u32,
+    started: std::time::Instant,
+    shown: bool,
+}
+
+impl<'a> Progress<'a> {
+    fn new(policy: &'a str, steps: u32) -> Self {
+        Progress {
+            policy,
+            steps,
+            started: std::time::Instant::now(),
+            shown: false,
+        }
+    }
+
+    fn step(&mut self, step: u32) {
+        use std::io::IsTerminal;
+        if self.started.elapsed().as_millis() > 500 && std::io::stderr().is_terminal() {
+            eprint!("\r{}: step {}/{}  ", self.policy, step + 1, self.steps);
+            self.shown = true;
+        }
+    }
+
+    fn done(&self) {
+        if self.shown {
+            eprintln!(
+                "\r{}: {} steps in {:.1} s   ",
+                self.policy,
+                self.steps,
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+    }
 }
 
 /// Policy names in `dir`, sorted.

@@ -1,259 +1,163 @@
-//! `segwlb compare`: every policy on the same workload, side by side.
-//!
-//! Today the workload runs through the policy layer as the balancer uses it
-//! ([`Guarded`] over the real wasm component), with tunnel affinity as the
-//! design fixes it: a tunnel keeps its segw until that segw fails or a
-//! rebalance is asked for; only new tunnels ask the policy. Driving the
-//! same scenario as frames through the balancer core is the next step.
+//! `segwlb compare`: every policy on the same scenario, driven as real
+//! frames through the balancer core ([`sim`]), measured the same way, and
+//! reported as a ranked table, `report.json` and `report.html`.
 
+pub mod report;
 pub mod scenario;
+pub mod sim;
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::time::{Duration, Instant};
 
-use crate::policy::{Gateway, Guarded, Policy, TunnelKey};
-use crate::time::Timestamp;
-use crate::workload::{self, Rng};
-pub use scenario::{Event, Scenario, SegwSpec};
+use serde::Serialize;
 
-/// One policy's run through a scenario.
-#[derive(Debug, Clone)]
+use crate::policy::Policy;
+pub use scenario::{Event, Scenario, ScenarioError, SegwSpec, TimedEvent};
+
+/// One policy's run through a scenario: what `report.json` holds per policy.
+#[derive(Debug, Clone, Serialize)]
 pub struct PolicyRun {
     pub policy: String,
+    pub scenario: String,
+    pub seed: u64,
+    /// Every segw that took part, in scenario order.
     pub segws: Vec<String>,
-    /// Tunnels per segw (in `segws` order) at the start and after each event.
-    pub tunnels_per_segw: Vec<Vec<u64>>,
-    /// Per event: tunnels moved, and the fewest any policy could move.
+    /// Weights at the end; 0 for a segw not taking new tunnels then (down,
+    /// draining or removed).
+    pub weights_at_end: Vec<u32>,
+    /// Live tunnels per segw at the end.
+    pub tunnels_per_segw: BTreeMap<String, u64>,
+    /// Live tunnels per segw (in `segws` order) at the end of every step.
+    pub tunnels_over_time: Vec<Vec<u64>>,
+    /// max(tunnels / fair share) over the segws taking tunnels at the end,
+    /// the fair share following the weights: 1.0 is a perfect spread.
+    pub max_over_mean: f64,
+    /// Coefficient of variation of tunnels / fair share at the end.
+    pub cov: f64,
+    /// "step N: what happened", one per event.
+    pub events: Vec<String>,
+    /// Tunnels moved at each event, and the fewest any policy could move.
     pub moved_per_event: Vec<u64>,
     pub minimum_moved_per_event: Vec<u64>,
-    /// max(count / fair share) over segws taking tunnels at the end, where
-    /// the fair share follows the weights.
-    pub max_over_fair: f64,
-    /// Coefficient of variation of count / fair share at the end.
-    pub cov: f64,
+    /// Tunnels whose packets reached a second segw while the first was up
+    /// and no rebalance was asked for. Anything but 0 is a broken tunnel.
+    pub split_tunnels: u64,
     pub decisions: u64,
-    pub ns_per_decision: f64,
+    /// Wall time per policy decision, wasm call included; `null` when the
+    /// run was asked not to time (`--no-timing`), so a report is
+    /// byte-for-byte the same for the same seed.
+    pub ns_per_decision: Option<f64>,
     pub fallbacks: u64,
+    /// Frames through the balancer, both ways.
+    pub frames: u64,
+    /// Frames the balancer dropped, by reason; and segw frames that did not
+    /// make it back. Both 0 when the core does its job.
+    pub drops: BTreeMap<String, u64>,
+    pub returns_lost: u64,
 }
 
-struct Farm {
-    gateways: Vec<Gateway>,
-    /// Live tunnels and their segw id.
-    tunnels: Vec<(TunnelKey, u32)>,
-    policy: Guarded,
-    in_policy: Duration,
+/// How to run a comparison.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub seed: u64,
+    pub timing: bool,
 }
 
-impl Farm {
-    fn push_set(&mut self) {
-        for g in &mut self.gateways {
-            g.tunnels = self.tunnels.iter().filter(|t| t.1 == g.id).count() as u64;
-        }
-        self.policy
-            .set_gateways(self.gateways.clone(), Timestamp::ZERO);
-    }
-
-    fn place(&mut self, key: &TunnelKey) -> Option<u32> {
-        let started = Instant::now();
-        let choice = self.policy.choose(key, Timestamp::ZERO);
-        self.in_policy += started.elapsed();
-        choice.map(|c| c.gateway)
-    }
-
-    fn open(&mut self, key: TunnelKey) {
-        if let Some(gw) = self.place(&key) {
-            self.tunnels.push((key, gw));
-        }
-    }
-
-    /// Place again the tunnels `which` selects; returns how many changed segw.
-    fn replace(&mut self, which: impl Fn(u32) -> bool) -> u64 {
-        let mut moved = 0;
-        for i in 0..self.tunnels.len() {
-            let (key, old) = self.tunnels[i].clone();
-            if which(old) {
-                match self.place(&key) {
-                    Some(new) => {
-                        moved += u64::from(new != old);
-                        self.tunnels[i].1 = new;
-                    }
-                    None => self.tunnels[i].1 = u32::MAX,
-                }
-            }
-        }
-        self.tunnels.retain(|t| t.1 != u32::MAX);
-        moved
-    }
-
-    fn id(&self, name: &str) -> usize {
-        self.gateways
-            .iter()
-            .position(|g| g.name == name)
-            .unwrap_or_else(|| panic!("no segw {name}"))
-    }
-
-    fn counts(&self) -> Vec<u64> {
-        self.gateways
-            .iter()
-            .map(|g| self.tunnels.iter().filter(|t| t.1 == g.id).count() as u64)
-            .collect()
-    }
-
-    /// Fair share per segw (0 for those not taking tunnels).
-    fn fair(&self) -> Vec<f64> {
-        let total: f64 = self.tunnels.len() as f64;
-        let weight: u32 = self
-            .gateways
-            .iter()
-            .filter(|g| g.takes_new_tunnels())
-            .map(|g| g.weight)
-            .sum();
-        self.gateways
-            .iter()
-            .map(|g| {
-                if g.takes_new_tunnels() {
-                    total * f64::from(g.weight) / f64::from(weight)
-                } else {
-                    0.0
-                }
-            })
-            .collect()
-    }
-}
-
-/// Run `scenario` with the policy `make` builds (called once at the start
-/// and again for each hot swap).
-pub fn run(scenario: &Scenario, seed: u64, make: &mut dyn FnMut() -> Box<dyn Policy>) -> PolicyRun {
-    let first = make();
-    let name = first.name().to_string();
-    let mut farm = Farm {
-        gateways: Vec::new(),
-        tunnels: Vec::new(),
-        policy: Guarded::new(first),
-        in_policy: Duration::ZERO,
-    };
-    let mut next_id = 1;
-    let mut add = |farm: &mut Farm, spec: &SegwSpec| {
-        farm.gateways.push(Gateway {
-            id: next_id,
-            name: spec.name.clone(),
-            weight: spec.weight,
-            healthy: true,
-            draining: false,
-            tunnels: 0,
-        });
-        next_id += 1;
-    };
-    for spec in &scenario.segws {
-        add(&mut farm, spec);
-    }
-    farm.push_set();
-
-    // One stream of keys: the initial population, then each step's arrivals.
-    let churned = (scenario.tunnels as f64 * scenario.churn).round() as usize;
-    let total = scenario.tunnels + churned * scenario.events.len();
-    let mut keys = workload::tunnel_keys(seed, total, scenario.mix).into_iter();
-    let mut rng = Rng::new(seed ^ 0xc0ffee);
-    for key in keys.by_ref().take(scenario.tunnels) {
-        farm.open(key);
-    }
-
-    let mut series = vec![farm.counts()];
-    let (mut moved, mut minimum) = (Vec::new(), Vec::new());
-    for event in &scenario.events {
-        for _ in 0..churned.min(farm.tunnels.len()) {
-            let gone = rng.below(farm.tunnels.len() as u64) as usize;
-            farm.tunnels.swap_remove(gone);
-        }
-        for key in keys.by_ref().take(churned) {
-            farm.open(key);
-        }
-        let (m, min) = match event {
-            Event::Fail(n) | Event::Remove(n) => {
-                let i = farm.id(n);
-                let id = farm.gateways[i].id;
-                if matches!(event, Event::Fail(_)) {
-                    farm.gateways[i].healthy = false;
-                } else {
-                    farm.gateways.remove(i);
-                }
-                farm.push_set();
-                let stranded = farm.tunnels.iter().filter(|t| t.1 == id).count() as u64;
-                (farm.replace(|gw| gw == id), stranded)
-            }
-            Event::Recover(n) => {
-                let i = farm.id(n);
-                farm.gateways[i].healthy = true;
-                farm.push_set();
-                (0, 0)
-            }
-            Event::Add(spec) => {
-                add(&mut farm, spec);
-                farm.push_set();
-                (0, 0)
-            }
-            Event::Weight(n, w) => {
-                let i = farm.id(n);
-                farm.gateways[i].weight = *w;
-                farm.push_set();
-                (0, 0)
-            }
-            Event::Drain(n) => {
-                let i = farm.id(n);
-                farm.gateways[i].draining = true;
-                farm.push_set();
-                (0, 0)
-            }
-            Event::Swap { rebalance } => {
-                farm.policy.replace(make());
-                if *rebalance {
-                    // The fewest moves that reach fair shares: the excess
-                    // of every segw over its share.
-                    let excess: f64 = farm
-                        .counts()
-                        .iter()
-                        .zip(farm.fair())
-                        .map(|(&c, f)| (c as f64 - f).max(0.0))
-                        .sum();
-                    (farm.replace(|_| true), excess.round() as u64)
-                } else {
-                    (0, 0)
-                }
-            }
-        };
-        moved.push(m);
-        minimum.push(min);
-        series.push(farm.counts());
-    }
-    // Segws added later have no entry in the earlier snapshots: pad with 0.
-    let width = farm.gateways.len();
-    series.iter_mut().for_each(|s| s.resize(width, 0));
-
-    let ratios: Vec<f64> = farm
-        .counts()
+/// Run `scenario` with the policy `make` builds (at the start and at each
+/// swap); `progress` hears each finished step.
+pub fn run(
+    scenario: &Scenario,
+    options: Options,
+    make: &mut dyn FnMut() -> Box<dyn Policy>,
+    progress: &mut dyn FnMut(u32),
+) -> PolicyRun {
+    let out = sim::run(scenario, options.seed, make, progress);
+    let end = out.per_step.last().cloned().unwrap_or_default();
+    let fair = sim::fair_shares(&end, &out.fair_weights);
+    let ratios: Vec<f64> = end
         .iter()
-        .zip(farm.fair())
-        .filter(|(_, f)| *f > 0.0)
+        .zip(&fair)
+        .filter(|(_, f)| **f > 0.0)
         .map(|(&c, f)| c as f64 / f)
         .collect();
-    let mean = ratios.iter().sum::<f64>() / ratios.len().max(1) as f64;
-    let var = ratios.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / ratios.len().max(1) as f64;
-    let stats = farm.policy.stats();
+    let n = ratios.len().max(1) as f64;
+    let mean = ratios.iter().sum::<f64>() / n;
+    let var = ratios.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n;
     PolicyRun {
-        policy: name,
-        segws: farm.gateways.iter().map(|g| g.name.clone()).collect(),
-        tunnels_per_segw: series,
-        moved_per_event: moved,
-        minimum_moved_per_event: minimum,
-        max_over_fair: ratios.iter().copied().fold(0.0, f64::max),
-        cov: if mean > 0.0 { var.sqrt() / mean } else { 0.0 },
-        decisions: stats.decisions,
-        ns_per_decision: farm.in_policy.as_nanos() as f64 / stats.decisions.max(1) as f64,
-        fallbacks: stats.fallbacks_total(),
+        policy: out.policy,
+        scenario: scenario.name.clone(),
+        seed: options.seed,
+        segws: out.segws.iter().map(|s| s.name.clone()).collect(),
+        weights_at_end: out.fair_weights,
+        tunnels_per_segw: out
+            .segws
+            .iter()
+            .zip(&end)
+            .map(|(s, &c)| (s.name.clone(), c))
+            .collect(),
+        tunnels_over_time: out.per_step,
+        max_over_mean: round4(ratios.iter().copied().fold(0.0, f64::max)),
+        cov: round4(if mean > 0.0 { var.sqrt() / mean } else { 0.0 }),
+        events: scenario
+            .events
+            .iter()
+            .map(|e| format!("step {}: {}", e.step, e.event.label()))
+            .collect(),
+        moved_per_event: out.moved,
+        minimum_moved_per_event: out.minimum_moved,
+        split_tunnels: out.split,
+        decisions: out.decisions,
+        ns_per_decision: options
+            .timing
+            .then(|| (out.policy_ns as f64 / out.decisions.max(1) as f64).round()),
+        fallbacks: out.fallbacks,
+        frames: out.frames,
+        drops: out
+            .drops
+            .into_iter()
+            .map(|(r, n)| (r.to_string(), n))
+            .collect(),
+        returns_lost: out.returns_lost,
     }
 }
 
-/// The terminal table: one row per policy, best spread first.
+fn round4(x: f64) -> f64 {
+    (x * 1e4).round() / 1e4
+}
+
+impl PolicyRun {
+    /// Moves over all events against the minimum: 1.0 is the least any
+    /// policy could disturb.
+    pub fn disruption(&self) -> f64 {
+        let moved: u64 = self.moved_per_event.iter().sum();
+        let minimum: u64 = self.minimum_moved_per_event.iter().sum();
+        if minimum == 0 {
+            if moved == 0 {
+                1.0
+            } else {
+                f64::INFINITY
+            }
+        } else {
+            moved as f64 / minimum as f64
+        }
+    }
+}
+
+/// Best first: broken tunnels lose outright, then the spread, then the
+/// disruption.
+pub fn ranked(runs: &[PolicyRun]) -> Vec<&PolicyRun> {
+    let mut ranked: Vec<&PolicyRun> = runs.iter().collect();
+    ranked.sort_by(|a, b| {
+        a.split_tunnels
+            .cmp(&b.split_tunnels)
+            .then(a.max_over_mean.total_cmp(&b.max_over_mean))
+            .then(a.disruption().total_cmp(&b.disruption()))
+            .then(a.policy.cmp(&b.policy))
+    });
+    ranked
+}
+
+/// The terminal table: one row per policy, ranked.
 pub struct Table<'a> {
     pub scenario: &'a Scenario,
     pub seed: u64,
@@ -262,42 +166,17 @@ pub struct Table<'a> {
 
 impl fmt::Display for Table<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = self.scenario;
-        let segws: Vec<String> = s
-            .segws
-            .iter()
-            .map(|g| {
-                if g.weight == 1 {
-                    g.name.clone()
-                } else {
-                    format!("{}(w{})", g.name, g.weight)
-                }
-            })
-            .collect();
-        writeln!(
-            f,
-            "workload: {} tunnels over {}; {:.0}% NAT'd, {:.0}% raw ESP; {:.0}% churn per step; seed {}",
-            s.tunnels,
-            segws.join(" "),
-            s.mix.nat * 100.0,
-            (1.0 - s.mix.nat) * s.mix.raw_esp * 100.0,
-            s.churn * 100.0,
-            self.seed
-        )?;
-        let events: Vec<String> = s
+        writeln!(f, "scenario {}; seed {}", self.scenario, self.seed)?;
+        let events: Vec<String> = self
+            .scenario
             .events
             .iter()
             .enumerate()
-            .map(|(i, e)| format!("[{}] {}", i + 1, e.label()))
+            .map(|(i, e)| format!("[{}] step {}: {}", i + 1, e.step, e.event.label()))
             .collect();
         writeln!(f, "events:   {}", events.join("  "))?;
         writeln!(f)?;
-        let mut ranked: Vec<&PolicyRun> = self.runs.iter().collect();
-        ranked.sort_by(|a, b| {
-            a.max_over_fair
-                .total_cmp(&b.max_over_fair)
-                .then(a.policy.cmp(&b.policy))
-        });
+        let ranked = ranked(self.runs);
         let width = ranked
             .iter()
             .map(|r| moved_cell(r).chars().count())
@@ -306,37 +185,62 @@ impl fmt::Display for Table<'_> {
             .max(29);
         writeln!(
             f,
-            "{:<4} {:<18} {:>9} {:>7}  {:<width$} {:>7} {:>9}",
+            "{:<4} {:<18} {:>9} {:>7}  {:<width$} {:>5} {:>7} {:>9}",
             "rank",
             "policy",
             "max/fair",
             "cov",
             "moved at each event (minimum)",
+            "split",
             "ns/dec",
             "fallbacks"
         )?;
         for (i, r) in ranked.iter().enumerate() {
+            let ns = r
+                .ns_per_decision
+                .map_or_else(|| "-".to_string(), |ns| format!("{ns:.0}"));
             writeln!(
                 f,
-                "{:<4} {:<18} {:>9.3} {:>6.1}%  {:<width$} {:>7.0} {:>9}",
+                "{:<4} {:<18} {:>9.3} {:>6.1}%  {:<width$} {:>5} {:>7} {:>9}",
                 i + 1,
                 r.policy,
-                r.max_over_fair,
+                r.max_over_mean,
                 r.cov * 100.0,
                 moved_cell(r),
-                r.ns_per_decision,
+                r.split_tunnels,
+                ns,
                 r.fallbacks
             )?;
         }
+        for r in &ranked {
+            let dropped: u64 = r.drops.values().sum();
+            if dropped > 0 || r.returns_lost > 0 {
+                writeln!(
+                    f,
+                    "  ! {}: the balancer dropped {dropped} frames {:?}, {} replies lost",
+                    r.policy, r.drops, r.returns_lost
+                )?;
+            }
+        }
         writeln!(f)?;
-        writeln!(f, "tunnels per segw: at start, then after each event")?;
+        writeln!(
+            f,
+            "tunnels per segw: at the end of each event's step, and at the end"
+        )?;
+        let steps: Vec<usize> = self
+            .scenario
+            .events
+            .iter()
+            .map(|e| e.step as usize)
+            .chain([self.scenario.steps as usize - 1])
+            .collect();
         for r in ranked {
             writeln!(f, "  {}", r.policy)?;
             for (g, name) in r.segws.iter().enumerate() {
-                let row: Vec<String> = r
-                    .tunnels_per_segw
+                let row: Vec<String> = steps
                     .iter()
-                    .map(|s| format!("{:>6}", s[g]))
+                    .filter_map(|&s| r.tunnels_over_time.get(s))
+                    .map(|counts| format!("{:>7}", counts[g]))
                     .collect();
                 writeln!(f, "    {name:<8}{}", row.join(""))?;
             }
@@ -357,101 +261,4 @@ fn moved_cell(r: &PolicyRun) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::policy::native;
-    use crate::workload::Mix;
-
-    fn small(events: Vec<Event>) -> Scenario {
-        let segw = |name: &str| SegwSpec {
-            name: name.into(),
-            weight: 1,
-        };
-        Scenario {
-            segws: vec![segw("a"), segw("b"), segw("c")],
-            tunnels: 12,
-            mix: Mix::default(),
-            churn: 0.0,
-            events,
-        }
-    }
-
-    fn run_native(name: &str, scenario: &Scenario) -> PolicyRun {
-        run(scenario, 1, &mut || native::shipped(name, &[]).unwrap())
-    }
-
-    #[test]
-    fn round_robin_twelve_over_three_then_one_fails() {
-        let r = run_native(
-            "round-robin",
-            &small(vec![Event::Fail("b".into()), Event::Recover("b".into())]),
-        );
-        assert_eq!(r.tunnels_per_segw[0], [4, 4, 4]);
-        // b's 4 tunnels alternate over a and c; nobody else moves.
-        assert_eq!(r.tunnels_per_segw[1], [6, 0, 6]);
-        assert_eq!((r.moved_per_event[0], r.minimum_moved_per_event[0]), (4, 4));
-        // Recovery moves nothing: affinity.
-        assert_eq!(r.tunnels_per_segw[2], [6, 0, 6]);
-        assert_eq!(r.moved_per_event[1], 0);
-        assert!((r.max_over_fair - 1.5).abs() < 1e-9, "{}", r.max_over_fair);
-    }
-
-    #[test]
-    fn rebalance_minimum_is_the_excess_over_fair_shares() {
-        let r = run_native(
-            "round-robin",
-            &small(vec![
-                Event::Fail("b".into()),
-                Event::Recover("b".into()),
-                Event::Swap { rebalance: true },
-            ]),
-        );
-        // 6/0/6 against a fair 4/4/4: two must leave a and two leave c.
-        assert_eq!(r.minimum_moved_per_event[2], 4);
-        assert_eq!(r.tunnels_per_segw[3], [4, 4, 4]);
-        assert!(r.moved_per_event[2] >= 4);
-    }
-
-    #[test]
-    fn a_hot_swap_without_rebalance_moves_nothing() {
-        let r = run_native(
-            "consistent-hash",
-            &small(vec![Event::Swap { rebalance: false }]),
-        );
-        assert_eq!((r.moved_per_event[0], r.minimum_moved_per_event[0]), (0, 0));
-        assert_eq!(r.tunnels_per_segw[0], r.tunnels_per_segw[1]);
-    }
-
-    #[test]
-    fn builtin_shows_the_tradeoffs() {
-        let s = Scenario::builtin();
-        let ch = run_native("consistent-hash", &s);
-        let rr = run_native("round-robin", &s);
-        let w = run_native("weighted", &s);
-        let rebalance = s.events.len() - 1;
-        // Consistent hashing moves close to the minimum on the rebalance,
-        // round-robin far more.
-        let excess = |r: &PolicyRun| {
-            r.moved_per_event[rebalance] as f64 / r.minimum_moved_per_event[rebalance] as f64
-        };
-        assert!(
-            excess(&ch) < 1.5,
-            "consistent-hash moved {}x the minimum",
-            excess(&ch)
-        );
-        assert!(
-            excess(&rr) > 2.0,
-            "round-robin moved {}x the minimum",
-            excess(&rr)
-        );
-        // Weighted honours 2:1:1:1(:1) after the rebalance; the others cannot.
-        assert!(
-            w.max_over_fair < 1.05,
-            "weighted max/fair {}",
-            w.max_over_fair
-        );
-        // Ignoring weights, each of 5 segws gets 1/5 against a fair 1/6: 1.2.
-        assert!(rr.max_over_fair > 1.15 && ch.max_over_fair > 1.15);
-        assert_eq!(w.fallbacks + ch.fallbacks + rr.fallbacks, 0);
-    }
-}
+mod tests;

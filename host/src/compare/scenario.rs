@@ -1,26 +1,47 @@
 //! What `segwlb compare` runs: a gateway set, a tunnel population and timed
-//! events. The built-in default is the workload the README's first command
-//! shows.
+//! events, read from TOML (`config/scenarios/`). The built-in default is
+//! `config/scenarios/default.toml`, compiled in.
+//!
+//! A bad file gets an error naming the file, the line and column, and the
+//! field: `config/scenarios/x.toml:31:7: event[2].fail: no segw "segw9" at
+//! step 4 (segws then: segw1, segw2)`.
 
-use crate::workload::Mix;
+use std::collections::BTreeSet;
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
 
-#[derive(Debug, Clone, PartialEq)]
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The built-in scenario's text.
+pub const BUILTIN: &str = include_str!("../../../config/scenarios/default.toml");
+
+/// Upper bounds, so a typo cannot ask for a run that never ends.
+pub const MAX_TUNNELS: usize = 10_000_000;
+pub const MAX_STEPS: u32 = 100_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegwSpec {
     pub name: String,
     pub weight: u32,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The segw stops answering: its tunnels must go elsewhere.
+    /// The segw stops answering: it is marked down, and its tunnels go
+    /// elsewhere on their next packet.
     Fail(String),
     Recover(String),
     Add(SegwSpec),
+    /// The segw leaves the set; its tunnels go elsewhere.
     Remove(String),
     Weight(String, u32),
+    /// No new tunnels; existing ones stay.
     Drain(String),
-    /// The same policy, loaded again (a hot swap). With `rebalance`, every
-    /// live tunnel is placed afresh by it.
+    Undrain(String),
+    /// The same policy, loaded again (a hot reload). With `rebalance`, every
+    /// tunnel is placed afresh by it.
     Swap {
         rebalance: bool,
     },
@@ -35,49 +56,640 @@ impl Event {
             Event::Remove(n) => format!("{n} removed"),
             Event::Weight(n, w) => format!("{n} weight → {w}"),
             Event::Drain(n) => format!("{n} drains"),
+            Event::Undrain(n) => format!("{n} undrains"),
             Event::Swap { rebalance: false } => "policy hot-swap".into(),
             Event::Swap { rebalance: true } => "rebalance".into(),
         }
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct Scenario {
-    pub segws: Vec<SegwSpec>,
-    pub tunnels: usize,
-    pub mix: Mix,
-    /// Share of live tunnels that end, and are replaced by new ones, before
-    /// each event.
+/// An event and the step at whose start it happens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimedEvent {
+    pub step: u32,
+    pub event: Event,
+}
+
+/// The tunnel population.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Population {
+    /// Tunnels alive at any time.
+    pub count: usize,
+    /// Steps over which the initial population arrives (evenly).
+    pub arrive_over: u32,
+    /// Share behind NAT.
+    pub nat: f64,
+    /// Public addresses the NAT'd share hides behind.
+    pub nat_addresses: u32,
+    /// Share of the non-NAT'd tunnels sending raw ESP (the rest: ESP in UDP).
+    pub raw_esp: f64,
+    /// Share of live tunnels ending per step, replaced by new ones.
     pub churn: f64,
-    pub events: Vec<Event>,
+    pub packets_per_step: u32,
+    pub esp_bytes: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scenario {
+    pub name: String,
+    pub step_secs: u64,
+    pub steps: u32,
+    pub segws: Vec<SegwSpec>,
+    pub tunnels: Population,
+    /// Sorted by step (file order within a step).
+    pub events: Vec<TimedEvent>,
+}
+
+/// A scenario file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}:{column}: {field}: {message}")]
+    Invalid {
+        file: String,
+        line: usize,
+        column: usize,
+        /// Dotted path of the field, e.g. `event[2].fail` or `tunnels.nat`.
+        field: String,
+        message: String,
+    },
 }
 
 impl Scenario {
-    /// ~10,000 tunnels over 4 segws (segw1 with double weight), 20% NAT'd,
-    /// churn, one failure and recovery, one addition, a hot swap and a
-    /// rebalance.
+    /// The built-in default: ~10,000 tunnels over 4 segws (segw1 with double
+    /// weight), 20% NAT'd, churn, one failure and recovery, one addition, a
+    /// hot swap and a rebalance.
     pub fn builtin() -> Self {
-        let segw = |name: &str, weight| SegwSpec {
-            name: name.into(),
-            weight,
+        Scenario::parse(BUILTIN, "<built-in>").expect("the built-in scenario is valid")
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ScenarioError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Scenario::parse(&text, &file)
+    }
+
+    /// Parse and validate `text`; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, ScenarioError> {
+        let at = |span: Range<usize>, field: String, message: String| {
+            let (line, column) = line_column(text, span.start);
+            ScenarioError::Invalid {
+                file: file.to_string(),
+                line,
+                column,
+                field,
+                message,
+            }
         };
-        Scenario {
-            segws: vec![
-                segw("segw1", 2),
-                segw("segw2", 1),
-                segw("segw3", 1),
-                segw("segw4", 1),
-            ],
-            tunnels: 10_000,
-            mix: Mix::default(),
-            churn: 0.05,
-            events: vec![
-                Event::Fail("segw3".into()),
-                Event::Recover("segw3".into()),
-                Event::Add(segw("segw5", 1)),
-                Event::Swap { rebalance: false },
-                Event::Swap { rebalance: true },
-            ],
+        let raw: RawScenario = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let field = field_at(text, span.start);
+            at(span, field, e.message().to_string())
+        })?;
+        raw.validate(&at)
+    }
+
+    /// Tunnels that ever exist: the population plus every replacement.
+    pub fn total_tunnels(&self) -> usize {
+        let churned = (self.tunnels.count as f64 * self.tunnels.churn).round() as usize;
+        self.tunnels.count + churned * self.steps as usize
+    }
+
+    /// Every segw that ever takes part: the initial set, then additions.
+    pub fn all_segws(&self) -> Vec<SegwSpec> {
+        let mut all = self.segws.clone();
+        for e in &self.events {
+            if let Event::Add(s) = &e.event {
+                if !all.iter().any(|g| g.name == s.name) {
+                    all.push(s.clone());
+                }
+            }
         }
+        all
+    }
+}
+
+impl fmt::Display for Scenario {
+    /// One line: what the workload is.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let segws: Vec<String> = self
+            .segws
+            .iter()
+            .map(|g| match g.weight {
+                1 => g.name.clone(),
+                w => format!("{}(w{w})", g.name),
+            })
+            .collect();
+        let t = &self.tunnels;
+        write!(
+            f,
+            "{}: {} tunnels over {}; {:.0}% NAT'd, {:.0}% raw ESP; {:.0}% churn per step; {} steps of {} s",
+            self.name,
+            t.count,
+            segws.join(" "),
+            t.nat * 100.0,
+            (1.0 - t.nat) * t.raw_esp * 100.0,
+            t.churn * 100.0,
+            self.steps,
+            self.step_secs,
+        )
+    }
+}
+
+// ----- the file as written ------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScenario {
+    name: Option<String>,
+    step_secs: Spanned<u64>,
+    steps: Spanned<u32>,
+    #[serde(default)]
+    segw: Vec<Spanned<RawSegw>>,
+    tunnels: RawPopulation,
+    #[serde(default)]
+    event: Vec<Spanned<RawEvent>>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawSegw {
+    name: Spanned<String>,
+    #[serde(default = "one")]
+    weight: Spanned<u32>,
+}
+
+fn one() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPopulation {
+    count: Spanned<usize>,
+    #[serde(default)]
+    arrive_over: u32,
+    #[serde(default = "zero")]
+    nat: Spanned<f64>,
+    #[serde(default = "nat_addresses")]
+    nat_addresses: Spanned<u32>,
+    #[serde(default = "zero")]
+    raw_esp: Spanned<f64>,
+    #[serde(default = "zero")]
+    churn: Spanned<f64>,
+    #[serde(default = "packets_per_step")]
+    packets_per_step: u32,
+    #[serde(default = "esp_bytes")]
+    esp_bytes: Spanned<u32>,
+}
+
+fn zero() -> Spanned<f64> {
+    Spanned::new(0..0, 0.0)
+}
+fn nat_addresses() -> Spanned<u32> {
+    Spanned::new(0..0, 64)
+}
+fn packets_per_step() -> u32 {
+    1
+}
+fn esp_bytes() -> Spanned<u32> {
+    Spanned::new(0..0, 120)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvent {
+    step: Spanned<u32>,
+    fail: Option<Spanned<String>>,
+    recover: Option<Spanned<String>>,
+    add: Option<Spanned<RawSegw>>,
+    remove: Option<Spanned<String>>,
+    weight: Option<Spanned<RawWeight>>,
+    drain: Option<Spanned<String>>,
+    undrain: Option<Spanned<String>>,
+    swap: Option<Spanned<RawSwap>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWeight {
+    segw: Spanned<String>,
+    to: Spanned<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSwap {
+    #[serde(default)]
+    rebalance: bool,
+}
+
+type At<'a> = dyn Fn(Range<usize>, String, String) -> ScenarioError + 'a;
+
+impl RawScenario {
+    fn validate(self, at: &At) -> Result<Scenario, ScenarioError> {
+        let steps = *self.steps.get_ref();
+        if steps == 0 || steps > MAX_STEPS {
+            return Err(at(
+                self.steps.span(),
+                "steps".into(),
+                format!("must be 1..={MAX_STEPS}, not {steps}"),
+            ));
+        }
+        if *self.step_secs.get_ref() == 0 {
+            return Err(at(
+                self.step_secs.span(),
+                "step_secs".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.segw.is_empty() {
+            return Err(at(
+                0..0,
+                "segw".into(),
+                "no [[segw]]: name at least one".into(),
+            ));
+        }
+        let mut segws = Vec::new();
+        let mut names = BTreeSet::new();
+        for (i, s) in self.segw.iter().enumerate() {
+            let spec = segw_spec(s.get_ref(), &format!("segw[{}]", i + 1), at)?;
+            if !names.insert(spec.name.clone()) {
+                return Err(at(
+                    s.get_ref().name.span(),
+                    format!("segw[{}].name", i + 1),
+                    format!("duplicate segw {:?}", spec.name),
+                ));
+            }
+            segws.push(spec);
+        }
+        let tunnels = self.tunnels.validate(at)?;
+
+        let mut events: Vec<TimedEvent> = Vec::new();
+        let mut order: Vec<usize> = (0..self.event.len()).collect();
+        order.sort_by_key(|&i| *self.event[i].get_ref().step.get_ref());
+        // Check names against the set as it is when each event happens.
+        for i in order {
+            let raw = self.event[i].get_ref();
+            let field = format!("event[{}]", i + 1);
+            let step = *raw.step.get_ref();
+            if step >= steps {
+                return Err(at(
+                    raw.step.span(),
+                    format!("{field}.step"),
+                    format!("{step} is past the last step ({})", steps - 1),
+                ));
+            }
+            let event = raw.event(self.event[i].span(), &field, &names, at)?;
+            match &event {
+                Event::Add(s) => {
+                    names.insert(s.name.clone());
+                }
+                Event::Remove(n) => {
+                    names.remove(n);
+                }
+                _ => {}
+            }
+            events.push(TimedEvent { step, event });
+        }
+        Ok(Scenario {
+            name: self.name.unwrap_or_else(|| "scenario".into()),
+            step_secs: *self.step_secs.get_ref(),
+            steps,
+            segws,
+            tunnels,
+            events,
+        })
+    }
+}
+
+fn segw_spec(raw: &RawSegw, field: &str, at: &At) -> Result<SegwSpec, ScenarioError> {
+    let name = raw.name.get_ref().trim();
+    if name.is_empty() {
+        return Err(at(
+            raw.name.span(),
+            format!("{field}.name"),
+            "must not be empty".into(),
+        ));
+    }
+    let weight = *raw.weight.get_ref();
+    if weight == 0 {
+        return Err(at(
+            raw.weight.span(),
+            format!("{field}.weight"),
+            "must be at least 1 (drain a segw to stop new tunnels)".into(),
+        ));
+    }
+    Ok(SegwSpec {
+        name: name.to_string(),
+        weight,
+    })
+}
+
+impl RawPopulation {
+    fn validate(self, at: &At) -> Result<Population, ScenarioError> {
+        let count = *self.count.get_ref();
+        if count == 0 || count > MAX_TUNNELS {
+            return Err(at(
+                self.count.span(),
+                "tunnels.count".into(),
+                format!("must be 1..={MAX_TUNNELS}, not {count}"),
+            ));
+        }
+        for (name, share) in [
+            ("nat", &self.nat),
+            ("raw_esp", &self.raw_esp),
+            ("churn", &self.churn),
+        ] {
+            let v = *share.get_ref();
+            if !(0.0..=1.0).contains(&v) {
+                return Err(at(
+                    share.span(),
+                    format!("tunnels.{name}"),
+                    format!("is a share: 0.0..=1.0, not {v}"),
+                ));
+            }
+        }
+        if *self.nat_addresses.get_ref() == 0 {
+            return Err(at(
+                self.nat_addresses.span(),
+                "tunnels.nat_addresses".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        let esp = *self.esp_bytes.get_ref();
+        if !(8..=1400).contains(&esp) {
+            return Err(at(
+                self.esp_bytes.span(),
+                "tunnels.esp_bytes".into(),
+                format!("must be 8..=1400 (SPI and sequence number, at most one frame), not {esp}"),
+            ));
+        }
+        Ok(Population {
+            count,
+            arrive_over: self.arrive_over,
+            nat: *self.nat.get_ref(),
+            nat_addresses: *self.nat_addresses.get_ref(),
+            raw_esp: *self.raw_esp.get_ref(),
+            churn: *self.churn.get_ref(),
+            packets_per_step: self.packets_per_step,
+            esp_bytes: esp,
+        })
+    }
+}
+
+impl RawEvent {
+    fn event(
+        &self,
+        span: Range<usize>,
+        field: &str,
+        names: &BTreeSet<String>,
+        at: &At,
+    ) -> Result<Event, ScenarioError> {
+        let step = *self.step.get_ref();
+        let known = |n: &Spanned<String>, action: &str| -> Result<String, ScenarioError> {
+            let name = n.get_ref().trim().to_string();
+            if names.contains(&name) {
+                Ok(name)
+            } else {
+                let then: Vec<&str> = names.iter().map(String::as_str).collect();
+                Err(at(
+                    n.span(),
+                    format!("{field}.{action}"),
+                    format!(
+                        "no segw {name:?} at step {step} (segws then: {})",
+                        then.join(", ")
+                    ),
+                ))
+            }
+        };
+        let mut found: Vec<(&str, Event)> = Vec::new();
+        if let Some(n) = &self.fail {
+            found.push(("fail", Event::Fail(known(n, "fail")?)));
+        }
+        if let Some(n) = &self.recover {
+            found.push(("recover", Event::Recover(known(n, "recover")?)));
+        }
+        if let Some(s) = &self.add {
+            let spec = segw_spec(s.get_ref(), &format!("{field}.add"), at)?;
+            if names.contains(&spec.name) {
+                return Err(at(
+                    s.get_ref().name.span(),
+                    format!("{field}.add.name"),
+                    format!("segw {:?} is already in the set at step {step}", spec.name),
+                ));
+            }
+            found.push(("add", Event::Add(spec)));
+        }
+        if let Some(n) = &self.remove {
+            found.push(("remove", Event::Remove(known(n, "remove")?)));
+        }
+        if let Some(w) = &self.weight {
+            let w = w.get_ref();
+            let name = known(&w.segw, "weight.segw")?;
+            if *w.to.get_ref() == 0 {
+                return Err(at(
+                    w.to.span(),
+                    format!("{field}.weight.to"),
+                    "must be at least 1 (drain a segw to stop new tunnels)".into(),
+                ));
+            }
+            found.push(("weight", Event::Weight(name, *w.to.get_ref())));
+        }
+        if let Some(n) = &self.drain {
+            found.push(("drain", Event::Drain(known(n, "drain")?)));
+        }
+        if let Some(n) = &self.undrain {
+            found.push(("undrain", Event::Undrain(known(n, "undrain")?)));
+        }
+        if let Some(s) = &self.swap {
+            found.push((
+                "swap",
+                Event::Swap {
+                    rebalance: s.get_ref().rebalance,
+                },
+            ));
+        }
+        match found.len() {
+            1 => Ok(found.pop().expect("one").1),
+            0 => Err(at(
+                span,
+                field.to_string(),
+                "no action: give one of fail, recover, add, remove, weight, drain, undrain, swap"
+                    .into(),
+            )),
+            _ => {
+                let names: Vec<&str> = found.iter().map(|f| f.0).collect();
+                Err(at(
+                    span,
+                    field.to_string(),
+                    format!(
+                        "one action per event, found {} (split it into events at the same step)",
+                        names.join(" and ")
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// 1-based line and column of byte `offset`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
+    (line, column)
+}
+
+/// The dotted field at `offset`, read off the text: the key on that line,
+/// under the nearest table header above it (`tunnels.nat`, `event.step`).
+fn field_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = &text[line_start..line_end];
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().to_string())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    match (table, key) {
+        (Some(t), Some(k)) => format!("{t}.{k}"),
+        (None, Some(k)) => k,
+        (Some(t), None) => t,
+        (None, None) => "(top level)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(text: &str) -> String {
+        Scenario::parse(text, "s.toml").unwrap_err().to_string()
+    }
+
+    const BASE: &str = "step_secs = 10\nsteps = 4\n[[segw]]\nname = \"a\"\n[[segw]]\nname = \"b\"\n[tunnels]\ncount = 12\n";
+
+    #[test]
+    fn the_builtin_is_the_default_file_and_holds_the_issue_s_workload() {
+        let s = Scenario::builtin();
+        assert_eq!(s.tunnels.count, 10_000);
+        assert_eq!(
+            s.segws.iter().map(|g| g.weight).collect::<Vec<_>>(),
+            [2, 1, 1, 1]
+        );
+        assert!((s.tunnels.nat - 0.2).abs() < 1e-12);
+        let events: Vec<&Event> = s.events.iter().map(|e| &e.event).collect();
+        assert!(matches!(events[0], Event::Fail(n) if n == "segw3"));
+        assert!(matches!(events[1], Event::Recover(n) if n == "segw3"));
+        assert!(matches!(events[2], Event::Add(_)));
+        assert_eq!(events[3], &Event::Swap { rebalance: false });
+        assert_eq!(s.all_segws().len(), 5);
+    }
+
+    #[test]
+    fn a_minimal_file_takes_defaults() {
+        let s = Scenario::parse(BASE, "s.toml").unwrap();
+        assert_eq!(
+            s.segws[1],
+            SegwSpec {
+                name: "b".into(),
+                weight: 1
+            }
+        );
+        assert_eq!(s.tunnels.esp_bytes, 120);
+        assert!(s.events.is_empty());
+    }
+
+    #[test]
+    fn a_typo_in_a_field_names_file_line_and_field() {
+        let e = error(&format!("{BASE}natt = 0.2\n"));
+        assert!(
+            e.starts_with("s.toml:9:1: tunnels.natt: unknown field `natt`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_field() {
+        let e = error(&BASE.replace("count = 12", "count = \"many\""));
+        assert!(
+            e.starts_with("s.toml:8:9: tunnels.count: invalid type"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_with_the_allowed_range() {
+        let e = error(&format!("{BASE}churn = 1.5\n"));
+        assert_eq!(
+            e,
+            "s.toml:9:9: tunnels.churn: is a share: 0.0..=1.0, not 1.5"
+        );
+        let e = error(&BASE.replace("steps = 4", "steps = 0"));
+        assert_eq!(e, "s.toml:2:9: steps: must be 1..=100000, not 0");
+    }
+
+    #[test]
+    fn an_event_naming_an_unknown_segw_says_which_exist_then() {
+        let e = error(&format!("{BASE}[[event]]\nstep = 1\nfail = \"c\"\n"));
+        assert_eq!(
+            e,
+            "s.toml:11:8: event[1].fail: no segw \"c\" at step 1 (segws then: a, b)"
+        );
+        // Known once added, in step order whatever the file order.
+        let ok = format!(
+            "{BASE}[[event]]\nstep = 2\nfail = \"c\"\n[[event]]\nstep = 1\nadd = {{ name = \"c\" }}\n"
+        );
+        let s = Scenario::parse(&ok, "s.toml").unwrap();
+        assert_eq!(s.events[0].step, 1);
+        assert_eq!(s.events[1].event, Event::Fail("c".into()));
+    }
+
+    #[test]
+    fn an_event_needs_exactly_one_action_within_the_run() {
+        let e = error(&format!("{BASE}[[event]]\nstep = 1\n"));
+        assert!(e.starts_with("s.toml:9:1: event[1]: no action"), "{e}");
+        let e = error(&format!(
+            "{BASE}[[event]]\nstep = 1\nfail = \"a\"\ndrain = \"b\"\n"
+        ));
+        assert!(
+            e.contains("event[1]: one action per event, found fail and drain"),
+            "{e}"
+        );
+        let e = error(&format!("{BASE}[[event]]\nstep = 4\nfail = \"a\"\n"));
+        assert_eq!(e, "s.toml:10:8: event[1].step: 4 is past the last step (3)");
+    }
+
+    #[test]
+    fn duplicate_segws_and_zero_weights_are_refused() {
+        let e = error(&BASE.replace("name = \"b\"", "name = \"a\""));
+        assert_eq!(e, "s.toml:6:8: segw[2].name: duplicate segw \"a\"");
+        let e = error(&BASE.replace("name = \"b\"", "name = \"b\"\nweight = 0"));
+        assert!(
+            e.starts_with("s.toml:7:10: segw[2].weight: must be at least 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let e = Scenario::load(Path::new("/nonexistent/x.toml")).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("/nonexistent/x.toml: cannot read"));
     }
 }

@@ -197,3 +197,53 @@ pub fn icmp_too_big(from: IpAddr, to: IpAddr, offending: &[u8], mtu: u32) -> Vec
     icmp[2..4].copy_from_slice(&sum.to_be_bytes());
     ip_packet(from, to, if v6 { 58 } else { 1 }, &icmp, 7)
 }
+
+/// One ESP packet over IPv4 in an Ethernet frame, written into `buf`
+/// (cleared first) without allocating: what the simulation sends millions
+/// of. With ports it is ESP in UDP (RFC 3948), whose UDP checksum senders
+/// leave at zero as strongSwan does; without, raw ESP (protocol 50).
+pub struct EspFrame {
+    pub dst: Mac,
+    pub src: Mac,
+    pub from: std::net::Ipv4Addr,
+    pub to: std::net::Ipv4Addr,
+    /// (source port, destination port) for ESP in UDP.
+    pub ports: Option<(u16, u16)>,
+    pub spi: u32,
+    pub seq: u32,
+    /// ESP bytes: SPI, sequence number, then ciphertext (at least 8).
+    pub len: usize,
+}
+
+impl EspFrame {
+    pub fn write(&self, buf: &mut Vec<u8>) {
+        let esp_len = self.len.max(8);
+        let udp_len = if self.ports.is_some() { 8 } else { 0 };
+        let ip_len = 20 + udp_len + esp_len;
+        buf.clear();
+        buf.extend_from_slice(&self.dst);
+        buf.extend_from_slice(&self.src);
+        buf.extend_from_slice(&[0x08, 0x00]);
+        let protocol = if self.ports.is_some() { 17 } else { 50 };
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&(ip_len as u16).to_be_bytes());
+        ip[4..6].copy_from_slice(&(self.seq as u16).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = protocol;
+        ip[12..16].copy_from_slice(&self.from.octets());
+        ip[16..20].copy_from_slice(&self.to.octets());
+        let sum = checksum::internet(&ip);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        buf.extend_from_slice(&ip);
+        if let Some((sport, dport)) = self.ports {
+            buf.extend_from_slice(&sport.to_be_bytes());
+            buf.extend_from_slice(&dport.to_be_bytes());
+            buf.extend_from_slice(&((8 + esp_len) as u16).to_be_bytes());
+            buf.extend_from_slice(&[0, 0]);
+        }
+        buf.extend_from_slice(&self.spi.to_be_bytes());
+        buf.extend_from_slice(&self.seq.to_be_bytes());
+        buf.resize(14 + ip_len, 0xe5);
+    }
+}

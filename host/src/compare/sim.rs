@@ -1,0 +1,549 @@
+//! A scenario as real frames through the real balancer core, on in-memory
+//! ports, on simulated time.
+//!
+//! Each tunnel is a peer that opens with IKE_SA_INIT on 500, answers and
+//! floats to 4500 (through its NAT, with a port the NAT chose) or stays on
+//! 500 and sends raw ESP, then sends ESP every step; its segw answers every
+//! frame. Where each frame lands is the truth the report is made of: a
+//! tunnel "is on" the segw its last packet reached. The balancer does not
+//! know the simulation exists: it sees frames, a port and a time.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::scenario::{Event, Scenario, SegwSpec};
+use crate::balancer::affinity::Timeouts;
+use crate::balancer::{
+    farm, Balancer, Config, DropReason, GatewaySpec, PortId, Prefix, Verdict, UPLINK,
+};
+use crate::packet::craft::{self, EspFrame};
+use crate::packet::{ike, IkeHeader, Mac};
+use crate::policy::{CallError, Gateway, Policy, TunnelKey};
+use crate::time::Timestamp;
+use crate::workload::{Rng, VIP};
+
+/// The initiator side's router: the source MAC of every frame from peers.
+const ROUTER: Mac = [2, 0xaa, 0, 0, 0, 1];
+/// Bytes of IKE payload after the header (a typical IKE_SA_INIT is ~300).
+const IKE_EXTRA: usize = 240;
+
+/// What one policy's run through a scenario saw.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub policy: String,
+    /// Every segw that took part, in scenario order (additions last).
+    pub segws: Vec<SegwSpec>,
+    /// Live tunnels per segw (in `segws` order) at the end of each step.
+    pub per_step: Vec<Vec<u64>>,
+    /// Per event: tunnels whose packets reached a different segw in the
+    /// event's step, and the fewest any policy could have moved.
+    pub moved: Vec<u64>,
+    pub minimum_moved: Vec<u64>,
+    /// Tunnels whose packets reached a second segw while the first was
+    /// still up, with no rebalance asked for.
+    pub split: u64,
+    /// At the end: which segws take new tunnels, and their weights then.
+    pub fair_weights: Vec<u32>,
+    pub decisions: u64,
+    pub policy_ns: u64,
+    pub fallbacks: u64,
+    pub frames: u64,
+    /// Frames the balancer dropped, by reason (none expected).
+    pub drops: Vec<(&'static str, u64)>,
+    /// Frames a segw sent that did not reach the initiator side.
+    pub returns_lost: u64,
+}
+
+/// A policy with a stopwatch on `choose`.
+struct Timed {
+    inner: Box<dyn Policy>,
+    spent_ns: Arc<AtomicU64>,
+}
+
+impl Policy for Timed {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn set_gateways(&mut self, gateways: &[Gateway]) -> Result<(), CallError> {
+        self.inner.set_gateways(gateways)
+    }
+    fn choose(&mut self, key: &TunnelKey) -> Result<Option<u32>, CallError> {
+        let started = Instant::now();
+        let answer = self.inner.choose(key);
+        self.spent_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        answer
+    }
+}
+
+struct Peer {
+    addr: Ipv4Addr,
+    /// Source port of IKE on 500: 500, or what the NAT made of it.
+    ike_port: u16,
+    /// Source port after the float to 4500; `None`: raw ESP, IKE stays on 500.
+    natt_port: Option<u16>,
+    ike_spi: u64,
+    responder_spi: u64,
+    /// ESP SPIs: towards the segw, and back.
+    spi_in: u32,
+    spi_out: u32,
+    seq: u32,
+    /// Where its packets land (index into `segws`); `None` before the first.
+    segw: Option<usize>,
+}
+
+#[derive(Clone, Copy)]
+struct SegwNow {
+    present: bool,
+    up: bool,
+    draining: bool,
+    weight: u32,
+}
+
+struct Sim<'s> {
+    scenario: &'s Scenario,
+    segws: Vec<SegwSpec>,
+    state: Vec<SegwNow>,
+    lb: Balancer<Timed>,
+    spent_ns: Arc<AtomicU64>,
+    peers: Vec<Peer>,
+    counts: Vec<u64>,
+    rng: Rng,
+    next_host: u32,
+    nat_ports: Vec<u16>,
+    now: Timestamp,
+    rebalancing: bool,
+    moved_this_step: u64,
+    split: u64,
+    frames: u64,
+    returns_lost: u64,
+    buf: Vec<u8>,
+}
+
+/// Run `scenario` with the policy `make` builds (once at the start, again at
+/// each swap). `progress` hears each finished step.
+pub fn run(
+    scenario: &Scenario,
+    seed: u64,
+    make: &mut dyn FnMut() -> Box<dyn Policy>,
+    progress: &mut dyn FnMut(u32),
+) -> Outcome {
+    let segws = scenario.all_segws();
+    let spent_ns = Arc::new(AtomicU64::new(0));
+    let first = Timed {
+        inner: make(),
+        spent_ns: spent_ns.clone(),
+    };
+    let policy = first.name().to_string();
+    let ports = segws.len() as PortId;
+    let config = Config {
+        port_macs: (0..=ports).map(farm::port_mac).collect(),
+        proxy: vec![Prefix::new(IpAddr::V4(VIP), 32).expect("a /32")],
+        // Room for every tunnel that ever lives: ended ones stay until idle
+        // expiry, as they would in a real balancer.
+        max_tunnels: scenario.total_tunnels() + 1024,
+        timeouts: Timeouts::default(),
+    };
+    let mut sim = Sim {
+        scenario,
+        state: segws
+            .iter()
+            .enumerate()
+            .map(|(i, s)| SegwNow {
+                present: i < scenario.segws.len(),
+                up: true,
+                draining: false,
+                weight: s.weight,
+            })
+            .collect(),
+        counts: vec![0; segws.len()],
+        segws,
+        lb: Balancer::new(config, first),
+        spent_ns,
+        peers: Vec::with_capacity(scenario.tunnels.count),
+        rng: Rng::new(seed),
+        next_host: 0,
+        nat_ports: vec![0; scenario.tunnels.nat_addresses as usize],
+        now: Timestamp::ZERO,
+        rebalancing: false,
+        moved_this_step: 0,
+        split: 0,
+        frames: 0,
+        returns_lost: 0,
+        buf: Vec::with_capacity(1600),
+    };
+    for i in 0..scenario.segws.len() {
+        sim.add_gateway(i);
+    }
+
+    let t = &scenario.tunnels;
+    let arrive_over = t.arrive_over.max(1) as usize;
+    let churned = (t.count as f64 * t.churn).round() as usize;
+    let (mut moved, mut minimum) = (Vec::new(), Vec::new());
+    let mut per_step = Vec::with_capacity(scenario.steps as usize);
+    let mut last_event: Option<usize> = None;
+    for step in 0..scenario.steps {
+        sim.now = Timestamp::from_secs(u64::from(step) * scenario.step_secs);
+        sim.moved_this_step = 0;
+        sim.rebalancing = false;
+        // Tunnels end first, so an event's minimum counts only tunnels that
+        // will send in its step.
+        if step as usize >= arrive_over {
+            for _ in 0..churned.min(sim.peers.len()) {
+                let gone = sim.rng.below(sim.peers.len() as u64) as usize;
+                let peer = sim.peers.swap_remove(gone);
+                if let Some(g) = peer.segw {
+                    sim.counts[g] -= 1;
+                }
+            }
+        }
+        for event in scenario.events.iter().filter(|e| e.step == step) {
+            minimum.push(sim.apply(&event.event, make));
+            moved.push(0);
+            last_event = Some(moved.len() - 1);
+        }
+        let arrivals = if (step as usize) < arrive_over {
+            t.count * (step as usize + 1) / arrive_over - t.count * step as usize / arrive_over
+        } else {
+            t.count.saturating_sub(sim.peers.len())
+        };
+        let old = sim.peers.len();
+        for _ in 0..arrivals {
+            sim.arrive();
+        }
+        for i in 0..sim.peers.len() {
+            if i >= old {
+                sim.open(i);
+            }
+            for _ in 0..t.packets_per_step {
+                sim.esp(i);
+            }
+        }
+        match last_event {
+            Some(e) => moved[e] += sim.moved_this_step,
+            None => sim.split += sim.moved_this_step,
+        }
+        per_step.push(sim.counts.clone());
+        sim.lb.expire(sim.now, usize::MAX);
+        progress(step);
+    }
+
+    let stats = sim.lb.policy_stats();
+    let counters = sim.lb.counters();
+    Outcome {
+        policy,
+        fair_weights: sim
+            .state
+            .iter()
+            .map(|s| {
+                if s.present && s.up && !s.draining {
+                    s.weight
+                } else {
+                    0
+                }
+            })
+            .collect(),
+        segws: sim.segws,
+        per_step,
+        moved,
+        minimum_moved: minimum,
+        split: sim.split,
+        decisions: stats.decisions,
+        policy_ns: sim.spent_ns.load(Ordering::Relaxed),
+        fallbacks: stats.fallbacks_total(),
+        frames: sim.frames,
+        drops: DropReason::ALL
+            .iter()
+            .map(|&r| (r.as_str(), counters.dropped(r)))
+            .filter(|&(_, n)| n > 0)
+            .collect(),
+        returns_lost: sim.returns_lost,
+    }
+}
+
+impl Sim<'_> {
+    fn add_gateway(&mut self, i: usize) {
+        let port = (i + 1) as PortId;
+        let spec = GatewaySpec {
+            name: self.segws[i].name.clone(),
+            port,
+            mac: Some(farm::segw_mac(port as u8)),
+            weight: self.segws[i].weight,
+            ..Default::default()
+        };
+        self.lb
+            .add_gateway(spec, self.now)
+            .expect("the scenario was validated: names are unique");
+    }
+
+    fn index(&self, name: &str) -> usize {
+        self.segws
+            .iter()
+            .position(|s| s.name == name)
+            .expect("the scenario was validated: events name known segws")
+    }
+
+    /// Apply one event; returns the fewest tunnels any policy must move.
+    fn apply(&mut self, event: &Event, make: &mut dyn FnMut() -> Box<dyn Policy>) -> u64 {
+        let now = self.now;
+        let checked = "the scenario was validated: events name segws present then";
+        match event {
+            Event::Fail(n) | Event::Recover(n) => {
+                let up = matches!(event, Event::Recover(_));
+                self.lb.set_healthy(n, up, now).expect(checked);
+                let i = self.index(n);
+                self.state[i].up = up;
+                if up {
+                    0
+                } else {
+                    self.counts[i]
+                }
+            }
+            Event::Add(spec) => {
+                let i = self.index(&spec.name);
+                self.segws[i].weight = spec.weight;
+                self.state[i] = SegwNow {
+                    present: true,
+                    up: true,
+                    draining: false,
+                    weight: spec.weight,
+                };
+                self.add_gateway(i);
+                0
+            }
+            Event::Remove(n) => {
+                self.lb.remove_gateway(n, now).expect(checked);
+                let i = self.index(n);
+                self.state[i].present = false;
+                self.counts[i]
+            }
+            Event::Weight(n, w) => {
+                self.lb.set_weight(n, *w, now).expect(checked);
+                let i = self.index(n);
+                self.state[i].weight = *w;
+                0
+            }
+            Event::Drain(n) | Event::Undrain(n) => {
+                let draining = matches!(event, Event::Drain(_));
+                self.lb.set_draining(n, draining, now).expect(checked);
+                let i = self.index(n);
+                self.state[i].draining = draining;
+                0
+            }
+            Event::Swap { rebalance } => {
+                let next = Timed {
+                    inner: make(),
+                    spent_ns: self.spent_ns.clone(),
+                };
+                self.lb.replace_policy(next, *rebalance, now);
+                self.rebalancing = *rebalance;
+                if *rebalance {
+                    self.excess_over_fair()
+                } else {
+                    0
+                }
+            }
+        }
+    }
+
+    /// The fewest moves that bring every segw to its fair share: the sum of
+    /// each segw's excess over it.
+    fn excess_over_fair(&self) -> u64 {
+        let fair = fair_shares(&self.counts, &self.state_weights());
+        self.counts
+            .iter()
+            .zip(fair)
+            .map(|(&c, f)| (c as f64 - f).max(0.0))
+            .sum::<f64>()
+            .round() as u64
+    }
+
+    fn state_weights(&self) -> Vec<u32> {
+        self.state
+            .iter()
+            .map(|s| {
+                if s.present && s.up && !s.draining {
+                    s.weight
+                } else {
+                    0
+                }
+            })
+            .collect()
+    }
+
+    /// A new peer: its own address, or a NAT's address with a fresh port.
+    fn arrive(&mut self) {
+        let t = &self.scenario.tunnels;
+        let ike_spi = self.rng.next_u64() | 1;
+        let responder_spi = self.rng.next_u64() | 1;
+        let spi_in = (self.rng.next_u64() as u32) | 0x100;
+        let spi_out = (self.rng.next_u64() as u32) | 0x100;
+        let (addr, ike_port, natt_port) = if self.rng.chance(t.nat) {
+            let nat = self.rng.below(u64::from(t.nat_addresses)) as usize;
+            // 100.64.0.0/10, carrier-grade NAT space; the NAT hands out
+            // ports in turn, one mapping for 500 and one for 4500.
+            let mut port = || {
+                self.nat_ports[nat] = self.nat_ports[nat].wrapping_add(1);
+                1024 + self.nat_ports[nat] % 64_000
+            };
+            let (a, b) = (port(), port());
+            (Ipv4Addr::from(0x6440_0000 + nat as u32), a, Some(b))
+        } else {
+            // 10.0.0.0/8, a distinct address each (an odd stride visits all).
+            self.next_host = self.next_host.wrapping_add(0x9e3779b1);
+            let addr = Ipv4Addr::from(0x0a00_0000 | (self.next_host & 0x00ff_ffff));
+            let raw = self.rng.chance(t.raw_esp);
+            (addr, 500, if raw { None } else { Some(4500) })
+        };
+        self.peers.push(Peer {
+            addr,
+            ike_port,
+            natt_port,
+            ike_spi,
+            responder_spi,
+            spi_in,
+            spi_out,
+            seq: 0,
+            segw: None,
+        });
+    }
+
+    /// IKE_SA_INIT and IKE_AUTH, each answered.
+    fn open(&mut self, i: usize) {
+        let p = &self.peers[i];
+        let (addr, ike_port, natt_port) = (IpAddr::V4(p.addr), p.ike_port, p.natt_port);
+        let (initiator_spi, their_spi) = (p.ike_spi, p.responder_spi);
+        let vip = IpAddr::V4(VIP);
+        let header = |exchange, responder_spi, response: bool| IkeHeader {
+            initiator_spi,
+            responder_spi,
+            exchange,
+            from_initiator: !response,
+            response,
+            message_id: u32::from(exchange == ike::IKE_AUTH),
+        };
+        let init = header(ike::IKE_SA_INIT, 0, false);
+        let init_reply = header(ike::IKE_SA_INIT, their_spi, true);
+        let auth = header(ike::IKE_AUTH, their_spi, false);
+        let auth_reply = header(ike::IKE_AUTH, their_spi, true);
+        let (port, float) = match natt_port {
+            Some(port) => (port, true),
+            None => (ike_port, false),
+        };
+        let dport = if float { 4500 } else { 500 };
+
+        let body = craft::ike_body(&init, false, IKE_EXTRA);
+        self.peer_sends(i, &craft::udp_packet(addr, ike_port, vip, 500, &body));
+        let body = craft::ike_body(&init_reply, false, IKE_EXTRA);
+        self.segw_answers(i, &craft::udp_packet(vip, 500, addr, ike_port, &body));
+        let body = craft::ike_body(&auth, float, IKE_EXTRA);
+        self.peer_sends(i, &craft::udp_packet(addr, port, vip, dport, &body));
+        let body = craft::ike_body(&auth_reply, float, IKE_EXTRA);
+        self.segw_answers(i, &craft::udp_packet(vip, dport, addr, port, &body));
+    }
+
+    /// One ESP packet each way.
+    fn esp(&mut self, i: usize) {
+        let p = &mut self.peers[i];
+        p.seq = p.seq.wrapping_add(1);
+        let len = self.scenario.tunnels.esp_bytes as usize;
+        let ports = p.natt_port.map(|port| (port, 4500));
+        EspFrame {
+            dst: farm::port_mac(UPLINK),
+            src: ROUTER,
+            from: p.addr,
+            to: VIP,
+            ports,
+            spi: p.spi_in,
+            seq: p.seq,
+            len,
+        }
+        .write(&mut self.buf);
+        self.send_in(i);
+        let p = &self.peers[i];
+        let Some(g) = p.segw else { return };
+        let port = (g + 1) as PortId;
+        EspFrame {
+            dst: farm::port_mac(port),
+            src: farm::segw_mac(port as u8),
+            from: VIP,
+            to: p.addr,
+            ports: ports.map(|(a, b)| (b, a)),
+            spi: p.spi_out,
+            seq: p.seq,
+            len,
+        }
+        .write(&mut self.buf);
+        self.send_back(port);
+    }
+
+    fn peer_sends(&mut self, i: usize, ip: &[u8]) {
+        self.buf = craft::frame(farm::port_mac(UPLINK), ROUTER, None, ip);
+        self.send_in(i);
+    }
+
+    fn segw_answers(&mut self, i: usize, ip: &[u8]) {
+        let Some(g) = self.peers[i].segw else { return };
+        let port = (g + 1) as PortId;
+        self.buf = craft::frame(farm::port_mac(port), farm::segw_mac(port as u8), None, ip);
+        self.send_back(port);
+    }
+
+    /// `buf` from peer `i` into the uplink; note where it lands.
+    fn send_in(&mut self, i: usize) {
+        self.frames += 1;
+        if let Verdict::Forward(port) = self.lb.handle(&mut self.buf, UPLINK, self.now) {
+            if port != UPLINK {
+                self.landed(i, usize::from(port) - 1);
+            }
+        }
+    }
+
+    /// `buf` from the segw on `port`; it must reach the initiator side.
+    fn send_back(&mut self, port: PortId) {
+        self.frames += 1;
+        if self.lb.handle(&mut self.buf, port, self.now) != Verdict::Forward(UPLINK) {
+            self.returns_lost += 1;
+        }
+    }
+
+    fn landed(&mut self, i: usize, segw: usize) {
+        let peer = &mut self.peers[i];
+        match peer.segw {
+            Some(old) if old == segw => {}
+            Some(old) => {
+                self.counts[old] -= 1;
+                self.counts[segw] += 1;
+                peer.segw = Some(segw);
+                let s = self.state[old];
+                if s.present && s.up && !self.rebalancing {
+                    self.split += 1;
+                } else {
+                    self.moved_this_step += 1;
+                }
+            }
+            None => {
+                self.counts[segw] += 1;
+                peer.segw = Some(segw);
+            }
+        }
+    }
+}
+
+/// Each segw's fair share of `counts`' total, by `weights` (0: takes none).
+pub fn fair_shares(counts: &[u64], weights: &[u32]) -> Vec<f64> {
+    let total: u64 = counts.iter().sum();
+    let weight: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+    weights
+        .iter()
+        .map(|&w| {
+            if weight == 0 {
+                0.0
+            } else {
+                total as f64 * w as f64 / weight as f64
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,218 @@
+//! Hand-checked small scenarios for every metric, through the real core.
+
+use super::*;
+use crate::policy::native;
+
+/// 3 segws a, b, c; 12 tunnels arriving at step 0 (half behind NAT, some
+/// raw ESP); then `events`.
+fn small(steps: u32, events: &str) -> Scenario {
+    let text = format!(
+        "name = \"small\"\nstep_secs = 10\nsteps = {steps}\n\
+         [[segw]]\nname = \"a\"\n[[segw]]\nname = \"b\"\n[[segw]]\nname = \"c\"\n\
+         [tunnels]\ncount = 12\nnat = 0.5\nnat_addresses = 2\nraw_esp = 0.5\n{events}"
+    );
+    Scenario::parse(&text, "small.toml").unwrap()
+}
+
+fn run_native(name: &str, scenario: &Scenario) -> PolicyRun {
+    let options = Options {
+        seed: 1,
+        timing: false,
+    };
+    run(
+        scenario,
+        options,
+        &mut || native::shipped(name, &[]).unwrap(),
+        &mut |_| {},
+    )
+}
+
+fn clean(r: &PolicyRun) {
+    assert_eq!(r.split_tunnels, 0, "{}: split tunnels", r.policy);
+    assert!(r.drops.is_empty(), "{}: drops {:?}", r.policy, r.drops);
+    assert_eq!(r.returns_lost, 0, "{}: replies lost", r.policy);
+    assert_eq!(r.fallbacks, 0, "{}: fallbacks", r.policy);
+}
+
+#[test]
+fn round_robin_twelve_over_three_then_one_fails_and_recovers() {
+    let r = run_native(
+        "round-robin",
+        &small(
+            3,
+            "[[event]]\nstep = 1\nfail = \"b\"\n[[event]]\nstep = 2\nrecover = \"b\"\n",
+        ),
+    );
+    clean(&r);
+    assert_eq!(r.tunnels_over_time[0], [4, 4, 4]);
+    // b's 4 tunnels go to a and c in turn on their next packet; nobody else
+    // moves: exactly the minimum.
+    assert_eq!(r.tunnels_over_time[1], [6, 0, 6]);
+    assert_eq!(r.moved_per_event, [4, 0]);
+    assert_eq!(r.minimum_moved_per_event, [4, 0]);
+    // Recovery moves nothing back: affinity.
+    assert_eq!(r.tunnels_over_time[2], [6, 0, 6]);
+    assert_eq!(r.tunnels_per_segw["b"], 0);
+    // Fair is 4 each: 6/4 = 1.5; ratios 1.5, 0, 1.5 have cov √0.5.
+    assert_eq!(r.max_over_mean, 1.5);
+    assert_eq!(r.cov, (std::f64::consts::FRAC_1_SQRT_2 * 1e4).round() / 1e4);
+    // Twelve placements and four re-placements; the frames: per tunnel 4 IKE
+    // and 2 ESP per step, 3 steps.
+    assert_eq!(r.decisions, 16);
+    assert_eq!(r.frames, 12 * (4 + 2 * 3));
+}
+
+#[test]
+fn a_rebalance_is_measured_against_the_excess_over_fair_shares() {
+    let r = run_native(
+        "round-robin",
+        &small(
+            4,
+            "[[event]]\nstep = 1\nfail = \"b\"\n[[event]]\nstep = 2\nrecover = \"b\"\n\
+             [[event]]\nstep = 3\nswap = { rebalance = true }\n",
+        ),
+    );
+    clean(&r);
+    // 6/0/6 against a fair 4/4/4: at least two leave a and two leave c.
+    assert_eq!(r.minimum_moved_per_event[2], 4);
+    assert_eq!(r.tunnels_over_time[3], [4, 4, 4]);
+    assert!(r.moved_per_event[2] >= 4, "{:?}", r.moved_per_event);
+    assert_eq!(r.max_over_mean, 1.0);
+}
+
+#[test]
+fn a_hot_swap_without_rebalance_moves_nothing() {
+    let r = run_native(
+        "consistent-hash",
+        &small(2, "[[event]]\nstep = 1\nswap = { rebalance = false }\n"),
+    );
+    clean(&r);
+    assert_eq!((r.moved_per_event[0], r.minimum_moved_per_event[0]), (0, 0));
+    assert_eq!(r.tunnels_over_time[0], r.tunnels_over_time[1]);
+}
+
+#[test]
+fn a_drained_segw_keeps_its_tunnels_and_gets_no_new_ones() {
+    let mut s = small(6, "[[event]]\nstep = 1\ndrain = \"a\"\n");
+    s.tunnels.churn = 0.25;
+    let r = run_native("round-robin", &s);
+    clean(&r);
+    let a: Vec<u64> = r.tunnels_over_time.iter().map(|c| c[0]).collect();
+    // a only loses tunnels (to churn), never gains.
+    assert!(a.windows(2).all(|w| w[1] <= w[0]), "{a:?}");
+    assert_eq!(r.moved_per_event, [0]);
+    assert_eq!(r.weights_at_end, [0, 1, 1]);
+    // The fair share ignores a: b and c split the whole population.
+    assert!(r.tunnels_per_segw["b"] + r.tunnels_per_segw["c"] > 6);
+}
+
+#[test]
+fn a_removed_segw_s_tunnels_all_move_and_an_added_one_takes_new_ones() {
+    let mut s = small(
+        5,
+        "[[event]]\nstep = 1\nremove = \"c\"\n[[event]]\nstep = 2\nadd = { name = \"d\", weight = 2 }\n",
+    );
+    s.tunnels.churn = 0.25;
+    let r = run_native("weighted", &s);
+    clean(&r);
+    // Churn ends some tunnels first; every one c still holds then moves.
+    let on_c = r.minimum_moved_per_event[0];
+    assert!(on_c > 0 && on_c <= r.tunnels_over_time[0][2]);
+    assert_eq!(r.moved_per_event, [on_c, 0]);
+    assert_eq!(r.minimum_moved_per_event[1], 0);
+    assert_eq!(r.tunnels_per_segw["c"], 0);
+    assert_eq!(r.segws, ["a", "b", "c", "d"]);
+    assert_eq!(r.weights_at_end, [1, 1, 0, 2]);
+    assert!(r.tunnels_per_segw["d"] > 0, "{:?}", r.tunnels_per_segw);
+}
+
+#[test]
+fn the_builtin_shows_the_tradeoffs() {
+    let s = Scenario::builtin();
+    let ch = run_native("consistent-hash", &s);
+    let rr = run_native("round-robin", &s);
+    let w = run_native("weighted", &s);
+    for r in [&ch, &rr, &w] {
+        clean(r);
+        // A failure moves the failed segw's tunnels and no others; a
+        // recovery, an addition and a plain swap move nothing.
+        assert_eq!(
+            r.moved_per_event[..4],
+            r.minimum_moved_per_event[..4],
+            "{}",
+            r.policy
+        );
+        assert!(r.minimum_moved_per_event[0] > 1_000);
+    }
+    let rebalance = s.events.len() - 1;
+    let excess = |r: &PolicyRun| {
+        r.moved_per_event[rebalance] as f64 / r.minimum_moved_per_event[rebalance] as f64
+    };
+    // On the rebalance consistent hashing stays near the minimum,
+    // round-robin reshuffles far more.
+    assert!(excess(&ch) < 1.5, "consistent-hash {}", excess(&ch));
+    assert!(excess(&rr) > 2.0, "round-robin {}", excess(&rr));
+    // Weighted honours 2:1:1:1(:1); the others cannot.
+    assert!(w.max_over_mean < 1.05, "weighted {}", w.max_over_mean);
+    assert!(rr.max_over_mean > 1.15 && ch.max_over_mean > 1.15);
+}
+
+#[test]
+fn the_same_seed_gives_a_byte_identical_report_and_another_seed_does_not() {
+    let s = small(
+        4,
+        "[[event]]\nstep = 1\nfail = \"b\"\n[[event]]\nstep = 3\nswap = { rebalance = true }\n",
+    );
+    let once = report::json(&[run_native("consistent-hash", &s)]);
+    let again = report::json(&[run_native("consistent-hash", &s)]);
+    assert_eq!(once, again);
+    let other = report::json(&[run(
+        &s,
+        Options {
+            seed: 2,
+            timing: false,
+        },
+        &mut || native::shipped("consistent-hash", &[]).unwrap(),
+        &mut |_| {},
+    )]);
+    assert_ne!(once, other);
+}
+
+#[test]
+fn report_json_has_the_promised_keys() {
+    let r = run_native("weighted", &small(2, ""));
+    let v: serde_json::Value = serde_json::from_str(&report::json(&[r])).unwrap();
+    let o = &v[0];
+    for key in [
+        "policy",
+        "tunnels_per_segw",
+        "max_over_mean",
+        "cov",
+        "moved_per_event",
+        "minimum_moved_per_event",
+        "split_tunnels",
+        "ns_per_decision",
+        "fallbacks",
+    ] {
+        assert!(o.get(key).is_some(), "report.json lacks {key}");
+    }
+    assert_eq!(
+        o["tunnels_per_segw"]["a"].as_u64().unwrap()
+            + o["tunnels_per_segw"]["b"].as_u64().unwrap()
+            + o["tunnels_per_segw"]["c"].as_u64().unwrap(),
+        12
+    );
+}
+
+#[test]
+fn the_html_report_stands_alone_with_three_kinds_of_chart() {
+    let s = small(3, "[[event]]\nstep = 1\nfail = \"b\"\n");
+    let runs = [run_native("round-robin", &s), run_native("weighted", &s)];
+    let page = report::html(&s, 1, &runs);
+    // One load chart per policy, one disruption chart, one spread chart.
+    assert_eq!(page.matches("<svg").count(), 4, "{page}");
+    assert!(!page.contains("chart failed"));
+    // Self-contained: nothing fetched.
+    assert!(!page.contains("src=") && !page.contains("href="));
+    assert!(page.contains("least disruption"));
+}
