@@ -1,0 +1,262 @@
+//! The balancer core on real strongSwan traffic: the captures in
+//! tests/fixtures/ (made by scripts/capture-fixtures.sh; what each frame is
+//! is listed in tests/fixtures/README.md) replayed through `handle`, with
+//! the initiator on the uplink and the captured segw behind port 1 (port 3
+//! for steering), two more segws beside it.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use segwlb::balancer::affinity::Timeouts;
+use segwlb::balancer::farm::port_mac;
+use segwlb::balancer::{
+    Balancer, Config, DropReason, GatewaySpec, IkeSpiLabel, PortId, SpiSteering, Verdict, UPLINK,
+};
+use segwlb::packet::{self, Mac};
+use segwlb::policy::native;
+use segwlb::time::Timestamp;
+
+/// The segw's MAC in every capture.
+const SEGW: Mac = [0x02, 0, 0, 0x99, 0x02, 0x0a];
+const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+
+struct Captured {
+    at: Timestamp,
+    bytes: Vec<u8>,
+}
+
+/// A classic pcap file (little-endian, microseconds, Ethernet).
+fn pcap(name: &str) -> Vec<Captured> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name);
+    let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let u32_at = |at: usize| u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
+    assert_eq!(
+        u32_at(0),
+        0xa1b2_c3d4,
+        "{name}: not a little-endian µs pcap"
+    );
+    assert_eq!(u32_at(20), 1, "{name}: not Ethernet");
+    let mut frames = Vec::new();
+    let mut at = 24;
+    while at + 16 <= data.len() {
+        let (secs, micros, len) = (u32_at(at), u32_at(at + 4), u32_at(at + 8) as usize);
+        let start = at + 16;
+        frames.push(Captured {
+            at: Timestamp::from_duration(
+                Duration::from_secs(u64::from(secs)) + Duration::from_micros(u64::from(micros)),
+            ),
+            bytes: data[start..start + len].to_vec(),
+        });
+        at = start + len;
+    }
+    assert_eq!(at, data.len(), "{name}: trailing bytes");
+    frames
+}
+
+fn steering_of_segw3() -> SpiSteering {
+    // What the steered capture's segw ran with (tests/fixtures/README.md).
+    SpiSteering {
+        ike_label: Some(IkeSpiLabel {
+            mask: 0xff00_0000_0000_0000,
+            label: 0x0300_0000_0000_0000,
+        }),
+        esp_range: Some((0xc300_0000, 0xc3ff_ffff)),
+    }
+}
+
+/// Three segws, round-robin (the first new tunnel goes to segw1); the
+/// captured segw is `captured` (1 or 3), with or without its SPI steering.
+fn balancer(captured: u8, steering: bool) -> Balancer {
+    let config = Config {
+        port_macs: (0..4).map(port_mac).collect(),
+        // The VIP and the initiators' subnet: each side's ARP for the other
+        // is answered by the balancer.
+        proxy: vec!["192.0.2.0/24".parse().unwrap()],
+        max_tunnels: 1024,
+        timeouts: Timeouts::default(),
+    };
+    let mut lb = Balancer::new(config, native::shipped("round-robin", &[]).unwrap());
+    for n in 1..=3u8 {
+        let spec = GatewaySpec {
+            name: format!("segw{n}"),
+            port: PortId::from(n),
+            mac: Some(if n == captured {
+                SEGW
+            } else {
+                [2, 0x5e, 0, 0, 0, n]
+            }),
+            weight: 1,
+            steering: if steering && n == 3 {
+                steering_of_segw3()
+            } else {
+                SpiSteering::default()
+            },
+        };
+        lb.add_gateway(spec, Timestamp::ZERO).unwrap();
+    }
+    lb
+}
+
+/// Which way a captured frame went: from the segw, or towards it.
+fn from_segw(frame: &[u8]) -> bool {
+    frame[6..12] == SEGW
+}
+
+/// Replay `frames` with the segw behind `port`; check every verdict and
+/// every rewrite. Returns the ports IP frames from the initiator went to.
+fn replay(lb: &mut Balancer, frames: &[Captured], port: PortId) -> Vec<PortId> {
+    let mut went = Vec::new();
+    for (i, c) in frames.iter().enumerate() {
+        let n = i + 1;
+        let back = from_segw(&c.bytes);
+        let ingress = if back { port } else { UPLINK };
+        let mut f = c.bytes.clone();
+        // Each side sends to the balancer's MAC on its link, not the other's.
+        if f[0] & 1 == 0 {
+            f[0..6].copy_from_slice(&port_mac(ingress));
+        }
+        let sent = f.clone();
+        let verdict = lb.handle(&mut f, ingress, c.at);
+        let arp = c.bytes[12..14] == [0x08, 0x06];
+        match (arp, verdict) {
+            (true, Verdict::Reply) => {
+                let reply = packet::arp::Arp::parse(&f[14..]).expect("an ARP reply");
+                assert_eq!(reply.sender_mac, port_mac(ingress), "frame {n}");
+            }
+            (true, Verdict::Drop(DropReason::ArpIgnored)) => {
+                assert_eq!(c.bytes[21], 2, "frame {n}: only ARP replies go unanswered");
+            }
+            (false, Verdict::Forward(out)) => {
+                assert_eq!(
+                    f[12..],
+                    sent[12..],
+                    "frame {n}: bytes past the MACs changed"
+                );
+                assert_eq!(f[6..12], port_mac(out), "frame {n}: source MAC");
+                if back {
+                    assert_eq!(out, UPLINK, "frame {n}");
+                    // The initiator's (or its NAT's) MAC, learned from its frames.
+                    assert_eq!(f[0..6], c.bytes[0..6], "frame {n}: next hop");
+                } else {
+                    went.push(out);
+                }
+            }
+            (_, v) => panic!("frame {n}: unexpected {v:?}"),
+        }
+    }
+    went
+}
+
+#[test]
+fn a_direct_tunnel_stays_on_one_segw_through_rekeys_dpd_and_delete() {
+    let frames = pcap("strongswan-direct.pcap");
+    let mut lb = balancer(1, false);
+    let went = replay(&mut lb, &frames, 1);
+    // IKE_SA_INIT, IKE_AUTH, 2 CREATE_CHILD_SA, 4 INFORMATIONAL, 7 ESP.
+    assert_eq!(went.len(), 15);
+    assert!(went.iter().all(|&p| p == 1), "{went:?}");
+    // One policy decision; the IKE SA rekeyed under new SPIs that first show
+    // up on a DPD, found by the tunnel's endpoint, not placed afresh.
+    assert_eq!(lb.policy_stats().decisions, 1);
+    assert_eq!(lb.table().len(), 1);
+    let g = lb.gateway("segw1").unwrap();
+    assert_eq!(g.counters.tunnels, 1);
+    assert_eq!(g.counters.frames_to, 15);
+    assert_eq!(g.counters.frames_from, 15);
+}
+
+#[test]
+fn a_natted_tunnel_keeps_its_segw_across_the_float_to_a_new_port() {
+    let frames = pcap("strongswan-nat.pcap");
+    let mut lb = balancer(1, false);
+    let went = replay(&mut lb, &frames, 1);
+    // As direct, plus the two NAT keepalives.
+    assert_eq!(went.len(), 17);
+    assert!(went.iter().all(|&p| p == 1), "{went:?}");
+    assert_eq!(lb.policy_stats().decisions, 1);
+    // The tunnel is bound to where the NAT put its 4500, not its 500.
+    let nat = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20));
+    let id = lb
+        .table()
+        .by_endpoint(nat, 40554)
+        .expect("bound after the float");
+    assert_eq!(lb.table().by_endpoint(nat, 40940), None);
+    assert_eq!(lb.table().get(id).unwrap().opened_port, 40940);
+}
+
+#[test]
+fn spi_steering_carries_a_tunnel_across_a_balancer_restart() {
+    let frames = pcap("strongswan-steered.pcap");
+    // Before the restart: segw1 and segw2 drain, so the policy puts the new
+    // tunnel on segw3, whose strongSwan labels its SPIs.
+    let mut before = balancer(3, true);
+    before.set_draining("segw1", true, Timestamp::ZERO).unwrap();
+    before.set_draining("segw2", true, Timestamp::ZERO).unwrap();
+    let went = replay(&mut before, &frames[..16], 3);
+    assert!(went.iter().all(|&p| p == 3), "{went:?}");
+
+    // A new balancer: empty table, every segw open. The rest of the capture
+    // (ESP under the rekeyed CHILD_SA, IKE under the rekeyed IKE SA) still
+    // reaches segw3, with no policy call: the SPIs say where.
+    let mut after = balancer(3, true);
+    let went = replay(&mut after, &frames[16..], 3);
+    assert_eq!(went.len(), 8);
+    assert!(went.iter().all(|&p| p == 3), "{went:?}");
+    assert_eq!(after.policy_stats().decisions, 0);
+    assert_eq!(after.counters().steered, 8);
+
+    // The same restart without steering: the first ESP packet is a miss,
+    // and the policy sends it to segw1, away from its SA.
+    let mut blind = balancer(3, false);
+    let went = replay(&mut blind, &frames[16..], 3);
+    assert_eq!(went[0], 1);
+}
+
+#[test]
+fn every_truncation_of_every_captured_frame_is_a_counted_drop_never_a_panic() {
+    for name in [
+        "strongswan-direct.pcap",
+        "strongswan-nat.pcap",
+        "strongswan-steered.pcap",
+    ] {
+        let frames = pcap(name);
+        let mut lb = balancer(1, true);
+        // Learn the tunnel first, so truncations meet a warm table.
+        replay(&mut lb, &frames, 1);
+        for (i, c) in frames.iter().enumerate() {
+            let ingress = if from_segw(&c.bytes) { 1 } else { UPLINK };
+            for cut in 0..c.bytes.len() {
+                let mut f = c.bytes[..cut].to_vec();
+                let verdict = lb.handle(&mut f, ingress, c.at);
+                // A cut into the Ethernet header or the IP packet never
+                // passes as a frame to forward or answer.
+                assert!(
+                    matches!(verdict, Verdict::Drop(_)),
+                    "{name} frame {} cut at {cut}: {verdict:?}",
+                    i + 1
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_fixtures_are_what_their_readme_says() {
+    // A regenerated capture has new SPIs: this names the one to update.
+    let frames = pcap("strongswan-steered.pcap");
+    let ike = packet::parse(&frames[3].bytes).expect("IKE_SA_INIT response");
+    let packet::Kind::Ip(ip) = ike.kind else {
+        panic!("frame 4 is not IP")
+    };
+    assert_eq!(ip.src, IpAddr::V4(VIP));
+    let packet::Payload::Ike { header, .. } = ip.payload else {
+        panic!("frame 4 is not IKE")
+    };
+    assert_eq!(header.responder_spi, 0x036a_ad4b_7ef7_90ed);
+    assert_eq!(frames.len(), 34);
+    assert_eq!(pcap("strongswan-direct.pcap").len(), 34);
+    assert_eq!(pcap("strongswan-nat.pcap").len(), 36);
+}
