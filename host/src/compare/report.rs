@@ -67,7 +67,9 @@ pub fn html(scenario: &Scenario, seed: u64, runs: &[PolicyRun]) -> String {
     );
     page.push_str(&verdict(runs));
     page.push_str(&table(runs));
-    page.push_str("<h2>Tunnels per segw over time</h2>\n<p class=\"note\">Dotted lines: events. A good policy keeps the lines together (by weight) and flat through events that need no moves.</p>\n<div class=\"grid\">\n");
+    page.push_str("<h2>Tunnels per segw over time</h2>\n<p class=\"note\">Grey lines: events. A good policy keeps the lines together (by weight) and flat through events that need no moves.</p>\n");
+    page.push_str(&segw_legend(runs));
+    page.push_str("<div class=\"grid\">\n");
     for run in ranked(runs) {
         page.push_str(&figure(load_over_time(scenario, run)));
     }
@@ -97,7 +99,8 @@ h1{font-size:1.5em;margin-bottom:0}.what{color:#555;margin-top:.3em}\
 table{border-collapse:collapse;margin:1em 0}td,th{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:right}\
 td:nth-child(2),th:nth-child(2){text-align:left}.note{color:#555;font-size:.9em}\
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:.5em}\
-figure{margin:0}svg{max-width:100%;height:auto}";
+figure{margin:0}svg{max-width:100%;height:auto}\
+.legend span{margin-right:1.2em}.legend i{display:inline-block;width:1.6em;height:.35em;margin-right:.4em;vertical-align:middle}";
 
 fn verdict(runs: &[PolicyRun]) -> String {
     let best = |key: &dyn Fn(&PolicyRun) -> f64| {
@@ -208,6 +211,8 @@ fn load_over_time(scenario: &Scenario, run: &PolicyRun) -> Result<String, String
             .configure_mesh()
             .x_desc("simulated time (s)")
             .y_desc("tunnels")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
             .light_line_style(WHITE.mix(0.0))
             .draw()
             .map_err(|e| e.to_string())?;
@@ -227,31 +232,36 @@ fn load_over_time(scenario: &Scenario, run: &PolicyRun) -> Result<String, String
                 )))
                 .map_err(|e| e.to_string())?;
         }
-        for (g, name) in run.segws.iter().enumerate() {
-            let c = colour(g);
+        for g in 0..run.segws.len() {
             let points = run
                 .tunnels_over_time
                 .iter()
                 .enumerate()
                 .map(|(s, counts)| ((s + 1) as f64 * step, counts[g] as f64));
             chart
-                .draw_series(LineSeries::new(points, c.stroke_width(2)))
-                .map_err(|e| e.to_string())?
-                .label(name.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
-                });
+                .draw_series(LineSeries::new(points, colour(g).stroke_width(2)))
+                .map_err(|e| e.to_string())?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .draw()
-            .map_err(|e| e.to_string())?;
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(svg)
+}
+
+/// The segws' colours, once for all the load charts.
+fn segw_legend(runs: &[PolicyRun]) -> String {
+    let mut out = String::from("<p class=\"legend\">");
+    if let Some(run) = runs.first() {
+        for (g, name) in run.segws.iter().enumerate() {
+            let RGBColor(r, gr, b) = colour(g);
+            let _ = write!(
+                out,
+                "<span><i style=\"background:rgb({r},{gr},{b})\"></i>{}</span>",
+                escape(name)
+            );
+        }
+    }
+    out.push_str("</p>\n");
+    out
 }
 
 /// Per event, a bar per policy (moved) and a mark (the minimum).
@@ -294,6 +304,7 @@ fn disruption(scenario: &Scenario, runs: &[PolicyRun]) -> Result<String, String>
                 }
             })
             .y_desc("tunnels moved")
+            .y_label_formatter(&|y| format!("{y:.0}"))
             .draw()
             .map_err(|e| e.to_string())?;
         let width = 0.8 / runs.len().max(1) as f64;
