@@ -78,6 +78,17 @@ fn seeds() -> Vec<Vec<u8>> {
         .broadcast_frame([2, 0xaa, 0, 0, 0, 1], None),
     ];
     v.extend(fragments(&big, 1400, 99).into_iter().map(up));
+    // And every frame strongSwan sent in the direct and NAT captures.
+    for file in ["strongswan-direct.pcap", "strongswan-nat.pcap"] {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/").to_string() + file;
+        let data = std::fs::read(&path).expect("the fixture");
+        v.extend(
+            segwlb::packet::pcap::read(&data)
+                .expect("a pcap")
+                .into_iter()
+                .map(|r| r.frame),
+        );
+    }
     v
 }
 

@@ -6,7 +6,6 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use segwlb::balancer::affinity::Timeouts;
 use segwlb::balancer::farm::port_mac;
@@ -26,34 +25,19 @@ struct Captured {
     bytes: Vec<u8>,
 }
 
-/// A classic pcap file (little-endian, microseconds, Ethernet).
 fn pcap(name: &str) -> Vec<Captured> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures")
         .join(name);
     let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let u32_at = |at: usize| u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
-    assert_eq!(
-        u32_at(0),
-        0xa1b2_c3d4,
-        "{name}: not a little-endian µs pcap"
-    );
-    assert_eq!(u32_at(20), 1, "{name}: not Ethernet");
-    let mut frames = Vec::new();
-    let mut at = 24;
-    while at + 16 <= data.len() {
-        let (secs, micros, len) = (u32_at(at), u32_at(at + 4), u32_at(at + 8) as usize);
-        let start = at + 16;
-        frames.push(Captured {
-            at: Timestamp::from_duration(
-                Duration::from_secs(u64::from(secs)) + Duration::from_micros(u64::from(micros)),
-            ),
-            bytes: data[start..start + len].to_vec(),
-        });
-        at = start + len;
-    }
-    assert_eq!(at, data.len(), "{name}: trailing bytes");
-    frames
+    packet::pcap::read(&data)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .map(|r| Captured {
+            at: Timestamp::from_duration(r.at),
+            bytes: r.frame,
+        })
+        .collect()
 }
 
 fn steering_of_segw3() -> SpiSteering {

@@ -163,11 +163,26 @@ fn main() -> std::io::Result<()> {
     for (i, f) in fragments(&big, 1400, 0x4321).into_iter().enumerate() {
         seeds.push((["frag_1", "frag_2", "frag_3"][i], 0, up(&f)));
     }
+    let mut count = seeds.len();
     for (name, port, bytes) in &seeds {
         let mut data = vec![*port];
         data.extend_from_slice(bytes);
         std::fs::write(format!("{dir}/{name}"), data)?;
     }
-    println!("{} seeds in {dir}", seeds.len());
+    // Every frame strongSwan sent in the captures; the segw's on port 1.
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+    for file in ["strongswan-direct", "strongswan-nat", "strongswan-steered"] {
+        let data = std::fs::read(format!("{fixtures}/{file}.pcap"))?;
+        let records = segwlb::packet::pcap::read(&data)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        for (i, r) in records.iter().enumerate() {
+            let from_segw = r.frame.get(6..12) == Some(&[2, 0, 0, 0x99, 2, 0x0a][..]);
+            let mut seed = vec![u8::from(from_segw)];
+            seed.extend_from_slice(&r.frame);
+            std::fs::write(format!("{dir}/{file}-{:02}", i + 1), seed)?;
+            count += 1;
+        }
+    }
+    println!("{count} seeds in {dir}");
     Ok(())
 }

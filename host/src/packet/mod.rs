@@ -14,6 +14,7 @@ mod checksum;
 pub mod craft;
 pub mod ike;
 pub mod ndp;
+pub mod pcap;
 pub mod rewrite;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
