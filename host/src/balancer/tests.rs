@@ -487,24 +487,8 @@ fn a_rebalance_places_a_floated_tunnel_by_the_endpoint_it_opened_from() {
     // float the tunnel lives on (address, NAT port). Placing it afresh with
     // the same policy must give the same segw: the policy sees the opening
     // key, not wherever the peer has moved to since.
-    let config = Config {
-        port_macs: (0..4).map(port_mac).collect(),
-        proxy: vec!["10.2.2.1".parse().unwrap()],
-        max_tunnels: 1024,
-        timeouts: Timeouts::default(),
-    };
     let ch = || native::shipped("consistent-hash", &[]).unwrap();
-    let mut lb = Balancer::new(config, ch());
-    for n in 1..=3u8 {
-        let spec = GatewaySpec {
-            name: format!("segw{n}"),
-            port: PortId::from(n),
-            mac: Some(segw_mac(n)),
-            weight: 1,
-            ..Default::default()
-        };
-        lb.add_gateway(spec, Timestamp::ZERO).unwrap();
-    }
+    let mut lb = super::farm::balancer(ch(), 3, vec!["10.2.2.1".parse().unwrap()], 1024);
     let send = |lb: &mut Balancer, ip: Vec<u8>| {
         let mut f = frame(port_mac(UPLINK), PEER_SIDE_ROUTER, None, &ip);
         lb.handle(&mut f, UPLINK, Timestamp::ZERO)
