@@ -511,24 +511,42 @@ impl Sim<'_> {
 
     fn landed(&mut self, i: usize, segw: usize) {
         let peer = &mut self.peers[i];
-        match peer.segw {
-            Some(old) if old == segw => {}
-            Some(old) => {
+        let before = peer.segw.replace(segw);
+        if let Some(old) = before {
+            if old != segw {
                 self.counts[old] -= 1;
-                self.counts[segw] += 1;
-                peer.segw = Some(segw);
-                let s = self.state[old];
-                if s.present && s.up && !self.rebalancing {
-                    self.split += 1;
-                } else {
-                    self.moved_this_step += 1;
-                }
-            }
-            None => {
-                self.counts[segw] += 1;
-                peer.segw = Some(segw);
             }
         }
+        if before != Some(segw) {
+            self.counts[segw] += 1;
+        }
+        let old_up = before.map(|g| self.state[g].present && self.state[g].up);
+        match landing(before, segw, old_up.unwrap_or(false), self.rebalancing) {
+            Landing::Stayed | Landing::First => {}
+            Landing::Moved => self.moved_this_step += 1,
+            Landing::Split => self.split += 1,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Landing {
+    First,
+    Stayed,
+    /// Off a segw that failed or left, or by a rebalance: counted against
+    /// the event.
+    Moved,
+    /// Off a segw that is still up, unasked: the tunnel is broken.
+    Split,
+}
+
+/// What a packet of a tunnel last seen on `before` landing on `now` means.
+fn landing(before: Option<usize>, now: usize, before_up: bool, rebalancing: bool) -> Landing {
+    match before {
+        None => Landing::First,
+        Some(old) if old == now => Landing::Stayed,
+        Some(_) if before_up && !rebalancing => Landing::Split,
+        Some(_) => Landing::Moved,
     }
 }
 
@@ -546,4 +564,58 @@ pub fn fair_shares(counts: &[u64], weights: &[u32]) -> Vec<f64> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leaving_a_segw_that_is_up_is_a_split_unless_a_rebalance_asked() {
+        assert_eq!(landing(None, 1, true, false), Landing::First);
+        assert_eq!(landing(Some(1), 1, true, false), Landing::Stayed);
+        assert_eq!(landing(Some(1), 2, true, false), Landing::Split);
+        assert_eq!(landing(Some(1), 2, true, true), Landing::Moved);
+        assert_eq!(landing(Some(1), 2, false, false), Landing::Moved);
+    }
+
+    #[test]
+    fn an_esp_frame_written_in_place_is_what_the_parser_reads() {
+        let mut buf = Vec::new();
+        let frame = EspFrame {
+            dst: farm::port_mac(UPLINK),
+            src: ROUTER,
+            from: Ipv4Addr::new(100, 64, 0, 9),
+            to: VIP,
+            ports: Some((40_001, 4500)),
+            spi: 0xc300_0001,
+            seq: 7,
+            len: 120,
+        };
+        frame.write(&mut buf);
+        let parsed = crate::packet::parse(&buf).expect("a valid frame");
+        let crate::packet::Kind::Ip(ip) = parsed.kind else {
+            panic!("not IP")
+        };
+        assert_eq!(ip.src, IpAddr::V4(frame.from));
+        assert!(matches!(
+            ip.payload,
+            crate::packet::Payload::EspInUdp { spi: 0xc300_0001, udp } if udp.src == 40_001
+        ));
+        // The IPv4 header checksum verifies.
+        assert_eq!(crate::packet::checksum::internet(&buf[14..34]), 0);
+        EspFrame {
+            ports: None,
+            ..frame
+        }
+        .write(&mut buf);
+        assert_eq!(buf.len(), 14 + 20 + 120);
+        let crate::packet::Kind::Ip(ip) = crate::packet::parse(&buf).unwrap().kind else {
+            panic!("not IP")
+        };
+        assert!(matches!(
+            ip.payload,
+            crate::packet::Payload::Esp { spi: 0xc300_0001 }
+        ));
+    }
 }

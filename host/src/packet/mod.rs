@@ -10,7 +10,7 @@
 //! building replies is [`arp`]'s, rewriting MACs is [`rewrite`]'s.
 
 pub mod arp;
-mod checksum;
+pub(crate) mod checksum;
 pub mod craft;
 pub mod ike;
 pub mod ndp;
