@@ -59,6 +59,7 @@ fn balancer(captured: u8, steering: bool) -> Balancer {
         // The VIP and the initiators' subnet: each side's ARP for the other
         // is answered by the balancer.
         proxy: vec!["192.0.2.0/24".parse().unwrap()],
+        proxy_gateways: vec!["192.0.2.0/24".parse().unwrap()],
         max_tunnels: 1024,
         timeouts: Timeouts::default(),
     };

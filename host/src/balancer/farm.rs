@@ -27,6 +27,7 @@ pub fn balancer<P: Policy>(
 ) -> Balancer<P> {
     let config = Config {
         port_macs: (0..=PortId::from(segws)).map(port_mac).collect(),
+        proxy_gateways: proxy.clone(),
         proxy,
         max_tunnels,
         timeouts: Timeouts::default(),

@@ -81,6 +81,7 @@ pub struct GatewayState {
     pub healthy: bool,
     pub draining: bool,
     pub counters: GatewayCounters,
+    pub probe: super::health::ProbeState,
 }
 
 impl GatewayState {
@@ -144,6 +145,7 @@ impl Gateways {
             healthy: true,
             draining: false,
             counters: GatewayCounters::default(),
+            probe: Default::default(),
         });
         Ok(id)
     }

@@ -13,6 +13,7 @@
 pub mod affinity;
 pub mod farm;
 pub mod gateways;
+pub mod health;
 pub mod prefix;
 #[cfg(test)]
 mod tests;
@@ -24,6 +25,7 @@ pub use gateways::{
     GatewayCounters, GatewayError, GatewaySpec, GatewayState, GwId, IkeSpiLabel, PortId,
     SpiSteering, UPLINK,
 };
+pub use health::{HealthConfig, ProbeRound};
 pub use prefix::Prefix;
 
 use crate::packet::{
@@ -132,8 +134,13 @@ impl Counters {
 pub struct Config {
     /// Our MAC on each port, indexed by port id (0 is the uplink).
     pub port_macs: Vec<Mac>,
-    /// Addresses answered for with ARP (IPv4) on every port.
+    /// Addresses answered for (ARP, NDP) on the uplink: what initiators ask
+    /// for, the VIP.
     pub proxy: Vec<Prefix>,
+    /// Addresses answered for on gateway ports: what segws ask for, the
+    /// initiators (or their next hop). Kept apart so that one initiator
+    /// asking for another on the uplink is never answered.
+    pub proxy_gateways: Vec<Prefix>,
     /// Hard bound on the tunnel table.
     pub max_tunnels: usize,
     pub timeouts: Timeouts,
@@ -193,7 +200,7 @@ impl<P: Policy> Balancer<P> {
                 payload: Payload::NeighborSolicit(ns),
                 ..
             }) => {
-                if self.proxies(IpAddr::V6(ns.target)) {
+                if self.proxies(IpAddr::V6(ns.target), ingress) {
                     let our_mac = self.port_mac(ingress);
                     let solicitor_mac = ns.source_mac.unwrap_or(parsed.src);
                     let (to_mac, reply) = packet::ndp::answer(ns, *from, solicitor_mac, our_mac);
@@ -242,15 +249,21 @@ impl<P: Policy> Balancer<P> {
                 if gw.spec.mac.is_none() {
                     gw.mac = Some(arp.sender_mac);
                 }
+                gw.probe.heard = true;
             }
         }
-        let proxied = self.proxies(IpAddr::V4(arp.target_ip));
+        let proxied = self.proxies(IpAddr::V4(arp.target_ip), ingress);
         (arp.op == packet::arp::REQUEST && proxied && arp.sender_ip != arp.target_ip)
             .then(|| arp.reply(self.port_mac(ingress)))
     }
 
-    fn proxies(&self, ip: IpAddr) -> bool {
-        self.config.proxy.iter().any(|p| p.contains(ip))
+    fn proxies(&self, ip: IpAddr, ingress: PortId) -> bool {
+        let prefixes = if ingress == UPLINK {
+            &self.config.proxy
+        } else {
+            &self.config.proxy_gateways
+        };
+        prefixes.iter().any(|p| p.contains(ip))
     }
 
     /// Initiator → segw.
@@ -525,6 +538,7 @@ impl<P: Policy> Balancer<P> {
             if g.spec.mac.is_none() {
                 g.mac = Some(src_mac);
             }
+            g.probe.heard = true;
             g.counters.frames_from += 1;
             g.counters.bytes_from += ip.len as u64;
             g.id
@@ -669,6 +683,49 @@ impl<P: Policy> Balancer<P> {
 
     fn push_set(&mut self, now: Timestamp) {
         self.policy.set_gateways(self.gateways.views(), now);
+    }
+
+    /// Our MAC on `port` (a port added at runtime, or a NIC replaced).
+    pub fn set_port_mac(&mut self, port: PortId, mac: Mac) {
+        let i = usize::from(port);
+        if self.config.port_macs.len() <= i {
+            self.config.port_macs.resize(i + 1, [0; 6]);
+        }
+        self.config.port_macs[i] = mac;
+    }
+
+    /// Replace the proxied prefixes (a config reload).
+    pub fn set_proxy(&mut self, uplink: Vec<Prefix>, gateways: Vec<Prefix>) {
+        self.config.proxy = uplink;
+        self.config.proxy_gateways = gateways;
+    }
+
+    /// A health probe round (see [`health`]): judge the last round, mark
+    /// gateways down or up, and return the ARP probes for `target` (the
+    /// VIP) to send on every gateway port.
+    pub fn probe(
+        &mut self,
+        target: std::net::Ipv4Addr,
+        health: &HealthConfig,
+        now: Timestamp,
+    ) -> ProbeRound {
+        let mut round = ProbeRound::default();
+        let ids: Vec<GwId> = self.gateways.iter().map(|g| g.id).collect();
+        for id in ids {
+            let g = self.gateways.get_mut(id).expect("listed");
+            if let Some(healthy) = g.probe.judge(g.healthy, health) {
+                g.healthy = healthy;
+                round.changes.push((id, g.spec.name.clone(), healthy));
+            }
+            let port = g.spec.port;
+            round
+                .frames
+                .push((port, health::probe_frame(self.port_mac(port), target)));
+        }
+        if !round.changes.is_empty() {
+            self.push_set(now);
+        }
+        round
     }
 
     /// Put another policy in place. Without `rebalance` no tunnel moves;

@@ -51,10 +51,8 @@ impl Lab {
     fn with_capacity(max_tunnels: usize) -> Self {
         let config = Config {
             port_macs: (0..4).map(port_mac).collect(),
-            proxy: vec![
-                "10.2.2.1".parse().unwrap(),
-                "198.51.100.0/24".parse().unwrap(),
-            ],
+            proxy: vec!["10.2.2.1".parse().unwrap()],
+            proxy_gateways: vec!["198.51.100.0/24".parse().unwrap()],
             max_tunnels,
             timeouts: Timeouts::default(),
         };
@@ -174,8 +172,11 @@ fn arp_frame(op_request: bool, target: Ipv4Addr) -> Vec<u8> {
 #[test]
 fn arp_for_proxied_addresses_is_answered_from_the_ingress_port() {
     let mut lab = Lab::new();
-    for port in [UPLINK, 2] {
-        let mut f = arp_frame(true, Ipv4Addr::new(10, 2, 2, 1));
+    // Initiators ask for the VIP on the uplink; segws ask for initiators.
+    let vip = Ipv4Addr::new(10, 2, 2, 1);
+    let initiator = Ipv4Addr::new(198, 51, 100, 9);
+    for (port, target) in [(UPLINK, vip), (2, initiator)] {
+        let mut f = arp_frame(true, target);
         assert_eq!(lab.lb.handle(&mut f, port, lab.now), Verdict::Reply);
         let Kind::Arp(reply) = packet::parse(&f).unwrap().kind else {
             panic!()
@@ -184,8 +185,20 @@ fn arp_for_proxied_addresses_is_answered_from_the_ingress_port() {
             (reply.op, reply.sender_mac),
             (packet::arp::REPLY, port_mac(port))
         );
-        assert_eq!(reply.sender_ip, Ipv4Addr::new(10, 2, 2, 1));
+        assert_eq!(reply.sender_ip, target);
         assert_eq!(&f[0..6], &PEER_SIDE_ROUTER);
+    }
+    // Each side's prefixes are answered on that side only: an initiator
+    // asking for another initiator on the uplink is not answered (that
+    // would pull traffic between initiators through the balancer), nor a
+    // segw asking for the VIP it owns itself.
+    for (port, target) in [(UPLINK, initiator), (2, vip)] {
+        let mut f = arp_frame(true, target);
+        assert_eq!(
+            lab.lb.handle(&mut f, port, lab.now),
+            Verdict::Drop(DropReason::ArpIgnored),
+            "port {port} asking for {target}"
+        );
     }
     let mut outside = arp_frame(true, Ipv4Addr::new(10, 9, 9, 9));
     assert_eq!(
@@ -605,6 +618,7 @@ fn neighbour_solicitations_for_proxied_ipv6_get_an_advertisement_from_the_ingres
     let config = Config {
         port_macs: (0..4).map(port_mac).collect(),
         proxy: vec!["2001:db8:2::1".parse().unwrap()],
+        proxy_gateways: Vec::new(),
         max_tunnels: 16,
         timeouts: Timeouts::default(),
     };
@@ -646,4 +660,105 @@ fn neighbour_solicitations_for_proxied_ipv6_get_an_advertisement_from_the_ingres
         Verdict::Drop(DropReason::NeighborIgnored)
     );
     assert_eq!(lb.announce(IpAddr::V6(vip6)).len(), 4);
+}
+
+// ----- health probing -------------------------------------------------------
+
+fn arp_reply_from_segw(n: u8) -> Vec<u8> {
+    let vip = Ipv4Addr::new(10, 2, 2, 1);
+    packet::arp::Arp {
+        op: packet::arp::REPLY,
+        sender_mac: segw_mac(n),
+        sender_ip: vip,
+        target_mac: port_mac(PortId::from(n)),
+        target_ip: Ipv4Addr::UNSPECIFIED,
+    }
+    .to_frame(port_mac(PortId::from(n)), segw_mac(n), None)
+}
+
+#[test]
+fn probes_are_arp_probes_for_the_vip_on_every_gateway_port() {
+    let mut lab = Lab::new();
+    let vip = Ipv4Addr::new(10, 2, 2, 1);
+    let round = lab.lb.probe(vip, &HealthConfig::default(), lab.now);
+    assert!(round.changes.is_empty());
+    let ports: Vec<PortId> = round.frames.iter().map(|(p, _)| *p).collect();
+    assert_eq!(ports, vec![1, 2, 3]);
+    for (port, frame) in &round.frames {
+        let Kind::Arp(arp) = packet::parse(frame).unwrap().kind else {
+            panic!("not ARP")
+        };
+        assert_eq!(arp.op, packet::arp::REQUEST);
+        assert_eq!(arp.target_ip, vip);
+        // An RFC 5227 probe: it claims no address.
+        assert_eq!(arp.sender_ip, Ipv4Addr::UNSPECIFIED);
+        assert_eq!(arp.sender_mac, port_mac(*port));
+        assert_eq!(&frame[0..6], &[0xff; 6]);
+    }
+}
+
+#[test]
+fn a_silent_segw_goes_down_after_the_threshold_and_comes_back_when_it_answers() {
+    let mut lab = Lab::new();
+    let vip = Ipv4Addr::new(10, 2, 2, 1);
+    let health = HealthConfig {
+        interval: Duration::from_secs(1),
+        down_after: 3,
+        up_after: 2,
+    };
+    let round = |lab: &mut Lab, answering: &[u8]| {
+        for &n in answering {
+            let mut f = arp_reply_from_segw(n);
+            lab.lb.handle(&mut f, PortId::from(n), lab.now);
+        }
+        lab.now = lab.now + health.interval;
+        lab.lb.probe(vip, &health, lab.now).changes
+    };
+    assert!(
+        round(&mut lab, &[]).is_empty(),
+        "the first round judges nothing"
+    );
+    // segw2 stops answering: down on the third missed round, not before.
+    for _ in 0..2 {
+        assert!(round(&mut lab, &[1, 2, 3]).is_empty());
+    }
+    assert!(round(&mut lab, &[1, 3]).is_empty());
+    assert!(round(&mut lab, &[1, 3]).is_empty());
+    let changes = round(&mut lab, &[1, 3]);
+    assert_eq!(changes.len(), 1);
+    assert_eq!((changes[0].1.as_str(), changes[0].2), ("segw2", false));
+    assert!(!lab.lb.gateway("segw2").unwrap().healthy);
+    // New tunnels avoid it.
+    for i in 0..6u8 {
+        let peer = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 100 + i));
+        assert_ne!(lab.up(esp_udp(peer, 4500, 0x100 + u32::from(i))), Ok(2));
+    }
+    // It answers again: up after two answered rounds.
+    assert!(round(&mut lab, &[1, 2, 3]).is_empty());
+    let changes = round(&mut lab, &[1, 2, 3]);
+    assert_eq!((changes[0].1.as_str(), changes[0].2), ("segw2", true));
+    assert!(lab.lb.gateway("segw2").unwrap().healthy);
+}
+
+#[test]
+fn traffic_from_a_segw_counts_as_an_answer() {
+    let mut lab = Lab::new();
+    let vip = Ipv4Addr::new(10, 2, 2, 1);
+    let health = HealthConfig {
+        interval: Duration::from_secs(1),
+        down_after: 1,
+        up_after: 1,
+    };
+    lab.lb.probe(vip, &health, lab.now);
+    // Only segw1 carries ESP back to a peer; nobody answers ARP.
+    let peer = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7));
+    assert_eq!(lab.up(esp_udp(peer, 4500, 0x77)), Ok(1));
+    let back = udp_packet(VIP, 4500, peer, 4500, &esp_body(0x99, 1, 120));
+    assert!(lab.down(1, back).is_ok());
+    let changes = lab
+        .lb
+        .probe(vip, &health, lab.now + health.interval)
+        .changes;
+    let down: Vec<&str> = changes.iter().map(|c| c.1.as_str()).collect();
+    assert_eq!(down, vec!["segw2", "segw3"]);
 }

@@ -141,6 +141,7 @@ pub fn run(
     let config = Config {
         port_macs: (0..=ports).map(farm::port_mac).collect(),
         proxy: vec![Prefix::new(IpAddr::V4(VIP), 32).expect("a /32")],
+        proxy_gateways: Vec::new(),
         // Room for every tunnel that ever lives: ended ones stay until idle
         // expiry, as they would in a real balancer.
         max_tunnels: scenario.total_tunnels() + 1024,
