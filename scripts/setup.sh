@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install what building and testing segwlb needs, if it is missing:
 #   - a wasm32 toolchain for the policies (rustup's target, or Debian's
-#     rustc-web + rust-web-src + lld-19 where rustup cannot fetch targets).
+#     rustc-web + rust-web-src + lld-19 where rustup cannot fetch targets);
+#   - as root: iproute2 and ethtool, for the network-namespace tests of
+#     `segwlb run` (without root those tests are skipped and need nothing).
 # Idempotent and quiet when everything is there. Never installs by hand what
 # it could not name: when it cannot install, it says what to install.
 set -euo pipefail
@@ -65,5 +67,20 @@ else
         say "  rustup target add wasm32-unknown-unknown"
         say "  apt-get install rustc-web rust-web-src lld-19   (Debian, when rustup cannot fetch targets)"
         exit 1
+    fi
+fi
+
+# The live tests build network namespaces: as root they run, and need ip(8)
+# and ethtool(8).
+if [ "$(id -u)" -eq 0 ]; then
+    missing=()
+    command -v ip >/dev/null || missing+=(iproute2)
+    command -v ethtool >/dev/null || missing+=(ethtool)
+    if [ ${#missing[@]} -gt 0 ]; then
+        if can_apt; then
+            apt_install "${missing[@]}"
+        else
+            say "the network-namespace tests need: ${missing[*]}"
+        fi
     fi
 fi

@@ -4,7 +4,13 @@
 pub mod balancer;
 pub mod check;
 pub mod compare;
+pub mod control;
+pub mod dataplane;
+pub mod io;
+pub mod lab;
 pub mod packet;
 pub mod policy;
+pub mod run;
 pub mod time;
+mod toml_at;
 pub mod workload;

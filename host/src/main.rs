@@ -62,6 +62,79 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Run the balancer on real interfaces (root, or CAP_NET_RAW), until
+    /// SIGINT or SIGTERM.
+    Run {
+        /// The configuration (TOML; see config/example.toml).
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Talk to a running balancer over its control socket.
+    Ctl {
+        /// The balancer's control socket (its config's balancer.control_socket).
+        #[arg(long, default_value = segwlb::control::config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Tunnels per segw, health, weight, drain; the policy; drops.
+    Status {
+        /// The whole status as JSON, for tools.
+        #[arg(long)]
+        json: bool,
+        /// List at most this many tunnels per segw.
+        #[arg(long, default_value_t = 50)]
+        tunnels: usize,
+    },
+    /// Swap the policy.
+    Policy {
+        #[command(subcommand)]
+        command: CtlPolicy,
+    },
+    /// Change the gateway set.
+    Gateway {
+        #[command(subcommand)]
+        command: CtlGateway,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlPolicy {
+    /// Use policy NAME (policies/NAME.wasm) or a path to a .wasm file.
+    Use {
+        name: String,
+        /// Place every existing tunnel afresh with the new policy (moves are
+        /// counted); without it no tunnel moves.
+        #[arg(long)]
+        rebalance: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlGateway {
+    /// No new tunnels for NAME; its tunnels stay.
+    Drain { name: String },
+    /// NAME takes new tunnels again.
+    Undrain { name: String },
+    /// Set NAME's weight.
+    Weight { name: String, weight: u32 },
+    /// Add a segw behind INTERFACE.
+    Add {
+        name: String,
+        #[arg(long)]
+        interface: String,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        /// Its MAC, if it should not be learned.
+        #[arg(long)]
+        mac: Option<String>,
+    },
+    /// Remove NAME; its tunnels move on their next packet.
+    Remove { name: String },
 }
 
 #[derive(Subcommand)]
@@ -132,6 +205,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             compare(policies, &policy_dir, native, &scenario, options, &out)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Run { config } => {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(signal, stop.clone())
+                    .context("cannot install the signal handlers")?;
+            }
+            segwlb::run::run(&config, stop)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ctl { socket, command } => ctl(&socket, command),
         Command::Policy {
             command:
                 PolicyCommand::Check {
@@ -164,6 +247,52 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+fn ctl(socket: &Path, command: CtlCommand) -> anyhow::Result<ExitCode> {
+    use segwlb::control::ctl::{request, Request};
+    let (req, json) = match command {
+        CtlCommand::Status { json, tunnels } => (Request::Status { tunnels }, json),
+        CtlCommand::Policy {
+            command: CtlPolicy::Use { name, rebalance },
+        } => (Request::PolicyUse { name, rebalance }, false),
+        CtlCommand::Gateway { command } => (
+            match command {
+                CtlGateway::Drain { name } => Request::GatewayDrain {
+                    name,
+                    draining: true,
+                },
+                CtlGateway::Undrain { name } => Request::GatewayDrain {
+                    name,
+                    draining: false,
+                },
+                CtlGateway::Weight { name, weight } => Request::GatewayWeight { name, weight },
+                CtlGateway::Add {
+                    name,
+                    interface,
+                    weight,
+                    mac,
+                } => Request::GatewayAdd {
+                    name,
+                    interface,
+                    weight,
+                    mac,
+                },
+                CtlGateway::Remove { name } => Request::GatewayRemove { name },
+            },
+            false,
+        ),
+    };
+    let response = request(socket, &req)?;
+    if !response.ok {
+        bail!("{}", response.message);
+    }
+    match response.status {
+        Some(status) if json => print_out(&serde_json::to_string_pretty(&status)?)?,
+        Some(status) => print_out(&status.render().trim_end())?,
+        None => print_out(&response.message)?,
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn parse_params(raw: &[String]) -> anyhow::Result<Vec<(String, String)>> {

@@ -1,0 +1,751 @@
+//! Frames/s through a plain Linux bridge and through `segwlb run`, in
+//! network namespaces this program builds and always removes (root).
+//!
+//!     cargo bench -p segwlb --bench throughput
+//!
+//! ```text
+//!  gen ── eth0 ═ up0 ── middle ── gw1 ═ eth0 ── segw1
+//!                               ── gw2 ═ eth0 ── segw2
+//!                               ── gw3 ═ eth0 ── segw3
+//! ```
+//!
+//! One generator thread, pinned to CPU 0, sends prebuilt 150-byte frames of
+//! many tunnels (ESP in UDP on 4500, some from NAT-like source ports, and
+//! raw ESP) from an AF_PACKET socket in `gen`, with `sendmmsg` batches, for
+//! a fixed time; what arrives is read from the segws' receive counters.
+//! Three measurements in one program run, each in a fresh lab:
+//!
+//! - offered: the middle only receives (frames to a MAC nobody has), so
+//!   this is what one generator core can put on the wire;
+//! - bridge: the middle is a Linux bridge with static FDB entries, frames
+//!   addressed to the segws' MACs round-robin by tunnel;
+//! - segwlb: the middle runs `segwlb run` (round-robin policy, other CPUs
+//!   than the generator's), frames addressed to its uplink MAC; each
+//!   tunnel's first frame is sent once and placed before measuring.
+//!
+//! With veth, the receiving side's kernel work (bridge forwarding, the
+//! segw's IP stack) runs in the sender's softirq, on the sender's core, so
+//! "sent" in each run is also what the path behind it allowed: the bridge
+//! run is all on the generator's core, the segwlb run adds segwlb's CPUs.
+//! The lab keeps what is not under test cheap and quiet: the segws are
+//! sinks (ESP dropped at their first routing decision, no ICMP answers),
+//! the bridge has no netfilter hooks and no multicast snooping, IPv6 is off
+//! everywhere. Each run prints the busy share of every CPU over its window:
+//! other load on the machine shows there and skews the figures.
+//!
+//! Environment: `SEGWLB_BENCH_SECS` (default 5) per measurement,
+//! `SEGWLB_BENCH_BATCH` (default 64; 1 = a plain `send` loop),
+//! `SEGWLB_BENCH_ONLY` = `offered`, `bridge` or `segwlb` to run one.
+//! Not root, or `ip`/`ethtool` missing: says what is missing and exits 0.
+
+use std::fs::File;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use segwlb::lab::netns::{self, format_mac, link_stats, mac_of, LinkStats, Netns};
+use segwlb::packet::craft::EspFrame;
+
+const TUNNELS: u32 = 1024;
+/// Frames per tunnel in the prebuilt pool (sequence numbers 1..=N).
+const FRAMES_PER_TUNNEL: u32 = 4;
+const FRAME_LEN: usize = 150;
+const SEGWS: usize = 3;
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 2, 2, 1);
+/// The generator's CPU; `segwlb run` gets the others.
+const GEN_CPU: usize = 0;
+/// A MAC nobody in the lab has: the offered-rate sink.
+const NOBODY: [u8; 6] = [0x02, 0x5e, 0x67, 0x00, 0x00, 0x01];
+
+/// Set by SIGINT/SIGTERM: stop sending, clean up, exit.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn stopping() -> anyhow::Result<()> {
+    if STOP.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Sleep `d`, waking early to notice a Ctrl-C.
+fn nap(d: Duration) -> anyhow::Result<()> {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        stopping()?;
+        std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
+    }
+    stopping()
+}
+
+fn main() -> ExitCode {
+    if let Err(missing) = netns::prerequisites() {
+        println!("throughput: skipped: {missing}");
+        return ExitCode::SUCCESS;
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+    match bench() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("throughput: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct Settings {
+    duration: Duration,
+    batch: usize,
+    only: Option<String>,
+}
+
+fn settings() -> anyhow::Result<Settings> {
+    let num = |name: &str, default: u64| -> anyhow::Result<u64> {
+        match std::env::var(name) {
+            Ok(v) => v
+                .parse()
+                .ok()
+                .filter(|&n| n > 0)
+                .with_context(|| format!("{name}={v}: expected a positive integer")),
+            Err(_) => Ok(default),
+        }
+    };
+    let only = std::env::var("SEGWLB_BENCH_ONLY").ok();
+    if let Some(o) = &only {
+        if !["offered", "bridge", "segwlb"].contains(&o.as_str()) {
+            bail!("SEGWLB_BENCH_ONLY={o}: expected offered, bridge or segwlb");
+        }
+    }
+    Ok(Settings {
+        duration: Duration::from_secs(num("SEGWLB_BENCH_SECS", 5)?),
+        batch: num("SEGWLB_BENCH_BATCH", 64)?.min(1024) as usize,
+        only,
+    })
+}
+
+fn bench() -> anyhow::Result<()> {
+    let s = settings()?;
+    let runs = |name: &str| s.only.as_deref().is_none_or(|o| o == name);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "throughput: {FRAME_LEN}-byte frames of {TUNNELS} tunnels ({} ESP in UDP, half of \
+         them from NAT-like ports; {} raw ESP), {} s per run, generator on CPU {GEN_CPU} of \
+         {cpus}, {}",
+        TUNNELS / 2,
+        TUNNELS / 2,
+        s.duration.as_secs(),
+        if s.batch == 1 {
+            "send() per frame".to_string()
+        } else {
+            format!("sendmmsg batches of {}", s.batch)
+        }
+    );
+    let prefix = netns::unique_prefix("tp");
+
+    if runs("offered") {
+        let lab = Lab::build(&prefix)?;
+        let frames = tunnel_frames(lab.gen_mac, |_| NOBODY);
+        let sent = blast(&lab, &frames, s.batch, s.duration)?;
+        println!(
+            "{:<26}{:>10.0} frames/s   (into a middle that drops them)",
+            "offered (gen, one core)",
+            sent.rate()
+        );
+    }
+
+    let mut bridge_rate = None;
+    if runs("bridge") {
+        let lab = Lab::build(&prefix)?;
+        lab.bridge()?;
+        let macs = lab.segw_macs.clone();
+        let frames = tunnel_frames(lab.gen_mac, |i| macs[i as usize % SEGWS]);
+        let r = measure(&lab, &frames, &s)?;
+        r.print("bridge", None);
+        bridge_rate = Some(r.delivered_rate());
+    }
+
+    if runs("segwlb") {
+        let lab = Lab::build(&prefix)?;
+        let dir = tempfile::Builder::new().prefix("segwlb-bench").tempdir()?;
+        let balancer = lab.start_segwlb(dir.path())?;
+        let uplink = mac_of(&lab.mid, "up0")?;
+        let frames = tunnel_frames(lab.gen_mac, |_| uplink);
+        let r = measure(&lab, &frames, &s)?;
+        let status = balancer.stop()?;
+        r.print("segwlb run", bridge_rate);
+        for (i, d) in r.per_segw.iter().enumerate() {
+            println!(
+                "  segw{}                   {:>10.0} frames/s  {:>5.1}% of delivered",
+                i + 1,
+                d.rx_packets as f64 / r.sent.elapsed.as_secs_f64(),
+                100.0 * d.rx_packets as f64 / r.delivered().max(1) as f64
+            );
+        }
+        if !status.success() {
+            println!("  (segwlb run exited {status} after SIGTERM)");
+        }
+    }
+    Ok(())
+}
+
+/// The namespaces of one measurement; dropping it removes them all.
+struct Lab {
+    gen: Netns,
+    mid: Netns,
+    segws: Vec<Netns>,
+    gen_mac: [u8; 6],
+    segw_macs: Vec<[u8; 6]>,
+}
+
+impl Lab {
+    fn build(prefix: &str) -> anyhow::Result<Lab> {
+        stopping()?;
+        let gen = Netns::new(&format!("{prefix}gen"))?;
+        let mid = Netns::new(&format!("{prefix}mid"))?;
+        netns::veth(&gen, "eth0", &mid, "up0")?;
+        let mut segws = Vec::new();
+        for n in 1..=SEGWS {
+            let segw = Netns::new(&format!("{prefix}s{n}"))?;
+            netns::veth(&mid, &format!("gw{n}"), &segw, "eth0")?;
+            segw.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "eth0"])?;
+            segw.ip(&["route", "add", "10.1.0.0/16", "dev", "eth0"])?;
+            // A sink: the segw's receive counter counts a frame as it is
+            // queued to the segw, and everything after that runs in the
+            // softirq of whoever sent it (the generator's core through a
+            // bridge, segwlb's through segwlb). So the segw must cost
+            // little: ESP in UDP and raw ESP meet a blackhole rule at the
+            // first routing decision, before the ICMP port and protocol
+            // unreachables a segw without SAs would send (their rate
+            // limiting alone cost a quarter of the bridge run). ARP names
+            // no IP protocol and still finds the VIP in the local table,
+            // whose rule moves from 0 to 200 to come after these.
+            segw.ip(&["rule", "add", "pref", "200", "table", "local"])?;
+            segw.ip(&["rule", "del", "pref", "0"])?;
+            for proto in ["udp", "esp"] {
+                segw.ip(&[
+                    "rule",
+                    "add",
+                    "pref",
+                    "100",
+                    "iif",
+                    "eth0",
+                    "ipproto",
+                    proto,
+                    "blackhole",
+                ])?;
+            }
+            // Any error that still gets out must not resolve initiators:
+            // that would broadcast ARP into the middle and onto the other
+            // segws' counters. With no multicast solicitations the
+            // neighbour fails at once; answering ARP is unaffected.
+            netns::sysctl(&segw, "net/ipv4/neigh/eth0/mcast_solicit", "0")?;
+            segws.push(segw);
+        }
+        let gen_mac = mac_of(&gen, "eth0")?;
+        let segw_macs = segws
+            .iter()
+            .map(|s| mac_of(s, "eth0"))
+            .collect::<Result<_, _>>()?;
+        Ok(Lab {
+            gen,
+            mid,
+            segws,
+            gen_mac,
+            segw_macs,
+        })
+    }
+
+    /// The middle as a plain Linux bridge over all its ports, with static
+    /// FDB entries for the segws (they never send, so nothing is learned,
+    /// and an unknown destination would be flooded to all of them).
+    fn bridge(&self) -> anyhow::Result<()> {
+        let mid = &self.mid;
+        // No multicast snooping: it has the bridge itself join the
+        // multicast router discovery group and send IGMP reports to the
+        // ports, onto the segws' counters.
+        mid.ip(&[
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
+        netns::sysctl(mid, "net/ipv6/conf/br0/disable_ipv6", "1")?;
+        // A plain bridge: when br_netfilter is loaded (for a container
+        // runtime, say) it would pass every frame through the iptables
+        // hooks; that is a firewall, not the kernel's bridge.
+        for table in ["arptables", "iptables", "ip6tables"] {
+            let key = format!("net/bridge/bridge-nf-call-{table}");
+            if Path::new("/proc/sys").join(&key).exists() {
+                netns::sysctl(mid, &key, "0")?;
+            }
+        }
+        mid.ip(&["link", "set", "up0", "master", "br0"])?;
+        for (n, mac) in (1..=SEGWS).zip(&self.segw_macs) {
+            let port = format!("gw{n}");
+            mid.ip(&["link", "set", &port, "master", "br0"])?;
+            mid.exec(&[
+                "bridge",
+                "fdb",
+                "replace",
+                &format_mac(mac),
+                "dev",
+                &port,
+                "master",
+                "static",
+            ])?;
+        }
+        mid.ip(&["link", "set", "br0", "up"])?;
+        Ok(())
+    }
+
+    fn segw_stats(&self) -> anyhow::Result<Vec<LinkStats>> {
+        Ok(self
+            .segws
+            .iter()
+            .map(|s| link_stats(s, "eth0"))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// `segwlb run` in the middle namespace on a config written to `dir`,
+    /// once its control socket exists.
+    fn start_segwlb(&self, dir: &Path) -> anyhow::Result<Balancer> {
+        let socket = dir.join("segwlb.sock");
+        let config = dir.join("segwlb.toml");
+        std::fs::write(&config, self.config(&socket))?;
+        let stderr_path = dir.join("segwlb.stderr");
+        let stderr = File::create(&stderr_path)?;
+        let mut cmd = self.mid.command(env!("CARGO_BIN_EXE_segwlb"));
+        cmd.arg("run")
+            .arg("-c")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cpus > 1 {
+            // SAFETY: only sched_setaffinity (async-signal-safe) between
+            // fork and exec; the mask carries over exec.
+            unsafe {
+                cmd.pre_exec(move || set_affinity((0..cpus).filter(|&c| c != GEN_CPU)));
+            }
+        }
+        let child = cmd.spawn().context("start segwlb run")?;
+        let mut balancer = Balancer {
+            child: Some(child),
+            stderr: stderr_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            stopping()?;
+            if let Some(status) = balancer.child_mut().try_wait()? {
+                bail!(
+                    "segwlb run exited ({status}) before its control socket {} appeared; \
+                     its stderr:\n{}",
+                    socket.display(),
+                    balancer.stderr_text()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "segwlb run: no control socket {} after 10 s; its stderr:\n{}",
+                    socket.display(),
+                    balancer.stderr_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Health: a probe interval or two, so every segw is up before the
+        // first tunnel is placed.
+        nap(Duration::from_millis(1200))?;
+        Ok(balancer)
+    }
+
+    fn config(&self, socket: &Path) -> String {
+        let mut c = format!(
+            r#"[balancer]
+uplink = "up0"
+vip = "{VIP}"
+proxy_uplink = ["{VIP}/32"]
+proxy_gateways = ["10.1.0.0/16"]
+control_socket = "{}"
+
+[policy]
+name = "round-robin"
+dir = "{}"
+
+[health]
+interval_ms = 500
+down_after = 3
+up_after = 1
+"#,
+            socket.display(),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"),
+        );
+        for (n, mac) in (1..=SEGWS).zip(&self.segw_macs) {
+            c.push_str(&format!(
+                "\n[[gateway]]\nname = \"segw{n}\"\ninterface = \"gw{n}\"\nmac = \"{}\"\n",
+                format_mac(mac)
+            ));
+        }
+        c
+    }
+}
+
+/// A running `segwlb run`: SIGTERM on `stop`, SIGKILL if dropped running.
+struct Balancer {
+    child: Option<Child>,
+    stderr: PathBuf,
+}
+
+impl Balancer {
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("running")
+    }
+
+    fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                child.kill()?;
+                child.wait()?;
+                bail!(
+                    "segwlb run did not exit within 5 s of SIGTERM; its stderr:\n{}",
+                    self.stderr_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The frame pool, interleaved by tunnel (tunnel `k % TUNNELS`, sequence
+/// number `k / TUNNELS + 1`), so the first `TUNNELS` frames open every
+/// tunnel once. Even tunnels are ESP in UDP (every other one from its own
+/// NAT-like source port, the rest from 4500), odd ones raw ESP; each has
+/// its own source address in 10.1.0.0/16.
+fn tunnel_frames(src: [u8; 6], dst_of: impl Fn(u32) -> [u8; 6]) -> Vec<Vec<u8>> {
+    let mut frames = Vec::with_capacity((TUNNELS * FRAMES_PER_TUNNEL) as usize);
+    for k in 0..TUNNELS * FRAMES_PER_TUNNEL {
+        let (i, seq) = (k % TUNNELS, k / TUNNELS + 1);
+        let ports = match i % 4 {
+            0 => Some((4500, 4500)),
+            2 => Some((10_000 + i as u16, 4500)),
+            _ => None,
+        };
+        let headers = 14 + 20 + if ports.is_some() { 8 } else { 0 };
+        let mut f = Vec::new();
+        EspFrame {
+            dst: dst_of(i),
+            src,
+            from: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 1)) + i),
+            to: VIP,
+            ports,
+            spi: 0x1000_0000 + i,
+            seq,
+            len: FRAME_LEN - headers,
+        }
+        .write(&mut f);
+        debug_assert_eq!(f.len(), FRAME_LEN);
+        frames.push(f);
+    }
+    frames
+}
+
+/// What the generator did.
+struct Sent {
+    frames: u64,
+    /// Calls that failed (ENOBUFS and the like): frames not sent.
+    errors: u64,
+    elapsed: Duration,
+}
+
+impl Sent {
+    fn rate(&self) -> f64 {
+        self.frames as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// An AF_PACKET socket bound to `ifname` in `ns`, for sending only
+/// (protocol 0: it receives nothing), past the qdisc.
+fn packet_socket(ns: &Netns, ifname: &str) -> anyhow::Result<OwnedFd> {
+    let name = std::ffi::CString::new(ifname)?;
+    let fd = ns.enter(|| -> io::Result<OwnedFd> {
+        // SAFETY: plain socket calls on a descriptor we own; `addr` is a
+        // fully initialised sockaddr_ll of the size we pass.
+        unsafe {
+            let index = libc::if_nametoindex(name.as_ptr());
+            if index == 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let fd = OwnedFd::from_raw_fd(fd);
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = index as i32;
+            if libc::bind(
+                fd.as_raw_fd(),
+                &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            let one: libc::c_int = 1;
+            if libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_QDISC_BYPASS,
+                &one as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as u32,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(fd)
+        }
+    })??;
+    Ok(fd)
+}
+
+/// Pin the calling thread to `cpus`.
+fn set_affinity(cpus: impl IntoIterator<Item = usize>) -> io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET stays in bounds
+    // for cpu numbers below CPU_SETSIZE, which available_parallelism gives.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Send `frames` round and round from `fd` for `duration` (or just once
+/// through with `once`), `batch` frames per `sendmmsg` (1: `send`).
+fn send_frames(
+    fd: RawFd,
+    frames: &[Vec<u8>],
+    batch: usize,
+    duration: Duration,
+    once: bool,
+) -> Sent {
+    let mut iovs: Vec<libc::iovec> = frames
+        .iter()
+        .map(|f| libc::iovec {
+            iov_base: f.as_ptr() as *mut libc::c_void,
+            iov_len: f.len(),
+        })
+        .collect();
+    let mut msgs: Vec<libc::mmsghdr> = iovs
+        .iter_mut()
+        .map(|iov| {
+            // SAFETY: all-zero is a valid mmsghdr (null name, no control).
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect();
+    let n = msgs.len();
+    let (mut at, mut frames_sent, mut errors) = (0usize, 0u64, 0u64);
+    let started = Instant::now();
+    'outer: loop {
+        // Look at the clock every 64 calls only.
+        for _ in 0..64 {
+            let want = batch.min(n - at);
+            let r = if batch == 1 {
+                // SAFETY: the frame outlives the call.
+                let f = &frames[at];
+                let r = unsafe { libc::send(fd, f.as_ptr().cast(), f.len(), 0) };
+                r.signum() as i32
+            } else {
+                // SAFETY: `msgs[at..at + want]` point at live frames.
+                unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr().add(at), want as u32, 0) }
+            };
+            if r > 0 {
+                frames_sent += r as u64;
+                at += r as usize;
+            } else {
+                errors += 1;
+                at += 1; // skip the frame that failed
+            }
+            if at >= n {
+                at = 0;
+                if once {
+                    break 'outer;
+                }
+            }
+        }
+        if started.elapsed() >= duration || STOP.load(Ordering::Relaxed) {
+            break;
+        }
+    }
+    Sent {
+        frames: frames_sent,
+        errors,
+        elapsed: started.elapsed(),
+    }
+}
+
+/// Send `frames` from gen for `duration` on the pinned generator thread.
+fn blast(lab: &Lab, frames: &[Vec<u8>], batch: usize, duration: Duration) -> anyhow::Result<Sent> {
+    let fd = packet_socket(&lab.gen, "eth0")?;
+    let sent = std::thread::scope(|s| {
+        s.spawn(|| {
+            set_affinity([GEN_CPU])?;
+            Ok::<_, io::Error>(send_frames(fd.as_raw_fd(), frames, batch, duration, false))
+        })
+        .join()
+        .expect("generator thread")
+    })?;
+    stopping()?;
+    if sent.errors > 0 {
+        println!("  ({} send calls failed)", sent.errors);
+    }
+    Ok(sent)
+}
+
+/// One measured run: warm up (every tunnel's first frame, once), then
+/// blast, then read what each segw received.
+struct Measured {
+    sent: Sent,
+    per_segw: Vec<LinkStats>,
+    gen_tx: LinkStats,
+    /// Busy share of each CPU over the window (softirq included).
+    cpu_busy: Vec<f64>,
+}
+
+impl Measured {
+    fn delivered(&self) -> u64 {
+        self.per_segw.iter().map(|d| d.rx_packets).sum()
+    }
+
+    fn delivered_rate(&self) -> f64 {
+        self.delivered() as f64 / self.sent.elapsed.as_secs_f64()
+    }
+
+    fn print(&self, name: &str, bridge: Option<f64>) {
+        let (delivered, sent) = (self.delivered(), self.sent.frames);
+        let loss = 100.0 * sent.saturating_sub(delivered) as f64 / sent.max(1) as f64;
+        let ratio = bridge
+            .map(|b| format!("   ratio to bridge {:.2}", self.delivered_rate() / b))
+            .unwrap_or_default();
+        println!(
+            "{name:<26}delivered {:>9.0} frames/s  loss {loss:>5.1}%{ratio}",
+            self.delivered_rate(),
+        );
+        let mut notes = vec![format!("gen sent {:.0}/s", self.sent.rate())];
+        if delivered > sent {
+            notes.push(format!(
+                "{} frames more than sent: ARP probes and the like",
+                delivered - sent
+            ));
+        }
+        if self.gen_tx.tx_dropped > 0 {
+            notes.push(format!("{} dropped at gen's veth", self.gen_tx.tx_dropped));
+        }
+        let busy: Vec<String> = self
+            .cpu_busy
+            .iter()
+            .enumerate()
+            .map(|(cpu, b)| format!("cpu{cpu} {:.0}%", 100.0 * b))
+            .collect();
+        notes.push(format!("busy {}", busy.join(" ")));
+        println!("{:<26}({})", "", notes.join(", "));
+    }
+}
+
+/// Per CPU: (busy, total) jiffies from /proc/stat.
+fn cpu_times() -> anyhow::Result<Vec<(u64, u64)>> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    Ok(parse_cpu_times(&stat))
+}
+
+fn parse_cpu_times(stat: &str) -> Vec<(u64, u64)> {
+    stat.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            // user nice system idle iowait irq softirq steal (guest is in user)
+            let v: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .take(8)
+                .map(|x| x.parse().unwrap_or(0))
+                .collect();
+            let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+            let total: u64 = v.iter().sum();
+            (total - idle, total)
+        })
+        .collect()
+}
+
+fn measure(lab: &Lab, frames: &[Vec<u8>], s: &Settings) -> anyhow::Result<Measured> {
+    let fd = packet_socket(&lab.gen, "eth0")?;
+    send_frames(
+        fd.as_raw_fd(),
+        &frames[..TUNNELS as usize],
+        s.batch,
+        Duration::ZERO,
+        true,
+    );
+    nap(Duration::from_millis(500))?;
+    let before = lab.segw_stats()?;
+    let gen_before = link_stats(&lab.gen, "eth0")?;
+    let cpu_before = cpu_times()?;
+    let sent = blast(lab, frames, s.batch, s.duration)?;
+    let cpu_after = cpu_times()?;
+    // Let queues drain: what was sent in the window and arrives late counts.
+    nap(Duration::from_millis(300))?;
+    let after = lab.segw_stats()?;
+    let gen_tx = link_stats(&lab.gen, "eth0")?.since(&gen_before);
+    Ok(Measured {
+        sent,
+        per_segw: after.iter().zip(&before).map(|(a, b)| a.since(b)).collect(),
+        gen_tx,
+        cpu_busy: cpu_after
+            .iter()
+            .zip(&cpu_before)
+            .map(|(a, b)| (a.0 - b.0) as f64 / (a.1 - b.1).max(1) as f64)
+            .collect(),
+    })
+}

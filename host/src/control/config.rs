@@ -1,0 +1,596 @@
+//! `segwlb run`'s configuration file (TOML), validated before anything
+//! starts: every error names the file, line, column and dotted field, and
+//! says what would be right. See `config/example.toml` for every field.
+//!
+//! Relative paths in the file (the policy directory, the control socket)
+//! are relative to the file's own directory, so a config works from any
+//! working directory.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::balancer::affinity::Timeouts;
+use crate::balancer::{HealthConfig, IkeSpiLabel, Prefix, SpiSteering};
+use crate::packet::Mac;
+use crate::policy::wasm::Limits;
+use crate::toml_at::{field_at, line_column};
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunConfig {
+    /// The file it came from (errors and reloads name it).
+    pub file: PathBuf,
+    pub uplink: Located<String>,
+    pub vip: Ipv4Addr,
+    pub proxy_uplink: Vec<Prefix>,
+    pub proxy_gateways: Vec<Prefix>,
+    pub max_tunnels: usize,
+    pub timeouts: Timeouts,
+    pub control_socket: PathBuf,
+    pub metrics: Option<SocketAddr>,
+    pub policy: PolicyConfig,
+    /// `None`: probing is off (`interval_ms = 0`), every segw counts as up.
+    pub health: Option<HealthConfig>,
+    pub gateways: Vec<GatewayConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyConfig {
+    pub name: String,
+    /// Where policies are found by name (and watched for changes).
+    pub dir: PathBuf,
+    pub params: Vec<(String, String)>,
+    pub limits: Limits,
+}
+
+impl PolicyConfig {
+    /// The component file of policy `name` in the policy directory.
+    pub fn file_of(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.wasm"))
+    }
+
+    pub fn file(&self) -> PathBuf {
+        self.file_of(&self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    pub name: String,
+    pub interface: Located<String>,
+    pub weight: u32,
+    /// Static MAC; otherwise learned from the segw's ARP answers.
+    pub mac: Option<Mac>,
+    pub drain: bool,
+    pub steering: SpiSteering,
+}
+
+/// A value with the place in the file it was written, for errors found
+/// after parsing (an interface that does not exist on this host).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located<T> {
+    pub value: T,
+    pub line: usize,
+    pub column: usize,
+    pub field: String,
+}
+
+impl<T> std::ops::Deref for Located<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}:{column}: {field}: {message}")]
+    Invalid {
+        file: String,
+        line: usize,
+        column: usize,
+        field: String,
+        message: String,
+    },
+}
+
+impl RunConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, path, base)
+    }
+
+    /// Parse and validate `text`, read from `file`; relative paths are
+    /// taken from `base`.
+    pub fn parse(text: &str, file: &Path, base: &Path) -> Result<Self, ConfigError> {
+        let name = file.display().to_string();
+        let at = |span: Range<usize>, field: &str, message: String| {
+            let (line, column) = line_column(text, span.start);
+            ConfigError::Invalid {
+                file: name.clone(),
+                line,
+                column,
+                field: field.to_string(),
+                message,
+            }
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            at(
+                span.clone(),
+                &field_at(text, span.start),
+                e.message().to_string(),
+            )
+        })?;
+        let locate = |s: &Spanned<String>, field: String| {
+            let (line, column) = line_column(text, s.span().start);
+            Located {
+                value: s.get_ref().clone(),
+                line,
+                column,
+                field,
+            }
+        };
+        let b = raw.balancer;
+
+        let prefixes = |list: &[Spanned<String>], field: &str| {
+            list.iter()
+                .map(|p| {
+                    p.get_ref()
+                        .parse::<Prefix>()
+                        .map_err(|e| at(p.span(), field, e))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let proxy_uplink = prefixes(&b.proxy_uplink, "balancer.proxy_uplink")?;
+        let proxy_gateways = prefixes(&b.proxy_gateways, "balancer.proxy_gateways")?;
+        let vip: Ipv4Addr = b.vip.get_ref().parse().map_err(|_| {
+            at(
+                b.vip.span(),
+                "balancer.vip",
+                format!("`{}` is not an IPv4 address", b.vip.get_ref()),
+            )
+        })?;
+        if !proxy_uplink.iter().any(|p| p.contains(IpAddr::V4(vip))) {
+            return Err(at(
+                b.vip.span(),
+                "balancer.vip",
+                format!(
+                    "the VIP {vip} is outside the prefixes proxied on the uplink ({}): \
+                     initiators' ARP for it would go unanswered; add it to balancer.proxy_uplink",
+                    list(&proxy_uplink)
+                ),
+            ));
+        }
+        if *b.max_tunnels.get_ref() == 0 {
+            return Err(at(
+                b.max_tunnels.span(),
+                "balancer.max_tunnels",
+                "must be at least 1".into(),
+            ));
+        }
+        let idle = Duration::from_secs(*b.idle_timeout_s.get_ref());
+        let half_open = Duration::from_secs(*b.half_open_timeout_s.get_ref());
+        if half_open > idle || half_open.is_zero() {
+            return Err(at(
+                b.half_open_timeout_s.span(),
+                "balancer.half_open_timeout_s",
+                format!(
+                    "must be between 1 and idle_timeout_s ({} s)",
+                    idle.as_secs()
+                ),
+            ));
+        }
+        let metrics = match &b.metrics {
+            None => None,
+            Some(m) => Some(m.get_ref().parse::<SocketAddr>().map_err(|_| {
+                at(
+                    m.span(),
+                    "balancer.metrics",
+                    format!("`{}` is not ADDRESS:PORT", m.get_ref()),
+                )
+            })?),
+        };
+
+        let p = raw.policy;
+        let dir = base.join(p.dir.get_ref());
+        let policy = PolicyConfig {
+            name: p.name.get_ref().clone(),
+            dir,
+            params: p
+                .params
+                .iter()
+                .map(|(k, v)| (k.clone(), param_text(v)))
+                .collect(),
+            limits: Limits {
+                call: Duration::from_millis(*p.call_timeout_ms.get_ref()),
+                memory: *p.memory_mib.get_ref() << 20,
+                ..Limits::default()
+            },
+        };
+        if policy.limits.call.is_zero() {
+            return Err(at(
+                p.call_timeout_ms.span(),
+                "policy.call_timeout_ms",
+                "must be at least 1".into(),
+            ));
+        }
+        if !policy.file().is_file() {
+            return Err(at(
+                p.name.span(),
+                "policy.name",
+                format!(
+                    "no policy file {} (policies there: {})",
+                    policy.file().display(),
+                    available_policies(&policy.dir)
+                ),
+            ));
+        }
+
+        let h = raw.health;
+        let health = (*h.interval_ms.get_ref() > 0).then(|| HealthConfig {
+            interval: Duration::from_millis(*h.interval_ms.get_ref()),
+            down_after: h.down_after,
+            up_after: h.up_after,
+        });
+        if health.is_some() && (h.down_after == 0 || h.up_after == 0) {
+            return Err(at(
+                h.interval_ms.span(),
+                "health",
+                "down_after and up_after must be at least 1".into(),
+            ));
+        }
+
+        let uplink = locate(&b.uplink, "balancer.uplink".into());
+        if raw.gateway.is_empty() {
+            return Err(at(
+                0..0,
+                "gateway",
+                "no [[gateway]]: a balancer needs at least one segw".into(),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut interfaces = HashSet::from([uplink.value.clone()]);
+        let mut gateways = Vec::new();
+        for (i, g) in raw.gateway.iter().enumerate() {
+            let field = |f: &str| format!("gateway[{}].{f}", i + 1);
+            if !names.insert(g.name.get_ref().clone()) {
+                return Err(at(
+                    g.name.span(),
+                    &field("name"),
+                    format!(
+                        "a gateway named `{}` is already configured",
+                        g.name.get_ref()
+                    ),
+                ));
+            }
+            if !interfaces.insert(g.interface.get_ref().clone()) {
+                return Err(at(
+                    g.interface.span(),
+                    &field("interface"),
+                    format!(
+                        "interface `{}` is already used (by the uplink or another gateway); \
+                         each segw needs a port of its own",
+                        g.interface.get_ref()
+                    ),
+                ));
+            }
+            let mac = match &g.mac {
+                None => None,
+                Some(m) => Some(parse_mac(m.get_ref()).ok_or_else(|| {
+                    at(
+                        m.span(),
+                        &field("mac"),
+                        format!("`{}` is not a MAC like 02:00:5e:00:00:01", m.get_ref()),
+                    )
+                })?),
+            };
+            let ike_label = match (&g.spi_mask, &g.spi_label) {
+                (None, None) => None,
+                (Some(mask), Some(label)) => Some(IkeSpiLabel {
+                    mask: parse_u64(mask).map_err(|m| at(mask.span(), &field("spi_mask"), m))?,
+                    label: parse_u64(label).map_err(|m| at(label.span(), &field("spi_label"), m))?,
+                }),
+                (Some(s), None) | (None, Some(s)) => {
+                    return Err(at(
+                        s.span(),
+                        &field("spi_mask"),
+                        "spi_mask and spi_label go together (strongSwan's charon.spi_mask / charon.spi_label)".into(),
+                    ))
+                }
+            };
+            let esp_range = match (&g.spi_min, &g.spi_max) {
+                (None, None) => None,
+                (Some(min), Some(max)) => {
+                    let lo = parse_u64(min).map_err(|m| at(min.span(), &field("spi_min"), m))?;
+                    let hi = parse_u64(max).map_err(|m| at(max.span(), &field("spi_max"), m))?;
+                    match (u32::try_from(lo), u32::try_from(hi)) {
+                        (Ok(lo), Ok(hi)) if lo <= hi => Some((lo, hi)),
+                        _ => {
+                            return Err(at(
+                                min.span(),
+                                &field("spi_min"),
+                                "need spi_min <= spi_max, both 32-bit ESP SPIs".into(),
+                            ))
+                        }
+                    }
+                }
+                (Some(s), None) | (None, Some(s)) => {
+                    return Err(at(
+                        s.span(),
+                        &field("spi_min"),
+                        "spi_min and spi_max go together (strongSwan's charon.spi_min / charon.spi_max)".into(),
+                    ))
+                }
+            };
+            gateways.push(GatewayConfig {
+                name: g.name.get_ref().clone(),
+                interface: locate(&g.interface, field("interface")),
+                weight: g.weight,
+                mac,
+                drain: g.drain,
+                steering: SpiSteering {
+                    ike_label,
+                    esp_range,
+                },
+            });
+        }
+
+        Ok(RunConfig {
+            file: file.to_path_buf(),
+            uplink,
+            vip,
+            proxy_uplink,
+            proxy_gateways,
+            max_tunnels: *b.max_tunnels.get_ref(),
+            timeouts: Timeouts {
+                idle,
+                half_open,
+                ..Timeouts::default()
+            },
+            control_socket: base.join(&b.control_socket),
+            metrics,
+            policy,
+            health,
+            gateways,
+        })
+    }
+
+    /// Check that every interface the file names exists here (`present`:
+    /// this host's interface names).
+    pub fn check_interfaces(&self, present: &[String]) -> Result<(), ConfigError> {
+        let named = std::iter::once(&self.uplink).chain(self.gateways.iter().map(|g| &g.interface));
+        for iface in named {
+            if !present.contains(&iface.value) {
+                return Err(ConfigError::Invalid {
+                    file: self.file.display().to_string(),
+                    line: iface.line,
+                    column: iface.column,
+                    field: iface.field.clone(),
+                    message: format!(
+                        "no interface `{}` here (interfaces: {})",
+                        iface.value,
+                        present.join(", ")
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn gateway(&self, name: &str) -> Option<&GatewayConfig> {
+        self.gateways.iter().find(|g| g.name == name)
+    }
+}
+
+fn list(prefixes: &[Prefix]) -> String {
+    if prefixes.is_empty() {
+        return "none".into();
+    }
+    prefixes
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn available_policies(dir: &Path) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let p = e.path();
+            if p.extension()? != "wasm" {
+                return None;
+            }
+            Some(p.file_stem()?.to_string_lossy().into_owned())
+        })
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        format!("none in {}", dir.display())
+    } else {
+        names.join(", ")
+    }
+}
+
+pub fn parse_mac(s: &str) -> Option<Mac> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split([':', '-']);
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+pub fn format_mac(mac: &Mac) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// SPI fields are often written in hex: accept `0x…` strings and integers.
+fn parse_u64(v: &Spanned<IntOrHex>) -> Result<u64, String> {
+    match v.get_ref() {
+        IntOrHex::Int(i) => u64::try_from(*i).map_err(|_| format!("{i} is negative")),
+        IntOrHex::Text(t) => {
+            let digits = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X"));
+            match digits {
+                Some(hex) => u64::from_str_radix(&hex.replace('_', ""), 16),
+                None => t.replace('_', "").parse(),
+            }
+            .map_err(|_| format!("`{t}` is not a number (decimal, or hex with 0x)"))
+        }
+    }
+}
+
+fn param_text(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+// ----- the file as written ------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    balancer: RawBalancer,
+    policy: RawPolicy,
+    #[serde(default)]
+    health: RawHealth,
+    #[serde(default)]
+    gateway: Vec<RawGateway>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBalancer {
+    uplink: Spanned<String>,
+    vip: Spanned<String>,
+    proxy_uplink: Vec<Spanned<String>>,
+    #[serde(default)]
+    proxy_gateways: Vec<Spanned<String>>,
+    #[serde(default = "max_tunnels")]
+    max_tunnels: Spanned<usize>,
+    #[serde(default = "idle_timeout_s")]
+    idle_timeout_s: Spanned<u64>,
+    #[serde(default = "half_open_timeout_s")]
+    half_open_timeout_s: Spanned<u64>,
+    #[serde(default = "control_socket")]
+    control_socket: PathBuf,
+    metrics: Option<Spanned<String>>,
+}
+
+fn max_tunnels() -> Spanned<usize> {
+    Spanned::new(0..0, 1 << 20)
+}
+fn idle_timeout_s() -> Spanned<u64> {
+    Spanned::new(0..0, Timeouts::default().idle.as_secs())
+}
+fn half_open_timeout_s() -> Spanned<u64> {
+    Spanned::new(0..0, Timeouts::default().half_open.as_secs())
+}
+fn control_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET)
+}
+
+/// Where `segwlb run` listens and `segwlb ctl` connects unless told.
+pub const DEFAULT_SOCKET: &str = "/run/segwlb.sock";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: Spanned<String>,
+    #[serde(default = "policy_dir")]
+    dir: Spanned<PathBuf>,
+    #[serde(default)]
+    params: BTreeMap<String, toml::Value>,
+    #[serde(default = "call_timeout_ms")]
+    call_timeout_ms: Spanned<u64>,
+    #[serde(default = "memory_mib")]
+    memory_mib: Spanned<usize>,
+}
+
+fn policy_dir() -> Spanned<PathBuf> {
+    Spanned::new(0..0, PathBuf::from("policies"))
+}
+fn call_timeout_ms() -> Spanned<u64> {
+    Spanned::new(0..0, Limits::default().call.as_millis() as u64)
+}
+fn memory_mib() -> Spanned<usize> {
+    Spanned::new(0..0, Limits::default().memory >> 20)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHealth {
+    interval_ms: Spanned<u64>,
+    down_after: u32,
+    up_after: u32,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        let d = HealthConfig::default();
+        RawHealth {
+            interval_ms: Spanned::new(0..0, d.interval.as_millis() as u64),
+            down_after: d.down_after,
+            up_after: d.up_after,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    name: Spanned<String>,
+    interface: Spanned<String>,
+    #[serde(default = "weight")]
+    weight: u32,
+    mac: Option<Spanned<String>>,
+    #[serde(default)]
+    drain: bool,
+    spi_mask: Option<Spanned<IntOrHex>>,
+    spi_label: Option<Spanned<IntOrHex>>,
+    spi_min: Option<Spanned<IntOrHex>>,
+    spi_max: Option<Spanned<IntOrHex>>,
+}
+
+fn weight() -> u32 {
+    1
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IntOrHex {
+    Int(i64),
+    Text(String),
+}
+
+#[cfg(test)]
+mod tests;

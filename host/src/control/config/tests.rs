@@ -1,0 +1,216 @@
+use super::*;
+
+/// A policy directory holding `round-robin.wasm` (only its presence is
+/// checked at parse time).
+fn policies() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("round-robin.wasm"), b"not checked here").unwrap();
+    dir
+}
+
+fn good(dir: &Path) -> String {
+    format!(
+        r#"
+[balancer]
+uplink = "up0"
+vip = "10.2.2.1"
+proxy_uplink = ["10.2.2.1/32"]
+proxy_gateways = ["10.1.0.0/16"]
+control_socket = "run/segwlb.sock"
+metrics = "127.0.0.1:9469"
+
+[policy]
+name = "round-robin"
+dir = "{}"
+params = {{ start = 2, label = "x" }}
+
+[health]
+interval_ms = 200
+down_after = 2
+
+[[gateway]]
+name = "segw1"
+interface = "gw1"
+mac = "02:00:5e:00:00:01"
+
+[[gateway]]
+name = "segw2"
+interface = "gw2"
+weight = 2
+drain = true
+spi_mask = "0xff00000000000000"
+spi_label = "0x0200000000000000"
+spi_min = "0xc2000000"
+spi_max = 0xc2ffffff
+"#,
+        dir.display()
+    )
+}
+
+fn parse(text: &str) -> Result<RunConfig, ConfigError> {
+    RunConfig::parse(text, Path::new("lb.toml"), Path::new("/etc/segwlb"))
+}
+
+fn error(text: &str) -> String {
+    parse(text).expect_err("should be refused").to_string()
+}
+
+#[test]
+fn a_full_config_parses_with_defaults_filled_in() {
+    let dir = policies();
+    let c = parse(&good(dir.path())).unwrap();
+    assert_eq!(c.uplink.value, "up0");
+    assert_eq!(c.vip, Ipv4Addr::new(10, 2, 2, 1));
+    assert_eq!(c.control_socket, Path::new("/etc/segwlb/run/segwlb.sock"));
+    assert_eq!(c.metrics, Some("127.0.0.1:9469".parse().unwrap()));
+    assert_eq!(c.policy.file(), dir.path().join("round-robin.wasm"));
+    assert_eq!(
+        c.policy.params,
+        vec![("label".into(), "x".into()), ("start".into(), "2".into())]
+    );
+    let h = c.health.unwrap();
+    assert_eq!(
+        (h.interval, h.down_after, h.up_after),
+        (
+            Duration::from_millis(200),
+            2,
+            HealthConfig::default().up_after
+        )
+    );
+    assert_eq!(c.gateways.len(), 2);
+    assert_eq!(c.gateways[0].mac, Some([2, 0, 0x5e, 0, 0, 1]));
+    assert_eq!(c.gateways[0].weight, 1);
+    let g2 = &c.gateways[1];
+    assert!(g2.drain);
+    assert_eq!(g2.weight, 2);
+    assert_eq!(g2.steering.esp_range, Some((0xc200_0000, 0xc2ff_ffff)));
+    assert!(g2.steering.owns_ike_spi(0x0211_2233_4455_6677));
+    assert!(!g2.steering.owns_ike_spi(0x0311_2233_4455_6677));
+    assert_eq!(c.max_tunnels, 1 << 20);
+}
+
+#[test]
+fn the_shipped_example_configs_are_valid() {
+    let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&config_dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            // Their policy dir is ../policies; make sure a policy is there
+            // even before the first build.
+            let text = std::fs::read_to_string(&path).unwrap();
+            let dir = policies();
+            let text = text.replace("\"../policies\"", &format!("\"{}\"", dir.path().display()));
+            let text = text
+                .replace("consistent-hash\"", "round-robin\"")
+                .replace("weighted\"", "round-robin\"");
+            RunConfig::parse(&text, &path, &config_dir)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 1, "no example config in config/");
+}
+
+#[test]
+fn a_vip_outside_the_proxied_prefixes_is_refused_at_its_line() {
+    let dir = policies();
+    let text = good(dir.path()).replace("vip = \"10.2.2.1\"", "vip = \"10.2.3.1\"");
+    assert_eq!(
+        error(&text),
+        "lb.toml:4:7: balancer.vip: the VIP 10.2.3.1 is outside the prefixes proxied on the \
+         uplink (10.2.2.1/32): initiators' ARP for it would go unanswered; add it to \
+         balancer.proxy_uplink"
+    );
+}
+
+#[test]
+fn a_duplicate_gateway_is_refused_naming_the_second() {
+    let dir = policies();
+    let text = good(dir.path()).replace("name = \"segw2\"", "name = \"segw1\"");
+    let e = error(&text);
+    assert!(
+        e.starts_with("lb.toml:25:8: gateway[2].name: a gateway named `segw1`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_interface_used_twice_is_refused() {
+    let dir = policies();
+    let text = good(dir.path()).replace("interface = \"gw2\"", "interface = \"up0\"");
+    let e = error(&text);
+    assert!(
+        e.starts_with("lb.toml:26:13: gateway[2].interface: interface `up0` is already used"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_missing_policy_file_is_refused_listing_what_is_there() {
+    let dir = policies();
+    let text = good(dir.path()).replace("name = \"round-robin\"", "name = \"maglev\"");
+    let e = error(&text);
+    assert!(
+        e.starts_with("lb.toml:11:8: policy.name: no policy file "),
+        "{e}"
+    );
+    assert!(
+        e.ends_with("maglev.wasm (policies there: round-robin)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_fields_and_bad_values_name_their_field() {
+    let dir = policies();
+    let cases = [
+        ("drain = true", "drian = true", "gateway.drian"),
+        (
+            "mac = \"02:00:5e:00:00:01\"",
+            "mac = \"02:00:5e:00:01\"",
+            "gateway[1].mac",
+        ),
+        (
+            "\"10.1.0.0/16\"",
+            "\"10.1.0.0/33\"",
+            "balancer.proxy_gateways",
+        ),
+        (
+            "metrics = \"127.0.0.1:9469\"",
+            "metrics = \"localhost\"",
+            "balancer.metrics",
+        ),
+        ("spi_max = 0xc2ffffff\n", "\n", "gateway[2].spi_min"),
+    ];
+    for (from, to, field) in cases {
+        let text = good(dir.path()).replace(from, to);
+        let e = error(&text);
+        assert!(e.contains(&format!(": {field}: ")), "{to}: {e}");
+        assert!(e.starts_with("lb.toml:"), "{e}");
+    }
+}
+
+#[test]
+fn interfaces_missing_on_this_host_are_named_with_their_line() {
+    let dir = policies();
+    let c = parse(&good(dir.path())).unwrap();
+    let present: Vec<String> = ["lo", "up0", "gw1"].map(String::from).to_vec();
+    let e = c.check_interfaces(&present).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "lb.toml:26:13: gateway[2].interface: no interface `gw2` here (interfaces: lo, up0, gw1)"
+    );
+    let all: Vec<String> = ["up0", "gw1", "gw2"].map(String::from).to_vec();
+    c.check_interfaces(&all).unwrap();
+}
+
+#[test]
+fn macs_parse_and_print() {
+    assert_eq!(parse_mac("02:00:5E:00:00:0a"), Some([2, 0, 0x5e, 0, 0, 10]));
+    assert_eq!(parse_mac("02-00-5e-00-00-0a"), Some([2, 0, 0x5e, 0, 0, 10]));
+    assert_eq!(parse_mac("02:00:5e:00:00"), None);
+    assert_eq!(parse_mac("02:00:5e:00:00:0a:01"), None);
+    assert_eq!(parse_mac("2:00:5e:00:00:0a"), None);
+    assert_eq!(format_mac(&[2, 0, 0x5e, 0, 0, 10]), "02:00:5e:00:00:0a");
+}

@@ -1,0 +1,260 @@
+//! Prometheus text exposition of a [`Status`], and the small HTTP listener
+//! that serves it at `/metrics` (one request per connection; scrapes are
+//! rare and tiny, so no HTTP library).
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::status::Status;
+
+/// The exposition format, version 0.0.4.
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
+        let _ = writeln!(out, "# HELP segwlb_{name} {help}");
+        let _ = writeln!(out, "# TYPE segwlb_{name} {kind}");
+        for (labels, value) in samples {
+            if labels.is_empty() {
+                let _ = writeln!(out, "segwlb_{name} {value}");
+            } else {
+                let _ = writeln!(out, "segwlb_{name}{{{labels}}} {value}");
+            }
+        }
+    };
+    let per_gw = |f: &dyn Fn(&super::status::GatewayStatus) -> String| {
+        s.gateways
+            .iter()
+            .map(|g| (format!("gateway=\"{}\"", g.name), f(g)))
+            .collect::<Vec<_>>()
+    };
+    let one = |v: String| vec![(String::new(), v)];
+
+    family(
+        "gateway_tunnels",
+        "gauge",
+        "Live tunnels bound to the gateway.",
+        per_gw(&|g| g.tunnels.to_string()),
+    );
+    family(
+        "gateway_up",
+        "gauge",
+        "1 when the gateway answers its health probes.",
+        per_gw(&|g| u8::from(g.healthy).to_string()),
+    );
+    family(
+        "gateway_draining",
+        "gauge",
+        "1 when the gateway takes no new tunnels.",
+        per_gw(&|g| u8::from(g.draining).to_string()),
+    );
+    family(
+        "gateway_weight",
+        "gauge",
+        "Configured weight.",
+        per_gw(&|g| g.weight.to_string()),
+    );
+    let both = |to: &dyn Fn(&super::status::GatewayStatus) -> u64,
+                from: &dyn Fn(&super::status::GatewayStatus) -> u64| {
+        s.gateways
+            .iter()
+            .flat_map(|g| {
+                [
+                    (
+                        format!("gateway=\"{}\",direction=\"to_segw\"", g.name),
+                        to(g).to_string(),
+                    ),
+                    (
+                        format!("gateway=\"{}\",direction=\"from_segw\"", g.name),
+                        from(g).to_string(),
+                    ),
+                ]
+            })
+            .collect::<Vec<_>>()
+    };
+    family(
+        "gateway_frames_total",
+        "counter",
+        "Frames forwarded, by gateway and direction.",
+        both(&|g| g.frames_to, &|g| g.frames_from),
+    );
+    family(
+        "gateway_bytes_total",
+        "counter",
+        "IP bytes forwarded, by gateway and direction.",
+        both(&|g| g.bytes_to, &|g| g.bytes_from),
+    );
+    family(
+        "gateway_moved_in_total",
+        "counter",
+        "Tunnels moved to the gateway (failure of another, rebalance).",
+        per_gw(&|g| g.moved_in.to_string()),
+    );
+    family(
+        "drops_total",
+        "counter",
+        "Frames dropped, by reason.",
+        s.drops
+            .iter()
+            .map(|(r, n)| (format!("reason=\"{r}\""), n.to_string()))
+            .collect(),
+    );
+    family(
+        "forwarded_frames_total",
+        "counter",
+        "Frames forwarded.",
+        one(s.counters.forwarded.to_string()),
+    );
+    family(
+        "policy_decisions_total",
+        "counter",
+        "New tunnels placed by asking the policy.",
+        one(s.policy.decisions.to_string()),
+    );
+    family(
+        "policy_fallbacks_total",
+        "counter",
+        "Decisions the host made instead of a failing policy, by reason.",
+        s.policy
+            .fallbacks_by_reason
+            .iter()
+            .map(|(r, n)| (format!("reason=\"{r}\""), n.to_string()))
+            .collect(),
+    );
+    family(
+        "policy_reloads_total",
+        "counter",
+        "Policies swapped in since start.",
+        one(s.policy.reloads.to_string()),
+    );
+    family(
+        "policy_rejected_total",
+        "counter",
+        "Policy files refused on reload (the old policy kept serving).",
+        one(s.policy.rejected.to_string()),
+    );
+    family(
+        "policy_swap_seconds",
+        "gauge",
+        "Last policy swap: change noticed to new policy serving.",
+        one(s
+            .policy
+            .last_swap_ms
+            .map_or(0.0, |ms| ms / 1000.0)
+            .to_string()),
+    );
+    family(
+        "policy_info",
+        "gauge",
+        "The policy in use.",
+        vec![(format!("policy=\"{}\"", s.policy.name), "1".into())],
+    );
+    family(
+        "table_tunnels",
+        "gauge",
+        "Tunnels in the affinity table.",
+        one(s.table.tunnels.to_string()),
+    );
+    family(
+        "table_capacity",
+        "gauge",
+        "The table's hard bound.",
+        one(s.table.capacity.to_string()),
+    );
+    family(
+        "table_expired_total",
+        "counter",
+        "Tunnels forgotten after idling.",
+        one(s.table.expired.to_string()),
+    );
+    family(
+        "table_evicted_total",
+        "counter",
+        "Half-open tunnels evicted to make room.",
+        one(s.table.evicted_half_open.to_string()),
+    );
+    family(
+        "tunnels_moved_total",
+        "counter",
+        "Tunnels moved off a down or removed gateway, or by a rebalance.",
+        one(s.counters.moved.to_string()),
+    );
+    family(
+        "port_send_errors_total",
+        "counter",
+        "Frames the interface refused to send.",
+        s.ports
+            .iter()
+            .map(|p| {
+                (
+                    format!("interface=\"{}\"", p.interface),
+                    p.send_errors.to_string(),
+                )
+            })
+            .collect(),
+    );
+    out
+}
+
+/// Serve `GET /metrics` on `addr`, asking `snapshot` for each scrape.
+pub fn serve(
+    addr: SocketAddr,
+    snapshot: impl Fn() -> Option<Status> + Send + 'static,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    let listener = TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        if let Err(e) = answer(conn, &snapshot) {
+                            tracing::debug!("metrics request: {e}");
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => tracing::warn!("metrics listener: {e}"),
+                }
+            }
+        })
+}
+
+fn answer(conn: TcpStream, snapshot: &impl Fn() -> Option<Status>) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut request = String::new();
+    reader.read_line(&mut request)?;
+    // Read (and ignore) the headers up to the blank line.
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 2 {
+        line.clear();
+    }
+    let path = request.split_whitespace().nth(1).unwrap_or("");
+    let (code, body) = match (request.starts_with("GET "), path) {
+        (true, "/metrics") => match snapshot() {
+            Some(s) => ("200 OK", render(&s)),
+            None => (
+                "503 Service Unavailable",
+                "the balancer is stopping\n".into(),
+            ),
+        },
+        (true, _) => ("404 Not Found", "try /metrics\n".into()),
+        _ => ("405 Method Not Allowed", "GET only\n".into()),
+    };
+    let mut conn = conn;
+    write!(
+        conn,
+        "HTTP/1.0 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    conn.flush()
+}

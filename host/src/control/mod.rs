@@ -1,0 +1,391 @@
+//! The control plane of `segwlb run`: the configuration, what changes it at
+//! runtime (the control socket, file changes), and what reports on it
+//! (status, metrics). It talks to the data path only through
+//! [`dataplane::Command`]s; it never touches a frame.
+//!
+//! The [`Supervisor`] holds what the control plane owns: the wasm runtime
+//! (policies are compiled here, off the data path), the configuration in
+//! force, and the ports (opening an interface and its reader thread for a
+//! gateway added at runtime). The control socket and the file watcher
+//! share it behind a mutex; the data path never takes that lock.
+
+pub mod config;
+pub mod ctl;
+pub mod diff;
+pub mod metrics;
+pub mod reload;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Sender};
+
+use crate::balancer::{GatewaySpec, PortId};
+use crate::dataplane::{Command, Reply};
+use crate::io::{afpacket, Received};
+use crate::policy::wasm::{Loaded, Runtime};
+use config::{GatewayConfig, RunConfig};
+use diff::Change;
+use status::Status;
+
+/// How long the control plane waits for the data path to answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A port the control plane opened: its reader thread and how to stop it.
+pub struct PortHandle {
+    pub port: PortId,
+    pub interface: String,
+    stop: Arc<AtomicBool>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl PortHandle {
+    pub fn new(
+        port: PortId,
+        interface: &str,
+        stop: Arc<AtomicBool>,
+        reader: JoinHandle<()>,
+    ) -> Self {
+        PortHandle {
+            port,
+            interface: interface.into(),
+            stop,
+            reader: Some(reader),
+        }
+    }
+
+    pub fn close(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+pub struct Supervisor {
+    runtime: Runtime,
+    config: RunConfig,
+    /// Gateway name → its port.
+    ports: BTreeMap<String, PortHandle>,
+    next_port: PortId,
+    worker: Sender<Command>,
+    frames: Sender<Received>,
+    /// The policy serving now: its file and a hash of its bytes (a file
+    /// event whose bytes did not change reloads nothing).
+    policy_file: PathBuf,
+    policy_hash: u64,
+}
+
+impl Supervisor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        runtime: Runtime,
+        config: RunConfig,
+        ports: BTreeMap<String, PortHandle>,
+        worker: Sender<Command>,
+        frames: Sender<Received>,
+        policy_file: PathBuf,
+        policy_bytes: &[u8],
+    ) -> Self {
+        let next_port = ports.values().map(|p| p.port).max().unwrap_or(0) + 1;
+        Supervisor {
+            runtime,
+            config,
+            ports,
+            next_port,
+            worker,
+            frames,
+            policy_file,
+            policy_hash: hash(policy_bytes),
+        }
+    }
+
+    pub fn config(&self) -> &RunConfig {
+        &self.config
+    }
+
+    pub fn policy_file(&self) -> &Path {
+        &self.policy_file
+    }
+
+    /// Ask the worker and wait for its answer.
+    fn ask(&self, make: impl FnOnce(Sender<Reply>) -> Command) -> Reply {
+        let (tx, rx) = bounded(1);
+        self.worker
+            .send(make(tx))
+            .map_err(|_| "the data path has stopped".to_string())?;
+        rx.recv_timeout(ASK_TIMEOUT)
+            .map_err(|_| "the data path did not answer".to_string())?
+    }
+
+    pub fn status(&self, tunnels: usize) -> Option<Status> {
+        let (tx, rx) = bounded(1);
+        self.worker
+            .send(Command::Status { tunnels, reply: tx })
+            .ok()?;
+        rx.recv_timeout(ASK_TIMEOUT).ok()
+    }
+
+    /// Where policy `name` lives: a name in the policy directory, or a path.
+    fn resolve(&self, name: &str) -> PathBuf {
+        if name.ends_with(".wasm") || name.contains('/') {
+            PathBuf::from(name)
+        } else {
+            self.config.policy.file_of(name)
+        }
+    }
+
+    /// Compile and check a policy here, then swap it in on the data path.
+    /// A policy that does not load is refused and the old one keeps serving.
+    pub fn use_policy(&mut self, name: &str, rebalance: bool, noticed: Instant) -> Reply {
+        let file = self.resolve(name);
+        let configured = file == self.config.policy.file();
+        self.swap(&file, configured, rebalance, noticed)
+    }
+
+    fn swap(&mut self, file: &Path, configured: bool, rebalance: bool, noticed: Instant) -> Reply {
+        let loaded = match self.load(file, configured) {
+            Ok(l) => l,
+            Err((bytes_hash, e)) => {
+                let _ = self.worker.send(Command::PolicyRejected);
+                tracing::error!("policy refused, the current one keeps serving: {e}");
+                if let Some(h) = bytes_hash {
+                    // Do not retry the same broken bytes on the next event.
+                    if file == self.policy_file {
+                        self.policy_hash = h;
+                    }
+                }
+                return Err(e);
+            }
+        };
+        let (loaded, bytes_hash) = loaded;
+        let r = self.ask(|reply| Command::UsePolicy {
+            policy: loaded,
+            rebalance,
+            noticed,
+            reply,
+        });
+        if r.is_ok() {
+            self.policy_file = file.to_path_buf();
+            self.policy_hash = bytes_hash;
+        }
+        r
+    }
+
+    /// Read and load `file`, with the configured parameters when it is the
+    /// configured policy (another policy would reject them).
+    #[allow(clippy::type_complexity)]
+    fn load(&self, file: &Path, configured: bool) -> Result<(Loaded, u64), (Option<u64>, String)> {
+        let bytes = std::fs::read(file).map_err(|e| {
+            (
+                None,
+                format!("{}: cannot read the policy: {e}", file.display()),
+            )
+        })?;
+        let h = hash(&bytes);
+        let params: &[(String, String)] = if configured {
+            &self.config.policy.params
+        } else {
+            &[]
+        };
+        self.runtime
+            .load_bytes(file, &bytes, params, self.config.policy.limits)
+            .map(|l| (l, h))
+            .map_err(|e| (Some(h), e.to_string()))
+    }
+
+    /// A policy file changed on disk: reload it if it is the one serving
+    /// and its bytes differ.
+    pub fn policy_file_changed(&mut self, file: &Path, noticed: Instant) -> Option<Reply> {
+        if file != self.policy_file {
+            return None;
+        }
+        let bytes = std::fs::read(file).ok()?;
+        if hash(&bytes) == self.policy_hash {
+            return None;
+        }
+        let configured = file == self.config.policy.file();
+        Some(self.swap(file, configured, false, noticed))
+    }
+
+    /// The config file changed: validate it, then apply what differs. A
+    /// broken file changes nothing.
+    pub fn config_changed(&mut self, noticed: Instant) -> Result<Vec<String>, String> {
+        let new = RunConfig::load(&self.config.file).map_err(|e| e.to_string())?;
+        let present = afpacket::interface_names();
+        let changes = diff::diff(&self.config, &new);
+        // Interfaces only matter for gateways being added.
+        for change in &changes {
+            if let Change::AddGateway(g) = change {
+                if !present.contains(&g.interface.value) {
+                    new.check_interfaces(&present).map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        let mut done = Vec::new();
+        let old = std::mem::replace(&mut self.config, new);
+        for change in changes {
+            let r = match change {
+                Change::Proxy { uplink, gateways } => {
+                    let _ = self.worker.send(Command::SetProxy { uplink, gateways });
+                    Ok("proxied prefixes updated".to_string())
+                }
+                Change::Health(h) => {
+                    let _ = self.worker.send(Command::SetHealth(h));
+                    Ok("health probing updated".into())
+                }
+                Change::Policy => {
+                    let file = self.config.policy.file();
+                    self.swap(&file, true, false, noticed)
+                }
+                Change::AddGateway(g) => self.add_gateway(&g),
+                Change::RemoveGateway(name) => self.remove_gateway(&name),
+                Change::Weight(name, w) => self.weight(&name, w),
+                Change::Drain(name, d) => self.drain(&name, d),
+                Change::NeedsRestart(field) => {
+                    Err(format!("{field} changed: takes effect after a restart"))
+                }
+            };
+            match r {
+                Ok(m) => done.push(m),
+                Err(e) => {
+                    tracing::warn!("config reload: {e}");
+                    done.push(format!("not applied: {e}"));
+                }
+            }
+        }
+        drop(old);
+        Ok(done)
+    }
+
+    pub fn drain(&self, name: &str, draining: bool) -> Reply {
+        self.ask(|reply| Command::Drain {
+            name: name.into(),
+            draining,
+            reply,
+        })
+    }
+
+    pub fn weight(&self, name: &str, weight: u32) -> Reply {
+        self.ask(|reply| Command::Weight {
+            name: name.into(),
+            weight,
+            reply,
+        })
+    }
+
+    /// `ctl gateway add`.
+    pub fn add_gateway_by_hand(
+        &mut self,
+        name: &str,
+        interface: &str,
+        weight: u32,
+        mac: Option<&str>,
+    ) -> Reply {
+        let mac = match mac {
+            None => None,
+            Some(m) => Some(
+                config::parse_mac(m)
+                    .ok_or_else(|| format!("`{m}` is not a MAC like 02:00:5e:00:00:01"))?,
+            ),
+        };
+        let g = GatewayConfig {
+            name: name.into(),
+            interface: config::Located {
+                value: interface.into(),
+                line: 0,
+                column: 0,
+                field: "interface".into(),
+            },
+            weight,
+            mac,
+            drain: false,
+            steering: Default::default(),
+        };
+        self.add_gateway(&g)
+    }
+
+    /// Open the gateway's interface, start its reader, and add it.
+    pub fn add_gateway(&mut self, g: &GatewayConfig) -> Reply {
+        if self.ports.contains_key(&g.name) {
+            return Err(format!("a gateway named `{}` already exists", g.name));
+        }
+        if let Some(other) = self
+            .ports
+            .values()
+            .find(|p| p.interface == g.interface.value)
+        {
+            return Err(format!(
+                "interface `{}` already serves port {}",
+                g.interface.value, other.port
+            ));
+        }
+        let opened = afpacket::open(&g.interface).map_err(|e| e.to_string())?;
+        let port = self.next_port;
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = afpacket::spawn_reader(
+            &g.interface,
+            port,
+            opened.rx,
+            self.frames.clone(),
+            stop.clone(),
+        )
+        .map_err(|e| format!("cannot start the reader of {}: {e}", g.interface.value))?;
+        let handle = PortHandle::new(port, &g.interface, stop, reader);
+        let spec = GatewaySpec {
+            name: g.name.clone(),
+            port,
+            mac: g.mac,
+            weight: g.weight,
+            steering: g.steering,
+        };
+        let r = self.ask(|reply| Command::AddGateway {
+            spec,
+            draining: g.drain,
+            interface: g.interface.value.clone(),
+            port_mac: opened.mac,
+            tx: Box::new(opened.tx),
+            reply,
+        });
+        match &r {
+            Ok(_) => {
+                self.next_port += 1;
+                self.ports.insert(g.name.clone(), handle);
+            }
+            Err(_) => handle.close(),
+        }
+        r
+    }
+
+    pub fn remove_gateway(&mut self, name: &str) -> Reply {
+        let r = self.ask(|reply| Command::RemoveGateway {
+            name: name.into(),
+            reply,
+        });
+        if r.is_ok() {
+            if let Some(p) = self.ports.remove(name) {
+                p.close();
+            }
+        }
+        r
+    }
+
+    /// Stop every reader (the worker has stopped or is stopping).
+    pub fn close_ports(&mut self) {
+        for (_, p) in std::mem::take(&mut self.ports) {
+            p.close();
+        }
+    }
+}
+
+fn hash(bytes: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}

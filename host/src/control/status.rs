@@ -1,0 +1,343 @@
+//! What a running balancer reports: one snapshot type, taken by the worker
+//! and read by `segwlb ctl status` (as text or `--json`) and by the
+//! Prometheus endpoint. Plain data: it crosses threads and the control
+//! socket as JSON.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::{Deserialize, Serialize};
+
+use crate::balancer::affinity::{Tunnel, TunnelState};
+use crate::balancer::{Balancer, DropReason};
+use crate::control::config::format_mac;
+use crate::packet::Malformed;
+use crate::policy::{FallbackReason, Policy};
+use crate::time::Timestamp;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub uptime_s: f64,
+    pub policy: PolicyStatus,
+    pub gateways: Vec<GatewayStatus>,
+    pub counters: CounterStatus,
+    /// Drops by reason (every reason, zeros included).
+    pub drops: BTreeMap<String, u64>,
+    /// Malformed frames by what was wrong (non-zero only).
+    pub malformed: BTreeMap<String, u64>,
+    pub table: TableStatus,
+    /// Per port: frames sent and failed sends.
+    pub ports: Vec<PortStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    pub name: String,
+    pub file: String,
+    /// Seconds since the Unix epoch.
+    pub loaded_at: f64,
+    /// Policies swapped in since start (file changes, config, ctl).
+    pub reloads: u64,
+    /// Reload attempts refused (a broken file); the old policy kept serving.
+    pub rejected: u64,
+    /// Last swap: from the change being noticed to the new policy serving.
+    pub last_swap_ms: Option<f64>,
+    pub decisions: u64,
+    pub fallbacks: u64,
+    pub fallbacks_by_reason: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayStatus {
+    pub name: String,
+    pub id: u32,
+    pub interface: String,
+    pub port: u16,
+    pub mac: Option<String>,
+    pub healthy: bool,
+    pub draining: bool,
+    pub weight: u32,
+    pub tunnels: u64,
+    pub frames_to: u64,
+    pub bytes_to: u64,
+    pub frames_from: u64,
+    pub bytes_from: u64,
+    pub moved_in: u64,
+    /// Its tunnels, oldest first, up to the asked-for limit.
+    pub tunnel_list: Vec<TunnelStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TunnelStatus {
+    /// The remote endpoint, `address:port` (port 0: raw ESP).
+    pub remote: String,
+    pub peer: String,
+    pub peer_port: u16,
+    /// Seconds since the tunnel was first seen.
+    pub age_s: f64,
+    pub idle_s: f64,
+    pub frames: u64,
+    pub bytes: u64,
+    pub state: String,
+    pub ike_spi: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CounterStatus {
+    pub forwarded: u64,
+    pub replies: u64,
+    pub placed: u64,
+    pub taught: u64,
+    pub moved: u64,
+    pub steered: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TableStatus {
+    pub tunnels: usize,
+    pub capacity: usize,
+    pub inserted: u64,
+    pub evicted_half_open: u64,
+    pub refused_full: u64,
+    pub expired: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PortStatus {
+    pub port: u16,
+    pub interface: String,
+    pub sent: u64,
+    pub send_errors: u64,
+}
+
+/// What the worker knows about the policy besides the balancer.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyRecord {
+    pub name: String,
+    pub file: String,
+    pub loaded_at: f64,
+    pub reloads: u64,
+    pub rejected: u64,
+    pub last_swap_ms: Option<f64>,
+}
+
+impl Status {
+    /// A snapshot of `lb`, listing up to `tunnels` tunnels per gateway.
+    pub fn of<P: Policy>(
+        lb: &Balancer<P>,
+        policy: &PolicyRecord,
+        ports: Vec<PortStatus>,
+        now: Timestamp,
+        uptime_s: f64,
+        tunnels: usize,
+    ) -> Status {
+        let interface_of = |port: u16| {
+            ports
+                .iter()
+                .find(|p| p.port == port)
+                .map_or_else(String::new, |p| p.interface.clone())
+        };
+        let mut lists: BTreeMap<u32, Vec<&Tunnel>> = BTreeMap::new();
+        if tunnels > 0 {
+            for (_, t) in lb.table().iter() {
+                lists.entry(t.gateway).or_default().push(t);
+            }
+        }
+        let gateways = lb
+            .gateways()
+            .map(|g| {
+                let mut list = lists.remove(&g.id).unwrap_or_default();
+                list.sort_by_key(|t| (t.since, t.peer, t.peer_port));
+                GatewayStatus {
+                    name: g.spec.name.clone(),
+                    id: g.id,
+                    interface: interface_of(g.spec.port),
+                    port: g.spec.port,
+                    mac: g.mac.as_ref().map(format_mac),
+                    healthy: g.healthy,
+                    draining: g.draining,
+                    weight: g.spec.weight,
+                    tunnels: g.counters.tunnels,
+                    frames_to: g.counters.frames_to,
+                    bytes_to: g.counters.bytes_to,
+                    frames_from: g.counters.frames_from,
+                    bytes_from: g.counters.bytes_from,
+                    moved_in: g.counters.moved_in,
+                    tunnel_list: list
+                        .into_iter()
+                        .take(tunnels)
+                        .map(|t| tunnel_status(t, now))
+                        .collect(),
+                }
+            })
+            .collect();
+        let c = lb.counters();
+        let stats = lb.policy_stats();
+        let t = &lb.table().counters;
+        Status {
+            uptime_s,
+            policy: PolicyStatus {
+                name: policy.name.clone(),
+                file: policy.file.clone(),
+                loaded_at: policy.loaded_at,
+                reloads: policy.reloads,
+                rejected: policy.rejected,
+                last_swap_ms: policy.last_swap_ms,
+                decisions: stats.decisions,
+                fallbacks: stats.fallbacks_total(),
+                fallbacks_by_reason: FallbackReason::ALL
+                    .iter()
+                    .map(|&r| (r.as_str().to_string(), stats.fallbacks_for(r)))
+                    .collect(),
+            },
+            gateways,
+            counters: CounterStatus {
+                forwarded: c.forwarded,
+                replies: c.replies,
+                placed: c.placed,
+                taught: c.taught,
+                moved: c.moved,
+                steered: c.steered,
+            },
+            drops: DropReason::ALL
+                .iter()
+                .map(|&r| (r.as_str().to_string(), c.dropped(r)))
+                .collect(),
+            malformed: Malformed::ALL
+                .iter()
+                .filter(|&&m| c.malformed[m as usize] > 0)
+                .map(|&m| (format!("{m:?}"), c.malformed[m as usize]))
+                .collect(),
+            table: TableStatus {
+                tunnels: lb.table().len(),
+                capacity: lb.table().capacity(),
+                inserted: t.inserted,
+                evicted_half_open: t.evicted_half_open,
+                refused_full: t.refused_full,
+                expired: t.expired,
+            },
+            ports,
+        }
+    }
+
+    pub fn gateway(&self, name: &str) -> Option<&GatewayStatus> {
+        self.gateways.iter().find(|g| g.name == name)
+    }
+
+    /// The text `segwlb ctl status` prints: a router's
+    /// `show ipsec gateway tunnel`, then the policy, drops and table.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let p = &self.policy;
+        let _ = writeln!(
+            out,
+            "policy {} ({}), {} reload{}{}, {} decisions, {} fallbacks{}",
+            p.name,
+            p.file,
+            p.reloads,
+            if p.reloads == 1 { "" } else { "s" },
+            p.last_swap_ms
+                .map_or_else(String::new, |ms| format!(" (last swap {ms:.1} ms)")),
+            p.decisions,
+            p.fallbacks,
+            if p.rejected > 0 {
+                format!(", {} broken file(s) rejected", p.rejected)
+            } else {
+                String::new()
+            },
+        );
+        for g in &self.gateways {
+            let _ = writeln!(
+                out,
+                "\ngateway {}  {}  {}  {}{}  weight {}  tunnels {}  to-segw {} frames {} bytes  from-segw {} frames {} bytes",
+                g.name,
+                g.interface,
+                g.mac.as_deref().unwrap_or("mac unknown"),
+                if g.healthy { "up" } else { "DOWN" },
+                if g.draining { " draining" } else { "" },
+                g.weight,
+                g.tunnels,
+                g.frames_to,
+                g.bytes_to,
+                g.frames_from,
+                g.bytes_from,
+            );
+            if g.tunnel_list.is_empty() {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "  {:<40} {:>9} {:>9} {:>12} {:>14}  {:<12} ike-spi",
+                "remote endpoint", "age", "idle", "frames", "bytes", "state"
+            );
+            for t in &g.tunnel_list {
+                let _ = writeln!(
+                    out,
+                    "  {:<40} {:>8.0}s {:>8.0}s {:>12} {:>14}  {:<12} {}",
+                    t.remote,
+                    t.age_s,
+                    t.idle_s,
+                    t.frames,
+                    t.bytes,
+                    t.state,
+                    t.ike_spi.as_deref().unwrap_or("-"),
+                );
+            }
+            let listed = g.tunnel_list.len() as u64;
+            if listed < g.tunnels {
+                let _ = writeln!(out, "  … and {} more", g.tunnels - listed);
+            }
+        }
+        let c = &self.counters;
+        let _ = writeln!(
+            out,
+            "\nframes forwarded {}, ARP/NDP replies {}; tunnels placed {}, taught {}, moved {}, SPI-steered frames {}",
+            c.forwarded, c.replies, c.placed, c.taught, c.moved, c.steered
+        );
+        let t = &self.table;
+        let _ = writeln!(
+            out,
+            "table {} / {} tunnels; expired {}, half-open evicted {}, refused (full) {}",
+            t.tunnels, t.capacity, t.expired, t.evicted_half_open, t.refused_full
+        );
+        let drops: Vec<String> = self
+            .drops
+            .iter()
+            .filter(|(_, &n)| n > 0)
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "drops: {}",
+            if drops.is_empty() {
+                "none".into()
+            } else {
+                drops.join(", ")
+            }
+        );
+        out
+    }
+}
+
+fn tunnel_status(t: &Tunnel, now: Timestamp) -> TunnelStatus {
+    let peer = t.peer.to_string();
+    let remote = match t.peer {
+        std::net::IpAddr::V6(_) => format!("[{peer}]:{}", t.peer_port),
+        std::net::IpAddr::V4(_) => format!("{peer}:{}", t.peer_port),
+    };
+    TunnelStatus {
+        remote,
+        peer,
+        peer_port: t.peer_port,
+        age_s: now.since(t.since).as_secs_f64(),
+        idle_s: now.since(t.last_seen).as_secs_f64(),
+        frames: t.frames,
+        bytes: t.bytes,
+        state: match t.state {
+            TunnelState::HalfOpen => "half-open",
+            TunnelState::Established => "established",
+        }
+        .into(),
+        ike_spi: t.ike_spi.map(|s| format!("{s:016x}")),
+    }
+}

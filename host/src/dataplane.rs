@@ -1,0 +1,433 @@
+//! The live data path: one worker thread owns the balancer and every
+//! port's sending half. Readers hand it frames over a channel; the control
+//! plane hands it commands over another. No lock is taken per frame.
+//!
+//! ```text
+//!  rx-uplink ─┐                        ┌─► Tx uplink
+//!  rx-segw1  ─┼─► frames ─► Worker ────┼─► Tx segw1       (Verdict::Forward / Reply)
+//!  rx-segw2  ─┘   commands ─►  │       └─► Tx segw2
+//!                              └─ timers: health probes, idle expiry
+//! ```
+//!
+//! This is the edge where time is read: the worker stamps each batch from
+//! a monotonic clock and passes it into the core.
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{select, Receiver, Sender};
+
+use crate::balancer::{Balancer, GatewaySpec, HealthConfig, PortId, Prefix, Verdict, UPLINK};
+use crate::control::status::{PolicyRecord, PortStatus, Status};
+use crate::io::{Received, Tx};
+use crate::packet::Mac;
+use crate::policy::wasm::Loaded;
+use crate::policy::Policy;
+use crate::time::Timestamp;
+
+#[cfg(test)]
+mod tests;
+
+/// Frames handled per wake-up before the worker looks at commands and
+/// timers again.
+const BATCH: usize = 256;
+/// Slots of the affinity table the idle sweep visits per tick.
+const SWEEP_BUDGET: usize = 16_384;
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+/// How often segws are asked for their MAC when health probing is off.
+const MAC_REFRESH: Duration = Duration::from_secs(1);
+
+/// The answer to a command that changes something: what changed, or why not.
+pub type Reply = Result<String, String>;
+
+/// What the control plane asks of the worker.
+pub enum Command {
+    Status {
+        tunnels: usize,
+        reply: Sender<Status>,
+    },
+    /// Swap the policy. `noticed` is when the change was first seen (a file
+    /// event, a ctl request): the swap latency runs from there.
+    UsePolicy {
+        policy: Loaded,
+        rebalance: bool,
+        noticed: Instant,
+        reply: Sender<Reply>,
+    },
+    /// A reload that failed before reaching the worker: counted.
+    PolicyRejected,
+    Drain {
+        name: String,
+        draining: bool,
+        reply: Sender<Reply>,
+    },
+    Weight {
+        name: String,
+        weight: u32,
+        reply: Sender<Reply>,
+    },
+    AddGateway {
+        spec: GatewaySpec,
+        draining: bool,
+        interface: String,
+        port_mac: Mac,
+        tx: Box<dyn Tx>,
+        reply: Sender<Reply>,
+    },
+    RemoveGateway {
+        name: String,
+        reply: Sender<Reply>,
+    },
+    SetProxy {
+        uplink: Vec<Prefix>,
+        gateways: Vec<Prefix>,
+    },
+    SetHealth(Option<HealthConfig>),
+}
+
+struct Port {
+    interface: String,
+    tx: Box<dyn Tx>,
+    sent: u64,
+    errors: u64,
+}
+
+/// A monotonic clock turned into the core's `Timestamp`s.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    pub fn start() -> Self {
+        Clock {
+            start: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> Timestamp {
+        Timestamp::from_duration(self.start.elapsed())
+    }
+}
+
+pub struct Worker {
+    lb: Balancer<Box<dyn Policy>>,
+    ports: Vec<Option<Port>>,
+    clock: Clock,
+    vip: Ipv4Addr,
+    health: Option<HealthConfig>,
+    next_probe: Timestamp,
+    next_sweep: Timestamp,
+    policy: PolicyRecord,
+    last_send_error_log: Option<Instant>,
+}
+
+impl Worker {
+    /// `ports`: the sending half of each port already in `lb`'s config, by
+    /// port id: (interface name, Tx).
+    pub fn new(
+        lb: Balancer<Box<dyn Policy>>,
+        ports: Vec<(PortId, String, Box<dyn Tx>)>,
+        vip: Ipv4Addr,
+        health: Option<HealthConfig>,
+        policy: PolicyRecord,
+        clock: Clock,
+    ) -> Self {
+        let mut w = Worker {
+            lb,
+            ports: Vec::new(),
+            clock,
+            vip,
+            health,
+            next_probe: Timestamp::ZERO,
+            next_sweep: Timestamp::ZERO,
+            policy,
+            last_send_error_log: None,
+        };
+        for (port, interface, tx) in ports {
+            w.set_port(port, interface, tx);
+        }
+        w
+    }
+
+    fn set_port(&mut self, port: PortId, interface: String, tx: Box<dyn Tx>) {
+        let i = usize::from(port);
+        if self.ports.len() <= i {
+            self.ports.resize_with(i + 1, || None);
+        }
+        self.ports[i] = Some(Port {
+            interface,
+            tx,
+            sent: 0,
+            errors: 0,
+        });
+    }
+
+    /// Announce the VIP on the uplink (a gratuitous ARP), so initiators'
+    /// neighbour caches point at us from the start.
+    pub fn announce(&mut self) {
+        for (port, frame) in self.lb.announce(std::net::IpAddr::V4(self.vip)) {
+            if port == UPLINK {
+                self.send(port, &frame);
+            }
+        }
+    }
+
+    /// Run until `stop` is set or every sender has gone.
+    pub fn run(
+        mut self,
+        frames: Receiver<Received>,
+        commands: Receiver<Command>,
+        stop: &AtomicBool,
+    ) {
+        while !stop.load(Ordering::Relaxed) {
+            let now = self.clock.now();
+            self.timers(now);
+            let wait = self
+                .next_timer()
+                .since(now)
+                .clamp(Duration::from_millis(1), Duration::from_millis(100));
+            select! {
+                recv(frames) -> first => {
+                    let Ok(first) = first else { return };
+                    let now = self.clock.now();
+                    self.frame(first, now);
+                    for more in frames.try_iter().take(BATCH - 1) {
+                        self.frame(more, now);
+                    }
+                }
+                recv(commands) -> c => {
+                    let Ok(c) = c else { return };
+                    let now = self.clock.now();
+                    self.command(c, now);
+                }
+                default(wait) => {}
+            }
+        }
+    }
+
+    /// One frame through the core, and out.
+    pub fn frame(&mut self, mut rx: Received, now: Timestamp) {
+        match self.lb.handle(&mut rx.frame, rx.port, now) {
+            Verdict::Forward(port) => self.send(port, &rx.frame),
+            Verdict::Reply => self.send(rx.port, &rx.frame),
+            Verdict::Drop(_) => {}
+        }
+    }
+
+    fn send(&mut self, port: PortId, frame: &[u8]) {
+        let Some(p) = self
+            .ports
+            .get_mut(usize::from(port))
+            .and_then(Option::as_mut)
+        else {
+            return;
+        };
+        match p.tx.send(frame) {
+            Ok(()) => p.sent += 1,
+            Err(e) => {
+                p.errors += 1;
+                let quiet = self
+                    .last_send_error_log
+                    .is_some_and(|t| t.elapsed() < Duration::from_secs(10));
+                if !quiet {
+                    tracing::warn!(interface = %p.interface, "send failed: {e} (further failures counted, logged every 10 s)");
+                    self.last_send_error_log = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    fn next_timer(&self) -> Timestamp {
+        self.next_probe.min(self.next_sweep)
+    }
+
+    /// Health probes and the idle sweep, when due. With health checking
+    /// off, the probes still go out (every [`MAC_REFRESH`]): they are how
+    /// a segw's MAC is learned and kept fresh; nobody is marked down.
+    pub fn timers(&mut self, now: Timestamp) {
+        let health = self.health.unwrap_or(HealthConfig {
+            interval: MAC_REFRESH,
+            down_after: u32::MAX,
+            up_after: 1,
+        });
+        {
+            if now >= self.next_probe {
+                let round = self.lb.probe(self.vip, &health, now);
+                for (id, name, healthy) in &round.changes {
+                    if *healthy {
+                        tracing::info!(gateway = %name, id, "segw answers again: marked up");
+                    } else {
+                        tracing::warn!(
+                            gateway = %name, id,
+                            "segw stopped answering ARP probes for {}: marked down; its tunnels move on their next packet",
+                            self.vip
+                        );
+                    }
+                }
+                for (port, frame) in round.frames {
+                    self.send(port, &frame);
+                }
+                self.next_probe = now + health.interval;
+            }
+        }
+        if now >= self.next_sweep {
+            let gone = self.lb.expire(now, SWEEP_BUDGET);
+            if gone > 0 {
+                tracing::debug!(tunnels = gone, "idle tunnels expired");
+            }
+            self.next_sweep = now + SWEEP_EVERY;
+        }
+    }
+
+    pub fn command(&mut self, command: Command, now: Timestamp) {
+        match command {
+            Command::Status { tunnels, reply } => {
+                let _ = reply.send(self.status(tunnels, now));
+            }
+            Command::UsePolicy {
+                policy,
+                rebalance,
+                noticed,
+                reply,
+            } => {
+                let name = policy.name().to_string();
+                let file = policy.path().display().to_string();
+                let live: Box<dyn Policy> = Box::new(policy.instantiate());
+                let (old, moved) = self.lb.replace_policy(live, rebalance, now);
+                let took = noticed.elapsed();
+                self.policy.reloads += 1;
+                self.policy.name = name.clone();
+                self.policy.file = file.clone();
+                self.policy.loaded_at = unix_now();
+                self.policy.last_swap_ms = Some(took.as_secs_f64() * 1e3);
+                let what = if rebalance {
+                    format!("{moved} tunnels moved by the rebalance")
+                } else {
+                    "no tunnel moved".into()
+                };
+                tracing::info!(
+                    policy = %name, from = %old.name(), file = %file,
+                    swap_ms = format!("{:.2}", took.as_secs_f64() * 1e3),
+                    "policy swapped in; {what}"
+                );
+                let _ = reply.send(Ok(format!(
+                    "policy {} -> {name} ({file}); {what}; swapped in {:.2} ms",
+                    old.name(),
+                    took.as_secs_f64() * 1e3
+                )));
+            }
+            Command::PolicyRejected => self.policy.rejected += 1,
+            Command::Drain {
+                name,
+                draining,
+                reply,
+            } => {
+                let r = self
+                    .lb
+                    .set_draining(&name, draining, now)
+                    .map(|()| {
+                        if draining {
+                            format!("gateway {name} draining: no new tunnels, existing ones stay")
+                        } else {
+                            format!("gateway {name} takes new tunnels again")
+                        }
+                    })
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+            Command::Weight {
+                name,
+                weight,
+                reply,
+            } => {
+                let before = self.lb.gateway(&name).map(|g| g.spec.weight);
+                let r = self
+                    .lb
+                    .set_weight(&name, weight, now)
+                    .map(|()| format!("gateway {name} weight {} -> {weight}", before.unwrap_or(0)))
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+            Command::AddGateway {
+                spec,
+                draining,
+                interface,
+                port_mac,
+                tx,
+                reply,
+            } => {
+                let (name, port) = (spec.name.clone(), spec.port);
+                self.lb.set_port_mac(port, port_mac);
+                let r = self
+                    .lb
+                    .add_gateway(spec, now)
+                    .and_then(|_| self.lb.set_draining(&name, draining, now))
+                    .map(|()| format!("gateway {name} added on {interface} (port {port})"))
+                    .map_err(|e| e.to_string());
+                if r.is_ok() {
+                    self.set_port(port, interface, tx);
+                    // Probe it now: learn its MAC before its first tunnel.
+                    self.next_probe = now;
+                }
+                let _ = reply.send(r);
+            }
+            Command::RemoveGateway { name, reply } => {
+                let port = self
+                    .lb
+                    .gateway(&name)
+                    .map(|g| (g.spec.port, g.counters.tunnels));
+                let r = self
+                    .lb
+                    .remove_gateway(&name, now)
+                    .map(|()| {
+                        let (port, tunnels) = port.expect("it existed");
+                        if let Some(p) = self.ports.get_mut(usize::from(port)) {
+                            *p = None;
+                        }
+                        format!("gateway {name} removed; its {tunnels} tunnels move on their next packet")
+                    })
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+            Command::SetProxy { uplink, gateways } => self.lb.set_proxy(uplink, gateways),
+            Command::SetHealth(health) => {
+                self.health = health;
+                self.next_probe = now;
+            }
+        }
+    }
+
+    pub fn status(&self, tunnels: usize, now: Timestamp) -> Status {
+        let ports = self
+            .ports
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let p = p.as_ref()?;
+                Some(PortStatus {
+                    port: i as PortId,
+                    interface: p.interface.clone(),
+                    sent: p.sent,
+                    send_errors: p.errors,
+                })
+            })
+            .collect();
+        Status::of(
+            &self.lb,
+            &self.policy,
+            ports,
+            now,
+            now.since_epoch().as_secs_f64(),
+            tunnels,
+        )
+    }
+}
+
+/// Seconds since the Unix epoch, for people (loaded-at times).
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}

@@ -1,0 +1,261 @@
+//! The worker on in-memory ports: what `segwlb run` does between its
+//! sockets, with no sockets, and (where it matters) simulated time.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use crossbeam_channel::{bounded, unbounded, Receiver};
+
+use super::*;
+use crate::balancer::farm::{port_mac, segw_mac};
+use crate::io::memory::MemoryTx;
+use crate::packet::craft::{esp_body, frame, udp_packet};
+use crate::policy::native;
+use crate::policy::wasm::{Limits, Runtime};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 2, 2, 1);
+const ROUTER: Mac = [2, 0xaa, 0, 0, 0, 1];
+
+/// A worker with a native round-robin policy over three segws, and the
+/// channel every port sends into.
+fn worker(health: Option<HealthConfig>) -> (Worker, Receiver<(PortId, Vec<u8>)>) {
+    let lb = crate::balancer::farm::balancer(
+        native::shipped("round-robin", &[]).unwrap(),
+        3,
+        vec!["10.2.2.1/32".parse().unwrap()],
+        1 << 16,
+    );
+    let (out_tx, out_rx) = unbounded();
+    let ports = (0..=3u16)
+        .map(|p| {
+            let tx: Box<dyn Tx> = Box::new(MemoryTx::new(p, out_tx.clone()));
+            (p, format!("if{p}"), tx)
+        })
+        .collect();
+    let record = PolicyRecord {
+        name: "round-robin".into(),
+        ..Default::default()
+    };
+    (
+        Worker::new(lb, ports, VIP, health, record, Clock::start()),
+        out_rx,
+    )
+}
+
+fn esp_from(peer: u8, port: u16) -> Vec<u8> {
+    let ip = udp_packet(
+        IpAddr::V4(Ipv4Addr::new(198, 51, 100, peer)),
+        port,
+        IpAddr::V4(VIP),
+        4500,
+        &esp_body(0x1000 + u32::from(peer), 1, 120),
+    );
+    frame(port_mac(UPLINK), ROUTER, None, &ip)
+}
+
+fn policies() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies")
+}
+
+#[test]
+fn frames_from_the_uplink_leave_on_the_segw_port_with_only_the_macs_changed() {
+    let (mut w, out) = worker(None);
+    for peer in 1..=6u8 {
+        let f = esp_from(peer, 4500);
+        w.frame(
+            Received {
+                port: UPLINK,
+                frame: f.clone(),
+            },
+            Timestamp::ZERO,
+        );
+        let (port, sent) = out.try_recv().expect("forwarded");
+        // Round-robin: 1, 2, 3, 1, 2, 3.
+        assert_eq!(port, PortId::from((peer - 1) % 3 + 1));
+        assert_eq!(&sent[0..6], &segw_mac(port as u8));
+        assert_eq!(&sent[6..12], &port_mac(port));
+        assert_eq!(&sent[12..], &f[12..]);
+    }
+    // The segw's answer goes back out the uplink to the router it came from.
+    let back = udp_packet(
+        IpAddr::V4(VIP),
+        4500,
+        IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2)),
+        4500,
+        &esp_body(0x99, 1, 120),
+    );
+    w.frame(
+        Received {
+            port: 2,
+            frame: frame(port_mac(2), segw_mac(2), None, &back),
+        },
+        Timestamp::ZERO,
+    );
+    let (port, sent) = out.try_recv().expect("returned");
+    assert_eq!((port, &sent[0..6]), (UPLINK, &ROUTER[..]));
+    let s = w.status(10, Timestamp::ZERO);
+    assert_eq!(s.counters.forwarded, 7);
+    assert_eq!(s.gateway("segw2").unwrap().tunnels, 2);
+    assert_eq!(
+        s.gateway("segw2").unwrap().tunnel_list[0].remote,
+        "198.51.100.2:4500"
+    );
+    assert_eq!(s.ports.iter().map(|p| p.sent).sum::<u64>(), 7);
+}
+
+#[test]
+fn arp_for_the_vip_is_answered_on_the_port_it_came_in_on() {
+    let (mut w, out) = worker(None);
+    let ask = crate::packet::arp::Arp::request(ROUTER, Ipv4Addr::new(198, 51, 100, 1), VIP)
+        .broadcast_frame(ROUTER, None);
+    w.frame(
+        Received {
+            port: UPLINK,
+            frame: ask,
+        },
+        Timestamp::ZERO,
+    );
+    let (port, reply) = out.try_recv().unwrap();
+    assert_eq!(port, UPLINK);
+    assert_eq!(&reply[0..6], &ROUTER);
+    assert_eq!(
+        &reply[22..28],
+        &port_mac(UPLINK),
+        "sender MAC: the uplink's"
+    );
+}
+
+#[test]
+fn a_silent_segw_is_marked_down_after_the_threshold_and_new_tunnels_avoid_it() {
+    let health = HealthConfig {
+        interval: Duration::from_millis(100),
+        down_after: 3,
+        up_after: 1,
+    };
+    let (mut w, out) = worker(Some(health));
+    let mut now = Timestamp::ZERO;
+    // Three rounds: segw1 and segw3 answer every probe, segw2 never. The
+    // first round judges nothing; the next two are segw2's first misses.
+    for _ in 0..3 {
+        w.timers(now);
+        for (port, probe) in out.try_iter().collect::<Vec<_>>() {
+            assert_eq!(&probe[0..6], &[0xff; 6], "probes are broadcast");
+            if port == 2 {
+                continue;
+            }
+            let answer = crate::packet::arp::Arp {
+                op: crate::packet::arp::REPLY,
+                sender_mac: segw_mac(port as u8),
+                sender_ip: VIP,
+                target_mac: port_mac(port),
+                target_ip: Ipv4Addr::UNSPECIFIED,
+            }
+            .to_frame(port_mac(port), segw_mac(port as u8), None);
+            w.frame(
+                Received {
+                    port,
+                    frame: answer,
+                },
+                now,
+            );
+        }
+        assert!(
+            w.status(0, now).gateway("segw2").unwrap().healthy,
+            "too early"
+        );
+        now = now + health.interval;
+    }
+    w.timers(now);
+    let s = w.status(0, now);
+    assert!(!s.gateway("segw2").unwrap().healthy);
+    assert!(s.gateway("segw1").unwrap().healthy && s.gateway("segw3").unwrap().healthy);
+    out.try_iter().count();
+    for peer in 1..=6u8 {
+        w.frame(
+            Received {
+                port: UPLINK,
+                frame: esp_from(peer, 4500),
+            },
+            now,
+        );
+        let (port, _) = out.try_recv().unwrap();
+        assert_ne!(port, 2, "a new tunnel went to the down segw");
+    }
+}
+
+/// The swap as `segwlb run` does it: the policy compiled elsewhere, handed
+/// over as a command while frames stream in. No frame lost, no tunnel moved.
+#[test]
+fn a_policy_swap_under_a_stream_loses_no_frame_and_moves_no_tunnel() {
+    let runtime = Runtime::new().unwrap();
+    let weighted = runtime
+        .load(&policies().join("weighted.wasm"), &[], Limits::default())
+        .expect("policies/weighted.wasm (built by cargo build)");
+    let (w, out) = worker(None);
+    let (frames_tx, frames_rx) = bounded(64);
+    let (commands_tx, commands_rx) = unbounded();
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || w.run(frames_rx, commands_rx, &stop))
+    };
+    let tunnels = 60u8;
+    let rounds = 50;
+    let mut placed: std::collections::HashMap<u8, PortId> = Default::default();
+    let (reply_tx, reply_rx) = bounded(1);
+    for round in 0..rounds {
+        if round == rounds / 2 {
+            commands_tx
+                .send(Command::UsePolicy {
+                    policy: weighted.clone(),
+                    rebalance: false,
+                    noticed: Instant::now(),
+                    reply: reply_tx.clone(),
+                })
+                .unwrap();
+        }
+        for peer in 1..=tunnels {
+            frames_tx
+                .send(Received {
+                    port: UPLINK,
+                    frame: esp_from(peer, 4500),
+                })
+                .unwrap();
+        }
+        let mut got = 0;
+        while got < tunnels {
+            let (port, sent) = out
+                .recv_timeout(Duration::from_secs(5))
+                .expect("a frame was lost");
+            if sent[12..14] != [0x08, 0x00] {
+                continue; // an ARP probe
+            }
+            got += 1;
+            let peer = sent[14 + 15]; // last byte of the IPv4 source
+            let first = *placed.entry(peer).or_insert(port);
+            assert_eq!(port, first, "tunnel {peer} moved in round {round}");
+        }
+    }
+    let reply = reply_rx
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .unwrap();
+    assert!(reply.contains("round-robin -> weighted"), "{reply}");
+    assert!(reply.contains("no tunnel moved"), "{reply}");
+    let (status_tx, status_rx) = bounded(1);
+    commands_tx
+        .send(Command::Status {
+            tunnels: 0,
+            reply: status_tx,
+        })
+        .unwrap();
+    let s = status_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(s.policy.name, "weighted");
+    assert_eq!(s.policy.reloads, 1);
+    assert_eq!(s.counters.moved, 0);
+    assert_eq!(s.counters.forwarded, u64::from(tunnels) * rounds);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    thread.join().unwrap();
+}

@@ -1,0 +1,213 @@
+//! `segwlb run`: the balancer on real interfaces. Reads and checks the
+//! config, loads the policy, opens every port, then starts the threads —
+//! one reader per port, the worker, the control socket, the metrics
+//! listener, the file watcher — and stops them all on SIGINT/SIGTERM.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, unbounded};
+
+use crate::balancer::{self, Balancer, GatewaySpec, UPLINK};
+use crate::control::config::{ConfigError, RunConfig};
+use crate::control::status::PolicyRecord;
+use crate::control::{ctl, metrics, reload, PortHandle, Supervisor};
+use crate::dataplane::{unix_now, Clock, Command, Worker};
+use crate::io::{afpacket, Tx};
+use crate::policy::wasm::{LoadError, Runtime};
+use crate::policy::Policy;
+
+/// Frames queued between the readers and the worker. Past this the readers
+/// wait and the kernel's socket buffers absorb (or drop, counted by the
+/// kernel) the burst.
+const QUEUE: usize = 8192;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Port(#[from] afpacket::PortError),
+    #[error(transparent)]
+    Policy(#[from] LoadError),
+    #[error("{0}")]
+    Start(String),
+}
+
+/// Run the balancer described by `config_file` until `stop` is set.
+pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
+    let config = RunConfig::load(config_file)?;
+    config.check_interfaces(&afpacket::interface_names())?;
+
+    let runtime = Runtime::new().map_err(RunError::Start)?;
+    let policy_file = config.policy.file();
+    let policy_bytes = std::fs::read(&policy_file).map_err(|err| LoadError::Read {
+        path: policy_file.clone(),
+        err,
+    })?;
+    let loaded = runtime.load_bytes(
+        &policy_file,
+        &policy_bytes,
+        &config.policy.params,
+        config.policy.limits,
+    )?;
+
+    let uplink = afpacket::open(&config.uplink)?;
+    let mut gateways = Vec::new();
+    for g in &config.gateways {
+        gateways.push((g, afpacket::open(&g.interface)?));
+    }
+
+    let core = balancer::Config {
+        port_macs: std::iter::once(uplink.mac)
+            .chain(gateways.iter().map(|(_, o)| o.mac))
+            .collect(),
+        proxy: config.proxy_uplink.clone(),
+        proxy_gateways: config.proxy_gateways.clone(),
+        max_tunnels: config.max_tunnels,
+        timeouts: config.timeouts,
+    };
+    let clock = Clock::start();
+    let policy: Box<dyn Policy> = Box::new(loaded.instantiate());
+    let mut lb = Balancer::new(core, policy);
+
+    let (frames_tx, frames_rx) = bounded(QUEUE);
+    let (commands_tx, commands_rx) = unbounded::<Command>();
+    let spawn_err =
+        |what: &str, e: std::io::Error| RunError::Start(format!("cannot start {what}: {e}"));
+
+    let mut txs: Vec<(u16, String, Box<dyn Tx>)> = Vec::new();
+    let uplink_stop = Arc::new(AtomicBool::new(false));
+    let uplink_reader = afpacket::spawn_reader(
+        &uplink.name,
+        UPLINK,
+        uplink.rx,
+        frames_tx.clone(),
+        uplink_stop.clone(),
+    )
+    .map_err(|e| spawn_err("the uplink reader", e))?;
+    let uplink_handle = PortHandle::new(UPLINK, &uplink.name, uplink_stop, uplink_reader);
+    txs.push((UPLINK, uplink.name.clone(), Box::new(uplink.tx)));
+
+    let mut ports = BTreeMap::new();
+    for (i, (g, opened)) in gateways.into_iter().enumerate() {
+        let port = i as u16 + 1;
+        let spec = GatewaySpec {
+            name: g.name.clone(),
+            port,
+            mac: g.mac,
+            weight: g.weight,
+            steering: g.steering,
+        };
+        let now = clock.now();
+        lb.add_gateway(spec, now)
+            .map_err(|e| RunError::Start(e.to_string()))?;
+        if g.drain {
+            lb.set_draining(&g.name, true, now)
+                .map_err(|e| RunError::Start(e.to_string()))?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = afpacket::spawn_reader(
+            &opened.name,
+            port,
+            opened.rx,
+            frames_tx.clone(),
+            stop.clone(),
+        )
+        .map_err(|e| spawn_err("a reader", e))?;
+        ports.insert(
+            g.name.clone(),
+            PortHandle::new(port, &opened.name, stop, reader),
+        );
+        txs.push((port, opened.name.clone(), Box::new(opened.tx)));
+    }
+
+    let record = PolicyRecord {
+        name: loaded.name().into(),
+        file: policy_file.display().to_string(),
+        loaded_at: unix_now(),
+        ..Default::default()
+    };
+    let mut worker = Worker::new(lb, txs, config.vip, config.health, record, clock);
+    worker.announce();
+    let worker_stop = stop.clone();
+    let worker = std::thread::Builder::new()
+        .name("worker".into())
+        .spawn(move || worker.run(frames_rx, commands_rx, &worker_stop))
+        .map_err(|e| spawn_err("the worker", e))?;
+
+    let socket = config.control_socket.clone();
+    let metrics_addr = config.metrics;
+    let policy_dir = config.policy.dir.clone();
+    let summary = format!(
+        "uplink {} · {} gateways ({}) · policy {} · VIP {} · control {}{}",
+        config.uplink.value,
+        config.gateways.len(),
+        config
+            .gateways
+            .iter()
+            .map(|g| format!("{} on {}", g.name, g.interface.value))
+            .collect::<Vec<_>>()
+            .join(", "),
+        loaded.name(),
+        config.vip,
+        socket.display(),
+        metrics_addr.map_or_else(String::new, |a| format!(" · metrics http://{a}/metrics")),
+    );
+    let supervisor = Arc::new(Mutex::new(Supervisor::new(
+        runtime,
+        config,
+        ports,
+        commands_tx.clone(),
+        frames_tx,
+        policy_file,
+        &policy_bytes,
+    )));
+
+    let mut threads = Vec::new();
+    threads.push(
+        ctl::serve(&socket, supervisor.clone(), stop.clone())
+            .map_err(|e| spawn_err(&format!("the control socket {}", socket.display()), e))?,
+    );
+    if let Some(addr) = metrics_addr {
+        let commands = commands_tx.clone();
+        let snapshot = move || {
+            let (tx, rx) = bounded(1);
+            commands
+                .send(Command::Status {
+                    tunnels: 0,
+                    reply: tx,
+                })
+                .ok()?;
+            rx.recv_timeout(Duration::from_secs(5)).ok()
+        };
+        threads.push(
+            metrics::serve(addr, snapshot, stop.clone())
+                .map_err(|e| spawn_err(&format!("the metrics listener on {addr}"), e))?,
+        );
+    }
+    threads.push(
+        reload::watch(&policy_dir, config_file, supervisor.clone(), stop.clone())
+            .map_err(|e| RunError::Start(format!("cannot watch {}: {e}", policy_dir.display())))?,
+    );
+    tracing::info!("serving: {summary}");
+
+    while !stop.load(Ordering::Relaxed) && !worker.is_finished() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    tracing::info!("stopping");
+    let _ = worker.join();
+    for t in threads {
+        let _ = t.join();
+    }
+    supervisor
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .close_ports();
+    uplink_handle.close();
+    Ok(())
+}

@@ -1,0 +1,708 @@
+//! `segwlb run` on real interfaces, in network namespaces each test builds
+//! and always tears down (root). An initiator namespace sends real frames
+//! through an AF_PACKET socket; segw namespaces capture what reaches them.
+//!
+//!     ini(eth0) ── (up)lb(p1) ── (eth0)s1
+//!                      (p2) ── (eth0)s2
+//!                      (p3) ── (eth0)s3
+//!
+//! Without root these tests say so and pass, unless SEGWLB_REQUIRE_NETNS is
+//! set (CI sets it): then they fail.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use segwlb::control::ctl::{request, Request};
+use segwlb::control::status::Status;
+use segwlb::io::afpacket::{self, AfPacketTx, Reader};
+use segwlb::io::Tx;
+use segwlb::lab::netns::{self, Netns};
+use segwlb::packet::craft::{esp_body, fragments, frame, ike_body, ip_packet, udp_packet};
+use segwlb::packet::ike::{IKE_AUTH, IKE_SA_INIT};
+use segwlb::packet::{IkeHeader, Mac};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 2, 2, 1);
+const SEGWS: usize = 3;
+
+fn peer(n: u16) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 1, (n >> 8) as u8, n as u8))
+}
+
+/// One lab at a time: they time frames and health rounds, and two
+/// balancers on two cores would measure each other.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Skip (or fail, under CI) when namespaces cannot be made here.
+fn can_run() -> bool {
+    let missing = if netns::is_root() {
+        netns::prerequisites().err()
+    } else {
+        Some("not root".to_string())
+    };
+    match missing {
+        None => true,
+        Some(why) if std::env::var_os("SEGWLB_REQUIRE_NETNS").is_some() => {
+            panic!("network-namespace tests cannot run: {why}")
+        }
+        Some(why) => {
+            eprintln!("skipped: network-namespace tests need root, iproute2 and ethtool ({why})");
+            false
+        }
+    }
+}
+
+/// An AF_PACKET socket on an interface inside a namespace.
+struct Socket {
+    tx: AfPacketTx,
+    rx: Reader,
+    mac: Mac,
+}
+
+impl Socket {
+    fn open(ns: &Netns, ifname: &str) -> Socket {
+        let o = ns
+            .enter(|| afpacket::open(ifname))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{}: {e}", ns.name()));
+        Socket {
+            tx: o.tx,
+            rx: o.rx,
+            mac: o.mac,
+        }
+    }
+
+    fn send(&mut self, f: &[u8]) {
+        self.tx.send(f).unwrap();
+    }
+
+    /// Every IPv4 frame from an initiator address that arrives until the
+    /// line has been quiet for `quiet` (ARP probes and the rest are not
+    /// counted).
+    fn drain(&mut self, quiet: Duration) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut last = Instant::now();
+        while last.elapsed() < quiet {
+            if let Ok(f) = self.rx.recv() {
+                if f.len() > 34 && f[12..14] == [0x08, 0x00] && f[26] == 10 && f[27] == 1 {
+                    got.push(f.to_vec());
+                    last = Instant::now();
+                }
+            }
+        }
+        got
+    }
+
+    /// Frames of EtherType `ethertype` until `wait` runs out.
+    fn frames_of(&mut self, ethertype: [u8; 2], wait: Duration) -> Vec<Vec<u8>> {
+        let until = Instant::now() + wait;
+        let mut got = Vec::new();
+        while Instant::now() < until {
+            if let Ok(f) = self.rx.recv() {
+                if f.len() >= 14 && f[12..14] == ethertype {
+                    got.push(f.to_vec());
+                }
+            }
+        }
+        got
+    }
+}
+
+/// The namespaces, the balancer process and the sockets of one test.
+struct Lab {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    config: PathBuf,
+    socket: PathBuf,
+    policies: PathBuf,
+    balancer: Option<Child>,
+    log: PathBuf,
+    ini: Socket,
+    segws: Vec<Socket>,
+    lb_uplink_mac: Mac,
+    lb_port_macs: Vec<Mac>,
+    // Dropped last: namespaces go after the processes in them.
+    segw_ns: Vec<Netns>,
+    lb_ns: Netns,
+    ini_ns: Netns,
+}
+
+impl Lab {
+    /// The topology and a running balancer with `policy` and `health`
+    /// settings (`interval_ms`, `down_after`).
+    fn up(tag: &str, policy: &str, health: (u64, u32)) -> Lab {
+        let prefix = netns::unique_prefix(tag);
+        let ini_ns = Netns::new(&format!("{prefix}-ini")).unwrap();
+        let lb_ns = Netns::new(&format!("{prefix}-lb")).unwrap();
+        let segw_ns: Vec<Netns> = (1..=SEGWS)
+            .map(|n| Netns::new(&format!("{prefix}-s{n}")).unwrap())
+            .collect();
+        netns::veth(&ini_ns, "eth0", &lb_ns, "uplink").unwrap();
+        for (n, s) in segw_ns.iter().enumerate() {
+            netns::veth(&lb_ns, &format!("p{}", n + 1), s, "eth0").unwrap();
+            // Every segw owns the VIP (and so answers the balancer's ARP
+            // probes for it) and reaches the initiators through it.
+            s.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "eth0"])
+                .unwrap();
+            s.ip(&["route", "add", "10.1.0.0/16", "dev", "eth0"])
+                .unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        // A policy directory of the test's own, so it can rewrite files.
+        let policies = d.join("policies");
+        std::fs::create_dir(&policies).unwrap();
+        for p in ["round-robin", "consistent-hash", "weighted"] {
+            std::fs::copy(common::shipped(p), policies.join(format!("{p}.wasm"))).unwrap();
+        }
+        std::fs::copy(common::shipped(policy), policies.join("active.wasm")).unwrap();
+        let socket = d.join("segwlb.sock");
+        let config = d.join("lb.toml");
+        let mut text = format!(
+            "[balancer]\nuplink = \"uplink\"\nvip = \"{VIP}\"\nproxy_uplink = [\"10.2.2.0/24\"]\n\
+             proxy_gateways = [\"10.1.0.0/16\"]\ncontrol_socket = \"segwlb.sock\"\n\
+             [policy]\nname = \"active\"\ndir = \"policies\"\n\
+             [health]\ninterval_ms = {}\ndown_after = {}\nup_after = 1\n",
+            health.0, health.1
+        );
+        for n in 1..=SEGWS {
+            text += &format!("[[gateway]]\nname = \"segw{n}\"\ninterface = \"p{n}\"\n");
+        }
+        std::fs::write(&config, text).unwrap();
+        let lb_uplink_mac = netns::mac_of(&lb_ns, "uplink").unwrap();
+        let lb_port_macs = (1..=SEGWS)
+            .map(|n| netns::mac_of(&lb_ns, &format!("p{n}")).unwrap())
+            .collect();
+        let ini = Socket::open(&ini_ns, "eth0");
+        let segws = segw_ns.iter().map(|s| Socket::open(s, "eth0")).collect();
+        let mut lab = Lab {
+            _dir: dir,
+            dir: d.clone(),
+            config,
+            socket,
+            policies,
+            balancer: None,
+            log: d.join("segwlb.log"),
+            ini,
+            segws,
+            lb_uplink_mac,
+            lb_port_macs,
+            segw_ns,
+            lb_ns,
+            ini_ns,
+        };
+        lab.start();
+        lab
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::File::create(&self.log).unwrap();
+        let mut cmd = self.lb_ns.command(env!("CARGO_BIN_EXE_segwlb"));
+        cmd.args(["run", "-c"])
+            .arg(&self.config)
+            .env("RUST_LOG", "segwlb=debug")
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.balancer = Some(cmd.spawn().unwrap());
+        let until = Instant::now() + Duration::from_secs(20);
+        while request(&self.socket, &Request::Status { tunnels: 0 }).is_err() {
+            if let Some(status) = self.balancer.as_mut().unwrap().try_wait().unwrap() {
+                panic!("segwlb run exited ({status}):\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < until,
+                "segwlb run did not come up:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Wait for the first health round to teach every segw's MAC.
+        let until = Instant::now() + Duration::from_secs(5);
+        while self.status().gateways.iter().any(|g| g.mac.is_none()) {
+            assert!(
+                Instant::now() < until,
+                "segw MACs not learned:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn status(&self) -> Status {
+        let r = request(&self.socket, &Request::Status { tunnels: 1000 }).unwrap();
+        r.status.unwrap_or_else(|| panic!("status: {}", r.message))
+    }
+
+    /// `segwlb ctl ARGS` against this lab's balancer: (success, output).
+    fn ctl(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_segwlb"))
+            .arg("ctl")
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+
+    /// A frame from the initiator side router to the balancer.
+    fn to_lb(&self, ip: &[u8]) -> Vec<u8> {
+        frame(self.lb_uplink_mac, self.ini.mac, None, ip)
+    }
+
+    /// Send frames from the initiator, then collect what each segw got:
+    /// segw index → frames.
+    fn send_and_capture(&mut self, frames: &[Vec<u8>]) -> Vec<Vec<Vec<u8>>> {
+        for f in frames {
+            self.ini.send(f);
+        }
+        self.segws
+            .iter_mut()
+            .map(|s| s.drain(Duration::from_millis(300)))
+            .collect()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.balancer.take() {
+            // SIGTERM first: the balancer removes its socket on the way out.
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let until = Instant::now() + Duration::from_secs(3);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- segwlb log ---\n{}", self.log_text());
+        }
+    }
+}
+
+fn ike(spi: u64, exchange: u8) -> IkeHeader {
+    IkeHeader {
+        initiator_spi: spi,
+        responder_spi: if exchange == IKE_SA_INIT { 0 } else { 0x77 },
+        exchange,
+        from_initiator: true,
+        response: false,
+        message_id: u32::from(exchange != IKE_SA_INIT),
+    }
+}
+
+/// Which segw (index) got each frame, by its L3 bytes.
+fn landing(captured: &[Vec<Vec<u8>>]) -> HashMap<Vec<u8>, Vec<usize>> {
+    let mut at: HashMap<Vec<u8>, Vec<usize>> = HashMap::new();
+    for (i, frames) in captured.iter().enumerate() {
+        for f in frames {
+            at.entry(f[14..].to_vec()).or_default().push(i);
+        }
+    }
+    at
+}
+
+#[test]
+fn ipsec_frames_reach_one_segw_per_tunnel_with_l3_unchanged_and_replies_come_back() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up("fwd", "round-robin", (200, 3));
+    let vip = IpAddr::V4(VIP);
+    // Tunnel A: IKE on 500, then the NAT-T float to 4500 from a port its NAT
+    // changed, then ESP-in-UDP. Tunnel B: raw ESP. Tunnel C: a fragmented
+    // IKE_AUTH (after its IKE_SA_INIT), later fragments first. Tunnel D: IKE then ESP-in-UDP.
+    let a = peer(10);
+    let tunnel_a = vec![
+        udp_packet(
+            a,
+            500,
+            vip,
+            500,
+            &ike_body(&ike(0xa1, IKE_SA_INIT), false, 200),
+        ),
+        udp_packet(
+            a,
+            4501,
+            vip,
+            4500,
+            &ike_body(&ike(0xa1, IKE_AUTH), true, 300),
+        ),
+        udp_packet(a, 4501, vip, 4500, &esp_body(0xc0de_0001, 1, 120)),
+        udp_packet(a, 4501, vip, 4500, &esp_body(0xc0de_0001, 2, 120)),
+    ];
+    let b = peer(20);
+    let tunnel_b = vec![
+        ip_packet(b, vip, 50, &esp_body(0xc0de_0002, 1, 100), 7),
+        ip_packet(b, vip, 50, &esp_body(0xc0de_0002, 2, 100), 8),
+    ];
+    let c = peer(30);
+    let big = udp_packet(
+        c,
+        4500,
+        vip,
+        4500,
+        &ike_body(&ike(0xc3, IKE_AUTH), true, 1400),
+    );
+    let mut pieces = fragments(&big, 512, 0x4242);
+    pieces.reverse();
+    let mut tunnel_c = vec![udp_packet(
+        c,
+        500,
+        vip,
+        500,
+        &ike_body(&ike(0xc3, IKE_SA_INIT), false, 200),
+    )];
+    tunnel_c.extend(pieces);
+    let d = peer(40);
+    let tunnel_d = vec![
+        udp_packet(
+            d,
+            500,
+            vip,
+            500,
+            &ike_body(&ike(0xd4, IKE_SA_INIT), false, 200),
+        ),
+        udp_packet(d, 4500, vip, 4500, &esp_body(0xc0de_0004, 1, 120)),
+    ];
+    let tunnels = [&tunnel_a, &tunnel_b, &tunnel_c, &tunnel_d];
+    let frames: Vec<Vec<u8>> = tunnels
+        .iter()
+        .flat_map(|t| t.iter().map(|ip| lab.to_lb(ip)))
+        .collect();
+    let captured = lab.send_and_capture(&frames);
+    let at = landing(&captured);
+    let mut segw_of = Vec::new();
+    for (name, t) in ["A", "B", "C", "D"].iter().zip(tunnels) {
+        let places: Vec<usize> = t
+            .iter()
+            .map(|ip| {
+                let got = at
+                    .get(ip)
+                    .unwrap_or_else(|| panic!("a frame of tunnel {name} was lost"));
+                assert_eq!(
+                    got.len(),
+                    1,
+                    "a frame of tunnel {name} reached {} segws",
+                    got.len()
+                );
+                got[0]
+            })
+            .collect();
+        assert!(
+            places.iter().all(|&p| p == places[0]),
+            "tunnel {name} was split: {places:?}"
+        );
+        segw_of.push(places[0]);
+    }
+    // Round-robin over four new tunnels: three segws, all used.
+    let mut used = segw_of.clone();
+    used.sort();
+    used.dedup();
+    assert_eq!(used.len(), SEGWS, "placements {segw_of:?}");
+    // Each arrived addressed to its segw, from the balancer's port.
+    for (i, frames) in captured.iter().enumerate() {
+        for f in frames {
+            assert_eq!(&f[0..6], &lab.segws[i].mac);
+            assert_eq!(&f[6..12], &lab.lb_port_macs[i]);
+        }
+    }
+
+    // The segw's reply to tunnel A comes back to the initiator unchanged.
+    let reply_ip = udp_packet(vip, 4500, a, 4501, &esp_body(0xbeef_0001, 1, 120));
+    let sa = segw_of[0];
+    let reply = frame(lab.lb_port_macs[sa], lab.segws[sa].mac, None, &reply_ip);
+    lab.segws[sa].send(&reply);
+    let back = lab.ini.frames_of([0x08, 0x00], Duration::from_millis(300));
+    let back: Vec<&Vec<u8>> = back.iter().filter(|f| f[14..] == reply_ip[..]).collect();
+    assert_eq!(back.len(), 1, "the reply did not come back");
+    assert_eq!(
+        &back[0][0..6],
+        &lab.ini.mac,
+        "to the initiator side's next hop"
+    );
+    assert_eq!(&back[0][6..12], &lab.lb_uplink_mac);
+
+    // ctl status agrees with what the segws received.
+    let s = lab.status();
+    for (i, g) in s.gateways.iter().enumerate() {
+        assert_eq!(g.frames_to, captured[i].len() as u64, "{} frames", g.name);
+        let tunnels_here = segw_of.iter().filter(|&&p| p == i).count() as u64;
+        assert_eq!(g.tunnels, tunnels_here, "{} tunnels", g.name);
+    }
+    let a_on = &s.gateways[sa].tunnel_list;
+    assert!(
+        a_on.iter().any(|t| t.remote == "10.1.0.10:4501"),
+        "{a_on:?}"
+    );
+    assert_eq!(s.counters.moved, 0);
+}
+
+#[test]
+fn arp_for_the_vip_gets_the_balancers_mac_and_other_addresses_get_nothing() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up("arp", "round-robin", (0, 3));
+    let ask = |lab: &mut Lab, target: Ipv4Addr| {
+        let req =
+            segwlb::packet::arp::Arp::request(lab.ini.mac, Ipv4Addr::new(10, 1, 0, 2), target)
+                .broadcast_frame(lab.ini.mac, None);
+        lab.ini.send(&req);
+        lab.ini
+            .frames_of([0x08, 0x06], Duration::from_millis(300))
+            .into_iter()
+            .filter(|f| f[20..22] == [0, 2]) // replies only
+            .collect::<Vec<_>>()
+    };
+    let replies = ask(&mut lab, VIP);
+    assert_eq!(replies.len(), 1, "one answer for the VIP");
+    assert_eq!(
+        &replies[0][22..28],
+        &lab.lb_uplink_mac,
+        "the VIP is at the balancer's uplink"
+    );
+    assert_eq!(&replies[0][28..32], &VIP.octets());
+    assert!(
+        ask(&mut lab, Ipv4Addr::new(10, 9, 9, 9)).is_empty(),
+        "outside the prefixes"
+    );
+    // An initiator's address is proxied towards the segws only.
+    assert!(
+        ask(&mut lab, Ipv4Addr::new(10, 1, 0, 77)).is_empty(),
+        "another initiator"
+    );
+}
+
+/// ESP on many tunnels, in rounds; a policy change between rounds. Every
+/// frame must arrive, every tunnel on the segw it started on.
+fn stream(
+    lab: &mut Lab,
+    tunnels: u16,
+    rounds: u32,
+    between: &mut dyn FnMut(&mut Lab, u32),
+) -> BTreeMap<u16, usize> {
+    let vip = IpAddr::V4(VIP);
+    let mut home: BTreeMap<u16, usize> = BTreeMap::new();
+    for round in 0..rounds {
+        between(lab, round);
+        let frames: Vec<Vec<u8>> = (1..=tunnels)
+            .map(|t| {
+                let ip = udp_packet(
+                    peer(100 + t),
+                    4500,
+                    vip,
+                    4500,
+                    &esp_body(0x5000 + u32::from(t), round + 1, 120),
+                );
+                lab.to_lb(&ip)
+            })
+            .collect();
+        let captured = lab.send_and_capture(&frames);
+        let total: usize = captured.iter().map(Vec::len).sum();
+        assert_eq!(
+            total,
+            usize::from(tunnels),
+            "round {round}: frames lost or duplicated"
+        );
+        for (i, got) in captured.iter().enumerate() {
+            for f in got {
+                let t = u16::from_be_bytes([f[28], f[29]]) - 100;
+                let first = *home.entry(t).or_insert(i);
+                assert_eq!(
+                    first,
+                    i,
+                    "round {round}: tunnel {t} moved from segw{} to segw{}",
+                    first + 1,
+                    i + 1
+                );
+            }
+        }
+    }
+    home
+}
+
+/// Write `bytes` to `path` the way editors and build tools do: a temp file
+/// in the same directory, renamed over.
+fn replace_file(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp~");
+    let mut f = std::fs::File::create(&tmp).unwrap();
+    f.write_all(bytes).unwrap();
+    f.sync_all().unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn wait_for(lab: &Lab, what: &str, within: Duration, ok: impl Fn(&Status) -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if ok(&lab.status()) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "{what} did not happen within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn policy_swaps_under_an_esp_stream_lose_no_frame_and_move_no_tunnel() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up("swp", "round-robin", (0, 3));
+    let active = lab.policies.join("active.wasm");
+    let weighted = std::fs::read(lab.policies.join("weighted.wasm")).unwrap();
+    let mut swap_ms = Vec::new();
+    let home = stream(&mut lab, 48, 8, &mut |lab, round| match round {
+        2 => {
+            // The policy file is rewritten: reloaded and swapped in.
+            replace_file(&active, &weighted);
+            let took = wait_for(lab, "the file swap", Duration::from_secs(5), |s| {
+                s.policy.reloads == 1
+            });
+            swap_ms.push(took.as_secs_f64() * 1e3);
+        }
+        4 => {
+            let (ok, out) = lab.ctl(&["policy", "use", "consistent-hash"]);
+            assert!(ok, "{out}");
+            assert!(
+                out.contains("-> consistent-hash") && out.contains("no tunnel moved"),
+                "{out}"
+            );
+        }
+        6 => {
+            // A corrupt file is refused; the policy in use keeps serving.
+            let ch = lab.policies.join("consistent-hash.wasm");
+            replace_file(&ch, b"\0asm garbage");
+            wait_for(lab, "the rejection", Duration::from_secs(5), |s| {
+                s.policy.rejected == 1
+            });
+        }
+        _ => {}
+    });
+    // Round-robin placed all 48 tunnels in the first round: 16 each.
+    let mut per_segw = [0; SEGWS];
+    for &i in home.values() {
+        per_segw[i] += 1;
+    }
+    assert_eq!(per_segw, [16; SEGWS]);
+    let s = lab.status();
+    assert_eq!(s.policy.name, "consistent-hash");
+    assert_eq!(s.policy.reloads, 2);
+    assert_eq!(s.policy.rejected, 1);
+    assert_eq!(s.counters.moved, 0);
+    assert_eq!(s.policy.fallbacks, 0);
+    let log = lab.log_text();
+    assert!(
+        log.contains("policy refused"),
+        "the corrupt file is logged:\n{log}"
+    );
+    eprintln!(
+        "file written -> new policy serving (seen by ctl): {:.1} ms",
+        swap_ms[0]
+    );
+    assert!(swap_ms[0] < 1000.0);
+}
+
+#[test]
+fn a_segw_whose_link_goes_down_is_marked_down_within_the_threshold_and_avoided() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (interval_ms, down_after) = (100, 3);
+    let mut lab = Lab::up("hlt", "round-robin", (interval_ms, down_after));
+    lab.segw_ns[1].ip(&["link", "set", "eth0", "down"]).unwrap();
+    let threshold = Duration::from_millis(interval_ms * u64::from(down_after + 1));
+    let took = wait_for(
+        &lab,
+        "segw2 marked down",
+        threshold + Duration::from_millis(400),
+        |s| !s.gateway("segw2").unwrap().healthy,
+    );
+    eprintln!("segw2 marked down {took:?} after its link went down (threshold {threshold:?})");
+    // New tunnels avoid it.
+    let vip = IpAddr::V4(VIP);
+    let frames: Vec<Vec<u8>> = (1..=12)
+        .map(|t| {
+            lab.to_lb(&ip_packet(
+                peer(200 + t),
+                vip,
+                50,
+                &esp_body(0x7000 + u32::from(t), 1, 100),
+                1,
+            ))
+        })
+        .collect();
+    let captured = lab.send_and_capture(&frames);
+    assert_eq!(captured[1].len(), 0);
+    assert_eq!(captured[0].len() + captured[2].len(), 12);
+    // Back up: it answers again and is marked up.
+    lab.segw_ns[1].ip(&["link", "set", "eth0", "up"]).unwrap();
+    wait_for(&lab, "segw2 marked up", Duration::from_secs(3), |s| {
+        s.gateway("segw2").unwrap().healthy
+    });
+}
+
+#[test]
+fn ctl_changes_gateways_and_explains_bad_arguments() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up("ctl", "round-robin", (0, 3));
+    let (ok, out) = lab.ctl(&["gateway", "drain", "segw1"]);
+    assert!(ok && out.contains("segw1 draining"), "{out}");
+    let (ok, out) = lab.ctl(&["gateway", "weight", "segw3", "5"]);
+    assert!(ok && out.contains("weight 1 -> 5"), "{out}");
+    let (ok, out) = lab.ctl(&["gateway", "drain", "segw9"]);
+    assert!(!ok && out.contains("no gateway named `segw9`"), "{out}");
+    let (ok, out) = lab.ctl(&["policy", "use", "nonesuch"]);
+    assert!(!ok && out.contains("nonesuch.wasm"), "{out}");
+    let (ok, out) = lab.ctl(&["gateway", "add", "segw4", "--interface", "nosuch0"]);
+    assert!(!ok && out.contains("no interface `nosuch0`"), "{out}");
+    // A drained segw takes no new tunnel; its old ones would stay.
+    let vip = IpAddr::V4(VIP);
+    let frames: Vec<Vec<u8>> = (1..=6)
+        .map(|t| {
+            lab.to_lb(&ip_packet(
+                peer(300 + t),
+                vip,
+                50,
+                &esp_body(0x9000 + u32::from(t), 1, 100),
+                1,
+            ))
+        })
+        .collect();
+    let captured = lab.send_and_capture(&frames);
+    assert_eq!(captured[0].len(), 0, "the drained segw got a new tunnel");
+    let (ok, text) = lab.ctl(&["status"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("gateway segw1  p1") && text.contains("draining"),
+        "{text}"
+    );
+    assert!(text.contains("remote endpoint"), "{text}");
+    let (ok, json) = lab.ctl(&["status", "--json"]);
+    assert!(ok);
+    let s: Status = serde_json::from_str(&json).unwrap();
+    assert_eq!(s.gateway("segw3").unwrap().weight, 5);
+    let _ = (&lab.dir, &lab.ini_ns);
+}
