@@ -706,3 +706,71 @@ fn ctl_changes_gateways_and_explains_bad_arguments() {
     assert_eq!(s.gateway("segw3").unwrap().weight, 5);
     let _ = (&lab.dir, &lab.ini_ns);
 }
+
+#[test]
+fn a_config_edit_applies_live_in_one_reload_without_moving_tunnels() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up("cfg", "round-robin", (0, 3));
+    let config = lab.config.clone();
+    let home = stream(&mut lab, 12, 4, &mut |lab, round| {
+        if round == 2 {
+            // An editor's save: write a temp file, rename it over. Drain
+            // segw2, weigh segw3, and change the policy, in one edit.
+            let text = std::fs::read_to_string(&config).unwrap();
+            let text = text
+                .replace("name = \"active\"", "name = \"weighted\"")
+                .replace(
+                    "name = \"segw2\"\ninterface = \"p2\"\n",
+                    "name = \"segw2\"\ninterface = \"p2\"\ndrain = true\n",
+                )
+                .replace(
+                    "name = \"segw3\"\ninterface = \"p3\"\n",
+                    "name = \"segw3\"\ninterface = \"p3\"\nweight = 3\n",
+                );
+            replace_file(&config, text.as_bytes());
+            wait_for(lab, "the config reload", Duration::from_secs(5), |s| {
+                s.policy.name == "weighted" && s.gateway("segw2").unwrap().draining
+            });
+        }
+    });
+    assert_eq!(home.len(), 12);
+    let s = lab.status();
+    assert_eq!(s.policy.reloads, 1, "one save, one reload");
+    assert_eq!(s.gateway("segw3").unwrap().weight, 3);
+    assert_eq!(s.counters.moved, 0);
+    // New tunnels avoid the drained segw; its old tunnels stayed (above).
+    let vip = IpAddr::V4(VIP);
+    let frames: Vec<Vec<u8>> = (1..=12)
+        .map(|t| {
+            lab.to_lb(&ip_packet(
+                peer(400 + t),
+                vip,
+                50,
+                &esp_body(0xa000 + u32::from(t), 1, 100),
+                1,
+            ))
+        })
+        .collect();
+    let captured = lab.send_and_capture(&frames);
+    assert_eq!(captured[1].len(), 0, "the drained segw got a new tunnel");
+    // A broken edit changes nothing and says where it is broken.
+    let text = std::fs::read_to_string(&config).unwrap();
+    replace_file(
+        &config,
+        text.replace("weight = 3", "weight = -3").as_bytes(),
+    );
+    let until = Instant::now() + Duration::from_secs(5);
+    while !lab.log_text().contains("config reload refused") {
+        assert!(
+            Instant::now() < until,
+            "no refusal logged:\n{}",
+            lab.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(lab.log_text().contains("lb.toml:"), "{}", lab.log_text());
+    assert_eq!(lab.status().gateway("segw3").unwrap().weight, 3);
+}

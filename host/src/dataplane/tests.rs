@@ -259,3 +259,60 @@ fn a_policy_swap_under_a_stream_loses_no_frame_and_moves_no_tunnel() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     thread.join().unwrap();
 }
+
+#[test]
+fn metrics_expose_per_gateway_counters_drops_and_the_policy() {
+    use crate::control::metrics;
+    let (mut w, _out) = worker(None);
+    for peer in 1..=4u8 {
+        w.frame(
+            Received {
+                port: UPLINK,
+                frame: esp_from(peer, 4500),
+            },
+            Timestamp::ZERO,
+        );
+    }
+    w.frame(
+        Received {
+            port: UPLINK,
+            frame: vec![1, 2, 3],
+        },
+        Timestamp::ZERO,
+    );
+    let text = metrics::render(&w.status(0, Timestamp::ZERO));
+    for line in [
+        "segwlb_gateway_tunnels{gateway=\"segw1\"} 2",
+        "segwlb_gateway_tunnels{gateway=\"segw3\"} 1",
+        "segwlb_gateway_frames_total{gateway=\"segw2\",direction=\"to_segw\"} 1",
+        "segwlb_gateway_up{gateway=\"segw2\"} 1",
+        "segwlb_drops_total{reason=\"malformed\"} 1",
+        "segwlb_policy_decisions_total 4",
+        "segwlb_policy_info{policy=\"round-robin\"} 1",
+        "segwlb_table_tunnels 4",
+        "# TYPE segwlb_gateway_frames_total counter",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in:\n{text}"
+        );
+    }
+    // Served over HTTP: a scrape gets the same text.
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let status = w.status(0, Timestamp::ZERO);
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = metrics::serve(addr, move || Some(status.clone()), stop.clone()).unwrap();
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    use std::io::{Read, Write};
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.0 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with(&text), "{answer}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().unwrap();
+}
