@@ -150,6 +150,7 @@ impl Supervisor {
     }
 
     fn swap(&mut self, file: &Path, configured: bool, rebalance: bool, noticed: Instant) -> Reply {
+        let compile = Instant::now();
         let loaded = match self.load(file, configured) {
             Ok(l) => l,
             Err((bytes_hash, e)) => {
@@ -165,6 +166,12 @@ impl Supervisor {
             }
         };
         let (loaded, bytes_hash) = loaded;
+        tracing::debug!(
+            file = %file.display(),
+            waited_ms = format!("{:.1}", (compile - noticed).as_secs_f64() * 1e3),
+            compiled_ms = format!("{:.1}", compile.elapsed().as_secs_f64() * 1e3),
+            "policy compiled and checked"
+        );
         let r = self.ask(|reply| Command::UsePolicy {
             policy: loaded,
             rebalance,

@@ -21,7 +21,7 @@ use notify::{RecursiveMode, Watcher};
 use super::Supervisor;
 
 /// How long the files must be quiet before a change is acted on.
-pub const QUIET: Duration = Duration::from_millis(25);
+pub const QUIET: Duration = Duration::from_millis(10);
 
 /// Watch `policy_dir` and `config_file`; act through `supervisor` until
 /// `stop` is set.
