@@ -69,6 +69,15 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// A lab of network namespaces: real strongSwan initiators and segws
+    /// with `segwlb run` balancing between them (root).
+    Lab {
+        /// The lab file (TOML; see config/lab.toml).
+        #[arg(short, long, default_value = "config/lab.toml", global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: LabCommand,
+    },
     /// Talk to a running balancer over its control socket.
     Ctl {
         /// The balancer's control socket (its config's balancer.control_socket).
@@ -77,6 +86,23 @@ enum Command {
         #[command(subcommand)]
         command: CtlCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Build the namespaces, start the charons and the balancer.
+    Up,
+    /// Initiate every tunnel, ping through each, show where they landed.
+    Run {
+        /// The report as JSON, for tools.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What is up.
+    Status,
+    /// Remove every namespace, link, process and file of the lab (also
+    /// after a failed or interrupted `up`).
+    Down,
 }
 
 #[derive(Subcommand)]
@@ -215,6 +241,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ctl { socket, command } => ctl(&socket, command),
+        Command::Lab { config, command } => lab(&config, command),
         Command::Policy {
             command:
                 PolicyCommand::Check {
@@ -293,6 +320,64 @@ fn ctl(socket: &Path, command: CtlCommand) -> anyhow::Result<ExitCode> {
         None => print_out(&response.message)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn lab(config: &Path, command: LabCommand) -> anyhow::Result<ExitCode> {
+    use segwlb::lab::{report, topology, LabConfig};
+    let cfg = LabConfig::load(config)?;
+    match command {
+        LabCommand::Up => {
+            let started = std::time::Instant::now();
+            let exe = std::env::current_exe().context("cannot find the segwlb binary")?;
+            let (state, times) = topology::up(&cfg, &exe)?;
+            print_out(&format_args!(
+                "lab {:?} up in {:.2} s (topology {:.2} s, {} charons {:.2} s, balancer {:.2} s): {} initiators, {} segws, policy {}; work dir {}",
+                state.prefix,
+                started.elapsed().as_secs_f64(),
+                times.topology.as_secs_f64(),
+                state.initiators.len() + state.segws.len(),
+                times.charons.as_secs_f64(),
+                times.balancer.as_secs_f64(),
+                state.initiators.len(),
+                state.segws.len(),
+                state.policy,
+                state.work.display()
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Run { json } => {
+            let state = topology::State::load(&cfg.work_dir())?;
+            let r = report::run(&state)?;
+            if json {
+                print_out(&serde_json::to_string_pretty(&r)?)?;
+            } else {
+                print_out(&r.render().trim_end())?;
+            }
+            Ok(if r.summary.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        LabCommand::Status => {
+            print_out(&topology::status(&cfg)?.trim_end())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Down => {
+            let removed = topology::down(&cfg)?;
+            print_out(&format_args!(
+                "lab {:?} down: {} processes stopped, {} namespaces removed{}",
+                cfg.lab.prefix,
+                removed.processes,
+                removed.namespaces.len(),
+                removed
+                    .work_dir
+                    .map(|w| format!(", {} removed", w.display()))
+                    .unwrap_or_default()
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 fn parse_params(raw: &[String]) -> anyhow::Result<Vec<(String, String)>> {

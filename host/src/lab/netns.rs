@@ -479,7 +479,18 @@ mod tests {
     use super::*;
 
     // As printed by iproute2 6.1 for a veth end.
-    const VETH: &str = r#"[{"ifindex":5,"link_index":4,"ifname":"eth0","flags":["BROADCAST","MULTICAST","UP","LOWER_UP"],"mtu":1500,"qdisc":"noqueue","operstate":"UP","linkmode":"DEFAULT","group":"default","txqlen":1000,"link_type":"ether","address":"5a:0b:3c:de:f0:12","broadcast":"ff:ff:ff:ff:ff:ff","link_netnsid":0,"stats64":{"rx":{"bytes":150000,"packets":1000,"errors":0,"dropped":7,"over_errors":0,"multicast":0},"tx":{"bytes":3000,"packets":20,"errors":0,"dropped":2,"carrier_errors":0,"collisions":0}}}]"#;
+    const VETH: &str = concat!(
+        r#"[{"ifindex":5,"link_index":4,"ifname":"eth0","#,
+        r#""flags":["BROADCAST","MULTICAST","UP","LOWER_UP"],"mtu":1500,"#,
+        r#""qdisc":"noqueue","operstate":"UP","linkmode":"DEFAULT","#,
+        r#""group":"default","txqlen":1000,"link_type":"ether","#,
+        r#""address":"5a:0b:3c:de:f0:12","broadcast":"ff:ff:ff:ff:ff:ff","#,
+        r#""link_netnsid":0,"stats64":{"#,
+        r#""rx":{"bytes":150000,"packets":1000,"errors":0,"dropped":7,"#,
+        r#""over_errors":0,"multicast":0},"#,
+        r#""tx":{"bytes":3000,"packets":20,"errors":0,"dropped":2,"#,
+        r#""carrier_errors":0,"collisions":0}}}]"#,
+    );
 
     #[test]
     fn parses_link_show() {

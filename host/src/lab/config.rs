@@ -1,0 +1,373 @@
+//! The lab file (`config/lab.toml`): how many initiators and segws, the
+//! addressing, the balancer's policy. Every address it names exists only
+//! inside the lab's namespaces.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::Error;
+
+/// An IPv4 prefix `a.b.c.d/len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Prefix {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Prefix {
+    fn mask(&self) -> u32 {
+        if self.len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.len))
+        }
+    }
+
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask())
+    }
+
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        u32::from(a) & self.mask() == u32::from(self.network())
+    }
+
+    pub fn overlaps(&self, other: &Prefix) -> bool {
+        self.contains(other.network()) || other.contains(self.network())
+    }
+
+    /// The `n`th host address (1 = the first after the network address),
+    /// if it is inside the prefix and not its broadcast address.
+    pub fn host(&self, n: u32) -> Option<Ipv4Addr> {
+        let size = 1u64 << (32 - u32::from(self.len));
+        (u64::from(n) + 1 < size).then(|| Ipv4Addr::from(u32::from(self.network()) + n))
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network(), self.len)
+    }
+}
+
+impl TryFrom<String> for Prefix {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not an IPv4 prefix like 10.1.0.0/16");
+        let (a, l) = s.split_once('/').ok_or_else(bad)?;
+        let addr = a.parse().map_err(|_| bad())?;
+        let len: u8 = l.parse().map_err(|_| bad())?;
+        if len > 32 {
+            return Err(bad());
+        }
+        Ok(Prefix { addr, len })
+    }
+}
+
+impl From<Prefix> for String {
+    fn from(p: Prefix) -> String {
+        p.to_string()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabConfig {
+    pub lab: LabSection,
+    #[serde(default)]
+    pub addresses: Addresses,
+    #[serde(default)]
+    pub balancer: BalancerSection,
+    #[serde(default = "default_segws")]
+    pub segw: Vec<SegwSection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabSection {
+    /// Namespace names start with `PREFIX-`; `lab down` removes every
+    /// namespace that does.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Configurations, logs, sockets, the state file. Not under /run: every
+    /// charon gets a private /run.
+    #[serde(default)]
+    pub work_dir: Option<PathBuf>,
+    /// Tunnels: one initiator namespace and charon each.
+    pub initiators: u32,
+    #[serde(default = "default_dpd")]
+    pub dpd_delay_s: u32,
+    /// Pings through each tunnel in `lab run`.
+    #[serde(default = "default_pings")]
+    pub pings: u32,
+    /// The last `nat` initiators sit behind one NAT namespace (nftables
+    /// masquerade, UDP source ports rewritten into 40000-40999).
+    #[serde(default)]
+    pub nat: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Addresses {
+    /// The address every segw owns.
+    pub vip: Ipv4Addr,
+    /// The balancer answers ARP for it on the uplink (proxy_uplink).
+    pub vip_prefix: Prefix,
+    /// Initiator n's outer address is host n of this prefix (proxy_gateways).
+    pub outer_prefix: Prefix,
+    /// Initiator n's inner address (on its lo) is host n of this prefix.
+    pub inner_prefix: Prefix,
+    /// The data-centre side: an address on every segw's lo ...
+    pub service: Ipv4Addr,
+    /// ... inside the initiators' remote_ts (the segws' local_ts).
+    pub service_prefix: Prefix,
+    /// Behind the NAT: its inside address is host 1, NAT'd initiator n's
+    /// outer address host n + 1. The NAT's outside address is host
+    /// `initiators + 1` of outer_prefix.
+    #[serde(default = "default_nat_prefix")]
+    pub nat_prefix: Prefix,
+}
+
+fn default_nat_prefix() -> Prefix {
+    Prefix::try_from("198.51.100.0/24".to_string()).expect("valid default")
+}
+
+impl Default for Addresses {
+    fn default() -> Self {
+        let p = |s: &str| Prefix::try_from(s.to_string()).expect("valid default");
+        Addresses {
+            vip: Ipv4Addr::new(10, 2, 2, 1),
+            vip_prefix: p("10.2.2.0/24"),
+            outer_prefix: p("10.1.0.0/16"),
+            inner_prefix: p("10.200.0.0/16"),
+            service: Ipv4Addr::new(10, 201, 0, 1),
+            service_prefix: p("10.201.0.0/24"),
+            nat_prefix: default_nat_prefix(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalancerSection {
+    /// policies/NAME.wasm
+    #[serde(default = "default_policy")]
+    pub policy: String,
+    /// Relative to the lab file.
+    #[serde(default = "default_policy_dir")]
+    pub policy_dir: PathBuf,
+    #[serde(default = "default_interval")]
+    pub health_interval_ms: u64,
+    #[serde(default = "default_down_after")]
+    pub health_down_after: u32,
+}
+
+impl Default for BalancerSection {
+    fn default() -> Self {
+        BalancerSection {
+            policy: default_policy(),
+            policy_dir: default_policy_dir(),
+            health_interval_ms: default_interval(),
+            health_down_after: default_down_after(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegwSection {
+    pub name: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_prefix() -> String {
+    "sglab".into()
+}
+fn default_dpd() -> u32 {
+    5
+}
+fn default_pings() -> u32 {
+    3
+}
+fn default_policy() -> String {
+    "round-robin".into()
+}
+fn default_policy_dir() -> PathBuf {
+    "../policies".into()
+}
+fn default_interval() -> u64 {
+    500
+}
+fn default_down_after() -> u32 {
+    3
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_segws() -> Vec<SegwSection> {
+    (1..=3)
+        .map(|n| SegwSection {
+            name: format!("segw{n}"),
+            weight: 1,
+        })
+        .collect()
+}
+
+/// Most initiators a lab takes (namespaces and charons are ~10 MB each).
+pub const MAX_INITIATORS: u32 = 250;
+/// Most segws (one balancer port each).
+pub const MAX_SEGWS: usize = 16;
+
+impl LabConfig {
+    /// Read and check `path`; the policy directory is made absolute
+    /// relative to the file.
+    pub fn load(path: &Path) -> Result<LabConfig, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            what: format!("read {}", path.display()),
+            source,
+        })?;
+        let mut c = LabConfig::parse(&text).map_err(|msg| Error::Config {
+            path: path.to_path_buf(),
+            msg,
+        })?;
+        if c.balancer.policy_dir.is_relative() {
+            let base = path.parent().unwrap_or(Path::new("."));
+            let dir = base.join(&c.balancer.policy_dir);
+            c.balancer.policy_dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+        }
+        Ok(c)
+    }
+
+    pub fn parse(text: &str) -> Result<LabConfig, String> {
+        let c: LabConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.check()?;
+        Ok(c)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let p = &self.lab.prefix;
+        if p.is_empty() || p.len() > 8 || !p.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(format!(
+                "lab.prefix {p:?}: 1 to 8 letters or digits (namespace names are PREFIX-i250)"
+            ));
+        }
+        if self.lab.initiators == 0 || self.lab.initiators > MAX_INITIATORS {
+            return Err(format!("lab.initiators must be 1..={MAX_INITIATORS}"));
+        }
+        if self.segw.is_empty() || self.segw.len() > MAX_SEGWS {
+            return Err(format!("1..={MAX_SEGWS} [[segw]] sections"));
+        }
+        for (i, s) in self.segw.iter().enumerate() {
+            let ok = !s.name.is_empty()
+                && s.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return Err(format!("segw name {:?}: letters, digits, - and _", s.name));
+            }
+            if self.segw[..i].iter().any(|o| o.name == s.name) {
+                return Err(format!("two segws named {:?}", s.name));
+            }
+        }
+        let a = &self.addresses;
+        if !a.vip_prefix.contains(a.vip) {
+            return Err(format!(
+                "vip {} is not in vip_prefix {}",
+                a.vip, a.vip_prefix
+            ));
+        }
+        if !a.service_prefix.contains(a.service) {
+            return Err(format!(
+                "service {} is not in service_prefix {}",
+                a.service, a.service_prefix
+            ));
+        }
+        let named = [
+            ("vip_prefix", a.vip_prefix),
+            ("outer_prefix", a.outer_prefix),
+            ("inner_prefix", a.inner_prefix),
+            ("service_prefix", a.service_prefix),
+            ("nat_prefix", a.nat_prefix),
+        ];
+        for (i, (n1, p1)) in named.iter().enumerate() {
+            for (n2, p2) in &named[i + 1..] {
+                if p1.overlaps(p2) {
+                    // Inner must differ from outer, or the segw refuses the
+                    // traffic selector (TS_UNACCEPTABLE).
+                    return Err(format!("{n1} {p1} overlaps {n2} {p2}"));
+                }
+            }
+        }
+        if self.lab.nat > self.lab.initiators {
+            return Err("lab.nat is more than lab.initiators".into());
+        }
+        if a.nat_prefix.host(self.lab.initiators + 1).is_none() {
+            return Err(format!("nat_prefix {} is too small", a.nat_prefix));
+        }
+        for (what, p) in [
+            ("outer_prefix", a.outer_prefix),
+            ("inner_prefix", a.inner_prefix),
+        ] {
+            if p.host(self.lab.initiators + 1).is_none() {
+                return Err(format!(
+                    "{what} {p} has no room for {} initiators",
+                    self.lab.initiators
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn work_dir(&self) -> PathBuf {
+        self.lab
+            .work_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/tmp/segwlb-lab-{}", self.lab.prefix)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_lab_file_parses() {
+        let text = include_str!("../../../config/lab.toml");
+        let c = LabConfig::parse(text).unwrap();
+        assert_eq!(c.lab.initiators, 12);
+        assert_eq!(c.segw.len(), 3);
+    }
+
+    #[test]
+    fn prefixes() {
+        let p = Prefix::try_from("10.1.0.0/16".to_string()).unwrap();
+        assert!(p.contains(Ipv4Addr::new(10, 1, 200, 3)));
+        assert!(!p.contains(Ipv4Addr::new(10, 2, 0, 1)));
+        assert_eq!(p.host(1), Some(Ipv4Addr::new(10, 1, 0, 1)));
+        assert_eq!(p.host(65535), None);
+        let q = Prefix::try_from("10.1.2.0/24".to_string()).unwrap();
+        assert!(p.overlaps(&q) && q.overlaps(&p));
+        assert!(Prefix::try_from("10.1.0.0".to_string()).is_err());
+        assert!(Prefix::try_from("10.1.0.0/33".to_string()).is_err());
+    }
+
+    #[test]
+    fn checks_say_what_is_wrong() {
+        let base = "[lab]\ninitiators = 4\n";
+        assert!(LabConfig::parse(base).is_ok());
+        let e = LabConfig::parse("[lab]\ninitiators = 4\nprefix = \"a-b\"\n").unwrap_err();
+        assert!(e.contains("prefix"), "{e}");
+        let e = LabConfig::parse(&format!(
+            "{base}[addresses]\nvip = \"10.2.2.1\"\nvip_prefix = \"10.2.2.0/24\"\n\
+             outer_prefix = \"10.1.0.0/16\"\ninner_prefix = \"10.1.5.0/24\"\n\
+             service = \"10.201.0.1\"\nservice_prefix = \"10.201.0.0/24\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("overlaps"), "{e}");
+        let e = LabConfig::parse("[lab]\ninitiators = 0\n").unwrap_err();
+        assert!(e.contains("initiators"), "{e}");
+    }
+}

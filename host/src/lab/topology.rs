@@ -1,0 +1,681 @@
+//! `lab up`, `lab down`, `lab status`: the namespaces, links, charons and
+//! the balancer of a lab, and a state file that says what is up.
+//!
+//! ```text
+//!   PREFIX-iN (eth0) ── (iN) PREFIX-sw br0 (lb) ── (uplink) PREFIX-lb (pK) ── (eth0) PREFIX-sK
+//! ```
+//!
+//! Processes started by `up` outlive it (they run in their namespaces in
+//! their own process groups); their pids go into the state file. `down`
+//! ends every process in every namespace named `PREFIX-*` and deletes
+//! those namespaces, so it also cleans up after an `up` that failed half
+//! way or was interrupted.
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::config::LabConfig;
+use super::netns::{self, Netns};
+use super::strongswan as sw;
+use super::{Error, Result};
+use crate::control::ctl::{request, Request};
+use crate::control::status::Status;
+
+/// Where `ip netns` keeps namespaces.
+const NETNS_DIR: &str = "/run/netns";
+const STATE: &str = "state.json";
+
+/// An initiator as the state file records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Initiator {
+    pub name: String,
+    pub ns: String,
+    pub outer: Ipv4Addr,
+    pub inner: Ipv4Addr,
+    pub dir: PathBuf,
+    pub pid: i32,
+    /// Behind the lab's NAT.
+    #[serde(default)]
+    pub nat: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Segw {
+    pub name: String,
+    pub ns: String,
+    pub weight: u32,
+    /// Its port on the balancer.
+    pub port: String,
+    pub dir: PathBuf,
+    pub pid: i32,
+}
+
+/// What `lab up` built: read by `run`, `status` and `down`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub prefix: String,
+    pub work: PathBuf,
+    pub vip: Ipv4Addr,
+    pub service: Ipv4Addr,
+    pub pings: u32,
+    pub policy: String,
+    pub namespaces: Vec<String>,
+    pub initiators: Vec<Initiator>,
+    pub segws: Vec<Segw>,
+    pub balancer_ns: String,
+    pub balancer_pid: i32,
+    pub socket: PathBuf,
+    pub swanctl_conf: PathBuf,
+    /// The NAT's outside address, when some initiators are behind it.
+    #[serde(default)]
+    pub nat_outside: Option<Ipv4Addr>,
+}
+
+impl State {
+    pub fn load(work: &Path) -> Result<State> {
+        let path = work.join(STATE);
+        let text = fs::read_to_string(&path).map_err(|_| {
+            Error::State(format!(
+                "no lab is up ({} not found; `segwlb lab up` first)",
+                path.display()
+            ))
+        })?;
+        serde_json::from_str(&text).map_err(|e| Error::State(format!("{}: {e}", path.display())))
+    }
+
+    fn save(&self) -> Result<()> {
+        let path = self.work.join(STATE);
+        let text = serde_json::to_string_pretty(self).expect("state serialises");
+        fs::write(&path, text).map_err(|source| Error::Io {
+            what: format!("write {}", path.display()),
+            source,
+        })
+    }
+
+    /// The balancer's status, listing every tunnel.
+    pub fn balancer_status(&self) -> Result<Status> {
+        let r = request(
+            &self.socket,
+            &Request::Status {
+                tunnels: usize::MAX,
+            },
+        )
+        .map_err(|e| step("asking the balancer", e))?;
+        r.status
+            .ok_or_else(|| step("asking the balancer", r.message))
+    }
+
+    /// `swanctl ARGS` against the charon whose files are in `dir`.
+    pub fn swanctl(&self, dir: &Path, args: &[&str]) -> Result<String> {
+        Ok(netns::run(sw::swanctl(&self.swanctl_conf, dir, args))?)
+    }
+
+    /// Every IKE_SA of the charon in `dir`.
+    pub fn list_sas(&self, dir: &Path) -> Result<Vec<sw::IkeSa>> {
+        let out = self.swanctl(dir, &["--list-sas", "--raw"])?;
+        sw::parse_list_sas(&out).map_err(|e| step(&format!("parsing SAs of {}", dir.display()), e))
+    }
+}
+
+fn step(what: &str, detail: impl std::fmt::Display) -> Error {
+    Error::Step {
+        what: what.to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+fn find_in_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+}
+
+/// Everything the lab needs: `Err` names exactly what is missing and the
+/// `apt-get` line that installs it.
+pub fn prerequisites() -> Result<()> {
+    let mut problems = Vec::new();
+    if let Err(e) = netns::prerequisites() {
+        problems.push(e);
+    }
+    let mut packages = Vec::new();
+    let mut what = Vec::new();
+    let mut need = |ok: bool, thing: &str, package: &'static str| {
+        if !ok {
+            what.push(format!("{thing} (package {package})"));
+            if !packages.contains(&package) {
+                packages.push(package);
+            }
+        }
+    };
+    need(
+        Path::new(sw::CHARON).is_file(),
+        sw::CHARON,
+        "strongswan-charon",
+    );
+    need(find_in_path("swanctl"), "`swanctl`", "strongswan-swanctl");
+    need(
+        Path::new(sw::KERNEL_LIBIPSEC).is_file(),
+        "the kernel-libipsec plugin",
+        "libcharon-extra-plugins",
+    );
+    need(find_in_path("ping"), "`ping`", "iputils-ping");
+    need(find_in_path("unshare"), "`unshare`", "util-linux");
+    need(find_in_path("nft"), "`nft`", "nftables");
+    if !what.is_empty() {
+        problems.push(format!(
+            "missing {}; install with: apt-get install -y {}",
+            what.join(", "),
+            packages.join(" ")
+        ));
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        problems.push("no /dev/net/tun (kernel-libipsec needs TUN)".into());
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Prerequisites(problems.join("; ")))
+    }
+}
+
+/// Namespaces whose names start with `PREFIX-`.
+pub fn lab_namespaces(prefix: &str) -> Vec<String> {
+    let start = format!("{prefix}-");
+    let mut names: Vec<String> = fs::read_dir(NETNS_DIR)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&start))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Is `pid` a live process (not a zombie)?
+pub fn alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        // "PID (COMM) STATE ...": the state follows the last ')'.
+        s.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|st| st != "Z" && st != "X")
+    })
+}
+
+fn kill(pid: i32, signal: i32) {
+    if pid > 1 && pid != std::process::id() as i32 {
+        // SAFETY: kill(2) on a pid we started or found in our namespace.
+        unsafe { libc::kill(pid, signal) };
+    }
+}
+
+/// SIGTERM `pids`, SIGKILL whatever is left after `grace`.
+fn stop(pids: &[i32], grace: Duration) {
+    for &p in pids {
+        kill(p, libc::SIGTERM);
+    }
+    let until = Instant::now() + grace;
+    while pids.iter().any(|&p| alive(p)) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for &p in pids {
+        if alive(p) {
+            kill(p, libc::SIGKILL);
+        }
+    }
+}
+
+fn ns_pids(ns: &str) -> Vec<i32> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "pids", ns]);
+    netns::run(cmd)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// What `down` removed.
+#[derive(Debug, Default)]
+pub struct Removed {
+    pub processes: usize,
+    pub namespaces: Vec<String>,
+    pub work_dir: Option<PathBuf>,
+}
+
+/// Remove every process, namespace and file of the lab `config` names,
+/// whether or not its `up` finished.
+pub fn down(config: &LabConfig) -> Result<Removed> {
+    let work = config.work_dir();
+    let mut removed = Removed::default();
+    let mut pids = Vec::new();
+    if let Ok(state) = State::load(&work) {
+        pids.push(state.balancer_pid);
+        pids.extend(state.initiators.iter().map(|i| i.pid));
+        pids.extend(state.segws.iter().map(|s| s.pid));
+    }
+    let namespaces = lab_namespaces(&config.lab.prefix);
+    for ns in &namespaces {
+        pids.extend(ns_pids(ns));
+    }
+    pids.retain(|&p| p > 1 && alive(p));
+    pids.sort_unstable();
+    pids.dedup();
+    removed.processes = pids.len();
+    stop(&pids, Duration::from_secs(2));
+    for ns in &namespaces {
+        // Anything that appeared meanwhile (a ping) goes too.
+        let left: Vec<i32> = ns_pids(ns);
+        stop(&left, Duration::from_millis(300));
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "del", ns]);
+        netns::run(cmd)?;
+        removed.namespaces.push(ns.clone());
+    }
+    if work.exists() {
+        fs::remove_dir_all(&work).map_err(io(format!("remove {}", work.display())))?;
+        removed.work_dir = Some(work);
+    }
+    Ok(removed)
+}
+
+/// Timings of `up`, for the report.
+#[derive(Debug, Clone, Copy)]
+pub struct UpTimes {
+    pub topology: Duration,
+    pub charons: Duration,
+    pub balancer: Duration,
+}
+
+/// Build the lab. On failure everything built so far is removed again.
+pub fn up(config: &LabConfig, exe: &Path) -> Result<(State, UpTimes)> {
+    prerequisites()?;
+    let work = config.work_dir();
+    let existing = lab_namespaces(&config.lab.prefix);
+    if !existing.is_empty() || work.join(STATE).exists() {
+        return Err(Error::State(format!(
+            "a lab with prefix {:?} is up already ({} namespaces, work dir {}): `segwlb lab down` first",
+            config.lab.prefix,
+            existing.len(),
+            work.display()
+        )));
+    }
+    match build(config, exe, &work) {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            if let Err(d) = down(config) {
+                eprintln!("warning: cleaning up after a failed `lab up`: {d}");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    fs::write(path, text).map_err(io(format!("write {}", path.display())))
+}
+
+/// Spawn `cmd` detached from us (own process group, no stdin), its output
+/// into `log`.
+fn spawn_detached(mut cmd: Command, log: &Path) -> Result<Child> {
+    let out = fs::File::create(log).map_err(io(format!("create {}", log.display())))?;
+    let err = out
+        .try_clone()
+        .map_err(io(format!("dup {}", log.display())))?;
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
+    cmd.spawn().map_err(io(format!("start {cmd:?}")))
+}
+
+fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)> {
+    let t0 = Instant::now();
+    let prefix = &config.lab.prefix;
+    let a = &config.addresses;
+    fs::create_dir_all(work).map_err(io(format!("create {}", work.display())))?;
+    let swanctl_conf = work.join("swanctl-strongswan.conf");
+    write(&swanctl_conf, sw::SWANCTL_CONF)?;
+
+    // Namespaces: kept (forgotten) once everything is up; on an error
+    // their guards delete them, and `up` runs `down` for the rest.
+    let sw_ns = Netns::new(&format!("{prefix}-sw"))?;
+    let lb_ns = Netns::new(&format!("{prefix}-lb"))?;
+    let segw_ns = (1..=config.segw.len())
+        .map(|k| Netns::new(&format!("{prefix}-s{k}")))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let ini_ns = (1..=config.lab.initiators)
+        .map(|n| Netns::new(&format!("{prefix}-i{n}")))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+
+    // The initiators' side: one bridge, the balancer's uplink on it.
+    sw_ns.ip(&["link", "add", "br0", "type", "bridge", "forward_delay", "0"])?;
+    sw_ns.ip(&["link", "set", "br0", "up"])?;
+    netns::veth(&lb_ns, "uplink", &sw_ns, "lb")?;
+    sw_ns.ip(&["link", "set", "lb", "master", "br0"])?;
+    // The NAT: its own bridge for the initiators behind it, masquerade
+    // (with UDP source ports rewritten) out to the initiators' bridge.
+    let first_natted = config.lab.initiators - config.lab.nat + 1;
+    let nat = if config.lab.nat > 0 {
+        let ns = Netns::new(&format!("{prefix}-nat"))?;
+        ns.ip(&["link", "add", "br0", "type", "bridge", "forward_delay", "0"])?;
+        ns.ip(&["link", "set", "br0", "up"])?;
+        let inside = a.nat_prefix.host(1).expect("checked");
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{inside}/{}", a.nat_prefix.len),
+            "dev",
+            "br0",
+        ])?;
+        netns::veth(&ns, "out", &sw_ns, "nat")?;
+        sw_ns.ip(&["link", "set", "nat", "master", "br0"])?;
+        let outside = a
+            .outer_prefix
+            .host(config.lab.initiators + 1)
+            .expect("checked");
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{outside}/{}", a.outer_prefix.len),
+            "dev",
+            "out",
+        ])?;
+        ns.ip(&["route", "add", &a.vip_prefix.to_string(), "dev", "out"])?;
+        netns::sysctl(&ns, "net/ipv4/ip_forward", "1")?;
+        let rules = work.join("nat.nft");
+        write(
+            &rules,
+            "table ip nat {\n    chain post {\n        type nat hook postrouting priority srcnat; policy accept;\n        \
+             oifname \"out\" meta l4proto udp masquerade to :40000-40999\n        \
+             oifname \"out\" masquerade\n    }\n}\n",
+        )?;
+        ns.exec(&["nft", "-f", &rules.to_string_lossy()])?;
+        Some((ns, inside, outside))
+    } else {
+        None
+    };
+    let mut initiators = Vec::new();
+    for (i, ns) in ini_ns.iter().enumerate() {
+        let n = i as u32 + 1;
+        let port = format!("i{n}");
+        let inner = a.inner_prefix.host(n).expect("checked");
+        ns.ip(&["addr", "add", &format!("{inner}/32"), "dev", "lo"])?;
+        let (outer, natted) = match &nat {
+            Some((nat_ns, inside, _)) if n >= first_natted => {
+                netns::veth(ns, "eth0", nat_ns, &port)?;
+                nat_ns.ip(&["link", "set", &port, "master", "br0"])?;
+                let outer = a.nat_prefix.host(n + 1).expect("checked");
+                let cidr = format!("{outer}/{}", a.nat_prefix.len);
+                ns.ip(&["addr", "add", &cidr, "dev", "eth0"])?;
+                ns.ip(&["route", "add", "default", "via", &inside.to_string()])?;
+                (outer, true)
+            }
+            _ => {
+                netns::veth(ns, "eth0", &sw_ns, &port)?;
+                sw_ns.ip(&["link", "set", &port, "master", "br0"])?;
+                let outer = a.outer_prefix.host(n).expect("checked");
+                let cidr = format!("{outer}/{}", a.outer_prefix.len);
+                ns.ip(&["addr", "add", &cidr, "dev", "eth0"])?;
+                ns.ip(&["route", "add", &a.vip_prefix.to_string(), "dev", "eth0"])?;
+                (outer, false)
+            }
+        };
+        initiators.push(Initiator {
+            name: format!("i{n}"),
+            ns: ns.name().to_string(),
+            outer,
+            inner,
+            dir: work.join(format!("i{n}")),
+            pid: 0,
+            nat: natted,
+        });
+    }
+    // The segws: the same VIP everywhere, the service address on lo.
+    let mut segws = Vec::new();
+    for (k, (ns, spec)) in segw_ns.iter().zip(&config.segw).enumerate() {
+        let port = format!("p{}", k + 1);
+        netns::veth(&lb_ns, &port, ns, "eth0")?;
+        ns.ip(&["addr", "add", &format!("{}/32", a.vip), "dev", "eth0"])?;
+        ns.ip(&["route", "add", &a.outer_prefix.to_string(), "dev", "eth0"])?;
+        ns.ip(&["addr", "add", &format!("{}/32", a.service), "dev", "lo"])?;
+        segws.push(Segw {
+            name: spec.name.clone(),
+            ns: ns.name().to_string(),
+            weight: spec.weight,
+            port,
+            dir: work.join(format!("s{}", k + 1)),
+            pid: 0,
+        });
+    }
+    let topology = t0.elapsed();
+
+    // Charons: all started at once, then each waited for.
+    let t1 = Instant::now();
+    let segw_conf = sw::segw_swanctl(
+        a.vip,
+        &a.service_prefix.to_string(),
+        &a.inner_prefix.to_string(),
+    );
+    let mut charons: Vec<(PathBuf, String, String)> = Vec::new(); // dir, ns, swanctl.conf
+    for s in &segws {
+        charons.push((s.dir.clone(), s.ns.clone(), segw_conf.clone()));
+    }
+    for i in &initiators {
+        let conf = sw::initiator_swanctl(
+            &i.name,
+            i.outer,
+            i.inner,
+            a.vip,
+            &a.service_prefix.to_string(),
+            config.lab.dpd_delay_s,
+        );
+        charons.push((i.dir.clone(), i.ns.clone(), conf));
+    }
+    let mut pids = Vec::new();
+    for (dir, ns, conf) in &charons {
+        for sub in ["", "x509", "x509ca", "private", "rsa", "ecdsa", "pkcs8"] {
+            let d = dir.join(sub);
+            fs::create_dir_all(&d).map_err(io(format!("create {}", d.display())))?;
+        }
+        let ss_conf = dir.join("strongswan.conf");
+        write(&ss_conf, &sw::strongswan_conf(dir, ""))?;
+        write(&dir.join("swanctl.conf"), conf)?;
+        let child = spawn_detached(sw::charon_command(ns, &ss_conf), &dir.join("charon.out"))?;
+        pids.push(child.id() as i32);
+    }
+    for (s, &pid) in segws.iter_mut().zip(&pids) {
+        s.pid = pid;
+    }
+    for (i, &pid) in initiators.iter_mut().zip(&pids[segws.len()..]) {
+        i.pid = pid;
+    }
+    let mut state = State {
+        prefix: prefix.clone(),
+        work: work.to_path_buf(),
+        vip: a.vip,
+        service: a.service,
+        pings: config.lab.pings,
+        policy: config.balancer.policy.clone(),
+        namespaces: std::iter::once(&sw_ns)
+            .chain(std::iter::once(&lb_ns))
+            .chain(nat.as_ref().map(|n| &n.0))
+            .chain(&segw_ns)
+            .chain(&ini_ns)
+            .map(|n| n.name().to_string())
+            .collect(),
+        initiators,
+        segws,
+        balancer_ns: lb_ns.name().to_string(),
+        balancer_pid: 0,
+        socket: work.join("segwlb.sock"),
+        swanctl_conf,
+        nat_outside: nat.as_ref().map(|n| n.2),
+    };
+    state.save()?;
+    for ((dir, _, _), &pid) in charons.iter().zip(&pids) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while state.swanctl(dir, &["--stats"]).is_err() {
+            if !alive(pid) || Instant::now() > until {
+                let out = fs::read_to_string(dir.join("charon.out")).unwrap_or_default();
+                return Err(step(
+                    &format!("starting charon in {}", dir.display()),
+                    format!("no answer on its vici socket; it said: {out}"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let file = dir.join("swanctl.conf");
+        let file = file.to_string_lossy();
+        state.swanctl(dir, &["--load-all", "--file", &file])?;
+    }
+    let charons_took = t1.elapsed();
+
+    // The balancer.
+    let t2 = Instant::now();
+    let lb_toml = work.join("lb.toml");
+    let mut text = format!(
+        "# Written by `segwlb lab up`.\n[balancer]\nuplink = \"uplink\"\nvip = \"{}\"\n\
+         proxy_uplink = [\"{}\"]\nproxy_gateways = [\"{}\"]\ncontrol_socket = \"{}\"\n\
+         [policy]\nname = \"{}\"\ndir = \"{}\"\n\
+         [health]\ninterval_ms = {}\ndown_after = {}\nup_after = 1\n",
+        a.vip,
+        a.vip_prefix,
+        a.outer_prefix,
+        state.socket.display(),
+        config.balancer.policy,
+        config.balancer.policy_dir.display(),
+        config.balancer.health_interval_ms,
+        config.balancer.health_down_after,
+    );
+    for s in &state.segws {
+        text += &format!(
+            "\n[[gateway]]\nname = \"{}\"\ninterface = \"{}\"\nweight = {}\n",
+            s.name, s.port, s.weight
+        );
+    }
+    write(&lb_toml, &text)?;
+    let mut cmd = lb_ns.command(&exe.to_string_lossy());
+    cmd.arg("run").arg("-c").arg(&lb_toml).env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "segwlb=info".into()),
+    );
+    let log = work.join("balancer.log");
+    let mut child = spawn_detached(cmd, &log)?;
+    state.balancer_pid = child.id() as i32;
+    state.save()?;
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = state
+            .balancer_status()
+            .is_ok_and(|s| s.gateways.iter().all(|g| g.healthy && g.mac.is_some()));
+        if ready {
+            break;
+        }
+        let exited = child.try_wait().ok().flatten();
+        if exited.is_some() || Instant::now() > until {
+            let log = fs::read_to_string(&log).unwrap_or_default();
+            return Err(step(
+                "starting segwlb run",
+                format!("not up with every segw healthy ({exited:?}); its log:\n{log}"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let balancer = t2.elapsed();
+    // Up: the namespaces stay (`down` removes them).
+    for ns in std::iter::once(sw_ns)
+        .chain(std::iter::once(lb_ns))
+        .chain(nat.map(|n| n.0))
+        .chain(segw_ns)
+        .chain(ini_ns)
+    {
+        std::mem::forget(ns);
+    }
+    Ok((
+        state,
+        UpTimes {
+            topology,
+            charons: charons_took,
+            balancer,
+        },
+    ))
+}
+
+/// `lab status`: what is up, as text.
+pub fn status(config: &LabConfig) -> Result<String> {
+    use std::fmt::Write;
+    let work = config.work_dir();
+    let namespaces = lab_namespaces(&config.lab.prefix);
+    let mut out = String::new();
+    let state = match State::load(&work) {
+        Ok(s) => s,
+        Err(_) if namespaces.is_empty() => {
+            return Ok(format!(
+                "no lab with prefix {:?} is up\n",
+                config.lab.prefix
+            ));
+        }
+        Err(_) => {
+            return Ok(format!(
+                "a broken lab: namespaces {} but no state file; `segwlb lab down` removes them\n",
+                namespaces.join(" ")
+            ));
+        }
+    };
+    let up = |pid: i32| if alive(pid) { "running" } else { "NOT RUNNING" };
+    let _ = writeln!(
+        out,
+        "lab {:?}: {} namespaces, work dir {}",
+        state.prefix,
+        namespaces.len(),
+        state.work.display()
+    );
+    let _ = writeln!(
+        out,
+        "balancer  {:<12} pid {:<8} {}",
+        state.balancer_ns,
+        state.balancer_pid,
+        up(state.balancer_pid)
+    );
+    for s in &state.segws {
+        let sas = state
+            .list_sas(&s.dir)
+            .map(|v| format!("{} IKE_SAs", v.len()))
+            .unwrap_or_else(|e| format!("(no answer: {e})"));
+        let _ = writeln!(
+            out,
+            "{:<9} {:<12} pid {:<8} {:<11} {sas}",
+            s.name,
+            s.ns,
+            s.pid,
+            up(s.pid)
+        );
+    }
+    let running = state.initiators.iter().filter(|i| alive(i.pid)).count();
+    let _ = writeln!(
+        out,
+        "initiators: {} of {} charons running",
+        running,
+        state.initiators.len()
+    );
+    match state.balancer_status() {
+        Ok(s) => {
+            let _ = writeln!(out, "\n{}", s.render().trim_end());
+        }
+        Err(e) => {
+            let _ = writeln!(out, "balancer: {e}");
+        }
+    }
+    Ok(out)
+}
