@@ -71,16 +71,23 @@ else
 fi
 
 # The live tests build network namespaces: as root they run, and need ip(8)
-# and ethtool(8).
+# and ethtool(8); the lab also needs strongSwan, nft and ping.
 if [ "$(id -u)" -eq 0 ]; then
     missing=()
     command -v ip >/dev/null || missing+=(iproute2)
     command -v ethtool >/dev/null || missing+=(ethtool)
+    # `segwlb lab` and its test: strongSwan charons (kernel-libipsec is in
+    # libcharon-extra-plugins), swanctl, nft for the NAT namespace, ping.
+    [ -x /usr/lib/ipsec/charon ] || missing+=(strongswan-charon)
+    command -v swanctl >/dev/null || missing+=(strongswan-swanctl)
+    [ -e /usr/lib/ipsec/plugins/libstrongswan-kernel-libipsec.so ] || missing+=(libcharon-extra-plugins)
+    command -v nft >/dev/null || missing+=(nftables)
+    command -v ping >/dev/null || missing+=(iputils-ping)
     if [ ${#missing[@]} -gt 0 ]; then
         if can_apt; then
             apt_install "${missing[@]}"
         else
-            say "the network-namespace tests need: ${missing[*]}"
+            say "the network-namespace tests and the lab need: ${missing[*]}"
         fi
     fi
 fi

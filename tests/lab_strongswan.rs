@@ -1,0 +1,465 @@
+//! `segwlb lab` end to end (root): real strongSwan initiators and segws in
+//! network namespaces, `segwlb run` between them. For each shipped policy,
+//! 3 segws × 12 tunnels: every tunnel establishes and passes pings, the
+//! balancer's table and the segws' SAs agree tunnel by tunnel, and each
+//! tunnel lands where the policy's native twin, fed the same gateway set and
+//! the same keys in arrival order, says it should. Afterwards no namespace,
+//! veth or charon of the lab is left.
+//!
+//! Without root (or without strongSwan) these tests say so and pass, unless
+//! SEGWLB_REQUIRE_NETNS is set (CI sets it): then they fail.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use segwlb::lab::topology::{self, State};
+use segwlb::lab::{netns, LabConfig, Report};
+use segwlb::policy::native;
+use segwlb::policy::{Gateway, Opener, TunnelKey};
+
+/// One lab at a time: 2 cores, and 15 charons each.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn can_run() -> bool {
+    let missing = if !netns::is_root() {
+        Some("not root".to_string())
+    } else {
+        topology::prerequisites().err().map(|e| e.to_string())
+    };
+    match missing {
+        None => true,
+        Some(why) if std::env::var_os("SEGWLB_REQUIRE_NETNS").is_some() => {
+            panic!("the strongSwan lab cannot run: {why}")
+        }
+        Some(why) => {
+            eprintln!(
+                "skipped: the strongSwan lab needs root, iproute2, ethtool and strongSwan ({why})"
+            );
+            false
+        }
+    }
+}
+
+/// A lab file of the test's own (own prefix and work dir); `lab down` on
+/// drop, pass or fail.
+struct Lab {
+    _dir: tempfile::TempDir,
+    file: PathBuf,
+    config: LabConfig,
+    /// Charon and balancer pids, read from the state file while up.
+    pids: Vec<i32>,
+}
+
+impl Lab {
+    fn new(tag: &str, policy: &str, weights: &[u32], initiators: u32, nat: u32) -> Lab {
+        let dir = tempfile::tempdir().unwrap();
+        // At most 8 characters: "sl" + tag + pid.
+        let prefix = format!("sl{tag}{}", std::process::id() % 10_000);
+        let mut text = format!(
+            "[lab]\nprefix = \"{prefix}\"\nwork_dir = \"{}\"\ninitiators = {initiators}\nnat = {nat}\npings = 3\n\
+             [balancer]\npolicy = \"{policy}\"\npolicy_dir = \"{}\"\n",
+            dir.path().join("work").display(),
+            common::policies_dir().display()
+        );
+        for (n, w) in weights.iter().enumerate() {
+            text += &format!("[[segw]]\nname = \"segw{}\"\nweight = {w}\n", n + 1);
+        }
+        let file = dir.path().join("lab.toml");
+        std::fs::write(&file, text).unwrap();
+        let config = LabConfig::load(&file).unwrap();
+        Lab {
+            _dir: dir,
+            file,
+            config,
+            pids: Vec::new(),
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_segwlb"))
+            .arg("lab")
+            .arg("-c")
+            .arg(&self.file)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn up(&mut self) {
+        let (ok, out, err) = self.cli(&["up"]);
+        assert!(ok, "lab up failed:\n{out}\n{err}");
+        eprintln!("{}", out.trim_end());
+        let state = State::load(&self.config.work_dir()).unwrap();
+        self.pids = std::iter::once(state.balancer_pid)
+            .chain(state.segws.iter().map(|s| s.pid))
+            .chain(state.initiators.iter().map(|i| i.pid))
+            .collect();
+        assert!(self.pids.iter().all(|&p| topology::alive(p)));
+    }
+
+    fn run(&self) -> Report {
+        let (_, text, err) = self.cli(&["run"]);
+        eprintln!("{}", text.trim_end());
+        let (ok, json, err2) = self.cli(&["run", "--json"]);
+        let report: Report = serde_json::from_str(&json).unwrap_or_else(|e| {
+            panic!(
+                "lab run --json: {e}:\n{json}\n{err}\n{err2}\n{}",
+                self.logs()
+            )
+        });
+        assert!(
+            ok && report.summary.ok,
+            "lab run failed:\n{text}\n{err2}\n{}",
+            self.logs()
+        );
+        report
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(self.config.work_dir().join("balancer.log")).unwrap_or_default()
+    }
+
+    /// `lab down`, then nothing of the lab is left.
+    fn down_and_check(&mut self) {
+        let (ok, out, err) = self.cli(&["down"]);
+        assert!(ok, "lab down failed:\n{out}\n{err}");
+        assert_nothing_left(&self.config, &self.pids);
+        self.pids.clear();
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- balancer log ---\n{}", self.logs());
+        }
+        if let Err(e) = topology::down(&self.config) {
+            eprintln!("warning: lab down: {e}");
+        }
+    }
+}
+
+fn assert_nothing_left(config: &LabConfig, pids: &[i32]) {
+    let left = topology::lab_namespaces(&config.lab.prefix);
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+    let running: Vec<i32> = pids
+        .iter()
+        .copied()
+        .filter(|&p| topology::alive(p))
+        .collect();
+    assert!(running.is_empty(), "processes left: {running:?}");
+    // The veths lived only in the lab's namespaces; none may have leaked
+    // into ours under the lab's interface names.
+    let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    for name in ["uplink@", " p1@", " i1@", " lb@", " br0:"] {
+        assert!(
+            !links.contains(name),
+            "{name} in the host namespace:\n{links}"
+        );
+    }
+    assert!(!config.work_dir().exists());
+}
+
+/// Where the policy's native twin puts the lab's tunnels: the balancer's
+/// gateway set, then one `choose` per tunnel in arrival order with the key
+/// the balancer builds for an IKE_SA_INIT (peer, port 500, VIP, initiator
+/// SPI).
+fn predict(policy: &str, report: &Report) -> Vec<String> {
+    let mut p = native::shipped(policy, &[]).unwrap();
+    let gateways: Vec<Gateway> = report
+        .segws
+        .iter()
+        .map(|s| Gateway {
+            id: s.id,
+            name: s.name.clone(),
+            weight: s.weight,
+            healthy: true,
+            draining: false,
+            tunnels: 0,
+        })
+        .collect();
+    p.set_gateways(&gateways).unwrap();
+    let vip: IpAddr = report.vip.parse().unwrap();
+    report
+        .tunnels
+        .iter()
+        .map(|t| {
+            let spi = t.ike_spi_i.as_deref().expect("established tunnel");
+            let key = TunnelKey {
+                peer: t.outer.parse().unwrap(),
+                peer_port: 500,
+                vip,
+                ike_spi: Some(u64::from_str_radix(spi, 16).unwrap()),
+                opened_by: Opener::Ike,
+            };
+            let id = p.choose(&key).unwrap().expect("an answer");
+            gateways.iter().find(|g| g.id == id).unwrap().name.clone()
+        })
+        .collect()
+}
+
+fn spread(report: &Report) -> BTreeMap<String, usize> {
+    report.summary.per_segw.clone()
+}
+
+/// 3 segws × 12 tunnels with `policy`: all up, passing, agreeing, and
+/// placed as the native twin predicts.
+fn three_by_twelve(tag: &str, policy: &str, weights: &[u32]) -> BTreeMap<String, usize> {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::new(tag, policy, weights, 12, 0);
+    let started = std::time::Instant::now();
+    lab.up();
+    let report = lab.run();
+    eprintln!(
+        "{policy}: up + run took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let s = &report.summary;
+    assert_eq!(report.policy, policy);
+    assert_eq!((s.tunnels, s.established, s.passing), (12, 12, 12), "{s:?}");
+    assert_eq!(s.agree, 12, "{:?}", s.disagree);
+    assert_eq!(s.per_segw, s.balancer_per_segw);
+    for t in &report.tunnels {
+        assert_eq!(t.segws.len(), 1, "{t:?}");
+        assert_eq!(t.segws, t.balancer, "{t:?}");
+        assert_eq!(t.pings_received, 3, "{t:?}");
+    }
+    let actual: Vec<String> = report.tunnels.iter().map(|t| t.segws[0].clone()).collect();
+    assert_eq!(
+        actual,
+        predict(policy, &report),
+        "{policy}: lab vs native twin"
+    );
+    // A second run finds every tunnel up: nothing re-initiated, same places.
+    let again = lab.run();
+    let again_at: Vec<String> = again.tunnels.iter().map(|t| t.segws[0].clone()).collect();
+    assert_eq!(again_at, actual);
+    lab.down_and_check();
+    eprintln!("{policy} spread: {:?}", spread(&report));
+    spread(&report)
+}
+
+#[test]
+fn round_robin_spreads_twelve_tunnels_four_four_four() {
+    if !can_run() {
+        return;
+    }
+    let s = three_by_twelve("r", "round-robin", &[1, 1, 1]);
+    assert_eq!(s.values().copied().collect::<Vec<_>>(), vec![4, 4, 4]);
+}
+
+#[test]
+fn consistent_hash_places_real_tunnels_as_predicted() {
+    if !can_run() {
+        return;
+    }
+    three_by_twelve("c", "consistent-hash", &[1, 1, 1]);
+}
+
+#[test]
+fn weighted_two_one_one_places_real_tunnels_as_predicted() {
+    if !can_run() {
+        return;
+    }
+    // Weighted rendezvous hashing: 6/3/3 is the expectation over many
+    // tunnels, not a promise for 12; the prediction is exact.
+    let s = three_by_twelve("w", "weighted", &[2, 1, 1]);
+    eprintln!("weighted 2:1:1 over 12 tunnels gave {s:?} (expectation 6/3/3)");
+}
+
+#[test]
+fn down_cleans_up_after_a_failed_up() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // A policy that does not exist: namespaces and charons come up, the
+    // balancer refuses to start, and `up` must leave nothing behind.
+    let lab = Lab::new("f", "no-such-policy", &[1, 1], 2, 0);
+    let (ok, out, err) = lab.cli(&["up"]);
+    assert!(!ok, "lab up with a missing policy succeeded:\n{out}");
+    assert!(err.contains("no-such-policy"), "{err}");
+    assert_nothing_left(&lab.config, &[]);
+    // And `down` after a half-made lab (namespaces only) removes it.
+    let half = format!("{}-i1", lab.config.lab.prefix);
+    let ns = netns::Netns::new(&half).unwrap();
+    std::mem::forget(ns);
+    let (ok, out, err) = lab.cli(&["down"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("1 namespaces removed"), "{out}");
+    assert_nothing_left(&lab.config, &[]);
+}
+
+#[test]
+fn natted_tunnels_keep_one_segw_across_the_float() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // 6 tunnels, the last 3 behind one masquerading NAT.
+    let mut lab = Lab::new("n", "round-robin", &[1, 1, 1], 6, 3);
+    lab.up();
+    let state = State::load(&lab.config.work_dir()).unwrap();
+    let outside = state.nat_outside.expect("a NAT").to_string();
+    let r = lab.run();
+    let natted: Vec<_> = r.tunnels.iter().filter(|t| t.nat).collect();
+    assert_eq!(natted.len(), 3);
+    let mut ports = Vec::new();
+    for t in &natted {
+        // The segw sees the NAT's address and a rewritten port (the float
+        // to 4500 went through the NAT too) ...
+        let remote = t.remote.as_deref().expect("held by a segw");
+        let (host, port) = remote.rsplit_once(':').unwrap();
+        let port: u16 = port.parse().unwrap();
+        assert_eq!(host, outside, "{t:?}");
+        assert!((40000..=40999).contains(&port), "{t:?}");
+        ports.push(port);
+        // ... and the balancer has exactly one entry for the tunnel, on
+        // the segw that holds it.
+        assert_eq!(t.balancer, t.segws, "{t:?}");
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), 3, "one NAT mapping per tunnel");
+    // One table entry per tunnel (IKE on 500 and on 4500 were one tunnel),
+    // and nothing was moved.
+    let entries: usize = r.summary.balancer_per_segw.values().sum();
+    assert_eq!(entries, 6);
+    assert_eq!(r.balancer_moved, 0);
+    lab.down_and_check();
+}
+
+#[test]
+fn policy_hot_swap_under_traffic_loses_no_ping_and_reestablishes_nothing() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::new("h", "round-robin", &[1, 1, 1], 6, 0);
+    lab.up();
+    let before = lab.run();
+    let state = State::load(&lab.config.work_dir()).unwrap();
+    // 30 pings at 100 ms through every tunnel while the policy changes twice.
+    let pings: Vec<_> = state
+        .initiators
+        .iter()
+        .map(|i| {
+            Command::new("ip")
+                .args(["netns", "exec", &i.ns, "ping", "-n", "-q", "-c", "30"])
+                .args(["-i", "0.1", "-W", "2", "-I", &i.inner.to_string()])
+                .arg(state.service.to_string())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let ctl = |policy: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_segwlb"))
+            .arg("ctl")
+            .arg("--socket")
+            .arg(&state.socket)
+            .args(["policy", "use", policy])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    std::thread::sleep(Duration::from_millis(800));
+    ctl("consistent-hash");
+    std::thread::sleep(Duration::from_millis(800));
+    ctl("weighted");
+    for p in pings {
+        let out = p.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("30 packets transmitted, 30 received"),
+            "pings lost across the swap:\n{text}"
+        );
+    }
+    let after = lab.run();
+    assert_eq!(after.policy, "weighted");
+    // Zero tunnels re-established: the same IKE SAs on the same segws.
+    for (b, a) in before.tunnels.iter().zip(&after.tunnels) {
+        assert_eq!((&a.ike_spi_i, &a.segws), (&b.ike_spi_i, &b.segws));
+    }
+    assert_eq!(after.balancer_moved, 0);
+    lab.down_and_check();
+}
+
+#[test]
+fn a_dead_segw_loses_its_tunnels_to_the_others_and_disturbs_no_other() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::new("k", "round-robin", &[1, 1, 1], 6, 0);
+    lab.up();
+    let before = lab.run();
+    let state = State::load(&lab.config.work_dir()).unwrap();
+    // segw2 dies: its charon is killed and its link goes down (so the
+    // balancer's health probes mark it down).
+    let dead = &state.segws[1];
+    unsafe { libc::kill(dead.pid, libc::SIGKILL) };
+    Command::new("ip")
+        .args(["-n", &dead.ns, "link", "set", "eth0", "down"])
+        .status()
+        .unwrap();
+    // The initiators' DPD gives up and restarts; wait until the two
+    // survivors hold all 6 tunnels.
+    let started = std::time::Instant::now();
+    let held = || -> usize {
+        [&state.segws[0], &state.segws[2]]
+            .iter()
+            .map(|s| {
+                state
+                    .list_sas(&s.dir)
+                    .unwrap()
+                    .iter()
+                    .filter(|sa| {
+                        sa.state == "ESTABLISHED"
+                            && sa.children.iter().any(|c| c.state == "INSTALLED")
+                    })
+                    .count()
+            })
+            .sum()
+    };
+    while held() < 6 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "tunnels of the dead segw not re-established in 60 s ({} of 6 held)",
+            held()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!(
+        "re-established after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let (_, text, _) = lab.cli(&["run"]);
+    eprintln!("{}", text.trim_end());
+    let (_, json, _) = lab.cli(&["run", "--json"]);
+    let after: Report = serde_json::from_str(&json).unwrap();
+    for (b, a) in before.tunnels.iter().zip(&after.tunnels) {
+        assert_eq!(a.pings_received, 3, "{a:?}");
+        assert_eq!(a.segws.len(), 1, "{a:?}");
+        assert_eq!(a.segws, a.balancer, "{a:?}");
+        if b.segws[0] == dead.name {
+            assert_ne!(a.segws[0], dead.name, "{a:?}");
+            assert_ne!(a.ike_spi_i, b.ike_spi_i, "a new IKE SA: {a:?}");
+        } else {
+            // Not disturbed: the same IKE SA on the same segw.
+            assert_eq!((&a.ike_spi_i, &a.segws), (&b.ike_spi_i, &b.segws));
+        }
+    }
+    lab.down_and_check();
+}
