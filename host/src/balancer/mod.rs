@@ -731,10 +731,20 @@ impl<P: Policy> Balancer<P> {
     /// Put another policy in place. Without `rebalance` no tunnel moves;
     /// with it, every tunnel is placed afresh and the moves are counted
     /// (returned). Returns the old policy too.
+    ///
+    /// "Afresh" is what the policy is told: the set with every tunnel count
+    /// at 0, then one `choose` per tunnel, then the real counts. A policy
+    /// that bounds loads (`weighted`) would otherwise see every gateway
+    /// full before it placed the first tunnel.
     pub fn replace_policy(&mut self, policy: P, rebalance: bool, now: Timestamp) -> (P, u64) {
         let old = self.policy.replace(policy);
         let mut moved = 0;
         if rebalance {
+            let mut empty = self.gateways.views();
+            for g in &mut empty {
+                g.tunnels = 0;
+            }
+            self.policy.set_gateways(empty, now);
             for id in self.table.ids() {
                 let key = key_of(self.table.get(id).expect("listed"));
                 if let Some(choice) = self.policy.choose(&key, now) {
@@ -743,6 +753,7 @@ impl<P: Policy> Balancer<P> {
                     moved += self.counters.moved - before;
                 }
             }
+            self.push_set(now);
         }
         (old, moved)
     }
