@@ -42,7 +42,7 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
     let config = RunConfig::load(config_file)?;
     config.check_interfaces(&afpacket::interface_names())?;
 
-    let runtime = Runtime::new().map_err(RunError::Start)?;
+    let runtime = Runtime::with_compiler(config.compiler).map_err(RunError::Start)?;
     let policy_file = config.policy.file();
     let policy_bytes = std::fs::read(&policy_file).map_err(|err| LoadError::Read {
         path: policy_file.clone(),

@@ -18,7 +18,7 @@ use toml::Spanned;
 use crate::balancer::affinity::Timeouts;
 use crate::balancer::{HealthConfig, IkeSpiLabel, Prefix, SpiSteering};
 use crate::packet::Mac;
-use crate::policy::wasm::Limits;
+use crate::policy::wasm::{Compiler, Limits};
 use crate::toml_at::{field_at, line_column};
 
 /// A validated configuration.
@@ -35,6 +35,8 @@ pub struct RunConfig {
     pub control_socket: PathBuf,
     pub metrics: Option<SocketAddr>,
     pub policy: PolicyConfig,
+    /// How policies are compiled (fixed for the process's life).
+    pub compiler: Compiler,
     /// `None`: probing is off (`interval_ms = 0`), every segw counts as up.
     pub health: Option<HealthConfig>,
     pub gateways: Vec<GatewayConfig>,
@@ -210,6 +212,13 @@ impl RunConfig {
         };
 
         let p = raw.policy;
+        let compiler = match &p.compiler {
+            None => Compiler::default(),
+            Some(c) => c
+                .get_ref()
+                .parse()
+                .map_err(|e| at(c.span(), "policy.compiler", e))?,
+        };
         let dir = base.join(p.dir.get_ref());
         let policy = PolicyConfig {
             name: p.name.get_ref().clone(),
@@ -368,6 +377,7 @@ impl RunConfig {
             control_socket: base.join(&b.control_socket),
             metrics,
             policy,
+            compiler,
             health,
             gateways,
         })
@@ -534,6 +544,8 @@ struct RawPolicy {
     call_timeout_ms: Spanned<u64>,
     #[serde(default = "memory_mib")]
     memory_mib: Spanned<usize>,
+    #[serde(default)]
+    compiler: Option<Spanned<String>>,
 }
 
 fn policy_dir() -> Spanned<PathBuf> {

@@ -29,7 +29,7 @@ pub enum Change {
 /// another), the policy after the gateway set.
 pub fn diff(old: &RunConfig, new: &RunConfig) -> Vec<Change> {
     let mut changes = Vec::new();
-    let restart: [(&'static str, bool); 6] = [
+    let restart: [(&'static str, bool); 7] = [
         ("balancer.uplink", old.uplink.value != new.uplink.value),
         ("balancer.vip", old.vip != new.vip),
         ("balancer.max_tunnels", old.max_tunnels != new.max_tunnels),
@@ -42,6 +42,7 @@ pub fn diff(old: &RunConfig, new: &RunConfig) -> Vec<Change> {
             old.control_socket != new.control_socket,
         ),
         ("balancer.metrics", old.metrics != new.metrics),
+        ("policy.compiler", old.compiler != new.compiler),
     ];
     changes.extend(
         restart
@@ -94,6 +95,38 @@ pub fn diff(old: &RunConfig, new: &RunConfig) -> Vec<Change> {
         changes.push(Change::Policy);
     }
     changes
+}
+
+/// Record in `running` that `change`, taken from `new`, was applied:
+/// `running` starts as the config in force and, change by change, becomes
+/// what the balancer is really running. A change that failed is simply not
+/// recorded, so the next reload offers it again; a field that needs a
+/// restart keeps its old value until then.
+pub fn record(running: &mut RunConfig, change: &Change, new: &RunConfig) {
+    match change {
+        Change::Proxy { .. } => {
+            running.proxy_uplink = new.proxy_uplink.clone();
+            running.proxy_gateways = new.proxy_gateways.clone();
+        }
+        Change::Health(h) => running.health = *h,
+        Change::Policy => running.policy = new.policy.clone(),
+        Change::AddGateway(g) => {
+            running.gateways.retain(|r| r.name != g.name);
+            running.gateways.push(g.clone());
+        }
+        Change::RemoveGateway(name) => running.gateways.retain(|r| &r.name != name),
+        Change::Weight(name, w) => {
+            if let Some(g) = running.gateways.iter_mut().find(|g| &g.name == name) {
+                g.weight = *w;
+            }
+        }
+        Change::Drain(name, d) => {
+            if let Some(g) = running.gateways.iter_mut().find(|g| &g.name == name) {
+                g.drain = *d;
+            }
+        }
+        Change::NeedsRestart(_) => {}
+    }
 }
 
 #[cfg(test)]
@@ -197,5 +230,46 @@ dir = "{}"
         assert_eq!(changes[0], Change::NeedsRestart("balancer.max_tunnels"));
         assert!(matches!(&changes[1], Change::AddGateway(g) if g.name == "segw2"));
         assert_eq!(changes[2], Change::Policy);
+    }
+
+    #[test]
+    fn what_failed_to_apply_is_offered_again_on_the_next_reload() {
+        let d = dir();
+        let before = config(
+            d.path(),
+            &(gw("segw1", "a", "") + &gw("segw2", "b", "")),
+            "round-robin",
+        );
+        let after = config(
+            d.path(),
+            &(gw("segw1", "a", "weight = 3") + &gw("segw3", "c", "")),
+            "weighted",
+        );
+        let changes = diff(&before, &after);
+        // Everything took but the new segw3 (say its interface was not
+        // there yet) and the policy (say its file was broken).
+        let mut running = before.clone();
+        for c in &changes {
+            if !matches!(c, Change::AddGateway(_) | Change::Policy) {
+                record(&mut running, c, &after);
+            }
+        }
+        let names: Vec<&str> = running.gateways.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(names, vec!["segw1"]);
+        assert_eq!(running.gateways[0].weight, 3);
+        assert_eq!(running.policy.name, "round-robin");
+        // The same file again: exactly what failed, nothing that took.
+        let again = diff(&running, &after);
+        assert!(
+            matches!(&again[0], Change::AddGateway(g) if g.name == "segw3"),
+            "{again:?}"
+        );
+        assert_eq!(again[1], Change::Policy);
+        assert_eq!(again.len(), 2);
+        // Recording every change gives the new config.
+        for c in &again {
+            record(&mut running, c, &after);
+        }
+        assert_eq!(diff(&running, &after), vec![]);
     }
 }

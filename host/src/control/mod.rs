@@ -236,9 +236,12 @@ impl Supervisor {
             }
         }
         let mut done = Vec::new();
-        let old = std::mem::replace(&mut self.config, new);
+        // What runs from here on: the old config plus every change that
+        // took. The policy swap reads its file from the new config.
+        let mut running = self.config.clone();
+        running.file = new.file.clone();
         for change in changes {
-            let r = match change {
+            let r = match change.clone() {
                 Change::Proxy { uplink, gateways } => {
                     let _ = self.worker.send(Command::SetProxy { uplink, gateways });
                     Ok("proxied prefixes updated".to_string())
@@ -248,8 +251,12 @@ impl Supervisor {
                     Ok("health probing updated".into())
                 }
                 Change::Policy => {
-                    let file = self.config.policy.file();
-                    self.swap(&file, true, false, noticed)
+                    let previous = std::mem::replace(&mut self.config.policy, new.policy.clone());
+                    let r = self.swap(&new.policy.file(), true, false, noticed);
+                    if r.is_err() {
+                        self.config.policy = previous;
+                    }
+                    r
                 }
                 Change::AddGateway(g) => self.add_gateway(&g),
                 Change::RemoveGateway(name) => self.remove_gateway(&name),
@@ -260,14 +267,17 @@ impl Supervisor {
                 }
             };
             match r {
-                Ok(m) => done.push(m),
+                Ok(m) => {
+                    diff::record(&mut running, &change, &new);
+                    done.push(m);
+                }
                 Err(e) => {
                     tracing::warn!("config reload: {e}");
                     done.push(format!("not applied: {e}"));
                 }
             }
         }
-        drop(old);
+        self.config = running;
         Ok(done)
     }
 
