@@ -774,3 +774,310 @@ fn a_config_edit_applies_live_in_one_reload_without_moving_tunnels() {
     assert!(lab.log_text().contains("lb.toml:"), "{}", lab.log_text());
     assert_eq!(lab.status().gateway("segw3").unwrap().weight, 3);
 }
+
+/// ESP from the initiator on `tunnels` tunnels, ~10,000 frames/s, while
+/// the policy file is rewritten, `ctl policy use` swaps again and a corrupt
+/// file is refused: every frame sent arrives, each tunnel on one segw, and
+/// a written file serves within 100 ms.
+#[test]
+fn policy_swaps_while_frames_are_in_flight_lose_none_and_serve_within_100_ms() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up("fly", "round-robin", (0, 3));
+    let (socket, policies) = (lab.socket.clone(), lab.policies.clone());
+    let status = || {
+        request(&socket, &Request::Status { tunnels: 1000 })
+            .unwrap()
+            .status
+            .unwrap()
+    };
+    let tunnels: u16 = 48;
+    let vip = IpAddr::V4(VIP);
+    let uplink = lab.lb_uplink_mac;
+    let frames: Vec<Vec<u8>> = (1..=tunnels)
+        .map(|t| {
+            let ip = udp_packet(
+                peer(100 + t),
+                4500,
+                vip,
+                4500,
+                &esp_body(0x5000 + u32::from(t), 1, 120),
+            );
+            frame(uplink, lab.ini.mac, None, &ip)
+        })
+        .collect();
+    let sending = AtomicBool::new(true);
+    let reading = AtomicBool::new(true);
+    let mut swap_ms = 0.0;
+    let (sent, received) = std::thread::scope(|s| {
+        let readers: Vec<_> = lab
+            .segws
+            .iter_mut()
+            .map(|sock| {
+                let reading = &reading;
+                s.spawn(move || {
+                    let mut got: BTreeMap<u16, u64> = BTreeMap::new();
+                    while reading.load(Ordering::Relaxed) {
+                        if let Ok(f) = sock.rx.recv() {
+                            if f.len() > 34 && f[12..14] == [8, 0] && f[26] == 10 && f[27] == 1 {
+                                *got.entry(u16::from_be_bytes([f[28], f[29]]) - 100)
+                                    .or_default() += 1;
+                            }
+                        }
+                    }
+                    got
+                })
+            })
+            .collect();
+        let ini = &mut lab.ini;
+        let (frames, sending) = (&frames, &sending);
+        let sender = s.spawn(move || {
+            let mut sent = 0u64;
+            while sending.load(Ordering::Relaxed) {
+                for f in frames.iter().take(10).chain(frames.iter().skip(10)) {
+                    ini.tx.send(f).unwrap();
+                    sent += 1;
+                }
+                std::thread::sleep(Duration::from_millis(4));
+            }
+            sent
+        });
+        let pause = || std::thread::sleep(Duration::from_millis(400));
+        pause();
+        // The file serving is rewritten (an editor's save).
+        let weighted = std::fs::read(policies.join("weighted.wasm")).unwrap();
+        let written = Instant::now();
+        replace_file(&policies.join("active.wasm"), &weighted);
+        while status().policy.reloads < 1 {
+            assert!(
+                written.elapsed() < Duration::from_secs(5),
+                "the file swap never happened"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        swap_ms = written.elapsed().as_secs_f64() * 1e3;
+        pause();
+        let out = Command::new(env!("CARGO_BIN_EXE_segwlb"))
+            .arg("ctl")
+            .arg("--socket")
+            .arg(&socket)
+            .args(["policy", "use", "consistent-hash"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        pause();
+        replace_file(&policies.join("consistent-hash.wasm"), b"\0asm garbage");
+        let until = Instant::now() + Duration::from_secs(5);
+        while status().policy.rejected < 1 {
+            assert!(Instant::now() < until, "the corrupt file was not refused");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        pause();
+        sending.store(false, Ordering::Relaxed);
+        let sent = sender.join().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        reading.store(false, Ordering::Relaxed);
+        let received: Vec<BTreeMap<u16, u64>> =
+            readers.into_iter().map(|r| r.join().unwrap()).collect();
+        (sent, received)
+    });
+    let total: u64 = received.iter().flat_map(|m| m.values()).sum();
+    assert_eq!(total, sent, "frames lost or duplicated across three swaps");
+    for t in 1..=tunnels {
+        let on: Vec<usize> = (0..SEGWS)
+            .filter(|&i| received[i].contains_key(&t))
+            .collect();
+        assert_eq!(on.len(), 1, "tunnel {t} reached segws {on:?}");
+    }
+    let s = status();
+    assert_eq!(
+        (s.policy.name.as_str(), s.policy.reloads, s.policy.rejected),
+        ("consistent-hash", 2, 1)
+    );
+    assert_eq!(s.counters.moved, 0);
+    eprintln!(
+        "{sent} frames through 3 swaps, none lost; file written -> new policy serving: {swap_ms:.1} ms \
+         (seen through ctl; the balancer's own measure of the last swap: {:?} ms)",
+        s.policy.last_swap_ms
+    );
+    assert!(swap_ms < 100.0, "the file swap took {swap_ms:.1} ms");
+}
+
+/// `ctl gateway add` opens a real port and the new segw takes tunnels;
+/// `ctl gateway remove` moves them to the others on their next packet;
+/// undrain reopens a segw; `ctl policy use --rebalance` moves tunnels and
+/// says how many.
+#[test]
+fn ctl_adds_removes_undrains_and_rebalances_a_live_balancer() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up("gw", "round-robin", (0, 3));
+    // A fourth segw, cabled while the balancer runs.
+    let s4 = Netns::new(&netns::unique_prefix("gw4")).unwrap();
+    netns::veth(&lab.lb_ns, "p4", &s4, "eth0").unwrap();
+    s4.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "eth0"])
+        .unwrap();
+    let mut sock4 = Socket::open(&s4, "eth0");
+    let (ok, out) = lab.ctl(&["gateway", "add", "segw4", "--interface", "p4"]);
+    assert!(ok && out.contains("segw4"), "{out}");
+    wait_for(&lab, "segw4's MAC", Duration::from_secs(5), |s| {
+        s.gateway("segw4").is_some_and(|g| g.mac.is_some())
+    });
+    let vip = IpAddr::V4(VIP);
+    let round = |lab: &mut Lab, sock4: &mut Socket, seq: u32| {
+        let frames: Vec<Vec<u8>> = (1..=8u16)
+            .map(|t| {
+                lab.to_lb(&ip_packet(
+                    peer(500 + t),
+                    vip,
+                    50,
+                    &esp_body(0xb000 + u32::from(t), seq, 100),
+                    1,
+                ))
+            })
+            .collect();
+        let mut captured = lab.send_and_capture(&frames);
+        captured.push(sock4.drain(Duration::from_millis(300)));
+        captured.iter().map(Vec::len).collect::<Vec<_>>()
+    };
+    // Round-robin over four: two new tunnels each.
+    assert_eq!(round(&mut lab, &mut sock4, 1), vec![2, 2, 2, 2]);
+    let (ok, out) = lab.ctl(&["gateway", "remove", "segw4"]);
+    assert!(ok && out.contains("segw4"), "{out}");
+    // segw4's two tunnels go elsewhere on their next packet, counted.
+    let after = round(&mut lab, &mut sock4, 2);
+    assert_eq!((after[3], after.iter().sum::<usize>()), (0, 8), "{after:?}");
+    assert_eq!(lab.status().counters.moved, 2);
+    // Drained, then undrained: segw1 takes new tunnels again.
+    let (ok, out) = lab.ctl(&["gateway", "drain", "segw1"]);
+    assert!(ok, "{out}");
+    let (ok, out) = lab.ctl(&["gateway", "undrain", "segw1"]);
+    assert!(ok && out.contains("segw1"), "{out}");
+    assert!(!lab.status().gateway("segw1").unwrap().draining);
+    // A rebalance under another policy: the balancer says what moved, and
+    // the next packets follow it.
+    let before = lab.status();
+    let (ok, out) = lab.ctl(&["policy", "use", "consistent-hash", "--rebalance"]);
+    assert!(ok, "{out}");
+    let moved = lab.status().counters.moved - before.counters.moved;
+    assert!(
+        out.contains(&format!("{moved} tunnel")),
+        "the answer names the moves ({moved}): {out}"
+    );
+    let placed: BTreeMap<String, usize> = lab
+        .status()
+        .gateways
+        .iter()
+        .map(|g| {
+            (
+                g.name.clone(),
+                g.tunnel_list
+                    .iter()
+                    .filter(|t| t.peer.starts_with("10.1.1."))
+                    .count(),
+            )
+        })
+        .collect();
+    let got = round(&mut lab, &mut sock4, 3);
+    assert_eq!(
+        got[..3].to_vec(),
+        ["segw1", "segw2", "segw3"].map(|g| placed[g]).to_vec(),
+        "frames follow the rebalanced table"
+    );
+}
+
+/// Metrics configured in the file are served by `segwlb run`; SIGTERM ends
+/// it cleanly: exit 0, its control socket removed.
+#[test]
+fn metrics_are_served_and_sigterm_stops_the_balancer_cleanly() {
+    use std::io::Read;
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up("met", "round-robin", (0, 3));
+    // Restart with a metrics listener: the first SIGTERM is the test of a
+    // clean stop.
+    let mut child = lab.balancer.take().unwrap();
+    let stopping = Instant::now();
+    Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            stopping.elapsed() < Duration::from_secs(3),
+            "segwlb run ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        status.success(),
+        "segwlb run exited with {status} on SIGTERM:\n{}",
+        lab.log_text()
+    );
+    assert!(!lab.socket.exists(), "the control socket was left behind");
+    assert!(lab.log_text().contains("stopping"), "{}", lab.log_text());
+    eprintln!("stopped {:?} after SIGTERM", stopping.elapsed());
+    let text = std::fs::read_to_string(&lab.config).unwrap();
+    let text = text.replacen(
+        "[balancer]\n",
+        "[balancer]\nmetrics = \"127.0.0.1:9469\"\n",
+        1,
+    );
+    std::fs::write(&lab.config, text).unwrap();
+    lab.start();
+    // Some traffic so the counters have something to say.
+    let vip = IpAddr::V4(VIP);
+    let frames: Vec<Vec<u8>> = (1..=3u16)
+        .map(|t| {
+            lab.to_lb(&ip_packet(
+                peer(600 + t),
+                vip,
+                50,
+                &esp_body(0xc000 + u32::from(t), 1, 100),
+                1,
+            ))
+        })
+        .collect();
+    let captured = lab.send_and_capture(&frames);
+    // The balancer counts IP bytes (the frame less its Ethernet header).
+    let ip_bytes = captured[2][0].len() - 14;
+    let body = lab
+        .lb_ns
+        .enter(|| {
+            let mut c = std::net::TcpStream::connect("127.0.0.1:9469")?;
+            c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+            let mut body = String::new();
+            c.read_to_string(&mut body)?;
+            Ok::<_, std::io::Error>(body)
+        })
+        .unwrap()
+        .unwrap();
+    assert!(
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+        "{body}"
+    );
+    for line in [
+        "segwlb_gateway_tunnels{gateway=\"segw1\"} 1".to_string(),
+        "segwlb_gateway_up{gateway=\"segw2\"} 1".into(),
+        "segwlb_gateway_frames_total{gateway=\"segw3\",direction=\"to_segw\"} 1".into(),
+        format!("segwlb_gateway_bytes_total{{gateway=\"segw3\",direction=\"to_segw\"}} {ip_bytes}"),
+        "segwlb_policy_decisions_total 3".into(),
+        "segwlb_policy_fallbacks_total".into(),
+        "segwlb_policy_reloads_total 0".into(),
+        "segwlb_policy_swap_seconds".into(),
+        "segwlb_drops_total{reason=".into(),
+        "segwlb_table_tunnels 3".into(),
+    ] {
+        assert!(body.contains(&line), "no `{line}` in:\n{body}");
+    }
+}
