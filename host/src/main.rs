@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use segwlb::check;
 use segwlb::compare::{self, Scenario};
 use segwlb::policy::native as native_policies;
-use segwlb::policy::wasm::{Limits, Runtime};
+use segwlb::policy::wasm::{Compiler, Limits, Runtime};
 use segwlb::policy::Policy;
 
 #[derive(Parser)]
@@ -103,6 +103,26 @@ enum LabCommand {
     /// Remove every namespace, link, process and file of the lab (also
     /// after a failed or interrupted `up`).
     Down,
+    /// A scenario on real tunnels, once per policy (each in a fresh lab),
+    /// reported like `segwlb compare` and beside the simulation's
+    /// prediction of the same tunnels.
+    Compare {
+        /// A scenario file (TOML; see config/scenarios/). Default: the
+        /// built-in lab one, config/scenarios/lab.toml.
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+        /// Policies, comma-separated names in the lab file's policy_dir.
+        /// Default: every .wasm there.
+        #[arg(long, value_delimiter = ',')]
+        policies: Vec<String>,
+        /// At most this many tunnels (one initiator namespace and charon
+        /// each).
+        #[arg(long, default_value_t = 12)]
+        tunnels: usize,
+        /// Where report.json and report.html go.
+        #[arg(long, default_value = "lab-compare-report")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -182,6 +202,10 @@ enum PolicyCommand {
         /// Seed for the synthetic tunnels.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// wasmtime's compiler: winch (fast to compile) or cranelift
+        /// (optimising).
+        #[arg(long, default_value = "winch")]
+        compiler: Compiler,
     },
 }
 
@@ -250,14 +274,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     tunnels,
                     params,
                     seed,
+                    compiler,
                 },
         } => {
             if gateways == 0 {
                 bail!("--gateways must be at least 1");
             }
             let params = parse_params(&params)?;
-            let runtime = Runtime::new().map_err(anyhow::Error::msg)?;
+            let runtime = Runtime::with_compiler(compiler).map_err(anyhow::Error::msg)?;
+            let compiling = std::time::Instant::now();
             let loaded = runtime.load(&file, &params, Limits::default())?;
+            eprintln!(
+                "{}: loaded with {:?} in {:.1} ms",
+                file.display(),
+                runtime.compiler(),
+                compiling.elapsed().as_secs_f64() * 1e3
+            );
             let report = check::run(
                 Box::new(loaded.instantiate()),
                 check::Options {
@@ -362,6 +394,52 @@ fn lab(config: &Path, command: LabCommand) -> anyhow::Result<ExitCode> {
         LabCommand::Status => {
             print_out(&topology::status(&cfg)?.trim_end())?;
             Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Compare {
+            scenario,
+            policies,
+            tunnels,
+            out,
+        } => {
+            use segwlb::lab::compare as lab_compare;
+            let scenario = match scenario {
+                Some(path) => Scenario::load(&path)?,
+                None => Scenario::builtin_lab(),
+            };
+            if tunnels == 0 || tunnels > segwlb::lab::config::MAX_INITIATORS as usize {
+                bail!(
+                    "--tunnels must be 1..={}",
+                    segwlb::lab::config::MAX_INITIATORS
+                );
+            }
+            let policies = if policies.is_empty() {
+                wasm_files_in(&cfg.balancer.policy_dir)?
+            } else {
+                policies
+            };
+            let exe = std::env::current_exe().context("cannot find the segwlb binary")?;
+            let (scenario, nat) = lab_compare::lab_scenario(&scenario, tunnels);
+            let runs = lab_compare::run(&cfg, &scenario, nat, &policies, &exe, &mut |line| {
+                eprintln!("{line}")
+            })?;
+            let plain: Vec<compare::PolicyRun> = runs.iter().map(|r| r.run.clone()).collect();
+            print_out(&compare::Table {
+                scenario: &scenario,
+                seed: 0,
+                runs: &plain,
+            })?;
+            print_out(&lab_compare::render_predictions(&runs).trim_end())?;
+            let (json, html) = lab_compare::write(&out, &scenario, &runs)
+                .with_context(|| format!("{}: cannot write the report", out.display()))?;
+            eprintln!("wrote {} and {}", json.display(), html.display());
+            let exact = runs
+                .iter()
+                .all(|r| r.prediction_differs.is_empty() && r.problems.is_empty());
+            Ok(if exact {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         LabCommand::Down => {
             let removed = topology::down(&cfg)?;

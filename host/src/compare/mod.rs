@@ -72,52 +72,61 @@ pub fn run(
     progress: &mut dyn FnMut(u32),
 ) -> PolicyRun {
     let out = sim::run(scenario, options.seed, make, progress);
-    let end = out.per_step.last().cloned().unwrap_or_default();
-    let fair = sim::fair_shares(&end, &out.fair_weights);
-    let ratios: Vec<f64> = end
-        .iter()
-        .zip(&fair)
-        .filter(|(_, f)| **f > 0.0)
-        .map(|(&c, f)| c as f64 / f)
-        .collect();
-    let n = ratios.len().max(1) as f64;
-    let mean = ratios.iter().sum::<f64>() / n;
-    let var = ratios.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n;
-    PolicyRun {
-        policy: out.policy,
-        scenario: scenario.name.clone(),
-        seed: options.seed,
-        segws: out.segws.iter().map(|s| s.name.clone()).collect(),
-        weights_at_end: out.fair_weights,
-        tunnels_per_segw: out
-            .segws
+    PolicyRun::of(scenario, options, out)
+}
+
+impl PolicyRun {
+    /// What `report.json` says of one outcome: a simulated one, or the
+    /// lab's (`segwlb lab compare` measures the same things on real
+    /// tunnels).
+    pub fn of(scenario: &Scenario, options: Options, out: sim::Outcome) -> PolicyRun {
+        let end = out.per_step.last().cloned().unwrap_or_default();
+        let fair = sim::fair_shares(&end, &out.fair_weights);
+        let ratios: Vec<f64> = end
             .iter()
-            .zip(&end)
-            .map(|(s, &c)| (s.name.clone(), c))
-            .collect(),
-        tunnels_over_time: out.per_step,
-        max_over_mean: round4(ratios.iter().copied().fold(0.0, f64::max)),
-        cov: round4(if mean > 0.0 { var.sqrt() / mean } else { 0.0 }),
-        events: scenario
-            .events
-            .iter()
-            .map(|e| format!("step {}: {}", e.step, e.event.label()))
-            .collect(),
-        moved_per_event: out.moved,
-        minimum_moved_per_event: out.minimum_moved,
-        split_tunnels: out.split,
-        decisions: out.decisions,
-        ns_per_decision: options
-            .timing
-            .then(|| (out.policy_ns as f64 / out.decisions.max(1) as f64).round()),
-        fallbacks: out.fallbacks,
-        frames: out.frames,
-        drops: out
-            .drops
-            .into_iter()
-            .map(|(r, n)| (r.to_string(), n))
-            .collect(),
-        returns_lost: out.returns_lost,
+            .zip(&fair)
+            .filter(|(_, f)| **f > 0.0)
+            .map(|(&c, f)| c as f64 / f)
+            .collect();
+        let n = ratios.len().max(1) as f64;
+        let mean = ratios.iter().sum::<f64>() / n;
+        let var = ratios.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n;
+        PolicyRun {
+            policy: out.policy,
+            scenario: scenario.name.clone(),
+            seed: options.seed,
+            segws: out.segws.iter().map(|s| s.name.clone()).collect(),
+            weights_at_end: out.fair_weights,
+            tunnels_per_segw: out
+                .segws
+                .iter()
+                .zip(&end)
+                .map(|(s, &c)| (s.name.clone(), c))
+                .collect(),
+            tunnels_over_time: out.per_step,
+            max_over_mean: round4(ratios.iter().copied().fold(0.0, f64::max)),
+            cov: round4(if mean > 0.0 { var.sqrt() / mean } else { 0.0 }),
+            events: scenario
+                .events
+                .iter()
+                .map(|e| format!("step {}: {}", e.step, e.event.label()))
+                .collect(),
+            moved_per_event: out.moved,
+            minimum_moved_per_event: out.minimum_moved,
+            split_tunnels: out.split,
+            decisions: out.decisions,
+            ns_per_decision: options
+                .timing
+                .then(|| (out.policy_ns as f64 / out.decisions.max(1) as f64).round()),
+            fallbacks: out.fallbacks,
+            frames: out.frames,
+            drops: out
+                .drops
+                .into_iter()
+                .map(|(r, n)| (r.to_string(), n))
+                .collect(),
+            returns_lost: out.returns_lost,
+        }
     }
 }
 

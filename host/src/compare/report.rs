@@ -57,14 +57,33 @@ pub fn write(
 
 /// The whole page.
 pub fn html(scenario: &Scenario, seed: u64, runs: &[PolicyRun]) -> String {
+    page(
+        scenario,
+        &format!("segwlb compare: {}", scenario.name),
+        &format!("{scenario}; seed {seed}"),
+        runs,
+        "",
+    )
+}
+
+/// The page with its own title and subtitle, and `extra` (HTML) before the
+/// list of events: `segwlb lab compare` adds the lab against the
+/// simulation there.
+pub fn page(
+    scenario: &Scenario,
+    title: &str,
+    subtitle: &str,
+    runs: &[PolicyRun],
+    extra: &str,
+) -> String {
     let mut page = String::new();
-    let title = format!("segwlb compare: {}", escape(&scenario.name));
+    let title = escape(title);
     let _ = write!(
         page,
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <title>{title}</title><style>{CSS}</style></head><body>\n\
-         <h1>{title}</h1>\n<p class=\"what\">{}; seed {seed}</p>\n",
-        escape(&scenario.to_string())
+         <h1>{title}</h1>\n<p class=\"what\">{}</p>\n",
+        escape(subtitle)
     );
     page.push_str(&verdict(runs));
     page.push_str(&table(runs));
@@ -78,6 +97,7 @@ pub fn html(scenario: &Scenario, seed: u64, runs: &[PolicyRun]) -> String {
     page.push_str(&figure(disruption(scenario, runs)));
     page.push_str("<h2>Final spread</h2>\n<p class=\"note\">Tunnels on each segw over its fair share by weight: 1.0 everywhere is perfect.</p>\n");
     page.push_str(&figure(final_spread(runs)));
+    page.push_str(extra);
     page.push_str("<h2>Events</h2>\n<ol>\n");
     for e in &scenario.events {
         let _ = writeln!(

@@ -18,6 +18,8 @@ use crate::toml_at::{field_at, line_column};
 
 /// The built-in scenario's text.
 pub const BUILTIN: &str = include_str!("../../../config/scenarios/default.toml");
+/// The built-in scenario of `segwlb lab compare`: lab-sized.
+pub const BUILTIN_LAB: &str = include_str!("../../../config/scenarios/lab.toml");
 
 /// Upper bounds, so a typo cannot ask for a run that never ends.
 pub const MAX_TUNNELS: usize = 10_000_000;
@@ -127,6 +129,13 @@ impl Scenario {
     /// hot swap and a rebalance.
     pub fn builtin() -> Self {
         Scenario::parse(BUILTIN, "<built-in>").expect("the built-in scenario is valid")
+    }
+
+    /// The built-in scenario of `segwlb lab compare`: 12 tunnels over 3
+    /// segws (segw1 with double weight), 3 behind a NAT, arriving over 6
+    /// steps; a failure and recovery, an addition, a hot swap, a rebalance.
+    pub fn builtin_lab() -> Self {
+        Scenario::parse(BUILTIN_LAB, "<built-in lab>").expect("the built-in lab scenario is valid")
     }
 
     pub fn load(path: &Path) -> Result<Self, ScenarioError> {

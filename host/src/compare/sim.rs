@@ -54,6 +54,35 @@ pub struct Outcome {
     pub drops: Vec<(&'static str, u64)>,
     /// Frames a segw sent that did not reach the initiator side.
     pub returns_lost: u64,
+    /// Where each tunnel is at the end (index into `segws`), in arrival
+    /// order as long as no tunnel ended: with [`Arrivals::Given`], the
+    /// tunnel-by-tunnel prediction.
+    pub placements: Vec<Option<usize>>,
+}
+
+/// Where a run's tunnels come from.
+#[derive(Debug, Clone, Copy)]
+pub enum Arrivals<'a> {
+    /// The scenario's population, drawn from this seed.
+    Seeded(u64),
+    /// These tunnels, in this order, each in its step, living to the end
+    /// (the scenario's count, shares and churn do not apply): the lab's
+    /// tunnels as the balancer saw them, to predict where they land.
+    Given(&'a [GivenPeer]),
+}
+
+/// One tunnel named by the caller.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GivenPeer {
+    /// The step it arrives in.
+    pub step: u32,
+    pub addr: Ipv4Addr,
+    /// The port its IKE_SA_INIT came from: 500, or what a NAT made of it.
+    pub ike_port: u16,
+    /// The port after the float to 4500 (a NAT's), or `None` for raw ESP
+    /// with IKE staying on 500.
+    pub natt_port: Option<u16>,
+    pub ike_spi: u64,
 }
 
 /// A policy with a stopwatch on `choose`.
@@ -111,6 +140,8 @@ struct Sim<'s> {
     peers: Vec<Peer>,
     counts: Vec<u64>,
     rng: Rng,
+    /// With [`Arrivals::Given`]: the tunnels, taken in order.
+    given: &'s [GivenPeer],
     next_host: u32,
     nat_ports: Vec<u16>,
     now: Timestamp,
@@ -130,6 +161,20 @@ pub fn run(
     make: &mut dyn FnMut() -> Box<dyn Policy>,
     progress: &mut dyn FnMut(u32),
 ) -> Outcome {
+    run_with(scenario, Arrivals::Seeded(seed), make, progress)
+}
+
+/// [`run`] with the tunnels from `arrivals`.
+pub fn run_with(
+    scenario: &Scenario,
+    arrivals: Arrivals,
+    make: &mut dyn FnMut() -> Box<dyn Policy>,
+    progress: &mut dyn FnMut(u32),
+) -> Outcome {
+    let (seed, given) = match arrivals {
+        Arrivals::Seeded(seed) => (seed, None),
+        Arrivals::Given(peers) => (0, Some(peers)),
+    };
     let segws = scenario.all_segws();
     let spent_ns = Arc::new(AtomicU64::new(0));
     let first = Timed {
@@ -144,7 +189,7 @@ pub fn run(
         proxy_gateways: Vec::new(),
         // Room for every tunnel that ever lives: ended ones stay until idle
         // expiry, as they would in a real balancer.
-        max_tunnels: scenario.total_tunnels() + 1024,
+        max_tunnels: given.map_or(scenario.total_tunnels(), <[_]>::len) + 1024,
         timeouts: Timeouts::default(),
     };
     let mut sim = Sim {
@@ -163,7 +208,8 @@ pub fn run(
         segws,
         lb: Balancer::new(config, first),
         spent_ns,
-        peers: Vec::with_capacity(scenario.tunnels.count),
+        peers: Vec::with_capacity(given.map_or(scenario.tunnels.count, <[_]>::len)),
+        given: given.unwrap_or_default(),
         rng: Rng::new(seed),
         next_host: 0,
         nat_ports: vec![0; scenario.tunnels.nat_addresses as usize],
@@ -191,7 +237,7 @@ pub fn run(
         sim.rebalancing = false;
         // Tunnels end first, so an event's minimum counts only tunnels that
         // will send in its step.
-        if step as usize >= arrive_over {
+        if step as usize >= arrive_over && given.is_none() {
             for _ in 0..churned.min(sim.peers.len()) {
                 let gone = sim.rng.below(sim.peers.len() as u64) as usize;
                 let peer = sim.peers.swap_remove(gone);
@@ -205,7 +251,9 @@ pub fn run(
             moved.push(0);
             last_event = Some(moved.len() - 1);
         }
-        let arrivals = if (step as usize) < arrive_over {
+        let arrivals = if let Some(given) = given {
+            given.iter().filter(|p| p.step == step).count()
+        } else if (step as usize) < arrive_over {
             t.count * (step as usize + 1) / arrive_over - t.count * step as usize / arrive_over
         } else {
             t.count.saturating_sub(sim.peers.len())
@@ -261,6 +309,7 @@ pub fn run(
             .filter(|&(_, n)| n > 0)
             .collect(),
         returns_lost: sim.returns_lost,
+        placements: sim.peers.iter().map(|p| p.segw).collect(),
     }
 }
 
@@ -374,14 +423,18 @@ impl Sim<'_> {
             .collect()
     }
 
-    /// A new peer: its own address, or a NAT's address with a fresh port.
+    /// A new peer: the next given one; else its own address, or a NAT's
+    /// address with a fresh port.
     fn arrive(&mut self) {
         let t = &self.scenario.tunnels;
-        let ike_spi = self.rng.next_u64() | 1;
+        let mut ike_spi = self.rng.next_u64() | 1;
         let responder_spi = self.rng.next_u64() | 1;
         let spi_in = (self.rng.next_u64() as u32) | 0x100;
         let spi_out = (self.rng.next_u64() as u32) | 0x100;
-        let (addr, ike_port, natt_port) = if self.rng.chance(t.nat) {
+        let (addr, ike_port, natt_port) = if let Some(p) = self.given.get(self.peers.len()) {
+            ike_spi = p.ike_spi;
+            (p.addr, p.ike_port, p.natt_port)
+        } else if self.rng.chance(t.nat) {
             let nat = self.rng.below(u64::from(t.nat_addresses)) as usize;
             // 100.64.0.0/10, carrier-grade NAT space; the NAT hands out
             // ports in turn, one mapping for 500 and one for 4500.
@@ -531,7 +584,7 @@ impl Sim<'_> {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-enum Landing {
+pub(crate) enum Landing {
     First,
     Stayed,
     /// Off a segw that failed or left, or by a rebalance: counted against
@@ -542,7 +595,12 @@ enum Landing {
 }
 
 /// What a packet of a tunnel last seen on `before` landing on `now` means.
-fn landing(before: Option<usize>, now: usize, before_up: bool, rebalancing: bool) -> Landing {
+pub(crate) fn landing(
+    before: Option<usize>,
+    now: usize,
+    before_up: bool,
+    rebalancing: bool,
+) -> Landing {
     match before {
         None => Landing::First,
         Some(old) if old == now => Landing::Stayed,

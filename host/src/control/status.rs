@@ -73,6 +73,10 @@ pub struct TunnelStatus {
     pub remote: String,
     pub peer: String,
     pub peer_port: u16,
+    /// The port it opened from: with `peer`, the key the policy placed it
+    /// by (it differs from `peer_port` after the float to 4500).
+    #[serde(default)]
+    pub opened_port: u16,
     /// Seconds since the tunnel was first seen.
     pub age_s: f64,
     pub idle_s: f64,
@@ -329,6 +333,7 @@ fn tunnel_status(t: &Tunnel, now: Timestamp) -> TunnelStatus {
         remote,
         peer,
         peer_port: t.peer_port,
+        opened_port: t.opened_port,
         age_s: now.since(t.since).as_secs_f64(),
         idle_s: now.since(t.last_seen).as_secs_f64(),
         frames: t.frames,

@@ -247,7 +247,8 @@ impl LabConfig {
         Ok(c)
     }
 
-    fn check(&self) -> Result<(), String> {
+    /// Everything a lab needs of this file, or what is wrong with it.
+    pub fn check(&self) -> Result<(), String> {
         let p = &self.lab.prefix;
         if p.is_empty() || p.len() > 8 || !p.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(format!(

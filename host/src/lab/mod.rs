@@ -5,7 +5,9 @@
 //! `segwlb run` balancing between them ([`topology`] builds and removes it,
 //! [`report`] drives the tunnels and says where they landed).
 
+pub mod compare;
 pub mod config;
+pub mod drive;
 pub mod netns;
 pub mod report;
 pub mod strongswan;

@@ -183,10 +183,12 @@ fn ip(args: &[&str]) -> Result<String> {
     run(cmd)
 }
 
-/// A network namespace this process created; deleted on drop.
+/// A network namespace; deleted on drop when this process owns it (made it
+/// with [`Netns::new`] and did not [`Netns::keep`] it).
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    owned: bool,
 }
 
 impl Netns {
@@ -199,15 +201,38 @@ impl Netns {
             // replace, as the name carries our prefix.
             drop(Netns {
                 name: name.to_string(),
+                owned: true,
             });
         }
         ip(&["netns", "add", name])?;
         // From here on, Drop cleans up if anything below fails.
         let ns = Netns {
             name: name.to_string(),
+            owned: true,
         };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// A handle on a namespace that exists and that someone else removes
+    /// (`segwlb lab down`): dropping it leaves the namespace alone.
+    pub fn adopt(name: &str) -> Result<Netns> {
+        check_name(name)?;
+        if !Path::new(NETNS_DIR).join(name).exists() {
+            return Err(Error::Io {
+                what: format!("open namespace {name}"),
+                source: io::Error::from(io::ErrorKind::NotFound),
+            });
+        }
+        Ok(Netns {
+            name: name.to_string(),
+            owned: false,
+        })
+    }
+
+    /// Leave the namespace in place when this handle drops.
+    pub fn keep(mut self) {
+        self.owned = false;
     }
 
     pub fn name(&self) -> &str {
@@ -311,6 +336,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         self.kill_all();
         if let Err(e) = ip(&["netns", "del", &self.name]) {
             // Drop cannot fail; say so, since a leftover namespace is

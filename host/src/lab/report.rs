@@ -84,7 +84,8 @@ pub struct Report {
     pub ping_s: f64,
 }
 
-fn established(sa: &IkeSa, inner: &str) -> bool {
+/// `sa` is up with a child for the tunnel whose inner address is `inner`.
+pub(crate) fn established(sa: &IkeSa, inner: &str) -> bool {
     let want = format!("{inner}/32");
     sa.state == "ESTABLISHED"
         && sa

@@ -65,8 +65,11 @@ fn secrets() -> String {
     format!("secrets {{\n    ike-any {{\n        secret = \"{PSK}\"\n    }}\n}}\n")
 }
 
-/// The segw's `swanctl.conf`: the same in every segw.
-pub fn segw_swanctl(vip: Ipv4Addr, service_ts: &str, inner_ts: &str) -> String {
+/// The segw's `swanctl.conf`: the same in every segw. Segws run DPD too,
+/// as real ones do: a tunnel that a rebalance or a failure moved away
+/// leaves an SA behind on its old segw, which DPD then clears (its peer
+/// no longer answers for it).
+pub fn segw_swanctl(vip: Ipv4Addr, service_ts: &str, inner_ts: &str, dpd_delay_s: u32) -> String {
     format!(
         "connections {{
     segw {{
@@ -74,6 +77,7 @@ pub fn segw_swanctl(vip: Ipv4Addr, service_ts: &str, inner_ts: &str) -> String {
         local_addrs = {vip}
         remote_addrs = %any
         proposals = aes128-sha256-modp2048
+        dpd_delay = {dpd_delay_s}s
         local {{
             auth = psk
             id = segw.lab

@@ -54,6 +54,14 @@ pub struct Segw {
     pub port: String,
     pub dir: PathBuf,
     pub pid: i32,
+    /// In the balancer's set (false after `remove_segw`; its namespace
+    /// stays until `lab down`).
+    #[serde(default = "yes")]
+    pub present: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What `lab up` built: read by `run`, `status` and `down`.
@@ -75,6 +83,12 @@ pub struct State {
     /// The NAT's outside address, when some initiators are behind it.
     #[serde(default)]
     pub nat_outside: Option<Ipv4Addr>,
+    /// Routed from every segw towards the initiators.
+    #[serde(default)]
+    pub outer_prefix: String,
+    /// The `swanctl.conf` every segw loads (also one added at runtime).
+    #[serde(default)]
+    pub segw_swanctl: PathBuf,
 }
 
 impl State {
@@ -120,6 +134,131 @@ impl State {
     pub fn list_sas(&self, dir: &Path) -> Result<Vec<sw::IkeSa>> {
         let out = self.swanctl(dir, &["--list-sas", "--raw"])?;
         sw::parse_list_sas(&out).map_err(|e| step(&format!("parsing SAs of {}", dir.display()), e))
+    }
+
+    /// Wait until the charon `pid` with its files in `dir` answers on its
+    /// vici socket, then load its swanctl.conf.
+    fn load_charon(&self, dir: &Path, pid: i32) -> Result<()> {
+        let until = Instant::now() + Duration::from_secs(10);
+        while self.swanctl(dir, &["--stats"]).is_err() {
+            if !alive(pid) || Instant::now() > until {
+                let out = fs::read_to_string(dir.join("charon.out")).unwrap_or_default();
+                return Err(step(
+                    &format!("starting charon in {}", dir.display()),
+                    format!("no answer on its vici socket; it said: {out}"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let file = dir.join("swanctl.conf");
+        self.swanctl(dir, &["--load-all", "--file", &file.to_string_lossy()])?;
+        Ok(())
+    }
+
+    /// Ask the balancer `req`; its answer, or an error with its message.
+    pub fn ctl(&self, req: &Request) -> Result<String> {
+        let what = format!("segwlb ctl {req:?}");
+        let r = request(&self.socket, req).map_err(|e| step(&what, e))?;
+        if r.ok {
+            Ok(r.message)
+        } else {
+            Err(step(&what, r.message))
+        }
+    }
+
+    fn segw_index(&self, name: &str) -> Result<usize> {
+        self.segws
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| Error::State(format!("the lab has no segw {name:?}")))
+    }
+
+    /// The segw dies: its charon is killed (no goodbye to its peers) and
+    /// its link goes down, so the balancer's health probes go unanswered.
+    pub fn fail_segw(&mut self, name: &str) -> Result<()> {
+        let s = &self.segws[self.segw_index(name)?];
+        // SIGKILL, not SIGTERM: a charon told to stop says goodbye to its
+        // peers (DELETE), and a failure is the absence of goodbyes.
+        kill(s.pid, libc::SIGKILL);
+        Netns::adopt(&s.ns)?.ip(&["link", "set", "eth0", "down"])?;
+        Ok(())
+    }
+
+    /// The segw comes back empty: link up, a fresh charon with the segws'
+    /// configuration and no SAs.
+    pub fn recover_segw(&mut self, name: &str) -> Result<()> {
+        let k = self.segw_index(name)?;
+        let s = &self.segws[k];
+        let ns = Netns::adopt(&s.ns)?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        // Link down flushed the route back to the initiators.
+        ns.ip(&["route", "replace", &self.outer_prefix, "dev", "eth0"])?;
+        let conf = self.segw_conf()?;
+        let pid = start_charon(&s.dir, &s.ns, &conf)?;
+        self.segws[k].pid = pid;
+        self.save()?;
+        self.load_charon(&self.segws[k].dir.clone(), pid)
+    }
+
+    fn segw_conf(&self) -> Result<String> {
+        fs::read_to_string(&self.segw_swanctl).map_err(io(format!(
+            "read {} (a lab from an older segwlb? `lab down` and `up` again)",
+            self.segw_swanctl.display()
+        )))
+    }
+
+    /// A new segw joins: its namespace, a new balancer port (`pK`), a
+    /// charon with the segws' configuration, then `ctl gateway add`.
+    pub fn add_segw(&mut self, name: &str, weight: u32) -> Result<()> {
+        if self.segws.iter().any(|s| s.name == name) {
+            return Err(Error::State(format!("the lab has a segw {name:?} already")));
+        }
+        let k = self.segws.len() + 1;
+        let ns = Netns::new(&format!("{}-s{k}", self.prefix))?;
+        let port = format!("p{k}");
+        let vip = self.vip;
+        link_segw(
+            &Netns::adopt(&self.balancer_ns)?,
+            &port,
+            &ns,
+            vip,
+            &self.outer_prefix,
+            self.service,
+        )?;
+        let dir = self.work.join(format!("s{k}"));
+        let pid = start_charon(&dir, ns.name(), &self.segw_conf()?)?;
+        self.namespaces.push(ns.name().to_string());
+        self.segws.push(Segw {
+            name: name.to_string(),
+            ns: ns.name().to_string(),
+            weight,
+            port: port.clone(),
+            dir: dir.clone(),
+            pid,
+            present: true,
+        });
+        ns.keep();
+        self.save()?;
+        self.load_charon(&dir, pid)?;
+        self.ctl(&Request::GatewayAdd {
+            name: name.to_string(),
+            interface: port,
+            weight,
+            mac: None,
+        })?;
+        Ok(())
+    }
+
+    /// The segw leaves the balancer's set (`ctl gateway remove`) and its
+    /// charon stops; the namespace stays until `lab down`.
+    pub fn remove_segw(&mut self, name: &str) -> Result<()> {
+        let k = self.segw_index(name)?;
+        self.ctl(&Request::GatewayRemove {
+            name: name.to_string(),
+        })?;
+        stop(&[self.segws[k].pid], Duration::from_secs(1));
+        self.segws[k].present = false;
+        self.save()
     }
 }
 
@@ -339,6 +478,38 @@ fn spawn_detached(mut cmd: Command, log: &Path) -> Result<Child> {
     cmd.spawn().map_err(io(format!("start {cmd:?}")))
 }
 
+/// A segw's namespace `ns` linked to the balancer's port `port` in `lb`:
+/// the VIP on its link, a route back to the initiators, the service
+/// address on its `lo`.
+fn link_segw(
+    lb: &Netns,
+    port: &str,
+    ns: &Netns,
+    vip: Ipv4Addr,
+    outer_prefix: &str,
+    service: Ipv4Addr,
+) -> Result<()> {
+    netns::veth(lb, port, ns, "eth0")?;
+    ns.ip(&["addr", "add", &format!("{vip}/32"), "dev", "eth0"])?;
+    ns.ip(&["route", "add", outer_prefix, "dev", "eth0"])?;
+    ns.ip(&["addr", "add", &format!("{service}/32"), "dev", "lo"])?;
+    Ok(())
+}
+
+/// Start a charon in namespace `ns` with its files in `dir` and `conf` as
+/// its swanctl.conf; its pid. [`State::load_charon`] waits for it.
+fn start_charon(dir: &Path, ns: &str, conf: &str) -> Result<i32> {
+    for sub in ["", "x509", "x509ca", "private", "rsa", "ecdsa", "pkcs8"] {
+        let d = dir.join(sub);
+        fs::create_dir_all(&d).map_err(io(format!("create {}", d.display())))?;
+    }
+    let ss_conf = dir.join("strongswan.conf");
+    write(&ss_conf, &sw::strongswan_conf(dir, ""))?;
+    write(&dir.join("swanctl.conf"), conf)?;
+    let child = spawn_detached(sw::charon_command(ns, &ss_conf), &dir.join("charon.out"))?;
+    Ok(child.id() as i32)
+}
+
 fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)> {
     let t0 = Instant::now();
     let prefix = &config.lab.prefix;
@@ -445,10 +616,14 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
     let mut segws = Vec::new();
     for (k, (ns, spec)) in segw_ns.iter().zip(&config.segw).enumerate() {
         let port = format!("p{}", k + 1);
-        netns::veth(&lb_ns, &port, ns, "eth0")?;
-        ns.ip(&["addr", "add", &format!("{}/32", a.vip), "dev", "eth0"])?;
-        ns.ip(&["route", "add", &a.outer_prefix.to_string(), "dev", "eth0"])?;
-        ns.ip(&["addr", "add", &format!("{}/32", a.service), "dev", "lo"])?;
+        link_segw(
+            &lb_ns,
+            &port,
+            ns,
+            a.vip,
+            &a.outer_prefix.to_string(),
+            a.service,
+        )?;
         segws.push(Segw {
             name: spec.name.clone(),
             ns: ns.name().to_string(),
@@ -456,6 +631,7 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
             port,
             dir: work.join(format!("s{}", k + 1)),
             pid: 0,
+            present: true,
         });
     }
     let topology = t0.elapsed();
@@ -466,7 +642,10 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
         a.vip,
         &a.service_prefix.to_string(),
         &a.inner_prefix.to_string(),
+        config.lab.dpd_delay_s,
     );
+    let segw_swanctl = work.join("segw-swanctl.conf");
+    write(&segw_swanctl, &segw_conf)?;
     let mut charons: Vec<(PathBuf, String, String)> = Vec::new(); // dir, ns, swanctl.conf
     for s in &segws {
         charons.push((s.dir.clone(), s.ns.clone(), segw_conf.clone()));
@@ -484,15 +663,7 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
     }
     let mut pids = Vec::new();
     for (dir, ns, conf) in &charons {
-        for sub in ["", "x509", "x509ca", "private", "rsa", "ecdsa", "pkcs8"] {
-            let d = dir.join(sub);
-            fs::create_dir_all(&d).map_err(io(format!("create {}", d.display())))?;
-        }
-        let ss_conf = dir.join("strongswan.conf");
-        write(&ss_conf, &sw::strongswan_conf(dir, ""))?;
-        write(&dir.join("swanctl.conf"), conf)?;
-        let child = spawn_detached(sw::charon_command(ns, &ss_conf), &dir.join("charon.out"))?;
-        pids.push(child.id() as i32);
+        pids.push(start_charon(dir, ns, conf)?);
     }
     for (s, &pid) in segws.iter_mut().zip(&pids) {
         s.pid = pid;
@@ -521,23 +692,12 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
         socket: work.join("segwlb.sock"),
         swanctl_conf,
         nat_outside: nat.as_ref().map(|n| n.2),
+        outer_prefix: a.outer_prefix.to_string(),
+        segw_swanctl,
     };
     state.save()?;
     for ((dir, _, _), &pid) in charons.iter().zip(&pids) {
-        let until = Instant::now() + Duration::from_secs(10);
-        while state.swanctl(dir, &["--stats"]).is_err() {
-            if !alive(pid) || Instant::now() > until {
-                let out = fs::read_to_string(dir.join("charon.out")).unwrap_or_default();
-                return Err(step(
-                    &format!("starting charon in {}", dir.display()),
-                    format!("no answer on its vici socket; it said: {out}"),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let file = dir.join("swanctl.conf");
-        let file = file.to_string_lossy();
-        state.swanctl(dir, &["--load-all", "--file", &file])?;
+        state.load_charon(dir, pid)?;
     }
     let charons_took = t1.elapsed();
 
@@ -600,7 +760,7 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
         .chain(segw_ns)
         .chain(ini_ns)
     {
-        std::mem::forget(ns);
+        ns.keep();
     }
     Ok((
         state,
