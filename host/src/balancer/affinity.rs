@@ -2,8 +2,7 @@
 //!
 //! A tunnel is one entry, found by any of three keys, most specific first:
 //! its IKE initiator SPI, its outer (address, UDP port), its outer address.
-//! Fragments get a small table of their own, keyed (source, destination,
-//! IP ID), so every piece of a packet follows the first one seen.
+//! Fragments have a table of their own (`fragments.rs`).
 //!
 //! Bounds, stated: at most `capacity` tunnels. A new tunnel that finds the
 //! table full evicts the oldest *half-open* entry (only IKE_SA_INIT seen);
@@ -90,8 +89,11 @@ pub struct Timeouts {
     pub idle: Duration,
     /// Half-open tunnels idle this long are forgotten.
     pub half_open: Duration,
-    /// Fragment steering records live this long.
+    /// Where a first fragment went is remembered this long, for the
+    /// pieces after it.
     pub fragment: Duration,
+    /// A later fragment that came before its first waits this long for it.
+    pub fragment_hold: Duration,
 }
 
 impl Default for Timeouts {
@@ -100,6 +102,9 @@ impl Default for Timeouts {
             idle: Duration::from_secs(600),
             half_open: Duration::from_secs(30),
             fragment: Duration::from_secs(5),
+            // Reordering on the way is microseconds to milliseconds; a first
+            // fragment a second late is lost.
+            fragment_hold: Duration::from_secs(1),
         }
     }
 }
@@ -114,11 +119,17 @@ pub struct TableCounters {
     pub rebound: u64,
 }
 
-pub type FragmentKey = (IpAddr, IpAddr, u32);
-
 /// Seeded per map (per process run), so spoofed keys cannot be chosen to
 /// collide; several times faster than std's SipHash on these small keys.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// The tunnels bound at one address.
+#[derive(Debug, Clone, Copy, Default)]
+struct AtAddress {
+    /// The most recently bound.
+    latest: Option<TunnelId>,
+    count: u32,
+}
 
 #[derive(Debug)]
 pub struct AffinityTable {
@@ -128,13 +139,9 @@ pub struct AffinityTable {
     capacity: usize,
     by_spi: HashMap<u64, TunnelId>,
     by_endpoint: HashMap<(IpAddr, u16), TunnelId>,
-    /// The most recently bound tunnel from each address.
-    by_addr: HashMap<IpAddr, TunnelId>,
+    by_addr: HashMap<IpAddr, AtAddress>,
     /// Half-open tunnels in arrival order (may hold stale ids: checked on pop).
     half_open: VecDeque<TunnelId>,
-    fragments: HashMap<FragmentKey, (GwId, Timestamp)>,
-    /// Fragment records are bounded too: a flood of fragments is a flood.
-    fragment_capacity: usize,
     timeouts: Timeouts,
     sweep_cursor: usize,
     pub counters: TableCounters,
@@ -151,8 +158,6 @@ impl AffinityTable {
             by_endpoint: HashMap::default(),
             by_addr: HashMap::default(),
             half_open: VecDeque::new(),
-            fragments: HashMap::default(),
-            fragment_capacity: 65_536,
             timeouts,
             sweep_cursor: 0,
             counters: TableCounters::default(),
@@ -198,8 +203,18 @@ impl AffinityTable {
         self.by_endpoint.get(&(addr, port)).copied()
     }
 
+    /// The most recently bound tunnel at `addr`.
     pub fn by_addr(&self, addr: IpAddr) -> Option<TunnelId> {
-        self.by_addr.get(&addr).copied()
+        self.by_addr.get(&addr)?.latest
+    }
+
+    /// The tunnel at `addr` when it is the only one there: then the address
+    /// alone says which tunnel a packet belongs to.
+    pub fn sole_tunnel_at(&self, addr: IpAddr) -> Option<TunnelId> {
+        self.by_addr
+            .get(&addr)
+            .filter(|a| a.count == 1)
+            .and_then(|a| a.latest)
     }
 
     /// Add a tunnel; `None` when the table is full of established tunnels.
@@ -236,7 +251,9 @@ impl AffinityTable {
             self.by_spi.insert(spi, id);
         }
         self.by_endpoint.insert((t.peer, t.peer_port), id);
-        self.by_addr.insert(t.peer, id);
+        let at = self.by_addr.entry(t.peer).or_default();
+        at.latest = Some(id);
+        at.count += 1;
     }
 
     /// Drop the index entries that still point at `id`.
@@ -252,8 +269,13 @@ impl AffinityTable {
         if self.by_endpoint.get(&(t.peer, t.peer_port)) == Some(&id) {
             self.by_endpoint.remove(&(t.peer, t.peer_port));
         }
-        if self.by_addr.get(&t.peer) == Some(&id) {
-            self.by_addr.remove(&t.peer);
+        if let Some(at) = self.by_addr.get_mut(&t.peer) {
+            at.count -= 1;
+            if at.count == 0 {
+                self.by_addr.remove(&t.peer);
+            } else if at.latest == Some(id) {
+                at.latest = None;
+            }
         }
     }
 
@@ -317,23 +339,8 @@ impl AffinityTable {
         false
     }
 
-    pub fn fragment(&self, key: &FragmentKey) -> Option<GwId> {
-        self.fragments.get(key).map(|&(gw, _)| gw)
-    }
-
-    pub fn record_fragment(&mut self, key: FragmentKey, gw: GwId, now: Timestamp) {
-        if self.fragments.len() >= self.fragment_capacity {
-            let ttl = self.timeouts.fragment;
-            self.fragments.retain(|_, (_, at)| now.since(*at) < ttl);
-            if self.fragments.len() >= self.fragment_capacity {
-                return;
-            }
-        }
-        self.fragments.insert(key, (gw, now));
-    }
-
     /// Forget up to `budget` slots' worth of idle tunnels, resuming where the
-    /// last sweep stopped, plus stale fragment records. Returns the removed
+    /// last sweep stopped. Returns the removed
     /// tunnels. Call it regularly with a budget that keeps each call short.
     pub fn expire(&mut self, now: Timestamp, budget: usize) -> Vec<Tunnel> {
         let mut gone = Vec::new();
@@ -354,8 +361,6 @@ impl AffinityTable {
                 self.counters.expired += 1;
             }
         }
-        let ttl = self.timeouts.fragment;
-        self.fragments.retain(|_, (_, at)| now.since(*at) < ttl);
         gone
     }
 

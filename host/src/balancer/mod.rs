@@ -3,7 +3,8 @@
 //! One story per frame: classify (`packet::parse`) → steer (the affinity
 //! table; the policy on a miss only) → rewrite the two MACs → tell the
 //! caller which port to send it on. ARP requests for proxied addresses are
-//! answered in place. Everything else is a counted drop.
+//! answered in place. A later fragment that comes before its first waits
+//! for it (bounded, [`fragments`]). Everything else is a counted drop.
 //!
 //! This module owns the tunnel table, the gateway set and the counters. It
 //! never touches a socket, a thread, wasmtime or the clock: time comes in
@@ -12,6 +13,7 @@
 
 pub mod affinity;
 pub mod farm;
+pub mod fragments;
 pub mod gateways;
 pub mod health;
 pub mod prefix;
@@ -21,6 +23,7 @@ mod tests;
 use std::net::IpAddr;
 
 use affinity::{AffinityTable, Timeouts, Tunnel, TunnelId, TunnelState};
+use fragments::{FragmentKey, Fragments};
 pub use gateways::{
     GatewayCounters, GatewayError, GatewaySpec, GatewayState, GwId, IkeSpiLabel, PortId,
     SpiSteering, UPLINK,
@@ -29,19 +32,38 @@ pub use health::{HealthConfig, ProbeRound};
 pub use prefix::Prefix;
 
 use crate::packet::{
-    self, arp::Arp, rewrite, IkeHeader, IpPacket, Kind, Mac, Malformed, Payload, Udp,
+    self, arp::Arp, rewrite, Fragment, IkeHeader, IpPacket, Kind, Mac, Malformed, Payload, Udp,
 };
 use crate::policy::{Guarded, Opener, Policy, PolicyStats, TunnelKey};
 use crate::time::Timestamp;
 
 /// What the caller does with the frame after `handle`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Send the (rewritten) frame on this port.
     Forward(PortId),
+    /// Send the (rewritten) frame on this port, then these frames: the
+    /// later fragments of its packet that came before it and were held
+    /// (rewritten too, in the order they came).
+    ForwardWithHeld(PortId, Vec<Vec<u8>>),
+    /// The frame was taken (the caller's buffer is left empty): a later
+    /// fragment that came before its first, held until the first says where
+    /// the packet goes. It leaves with a later verdict, or is dropped
+    /// (counted) after `Timeouts::fragment_hold`.
+    Held,
     /// The frame now holds a reply: send it back on the ingress port.
     Reply,
     Drop(DropReason),
+}
+
+impl Verdict {
+    /// The port the frame goes out on, if it is forwarded.
+    pub fn forwarded_to(&self) -> Option<PortId> {
+        match self {
+            Verdict::Forward(port) | Verdict::ForwardWithHeld(port, _) => Some(*port),
+            _ => None,
+        }
+    }
 }
 
 /// Why a frame was dropped. Each is a counter.
@@ -68,10 +90,15 @@ pub enum DropReason {
     TableFull,
     /// A frame on a port with no gateway behind it.
     UnknownPort,
+    /// A later fragment that came before its first and found the hold full,
+    /// from an address that does not name one tunnel.
+    FragmentHoldFull,
+    /// A held later fragment whose first fragment did not come in time.
+    FragmentTimeout,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Malformed,
         DropReason::NotIpsec,
         DropReason::ArpIgnored,
@@ -83,6 +110,8 @@ impl DropReason {
         DropReason::NextHopUnknown,
         DropReason::TableFull,
         DropReason::UnknownPort,
+        DropReason::FragmentHoldFull,
+        DropReason::FragmentTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -98,6 +127,8 @@ impl DropReason {
             DropReason::NextHopUnknown => "next_hop_unknown",
             DropReason::TableFull => "table_full",
             DropReason::UnknownPort => "unknown_port",
+            DropReason::FragmentHoldFull => "fragment_hold_full",
+            DropReason::FragmentTimeout => "fragment_timeout",
         }
     }
 }
@@ -109,8 +140,10 @@ pub struct Counters {
     /// ARP replies and neighbour advertisements sent for proxied addresses.
     pub replies: u64,
     /// By [`DropReason::ALL`] index.
-    pub drops: [u64; 11],
-    /// Malformed frames by what was wrong.
+    pub drops: [u64; DropReason::ALL.len()],
+    /// Later fragments held for their first fragment. Each is forwarded or
+    /// dropped later, and counted there too.
+    pub held: u64,
     /// Malformed frames by what was wrong, indexed like [`Malformed::ALL`].
     pub malformed: [u64; 9],
     /// New tunnels placed by the policy.
@@ -150,6 +183,7 @@ pub struct Balancer<P: Policy = Box<dyn Policy>> {
     config: Config,
     gateways: gateways::Gateways,
     table: AffinityTable,
+    fragments: Fragments,
     policy: Guarded<P>,
     counters: Counters,
     /// The last initiator-side next hop seen on the uplink: where return
@@ -170,6 +204,7 @@ impl<P: Policy> Balancer<P> {
             config,
             gateways: gateways::Gateways::default(),
             table,
+            fragments: Fragments::default(),
             policy: Guarded::new(policy),
             counters: Counters::default(),
             default_next_hop: None,
@@ -180,7 +215,7 @@ impl<P: Policy> Balancer<P> {
 
     /// Decide what happens to one frame that arrived on `ingress` at `now`.
     /// On `Forward` the frame's MACs are rewritten in place; on `Reply` the
-    /// frame has been replaced by the reply.
+    /// frame has been replaced by the reply; on `Held` it has been taken.
     pub fn handle(&mut self, frame: &mut Vec<u8>, ingress: PortId, now: Timestamp) -> Verdict {
         let parsed = match packet::parse(frame) {
             Ok(p) => p,
@@ -210,21 +245,28 @@ impl<P: Policy> Balancer<P> {
                 }
                 Err(DropReason::NeighborIgnored)
             }
-            Kind::Ip(ip) if ingress == UPLINK => self.initiator_to_segw(ip, parsed.src, now),
+            Kind::Ip(ip) if ingress == UPLINK => match ip.fragment {
+                Some(piece) => return self.fragment_in(ip, piece, frame, parsed.src, now),
+                None => self.initiator_to_segw(ip, parsed.src, now),
+            },
             Kind::Ip(ip) => self.segw_to_initiator(ip, ingress, parsed.src, now),
             Kind::Other(_) => Err(DropReason::OtherEtherType),
         };
         match step {
-            Ok(egress) => {
-                rewrite::set_macs(frame, egress.dst, self.port_mac(egress.port));
-                self.counters.forwarded += 1;
-                Verdict::Forward(egress.port)
-            }
-            Err(reason) => {
-                self.counters.drops[reason as usize] += 1;
-                Verdict::Drop(reason)
-            }
+            Ok(egress) => self.forward(frame, &egress),
+            Err(reason) => self.count_drop(reason, 1),
         }
+    }
+
+    fn forward(&mut self, frame: &mut [u8], to: &Egress) -> Verdict {
+        rewrite::set_macs(frame, to.dst, self.port_mac(to.port));
+        self.counters.forwarded += 1;
+        Verdict::Forward(to.port)
+    }
+
+    fn count_drop(&mut self, reason: DropReason, frames: usize) -> Verdict {
+        self.counters.drops[reason as usize] += frames as u64;
+        Verdict::Drop(reason)
     }
 
     fn malformed(&mut self, m: Malformed) -> Verdict {
@@ -266,7 +308,7 @@ impl<P: Policy> Balancer<P> {
         prefixes.iter().any(|p| p.contains(ip))
     }
 
-    /// Initiator → segw.
+    /// Initiator → segw, a whole packet.
     fn initiator_to_segw(
         &mut self,
         ip: &IpPacket,
@@ -274,18 +316,102 @@ impl<P: Policy> Balancer<P> {
         now: Timestamp,
     ) -> Result<Egress, DropReason> {
         self.default_next_hop = Some(src_mac);
-        let frag_key = ip.fragment.map(|f| (ip.src, ip.dst, f.id));
-        // Whichever piece of a fragmented packet comes first decides for all.
-        let recorded = frag_key
-            .and_then(|k| self.table.fragment(&k))
-            .filter(|&gw| self.is_up(gw));
-        let (gw, tunnel) = match recorded {
-            Some(gw) => (gw, None),
-            None => self.steer_in(ip, now)?,
+        let (gw, tunnel) = self.steer_in(ip, now)?;
+        self.deliver(gw, tunnel, 1, ip.len as u64, src_mac, now)
+    }
+
+    /// A piece of a fragmented packet from an initiator: it goes where the
+    /// packet's first fragment went, or goes (see [`fragments`]).
+    fn fragment_in(
+        &mut self,
+        ip: &IpPacket,
+        piece: Fragment,
+        frame: &mut Vec<u8>,
+        src_mac: Mac,
+        now: Timestamp,
+    ) -> Verdict {
+        self.default_next_hop = Some(src_mac);
+        let key = (ip.src, ip.dst, piece.id);
+        let decided = self.fragments.decided(&key).filter(|&gw| self.is_up(gw));
+        let steered = match decided {
+            Some(gw) => Ok((gw, None)),
+            None if !piece.first => match self.hold(key, std::mem::take(frame), ip.len, now) {
+                Ok(()) => {
+                    self.counters.held += 1;
+                    return Verdict::Held;
+                }
+                Err(back) => {
+                    *frame = back;
+                    // No room: see `steer_in` for what the address may decide.
+                    self.steer_in(ip, now)
+                }
+            },
+            None => self.steer_in(ip, now),
         };
-        if let Some(key) = frag_key {
-            self.table.record_fragment(key, gw, now);
+        // Whatever waited for this packet goes, or is dropped, with it.
+        let held = self.fragments.take(&key);
+        let (more, more_bytes) = held
+            .as_ref()
+            .map_or((0, 0), |h| (h.frames.len(), h.ip_bytes));
+        let egress = match steered {
+            Ok((gw, tunnel)) => {
+                self.fragments
+                    .decide(key, gw, now, self.config.timeouts.fragment);
+                let (frames, bytes) = (1 + more as u64, ip.len as u64 + more_bytes);
+                self.deliver(gw, tunnel, frames, bytes, src_mac, now)
+            }
+            Err(reason) => Err(reason),
+        };
+        match (egress, held) {
+            (Ok(to), None) => self.forward(frame, &to),
+            (Ok(to), Some(held)) => {
+                let mut frames = held.frames;
+                let our_mac = self.port_mac(to.port);
+                for f in &mut frames {
+                    rewrite::set_macs(f, to.dst, our_mac);
+                }
+                self.counters.forwarded += frames.len() as u64;
+                self.forward(frame, &to);
+                Verdict::ForwardWithHeld(to.port, frames)
+            }
+            (Err(reason), _) => self.count_drop(reason, 1 + more),
         }
+    }
+
+    /// Hold a later fragment for its first; the frame back when there is no
+    /// room, even after dropping (counted) what waited too long.
+    fn hold(
+        &mut self,
+        key: FragmentKey,
+        frame: Vec<u8>,
+        ip_len: usize,
+        now: Timestamp,
+    ) -> Result<(), Vec<u8>> {
+        let frame = match self.fragments.hold(key, frame, ip_len, now) {
+            Ok(()) => return Ok(()),
+            Err(frame) => frame,
+        };
+        let stale = self
+            .fragments
+            .expire_held(now, self.config.timeouts.fragment_hold);
+        self.counters.drops[DropReason::FragmentTimeout as usize] += stale as u64;
+        if stale == 0 {
+            return Err(frame);
+        }
+        self.fragments.hold(key, frame, ip_len, now)
+    }
+
+    /// `frames` of one packet, `bytes` in all, go to `gw`: count them on
+    /// their tunnel and gateway, and say where they go.
+    fn deliver(
+        &mut self,
+        gw: GwId,
+        tunnel: Option<TunnelId>,
+        frames: u64,
+        bytes: u64,
+        src_mac: Mac,
+        now: Timestamp,
+    ) -> Result<Egress, DropReason> {
         if let Some(id) = tunnel {
             let t = self
                 .table
@@ -293,15 +419,15 @@ impl<P: Policy> Balancer<P> {
                 .expect("steer_in returns live tunnels");
             t.last_seen = now;
             t.next_hop = Some(src_mac);
-            t.frames += 1;
-            t.bytes += ip.len as u64;
+            t.frames += frames;
+            t.bytes += bytes;
         }
         let gateway = self
             .gateways
             .get_mut(gw)
             .expect("steered to a live gateway");
-        gateway.counters.frames_to += 1;
-        gateway.counters.bytes_to += ip.len as u64;
+        gateway.counters.frames_to += frames;
+        gateway.counters.bytes_to += bytes;
         let dst = gateway.mac.ok_or(DropReason::GatewayMacUnknown)?;
         Ok(Egress {
             port: gateway.spec.port,
@@ -323,7 +449,12 @@ impl<P: Policy> Balancer<P> {
             Payload::EspInUdp { udp, .. } => self.esp_in(ip, Some(udp.src), Opener::NatT, now)?,
             Payload::Esp { .. } => self.esp_in(ip, None, Opener::Esp, now)?,
             Payload::NatKeepalive { udp } => self.known(ip.src, Some(udp.src))?,
-            Payload::LaterFragment { .. } => self.known(ip.src, None)?,
+            // Only when the fragment hold is full (`fragment_in`): the address
+            // stands in for the first fragment only if it names one tunnel.
+            Payload::LaterFragment { .. } => self
+                .table
+                .sole_tunnel_at(ip.src)
+                .ok_or(DropReason::FragmentHoldFull)?,
             // An ICMP error about a segw's packet to a peer: the peer's tunnel.
             Payload::IcmpError { quoted: Some(q) } => self.known(q.dst, q.udp.map(|u| u.dst))?,
             Payload::IcmpError { quoted: None }
@@ -759,8 +890,12 @@ impl<P: Policy> Balancer<P> {
     }
 
     /// Forget idle tunnels (up to `budget` slots per call; see
-    /// [`AffinityTable::expire`]).
+    /// [`AffinityTable::expire`]), old fragment decisions, and held
+    /// fragments whose first fragment did not come (counted as dropped).
     pub fn expire(&mut self, now: Timestamp, budget: usize) -> usize {
+        let t = self.config.timeouts;
+        let stale = self.fragments.expire(now, t.fragment_hold, t.fragment);
+        self.counters.drops[DropReason::FragmentTimeout as usize] += stale as u64;
         let gone = self.table.expire(now, budget);
         for t in &gone {
             self.gateway_tunnels(t.gateway, -1);
@@ -800,6 +935,11 @@ impl<P: Policy> Balancer<P> {
 
     pub fn table(&self) -> &AffinityTable {
         &self.table
+    }
+
+    /// Later fragments waiting for their first: (packets, frames, bytes).
+    pub fn held_fragments(&self) -> (usize, usize, usize) {
+        self.fragments.held()
     }
 
     pub fn gateways(&self) -> impl Iterator<Item = &GatewayState> {

@@ -80,26 +80,45 @@ impl Lab {
     /// Send an IP packet from the initiator side; returns the segw number
     /// it went to, checking the rewrite on the way.
     fn up(&mut self, ip: Vec<u8>) -> Result<u8, DropReason> {
+        let out = self.up_frames(ip)?;
+        assert_eq!(out.len(), 1, "one frame in, one out");
+        Ok(out[0].0)
+    }
+
+    /// Send an IP packet from the initiator side; returns every frame that
+    /// left (this one, and the held fragments it released: none if it was
+    /// held itself) with the segw it went to, checking each rewrite.
+    fn up_frames(&mut self, ip: Vec<u8>) -> Result<Vec<(u8, Vec<u8>)>, DropReason> {
         let original = frame(port_mac(UPLINK), PEER_SIDE_ROUTER, None, &ip);
         let mut f = original.clone();
-        match self.lb.handle(&mut f, UPLINK, self.now) {
-            Verdict::Forward(port) => {
-                assert_eq!(&f[12..], &original[12..], "bytes past the MACs changed");
-                assert_eq!(
-                    &f[6..12],
-                    &port_mac(port),
-                    "source MAC is not the egress port's"
-                );
-                assert_eq!(
-                    &f[0..6],
-                    &segw_mac(port as u8),
-                    "destination is not the segw's MAC"
-                );
-                Ok(port as u8)
+        let (port, held) = match self.lb.handle(&mut f, UPLINK, self.now) {
+            Verdict::Forward(port) => (port, Vec::new()),
+            Verdict::ForwardWithHeld(port, held) => (port, held),
+            Verdict::Held => {
+                assert!(f.is_empty(), "a held frame is taken");
+                return Ok(Vec::new());
             }
-            Verdict::Drop(r) => Err(r),
+            Verdict::Drop(r) => return Err(r),
             Verdict::Reply => panic!("an IP packet got a reply"),
+        };
+        assert_eq!(&f[12..], &original[12..], "bytes past the MACs changed");
+        let out: Vec<(u8, Vec<u8>)> = std::iter::once(f)
+            .chain(held)
+            .map(|f| (port as u8, f))
+            .collect();
+        for (_, f) in &out {
+            assert_eq!(
+                &f[6..12],
+                &port_mac(port),
+                "source MAC is not the egress port's"
+            );
+            assert_eq!(
+                &f[0..6],
+                &segw_mac(port as u8),
+                "destination is not the segw's MAC"
+            );
         }
+        Ok(out)
     }
 
     /// Send an IP packet from segw `n` towards an initiator.
@@ -240,31 +259,178 @@ fn esp_in_udp_by_endpoint_then_address_and_raw_esp_by_address() {
     assert_eq!(lab.placed(), 1);
 }
 
+/// Send every piece; every frame that left, with its segw.
+fn send_pieces(lab: &mut Lab, pieces: &[Vec<u8>]) -> Vec<(u8, Vec<u8>)> {
+    pieces
+        .iter()
+        .flat_map(|p| lab.up_frames(p.clone()).unwrap())
+        .collect()
+}
+
+/// Each piece left exactly once, on `gw`, unchanged past the MACs.
+fn assert_all_on(left: &[(u8, Vec<u8>)], pieces: &[Vec<u8>], gw: u8) {
+    assert!(
+        left.iter().all(|(to, _)| *to == gw),
+        "pieces split or misplaced: {:?}, expected segw{gw}",
+        left.iter().map(|(to, _)| to).collect::<Vec<_>>()
+    );
+    let mut got: Vec<&[u8]> = left.iter().map(|(_, f)| &f[14..]).collect();
+    let mut want: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+    got.sort();
+    want.sort();
+    assert!(got == want, "not every piece left exactly once");
+}
+
 #[test]
 fn fragments_follow_their_first_fragment_in_either_order() {
+    // Two tunnels behind one NAT address, on two segws. The address alone
+    // names whichever was bound last: it cannot stand in for a first
+    // fragment.
     let mut lab = Lab::new();
-    lab.up(sa_init(peer(1), 500, 1)).unwrap();
-    let gw = lab.up(sa_init(peer(7), 500, 7)).unwrap();
-    lab.up(auth_4500(peer(7), 4500, 7)).unwrap();
-    let big = udp_packet(
-        peer(7),
-        4500,
-        VIP,
-        4500,
-        &ike_body(&ike(7, IKE_AUTH, 77), true, 3000),
-    );
-    let in_order = fragments(&big, 1400, 0x1111);
-    let mut reversed = fragments(&big, 1400, 0x2222);
-    reversed.reverse();
-    for pieces in [in_order, reversed] {
-        for p in pieces {
-            assert_eq!(lab.up(p), Ok(gw));
+    let nat = peer(100);
+    let tunnels = [(40_001, 0xa), (40_002, 0xb)];
+    let gws: Vec<u8> = tunnels
+        .iter()
+        .map(|&(port, spi)| lab.up(auth_4500(nat, port, spi)).unwrap())
+        .collect();
+    assert_ne!(gws[0], gws[1]);
+    let mut id = 0x1000;
+    for (&(port, spi), &gw) in tunnels.iter().zip(&gws) {
+        let big = udp_packet(
+            nat,
+            port,
+            VIP,
+            4500,
+            &ike_body(&ike(spi, IKE_AUTH, 77), true, 3000),
+        );
+        for reversed in [false, true] {
+            id += 1;
+            let mut pieces = fragments(&big, 1400, id);
+            assert_eq!(pieces.len(), 3);
+            if reversed {
+                pieces.reverse();
+            }
+            let left = send_pieces(&mut lab, &pieces);
+            assert_all_on(&left, &pieces, gw);
         }
     }
-    // A later fragment of an unknown peer has nothing to follow.
-    let stranger = udp_packet(peer(66), 4500, VIP, 4500, &esp_body(1, 1, 3000));
-    let later = fragments(&stranger, 1400, 0x3333).pop().unwrap();
-    assert_eq!(lab.up(later), Err(DropReason::UnknownTunnel));
+    assert_eq!(
+        lab.lb.counters().held,
+        4,
+        "two pieces of each reversed packet"
+    );
+    assert_eq!(lab.lb.held_fragments(), (0, 0, 0));
+    assert_eq!(lab.placed(), 2);
+    assert_eq!(
+        lab.lb
+            .gateway(&format!("segw{}", gws[0]))
+            .unwrap()
+            .counters
+            .frames_to,
+        1 + 6,
+        "released pieces are counted on their gateway"
+    );
+}
+
+#[test]
+fn ipv6_fragments_follow_their_first_fragment_in_either_order() {
+    use std::net::Ipv6Addr;
+    let mut lab = Lab::new();
+    let vip6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1));
+    // One host, two IKE SAs from two ports (or an NPTv6/NAT66 address).
+    let host = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 7));
+    let auth = |port, spi| {
+        udp_packet(
+            host,
+            port,
+            vip6,
+            4500,
+            &ike_body(&ike(spi, IKE_AUTH, 77), true, 3000),
+        )
+    };
+    let a = lab.up(auth(40_001, 0xa6)).unwrap();
+    let b = lab.up(auth(40_002, 0xb6)).unwrap();
+    assert_ne!(a, b);
+    for (id, reversed) in [(0x6000_0001, false), (0x6000_0002, true)] {
+        let mut pieces = fragments(&auth(40_001, 0xa6), 1400, id);
+        assert!(matches!(
+            packet::parse(&frame(port_mac(UPLINK), PEER_SIDE_ROUTER, None, &pieces[1]))
+                .unwrap()
+                .kind,
+            Kind::Ip(IpPacket {
+                payload: Payload::LaterFragment { .. },
+                ..
+            })
+        ));
+        if reversed {
+            pieces.reverse();
+        }
+        assert_all_on(&send_pieces(&mut lab, &pieces), &pieces, a);
+    }
+}
+
+#[test]
+fn a_later_fragment_whose_first_never_comes_is_dropped_after_the_hold() {
+    let mut lab = Lab::new();
+    // An unknown peer: a fragmented first message (a big IKE_SA_INIT) whose
+    // pieces come reversed opens its tunnel with all of them.
+    let stranger = udp_packet(
+        peer(66),
+        500,
+        VIP,
+        500,
+        &ike_body(&ike(0x66, IKE_SA_INIT, 0), false, 2000),
+    );
+    let mut pieces = fragments(&stranger, 1400, 0x3333);
+    pieces.reverse();
+    let left = send_pieces(&mut lab, &pieces);
+    assert_eq!(left.len(), 2);
+    // A piece whose first fragment is lost waits, then is dropped.
+    let lost = fragments(&stranger, 1400, 0x4444).pop().unwrap();
+    assert_eq!(lab.up_frames(lost), Ok(Vec::new()));
+    assert_eq!(lab.lb.held_fragments().1, 1);
+    lab.tick(Duration::from_millis(900));
+    lab.lb.expire(lab.now, usize::MAX);
+    assert_eq!(lab.lb.held_fragments().1, 1, "still inside the hold time");
+    lab.tick(Duration::from_millis(200));
+    lab.lb.expire(lab.now, usize::MAX);
+    assert_eq!(lab.lb.held_fragments(), (0, 0, 0));
+    assert_eq!(lab.lb.counters().dropped(DropReason::FragmentTimeout), 1);
+}
+
+#[test]
+fn a_full_fragment_hold_falls_back_to_an_address_that_names_one_tunnel() {
+    use super::fragments::HOLD_PACKETS;
+    let mut lab = Lab::new();
+    lab.up(sa_init(peer(1), 500, 1)).unwrap();
+    let alone = lab.up(sa_init(peer(2), 500, 2)).unwrap();
+    let nat = peer(100);
+    lab.up(auth_4500(nat, 40_001, 0xa)).unwrap();
+    lab.up(auth_4500(nat, 40_002, 0xb)).unwrap();
+    // Later fragments from spoofed sources fill the hold.
+    let later = |src, id| {
+        let p = udp_packet(src, 4500, VIP, 4500, &esp_body(1, 1, 1500));
+        fragments(&p, 1400, id).pop().unwrap()
+    };
+    for i in 0..HOLD_PACKETS as u32 {
+        let spoofed = IpAddr::V4(Ipv4Addr::from(0xcb00_7100 + i));
+        assert_eq!(lab.up_frames(later(spoofed, i)), Ok(Vec::new()));
+    }
+    let spoofed = IpAddr::V4(Ipv4Addr::from(0xcb00_7100 + HOLD_PACKETS as u32));
+    assert_eq!(lab.up(later(spoofed, 1)), Err(DropReason::FragmentHoldFull));
+    assert_eq!(lab.lb.held_fragments().0, HOLD_PACKETS);
+    // No room: an address with one tunnel still decides; a NAT address
+    // with two does not.
+    assert_eq!(lab.up(later(peer(2), 7)), Ok(alone));
+    assert_eq!(lab.up(later(nat, 8)), Err(DropReason::FragmentHoldFull));
+    // Once the flood's pieces have waited out the hold, there is room again.
+    lab.tick(Duration::from_secs(2));
+    assert_eq!(lab.up_frames(later(nat, 9)), Ok(Vec::new()));
+    assert_eq!(lab.lb.held_fragments().1, 1);
+    assert_eq!(
+        lab.lb.counters().dropped(DropReason::FragmentTimeout),
+        HOLD_PACKETS as u64
+    );
 }
 
 #[test]
