@@ -5,13 +5,14 @@
 //! Fragments have a table of their own (`fragments.rs`).
 //!
 //! Bounds, stated: at most `capacity` tunnels. A new tunnel that finds the
-//! table full evicts the oldest *half-open* entry (only IKE_SA_INIT seen);
-//! established tunnels are never evicted to make room, they leave only by
-//! idle expiry. With no half-open entry to evict, the new tunnel is refused
-//! (counted), so a flood of IKE_SA_INIT from spoofed sources churns through
-//! half-open slots and never displaces a tunnel that works.
+//! table full evicts the oldest entry that is *still* half-open (only
+//! IKE_SA_INIT seen); established tunnels are never evicted to make room,
+//! they leave only by idle expiry. With no half-open entry to evict, the new
+//! tunnel is refused (counted), so a flood of IKE_SA_INIT from spoofed
+//! sources churns through half-open slots and never displaces a tunnel that
+//! works. The half-open entries are kept in arrival order by links in the
+//! slots themselves: no queue grows beside the table.
 
-use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -43,7 +44,9 @@ pub struct Tunnel {
     pub ike_spi: Option<u64>,
     pub opened_by: Opener,
     pub gateway: GwId,
-    pub state: TunnelState,
+    /// Changed through the table only ([`AffinityTable::establish`]): the
+    /// table keeps half-open entries in order.
+    state: TunnelState,
     pub since: Timestamp,
     pub last_seen: Timestamp,
     /// The initiator-side next hop its frames came from.
@@ -53,6 +56,10 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
+    pub fn state(&self) -> TunnelState {
+        self.state
+    }
+
     /// A tunnel first seen at `now`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -131,17 +138,95 @@ struct AtAddress {
     count: u32,
 }
 
+/// Where a slot sits on a list threaded through the slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Link {
+    prev: TunnelId,
+    next: TunnelId,
+}
+
+/// No slot: the end of a list.
+const END: TunnelId = TunnelId::MAX;
+
+impl Link {
+    const OFF: Link = Link {
+        prev: END,
+        next: END,
+    };
+}
+
+/// A slot's places on the lists, beside the slot (same index).
+#[derive(Debug, Clone, Copy)]
+struct Links {
+    half_open: Link,
+}
+
+impl Links {
+    const OFF: Links = Links {
+        half_open: Link::OFF,
+    };
+}
+
+/// A doubly linked list of slots, oldest first: O(1) to append, unlink and
+/// take the oldest, and no memory beyond the slots' links.
+#[derive(Debug, Clone, Copy)]
+struct Chain {
+    first: TunnelId,
+    last: TunnelId,
+    len: usize,
+}
+
+impl Chain {
+    const EMPTY: Chain = Chain {
+        first: END,
+        last: END,
+        len: 0,
+    };
+
+    fn push_back(&mut self, links: &mut [Links], id: TunnelId, of: fn(&mut Links) -> &mut Link) {
+        *of(&mut links[id as usize]) = Link {
+            prev: self.last,
+            next: END,
+        };
+        match self.last {
+            END => self.first = id,
+            last => of(&mut links[last as usize]).next = id,
+        }
+        self.last = id;
+        self.len += 1;
+    }
+
+    fn unlink(&mut self, links: &mut [Links], id: TunnelId, of: fn(&mut Links) -> &mut Link) {
+        let Link { prev, next } = std::mem::replace(of(&mut links[id as usize]), Link::OFF);
+        match prev {
+            END => self.first = next,
+            prev => of(&mut links[prev as usize]).next = next,
+        }
+        match next {
+            END => self.last = prev,
+            next => of(&mut links[next as usize]).prev = prev,
+        }
+        self.len -= 1;
+    }
+}
+
+fn half_open(l: &mut Links) -> &mut Link {
+    &mut l.half_open
+}
+
 #[derive(Debug)]
 pub struct AffinityTable {
     slots: Vec<Option<Tunnel>>,
+    /// Each slot's places on the lists, by the same index.
+    links: Vec<Links>,
     free: Vec<TunnelId>,
     len: usize,
     capacity: usize,
     by_spi: HashMap<u64, TunnelId>,
     by_endpoint: HashMap<(IpAddr, u16), TunnelId>,
     by_addr: HashMap<IpAddr, AtAddress>,
-    /// Half-open tunnels in arrival order (may hold stale ids: checked on pop).
-    half_open: VecDeque<TunnelId>,
+    /// The half-open tunnels, oldest first: what a full table evicts.
+    half_open: Chain,
     timeouts: Timeouts,
     sweep_cursor: usize,
     pub counters: TableCounters,
@@ -151,13 +236,15 @@ impl AffinityTable {
     pub fn new(capacity: usize, timeouts: Timeouts) -> Self {
         AffinityTable {
             slots: Vec::new(),
+            links: Vec::new(),
             free: Vec::new(),
             len: 0,
-            capacity,
+            // Slot ids are u32 and END marks the end of a list.
+            capacity: capacity.min(END as usize),
             by_spi: HashMap::default(),
             by_endpoint: HashMap::default(),
             by_addr: HashMap::default(),
-            half_open: VecDeque::new(),
+            half_open: Chain::EMPTY,
             timeouts,
             sweep_cursor: 0,
             counters: TableCounters::default(),
@@ -223,7 +310,7 @@ impl AffinityTable {
             self.counters.refused_full += 1;
             return None;
         }
-        let half_open = tunnel.state == TunnelState::HalfOpen;
+        let is_half_open = tunnel.state == TunnelState::HalfOpen;
         let id = match self.free.pop() {
             Some(id) => {
                 self.slots[id as usize] = Some(tunnel);
@@ -231,13 +318,14 @@ impl AffinityTable {
             }
             None => {
                 self.slots.push(Some(tunnel));
+                self.links.push(Links::OFF);
                 (self.slots.len() - 1) as TunnelId
             }
         };
         self.len += 1;
         self.counters.inserted += 1;
-        if half_open {
-            self.half_open.push_back(id);
+        if is_half_open {
+            self.half_open.push_back(&mut self.links, id, half_open);
         }
         self.index(id);
         Some(id)
@@ -280,7 +368,9 @@ impl AffinityTable {
     }
 
     pub fn remove(&mut self, id: TunnelId) -> Option<Tunnel> {
-        self.get(id)?;
+        if self.get(id)?.state == TunnelState::HalfOpen {
+            self.half_open.unlink(&mut self.links, id, half_open);
+        }
         self.unindex(id);
         let t = self.slots[id as usize].take();
         self.free.push(id);
@@ -319,24 +409,32 @@ impl AffinityTable {
         self.by_spi.insert(spi, id);
     }
 
+    /// The tunnel is past its IKE_SA_INIT: no longer evictable, and it
+    /// expires on the idle timeout.
     pub fn establish(&mut self, id: TunnelId) {
-        if let Some(t) = self.get_mut(id) {
+        let Some(t) = self.slots.get_mut(id as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        if t.state == TunnelState::HalfOpen {
             t.state = TunnelState::Established;
+            self.half_open.unlink(&mut self.links, id, half_open);
         }
     }
 
+    /// Half-open tunnels now; also the length of the eviction order, which
+    /// lives in the slots and so is bounded by the table.
+    pub fn half_open_len(&self) -> usize {
+        self.half_open.len
+    }
+
     fn evict_one_half_open(&mut self) -> bool {
-        while let Some(id) = self.half_open.pop_front() {
-            if self
-                .get(id)
-                .is_some_and(|t| t.state == TunnelState::HalfOpen)
-            {
-                self.remove(id);
-                self.counters.evicted_half_open += 1;
-                return true;
-            }
+        let oldest = self.half_open.first;
+        if oldest == END {
+            return false;
         }
-        false
+        self.remove(oldest);
+        self.counters.evicted_half_open += 1;
+        true
     }
 
     /// Forget up to `budget` slots' worth of idle tunnels, resuming where the

@@ -735,9 +735,8 @@ impl<P: Policy> Balancer<P> {
                 self.move_tunnel(id, gw);
                 self.counters.taught += 1;
             }
-            let t = self.table.get_mut(id).expect("found above");
-            t.last_seen = now;
-            t.state = TunnelState::Established;
+            self.table.get_mut(id).expect("found above").last_seen = now;
+            self.table.establish(id);
             return Ok(id);
         }
         let tunnel = Tunnel::new(

@@ -613,6 +613,68 @@ fn an_ike_sa_init_flood_stays_in_bounds_and_moves_no_established_tunnel() {
     assert!(lab.lb.table().counters.evicted_half_open > 9_000);
 }
 
+/// segw `gw`'s answer to peer `p`'s IKE_SA_INIT: what confirms a tunnel.
+fn sa_init_answer(p: IpAddr, port: u16, spi: u64, responder_spi: u64) -> Vec<u8> {
+    let h = IkeHeader {
+        from_initiator: false,
+        response: true,
+        ..ike(spi, IKE_SA_INIT, responder_spi)
+    };
+    udp_packet(VIP, 500, p, port, &ike_body(&h, false, 100))
+}
+
+#[test]
+fn half_open_bookkeeping_stays_within_the_table_under_long_churn() {
+    // Far more IKE_SA_INITs over time than the table holds, never full:
+    // half of them answered (established), the rest left half-open, all
+    // expiring in turn. What is kept for eviction order follows the table.
+    let mut lab = Lab::with_capacity(100);
+    for i in 0..10_000u32 {
+        let p = IpAddr::V4(Ipv4Addr::from(0xc000_0000 + i));
+        let spi = u64::from(i) + 1;
+        let gw = lab.up(sa_init(p, 500, spi)).unwrap();
+        if i % 2 == 0 {
+            lab.down(gw, sa_init_answer(p, 500, spi, 0x77)).unwrap();
+        }
+        if i % 50 == 49 {
+            lab.tick(Duration::from_secs(601));
+            assert_eq!(lab.lb.expire(lab.now, usize::MAX), 50);
+        }
+        let t = lab.lb.table();
+        let half_open = t
+            .iter()
+            .filter(|(_, t)| t.state() == TunnelState::HalfOpen)
+            .count();
+        assert_eq!(t.half_open_len(), half_open, "after IKE_SA_INIT {i}");
+        assert!(t.half_open_len() <= t.len() && t.len() < 100);
+    }
+    assert_eq!(lab.lb.table().counters.evicted_half_open, 0);
+}
+
+#[test]
+fn a_full_table_evicts_the_oldest_half_open_entry_even_from_a_reused_slot() {
+    let mut lab = Lab::with_capacity(3);
+    lab.up(sa_init(peer(1), 500, 1)).unwrap();
+    lab.tick(Duration::from_secs(20));
+    lab.up(sa_init(peer(2), 500, 2)).unwrap();
+    lab.tick(Duration::from_secs(11));
+    // Peer 1 gives up; its slot is free, and peer 2 is now the oldest.
+    assert_eq!(lab.lb.expire(lab.now, usize::MAX), 1);
+    lab.up(sa_init(peer(3), 500, 3)).unwrap(); // in peer 1's old slot
+    lab.up(sa_init(peer(4), 500, 4)).unwrap();
+    assert_eq!(lab.lb.table().len(), 3);
+    lab.up(sa_init(peer(5), 500, 5)).unwrap();
+    let t = lab.lb.table();
+    assert_eq!(t.by_spi(2), None, "peer 2 was the oldest half-open entry");
+    for spi in [3, 4, 5] {
+        assert!(
+            t.by_spi(spi).is_some(),
+            "peer {spi} was evicted out of turn"
+        );
+    }
+    assert_eq!(t.counters.evicted_half_open, 1);
+}
+
 #[test]
 fn a_table_full_of_established_tunnels_refuses_new_ones() {
     let mut lab = Lab::with_capacity(3);

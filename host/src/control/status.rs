@@ -333,7 +333,7 @@ fn tunnel_status(t: &Tunnel, now: Timestamp) -> TunnelStatus {
         idle_s: now.since(t.last_seen).as_secs_f64(),
         frames: t.frames,
         bytes: t.bytes,
-        state: match t.state {
+        state: match t.state() {
             TunnelState::HalfOpen => "half-open",
             TunnelState::Established => "established",
         }
