@@ -90,6 +90,10 @@ pub enum DropReason {
     TableFull,
     /// A frame on a port with no gateway behind it.
     UnknownPort,
+    /// An IKE_SA_INIT (responder SPI 0) from a new endpoint carrying the
+    /// initiator SPI of a tunnel bound elsewhere: a spoof or a replay. Only
+    /// messages past IKE_SA_INIT may move a tunnel.
+    IkeSpiInUse,
     /// A later fragment that came before its first and found the hold full,
     /// from an address that does not name one tunnel.
     FragmentHoldFull,
@@ -98,7 +102,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Malformed,
         DropReason::NotIpsec,
         DropReason::ArpIgnored,
@@ -110,6 +114,7 @@ impl DropReason {
         DropReason::NextHopUnknown,
         DropReason::TableFull,
         DropReason::UnknownPort,
+        DropReason::IkeSpiInUse,
         DropReason::FragmentHoldFull,
         DropReason::FragmentTimeout,
     ];
@@ -127,6 +132,7 @@ impl DropReason {
             DropReason::NextHopUnknown => "next_hop_unknown",
             DropReason::TableFull => "table_full",
             DropReason::UnknownPort => "unknown_port",
+            DropReason::IkeSpiInUse => "ike_spi_in_use",
             DropReason::FragmentHoldFull => "fragment_hold_full",
             DropReason::FragmentTimeout => "fragment_timeout",
         }
@@ -515,6 +521,13 @@ impl<P: Policy> Balancer<P> {
     /// IKE from an initiator: by SPI first, so the 500 → 4500 float and
     /// MOBIKE keep the segw; then by endpoint (a new IKE SA from a known
     /// peer stays on its segw); else a new tunnel.
+    ///
+    /// Only a message past IKE_SA_INIT (a non-zero responder SPI) moves a
+    /// tunnel to a new endpoint: its sender had the segw's answer. An
+    /// IKE_SA_INIT needs nothing but the initiator SPI, which anyone on the
+    /// path sees; from another endpoint it is dropped, not a new tunnel,
+    /// because the SPI index and the segw's answers (found by SPI) would
+    /// then mix the two up.
     fn ike_in(
         &mut self,
         ip: &IpPacket,
@@ -524,25 +537,32 @@ impl<P: Policy> Balancer<P> {
         now: Timestamp,
     ) -> Result<TunnelId, DropReason> {
         let spi = h.initiator_spi;
-        let found = self
-            .table
-            .by_spi(spi)
-            .or_else(|| self.table.by_endpoint(ip.src, udp.src));
-        let id = match found {
+        let id = match self.table.by_spi(spi) {
             Some(id) => {
-                self.table.rebind(id, ip.src, udp.src);
-                self.table.set_spi(id, spi);
+                let t = self.table.get(id).expect("indexed tunnels are live");
+                if (t.peer, t.peer_port) != (ip.src, udp.src) {
+                    if h.responder_spi == 0 {
+                        return Err(DropReason::IkeSpiInUse);
+                    }
+                    self.table.rebind(id, ip.src, udp.src);
+                }
                 id
             }
-            None => {
-                let opener = if nat_t { Opener::NatT } else { Opener::Ike };
-                let state = if h.is_sa_init_request() {
-                    TunnelState::HalfOpen
-                } else {
-                    TunnelState::Established
-                };
-                self.open(ip, udp.src, Some(spi), opener, state, now)?
-            }
+            None => match self.table.by_endpoint(ip.src, udp.src) {
+                Some(id) => {
+                    self.table.set_spi(id, spi);
+                    id
+                }
+                None => {
+                    let opener = if nat_t { Opener::NatT } else { Opener::Ike };
+                    let state = if h.is_sa_init_request() {
+                        TunnelState::HalfOpen
+                    } else {
+                        TunnelState::Established
+                    };
+                    self.open(ip, udp.src, Some(spi), opener, state, now)?
+                }
+            },
         };
         if !h.is_sa_init_request() {
             self.table.establish(id);

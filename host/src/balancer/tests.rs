@@ -460,6 +460,38 @@ fn mobike_moves_the_binding_not_the_segw() {
 }
 
 #[test]
+fn an_ike_sa_init_with_a_known_spi_from_elsewhere_moves_nothing() {
+    let mut lab = Lab::new();
+    lab.up(sa_init(peer(1), 500, 1)).unwrap();
+    let gw = lab.up(sa_init(peer(8), 500, 8)).unwrap();
+    lab.up(auth_4500(peer(8), 40_008, 8)).unwrap();
+    // Someone who saw the SPI on the wire sends IKE_SA_INIT with it from
+    // an address of their own.
+    let spoofer = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 66));
+    assert_eq!(
+        lab.up(sa_init(spoofer, 500, 8)),
+        Err(DropReason::IkeSpiInUse)
+    );
+    assert_eq!(lab.lb.counters().dropped(DropReason::IkeSpiInUse), 1);
+    let t = lab.lb.table();
+    let id = t.by_spi(8).unwrap();
+    assert_eq!(t.by_endpoint(peer(8), 40_008), Some(id), "binding kept");
+    assert_eq!(t.by_endpoint(spoofer, 500), None);
+    assert_eq!(t.counters.rebound, 1, "the float only");
+    // The real peer's traffic is where it was; nothing was placed anew.
+    assert_eq!(lab.up(esp_udp(peer(8), 40_008, 0xe8)), Ok(gw));
+    assert_eq!(
+        lab.up(ip_packet(peer(8), VIP, 50, &esp_body(0xe9, 1, 80), 1)),
+        Ok(gw)
+    );
+    assert_eq!(lab.placed(), 2);
+    // The same SPI past IKE_SA_INIT (the responder's SPI in it) still
+    // moves the binding: NAT rebinding, MOBIKE.
+    assert_eq!(lab.up(auth_4500(peer(8), 40_108, 8)), Ok(gw));
+    assert_eq!(lab.lb.table().by_endpoint(peer(8), 40_108), Some(id));
+}
+
+#[test]
 fn icmp_packet_too_big_goes_to_the_segw_of_the_quoted_tunnel() {
     let mut lab = Lab::new();
     lab.up(sa_init(peer(1), 500, 1)).unwrap();
