@@ -5,12 +5,12 @@
 //! Fragments have a table of their own (`fragments.rs`).
 //!
 //! Bounds, stated: at most `capacity` tunnels. A new tunnel that finds the
-//! table full evicts the oldest entry that is *still* half-open (only
-//! IKE_SA_INIT seen); established tunnels are never evicted to make room,
-//! they leave only by idle expiry. With no half-open entry to evict, the new
-//! tunnel is refused (counted), so a flood of IKE_SA_INIT from spoofed
-//! sources churns through half-open slots and never displaces a tunnel that
-//! works. The half-open entries are kept in arrival order by links in the
+//! table full evicts the oldest entry that is *still* half-open (its segw
+//! has not spoken for it yet); established tunnels are never evicted to
+//! make room, they leave only by idle expiry. With no half-open entry to
+//! evict, the new tunnel is refused (counted), so a flood from spoofed
+//! sources (IKE_SA_INIT, IKE, ESP: whatever opens an entry) churns through
+//! half-open slots and never displaces a tunnel that works. The half-open entries are kept in arrival order by links in the
 //! slots themselves: no queue grows beside the table.
 
 use std::net::IpAddr;
@@ -26,8 +26,12 @@ pub type TunnelId = u32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TunnelState {
-    /// Only IKE_SA_INIT seen: cheap to forget.
+    /// Only the initiator side has spoken: an IKE_SA_INIT, or IKE or ESP
+    /// of a tunnel a fresh balancer had not seen (or a spoof: anyone can
+    /// send those from any address). Cheap to forget: evicted first when
+    /// the table is full, and forgotten on the shorter half-open timeout.
     HalfOpen,
+    /// Its segw has sent to the peer: a tunnel that works.
     Established,
 }
 
@@ -409,7 +413,7 @@ impl AffinityTable {
         self.by_spi.insert(spi, id);
     }
 
-    /// The tunnel is past its IKE_SA_INIT: no longer evictable, and it
+    /// Its segw has spoken for the tunnel: no longer evictable, and it
     /// expires on the idle timeout.
     pub fn establish(&mut self, id: TunnelId) {
         let Some(t) = self.slots.get_mut(id as usize).and_then(Option::as_mut) else {

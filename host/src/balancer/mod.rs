@@ -86,7 +86,7 @@ pub enum DropReason {
     GatewayMacUnknown,
     /// Return traffic for a peer whose next hop is not known yet.
     NextHopUnknown,
-    /// The table is full of established tunnels.
+    /// The table is full of established tunnels (none half-open to evict).
     TableFull,
     /// A frame on a port with no gateway behind it.
     UnknownPort,
@@ -511,8 +511,17 @@ impl<P: Policy> Balancer<P> {
         if let (Some(id), Some(_)) = (found, spi) {
             self.table.rebind(id, ip.src, port);
         }
+        let key = TunnelKey {
+            peer: ip.src,
+            peer_port: port,
+            vip: ip.dst,
+            ike_spi: spi,
+            opened_by: opener,
+        };
+        // The initiator side chose the SPI: it places the tunnel, but only
+        // the segw's own traffic confirms it.
         let id = self
-            .teach(found, ip.src, port, ip.dst, spi, opener, gw, now)
+            .teach(found, key, gw, TunnelState::HalfOpen, now)
             .ok()?;
         self.counters.steered += 1;
         Some(id)
@@ -555,24 +564,17 @@ impl<P: Policy> Balancer<P> {
                 }
                 None => {
                     let opener = if nat_t { Opener::NatT } else { Opener::Ike };
-                    let state = if h.is_sa_init_request() {
-                        TunnelState::HalfOpen
-                    } else {
-                        TunnelState::Established
-                    };
-                    self.open(ip, udp.src, Some(spi), opener, state, now)?
+                    self.open(ip, udp.src, Some(spi), opener, now)?
                 }
             },
         };
-        if !h.is_sa_init_request() {
-            self.table.establish(id);
-        }
         Ok(id)
     }
 
     /// ESP (in UDP, or raw) from an initiator: by endpoint, then address;
-    /// else a new tunnel (an SA exists, so it is established). ESP never
-    /// rebinds: only IKE, which carries the SPI, proves a move.
+    /// else a new tunnel (an SA a fresh balancer has not seen, or a spoof:
+    /// half-open until its segw answers). ESP never rebinds: only IKE,
+    /// which carries the SPI, proves a move.
     fn esp_in(
         &mut self,
         ip: &IpPacket,
@@ -582,14 +584,7 @@ impl<P: Policy> Balancer<P> {
     ) -> Result<TunnelId, DropReason> {
         match self.known(ip.src, port) {
             Ok(id) => Ok(id),
-            Err(_) => self.open(
-                ip,
-                port.unwrap_or(0),
-                None,
-                opener,
-                TunnelState::Established,
-                now,
-            ),
+            Err(_) => self.open(ip, port.unwrap_or(0), None, opener, now),
         }
     }
 
@@ -600,14 +595,15 @@ impl<P: Policy> Balancer<P> {
             .ok_or(DropReason::UnknownTunnel)
     }
 
-    /// A new tunnel: the only place the policy is asked.
+    /// A new tunnel: the only place the policy is asked. Half-open: only
+    /// the initiator side has spoken, and anyone can send that from any
+    /// address; its segw's answer establishes it.
     fn open(
         &mut self,
         ip: &IpPacket,
         peer_port: u16,
         ike_spi: Option<u64>,
         opened_by: Opener,
-        state: TunnelState,
         now: Timestamp,
     ) -> Result<TunnelId, DropReason> {
         let key = TunnelKey {
@@ -623,7 +619,14 @@ impl<P: Policy> Balancer<P> {
             .ok_or(DropReason::NoGateway)?
             .gateway;
         let tunnel = Tunnel::new(
-            ip.src, peer_port, ip.dst, ike_spi, opened_by, gw, state, now,
+            ip.src,
+            peer_port,
+            ip.dst,
+            ike_spi,
+            opened_by,
+            gw,
+            TunnelState::HalfOpen,
+            now,
         );
         let id = self.table.insert(tunnel).ok_or(DropReason::TableFull)?;
         self.counters.placed += 1;
@@ -695,32 +698,36 @@ impl<P: Policy> Balancer<P> {
             g.id
         };
         let peer = ip.dst;
+        let key = |peer_port, ike_spi, opened_by| TunnelKey {
+            peer,
+            peer_port,
+            vip: ip.src,
+            ike_spi,
+            opened_by,
+        };
+        // The segw's own traffic to the peer: the tunnel works, it is
+        // established.
+        let confirmed = TunnelState::Established;
         let tunnel = match &ip.payload {
             Payload::Ike { udp, header, nat_t } => {
                 let opener = if *nat_t { Opener::NatT } else { Opener::Ike };
+                let spi = header.initiator_spi;
                 let found = self
                     .table
-                    .by_spi(header.initiator_spi)
+                    .by_spi(spi)
                     .or_else(|| self.table.by_endpoint(peer, udp.dst));
-                Some(self.teach(
-                    found,
-                    peer,
-                    udp.dst,
-                    ip.src,
-                    Some(header.initiator_spi),
-                    opener,
-                    gw,
-                    now,
-                ))
+                let key = key(udp.dst, Some(spi), opener);
+                Some(self.teach(found, key, gw, confirmed, now))
             }
             Payload::EspInUdp { udp, .. } | Payload::NatKeepalive { udp } => {
                 // Exact endpoint only, as in `steered`: never the address.
                 let found = self.table.by_endpoint(peer, udp.dst);
-                Some(self.teach(found, peer, udp.dst, ip.src, None, Opener::NatT, gw, now))
+                let key = key(udp.dst, None, Opener::NatT);
+                Some(self.teach(found, key, gw, confirmed, now))
             }
             Payload::Esp { .. } => {
                 let found = self.table.by_addr(peer);
-                Some(self.teach(found, peer, 0, ip.src, None, Opener::Esp, gw, now))
+                Some(self.teach(found, key(0, None, Opener::Esp), gw, confirmed, now))
             }
             // Fragments, ICMP and the rest: find the next hop, teach nothing.
             _ => self.table.by_addr(peer).map(Ok),
@@ -736,18 +743,16 @@ impl<P: Policy> Balancer<P> {
         Ok(Egress { port: UPLINK, dst })
     }
 
-    /// A segw sent to a peer: it holds that peer's tunnel. Confirm it, move
-    /// the binding to it, or learn the tunnel outright (after a restart).
-    #[allow(clippy::too_many_arguments)]
+    /// A segw holds the tunnel `key` describes: move the tunnel there if
+    /// the table has it elsewhere, or learn it (after a restart). `state` is
+    /// what the evidence proves: a segw sending to the peer establishes the
+    /// tunnel; an SPI from the initiator side (steering) does not.
     fn teach(
         &mut self,
         found: Option<TunnelId>,
-        peer: IpAddr,
-        peer_port: u16,
-        vip: IpAddr,
-        ike_spi: Option<u64>,
-        opened_by: Opener,
+        key: TunnelKey,
         gw: GwId,
+        state: TunnelState,
         now: Timestamp,
     ) -> Result<TunnelId, DropReason> {
         if let Some(id) = found {
@@ -756,17 +761,19 @@ impl<P: Policy> Balancer<P> {
                 self.counters.taught += 1;
             }
             self.table.get_mut(id).expect("found above").last_seen = now;
-            self.table.establish(id);
+            if state == TunnelState::Established {
+                self.table.establish(id);
+            }
             return Ok(id);
         }
         let tunnel = Tunnel::new(
-            peer,
-            peer_port,
-            vip,
-            ike_spi,
-            opened_by,
+            key.peer,
+            key.peer_port,
+            key.vip,
+            key.ike_spi,
+            key.opened_by,
             gw,
-            TunnelState::Established,
+            state,
             now,
         );
         let id = self.table.insert(tunnel).ok_or(DropReason::TableFull)?;

@@ -141,6 +141,15 @@ impl Lab {
     fn placed(&self) -> u64 {
         self.lb.counters().placed
     }
+
+    /// A working tunnel from `p`: IKE_SA_INIT, its segw's answer (which
+    /// establishes it), IKE_AUTH on 4500. Returns the segw.
+    fn open_tunnel(&mut self, p: IpAddr, spi: u64) -> u8 {
+        let gw = self.up(sa_init(p, 500, spi)).unwrap();
+        self.down(gw, sa_init_answer(p, 500, spi, 0x77)).unwrap();
+        assert_eq!(self.up(auth_4500(p, 4500, spi)), Ok(gw));
+        gw
+    }
 }
 
 fn ike(spi: u64, exchange: u8, responder_spi: u64) -> IkeHeader {
@@ -605,10 +614,13 @@ fn draining_takes_no_new_tunnels_and_keeps_its_own() {
 fn half_open_entries_expire_sooner_than_established_ones() {
     let mut lab = Lab::new();
     lab.up(sa_init(peer(1), 500, 1)).unwrap(); // stays half-open
-    lab.up(sa_init(peer(2), 500, 2)).unwrap();
-    lab.up(auth_4500(peer(2), 4500, 2)).unwrap(); // established
+    lab.open_tunnel(peer(2), 2); // answered: established
+                                 // Initiator-side traffic alone, even past IKE_SA_INIT, is half-open.
+    lab.up(auth_4500(peer(3), 4500, 3)).unwrap();
+    lab.up(esp_udp(peer(4), 4500, 4)).unwrap();
     lab.tick(Duration::from_secs(31));
-    assert_eq!(lab.lb.expire(lab.now, usize::MAX), 1);
+    assert_eq!(lab.lb.expire(lab.now, usize::MAX), 3);
+    assert_eq!(lab.lb.table().counters.expired, 3);
     assert_eq!(lab.lb.table().len(), 1);
     lab.tick(Duration::from_secs(560)); // 591 s idle: under the 600 s idle timeout
     assert_eq!(lab.lb.expire(lab.now, usize::MAX), 0);
@@ -625,15 +637,13 @@ fn half_open_entries_expire_sooner_than_established_ones() {
 fn an_ike_sa_init_flood_stays_in_bounds_and_moves_no_established_tunnel() {
     let mut lab = Lab::with_capacity(100);
     let established: Vec<(u8, u8)> = (1..=20)
-        .map(|n| {
-            lab.up(sa_init(peer(n), 500, u64::from(n))).unwrap();
-            (n, lab.up(auth_4500(peer(n), 4500, u64::from(n))).unwrap())
-        })
+        .map(|n| (n, lab.open_tunnel(peer(n), u64::from(n))))
         .collect();
     for i in 0..10_000u32 {
         let spoofed = IpAddr::V4(Ipv4Addr::from(0xcb00_7100 + i));
         let _ = lab.up(sa_init(spoofed, 500, u64::from(i) << 20));
         assert!(lab.lb.table().len() <= 100);
+        assert!(lab.lb.table().half_open_len() <= 80);
     }
     for (n, gw) in established {
         assert_eq!(
@@ -711,13 +721,61 @@ fn a_full_table_evicts_the_oldest_half_open_entry_even_from_a_reused_slot() {
 fn a_table_full_of_established_tunnels_refuses_new_ones() {
     let mut lab = Lab::with_capacity(3);
     for n in 1..=3 {
-        lab.up(auth_4500(peer(n), 4500, u64::from(n))).unwrap();
+        lab.open_tunnel(peer(n), u64::from(n));
     }
+    assert_eq!(lab.up(sa_init(peer(4), 500, 4)), Err(DropReason::TableFull));
     assert_eq!(
-        lab.up(auth_4500(peer(4), 4500, 4)),
+        lab.up(esp_udp(peer(5), 4500, 5)),
         Err(DropReason::TableFull)
     );
-    assert_eq!(lab.lb.counters().dropped(DropReason::TableFull), 1);
+    assert_eq!(lab.lb.counters().dropped(DropReason::TableFull), 2);
+}
+
+#[test]
+fn a_spoofed_esp_flood_cannot_lock_new_tunnels_out() {
+    let mut lab = Lab::with_capacity(100);
+    let established: Vec<(u8, u8)> = (1..=20)
+        .map(|n| (n, lab.open_tunnel(peer(n), u64::from(n))))
+        .collect();
+    // After a balancer restart: ESP of a tunnel the table does not know is
+    // placed, and its segw's answer establishes it.
+    let restarted = peer(150);
+    let gw_restarted = lab.up(esp_udp(restarted, 4500, 0x1500)).unwrap();
+    let answer = udp_packet(VIP, 4500, restarted, 4500, &esp_body(0x5100, 1, 100));
+    lab.down(gw_restarted, answer).unwrap();
+    // ESP in UDP and raw ESP from spoofed sources: 100 times the table.
+    let flood = |lab: &mut Lab, from: u32, n: u32| {
+        for i in from..from + n {
+            let spoofed = IpAddr::V4(Ipv4Addr::from(0xcb00_7100 + i));
+            // Whether the flood gets through is not the point; the bound is.
+            let _ = if i % 2 == 0 {
+                lab.up(esp_udp(spoofed, 4500, i))
+            } else {
+                lab.up(ip_packet(spoofed, VIP, 50, &esp_body(i, 1, 80), 1))
+            };
+            assert!(lab.lb.table().len() <= 100);
+        }
+    };
+    flood(&mut lab, 0, 10_000);
+    assert_eq!(lab.lb.table().len(), 100);
+    // A new tunnel still gets in, and stays once its segw has answered.
+    let newcomer = peer(200);
+    let gw_new = lab
+        .up(sa_init(newcomer, 500, 0x200))
+        .expect("a new tunnel is let in");
+    lab.down(gw_new, sa_init_answer(newcomer, 500, 0x200, 0x99))
+        .unwrap();
+    flood(&mut lab, 10_000, 1_000);
+    assert_eq!(lab.up(auth_4500(newcomer, 4500, 0x200)), Ok(gw_new));
+    for (n, gw) in established {
+        assert_eq!(lab.up(esp_udp(peer(n), 4500, 1)), Ok(gw), "tunnel {n}");
+    }
+    assert_eq!(lab.up(esp_udp(restarted, 4500, 0x1500)), Ok(gw_restarted));
+    assert_eq!(lab.lb.counters().dropped(DropReason::TableFull), 0);
+    // What the flood left is forgotten on the half-open timeout.
+    lab.tick(Duration::from_secs(31));
+    lab.lb.expire(lab.now, usize::MAX);
+    assert_eq!(lab.lb.table().len(), 22);
 }
 
 #[test]
