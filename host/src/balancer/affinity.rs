@@ -134,14 +134,6 @@ pub struct TableCounters {
 /// collide; several times faster than std's SipHash on these small keys.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
-/// The tunnels bound at one address.
-#[derive(Debug, Clone, Copy, Default)]
-struct AtAddress {
-    /// The most recently bound.
-    latest: Option<TunnelId>,
-    count: u32,
-}
-
 /// Where a slot sits on a list threaded through the slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Link {
@@ -163,11 +155,13 @@ impl Link {
 #[derive(Debug, Clone, Copy)]
 struct Links {
     half_open: Link,
+    at_addr: Link,
 }
 
 impl Links {
     const OFF: Links = Links {
         half_open: Link::OFF,
+        at_addr: Link::OFF,
     };
 }
 
@@ -218,6 +212,10 @@ fn half_open(l: &mut Links) -> &mut Link {
     &mut l.half_open
 }
 
+fn at_addr(l: &mut Links) -> &mut Link {
+    &mut l.at_addr
+}
+
 #[derive(Debug)]
 pub struct AffinityTable {
     slots: Vec<Option<Tunnel>>,
@@ -228,7 +226,10 @@ pub struct AffinityTable {
     capacity: usize,
     by_spi: HashMap<u64, TunnelId>,
     by_endpoint: HashMap<(IpAddr, u16), TunnelId>,
-    by_addr: HashMap<IpAddr, AtAddress>,
+    /// Every tunnel at each address, in the order they were bound there:
+    /// behind a NAT one address holds many, and when one goes the address
+    /// still finds the others.
+    by_addr: HashMap<IpAddr, Chain>,
     /// The half-open tunnels, oldest first: what a full table evicts.
     half_open: Chain,
     timeouts: Timeouts,
@@ -296,7 +297,7 @@ impl AffinityTable {
 
     /// The most recently bound tunnel at `addr`.
     pub fn by_addr(&self, addr: IpAddr) -> Option<TunnelId> {
-        self.by_addr.get(&addr)?.latest
+        Some(self.by_addr.get(&addr)?.last)
     }
 
     /// The tunnel at `addr` when it is the only one there: then the address
@@ -304,8 +305,8 @@ impl AffinityTable {
     pub fn sole_tunnel_at(&self, addr: IpAddr) -> Option<TunnelId> {
         self.by_addr
             .get(&addr)
-            .filter(|a| a.count == 1)
-            .and_then(|a| a.latest)
+            .filter(|at| at.len == 1)
+            .map(|at| at.last)
     }
 
     /// Add a tunnel; `None` when the table is full of established tunnels.
@@ -343,9 +344,8 @@ impl AffinityTable {
             self.by_spi.insert(spi, id);
         }
         self.by_endpoint.insert((t.peer, t.peer_port), id);
-        let at = self.by_addr.entry(t.peer).or_default();
-        at.latest = Some(id);
-        at.count += 1;
+        let at = self.by_addr.entry(t.peer).or_insert(Chain::EMPTY);
+        at.push_back(&mut self.links, id, at_addr);
     }
 
     /// Drop the index entries that still point at `id`.
@@ -362,11 +362,9 @@ impl AffinityTable {
             self.by_endpoint.remove(&(t.peer, t.peer_port));
         }
         if let Some(at) = self.by_addr.get_mut(&t.peer) {
-            at.count -= 1;
-            if at.count == 0 {
+            at.unlink(&mut self.links, id, at_addr);
+            if at.len == 0 {
                 self.by_addr.remove(&t.peer);
-            } else if at.latest == Some(id) {
-                at.latest = None;
             }
         }
     }

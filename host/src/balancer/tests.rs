@@ -930,6 +930,45 @@ fn return_traffic_for_one_tunnel_behind_a_nat_never_moves_its_neighbour() {
 }
 
 #[test]
+fn the_address_still_finds_its_other_tunnels_when_the_latest_one_there_goes() {
+    let mut lab = Lab::new();
+    let nat = peer(100);
+    // Two working tunnels behind one NAT address, on two segws.
+    let open = |lab: &mut Lab, port, spi| {
+        let gw = lab.up(auth_4500(nat, port, spi)).unwrap();
+        let back = udp_packet(
+            VIP,
+            4500,
+            nat,
+            port,
+            &esp_body(0x5000 + port as u32, 1, 100),
+        );
+        lab.down(gw, back).unwrap();
+        gw
+    };
+    let a = open(&mut lab, 40_001, 0xa);
+    lab.tick(Duration::from_secs(300));
+    let b = open(&mut lab, 40_002, 0xb);
+    assert_ne!(a, b);
+    assert_eq!(lab.lb.table().by_addr(nat), lab.lb.table().by_spi(0xb));
+    // a is busy, b goes quiet: at 601 s idle b is forgotten.
+    lab.tick(Duration::from_secs(300));
+    lab.up(esp_udp(nat, 40_001, 0xa0)).unwrap();
+    lab.tick(Duration::from_secs(301));
+    assert_eq!(lab.lb.expire(lab.now, usize::MAX), 1);
+    assert_eq!(lab.lb.table().by_spi(0xb), None);
+    // The NAT remaps a: its ESP comes from a new port before any IKE. The
+    // address still names a, which keeps its segw; no policy call.
+    let placed = lab.placed();
+    assert_eq!(lab.up(esp_udp(nat, 41_001, 0xa0)), Ok(a));
+    assert_eq!(lab.placed(), placed);
+    assert_eq!(
+        lab.lb.table().sole_tunnel_at(nat),
+        lab.lb.table().by_spi(0xa)
+    );
+}
+
+#[test]
 fn neighbour_solicitations_for_proxied_ipv6_get_an_advertisement_from_the_ingress_port() {
     use crate::packet::ndp;
     use std::net::Ipv6Addr;
