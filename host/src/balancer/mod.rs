@@ -408,7 +408,8 @@ impl<P: Policy> Balancer<P> {
     }
 
     /// `frames` of one packet, `bytes` in all, go to `gw`: count them on
-    /// their tunnel and gateway, and say where they go.
+    /// their tunnel and gateway, and say where they go. Frames that cannot
+    /// go (the segw's MAC is not known yet) are counted as drops only.
     fn deliver(
         &mut self,
         gw: GwId,
@@ -418,6 +419,11 @@ impl<P: Policy> Balancer<P> {
         src_mac: Mac,
         now: Timestamp,
     ) -> Result<Egress, DropReason> {
+        let gateway = self.gateways.get(gw).expect("steered to a live gateway");
+        let to = Egress {
+            port: gateway.spec.port,
+            dst: gateway.mac.ok_or(DropReason::GatewayMacUnknown)?,
+        };
         if let Some(id) = tunnel {
             let t = self
                 .table
@@ -428,17 +434,10 @@ impl<P: Policy> Balancer<P> {
             t.frames += frames;
             t.bytes += bytes;
         }
-        let gateway = self
-            .gateways
-            .get_mut(gw)
-            .expect("steered to a live gateway");
-        gateway.counters.frames_to += frames;
-        gateway.counters.bytes_to += bytes;
-        let dst = gateway.mac.ok_or(DropReason::GatewayMacUnknown)?;
-        Ok(Egress {
-            port: gateway.spec.port,
-            dst,
-        })
+        let counters = &mut self.gateways.get_mut(gw).expect("checked above").counters;
+        counters.frames_to += frames;
+        counters.bytes_to += bytes;
+        Ok(to)
     }
 
     /// The gateway (and tunnel) for a packet from an initiator.

@@ -516,6 +516,37 @@ fn icmp_packet_too_big_goes_to_the_segw_of_the_quoted_tunnel() {
 }
 
 #[test]
+fn icmpv6_packet_too_big_goes_to_the_segw_of_the_quoted_tunnel() {
+    use std::net::Ipv6Addr;
+    let mut lab = Lab::new();
+    let vip6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1));
+    let host = |n| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, n));
+    let auth = |p, spi| {
+        udp_packet(
+            p,
+            4500,
+            vip6,
+            4500,
+            &ike_body(&ike(spi, IKE_AUTH, 77), true, 400),
+        )
+    };
+    lab.up(auth(host(1), 1)).unwrap();
+    let gw = lab.up(auth(host(4), 4)).unwrap();
+    assert_eq!(gw, 2);
+    // The segw's ESP to the peer was too big for a router on the way.
+    let router = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1));
+    let segw_to = |p| udp_packet(vip6, 4500, p, 4500, &esp_body(0x77, 5, 1400));
+    let too_big = icmp_too_big(router, vip6, &segw_to(host(4)), 1280);
+    assert_eq!(too_big[40], 2, "ICMPv6 packet too big");
+    assert_eq!(lab.up(too_big), Ok(gw));
+    // Quoting a packet to a peer nobody knows: nowhere to go.
+    assert_eq!(
+        lab.up(icmp_too_big(router, vip6, &segw_to(host(99)), 1280)),
+        Err(DropReason::UnknownTunnel)
+    );
+}
+
+#[test]
 fn nat_keepalives_follow_known_tunnels_and_never_open_one() {
     let mut lab = Lab::new();
     let gw = lab.up(auth_4500(peer(3), 4500, 3)).unwrap();
@@ -805,7 +836,14 @@ fn only_a_miss_asks_the_policy_and_a_swap_moves_nothing_unless_asked() {
     let (_, moved) =
         lab.lb
             .replace_policy(native::shipped("weighted", &[]).unwrap(), true, lab.now);
+    // Round-robin's placement is not weighted's: a rebalance moves some,
+    // and says how many.
+    assert!(moved > 0, "a rebalance to another policy moved nothing");
     assert_eq!(moved, lab.lb.counters().moved);
+    assert_eq!(
+        lab.lb.gateways().map(|g| g.counters.moved_in).sum::<u64>(),
+        moved
+    );
     assert_eq!(
         lab.lb.gateways().map(|g| g.counters.tunnels).sum::<u64>(),
         9
@@ -1016,7 +1054,116 @@ fn neighbour_solicitations_for_proxied_ipv6_get_an_advertisement_from_the_ingres
         lb.handle(&mut other, UPLINK, Timestamp::ZERO),
         Verdict::Drop(DropReason::NeighborIgnored)
     );
-    assert_eq!(lb.announce(IpAddr::V6(vip6)).len(), 4);
+}
+
+#[test]
+fn announce_is_a_gratuitous_arp_or_an_unsolicited_advertisement_from_each_port() {
+    use crate::packet::ndp;
+    use std::net::Ipv6Addr;
+    let lab = Lab::new();
+    let vip = Ipv4Addr::new(10, 2, 2, 1);
+    let sent = lab.lb.announce(IpAddr::V4(vip));
+    assert_eq!(
+        sent.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+        [0, 1, 2, 3]
+    );
+    for (port, f) in &sent {
+        assert_eq!(
+            (&f[0..6], &f[6..12]),
+            (&[0xff; 6][..], &port_mac(*port)[..])
+        );
+        let Kind::Arp(arp) = packet::parse(f).unwrap().kind else {
+            panic!("not ARP")
+        };
+        // A request for itself: every Linux neighbour table takes it.
+        assert_eq!(
+            arp,
+            packet::arp::Arp {
+                op: packet::arp::REQUEST,
+                sender_mac: port_mac(*port),
+                sender_ip: vip,
+                target_mac: [0; 6],
+                target_ip: vip,
+            }
+        );
+    }
+    let vip6 = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
+    let sent = lab.lb.announce(IpAddr::V6(vip6));
+    assert_eq!(sent.len(), 4);
+    for (port, f) in &sent {
+        assert_eq!(
+            (&f[0..6], &f[6..12]),
+            (&[0x33, 0x33, 0, 0, 0, 1][..], &port_mac(*port)[..]),
+            "to all nodes, from the port"
+        );
+        let Kind::Ip(ip) = packet::parse(f).unwrap().kind else {
+            panic!("not IP")
+        };
+        assert_eq!(
+            (ip.src, ip.dst),
+            (IpAddr::V6(vip6), IpAddr::V6(ndp::ALL_NODES))
+        );
+        assert_eq!(f[14 + 7], 255, "hop limit");
+        let icmp = &f[14 + 40..];
+        assert_eq!(icmp[0], ndp::ADVERTISEMENT);
+        assert_eq!(icmp[4], 0x20, "override, not solicited, not a router");
+        assert_eq!(&icmp[8..24], &vip6.octets());
+        assert_eq!(&icmp[24..26], &[2, 1], "target link-layer address option");
+        assert_eq!(&icmp[26..32], &port_mac(*port));
+        assert!(crate::packet::checksum_ok_for_test(
+            vip6,
+            ndp::ALL_NODES,
+            icmp
+        ));
+    }
+}
+
+#[test]
+fn frames_and_bytes_are_counted_each_way_and_a_frame_that_cannot_go_is_not() {
+    // One segw whose MAC is learned, not configured.
+    let config = Config {
+        port_macs: (0..2).map(port_mac).collect(),
+        proxy: vec!["10.2.2.1".parse().unwrap()],
+        proxy_gateways: Vec::new(),
+        max_tunnels: 16,
+        timeouts: Timeouts::default(),
+    };
+    let mut lb: Balancer = Balancer::new(config, native::shipped("round-robin", &[]).unwrap());
+    let spec = GatewaySpec {
+        name: "segw1".into(),
+        port: 1,
+        mac: None,
+        weight: 1,
+        steering: SpiSteering::default(),
+    };
+    lb.add_gateway(spec, Timestamp::ZERO).unwrap();
+    let mut lab = Lab {
+        lb,
+        now: Timestamp::ZERO,
+    };
+    let init = sa_init(peer(1), 500, 1);
+    assert_eq!(lab.up(init.clone()), Err(DropReason::GatewayMacUnknown));
+    let c = lab.lb.gateway("segw1").unwrap().counters;
+    assert_eq!((c.frames_to, c.bytes_to), (0, 0), "nothing was sent");
+    // The segw's ARP teaches its MAC; now frames go, and are counted.
+    let mut arp = arp_reply_from_segw(1);
+    lab.lb.handle(&mut arp, 1, lab.now);
+    assert_eq!(lab.up(init.clone()), Ok(1));
+    let answer = sa_init_answer(peer(1), 500, 1, 0x77);
+    lab.down(1, answer.clone()).unwrap();
+    let esp = udp_packet(peer(1), 4500, VIP, 4500, &esp_body(0xe1, 1, 1000));
+    assert_eq!(lab.up(esp.clone()), Ok(1));
+    let c = lab.lb.gateway("segw1").unwrap().counters;
+    // IP lengths: what went into the segw, and what came out of it.
+    assert_eq!(
+        (c.frames_to, c.bytes_to),
+        (2, (init.len() + esp.len()) as u64)
+    );
+    assert_eq!((c.frames_from, c.bytes_from), (1, answer.len() as u64));
+    assert_eq!(esp.len(), 20 + 8 + 1000);
+    let (_, t) = lab.lb.table().iter().next().unwrap();
+    assert_eq!((t.frames, t.bytes), (2, (init.len() + esp.len()) as u64));
+    assert_eq!(lab.lb.counters().dropped(DropReason::GatewayMacUnknown), 1);
 }
 
 // ----- health probing -------------------------------------------------------
