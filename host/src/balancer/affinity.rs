@@ -171,7 +171,8 @@ impl Links {
 struct Chain {
     first: TunnelId,
     last: TunnelId,
-    len: usize,
+    /// At most the table's capacity, which fits a `TunnelId`.
+    len: u32,
 }
 
 impl Chain {
@@ -426,7 +427,7 @@ impl AffinityTable {
     /// Half-open tunnels now; also the length of the eviction order, which
     /// lives in the slots and so is bounded by the table.
     pub fn half_open_len(&self) -> usize {
-        self.half_open.len
+        self.half_open.len as usize
     }
 
     fn evict_one_half_open(&mut self) -> bool {
@@ -464,15 +465,18 @@ impl AffinityTable {
         gone
     }
 
-    /// Bytes held per tunnel, for the closing note and `status`: the slot,
-    /// and its share of the three indexes (hashbrown: key + value + 1 control
-    /// byte, at a load of up to 7/8).
+    /// Bytes held per tunnel at best, from the types: the slot and its
+    /// links, and its share of the three indexes (hashbrown: the entry + 1
+    /// control byte, at its highest load, 7/8), one address per tunnel.
+    /// The real figure is higher by the slack of grown tables (hash tables
+    /// double: between 7/16 and 7/8 full; so does the slab): the core
+    /// benchmark measures it with a counting allocator.
     pub fn bytes_per_tunnel() -> usize {
         use std::mem::size_of;
-        let slot = size_of::<Option<Tunnel>>();
-        let index = |k: usize| (k + size_of::<TunnelId>() + 1) * 8 / 7;
-        slot + index(size_of::<u64>())
-            + index(size_of::<(IpAddr, u16)>())
-            + index(size_of::<IpAddr>())
+        let slot = size_of::<Option<Tunnel>>() + size_of::<Links>();
+        let index = |entry: usize| (entry + 1) * 8 / 7;
+        slot + index(size_of::<(u64, TunnelId)>())
+            + index(size_of::<((IpAddr, u16), TunnelId)>())
+            + index(size_of::<(IpAddr, Chain)>())
     }
 }
