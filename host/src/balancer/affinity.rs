@@ -10,8 +10,9 @@
 //! make room, they leave only by idle expiry. With no half-open entry to
 //! evict, the new tunnel is refused (counted), so a flood from spoofed
 //! sources (IKE_SA_INIT, IKE, ESP: whatever opens an entry) churns through
-//! half-open slots and never displaces a tunnel that works. The half-open entries are kept in arrival order by links in the
-//! slots themselves: no queue grows beside the table.
+//! half-open slots and never displaces a tunnel that works. The half-open
+//! entries are kept in arrival order by links beside the slots: no queue
+//! grows apart from the table.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -273,7 +274,10 @@ impl AffinityTable {
         self.slots.get(id as usize)?.as_ref()
     }
 
-    pub fn get_mut(&mut self, id: TunnelId) -> Option<&mut Tunnel> {
+    /// For the balancer's counters, times and placement. The keys (`peer`,
+    /// `peer_port`, `ike_spi`) change through [`rebind`](Self::rebind) and
+    /// [`set_spi`](Self::set_spi) only: the indexes and lists follow them.
+    pub(super) fn get_mut(&mut self, id: TunnelId) -> Option<&mut Tunnel> {
         self.slots.get_mut(id as usize)?.as_mut()
     }
 
@@ -441,8 +445,8 @@ impl AffinityTable {
     }
 
     /// Forget up to `budget` slots' worth of idle tunnels, resuming where the
-    /// last sweep stopped. Returns the removed
-    /// tunnels. Call it regularly with a budget that keeps each call short.
+    /// last sweep stopped. Returns the removed tunnels. Call it regularly
+    /// with a budget that keeps each call short.
     pub fn expire(&mut self, now: Timestamp, budget: usize) -> Vec<Tunnel> {
         let mut gone = Vec::new();
         let n = self.slots.len();
