@@ -31,8 +31,9 @@ use crate::time::Timestamp;
 /// (source, destination, IP ID): what every piece of one packet shares.
 pub type FragmentKey = (IpAddr, IpAddr, u32);
 
-/// Decisions kept at once. A flood of first fragments is a flood; past
-/// this, the stale are swept and new ones are not kept.
+/// Decisions kept at once. A flood of first fragments is a flood: past
+/// this, new ones are not kept until the expiry sweep frees room (sweeping
+/// on the data path would cost a pass over all of them per frame).
 pub const DECIDED: usize = 65_536;
 /// Packets with held pieces at once.
 pub const HOLD_PACKETS: usize = 256;
@@ -61,6 +62,9 @@ pub struct Fragments {
     held: HashMap<FragmentKey, Held>,
     held_frames: usize,
     held_bytes: usize,
+    /// No held packet is older: with a flood filling the hold, looking for
+    /// stale ones is one comparison, not a pass over them all.
+    oldest: Option<Timestamp>,
 }
 
 impl Fragments {
@@ -69,14 +73,10 @@ impl Fragments {
         self.decided.get(key).map(|&(gw, _)| gw)
     }
 
-    pub fn decide(&mut self, key: FragmentKey, gw: GwId, now: Timestamp, ttl: Duration) {
-        if self.decided.len() >= DECIDED && !self.decided.contains_key(&key) {
-            self.decided.retain(|_, (_, at)| now.since(*at) < ttl);
-            if self.decided.len() >= DECIDED {
-                return;
-            }
+    pub fn decide(&mut self, key: FragmentKey, gw: GwId, now: Timestamp) {
+        if self.decided.len() < DECIDED || self.decided.contains_key(&key) {
+            self.decided.insert(key, (gw, now));
         }
-        self.decided.insert(key, (gw, now));
     }
 
     /// Keep `frame` until its first fragment comes; the frame back when
@@ -99,6 +99,7 @@ impl Fragments {
         }
         self.held_frames += 1;
         self.held_bytes += bytes;
+        self.oldest = Some(self.oldest.map_or(now, |t| t.min(now)));
         let held = self.held.entry(key).or_insert_with(|| Held {
             frames: Vec::with_capacity(2),
             ip_bytes: 0,
@@ -128,15 +129,21 @@ impl Fragments {
 
     /// Drop what has waited longer than `hold`; the number of frames.
     pub fn expire_held(&mut self, now: Timestamp, hold: Duration) -> usize {
-        let (mut frames, mut bytes) = (0, 0);
+        if self.oldest.is_none_or(|t| now.since(t) <= hold) {
+            return 0;
+        }
+        let (mut frames, mut bytes, mut oldest) = (0, 0, None::<Timestamp>);
         self.held.retain(|_, h| {
             let waiting = now.since(h.since) <= hold;
-            if !waiting {
+            if waiting {
+                oldest = Some(oldest.map_or(h.since, |t| t.min(h.since)));
+            } else {
                 frames += h.frames.len();
                 bytes += h.frames.iter().map(Vec::capacity).sum::<usize>();
             }
             waiting
         });
+        self.oldest = oldest;
         self.held_frames -= frames;
         self.held_bytes -= bytes;
         frames
@@ -150,5 +157,52 @@ impl Fragments {
     /// (packets, frames, bytes) held now.
     pub fn held(&self) -> (usize, usize, usize) {
         (self.held.len(), self.held_frames, self.held_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn key(id: u32) -> FragmentKey {
+        let a = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1));
+        let b = IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1));
+        (a, b, id)
+    }
+
+    #[test]
+    fn every_bound_of_the_hold_hands_the_frame_back() {
+        let now = Timestamp::ZERO;
+        let mut f = Fragments::default();
+        // Pieces per packet.
+        for _ in 0..HOLD_FRAMES_PER_PACKET {
+            f.hold(key(1), vec![0; 100], 100, now).unwrap();
+        }
+        assert_eq!(f.hold(key(1), vec![7; 100], 100, now), Err(vec![7; 100]));
+        // Bytes in all: 64 KiB frames, one packet each.
+        let mut f = Fragments::default();
+        let big = 64 << 10;
+        for id in 0..(HOLD_BYTES / big) as u32 {
+            f.hold(key(id), vec![0; big], big, now).unwrap();
+        }
+        assert!(f.hold(key(999), vec![0; big], big, now).is_err());
+        assert_eq!(f.held(), (HOLD_BYTES / big, HOLD_BYTES / big, HOLD_BYTES));
+        // Packets.
+        let mut f = Fragments::default();
+        for id in 0..HOLD_PACKETS as u32 {
+            f.hold(key(id), vec![0; 60], 46, now).unwrap();
+        }
+        assert!(f.hold(key(u32::MAX), vec![0; 60], 46, now).is_err());
+        // Taking a packet out frees its room; its IP bytes add up.
+        let held = f.take(&key(3)).unwrap();
+        assert_eq!((held.frames.len(), held.ip_bytes), (1, 46));
+        assert!(f.hold(key(u32::MAX), vec![0; 60], 46, now).is_ok());
+        // Stale ones go, counted in frames; fresh ones stay.
+        let later = now + Duration::from_millis(1500);
+        f.hold(key(u32::MAX - 1), vec![0; 60], 46, later)
+            .unwrap_err();
+        assert_eq!(f.expire_held(later, Duration::from_secs(1)), HOLD_PACKETS);
+        assert_eq!(f.held(), (0, 0, 0));
     }
 }

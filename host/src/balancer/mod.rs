@@ -361,8 +361,7 @@ impl<P: Policy> Balancer<P> {
             .map_or((0, 0), |h| (h.frames.len(), h.ip_bytes));
         let egress = match steered {
             Ok((gw, tunnel)) => {
-                self.fragments
-                    .decide(key, gw, now, self.config.timeouts.fragment);
+                self.fragments.decide(key, gw, now);
                 let (frames, bytes) = (1 + more as u64, ip.len as u64 + more_bytes);
                 self.deliver(gw, tunnel, frames, bytes, src_mac, now)
             }

@@ -408,6 +408,24 @@ fn a_later_fragment_whose_first_never_comes_is_dropped_after_the_hold() {
 }
 
 #[test]
+fn a_packet_of_more_pieces_than_the_hold_takes_stays_whole_from_an_address_with_one_tunnel() {
+    use super::fragments::HOLD_FRAMES_PER_PACKET;
+    let mut lab = Lab::new();
+    lab.up(sa_init(peer(1), 500, 1)).unwrap();
+    let gw = lab.up(auth_4500(peer(5), 4500, 5)).unwrap();
+    let big = udp_packet(peer(5), 4500, VIP, 4500, &esp_body(0x55, 1, 4000));
+    let mut pieces = fragments(&big, 200, 0x5555);
+    assert!(pieces.len() > HOLD_FRAMES_PER_PACKET + 1);
+    pieces.reverse();
+    // The hold takes 16 pieces; the 17th finds no room and the address
+    // (one tunnel) decides, and the held ones leave with it.
+    let left = send_pieces(&mut lab, &pieces);
+    assert_all_on(&left, &pieces, gw);
+    assert_eq!(lab.lb.counters().held, HOLD_FRAMES_PER_PACKET as u64);
+    assert_eq!(lab.lb.held_fragments(), (0, 0, 0));
+}
+
+#[test]
 fn a_full_fragment_hold_falls_back_to_an_address_that_names_one_tunnel() {
     use super::fragments::HOLD_PACKETS;
     let mut lab = Lab::new();
