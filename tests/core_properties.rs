@@ -26,10 +26,12 @@ fn balancer() -> Balancer {
     )
 }
 
+/// The responder's SPI is known past IKE_SA_INIT: what lets the IKE_AUTH
+/// seed float the tunnel to 4500.
 fn ike(exchange: u8) -> IkeHeader {
     IkeHeader {
         initiator_spi: 0x1111,
-        responder_spi: 0,
+        responder_spi: if exchange == IKE_SA_INIT { 0 } else { 0x2222 },
         exchange,
         from_initiator: true,
         response: false,
