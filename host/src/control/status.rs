@@ -90,6 +90,12 @@ pub struct CounterStatus {
     pub taught: u64,
     pub moved: u64,
     pub steered: u64,
+    /// Later fragments held for their first fragment, since start.
+    #[serde(default)]
+    pub fragments_held: u64,
+    /// Later fragments waiting for their first fragment now.
+    #[serde(default)]
+    pub fragments_waiting: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -198,6 +204,8 @@ impl Status {
                 taught: c.taught,
                 moved: c.moved,
                 steered: c.steered,
+                fragments_held: c.held,
+                fragments_waiting: lb.held_fragments().1,
             },
             drops: DropReason::ALL
                 .iter()

@@ -152,6 +152,8 @@ fn later_fragments_that_come_first_leave_with_their_first_on_its_port() {
         assert_eq!(&f[0..6], &segw_mac(1));
         assert!(pieces.iter().any(|ip| f[14..] == ip[..]));
     }
+    let c = w.status(0, Timestamp::ZERO).counters;
+    assert_eq!((c.fragments_held, c.fragments_waiting), (2, 0));
 }
 
 #[test]
