@@ -19,7 +19,9 @@ fuzz_target!(|data: &[u8]| {
     ];
     let mut lb = farm::balancer(native::shipped("round-robin", &[]).unwrap(), 3, proxy, 64);
     let mut f = frame.to_vec();
-    if let Verdict::Forward(_) = lb.handle(&mut f, PortId::from(port % 4), Timestamp::ZERO) {
-        assert_eq!(&f[12..], &frame[12..]);
+    match lb.handle(&mut f, PortId::from(port % 4), Timestamp::ZERO) {
+        Verdict::Forward(_) | Verdict::ForwardWithHeld(..) => assert_eq!(&f[12..], &frame[12..]),
+        Verdict::Held => assert!(f.is_empty(), "a held frame is taken"),
+        Verdict::Reply | Verdict::Drop(_) => {}
     }
 });

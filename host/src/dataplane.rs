@@ -211,8 +211,14 @@ impl Worker {
     pub fn frame(&mut self, mut rx: Received, now: Timestamp) {
         match self.lb.handle(&mut rx.frame, rx.port, now) {
             Verdict::Forward(port) => self.send(port, &rx.frame),
+            Verdict::ForwardWithHeld(port, held) => {
+                self.send(port, &rx.frame);
+                for frame in &held {
+                    self.send(port, frame);
+                }
+            }
             Verdict::Reply => self.send(rx.port, &rx.frame),
-            Verdict::Drop(_) => {}
+            Verdict::Held | Verdict::Drop(_) => {}
         }
     }
 

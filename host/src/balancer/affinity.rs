@@ -2,17 +2,18 @@
 //!
 //! A tunnel is one entry, found by any of three keys, most specific first:
 //! its IKE initiator SPI, its outer (address, UDP port), its outer address.
-//! Fragments get a small table of their own, keyed (source, destination,
-//! IP ID), so every piece of a packet follows the first one seen.
+//! Fragments have a table of their own (`fragments.rs`).
 //!
 //! Bounds, stated: at most `capacity` tunnels. A new tunnel that finds the
-//! table full evicts the oldest *half-open* entry (only IKE_SA_INIT seen);
-//! established tunnels are never evicted to make room, they leave only by
-//! idle expiry. With no half-open entry to evict, the new tunnel is refused
-//! (counted), so a flood of IKE_SA_INIT from spoofed sources churns through
-//! half-open slots and never displaces a tunnel that works.
+//! table full evicts the oldest entry that is *still* half-open (its segw
+//! has not spoken for it yet); established tunnels are never evicted to
+//! make room, they leave only by idle expiry. With no half-open entry to
+//! evict, the new tunnel is refused (counted), so a flood from spoofed
+//! sources (IKE_SA_INIT, IKE, ESP: whatever opens an entry) churns through
+//! half-open slots and never displaces a tunnel that works. The half-open
+//! entries are kept in arrival order by links beside the slots: no queue
+//! grows apart from the table.
 
-use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -26,8 +27,12 @@ pub type TunnelId = u32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TunnelState {
-    /// Only IKE_SA_INIT seen: cheap to forget.
+    /// Only the initiator side has spoken: an IKE_SA_INIT, or IKE or ESP
+    /// of a tunnel a fresh balancer had not seen (or a spoof: anyone can
+    /// send those from any address). Cheap to forget: evicted first when
+    /// the table is full, and forgotten on the shorter half-open timeout.
     HalfOpen,
+    /// Its segw has sent to the peer: a tunnel that works.
     Established,
 }
 
@@ -44,7 +49,9 @@ pub struct Tunnel {
     pub ike_spi: Option<u64>,
     pub opened_by: Opener,
     pub gateway: GwId,
-    pub state: TunnelState,
+    /// Changed through the table only ([`AffinityTable::establish`]): the
+    /// table keeps half-open entries in order.
+    state: TunnelState,
     pub since: Timestamp,
     pub last_seen: Timestamp,
     /// The initiator-side next hop its frames came from.
@@ -54,6 +61,10 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
+    pub fn state(&self) -> TunnelState {
+        self.state
+    }
+
     /// A tunnel first seen at `now`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -90,8 +101,11 @@ pub struct Timeouts {
     pub idle: Duration,
     /// Half-open tunnels idle this long are forgotten.
     pub half_open: Duration,
-    /// Fragment steering records live this long.
+    /// Where a first fragment went is remembered this long, for the
+    /// pieces after it.
     pub fragment: Duration,
+    /// A later fragment that came before its first waits this long for it.
+    pub fragment_hold: Duration,
 }
 
 impl Default for Timeouts {
@@ -100,6 +114,9 @@ impl Default for Timeouts {
             idle: Duration::from_secs(600),
             half_open: Duration::from_secs(30),
             fragment: Duration::from_secs(5),
+            // Reordering on the way is microseconds to milliseconds; a first
+            // fragment a second late is lost.
+            fragment_hold: Duration::from_secs(1),
         }
     }
 }
@@ -114,27 +131,109 @@ pub struct TableCounters {
     pub rebound: u64,
 }
 
-pub type FragmentKey = (IpAddr, IpAddr, u32);
-
 /// Seeded per map (per process run), so spoofed keys cannot be chosen to
 /// collide; several times faster than std's SipHash on these small keys.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
+/// Where a slot sits on a list threaded through the slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Link {
+    prev: TunnelId,
+    next: TunnelId,
+}
+
+/// No slot: the end of a list.
+const END: TunnelId = TunnelId::MAX;
+
+impl Link {
+    const OFF: Link = Link {
+        prev: END,
+        next: END,
+    };
+}
+
+/// A slot's places on the lists, beside the slot (same index).
+#[derive(Debug, Clone, Copy)]
+struct Links {
+    half_open: Link,
+    at_addr: Link,
+}
+
+impl Links {
+    const OFF: Links = Links {
+        half_open: Link::OFF,
+        at_addr: Link::OFF,
+    };
+}
+
+/// A doubly linked list of slots, oldest first: O(1) to append, unlink and
+/// take the oldest, and no memory beyond the slots' links.
+#[derive(Debug, Clone, Copy)]
+struct Chain {
+    first: TunnelId,
+    last: TunnelId,
+    /// At most the table's capacity, which fits a `TunnelId`.
+    len: u32,
+}
+
+impl Chain {
+    const EMPTY: Chain = Chain {
+        first: END,
+        last: END,
+        len: 0,
+    };
+
+    fn push_back(&mut self, links: &mut [Links], id: TunnelId, of: fn(&mut Links) -> &mut Link) {
+        *of(&mut links[id as usize]) = Link {
+            prev: self.last,
+            next: END,
+        };
+        match self.last {
+            END => self.first = id,
+            last => of(&mut links[last as usize]).next = id,
+        }
+        self.last = id;
+        self.len += 1;
+    }
+
+    fn unlink(&mut self, links: &mut [Links], id: TunnelId, of: fn(&mut Links) -> &mut Link) {
+        let Link { prev, next } = std::mem::replace(of(&mut links[id as usize]), Link::OFF);
+        match prev {
+            END => self.first = next,
+            prev => of(&mut links[prev as usize]).next = next,
+        }
+        match next {
+            END => self.last = prev,
+            next => of(&mut links[next as usize]).prev = prev,
+        }
+        self.len -= 1;
+    }
+}
+
+fn half_open(l: &mut Links) -> &mut Link {
+    &mut l.half_open
+}
+
+fn at_addr(l: &mut Links) -> &mut Link {
+    &mut l.at_addr
+}
+
 #[derive(Debug)]
 pub struct AffinityTable {
     slots: Vec<Option<Tunnel>>,
+    /// Each slot's places on the lists, by the same index.
+    links: Vec<Links>,
     free: Vec<TunnelId>,
     len: usize,
     capacity: usize,
     by_spi: HashMap<u64, TunnelId>,
     by_endpoint: HashMap<(IpAddr, u16), TunnelId>,
-    /// The most recently bound tunnel from each address.
-    by_addr: HashMap<IpAddr, TunnelId>,
-    /// Half-open tunnels in arrival order (may hold stale ids: checked on pop).
-    half_open: VecDeque<TunnelId>,
-    fragments: HashMap<FragmentKey, (GwId, Timestamp)>,
-    /// Fragment records are bounded too: a flood of fragments is a flood.
-    fragment_capacity: usize,
+    /// Every tunnel at each address, in the order they were bound there:
+    /// behind a NAT one address holds many, and when one goes the address
+    /// still finds the others.
+    by_addr: HashMap<IpAddr, Chain>,
+    /// The half-open tunnels, oldest first: what a full table evicts.
+    half_open: Chain,
     timeouts: Timeouts,
     sweep_cursor: usize,
     pub counters: TableCounters,
@@ -144,15 +243,15 @@ impl AffinityTable {
     pub fn new(capacity: usize, timeouts: Timeouts) -> Self {
         AffinityTable {
             slots: Vec::new(),
+            links: Vec::new(),
             free: Vec::new(),
             len: 0,
-            capacity,
+            // Slot ids are u32 and END marks the end of a list.
+            capacity: capacity.min(END as usize),
             by_spi: HashMap::default(),
             by_endpoint: HashMap::default(),
             by_addr: HashMap::default(),
-            half_open: VecDeque::new(),
-            fragments: HashMap::default(),
-            fragment_capacity: 65_536,
+            half_open: Chain::EMPTY,
             timeouts,
             sweep_cursor: 0,
             counters: TableCounters::default(),
@@ -175,7 +274,10 @@ impl AffinityTable {
         self.slots.get(id as usize)?.as_ref()
     }
 
-    pub fn get_mut(&mut self, id: TunnelId) -> Option<&mut Tunnel> {
+    /// For the balancer's counters, times and placement. The keys (`peer`,
+    /// `peer_port`, `ike_spi`) change through [`rebind`](Self::rebind) and
+    /// [`set_spi`](Self::set_spi) only: the indexes and lists follow them.
+    pub(super) fn get_mut(&mut self, id: TunnelId) -> Option<&mut Tunnel> {
         self.slots.get_mut(id as usize)?.as_mut()
     }
 
@@ -198,8 +300,18 @@ impl AffinityTable {
         self.by_endpoint.get(&(addr, port)).copied()
     }
 
+    /// The most recently bound tunnel at `addr`.
     pub fn by_addr(&self, addr: IpAddr) -> Option<TunnelId> {
-        self.by_addr.get(&addr).copied()
+        Some(self.by_addr.get(&addr)?.last)
+    }
+
+    /// The tunnel at `addr` when it is the only one there: then the address
+    /// alone says which tunnel a packet belongs to.
+    pub fn sole_tunnel_at(&self, addr: IpAddr) -> Option<TunnelId> {
+        self.by_addr
+            .get(&addr)
+            .filter(|at| at.len == 1)
+            .map(|at| at.last)
     }
 
     /// Add a tunnel; `None` when the table is full of established tunnels.
@@ -208,7 +320,7 @@ impl AffinityTable {
             self.counters.refused_full += 1;
             return None;
         }
-        let half_open = tunnel.state == TunnelState::HalfOpen;
+        let is_half_open = tunnel.state == TunnelState::HalfOpen;
         let id = match self.free.pop() {
             Some(id) => {
                 self.slots[id as usize] = Some(tunnel);
@@ -216,13 +328,14 @@ impl AffinityTable {
             }
             None => {
                 self.slots.push(Some(tunnel));
+                self.links.push(Links::OFF);
                 (self.slots.len() - 1) as TunnelId
             }
         };
         self.len += 1;
         self.counters.inserted += 1;
-        if half_open {
-            self.half_open.push_back(id);
+        if is_half_open {
+            self.half_open.push_back(&mut self.links, id, half_open);
         }
         self.index(id);
         Some(id)
@@ -236,7 +349,8 @@ impl AffinityTable {
             self.by_spi.insert(spi, id);
         }
         self.by_endpoint.insert((t.peer, t.peer_port), id);
-        self.by_addr.insert(t.peer, id);
+        let at = self.by_addr.entry(t.peer).or_insert(Chain::EMPTY);
+        at.push_back(&mut self.links, id, at_addr);
     }
 
     /// Drop the index entries that still point at `id`.
@@ -252,13 +366,18 @@ impl AffinityTable {
         if self.by_endpoint.get(&(t.peer, t.peer_port)) == Some(&id) {
             self.by_endpoint.remove(&(t.peer, t.peer_port));
         }
-        if self.by_addr.get(&t.peer) == Some(&id) {
-            self.by_addr.remove(&t.peer);
+        if let Some(at) = self.by_addr.get_mut(&t.peer) {
+            at.unlink(&mut self.links, id, at_addr);
+            if at.len == 0 {
+                self.by_addr.remove(&t.peer);
+            }
         }
     }
 
     pub fn remove(&mut self, id: TunnelId) -> Option<Tunnel> {
-        self.get(id)?;
+        if self.get(id)?.state == TunnelState::HalfOpen {
+            self.half_open.unlink(&mut self.links, id, half_open);
+        }
         self.unindex(id);
         let t = self.slots[id as usize].take();
         self.free.push(id);
@@ -297,44 +416,37 @@ impl AffinityTable {
         self.by_spi.insert(spi, id);
     }
 
+    /// Its segw has spoken for the tunnel: no longer evictable, and it
+    /// expires on the idle timeout.
     pub fn establish(&mut self, id: TunnelId) {
-        if let Some(t) = self.get_mut(id) {
+        let Some(t) = self.slots.get_mut(id as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        if t.state == TunnelState::HalfOpen {
             t.state = TunnelState::Established;
+            self.half_open.unlink(&mut self.links, id, half_open);
         }
+    }
+
+    /// Half-open tunnels now; also the length of the eviction order, which
+    /// lives in the slots and so is bounded by the table.
+    pub fn half_open_len(&self) -> usize {
+        self.half_open.len as usize
     }
 
     fn evict_one_half_open(&mut self) -> bool {
-        while let Some(id) = self.half_open.pop_front() {
-            if self
-                .get(id)
-                .is_some_and(|t| t.state == TunnelState::HalfOpen)
-            {
-                self.remove(id);
-                self.counters.evicted_half_open += 1;
-                return true;
-            }
+        let oldest = self.half_open.first;
+        if oldest == END {
+            return false;
         }
-        false
-    }
-
-    pub fn fragment(&self, key: &FragmentKey) -> Option<GwId> {
-        self.fragments.get(key).map(|&(gw, _)| gw)
-    }
-
-    pub fn record_fragment(&mut self, key: FragmentKey, gw: GwId, now: Timestamp) {
-        if self.fragments.len() >= self.fragment_capacity {
-            let ttl = self.timeouts.fragment;
-            self.fragments.retain(|_, (_, at)| now.since(*at) < ttl);
-            if self.fragments.len() >= self.fragment_capacity {
-                return;
-            }
-        }
-        self.fragments.insert(key, (gw, now));
+        self.remove(oldest);
+        self.counters.evicted_half_open += 1;
+        true
     }
 
     /// Forget up to `budget` slots' worth of idle tunnels, resuming where the
-    /// last sweep stopped, plus stale fragment records. Returns the removed
-    /// tunnels. Call it regularly with a budget that keeps each call short.
+    /// last sweep stopped. Returns the removed tunnels. Call it regularly
+    /// with a budget that keeps each call short.
     pub fn expire(&mut self, now: Timestamp, budget: usize) -> Vec<Tunnel> {
         let mut gone = Vec::new();
         let n = self.slots.len();
@@ -354,20 +466,21 @@ impl AffinityTable {
                 self.counters.expired += 1;
             }
         }
-        let ttl = self.timeouts.fragment;
-        self.fragments.retain(|_, (_, at)| now.since(*at) < ttl);
         gone
     }
 
-    /// Bytes held per tunnel, for the closing note and `status`: the slot,
-    /// and its share of the three indexes (hashbrown: key + value + 1 control
-    /// byte, at a load of up to 7/8).
+    /// Bytes held per tunnel at best, from the types: the slot and its
+    /// links, and its share of the three indexes (hashbrown: the entry + 1
+    /// control byte, at its highest load, 7/8), one address per tunnel.
+    /// The real figure is higher by the slack of grown tables (hash tables
+    /// double: between 7/16 and 7/8 full; so does the slab): the core
+    /// benchmark measures it with a counting allocator.
     pub fn bytes_per_tunnel() -> usize {
         use std::mem::size_of;
-        let slot = size_of::<Option<Tunnel>>();
-        let index = |k: usize| (k + size_of::<TunnelId>() + 1) * 8 / 7;
-        slot + index(size_of::<u64>())
-            + index(size_of::<(IpAddr, u16)>())
-            + index(size_of::<IpAddr>())
+        let slot = size_of::<Option<Tunnel>>() + size_of::<Links>();
+        let index = |entry: usize| (entry + 1) * 8 / 7;
+        slot + index(size_of::<(u64, TunnelId)>())
+            + index(size_of::<((IpAddr, u16), TunnelId)>())
+            + index(size_of::<(IpAddr, Chain)>())
     }
 }

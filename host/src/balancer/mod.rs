@@ -3,7 +3,8 @@
 //! One story per frame: classify (`packet::parse`) → steer (the affinity
 //! table; the policy on a miss only) → rewrite the two MACs → tell the
 //! caller which port to send it on. ARP requests for proxied addresses are
-//! answered in place. Everything else is a counted drop.
+//! answered in place. A later fragment that comes before its first waits
+//! for it (bounded, [`fragments`]). Everything else is a counted drop.
 //!
 //! This module owns the tunnel table, the gateway set and the counters. It
 //! never touches a socket, a thread, wasmtime or the clock: time comes in
@@ -12,6 +13,7 @@
 
 pub mod affinity;
 pub mod farm;
+pub mod fragments;
 pub mod gateways;
 pub mod health;
 pub mod prefix;
@@ -21,6 +23,7 @@ mod tests;
 use std::net::IpAddr;
 
 use affinity::{AffinityTable, Timeouts, Tunnel, TunnelId, TunnelState};
+use fragments::{FragmentKey, Fragments};
 pub use gateways::{
     GatewayCounters, GatewayError, GatewaySpec, GatewayState, GwId, IkeSpiLabel, PortId,
     SpiSteering, UPLINK,
@@ -29,19 +32,38 @@ pub use health::{HealthConfig, ProbeRound};
 pub use prefix::Prefix;
 
 use crate::packet::{
-    self, arp::Arp, rewrite, IkeHeader, IpPacket, Kind, Mac, Malformed, Payload, Udp,
+    self, arp::Arp, rewrite, Fragment, IkeHeader, IpPacket, Kind, Mac, Malformed, Payload, Udp,
 };
 use crate::policy::{Guarded, Opener, Policy, PolicyStats, TunnelKey};
 use crate::time::Timestamp;
 
 /// What the caller does with the frame after `handle`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Send the (rewritten) frame on this port.
     Forward(PortId),
+    /// Send the (rewritten) frame on this port, then these frames: the
+    /// later fragments of its packet that came before it and were held
+    /// (rewritten too, in the order they came).
+    ForwardWithHeld(PortId, Vec<Vec<u8>>),
+    /// The frame was taken (the caller's buffer is left empty): a later
+    /// fragment that came before its first, held until the first says where
+    /// the packet goes. It leaves with a later verdict, or is dropped
+    /// (counted) after `Timeouts::fragment_hold`.
+    Held,
     /// The frame now holds a reply: send it back on the ingress port.
     Reply,
     Drop(DropReason),
+}
+
+impl Verdict {
+    /// The port the frame goes out on, if it is forwarded.
+    pub fn forwarded_to(&self) -> Option<PortId> {
+        match self {
+            Verdict::Forward(port) | Verdict::ForwardWithHeld(port, _) => Some(*port),
+            _ => None,
+        }
+    }
 }
 
 /// Why a frame was dropped. Each is a counter.
@@ -64,14 +86,23 @@ pub enum DropReason {
     GatewayMacUnknown,
     /// Return traffic for a peer whose next hop is not known yet.
     NextHopUnknown,
-    /// The table is full of established tunnels.
+    /// The table is full of established tunnels (none half-open to evict).
     TableFull,
     /// A frame on a port with no gateway behind it.
     UnknownPort,
+    /// An IKE_SA_INIT (responder SPI 0) from a new endpoint carrying the
+    /// initiator SPI of a tunnel bound elsewhere: a spoof or a replay. Only
+    /// messages past IKE_SA_INIT may move a tunnel.
+    IkeSpiInUse,
+    /// A later fragment that came before its first and found the hold full,
+    /// from an address that does not name one tunnel.
+    FragmentHoldFull,
+    /// A held later fragment whose first fragment did not come in time.
+    FragmentTimeout,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Malformed,
         DropReason::NotIpsec,
         DropReason::ArpIgnored,
@@ -83,6 +114,9 @@ impl DropReason {
         DropReason::NextHopUnknown,
         DropReason::TableFull,
         DropReason::UnknownPort,
+        DropReason::IkeSpiInUse,
+        DropReason::FragmentHoldFull,
+        DropReason::FragmentTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -98,6 +132,9 @@ impl DropReason {
             DropReason::NextHopUnknown => "next_hop_unknown",
             DropReason::TableFull => "table_full",
             DropReason::UnknownPort => "unknown_port",
+            DropReason::IkeSpiInUse => "ike_spi_in_use",
+            DropReason::FragmentHoldFull => "fragment_hold_full",
+            DropReason::FragmentTimeout => "fragment_timeout",
         }
     }
 }
@@ -109,8 +146,10 @@ pub struct Counters {
     /// ARP replies and neighbour advertisements sent for proxied addresses.
     pub replies: u64,
     /// By [`DropReason::ALL`] index.
-    pub drops: [u64; 11],
-    /// Malformed frames by what was wrong.
+    pub drops: [u64; DropReason::ALL.len()],
+    /// Later fragments held for their first fragment. Each is forwarded or
+    /// dropped later, and counted there too.
+    pub held: u64,
     /// Malformed frames by what was wrong, indexed like [`Malformed::ALL`].
     pub malformed: [u64; 9],
     /// New tunnels placed by the policy.
@@ -150,6 +189,7 @@ pub struct Balancer<P: Policy = Box<dyn Policy>> {
     config: Config,
     gateways: gateways::Gateways,
     table: AffinityTable,
+    fragments: Fragments,
     policy: Guarded<P>,
     counters: Counters,
     /// The last initiator-side next hop seen on the uplink: where return
@@ -170,6 +210,7 @@ impl<P: Policy> Balancer<P> {
             config,
             gateways: gateways::Gateways::default(),
             table,
+            fragments: Fragments::default(),
             policy: Guarded::new(policy),
             counters: Counters::default(),
             default_next_hop: None,
@@ -180,7 +221,7 @@ impl<P: Policy> Balancer<P> {
 
     /// Decide what happens to one frame that arrived on `ingress` at `now`.
     /// On `Forward` the frame's MACs are rewritten in place; on `Reply` the
-    /// frame has been replaced by the reply.
+    /// frame has been replaced by the reply; on `Held` it has been taken.
     pub fn handle(&mut self, frame: &mut Vec<u8>, ingress: PortId, now: Timestamp) -> Verdict {
         let parsed = match packet::parse(frame) {
             Ok(p) => p,
@@ -210,21 +251,28 @@ impl<P: Policy> Balancer<P> {
                 }
                 Err(DropReason::NeighborIgnored)
             }
-            Kind::Ip(ip) if ingress == UPLINK => self.initiator_to_segw(ip, parsed.src, now),
+            Kind::Ip(ip) if ingress == UPLINK => match ip.fragment {
+                Some(piece) => return self.fragment_in(ip, piece, frame, parsed.src, now),
+                None => self.initiator_to_segw(ip, parsed.src, now),
+            },
             Kind::Ip(ip) => self.segw_to_initiator(ip, ingress, parsed.src, now),
             Kind::Other(_) => Err(DropReason::OtherEtherType),
         };
         match step {
-            Ok(egress) => {
-                rewrite::set_macs(frame, egress.dst, self.port_mac(egress.port));
-                self.counters.forwarded += 1;
-                Verdict::Forward(egress.port)
-            }
-            Err(reason) => {
-                self.counters.drops[reason as usize] += 1;
-                Verdict::Drop(reason)
-            }
+            Ok(egress) => self.forward(frame, &egress),
+            Err(reason) => self.count_drop(reason, 1),
         }
+    }
+
+    fn forward(&mut self, frame: &mut [u8], to: &Egress) -> Verdict {
+        rewrite::set_macs(frame, to.dst, self.port_mac(to.port));
+        self.counters.forwarded += 1;
+        Verdict::Forward(to.port)
+    }
+
+    fn count_drop(&mut self, reason: DropReason, frames: usize) -> Verdict {
+        self.counters.drops[reason as usize] += frames as u64;
+        Verdict::Drop(reason)
     }
 
     fn malformed(&mut self, m: Malformed) -> Verdict {
@@ -266,7 +314,7 @@ impl<P: Policy> Balancer<P> {
         prefixes.iter().any(|p| p.contains(ip))
     }
 
-    /// Initiator → segw.
+    /// Initiator → segw, a whole packet.
     fn initiator_to_segw(
         &mut self,
         ip: &IpPacket,
@@ -274,18 +322,107 @@ impl<P: Policy> Balancer<P> {
         now: Timestamp,
     ) -> Result<Egress, DropReason> {
         self.default_next_hop = Some(src_mac);
-        let frag_key = ip.fragment.map(|f| (ip.src, ip.dst, f.id));
-        // Whichever piece of a fragmented packet comes first decides for all.
-        let recorded = frag_key
-            .and_then(|k| self.table.fragment(&k))
-            .filter(|&gw| self.is_up(gw));
-        let (gw, tunnel) = match recorded {
-            Some(gw) => (gw, None),
-            None => self.steer_in(ip, now)?,
+        let (gw, tunnel) = self.steer_in(ip, now)?;
+        self.deliver(gw, tunnel, 1, ip.len as u64, src_mac, now)
+    }
+
+    /// A piece of a fragmented packet from an initiator: it goes where the
+    /// packet's first fragment went, or goes (see [`fragments`]).
+    fn fragment_in(
+        &mut self,
+        ip: &IpPacket,
+        piece: Fragment,
+        frame: &mut Vec<u8>,
+        src_mac: Mac,
+        now: Timestamp,
+    ) -> Verdict {
+        self.default_next_hop = Some(src_mac);
+        let key = (ip.src, ip.dst, piece.id);
+        let decided = self.fragments.decided(&key).filter(|&gw| self.is_up(gw));
+        let steered = match decided {
+            Some(gw) => Ok((gw, None)),
+            None if !piece.first => match self.hold(key, std::mem::take(frame), ip.len, now) {
+                Ok(()) => {
+                    self.counters.held += 1;
+                    return Verdict::Held;
+                }
+                Err(back) => {
+                    *frame = back;
+                    // No room: see `steer_in` for what the address may decide.
+                    self.steer_in(ip, now)
+                }
+            },
+            None => self.steer_in(ip, now),
         };
-        if let Some(key) = frag_key {
-            self.table.record_fragment(key, gw, now);
+        // Whatever waited for this packet goes, or is dropped, with it.
+        let held = self.fragments.take(&key);
+        let (more, more_bytes) = held
+            .as_ref()
+            .map_or((0, 0), |h| (h.frames.len(), h.ip_bytes));
+        let egress = match steered {
+            Ok((gw, tunnel)) => {
+                self.fragments.decide(key, gw, now);
+                let (frames, bytes) = (1 + more as u64, ip.len as u64 + more_bytes);
+                self.deliver(gw, tunnel, frames, bytes, src_mac, now)
+            }
+            Err(reason) => Err(reason),
+        };
+        match (egress, held) {
+            (Ok(to), None) => self.forward(frame, &to),
+            (Ok(to), Some(held)) => {
+                let mut frames = held.frames;
+                let our_mac = self.port_mac(to.port);
+                for f in &mut frames {
+                    rewrite::set_macs(f, to.dst, our_mac);
+                }
+                self.counters.forwarded += frames.len() as u64;
+                self.forward(frame, &to);
+                Verdict::ForwardWithHeld(to.port, frames)
+            }
+            (Err(reason), _) => self.count_drop(reason, 1 + more),
         }
+    }
+
+    /// Hold a later fragment for its first; the frame back when there is no
+    /// room, even after dropping (counted) what waited too long.
+    fn hold(
+        &mut self,
+        key: FragmentKey,
+        frame: Vec<u8>,
+        ip_len: usize,
+        now: Timestamp,
+    ) -> Result<(), Vec<u8>> {
+        let frame = match self.fragments.hold(key, frame, ip_len, now) {
+            Ok(()) => return Ok(()),
+            Err(frame) => frame,
+        };
+        let stale = self
+            .fragments
+            .expire_held(now, self.config.timeouts.fragment_hold);
+        self.counters.drops[DropReason::FragmentTimeout as usize] += stale as u64;
+        if stale == 0 {
+            return Err(frame);
+        }
+        self.fragments.hold(key, frame, ip_len, now)
+    }
+
+    /// `frames` of one packet, `bytes` in all, go to `gw`: count them on
+    /// their tunnel and gateway, and say where they go. Frames that cannot
+    /// go (the segw's MAC is not known yet) are counted as drops only.
+    fn deliver(
+        &mut self,
+        gw: GwId,
+        tunnel: Option<TunnelId>,
+        frames: u64,
+        bytes: u64,
+        src_mac: Mac,
+        now: Timestamp,
+    ) -> Result<Egress, DropReason> {
+        let gateway = self.gateways.get(gw).expect("steered to a live gateway");
+        let to = Egress {
+            port: gateway.spec.port,
+            dst: gateway.mac.ok_or(DropReason::GatewayMacUnknown)?,
+        };
         if let Some(id) = tunnel {
             let t = self
                 .table
@@ -293,20 +430,13 @@ impl<P: Policy> Balancer<P> {
                 .expect("steer_in returns live tunnels");
             t.last_seen = now;
             t.next_hop = Some(src_mac);
-            t.frames += 1;
-            t.bytes += ip.len as u64;
+            t.frames += frames;
+            t.bytes += bytes;
         }
-        let gateway = self
-            .gateways
-            .get_mut(gw)
-            .expect("steered to a live gateway");
-        gateway.counters.frames_to += 1;
-        gateway.counters.bytes_to += ip.len as u64;
-        let dst = gateway.mac.ok_or(DropReason::GatewayMacUnknown)?;
-        Ok(Egress {
-            port: gateway.spec.port,
-            dst,
-        })
+        let counters = &mut self.gateways.get_mut(gw).expect("checked above").counters;
+        counters.frames_to += frames;
+        counters.bytes_to += bytes;
+        Ok(to)
     }
 
     /// The gateway (and tunnel) for a packet from an initiator.
@@ -323,7 +453,12 @@ impl<P: Policy> Balancer<P> {
             Payload::EspInUdp { udp, .. } => self.esp_in(ip, Some(udp.src), Opener::NatT, now)?,
             Payload::Esp { .. } => self.esp_in(ip, None, Opener::Esp, now)?,
             Payload::NatKeepalive { udp } => self.known(ip.src, Some(udp.src))?,
-            Payload::LaterFragment { .. } => self.known(ip.src, None)?,
+            // Only when the fragment hold is full (`fragment_in`): the address
+            // stands in for the first fragment only if it names one tunnel.
+            Payload::LaterFragment { .. } => self
+                .table
+                .sole_tunnel_at(ip.src)
+                .ok_or(DropReason::FragmentHoldFull)?,
             // An ICMP error about a segw's packet to a peer: the peer's tunnel.
             Payload::IcmpError { quoted: Some(q) } => self.known(q.dst, q.udp.map(|u| u.dst))?,
             Payload::IcmpError { quoted: None }
@@ -374,8 +509,17 @@ impl<P: Policy> Balancer<P> {
         if let (Some(id), Some(_)) = (found, spi) {
             self.table.rebind(id, ip.src, port);
         }
+        let key = TunnelKey {
+            peer: ip.src,
+            peer_port: port,
+            vip: ip.dst,
+            ike_spi: spi,
+            opened_by: opener,
+        };
+        // The initiator side chose the SPI: it places the tunnel, but only
+        // the segw's own traffic confirms it.
         let id = self
-            .teach(found, ip.src, port, ip.dst, spi, opener, gw, now)
+            .teach(found, key, gw, TunnelState::HalfOpen, now)
             .ok()?;
         self.counters.steered += 1;
         Some(id)
@@ -384,6 +528,13 @@ impl<P: Policy> Balancer<P> {
     /// IKE from an initiator: by SPI first, so the 500 → 4500 float and
     /// MOBIKE keep the segw; then by endpoint (a new IKE SA from a known
     /// peer stays on its segw); else a new tunnel.
+    ///
+    /// Only a message past IKE_SA_INIT (a non-zero responder SPI) moves a
+    /// tunnel to a new endpoint: its sender had the segw's answer. An
+    /// IKE_SA_INIT needs nothing but the initiator SPI, which anyone on the
+    /// path sees; from another endpoint it is dropped, not a new tunnel,
+    /// because the SPI index and the segw's answers (found by SPI) would
+    /// then mix the two up.
     fn ike_in(
         &mut self,
         ip: &IpPacket,
@@ -393,35 +544,35 @@ impl<P: Policy> Balancer<P> {
         now: Timestamp,
     ) -> Result<TunnelId, DropReason> {
         let spi = h.initiator_spi;
-        let found = self
-            .table
-            .by_spi(spi)
-            .or_else(|| self.table.by_endpoint(ip.src, udp.src));
-        let id = match found {
+        let id = match self.table.by_spi(spi) {
             Some(id) => {
-                self.table.rebind(id, ip.src, udp.src);
-                self.table.set_spi(id, spi);
+                let t = self.table.get(id).expect("indexed tunnels are live");
+                if (t.peer, t.peer_port) != (ip.src, udp.src) {
+                    if h.responder_spi == 0 {
+                        return Err(DropReason::IkeSpiInUse);
+                    }
+                    self.table.rebind(id, ip.src, udp.src);
+                }
                 id
             }
-            None => {
-                let opener = if nat_t { Opener::NatT } else { Opener::Ike };
-                let state = if h.is_sa_init_request() {
-                    TunnelState::HalfOpen
-                } else {
-                    TunnelState::Established
-                };
-                self.open(ip, udp.src, Some(spi), opener, state, now)?
-            }
+            None => match self.table.by_endpoint(ip.src, udp.src) {
+                Some(id) => {
+                    self.table.set_spi(id, spi);
+                    id
+                }
+                None => {
+                    let opener = if nat_t { Opener::NatT } else { Opener::Ike };
+                    self.open(ip, udp.src, Some(spi), opener, now)?
+                }
+            },
         };
-        if !h.is_sa_init_request() {
-            self.table.establish(id);
-        }
         Ok(id)
     }
 
     /// ESP (in UDP, or raw) from an initiator: by endpoint, then address;
-    /// else a new tunnel (an SA exists, so it is established). ESP never
-    /// rebinds: only IKE, which carries the SPI, proves a move.
+    /// else a new tunnel (an SA a fresh balancer has not seen, or a spoof:
+    /// half-open until its segw answers). ESP never rebinds: only IKE,
+    /// which carries the SPI, proves a move.
     fn esp_in(
         &mut self,
         ip: &IpPacket,
@@ -431,14 +582,7 @@ impl<P: Policy> Balancer<P> {
     ) -> Result<TunnelId, DropReason> {
         match self.known(ip.src, port) {
             Ok(id) => Ok(id),
-            Err(_) => self.open(
-                ip,
-                port.unwrap_or(0),
-                None,
-                opener,
-                TunnelState::Established,
-                now,
-            ),
+            Err(_) => self.open(ip, port.unwrap_or(0), None, opener, now),
         }
     }
 
@@ -449,14 +593,15 @@ impl<P: Policy> Balancer<P> {
             .ok_or(DropReason::UnknownTunnel)
     }
 
-    /// A new tunnel: the only place the policy is asked.
+    /// A new tunnel: the only place the policy is asked. Half-open: only
+    /// the initiator side has spoken, and anyone can send that from any
+    /// address; its segw's answer establishes it.
     fn open(
         &mut self,
         ip: &IpPacket,
         peer_port: u16,
         ike_spi: Option<u64>,
         opened_by: Opener,
-        state: TunnelState,
         now: Timestamp,
     ) -> Result<TunnelId, DropReason> {
         let key = TunnelKey {
@@ -472,7 +617,14 @@ impl<P: Policy> Balancer<P> {
             .ok_or(DropReason::NoGateway)?
             .gateway;
         let tunnel = Tunnel::new(
-            ip.src, peer_port, ip.dst, ike_spi, opened_by, gw, state, now,
+            ip.src,
+            peer_port,
+            ip.dst,
+            ike_spi,
+            opened_by,
+            gw,
+            TunnelState::HalfOpen,
+            now,
         );
         let id = self.table.insert(tunnel).ok_or(DropReason::TableFull)?;
         self.counters.placed += 1;
@@ -544,32 +696,36 @@ impl<P: Policy> Balancer<P> {
             g.id
         };
         let peer = ip.dst;
+        let key = |peer_port, ike_spi, opened_by| TunnelKey {
+            peer,
+            peer_port,
+            vip: ip.src,
+            ike_spi,
+            opened_by,
+        };
+        // The segw's own traffic to the peer: the tunnel works, it is
+        // established.
+        let confirmed = TunnelState::Established;
         let tunnel = match &ip.payload {
             Payload::Ike { udp, header, nat_t } => {
                 let opener = if *nat_t { Opener::NatT } else { Opener::Ike };
+                let spi = header.initiator_spi;
                 let found = self
                     .table
-                    .by_spi(header.initiator_spi)
+                    .by_spi(spi)
                     .or_else(|| self.table.by_endpoint(peer, udp.dst));
-                Some(self.teach(
-                    found,
-                    peer,
-                    udp.dst,
-                    ip.src,
-                    Some(header.initiator_spi),
-                    opener,
-                    gw,
-                    now,
-                ))
+                let key = key(udp.dst, Some(spi), opener);
+                Some(self.teach(found, key, gw, confirmed, now))
             }
             Payload::EspInUdp { udp, .. } | Payload::NatKeepalive { udp } => {
                 // Exact endpoint only, as in `steered`: never the address.
                 let found = self.table.by_endpoint(peer, udp.dst);
-                Some(self.teach(found, peer, udp.dst, ip.src, None, Opener::NatT, gw, now))
+                let key = key(udp.dst, None, Opener::NatT);
+                Some(self.teach(found, key, gw, confirmed, now))
             }
             Payload::Esp { .. } => {
                 let found = self.table.by_addr(peer);
-                Some(self.teach(found, peer, 0, ip.src, None, Opener::Esp, gw, now))
+                Some(self.teach(found, key(0, None, Opener::Esp), gw, confirmed, now))
             }
             // Fragments, ICMP and the rest: find the next hop, teach nothing.
             _ => self.table.by_addr(peer).map(Ok),
@@ -585,18 +741,16 @@ impl<P: Policy> Balancer<P> {
         Ok(Egress { port: UPLINK, dst })
     }
 
-    /// A segw sent to a peer: it holds that peer's tunnel. Confirm it, move
-    /// the binding to it, or learn the tunnel outright (after a restart).
-    #[allow(clippy::too_many_arguments)]
+    /// A segw holds the tunnel `key` describes: move the tunnel there if
+    /// the table has it elsewhere, or learn it (after a restart). `state` is
+    /// what the evidence proves: a segw sending to the peer establishes the
+    /// tunnel; an SPI from the initiator side (steering) does not.
     fn teach(
         &mut self,
         found: Option<TunnelId>,
-        peer: IpAddr,
-        peer_port: u16,
-        vip: IpAddr,
-        ike_spi: Option<u64>,
-        opened_by: Opener,
+        key: TunnelKey,
         gw: GwId,
+        state: TunnelState,
         now: Timestamp,
     ) -> Result<TunnelId, DropReason> {
         if let Some(id) = found {
@@ -604,19 +758,20 @@ impl<P: Policy> Balancer<P> {
                 self.move_tunnel(id, gw);
                 self.counters.taught += 1;
             }
-            let t = self.table.get_mut(id).expect("found above");
-            t.last_seen = now;
-            t.state = TunnelState::Established;
+            self.table.get_mut(id).expect("found above").last_seen = now;
+            if state == TunnelState::Established {
+                self.table.establish(id);
+            }
             return Ok(id);
         }
         let tunnel = Tunnel::new(
-            peer,
-            peer_port,
-            vip,
-            ike_spi,
-            opened_by,
+            key.peer,
+            key.peer_port,
+            key.vip,
+            key.ike_spi,
+            key.opened_by,
             gw,
-            TunnelState::Established,
+            state,
             now,
         );
         let id = self.table.insert(tunnel).ok_or(DropReason::TableFull)?;
@@ -759,8 +914,12 @@ impl<P: Policy> Balancer<P> {
     }
 
     /// Forget idle tunnels (up to `budget` slots per call; see
-    /// [`AffinityTable::expire`]).
+    /// [`AffinityTable::expire`]), old fragment decisions, and held
+    /// fragments whose first fragment did not come (counted as dropped).
     pub fn expire(&mut self, now: Timestamp, budget: usize) -> usize {
+        let t = self.config.timeouts;
+        let stale = self.fragments.expire(now, t.fragment_hold, t.fragment);
+        self.counters.drops[DropReason::FragmentTimeout as usize] += stale as u64;
         let gone = self.table.expire(now, budget);
         for t in &gone {
             self.gateway_tunnels(t.gateway, -1);
@@ -800,6 +959,11 @@ impl<P: Policy> Balancer<P> {
 
     pub fn table(&self) -> &AffinityTable {
         &self.table
+    }
+
+    /// Later fragments waiting for their first: (packets, frames, bytes).
+    pub fn held_fragments(&self) -> (usize, usize, usize) {
+        self.fragments.held()
     }
 
     pub fn gateways(&self) -> impl Iterator<Item = &GatewayState> {

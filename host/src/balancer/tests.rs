@@ -80,26 +80,45 @@ impl Lab {
     /// Send an IP packet from the initiator side; returns the segw number
     /// it went to, checking the rewrite on the way.
     fn up(&mut self, ip: Vec<u8>) -> Result<u8, DropReason> {
+        let out = self.up_frames(ip)?;
+        assert_eq!(out.len(), 1, "one frame in, one out");
+        Ok(out[0].0)
+    }
+
+    /// Send an IP packet from the initiator side; returns every frame that
+    /// left (this one, and the held fragments it released: none if it was
+    /// held itself) with the segw it went to, checking each rewrite.
+    fn up_frames(&mut self, ip: Vec<u8>) -> Result<Vec<(u8, Vec<u8>)>, DropReason> {
         let original = frame(port_mac(UPLINK), PEER_SIDE_ROUTER, None, &ip);
         let mut f = original.clone();
-        match self.lb.handle(&mut f, UPLINK, self.now) {
-            Verdict::Forward(port) => {
-                assert_eq!(&f[12..], &original[12..], "bytes past the MACs changed");
-                assert_eq!(
-                    &f[6..12],
-                    &port_mac(port),
-                    "source MAC is not the egress port's"
-                );
-                assert_eq!(
-                    &f[0..6],
-                    &segw_mac(port as u8),
-                    "destination is not the segw's MAC"
-                );
-                Ok(port as u8)
+        let (port, held) = match self.lb.handle(&mut f, UPLINK, self.now) {
+            Verdict::Forward(port) => (port, Vec::new()),
+            Verdict::ForwardWithHeld(port, held) => (port, held),
+            Verdict::Held => {
+                assert!(f.is_empty(), "a held frame is taken");
+                return Ok(Vec::new());
             }
-            Verdict::Drop(r) => Err(r),
+            Verdict::Drop(r) => return Err(r),
             Verdict::Reply => panic!("an IP packet got a reply"),
+        };
+        assert_eq!(&f[12..], &original[12..], "bytes past the MACs changed");
+        let out: Vec<(u8, Vec<u8>)> = std::iter::once(f)
+            .chain(held)
+            .map(|f| (port as u8, f))
+            .collect();
+        for (_, f) in &out {
+            assert_eq!(
+                &f[6..12],
+                &port_mac(port),
+                "source MAC is not the egress port's"
+            );
+            assert_eq!(
+                &f[0..6],
+                &segw_mac(port as u8),
+                "destination is not the segw's MAC"
+            );
         }
+        Ok(out)
     }
 
     /// Send an IP packet from segw `n` towards an initiator.
@@ -121,6 +140,15 @@ impl Lab {
 
     fn placed(&self) -> u64 {
         self.lb.counters().placed
+    }
+
+    /// A working tunnel from `p`: IKE_SA_INIT, its segw's answer (which
+    /// establishes it), IKE_AUTH on 4500. Returns the segw.
+    fn open_tunnel(&mut self, p: IpAddr, spi: u64) -> u8 {
+        let gw = self.up(sa_init(p, 500, spi)).unwrap();
+        self.down(gw, sa_init_answer(p, 500, spi, 0x77)).unwrap();
+        assert_eq!(self.up(auth_4500(p, 4500, spi)), Ok(gw));
+        gw
     }
 }
 
@@ -240,31 +268,196 @@ fn esp_in_udp_by_endpoint_then_address_and_raw_esp_by_address() {
     assert_eq!(lab.placed(), 1);
 }
 
+/// Send every piece; every frame that left, with its segw.
+fn send_pieces(lab: &mut Lab, pieces: &[Vec<u8>]) -> Vec<(u8, Vec<u8>)> {
+    pieces
+        .iter()
+        .flat_map(|p| lab.up_frames(p.clone()).unwrap())
+        .collect()
+}
+
+/// Each piece left exactly once, on `gw`, unchanged past the MACs.
+fn assert_all_on(left: &[(u8, Vec<u8>)], pieces: &[Vec<u8>], gw: u8) {
+    assert!(
+        left.iter().all(|(to, _)| *to == gw),
+        "pieces split or misplaced: {:?}, expected segw{gw}",
+        left.iter().map(|(to, _)| to).collect::<Vec<_>>()
+    );
+    let mut got: Vec<&[u8]> = left.iter().map(|(_, f)| &f[14..]).collect();
+    let mut want: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+    got.sort();
+    want.sort();
+    assert!(got == want, "not every piece left exactly once");
+}
+
 #[test]
 fn fragments_follow_their_first_fragment_in_either_order() {
+    // Two tunnels behind one NAT address, on two segws. The address alone
+    // names whichever was bound last: it cannot stand in for a first
+    // fragment.
     let mut lab = Lab::new();
-    lab.up(sa_init(peer(1), 500, 1)).unwrap();
-    let gw = lab.up(sa_init(peer(7), 500, 7)).unwrap();
-    lab.up(auth_4500(peer(7), 4500, 7)).unwrap();
-    let big = udp_packet(
-        peer(7),
-        4500,
-        VIP,
-        4500,
-        &ike_body(&ike(7, IKE_AUTH, 77), true, 3000),
-    );
-    let in_order = fragments(&big, 1400, 0x1111);
-    let mut reversed = fragments(&big, 1400, 0x2222);
-    reversed.reverse();
-    for pieces in [in_order, reversed] {
-        for p in pieces {
-            assert_eq!(lab.up(p), Ok(gw));
+    let nat = peer(100);
+    let tunnels = [(40_001, 0xa), (40_002, 0xb)];
+    let gws: Vec<u8> = tunnels
+        .iter()
+        .map(|&(port, spi)| lab.up(auth_4500(nat, port, spi)).unwrap())
+        .collect();
+    assert_ne!(gws[0], gws[1]);
+    let mut id = 0x1000;
+    for (&(port, spi), &gw) in tunnels.iter().zip(&gws) {
+        let big = udp_packet(
+            nat,
+            port,
+            VIP,
+            4500,
+            &ike_body(&ike(spi, IKE_AUTH, 77), true, 3000),
+        );
+        for reversed in [false, true] {
+            id += 1;
+            let mut pieces = fragments(&big, 1400, id);
+            assert_eq!(pieces.len(), 3);
+            if reversed {
+                pieces.reverse();
+            }
+            let left = send_pieces(&mut lab, &pieces);
+            assert_all_on(&left, &pieces, gw);
         }
     }
-    // A later fragment of an unknown peer has nothing to follow.
-    let stranger = udp_packet(peer(66), 4500, VIP, 4500, &esp_body(1, 1, 3000));
-    let later = fragments(&stranger, 1400, 0x3333).pop().unwrap();
-    assert_eq!(lab.up(later), Err(DropReason::UnknownTunnel));
+    assert_eq!(
+        lab.lb.counters().held,
+        4,
+        "two pieces of each reversed packet"
+    );
+    assert_eq!(lab.lb.held_fragments(), (0, 0, 0));
+    assert_eq!(lab.placed(), 2);
+    assert_eq!(
+        lab.lb
+            .gateway(&format!("segw{}", gws[0]))
+            .unwrap()
+            .counters
+            .frames_to,
+        1 + 6,
+        "released pieces are counted on their gateway"
+    );
+}
+
+#[test]
+fn ipv6_fragments_follow_their_first_fragment_in_either_order() {
+    use std::net::Ipv6Addr;
+    let mut lab = Lab::new();
+    let vip6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1));
+    // One host, two IKE SAs from two ports (or an NPTv6/NAT66 address).
+    let host = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 7));
+    let auth = |port, spi| {
+        udp_packet(
+            host,
+            port,
+            vip6,
+            4500,
+            &ike_body(&ike(spi, IKE_AUTH, 77), true, 3000),
+        )
+    };
+    let a = lab.up(auth(40_001, 0xa6)).unwrap();
+    let b = lab.up(auth(40_002, 0xb6)).unwrap();
+    assert_ne!(a, b);
+    for (id, reversed) in [(0x6000_0001, false), (0x6000_0002, true)] {
+        let mut pieces = fragments(&auth(40_001, 0xa6), 1400, id);
+        assert!(matches!(
+            packet::parse(&frame(port_mac(UPLINK), PEER_SIDE_ROUTER, None, &pieces[1]))
+                .unwrap()
+                .kind,
+            Kind::Ip(IpPacket {
+                payload: Payload::LaterFragment { .. },
+                ..
+            })
+        ));
+        if reversed {
+            pieces.reverse();
+        }
+        assert_all_on(&send_pieces(&mut lab, &pieces), &pieces, a);
+    }
+}
+
+#[test]
+fn a_later_fragment_whose_first_never_comes_is_dropped_after_the_hold() {
+    let mut lab = Lab::new();
+    // An unknown peer: a fragmented first message (a big IKE_SA_INIT) whose
+    // pieces come reversed opens its tunnel with all of them.
+    let stranger = udp_packet(
+        peer(66),
+        500,
+        VIP,
+        500,
+        &ike_body(&ike(0x66, IKE_SA_INIT, 0), false, 2000),
+    );
+    let mut pieces = fragments(&stranger, 1400, 0x3333);
+    pieces.reverse();
+    let left = send_pieces(&mut lab, &pieces);
+    assert_eq!(left.len(), 2);
+    // A piece whose first fragment is lost waits, then is dropped.
+    let lost = fragments(&stranger, 1400, 0x4444).pop().unwrap();
+    assert_eq!(lab.up_frames(lost), Ok(Vec::new()));
+    assert_eq!(lab.lb.held_fragments().1, 1);
+    lab.tick(Duration::from_millis(900));
+    lab.lb.expire(lab.now, usize::MAX);
+    assert_eq!(lab.lb.held_fragments().1, 1, "still inside the hold time");
+    lab.tick(Duration::from_millis(200));
+    lab.lb.expire(lab.now, usize::MAX);
+    assert_eq!(lab.lb.held_fragments(), (0, 0, 0));
+    assert_eq!(lab.lb.counters().dropped(DropReason::FragmentTimeout), 1);
+}
+
+#[test]
+fn a_packet_of_more_pieces_than_the_hold_takes_stays_whole_from_an_address_with_one_tunnel() {
+    use super::fragments::HOLD_FRAMES_PER_PACKET;
+    let mut lab = Lab::new();
+    lab.up(sa_init(peer(1), 500, 1)).unwrap();
+    let gw = lab.up(auth_4500(peer(5), 4500, 5)).unwrap();
+    let big = udp_packet(peer(5), 4500, VIP, 4500, &esp_body(0x55, 1, 4000));
+    let mut pieces = fragments(&big, 200, 0x5555);
+    assert!(pieces.len() > HOLD_FRAMES_PER_PACKET + 1);
+    pieces.reverse();
+    // The hold takes 16 pieces; the 17th finds no room and the address
+    // (one tunnel) decides, and the held ones leave with it.
+    let left = send_pieces(&mut lab, &pieces);
+    assert_all_on(&left, &pieces, gw);
+    assert_eq!(lab.lb.counters().held, HOLD_FRAMES_PER_PACKET as u64);
+    assert_eq!(lab.lb.held_fragments(), (0, 0, 0));
+}
+
+#[test]
+fn a_full_fragment_hold_falls_back_to_an_address_that_names_one_tunnel() {
+    use super::fragments::HOLD_PACKETS;
+    let mut lab = Lab::new();
+    lab.up(sa_init(peer(1), 500, 1)).unwrap();
+    let alone = lab.up(sa_init(peer(2), 500, 2)).unwrap();
+    let nat = peer(100);
+    lab.up(auth_4500(nat, 40_001, 0xa)).unwrap();
+    lab.up(auth_4500(nat, 40_002, 0xb)).unwrap();
+    // Later fragments from spoofed sources fill the hold.
+    let later = |src, id| {
+        let p = udp_packet(src, 4500, VIP, 4500, &esp_body(1, 1, 1500));
+        fragments(&p, 1400, id).pop().unwrap()
+    };
+    for i in 0..HOLD_PACKETS as u32 {
+        let spoofed = IpAddr::V4(Ipv4Addr::from(0xcb00_7100 + i));
+        assert_eq!(lab.up_frames(later(spoofed, i)), Ok(Vec::new()));
+    }
+    let spoofed = IpAddr::V4(Ipv4Addr::from(0xcb00_7100 + HOLD_PACKETS as u32));
+    assert_eq!(lab.up(later(spoofed, 1)), Err(DropReason::FragmentHoldFull));
+    assert_eq!(lab.lb.held_fragments().0, HOLD_PACKETS);
+    // No room: an address with one tunnel still decides; a NAT address
+    // with two does not.
+    assert_eq!(lab.up(later(peer(2), 7)), Ok(alone));
+    assert_eq!(lab.up(later(nat, 8)), Err(DropReason::FragmentHoldFull));
+    // Once the flood's pieces have waited out the hold, there is room again.
+    lab.tick(Duration::from_secs(2));
+    assert_eq!(lab.up_frames(later(nat, 9)), Ok(Vec::new()));
+    assert_eq!(lab.lb.held_fragments().1, 1);
+    assert_eq!(
+        lab.lb.counters().dropped(DropReason::FragmentTimeout),
+        HOLD_PACKETS as u64
+    );
 }
 
 #[test]
@@ -294,6 +487,38 @@ fn mobike_moves_the_binding_not_the_segw() {
 }
 
 #[test]
+fn an_ike_sa_init_with_a_known_spi_from_elsewhere_moves_nothing() {
+    let mut lab = Lab::new();
+    lab.up(sa_init(peer(1), 500, 1)).unwrap();
+    let gw = lab.up(sa_init(peer(8), 500, 8)).unwrap();
+    lab.up(auth_4500(peer(8), 40_008, 8)).unwrap();
+    // Someone who saw the SPI on the wire sends IKE_SA_INIT with it from
+    // an address of their own.
+    let spoofer = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 66));
+    assert_eq!(
+        lab.up(sa_init(spoofer, 500, 8)),
+        Err(DropReason::IkeSpiInUse)
+    );
+    assert_eq!(lab.lb.counters().dropped(DropReason::IkeSpiInUse), 1);
+    let t = lab.lb.table();
+    let id = t.by_spi(8).unwrap();
+    assert_eq!(t.by_endpoint(peer(8), 40_008), Some(id), "binding kept");
+    assert_eq!(t.by_endpoint(spoofer, 500), None);
+    assert_eq!(t.counters.rebound, 1, "the float only");
+    // The real peer's traffic is where it was; nothing was placed anew.
+    assert_eq!(lab.up(esp_udp(peer(8), 40_008, 0xe8)), Ok(gw));
+    assert_eq!(
+        lab.up(ip_packet(peer(8), VIP, 50, &esp_body(0xe9, 1, 80), 1)),
+        Ok(gw)
+    );
+    assert_eq!(lab.placed(), 2);
+    // The same SPI past IKE_SA_INIT (the responder's SPI in it) still
+    // moves the binding: NAT rebinding, MOBIKE.
+    assert_eq!(lab.up(auth_4500(peer(8), 40_108, 8)), Ok(gw));
+    assert_eq!(lab.lb.table().by_endpoint(peer(8), 40_108), Some(id));
+}
+
+#[test]
 fn icmp_packet_too_big_goes_to_the_segw_of_the_quoted_tunnel() {
     let mut lab = Lab::new();
     lab.up(sa_init(peer(1), 500, 1)).unwrap();
@@ -305,6 +530,37 @@ fn icmp_packet_too_big_goes_to_the_segw_of_the_quoted_tunnel() {
     assert_eq!(
         lab.up(icmp_too_big(router, VIP, &segw_to_peer, 1280)),
         Ok(gw)
+    );
+}
+
+#[test]
+fn icmpv6_packet_too_big_goes_to_the_segw_of_the_quoted_tunnel() {
+    use std::net::Ipv6Addr;
+    let mut lab = Lab::new();
+    let vip6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1));
+    let host = |n| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, n));
+    let auth = |p, spi| {
+        udp_packet(
+            p,
+            4500,
+            vip6,
+            4500,
+            &ike_body(&ike(spi, IKE_AUTH, 77), true, 400),
+        )
+    };
+    lab.up(auth(host(1), 1)).unwrap();
+    let gw = lab.up(auth(host(4), 4)).unwrap();
+    assert_eq!(gw, 2);
+    // The segw's ESP to the peer was too big for a router on the way.
+    let router = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1));
+    let segw_to = |p| udp_packet(vip6, 4500, p, 4500, &esp_body(0x77, 5, 1400));
+    let too_big = icmp_too_big(router, vip6, &segw_to(host(4)), 1280);
+    assert_eq!(too_big[40], 2, "ICMPv6 packet too big");
+    assert_eq!(lab.up(too_big), Ok(gw));
+    // Quoting a packet to a peer nobody knows: nowhere to go.
+    assert_eq!(
+        lab.up(icmp_too_big(router, vip6, &segw_to(host(99)), 1280)),
+        Err(DropReason::UnknownTunnel)
     );
 }
 
@@ -407,10 +663,13 @@ fn draining_takes_no_new_tunnels_and_keeps_its_own() {
 fn half_open_entries_expire_sooner_than_established_ones() {
     let mut lab = Lab::new();
     lab.up(sa_init(peer(1), 500, 1)).unwrap(); // stays half-open
-    lab.up(sa_init(peer(2), 500, 2)).unwrap();
-    lab.up(auth_4500(peer(2), 4500, 2)).unwrap(); // established
+    lab.open_tunnel(peer(2), 2); // answered: established
+                                 // Initiator-side traffic alone, even past IKE_SA_INIT, is half-open.
+    lab.up(auth_4500(peer(3), 4500, 3)).unwrap();
+    lab.up(esp_udp(peer(4), 4500, 4)).unwrap();
     lab.tick(Duration::from_secs(31));
-    assert_eq!(lab.lb.expire(lab.now, usize::MAX), 1);
+    assert_eq!(lab.lb.expire(lab.now, usize::MAX), 3);
+    assert_eq!(lab.lb.table().counters.expired, 3);
     assert_eq!(lab.lb.table().len(), 1);
     lab.tick(Duration::from_secs(560)); // 591 s idle: under the 600 s idle timeout
     assert_eq!(lab.lb.expire(lab.now, usize::MAX), 0);
@@ -427,15 +686,13 @@ fn half_open_entries_expire_sooner_than_established_ones() {
 fn an_ike_sa_init_flood_stays_in_bounds_and_moves_no_established_tunnel() {
     let mut lab = Lab::with_capacity(100);
     let established: Vec<(u8, u8)> = (1..=20)
-        .map(|n| {
-            lab.up(sa_init(peer(n), 500, u64::from(n))).unwrap();
-            (n, lab.up(auth_4500(peer(n), 4500, u64::from(n))).unwrap())
-        })
+        .map(|n| (n, lab.open_tunnel(peer(n), u64::from(n))))
         .collect();
     for i in 0..10_000u32 {
         let spoofed = IpAddr::V4(Ipv4Addr::from(0xcb00_7100 + i));
         let _ = lab.up(sa_init(spoofed, 500, u64::from(i) << 20));
         assert!(lab.lb.table().len() <= 100);
+        assert!(lab.lb.table().half_open_len() <= 80);
     }
     for (n, gw) in established {
         assert_eq!(
@@ -447,17 +704,127 @@ fn an_ike_sa_init_flood_stays_in_bounds_and_moves_no_established_tunnel() {
     assert!(lab.lb.table().counters.evicted_half_open > 9_000);
 }
 
+/// segw `gw`'s answer to peer `p`'s IKE_SA_INIT: what confirms a tunnel.
+fn sa_init_answer(p: IpAddr, port: u16, spi: u64, responder_spi: u64) -> Vec<u8> {
+    let h = IkeHeader {
+        from_initiator: false,
+        response: true,
+        ..ike(spi, IKE_SA_INIT, responder_spi)
+    };
+    udp_packet(VIP, 500, p, port, &ike_body(&h, false, 100))
+}
+
+#[test]
+fn half_open_bookkeeping_stays_within_the_table_under_long_churn() {
+    // Far more IKE_SA_INITs over time than the table holds, never full:
+    // half of them answered (established), the rest left half-open, all
+    // expiring in turn. What is kept for eviction order follows the table.
+    let mut lab = Lab::with_capacity(100);
+    for i in 0..10_000u32 {
+        let p = IpAddr::V4(Ipv4Addr::from(0xc000_0000 + i));
+        let spi = u64::from(i) + 1;
+        let gw = lab.up(sa_init(p, 500, spi)).unwrap();
+        if i % 2 == 0 {
+            lab.down(gw, sa_init_answer(p, 500, spi, 0x77)).unwrap();
+        }
+        if i % 50 == 49 {
+            lab.tick(Duration::from_secs(601));
+            assert_eq!(lab.lb.expire(lab.now, usize::MAX), 50);
+        }
+        let t = lab.lb.table();
+        let half_open = t
+            .iter()
+            .filter(|(_, t)| t.state() == TunnelState::HalfOpen)
+            .count();
+        assert_eq!(t.half_open_len(), half_open, "after IKE_SA_INIT {i}");
+        assert!(t.half_open_len() <= t.len() && t.len() < 100);
+    }
+    assert_eq!(lab.lb.table().counters.evicted_half_open, 0);
+}
+
+#[test]
+fn a_full_table_evicts_the_oldest_half_open_entry_even_from_a_reused_slot() {
+    let mut lab = Lab::with_capacity(3);
+    lab.up(sa_init(peer(1), 500, 1)).unwrap();
+    lab.tick(Duration::from_secs(20));
+    lab.up(sa_init(peer(2), 500, 2)).unwrap();
+    lab.tick(Duration::from_secs(11));
+    // Peer 1 gives up; its slot is free, and peer 2 is now the oldest.
+    assert_eq!(lab.lb.expire(lab.now, usize::MAX), 1);
+    lab.up(sa_init(peer(3), 500, 3)).unwrap(); // in peer 1's old slot
+    lab.up(sa_init(peer(4), 500, 4)).unwrap();
+    assert_eq!(lab.lb.table().len(), 3);
+    lab.up(sa_init(peer(5), 500, 5)).unwrap();
+    let t = lab.lb.table();
+    assert_eq!(t.by_spi(2), None, "peer 2 was the oldest half-open entry");
+    for spi in [3, 4, 5] {
+        assert!(
+            t.by_spi(spi).is_some(),
+            "peer {spi} was evicted out of turn"
+        );
+    }
+    assert_eq!(t.counters.evicted_half_open, 1);
+}
+
 #[test]
 fn a_table_full_of_established_tunnels_refuses_new_ones() {
     let mut lab = Lab::with_capacity(3);
     for n in 1..=3 {
-        lab.up(auth_4500(peer(n), 4500, u64::from(n))).unwrap();
+        lab.open_tunnel(peer(n), u64::from(n));
     }
+    assert_eq!(lab.up(sa_init(peer(4), 500, 4)), Err(DropReason::TableFull));
     assert_eq!(
-        lab.up(auth_4500(peer(4), 4500, 4)),
+        lab.up(esp_udp(peer(5), 4500, 5)),
         Err(DropReason::TableFull)
     );
-    assert_eq!(lab.lb.counters().dropped(DropReason::TableFull), 1);
+    assert_eq!(lab.lb.counters().dropped(DropReason::TableFull), 2);
+}
+
+#[test]
+fn a_spoofed_esp_flood_cannot_lock_new_tunnels_out() {
+    let mut lab = Lab::with_capacity(100);
+    let established: Vec<(u8, u8)> = (1..=20)
+        .map(|n| (n, lab.open_tunnel(peer(n), u64::from(n))))
+        .collect();
+    // After a balancer restart: ESP of a tunnel the table does not know is
+    // placed, and its segw's answer establishes it.
+    let restarted = peer(150);
+    let gw_restarted = lab.up(esp_udp(restarted, 4500, 0x1500)).unwrap();
+    let answer = udp_packet(VIP, 4500, restarted, 4500, &esp_body(0x5100, 1, 100));
+    lab.down(gw_restarted, answer).unwrap();
+    // ESP in UDP and raw ESP from spoofed sources: 100 times the table.
+    let flood = |lab: &mut Lab, from: u32, n: u32| {
+        for i in from..from + n {
+            let spoofed = IpAddr::V4(Ipv4Addr::from(0xcb00_7100 + i));
+            // Whether the flood gets through is not the point; the bound is.
+            let _ = if i % 2 == 0 {
+                lab.up(esp_udp(spoofed, 4500, i))
+            } else {
+                lab.up(ip_packet(spoofed, VIP, 50, &esp_body(i, 1, 80), 1))
+            };
+            assert!(lab.lb.table().len() <= 100);
+        }
+    };
+    flood(&mut lab, 0, 10_000);
+    assert_eq!(lab.lb.table().len(), 100);
+    // A new tunnel still gets in, and stays once its segw has answered.
+    let newcomer = peer(200);
+    let gw_new = lab
+        .up(sa_init(newcomer, 500, 0x200))
+        .expect("a new tunnel is let in");
+    lab.down(gw_new, sa_init_answer(newcomer, 500, 0x200, 0x99))
+        .unwrap();
+    flood(&mut lab, 10_000, 1_000);
+    assert_eq!(lab.up(auth_4500(newcomer, 4500, 0x200)), Ok(gw_new));
+    for (n, gw) in established {
+        assert_eq!(lab.up(esp_udp(peer(n), 4500, 1)), Ok(gw), "tunnel {n}");
+    }
+    assert_eq!(lab.up(esp_udp(restarted, 4500, 0x1500)), Ok(gw_restarted));
+    assert_eq!(lab.lb.counters().dropped(DropReason::TableFull), 0);
+    // What the flood left is forgotten on the half-open timeout.
+    lab.tick(Duration::from_secs(31));
+    lab.lb.expire(lab.now, usize::MAX);
+    assert_eq!(lab.lb.table().len(), 22);
 }
 
 #[test]
@@ -487,7 +854,14 @@ fn only_a_miss_asks_the_policy_and_a_swap_moves_nothing_unless_asked() {
     let (_, moved) =
         lab.lb
             .replace_policy(native::shipped("weighted", &[]).unwrap(), true, lab.now);
+    // Round-robin's placement is not weighted's: a rebalance moves some,
+    // and says how many.
+    assert!(moved > 0, "a rebalance to another policy moved nothing");
     assert_eq!(moved, lab.lb.counters().moved);
+    assert_eq!(
+        lab.lb.gateways().map(|g| g.counters.moved_in).sum::<u64>(),
+        moved
+    );
     assert_eq!(
         lab.lb.gateways().map(|g| g.counters.tunnels).sum::<u64>(),
         9
@@ -612,6 +986,45 @@ fn return_traffic_for_one_tunnel_behind_a_nat_never_moves_its_neighbour() {
 }
 
 #[test]
+fn the_address_still_finds_its_other_tunnels_when_the_latest_one_there_goes() {
+    let mut lab = Lab::new();
+    let nat = peer(100);
+    // Two working tunnels behind one NAT address, on two segws.
+    let open = |lab: &mut Lab, port, spi| {
+        let gw = lab.up(auth_4500(nat, port, spi)).unwrap();
+        let back = udp_packet(
+            VIP,
+            4500,
+            nat,
+            port,
+            &esp_body(0x5000 + port as u32, 1, 100),
+        );
+        lab.down(gw, back).unwrap();
+        gw
+    };
+    let a = open(&mut lab, 40_001, 0xa);
+    lab.tick(Duration::from_secs(300));
+    let b = open(&mut lab, 40_002, 0xb);
+    assert_ne!(a, b);
+    assert_eq!(lab.lb.table().by_addr(nat), lab.lb.table().by_spi(0xb));
+    // a is busy, b goes quiet: at 601 s idle b is forgotten.
+    lab.tick(Duration::from_secs(300));
+    lab.up(esp_udp(nat, 40_001, 0xa0)).unwrap();
+    lab.tick(Duration::from_secs(301));
+    assert_eq!(lab.lb.expire(lab.now, usize::MAX), 1);
+    assert_eq!(lab.lb.table().by_spi(0xb), None);
+    // The NAT remaps a: its ESP comes from a new port before any IKE. The
+    // address still names a, which keeps its segw; no policy call.
+    let placed = lab.placed();
+    assert_eq!(lab.up(esp_udp(nat, 41_001, 0xa0)), Ok(a));
+    assert_eq!(lab.placed(), placed);
+    assert_eq!(
+        lab.lb.table().sole_tunnel_at(nat),
+        lab.lb.table().by_spi(0xa)
+    );
+}
+
+#[test]
 fn neighbour_solicitations_for_proxied_ipv6_get_an_advertisement_from_the_ingress_port() {
     use crate::packet::ndp;
     use std::net::Ipv6Addr;
@@ -659,7 +1072,116 @@ fn neighbour_solicitations_for_proxied_ipv6_get_an_advertisement_from_the_ingres
         lb.handle(&mut other, UPLINK, Timestamp::ZERO),
         Verdict::Drop(DropReason::NeighborIgnored)
     );
-    assert_eq!(lb.announce(IpAddr::V6(vip6)).len(), 4);
+}
+
+#[test]
+fn announce_is_a_gratuitous_arp_or_an_unsolicited_advertisement_from_each_port() {
+    use crate::packet::ndp;
+    use std::net::Ipv6Addr;
+    let lab = Lab::new();
+    let vip = Ipv4Addr::new(10, 2, 2, 1);
+    let sent = lab.lb.announce(IpAddr::V4(vip));
+    assert_eq!(
+        sent.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+        [0, 1, 2, 3]
+    );
+    for (port, f) in &sent {
+        assert_eq!(
+            (&f[0..6], &f[6..12]),
+            (&[0xff; 6][..], &port_mac(*port)[..])
+        );
+        let Kind::Arp(arp) = packet::parse(f).unwrap().kind else {
+            panic!("not ARP")
+        };
+        // A request for itself: every Linux neighbour table takes it.
+        assert_eq!(
+            arp,
+            packet::arp::Arp {
+                op: packet::arp::REQUEST,
+                sender_mac: port_mac(*port),
+                sender_ip: vip,
+                target_mac: [0; 6],
+                target_ip: vip,
+            }
+        );
+    }
+    let vip6 = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
+    let sent = lab.lb.announce(IpAddr::V6(vip6));
+    assert_eq!(sent.len(), 4);
+    for (port, f) in &sent {
+        assert_eq!(
+            (&f[0..6], &f[6..12]),
+            (&[0x33, 0x33, 0, 0, 0, 1][..], &port_mac(*port)[..]),
+            "to all nodes, from the port"
+        );
+        let Kind::Ip(ip) = packet::parse(f).unwrap().kind else {
+            panic!("not IP")
+        };
+        assert_eq!(
+            (ip.src, ip.dst),
+            (IpAddr::V6(vip6), IpAddr::V6(ndp::ALL_NODES))
+        );
+        assert_eq!(f[14 + 7], 255, "hop limit");
+        let icmp = &f[14 + 40..];
+        assert_eq!(icmp[0], ndp::ADVERTISEMENT);
+        assert_eq!(icmp[4], 0x20, "override, not solicited, not a router");
+        assert_eq!(&icmp[8..24], &vip6.octets());
+        assert_eq!(&icmp[24..26], &[2, 1], "target link-layer address option");
+        assert_eq!(&icmp[26..32], &port_mac(*port));
+        assert!(crate::packet::checksum_ok_for_test(
+            vip6,
+            ndp::ALL_NODES,
+            icmp
+        ));
+    }
+}
+
+#[test]
+fn frames_and_bytes_are_counted_each_way_and_a_frame_that_cannot_go_is_not() {
+    // One segw whose MAC is learned, not configured.
+    let config = Config {
+        port_macs: (0..2).map(port_mac).collect(),
+        proxy: vec!["10.2.2.1".parse().unwrap()],
+        proxy_gateways: Vec::new(),
+        max_tunnels: 16,
+        timeouts: Timeouts::default(),
+    };
+    let mut lb: Balancer = Balancer::new(config, native::shipped("round-robin", &[]).unwrap());
+    let spec = GatewaySpec {
+        name: "segw1".into(),
+        port: 1,
+        mac: None,
+        weight: 1,
+        steering: SpiSteering::default(),
+    };
+    lb.add_gateway(spec, Timestamp::ZERO).unwrap();
+    let mut lab = Lab {
+        lb,
+        now: Timestamp::ZERO,
+    };
+    let init = sa_init(peer(1), 500, 1);
+    assert_eq!(lab.up(init.clone()), Err(DropReason::GatewayMacUnknown));
+    let c = lab.lb.gateway("segw1").unwrap().counters;
+    assert_eq!((c.frames_to, c.bytes_to), (0, 0), "nothing was sent");
+    // The segw's ARP teaches its MAC; now frames go, and are counted.
+    let mut arp = arp_reply_from_segw(1);
+    lab.lb.handle(&mut arp, 1, lab.now);
+    assert_eq!(lab.up(init.clone()), Ok(1));
+    let answer = sa_init_answer(peer(1), 500, 1, 0x77);
+    lab.down(1, answer.clone()).unwrap();
+    let esp = udp_packet(peer(1), 4500, VIP, 4500, &esp_body(0xe1, 1, 1000));
+    assert_eq!(lab.up(esp.clone()), Ok(1));
+    let c = lab.lb.gateway("segw1").unwrap().counters;
+    // IP lengths: what went into the segw, and what came out of it.
+    assert_eq!(
+        (c.frames_to, c.bytes_to),
+        (2, (init.len() + esp.len()) as u64)
+    );
+    assert_eq!((c.frames_from, c.bytes_from), (1, answer.len() as u64));
+    assert_eq!(esp.len(), 20 + 8 + 1000);
+    let (_, t) = lab.lb.table().iter().next().unwrap();
+    assert_eq!((t.frames, t.bytes), (2, (init.len() + esp.len()) as u64));
+    assert_eq!(lab.lb.counters().dropped(DropReason::GatewayMacUnknown), 1);
 }
 
 // ----- health probing -------------------------------------------------------

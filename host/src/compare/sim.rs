@@ -15,9 +15,7 @@ use std::time::Instant;
 
 use super::scenario::{Event, Scenario, SegwSpec};
 use crate::balancer::affinity::Timeouts;
-use crate::balancer::{
-    farm, Balancer, Config, DropReason, GatewaySpec, PortId, Prefix, Verdict, UPLINK,
-};
+use crate::balancer::{farm, Balancer, Config, DropReason, GatewaySpec, PortId, Prefix, UPLINK};
 use crate::packet::craft::{self, EspFrame};
 use crate::packet::{ike, IkeHeader, Mac};
 use crate::policy::{CallError, Gateway, Policy, TunnelKey};
@@ -548,7 +546,11 @@ impl Sim<'_> {
     /// `buf` from peer `i` into the uplink; note where it lands.
     fn send_in(&mut self, i: usize) {
         self.frames += 1;
-        if let Verdict::Forward(port) = self.lb.handle(&mut self.buf, UPLINK, self.now) {
+        if let Some(port) = self
+            .lb
+            .handle(&mut self.buf, UPLINK, self.now)
+            .forwarded_to()
+        {
             if port != UPLINK {
                 self.landed(i, usize::from(port) - 1);
             }
@@ -558,7 +560,7 @@ impl Sim<'_> {
     /// `buf` from the segw on `port`; it must reach the initiator side.
     fn send_back(&mut self, port: PortId) {
         self.frames += 1;
-        if self.lb.handle(&mut self.buf, port, self.now) != Verdict::Forward(UPLINK) {
+        if self.lb.handle(&mut self.buf, port, self.now).forwarded_to() != Some(UPLINK) {
             self.returns_lost += 1;
         }
     }

@@ -178,6 +178,18 @@ pub fn render(s: &Status) -> String {
         one(s.table.evicted_half_open.to_string()),
     );
     family(
+        "fragments_held_total",
+        "counter",
+        "Later fragments held until their first fragment came (or timed out).",
+        one(s.counters.fragments_held.to_string()),
+    );
+    family(
+        "fragments_waiting",
+        "gauge",
+        "Later fragments waiting for their first fragment now.",
+        one(s.counters.fragments_waiting.to_string()),
+    );
+    family(
         "tunnels_moved_total",
         "counter",
         "Tunnels moved off a down or removed gateway, or by a rebalance.",

@@ -94,6 +94,12 @@ pub struct CounterStatus {
     pub taught: u64,
     pub moved: u64,
     pub steered: u64,
+    /// Later fragments held for their first fragment, since start.
+    #[serde(default)]
+    pub fragments_held: u64,
+    /// Later fragments waiting for their first fragment now.
+    #[serde(default)]
+    pub fragments_waiting: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -202,6 +208,8 @@ impl Status {
                 taught: c.taught,
                 moved: c.moved,
                 steered: c.steered,
+                fragments_held: c.held,
+                fragments_waiting: lb.held_fragments().1,
             },
             drops: DropReason::ALL
                 .iter()
@@ -338,7 +346,7 @@ fn tunnel_status(t: &Tunnel, now: Timestamp) -> TunnelStatus {
         idle_s: now.since(t.last_seen).as_secs_f64(),
         frames: t.frames,
         bytes: t.bytes,
-        state: match t.state {
+        state: match t.state() {
             TunnelState::HalfOpen => "half-open",
             TunnelState::Established => "established",
         }

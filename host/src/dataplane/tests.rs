@@ -106,6 +106,57 @@ fn frames_from_the_uplink_leave_on_the_segw_port_with_only_the_macs_changed() {
 }
 
 #[test]
+fn later_fragments_that_come_first_leave_with_their_first_on_its_port() {
+    let (mut w, out) = worker(None);
+    // Two tunnels behind one NAT address, on segw1 and segw2.
+    let nat = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 100));
+    let esp = udp_packet(nat, 40_001, IpAddr::V4(VIP), 4500, &esp_body(0x77, 1, 3000));
+    for port in [40_001, 40_002] {
+        // IKE_AUTH on 4500 with a new SPI: a tunnel of its own each.
+        let header = crate::packet::IkeHeader {
+            initiator_spi: u64::from(port),
+            responder_spi: 0x77,
+            exchange: crate::packet::ike::IKE_AUTH,
+            from_initiator: true,
+            response: false,
+            message_id: 1,
+        };
+        let body = crate::packet::craft::ike_body(&header, true, 200);
+        let ip = udp_packet(nat, port, IpAddr::V4(VIP), 4500, &body);
+        let f = frame(port_mac(UPLINK), ROUTER, None, &ip);
+        w.frame(
+            Received {
+                port: UPLINK,
+                frame: f,
+            },
+            Timestamp::ZERO,
+        );
+    }
+    assert_eq!(out.try_iter().map(|(p, _)| p).collect::<Vec<_>>(), [1, 2]);
+    // A big packet of the first tunnel, its pieces in reverse.
+    let pieces = crate::packet::craft::fragments(&esp, 1400, 0x4242);
+    for ip in pieces.iter().rev() {
+        let f = frame(port_mac(UPLINK), ROUTER, None, ip);
+        w.frame(
+            Received {
+                port: UPLINK,
+                frame: f,
+            },
+            Timestamp::ZERO,
+        );
+    }
+    let sent: Vec<(PortId, Vec<u8>)> = out.try_iter().collect();
+    assert_eq!(sent.len(), pieces.len(), "every piece went out once");
+    for (port, f) in &sent {
+        assert_eq!(*port, 1, "a piece went to segw{port}");
+        assert_eq!(&f[0..6], &segw_mac(1));
+        assert!(pieces.iter().any(|ip| f[14..] == ip[..]));
+    }
+    let c = w.status(0, Timestamp::ZERO).counters;
+    assert_eq!((c.fragments_held, c.fragments_waiting), (2, 0));
+}
+
+#[test]
 fn arp_for_the_vip_is_answered_on_the_port_it_came_in_on() {
     let (mut w, out) = worker(None);
     let ask = crate::packet::arp::Arp::request(ROUTER, Ipv4Addr::new(198, 51, 100, 1), VIP)
