@@ -49,6 +49,16 @@ pub struct Tunnel {
     pub ike_spi: Option<u64>,
     pub opened_by: Opener,
     pub gateway: GwId,
+    /// Placed by the policy from traffic that does not open a tunnel (ESP,
+    /// IKE past IKE_SA_INIT): what a fresh balancer does for a tunnel it
+    /// has not seen. Return traffic from another segw corrects a guess; it
+    /// never overrides a decision (a new tunnel's placement, a re-placement,
+    /// a rebalance).
+    pub guessed: bool,
+    /// Still at the address it opened from, so `(peer, opened_port)` is
+    /// where a new IKE SA of the same peer comes from (a DPD restart, a
+    /// reauthentication): the table finds the tunnel there too.
+    at_opening_address: bool,
     /// Changed through the table only ([`AffinityTable::establish`]): the
     /// table keeps half-open entries in order.
     state: TunnelState,
@@ -85,6 +95,8 @@ impl Tunnel {
             ike_spi,
             opened_by,
             gateway,
+            guessed: false,
+            at_opening_address: true,
             state,
             since: now,
             last_seen: now,
@@ -296,6 +308,8 @@ impl AffinityTable {
         self.by_spi.get(&spi).copied()
     }
 
+    /// The tunnel bound to `(addr, port)`: its current endpoint, or the
+    /// one it opened from (before the float to 4500).
     pub fn by_endpoint(&self, addr: IpAddr, port: u16) -> Option<TunnelId> {
         self.by_endpoint.get(&(addr, port)).copied()
     }
@@ -349,6 +363,12 @@ impl AffinityTable {
             self.by_spi.insert(spi, id);
         }
         self.by_endpoint.insert((t.peer, t.peer_port), id);
+        if t.at_opening_address && t.opened_port != t.peer_port {
+            // Never taken from another tunnel's current endpoint.
+            self.by_endpoint
+                .entry((t.peer, t.opened_port))
+                .or_insert(id);
+        }
         let at = self.by_addr.entry(t.peer).or_insert(Chain::EMPTY);
         at.push_back(&mut self.links, id, at_addr);
     }
@@ -363,8 +383,10 @@ impl AffinityTable {
                 self.by_spi.remove(&spi);
             }
         }
-        if self.by_endpoint.get(&(t.peer, t.peer_port)) == Some(&id) {
-            self.by_endpoint.remove(&(t.peer, t.peer_port));
+        for port in [t.peer_port, t.opened_port] {
+            if self.by_endpoint.get(&(t.peer, port)) == Some(&id) {
+                self.by_endpoint.remove(&(t.peer, port));
+            }
         }
         if let Some(at) = self.by_addr.get_mut(&t.peer) {
             at.unlink(&mut self.links, id, at_addr);
@@ -394,6 +416,7 @@ impl AffinityTable {
         }
         self.unindex(id);
         let t = self.get_mut(id).expect("checked above");
+        t.at_opening_address &= t.peer == peer;
         t.peer = peer;
         t.peer_port = peer_port;
         self.index(id);

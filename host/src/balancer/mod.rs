@@ -66,6 +66,20 @@ impl Verdict {
     }
 }
 
+/// What says a tunnel is on a segw, and what it may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Evidence {
+    /// The segw sent to the peer: it holds the tunnel. Learns an unknown
+    /// tunnel, establishes it, corrects a guessed placement; against a
+    /// placement the balancer decided it is a conflict (counted; the frame
+    /// still reaches the peer, the tunnel stays).
+    SegwSpoke,
+    /// The initiator used an SPI from the segw's configured range: the
+    /// segw made that SA, so it places the tunnel, whatever the table
+    /// said; only the segw's own answer establishes it.
+    SpiRange,
+}
+
 /// Why a frame was dropped. Each is a counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
@@ -119,6 +133,20 @@ impl DropReason {
         DropReason::FragmentTimeout,
     ];
 
+    /// Traffic that is not the balancer's to carry (ARP and neighbour
+    /// solicitations for addresses it does not proxy, non-IPsec packets,
+    /// other EtherTypes): on a real link some is always there. Every other
+    /// reason is a frame of a tunnel, or of an attack on one.
+    pub fn is_foreign(self) -> bool {
+        matches!(
+            self,
+            DropReason::NotIpsec
+                | DropReason::ArpIgnored
+                | DropReason::NeighborIgnored
+                | DropReason::OtherEtherType
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::Malformed => "malformed",
@@ -152,6 +180,10 @@ pub struct Counters {
     pub held: u64,
     /// Malformed frames by what was wrong, indexed like [`Malformed::ALL`].
     pub malformed: [u64; 9],
+    /// Return traffic from a segw for a tunnel the balancer placed on
+    /// another (a segw a rebalance or a failure moved the tunnel away
+    /// from, still talking): forwarded to the peer, the tunnel not moved.
+    pub conflicts: u64,
     /// New tunnels placed by the policy.
     pub placed: u64,
     /// Tunnels learned from a segw's return traffic (no policy call).
@@ -518,9 +550,7 @@ impl<P: Policy> Balancer<P> {
         };
         // The initiator side chose the SPI: it places the tunnel, but only
         // the segw's own traffic confirms it.
-        let id = self
-            .teach(found, key, gw, TunnelState::HalfOpen, now)
-            .ok()?;
+        let id = self.teach(found, key, gw, Evidence::SpiRange, now).ok()?;
         self.counters.steered += 1;
         Some(id)
     }
@@ -562,7 +592,10 @@ impl<P: Policy> Balancer<P> {
                 }
                 None => {
                     let opener = if nat_t { Opener::NatT } else { Opener::Ike };
-                    self.open(ip, udp.src, Some(spi), opener, now)?
+                    // Only an IKE_SA_INIT opens a tunnel: anything else is
+                    // a tunnel this balancer has not seen, placed by guess.
+                    let guessed = !h.is_sa_init_request();
+                    self.open(ip, udp.src, Some(spi), opener, guessed, now)?
                 }
             },
         };
@@ -582,7 +615,7 @@ impl<P: Policy> Balancer<P> {
     ) -> Result<TunnelId, DropReason> {
         match self.known(ip.src, port) {
             Ok(id) => Ok(id),
-            Err(_) => self.open(ip, port.unwrap_or(0), None, opener, now),
+            Err(_) => self.open(ip, port.unwrap_or(0), None, opener, true, now),
         }
     }
 
@@ -602,6 +635,7 @@ impl<P: Policy> Balancer<P> {
         peer_port: u16,
         ike_spi: Option<u64>,
         opened_by: Opener,
+        guessed: bool,
         now: Timestamp,
     ) -> Result<TunnelId, DropReason> {
         let key = TunnelKey {
@@ -616,7 +650,7 @@ impl<P: Policy> Balancer<P> {
             .choose(&key, now)
             .ok_or(DropReason::NoGateway)?
             .gateway;
-        let tunnel = Tunnel::new(
+        let mut tunnel = Tunnel::new(
             ip.src,
             peer_port,
             ip.dst,
@@ -626,6 +660,7 @@ impl<P: Policy> Balancer<P> {
             TunnelState::HalfOpen,
             now,
         );
+        tunnel.guessed = guessed;
         let id = self.table.insert(tunnel).ok_or(DropReason::TableFull)?;
         self.counters.placed += 1;
         self.gateway_tunnels(gw, 1);
@@ -650,8 +685,11 @@ impl<P: Policy> Balancer<P> {
         Ok(gw)
     }
 
+    /// Move a tunnel by decision (its segw failed or left, a rebalance, an
+    /// SPI range, a corrected guess).
     fn move_tunnel(&mut self, id: TunnelId, to: GwId) {
         let t = self.table.get_mut(id).expect("live tunnel");
+        t.guessed = false;
         let from = std::mem::replace(&mut t.gateway, to);
         if from != to {
             self.gateway_tunnels(from, -1);
@@ -703,9 +741,8 @@ impl<P: Policy> Balancer<P> {
             ike_spi,
             opened_by,
         };
-        // The segw's own traffic to the peer: the tunnel works, it is
-        // established.
-        let confirmed = TunnelState::Established;
+        // The segw's own traffic to the peer: the tunnel works there.
+        let confirmed = Evidence::SegwSpoke;
         let tunnel = match &ip.payload {
             Payload::Ike { udp, header, nat_t } => {
                 let opener = if *nat_t { Opener::NatT } else { Opener::Ike };
@@ -741,25 +778,38 @@ impl<P: Policy> Balancer<P> {
         Ok(Egress { port: UPLINK, dst })
     }
 
-    /// A segw holds the tunnel `key` describes: move the tunnel there if
-    /// the table has it elsewhere, or learn it (after a restart). `state` is
-    /// what the evidence proves: a segw sending to the peer establishes the
-    /// tunnel; an SPI from the initiator side (steering) does not.
+    /// Evidence that segw `gw` holds the tunnel `key` describes: learn the
+    /// tunnel (after a restart), confirm it, or move it there when the
+    /// evidence may overrule the table (see [`Evidence`]).
     fn teach(
         &mut self,
         found: Option<TunnelId>,
         key: TunnelKey,
         gw: GwId,
-        state: TunnelState,
+        evidence: Evidence,
         now: Timestamp,
     ) -> Result<TunnelId, DropReason> {
+        let state = match evidence {
+            Evidence::SegwSpoke => TunnelState::Established,
+            Evidence::SpiRange => TunnelState::HalfOpen,
+        };
         if let Some(id) = found {
-            if self.table.get(id).is_some_and(|t| t.gateway != gw) {
+            let t = self.table.get(id).expect("found tunnels are live");
+            if t.gateway != gw {
+                if evidence == Evidence::SegwSpoke && !t.guessed {
+                    // A segw the tunnel was moved away from (a rebalance,
+                    // a segw that came back), still talking to the peer:
+                    // its frame goes to the peer, the tunnel stays.
+                    self.counters.conflicts += 1;
+                    return Ok(id);
+                }
                 self.move_tunnel(id, gw);
                 self.counters.taught += 1;
             }
-            self.table.get_mut(id).expect("found above").last_seen = now;
-            if state == TunnelState::Established {
+            let t = self.table.get_mut(id).expect("found above");
+            t.last_seen = now;
+            if evidence == Evidence::SegwSpoke {
+                t.guessed = false;
                 self.table.establish(id);
             }
             return Ok(id);

@@ -597,29 +597,116 @@ fn return_traffic_rebuilds_the_table_after_a_restart() {
 }
 
 #[test]
-fn a_segw_answering_for_a_tunnel_confirms_or_takes_its_binding() {
+fn a_segw_answering_for_a_tunnel_placed_elsewhere_corrects_a_guess_never_a_decision() {
     let mut lab = Lab::new();
-    let gw = lab.up(sa_init(peer(5), 500, 5)).unwrap();
-    assert_eq!(gw, 1);
-    // segw3 answers IKE for this SPI (say the table was wrong after a restart).
-    let answer = udp_packet(
-        VIP,
-        500,
-        peer(5),
-        500,
-        &ike_body(
-            &IkeHeader {
-                response: true,
-                ..ike(5, IKE_SA_INIT, 9)
-            },
-            false,
-            80,
-        ),
+    // A new tunnel: its IKE_SA_INIT was placed on segw1, by decision.
+    assert_eq!(lab.up(sa_init(peer(5), 500, 5)), Ok(1));
+    // segw3 sends IKE for that SPI (a segw that should not have it): the
+    // frame still reaches the peer, the tunnel stays, the conflict counts.
+    assert_eq!(
+        lab.down(3, sa_init_answer(peer(5), 500, 5, 9)),
+        Ok(PEER_SIDE_ROUTER)
     );
-    lab.down(3, answer).unwrap();
-    assert_eq!(lab.up(auth_4500(peer(5), 4500, 5)), Ok(3));
-    assert_eq!(lab.lb.gateway("segw1").unwrap().counters.tunnels, 0);
-    assert_eq!(lab.lb.gateway("segw3").unwrap().counters.tunnels, 1);
+    assert_eq!(lab.up(auth_4500(peer(5), 4500, 5)), Ok(1));
+    assert_eq!(lab.lb.counters().conflicts, 1);
+    assert_eq!(lab.lb.gateway("segw1").unwrap().counters.tunnels, 1);
+    // A tunnel the table only guessed: ESP from a peer it has not seen (a
+    // restarted balancer) goes where the policy says, segw2; segw3 holds
+    // the SA and answers: the guess is corrected.
+    assert_eq!(lab.up(esp_udp(peer(6), 4500, 0x66)), Ok(2));
+    lab.down(
+        3,
+        udp_packet(VIP, 4500, peer(6), 4500, &esp_body(0x99, 1, 100)),
+    )
+    .unwrap();
+    assert_eq!(lab.up(esp_udp(peer(6), 4500, 0x66)), Ok(3));
+    assert_eq!(lab.lb.gateway("segw2").unwrap().counters.tunnels, 0);
+    // Corrected once, it is the segw's now: another segw cannot take it.
+    lab.down(
+        1,
+        udp_packet(VIP, 4500, peer(6), 4500, &esp_body(0x98, 1, 100)),
+    )
+    .unwrap();
+    assert_eq!(lab.up(esp_udp(peer(6), 4500, 0x66)), Ok(3));
+    assert_eq!(lab.lb.counters().conflicts, 2);
+}
+
+#[test]
+fn a_rebalance_sticks_while_the_old_segw_still_talks() {
+    let mut lab = Lab::new();
+    let gws: Vec<u8> = (1..=6)
+        .map(|n| lab.open_tunnel(peer(n), u64::from(n)))
+        .collect();
+    let (_, moved) = lab.lb.replace_policy(
+        native::shipped("consistent-hash", &[]).unwrap(),
+        true,
+        lab.now,
+    );
+    assert!(moved > 0);
+    for n in 1..=6u8 {
+        let now_on = lab
+            .lb
+            .table()
+            .iter()
+            .find(|(_, t)| t.peer == peer(n))
+            .unwrap()
+            .1
+            .gateway;
+        // The old segw keeps the SA until its DPD gives up, and sends DPD
+        // to the peer meanwhile: that must not pull the tunnel back.
+        let old = gws[usize::from(n) - 1];
+        lab.down(
+            old,
+            udp_packet(
+                VIP,
+                4500,
+                peer(n),
+                4500,
+                &esp_body(0x10 + u32::from(n), 2, 100),
+            ),
+        )
+        .unwrap();
+        let after = lab
+            .lb
+            .table()
+            .iter()
+            .find(|(_, t)| t.peer == peer(n))
+            .unwrap()
+            .1
+            .gateway;
+        assert_eq!(after, now_on, "peer {n}: its old segw took it back");
+    }
+}
+
+#[test]
+fn a_new_ike_sa_from_the_endpoint_a_tunnel_opened_from_stays_on_its_segw() {
+    // DPD gave up and restarted, or the peer reauthenticates: IKE_SA_INIT
+    // with a new SPI from (address, 500), while the tunnel lives on 4500.
+    let mut lab = Lab::new();
+    let gw = lab.open_tunnel(peer(7), 7);
+    let (decisions, entries) = (lab.lb.policy_stats().decisions, lab.lb.table().len());
+    assert_eq!(lab.up(sa_init(peer(7), 500, 0x70)), Ok(gw));
+    assert_eq!(lab.up(auth_4500(peer(7), 4500, 0x70)), Ok(gw));
+    assert_eq!(lab.up(esp_udp(peer(7), 4500, 0x77)), Ok(gw));
+    assert_eq!(
+        lab.lb.policy_stats().decisions,
+        decisions,
+        "asked the policy again"
+    );
+    assert_eq!(
+        lab.lb.table().len(),
+        entries,
+        "a second entry for one tunnel"
+    );
+    // Behind a NAT the endpoint is the NAT's port: the same holds, and the
+    // next tunnel behind the same address is still its own.
+    let nat = peer(8);
+    let a = lab.up(sa_init(nat, 40001, 0x81)).unwrap();
+    lab.down(a, sa_init_answer(nat, 40001, 0x81, 0x77)).unwrap();
+    lab.up(auth_4500(nat, 40002, 0x81)).unwrap();
+    let b = lab.up(sa_init(nat, 40003, 0x82)).unwrap();
+    assert_ne!(a, b, "round-robin gives the second tunnel the next segw");
+    assert_eq!(lab.up(sa_init(nat, 40001, 0x83)), Ok(a));
 }
 
 #[test]

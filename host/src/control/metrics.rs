@@ -196,6 +196,12 @@ pub fn render(s: &Status) -> String {
         one(s.counters.moved.to_string()),
     );
     family(
+        "segw_conflicts_total",
+        "counter",
+        "Frames from a segw for a tunnel placed on another: forwarded, tunnel not moved.",
+        one(s.counters.conflicts.to_string()),
+    );
+    family(
         "port_send_errors_total",
         "counter",
         "Frames the interface refused to send.",

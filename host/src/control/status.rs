@@ -92,6 +92,11 @@ pub struct CounterStatus {
     pub replies: u64,
     pub placed: u64,
     pub taught: u64,
+    /// Return traffic from a segw for a tunnel placed on another: forwarded,
+    /// nothing moved (a segw a rebalance or failure moved tunnels away from,
+    /// still talking).
+    #[serde(default)]
+    pub conflicts: u64,
     pub moved: u64,
     pub steered: u64,
     /// Later fragments held for their first fragment, since start.
@@ -206,6 +211,7 @@ impl Status {
                 replies: c.replies,
                 placed: c.placed,
                 taught: c.taught,
+                conflicts: c.conflicts,
                 moved: c.moved,
                 steered: c.steered,
                 fragments_held: c.held,
@@ -303,8 +309,8 @@ impl Status {
         let c = &self.counters;
         let _ = writeln!(
             out,
-            "\nframes forwarded {}, ARP/NDP replies {}; tunnels placed {}, taught {}, moved {}, SPI-steered frames {}",
-            c.forwarded, c.replies, c.placed, c.taught, c.moved, c.steered
+            "\nframes forwarded {}, ARP/NDP replies {}; tunnels placed {}, taught {}, moved {}, SPI-steered frames {}, segw conflicts {}",
+            c.forwarded, c.replies, c.placed, c.taught, c.moved, c.steered, c.conflicts
         );
         let t = &self.table;
         let _ = writeln!(
