@@ -463,3 +463,82 @@ fn a_dead_segw_loses_its_tunnels_to_the_others_and_disturbs_no_other() {
     }
     lab.down_and_check();
 }
+
+/// `segwlb lab compare` on the built-in lab scenario (12 tunnels, 3 of them
+/// NAT'd, over segw1(w2) segw2 segw3; segw2 dies and comes back, segw4
+/// joins, a hot swap, a rebalance), for every shipped policy: the report
+/// has `segwlb compare`'s keys, the simulation fed the same tunnels in the
+/// same order predicts every step exactly, and the lab leaves nothing.
+#[test]
+fn lab_compare_is_predicted_exactly_by_the_simulation_for_every_policy() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // The lab file gives the prefix, work dir and policy directory; lab
+    // compare brings up its own segws and tunnels from the scenario.
+    let lab = Lab::new("q", "round-robin", &[1, 1, 1], 1, 0);
+    let out_dir = lab._dir.path().join("report");
+    let started = std::time::Instant::now();
+    let (ok, out, err) = lab.cli(&["compare", "--out", &out_dir.to_string_lossy()]);
+    eprintln!(
+        "{out}\n{err}\nlab compare took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(ok, "lab compare failed:\n{out}\n{err}");
+    let json = std::fs::read_to_string(out_dir.join("report.json")).unwrap();
+    let runs: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let names: Vec<&str> = runs.iter().map(|r| r["policy"].as_str().unwrap()).collect();
+    assert_eq!(names, ["consistent-hash", "round-robin", "weighted"]);
+    for r in &runs {
+        let p = r["policy"].as_str().unwrap();
+        for key in [
+            "policy",
+            "tunnels_per_segw",
+            "max_over_mean",
+            "cov",
+            "moved_per_event",
+            "minimum_moved_per_event",
+            "split_tunnels",
+            "ns_per_decision",
+            "fallbacks",
+        ] {
+            assert!(r.get(key).is_some(), "{p}: no {key}");
+        }
+        assert_eq!(r["prediction_differs"], serde_json::json!([]), "{p}");
+        assert_eq!(r["problems"], serde_json::json!([]), "{p}");
+        assert_eq!(r["split_tunnels"], 0, "{p}");
+        assert_eq!(r["fallbacks"], 0, "{p}");
+        let moved: Vec<u64> = serde_json::from_value(r["moved_per_event"].clone()).unwrap();
+        let minimum: Vec<u64> =
+            serde_json::from_value(r["minimum_moved_per_event"].clone()).unwrap();
+        // The failure moves exactly the dead segw's tunnels; its recovery,
+        // segw4 joining and the hot swap move nothing; the rebalance moves.
+        assert_eq!(moved[0], minimum[0], "{p}: {moved:?} {minimum:?}");
+        assert!(moved[0] > 0, "{p}: segw2 held nothing when it died");
+        assert_eq!(&moved[1..4], &[0, 0, 0], "{p}");
+        let per_segw: BTreeMap<String, u64> =
+            serde_json::from_value(r["tunnels_per_segw"].clone()).unwrap();
+        assert_eq!(per_segw.values().sum::<u64>(), 12, "{p}: {per_segw:?}");
+        assert_eq!(
+            per_segw,
+            serde_json::from_value(r["predicted_tunnels_per_segw"].clone()).unwrap()
+        );
+    }
+    // Round-robin over four segws after the rebalance: 3 each.
+    assert_eq!(
+        runs[1]["tunnels_per_segw"],
+        serde_json::json!({"segw1": 3, "segw2": 3, "segw3": 3, "segw4": 3})
+    );
+    // Weighted 2:1:1:1 after the rebalance: as close to 4.8/2.4/2.4/2.4 as
+    // whole tunnels go (no segw over ⌈share · 12⌉).
+    let w: BTreeMap<String, u64> =
+        serde_json::from_value(runs[2]["tunnels_per_segw"].clone()).unwrap();
+    assert!(
+        w["segw1"] <= 5 && ["segw2", "segw3", "segw4"].iter().all(|s| w[*s] <= 3),
+        "{w:?}"
+    );
+    let html = std::fs::read_to_string(out_dir.join("report.html")).unwrap();
+    assert!(html.contains("Lab against simulation") && html.contains("<svg"));
+    assert_nothing_left(&lab.config, &[]);
+}
