@@ -91,12 +91,26 @@ enum Command {
 #[derive(Subcommand)]
 enum LabCommand {
     /// Build the namespaces, start the charons and the balancer.
-    Up,
+    Up {
+        /// Take the segws (names, weights), the tunnel count and the NAT
+        /// share from this scenario (see config/scenarios/) instead of the
+        /// lab file.
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+        /// With --scenario: at most this many tunnels.
+        #[arg(long, default_value_t = 12)]
+        tunnels: usize,
+    },
     /// Initiate every tunnel, ping through each, show where they landed.
     Run {
         /// The report as JSON, for tools.
         #[arg(long)]
         json: bool,
+        /// Play this scenario on the lab first: arrivals step by step, its
+        /// failures, recoveries, additions, drains, weights and swaps (the
+        /// lab must be up with its segws: `lab up --scenario`).
+        #[arg(long)]
+        scenario: Option<PathBuf>,
     },
     /// What is up.
     Status,
@@ -358,9 +372,18 @@ fn lab(config: &Path, command: LabCommand) -> anyhow::Result<ExitCode> {
     use segwlb::lab::{report, topology, LabConfig};
     let cfg = LabConfig::load(config)?;
     match command {
-        LabCommand::Up => {
+        LabCommand::Up { scenario, tunnels } => {
             let started = std::time::Instant::now();
             let exe = std::env::current_exe().context("cannot find the segwlb binary")?;
+            let cfg = match scenario {
+                None => cfg,
+                Some(path) => {
+                    let (s, nat) =
+                        segwlb::lab::compare::lab_scenario(&Scenario::load(&path)?, tunnels);
+                    let policy = cfg.balancer.policy.clone();
+                    segwlb::lab::compare::lab_config(&cfg, &s, nat, &policy)
+                }
+            };
             let (state, times) = topology::up(&cfg, &exe)?;
             print_out(&format_args!(
                 "lab {:?} up in {:.2} s (topology {:.2} s, {} charons {:.2} s, balancer {:.2} s): {} initiators, {} segws, policy {}; work dir {}",
@@ -377,8 +400,33 @@ fn lab(config: &Path, command: LabCommand) -> anyhow::Result<ExitCode> {
             ))?;
             Ok(ExitCode::SUCCESS)
         }
-        LabCommand::Run { json } => {
-            let state = topology::State::load(&cfg.work_dir())?;
+        LabCommand::Run { json, scenario } => {
+            let mut state = topology::State::load(&cfg.work_dir())?;
+            if let Some(path) = scenario {
+                let tunnels = state.initiators.len();
+                let (s, _) = segwlb::lab::compare::lab_scenario(&Scenario::load(&path)?, tunnels);
+                let driven =
+                    segwlb::lab::drive::drive(&mut state, &s, &mut |line| eprintln!("{line}"))?;
+                for p in &driven.problems {
+                    eprintln!("! {p}");
+                }
+                let run = compare::PolicyRun::of(
+                    &s,
+                    compare::Options {
+                        seed: 0,
+                        timing: false,
+                    },
+                    driven.outcome,
+                );
+                eprint!(
+                    "{}",
+                    compare::Table {
+                        scenario: &s,
+                        seed: 0,
+                        runs: std::slice::from_ref(&run),
+                    }
+                );
+            }
             let r = report::run(&state)?;
             if json {
                 print_out(&serde_json::to_string_pretty(&r)?)?;
