@@ -576,8 +576,11 @@ impl<P: Policy> Balancer<P> {
         let spi = h.initiator_spi;
         let id = match self.table.by_spi(spi) {
             Some(id) => {
-                let t = self.table.get(id).expect("indexed tunnels are live");
-                if (t.peer, t.peer_port) != (ip.src, udp.src) {
+                // Its own endpoints: where it is, and where it opened from
+                // (a retransmitted IKE_SA_INIT of a new IKE SA, after the
+                // tunnel floated to 4500).
+                let own = self.table.by_endpoint(ip.src, udp.src) == Some(id);
+                if !own {
                     if h.responder_spi == 0 {
                         return Err(DropReason::IkeSpiInUse);
                     }

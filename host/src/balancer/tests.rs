@@ -686,6 +686,9 @@ fn a_new_ike_sa_from_the_endpoint_a_tunnel_opened_from_stays_on_its_segw() {
     let gw = lab.open_tunnel(peer(7), 7);
     let (decisions, entries) = (lab.lb.policy_stats().decisions, lab.lb.table().len());
     assert_eq!(lab.up(sa_init(peer(7), 500, 0x70)), Ok(gw));
+    // Its retransmission (the answer was slow) is found by the new SPI, from
+    // the tunnel's own opening endpoint: not an SPI from elsewhere.
+    assert_eq!(lab.up(sa_init(peer(7), 500, 0x70)), Ok(gw));
     assert_eq!(lab.up(auth_4500(peer(7), 4500, 0x70)), Ok(gw));
     assert_eq!(lab.up(esp_udp(peer(7), 4500, 0x77)), Ok(gw));
     assert_eq!(
