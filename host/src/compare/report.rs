@@ -96,6 +96,7 @@ pub fn page(
     page.push_str("</div>\n<h2>Disruption at each event</h2>\n<p class=\"note\">Bars: tunnels each policy moved; black marks: the fewest any policy could move.</p>\n");
     page.push_str(&figure(disruption(scenario, runs)));
     page.push_str("<h2>Final spread</h2>\n<p class=\"note\">Tunnels on each segw over its fair share by weight: 1.0 everywhere is perfect.</p>\n");
+    page.push_str(&segw_legend(runs));
     page.push_str(&figure(final_spread(runs)));
     page.push_str(extra);
     page.push_str("<h2>Events</h2>\n<ol>\n");
@@ -396,7 +397,6 @@ fn final_spread(runs: &[PolicyRun]) -> Result<String, String> {
             .draw()
             .map_err(|e| e.to_string())?;
         let order = ranked(runs);
-        let segws = runs.first().map_or(0, |r| r.segws.len());
         for (p, run) in order.iter().enumerate() {
             let r = spread(run);
             let width = 0.8 / r.len().max(1) as f64;
@@ -404,15 +404,9 @@ fn final_spread(runs: &[PolicyRun]) -> Result<String, String> {
                 let x0 = p as f64 + 0.1 + g as f64 * width;
                 let bar =
                     Rectangle::new([(x0, 0.0), (x0 + width * 0.9, *ratio)], colour(g).filled());
-                let series = chart
+                chart
                     .draw_series(std::iter::once(bar))
                     .map_err(|e| e.to_string())?;
-                if p == 0 && g < segws {
-                    let c = colour(g);
-                    series.label(run.segws[g].as_str()).legend(move |(x, y)| {
-                        Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled())
-                    });
-                }
             }
         }
         chart
@@ -421,7 +415,8 @@ fn final_spread(runs: &[PolicyRun]) -> Result<String, String> {
                 BLACK.stroke_width(1),
             )))
             .map_err(|e| e.to_string())?;
-        legend(&mut chart, SeriesLabelPosition::UpperRight)?;
+        // No legend inside: five segws' worth of it covered the bars. The
+        // page's segw legend (same colours) goes above the chart.
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(svg)
