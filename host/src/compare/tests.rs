@@ -216,3 +216,89 @@ fn the_html_report_stands_alone_with_three_kinds_of_chart() {
     assert!(!page.contains("src=") && !page.contains("href="));
     assert!(page.contains("least disruption"));
 }
+
+/// Two segws, a with weight 2, b with 1; 9 tunnels at step 0; `events`.
+fn two_to_one(steps: u32, events: &str) -> Scenario {
+    let text = format!(
+        "name = \"two-to-one\"\nstep_secs = 10\nsteps = {steps}\n\
+         [[segw]]\nname = \"a\"\nweight = 2\n[[segw]]\nname = \"b\"\n\
+         [tunnels]\ncount = 9\n{events}"
+    );
+    Scenario::parse(&text, "two-to-one.toml").unwrap()
+}
+
+#[test]
+fn unequal_weights_are_judged_against_each_segws_fair_share() {
+    // Fair shares of 9 at 2:1 are 6 and 3.
+    let w = run_native("weighted", &two_to_one(1, ""));
+    clean(&w);
+    assert_eq!(w.tunnels_per_segw["a"], 6);
+    assert_eq!((w.max_over_mean, w.cov), (1.0, 0.0));
+    // Round-robin ignores weights: 5 and 4, i.e. 5/6 and 4/3 of fair.
+    // Ratios 0.8333 and 1.3333: mean 1.0833, deviation 0.25, cov 0.2308.
+    let r = run_native("round-robin", &two_to_one(1, ""));
+    clean(&r);
+    assert_eq!(r.tunnels_over_time[0], [5, 4]);
+    assert_eq!(r.max_over_mean, 1.3333);
+    assert_eq!(r.cov, 0.2308);
+    // A weight change moves nothing (no rebalance asked) and its minimum
+    // is 0; the judgement follows the new weights: 1:1 now, 5/4.5 = 1.1111.
+    let r = run_native(
+        "round-robin",
+        &two_to_one(
+            2,
+            "[[event]]\nstep = 1\nweight = { segw = \"a\", to = 1 }\n",
+        ),
+    );
+    clean(&r);
+    assert_eq!(
+        (r.moved_per_event.clone(), r.minimum_moved_per_event.clone()),
+        (vec![0], vec![0])
+    );
+    assert_eq!(r.weights_at_end, [1, 1]);
+    assert_eq!(r.max_over_mean, 1.1111);
+}
+
+/// Answers a gateway that does not exist: every decision falls back.
+struct Liar;
+
+impl Policy for Liar {
+    fn name(&self) -> &str {
+        "liar"
+    }
+    fn set_gateways(
+        &mut self,
+        _: &[crate::policy::Gateway],
+    ) -> Result<(), crate::policy::CallError> {
+        Ok(())
+    }
+    fn choose(
+        &mut self,
+        _: &crate::policy::TunnelKey,
+    ) -> Result<Option<u32>, crate::policy::CallError> {
+        Ok(Some(999))
+    }
+}
+
+#[test]
+fn a_lying_policy_costs_fallbacks_not_tunnels() {
+    let options = Options {
+        seed: 1,
+        timing: true,
+    };
+    let r = run(
+        &small(2, "[[event]]\nstep = 1\nfail = \"b\"\n"),
+        options,
+        &mut || Box::new(Liar),
+        &mut |_| {},
+    );
+    assert_eq!((r.split_tunnels, r.returns_lost), (0, 0));
+    assert!(r.drops.is_empty(), "{:?}", r.drops);
+    // 12 placements and b's re-placements, every one a counted fallback;
+    // every tunnel still lands, and the failure moves only b's.
+    assert_eq!(r.fallbacks, r.decisions);
+    assert!(r.decisions > 12);
+    assert_eq!(r.tunnels_per_segw.values().sum::<u64>(), 12);
+    assert_eq!(r.moved_per_event, r.minimum_moved_per_event);
+    assert!(r.ns_per_decision.is_some_and(|ns| ns > 0.0));
+}
