@@ -12,7 +12,7 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use segwlb::policy::wasm::{Limits, Runtime};
+use segwlb::policy::wasm::{Compiler, Limits, Runtime};
 use segwlb::policy::{native, Gateway, Policy, TunnelKey};
 use segwlb::workload::{self, Mix};
 
@@ -55,51 +55,63 @@ fn time<R>(f: impl FnOnce() -> R) -> (R, Duration) {
 
 fn main() {
     let policies = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies");
-    let runtime = Runtime::new().expect("wasmtime starts");
+    // Both of wasmtime's compilers, measured in the same run: Winch is the
+    // default (fast to compile, for hot swaps), Cranelift optimises.
+    let winch = Runtime::with_compiler(Compiler::Winch).expect("wasmtime starts");
+    let cranelift = Runtime::with_compiler(Compiler::Cranelift).expect("wasmtime starts");
     let keys = workload::tunnel_keys(7, DECISIONS, Mix::default());
 
     println!("policy decision cost, {DECISIONS} distinct tunnels per pass, best of 3");
     println!(
-        "{:<16} {:>8} {:>12} {:>12} {:>8} {:>14}",
-        "policy", "gateways", "native ns", "wasm ns", "ratio", "push set µs"
+        "{:<16} {:>8} {:>10} {:>10} {:>10} {:>12} {:>12}",
+        "policy", "gateways", "native ns", "winch ns", "crane. ns", "winch/native", "push set µs"
     );
     let mut loads = Vec::new();
     for name in native::SHIPPED {
         let path = policies.join(format!("{name}.wasm"));
-        let (loaded, load_time) = time(|| runtime.load(&path, &[], Limits::default()));
-        let loaded =
-            loaded.unwrap_or_else(|e| panic!("{e} (build the policies with `cargo build`)"));
+        let load = |runtime: &Runtime| {
+            let (loaded, took) = time(|| runtime.load(&path, &[], Limits::default()));
+            let loaded =
+                loaded.unwrap_or_else(|e| panic!("{e} (build the policies with `cargo build`)"));
+            (loaded, took)
+        };
+        let (fast, fast_load) = load(&winch);
+        let (opt, opt_load) = load(&cranelift);
         let (_, start_time) = time(|| {
-            let mut p = loaded.instantiate();
+            let mut p = fast.instantiate();
             p.set_gateways(&gateways(3)).unwrap();
         });
-        loads.push((name, load_time, start_time));
+        loads.push((name, fast_load, opt_load, start_time));
         for n in [3, 64] {
             let set = gateways(n);
             let mut twin = native::shipped(name, &[]).unwrap();
             twin.set_gateways(&set).unwrap();
-            let mut wasm = loaded.instantiate();
-            wasm.set_gateways(&set).unwrap();
             let native_ns = ns_per_decision(twin.as_mut(), &keys);
-            let wasm_ns = ns_per_decision(&mut wasm, &keys);
+            let mut wasm = fast.instantiate();
+            wasm.set_gateways(&set).unwrap();
+            let winch_ns = ns_per_decision(&mut wasm, &keys);
+            let mut optimised = opt.instantiate();
+            optimised.set_gateways(&set).unwrap();
+            let cranelift_ns = ns_per_decision(&mut optimised, &keys);
             let pushes = 50;
             let (_, push) = time(|| (0..pushes).for_each(|_| wasm.set_gateways(&set).unwrap()));
             println!(
-                "{name:<16} {n:>8} {native_ns:>12.1} {wasm_ns:>12.1} {:>7.1}x {:>14.1}",
-                wasm_ns / native_ns,
+                "{name:<16} {n:>8} {native_ns:>10.1} {winch_ns:>10.1} {cranelift_ns:>10.1} {:>11.1}x {:>12.1}",
+                winch_ns / native_ns,
                 push.as_secs_f64() * 1e6 / f64::from(pushes),
             );
         }
     }
     println!();
     println!(
-        "{:<16} {:>18} {:>26}",
-        "policy", "load+check ms", "instantiate+configure µs"
+        "{:<16} {:>16} {:>20} {:>26}",
+        "policy", "load winch ms", "load cranelift ms", "instantiate+configure µs"
     );
-    for (name, load, start) in loads {
+    for (name, fast, opt, start) in loads {
         println!(
-            "{name:<16} {:>18.1} {:>26.0}",
-            load.as_secs_f64() * 1e3,
+            "{name:<16} {:>16.1} {:>20.1} {:>26.0}",
+            fast.as_secs_f64() * 1e3,
+            opt.as_secs_f64() * 1e3,
             start.as_secs_f64() * 1e6
         );
     }

@@ -120,6 +120,9 @@ pub enum GatewayError {
 pub struct Gateways {
     list: Vec<GatewayState>,
     next_id: GwId,
+    /// Position in `list` by id (ids count up from 1 and are never
+    /// reused): the data path finds a gateway without scanning the set.
+    position: Vec<Option<u32>>,
 }
 
 impl Gateways {
@@ -138,6 +141,8 @@ impl Gateways {
         }
         self.next_id += 1;
         let id = self.next_id;
+        self.position.resize(id as usize + 1, None);
+        self.position[id as usize] = Some(self.list.len() as u32);
         self.list.push(GatewayState {
             id,
             mac: spec.mac,
@@ -156,15 +161,25 @@ impl Gateways {
             .iter()
             .position(|g| g.spec.name == name)
             .ok_or_else(|| GatewayError::Unknown(name.into()))?;
-        Ok(self.list.remove(i))
+        let gone = self.list.remove(i);
+        self.position[gone.id as usize] = None;
+        for (at, g) in self.list.iter().enumerate().skip(i) {
+            self.position[g.id as usize] = Some(at as u32);
+        }
+        Ok(gone)
+    }
+
+    fn index_of(&self, id: GwId) -> Option<usize> {
+        Some(self.position.get(id as usize).copied().flatten()? as usize)
     }
 
     pub fn get(&self, id: GwId) -> Option<&GatewayState> {
-        self.list.iter().find(|g| g.id == id)
+        self.list.get(self.index_of(id)?)
     }
 
     pub fn get_mut(&mut self, id: GwId) -> Option<&mut GatewayState> {
-        self.list.iter_mut().find(|g| g.id == id)
+        let i = self.index_of(id)?;
+        self.list.get_mut(i)
     }
 
     pub fn by_name(&self, name: &str) -> Option<&GatewayState> {

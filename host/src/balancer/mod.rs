@@ -450,11 +450,16 @@ impl<P: Policy> Balancer<P> {
         src_mac: Mac,
         now: Timestamp,
     ) -> Result<Egress, DropReason> {
-        let gateway = self.gateways.get(gw).expect("steered to a live gateway");
+        let gateway = self
+            .gateways
+            .get_mut(gw)
+            .expect("steered to a live gateway");
         let to = Egress {
             port: gateway.spec.port,
             dst: gateway.mac.ok_or(DropReason::GatewayMacUnknown)?,
         };
+        gateway.counters.frames_to += frames;
+        gateway.counters.bytes_to += bytes;
         if let Some(id) = tunnel {
             let t = self
                 .table
@@ -465,9 +470,6 @@ impl<P: Policy> Balancer<P> {
             t.frames += frames;
             t.bytes += bytes;
         }
-        let counters = &mut self.gateways.get_mut(gw).expect("checked above").counters;
-        counters.frames_to += frames;
-        counters.bytes_to += bytes;
         Ok(to)
     }
 
