@@ -89,6 +89,8 @@ pub enum Command {
 struct Port {
     interface: String,
     tx: Box<dyn Tx>,
+    /// Frames of the batch in hand, sent together by [`Worker::flush`].
+    outbox: Vec<Vec<u8>>,
     sent: u64,
     errors: u64,
 }
@@ -159,6 +161,7 @@ impl Worker {
         self.ports[i] = Some(Port {
             interface,
             tx,
+            outbox: Vec::with_capacity(BATCH),
             sent: 0,
             errors: 0,
         });
@@ -192,10 +195,11 @@ impl Worker {
                 recv(frames) -> first => {
                     let Ok(first) = first else { return };
                     let now = self.clock.now();
-                    self.frame(first, now);
+                    self.handle(first, now);
                     for more in frames.try_iter().take(BATCH - 1) {
-                        self.frame(more, now);
+                        self.handle(more, now);
                     }
+                    self.flush();
                 }
                 recv(commands) -> c => {
                     let Ok(c) = c else { return };
@@ -208,17 +212,57 @@ impl Worker {
     }
 
     /// One frame through the core, and out.
-    pub fn frame(&mut self, mut rx: Received, now: Timestamp) {
+    pub fn frame(&mut self, rx: Received, now: Timestamp) {
+        self.handle(rx, now);
+        self.flush();
+    }
+
+    /// One frame through the core, into its port's outbox.
+    fn handle(&mut self, mut rx: Received, now: Timestamp) {
         match self.lb.handle(&mut rx.frame, rx.port, now) {
-            Verdict::Forward(port) => self.send(port, &rx.frame),
+            Verdict::Forward(port) => self.queue(port, rx.frame),
             Verdict::ForwardWithHeld(port, held) => {
-                self.send(port, &rx.frame);
-                for frame in &held {
-                    self.send(port, frame);
+                self.queue(port, rx.frame);
+                for frame in held {
+                    self.queue(port, frame);
                 }
             }
-            Verdict::Reply => self.send(rx.port, &rx.frame),
+            Verdict::Reply => self.queue(rx.port, rx.frame),
             Verdict::Held | Verdict::Drop(_) => {}
+        }
+    }
+
+    fn queue(&mut self, port: PortId, frame: Vec<u8>) {
+        if let Some(p) = self
+            .ports
+            .get_mut(usize::from(port))
+            .and_then(Option::as_mut)
+        {
+            p.outbox.push(frame);
+        }
+    }
+
+    /// Send every port's outbox, a batch per port (one `sendmmsg` on
+    /// AF_PACKET), in the order the frames came.
+    fn flush(&mut self) {
+        for p in self.ports.iter_mut().flatten() {
+            if p.outbox.is_empty() {
+                continue;
+            }
+            let frames: Vec<&[u8]> = p.outbox.iter().map(Vec::as_slice).collect();
+            let (sent, error) = p.tx.send_batch(&frames);
+            p.sent += sent as u64;
+            p.errors += (frames.len() - sent) as u64;
+            p.outbox.clear();
+            if let Some(e) = error {
+                let quiet = self
+                    .last_send_error_log
+                    .is_some_and(|t| t.elapsed() < Duration::from_secs(10));
+                if !quiet {
+                    tracing::warn!(interface = %p.interface, "send failed: {e} (further failures counted, logged every 10 s)");
+                    self.last_send_error_log = Some(Instant::now());
+                }
+            }
         }
     }
 

@@ -20,4 +20,21 @@ pub struct Received {
 /// The sending half of a port. The worker owns one per port.
 pub trait Tx: Send {
     fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
+
+    /// Send `frames` in order: how many left, and the first error (a frame
+    /// that failed is skipped, the rest still go). Ports that can batch
+    /// (AF_PACKET: one `sendmmsg`) override this.
+    fn send_batch(&mut self, frames: &[&[u8]]) -> (usize, Option<std::io::Error>) {
+        let mut sent = 0;
+        let mut first_error = None;
+        for frame in frames {
+            match self.send(frame) {
+                Ok(()) => sent += 1,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        (sent, first_error)
+    }
 }
