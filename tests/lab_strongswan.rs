@@ -492,17 +492,7 @@ fn lab_compare_is_predicted_exactly_by_the_simulation_for_every_policy() {
     assert_eq!(names, ["consistent-hash", "round-robin", "weighted"]);
     for r in &runs {
         let p = r["policy"].as_str().unwrap();
-        for key in [
-            "policy",
-            "tunnels_per_segw",
-            "max_over_mean",
-            "cov",
-            "moved_per_event",
-            "minimum_moved_per_event",
-            "split_tunnels",
-            "ns_per_decision",
-            "fallbacks",
-        ] {
+        for key in segwlb::compare::REPORT_KEYS {
             assert!(r.get(key).is_some(), "{p}: no {key}");
         }
         assert_eq!(r["prediction_differs"], serde_json::json!([]), "{p}");

@@ -261,6 +261,17 @@ impl Lab {
         frame(self.lb_uplink_mac, self.ini.mac, None, ip)
     }
 
+    /// One raw ESP frame (sequence `seq`) from each of `tunnels` peers,
+    /// `peer(base + 1)` on, each with its own SPI from `spi_base + 1`.
+    fn raw_esp(&self, base: u16, tunnels: u16, spi_base: u32, seq: u32) -> Vec<Vec<u8>> {
+        (1..=tunnels)
+            .map(|t| {
+                let body = esp_body(spi_base + u32::from(t), seq, 100);
+                self.to_lb(&ip_packet(peer(base + t), IpAddr::V4(VIP), 50, &body, 1))
+            })
+            .collect()
+    }
+
     /// Send frames from the initiator, then collect what each segw got:
     /// segw index → frames.
     fn send_and_capture(&mut self, frames: &[Vec<u8>]) -> Vec<Vec<Vec<u8>>> {
@@ -639,18 +650,7 @@ fn a_segw_whose_link_goes_down_is_marked_down_within_the_threshold_and_avoided()
     );
     eprintln!("segw2 marked down {took:?} after its link went down (threshold {threshold:?})");
     // New tunnels avoid it.
-    let vip = IpAddr::V4(VIP);
-    let frames: Vec<Vec<u8>> = (1..=12)
-        .map(|t| {
-            lab.to_lb(&ip_packet(
-                peer(200 + t),
-                vip,
-                50,
-                &esp_body(0x7000 + u32::from(t), 1, 100),
-                1,
-            ))
-        })
-        .collect();
+    let frames = lab.raw_esp(200, 12, 0x7000, 1);
     let captured = lab.send_and_capture(&frames);
     assert_eq!(captured[1].len(), 0);
     assert_eq!(captured[0].len() + captured[2].len(), 12);
@@ -679,18 +679,7 @@ fn ctl_changes_gateways_and_explains_bad_arguments() {
     let (ok, out) = lab.ctl(&["gateway", "add", "segw4", "--interface", "nosuch0"]);
     assert!(!ok && out.contains("no interface `nosuch0`"), "{out}");
     // A drained segw takes no new tunnel; its old ones would stay.
-    let vip = IpAddr::V4(VIP);
-    let frames: Vec<Vec<u8>> = (1..=6)
-        .map(|t| {
-            lab.to_lb(&ip_packet(
-                peer(300 + t),
-                vip,
-                50,
-                &esp_body(0x9000 + u32::from(t), 1, 100),
-                1,
-            ))
-        })
-        .collect();
+    let frames = lab.raw_esp(300, 6, 0x9000, 1);
     let captured = lab.send_and_capture(&frames);
     assert_eq!(captured[0].len(), 0, "the drained segw got a new tunnel");
     let (ok, text) = lab.ctl(&["status"]);
@@ -742,18 +731,7 @@ fn a_config_edit_applies_live_in_one_reload_without_moving_tunnels() {
     assert_eq!(s.gateway("segw3").unwrap().weight, 3);
     assert_eq!(s.counters.moved, 0);
     // New tunnels avoid the drained segw; its old tunnels stayed (above).
-    let vip = IpAddr::V4(VIP);
-    let frames: Vec<Vec<u8>> = (1..=12)
-        .map(|t| {
-            lab.to_lb(&ip_packet(
-                peer(400 + t),
-                vip,
-                50,
-                &esp_body(0xa000 + u32::from(t), 1, 100),
-                1,
-            ))
-        })
-        .collect();
+    let frames = lab.raw_esp(400, 12, 0xa000, 1);
     let captured = lab.send_and_capture(&frames);
     assert_eq!(captured[1].len(), 0, "the drained segw got a new tunnel");
     // A broken edit changes nothing and says where it is broken.
@@ -928,19 +906,8 @@ fn ctl_adds_removes_undrains_and_rebalances_a_live_balancer() {
     wait_for(&lab, "segw4's MAC", Duration::from_secs(5), |s| {
         s.gateway("segw4").is_some_and(|g| g.mac.is_some())
     });
-    let vip = IpAddr::V4(VIP);
     let round = |lab: &mut Lab, sock4: &mut Socket, seq: u32| {
-        let frames: Vec<Vec<u8>> = (1..=8u16)
-            .map(|t| {
-                lab.to_lb(&ip_packet(
-                    peer(500 + t),
-                    vip,
-                    50,
-                    &esp_body(0xb000 + u32::from(t), seq, 100),
-                    1,
-                ))
-            })
-            .collect();
+        let frames = lab.raw_esp(500, 8, 0xb000, seq);
         let mut captured = lab.send_and_capture(&frames);
         captured.push(sock4.drain(Duration::from_millis(300)));
         captured.iter().map(Vec::len).collect::<Vec<_>>()
@@ -1036,18 +1003,7 @@ fn metrics_are_served_and_sigterm_stops_the_balancer_cleanly() {
     std::fs::write(&lab.config, text).unwrap();
     lab.start();
     // Some traffic so the counters have something to say.
-    let vip = IpAddr::V4(VIP);
-    let frames: Vec<Vec<u8>> = (1..=3u16)
-        .map(|t| {
-            lab.to_lb(&ip_packet(
-                peer(600 + t),
-                vip,
-                50,
-                &esp_body(0xc000 + u32::from(t), 1, 100),
-                1,
-            ))
-        })
-        .collect();
+    let frames = lab.raw_esp(600, 3, 0xc000, 1);
     let captured = lab.send_and_capture(&frames);
     // The balancer counts IP bytes (the frame less its Ethernet header).
     let ip_bytes = captured[2][0].len() - 14;

@@ -266,27 +266,10 @@ impl Worker {
         }
     }
 
+    /// A frame of the worker's own (a probe, an announcement): out now.
     fn send(&mut self, port: PortId, frame: &[u8]) {
-        let Some(p) = self
-            .ports
-            .get_mut(usize::from(port))
-            .and_then(Option::as_mut)
-        else {
-            return;
-        };
-        match p.tx.send(frame) {
-            Ok(()) => p.sent += 1,
-            Err(e) => {
-                p.errors += 1;
-                let quiet = self
-                    .last_send_error_log
-                    .is_some_and(|t| t.elapsed() < Duration::from_secs(10));
-                if !quiet {
-                    tracing::warn!(interface = %p.interface, "send failed: {e} (further failures counted, logged every 10 s)");
-                    self.last_send_error_log = Some(Instant::now());
-                }
-            }
-        }
+        self.queue(port, frame.to_vec());
+        self.flush();
     }
 
     fn next_timer(&self) -> Timestamp {

@@ -15,6 +15,20 @@ use crate::balancer::DropReason;
 use crate::policy::Policy;
 pub use scenario::{Event, Scenario, ScenarioError, SegwSpec, TimedEvent};
 
+/// Keys every object of `report.json` has, `segwlb compare`'s and
+/// `segwlb lab compare`'s alike: what tools may rely on.
+pub const REPORT_KEYS: [&str; 9] = [
+    "policy",
+    "tunnels_per_segw",
+    "max_over_mean",
+    "cov",
+    "moved_per_event",
+    "minimum_moved_per_event",
+    "split_tunnels",
+    "ns_per_decision",
+    "fallbacks",
+];
+
 /// One policy's run through a scenario: what `report.json` holds per policy.
 #[derive(Debug, Clone, Serialize)]
 pub struct PolicyRun {

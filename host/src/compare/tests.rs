@@ -183,17 +183,7 @@ fn report_json_has_the_promised_keys() {
     let r = run_native("weighted", &small(2, ""));
     let v: serde_json::Value = serde_json::from_str(&report::json(&[r])).unwrap();
     let o = &v[0];
-    for key in [
-        "policy",
-        "tunnels_per_segw",
-        "max_over_mean",
-        "cov",
-        "moved_per_event",
-        "minimum_moved_per_event",
-        "split_tunnels",
-        "ns_per_decision",
-        "fallbacks",
-    ] {
+    for key in crate::compare::REPORT_KEYS {
         assert!(o.get(key).is_some(), "report.json lacks {key}");
     }
     assert_eq!(

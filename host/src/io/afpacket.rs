@@ -113,17 +113,7 @@ impl Reader {
                 iov_len: b.len(),
             })
             .collect();
-        // SAFETY: a zeroed mmsghdr is valid (null name and control, no
-        // flags); each then points at one iovec of `iov`.
-        let mut msgs: Vec<libc::mmsghdr> = iov
-            .iter_mut()
-            .map(|v| {
-                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                m.msg_hdr.msg_iov = v;
-                m.msg_hdr.msg_iovlen = 1;
-                m
-            })
-            .collect();
+        let mut msgs = headers(&mut iov);
         // SAFETY: `msgs` and the iovecs and buffers they point to live
         // until the call returns; the kernel writes at most iov_len bytes
         // into each buffer and the lengths into `msg_len`.
@@ -180,6 +170,21 @@ impl Reader {
         };
         (r == 0 && err != 0).then(|| io::Error::from_raw_os_error(err))
     }
+}
+
+/// One message header per iovec, for `recvmmsg`/`sendmmsg`: no address,
+/// no control data. The headers point into `iov`, which must outlive them.
+fn headers(iov: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    iov.iter_mut()
+        .map(|v| {
+            // SAFETY: a zeroed mmsghdr is valid (null name and control, no
+            // flags); it then points at one iovec.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = v;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect()
 }
 
 /// Open `name` as a port: an AF_PACKET socket bound to it, promiscuous.
@@ -299,16 +304,7 @@ impl Tx for AfPacketTx {
                 iov_len: f.len(),
             })
             .collect();
-        // SAFETY: as in recv_batch; the kernel only reads through these.
-        let mut msgs: Vec<libc::mmsghdr> = iov
-            .iter_mut()
-            .map(|v| {
-                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                m.msg_hdr.msg_iov = v;
-                m.msg_hdr.msg_iovlen = 1;
-                m
-            })
-            .collect();
+        let mut msgs = headers(&mut iov);
         let mut sent = 0;
         while sent < msgs.len() {
             // SAFETY: the headers, iovecs and frames live across the call.
