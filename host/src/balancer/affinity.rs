@@ -17,6 +17,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use super::endpoints::{EndpointIndex, EndpointKey};
 use super::gateways::GwId;
 use crate::packet::Mac;
 use crate::policy::Opener;
@@ -154,10 +155,12 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 /// four u32s: 4-byte alignment keeps an endpoint bucket at 24 bytes (a u128
 /// would make it 48), which is what a million-tunnel table is made of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct AddrKey([u32; 4]);
+pub(super) struct AddrKey([u32; 4]);
 
 impl AddrKey {
-    fn word(self) -> u128 {
+    pub const ZERO: AddrKey = AddrKey([0; 4]);
+
+    pub fn word(self) -> u128 {
         self.0
             .iter()
             .fold(0u128, |w, &part| (w << 32) | u128::from(part))
@@ -182,30 +185,6 @@ impl From<IpAddr> for AddrKey {
 impl std::hash::Hash for AddrKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         state.write_u128(self.word());
-    }
-}
-
-/// (address, port), hashed as one word: the port goes into bits that are
-/// zero in an IPv4-mapped address (for IPv6 a rare hash collision, never a
-/// false match: equality compares both fields).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct EndpointKey {
-    addr: AddrKey,
-    port: u16,
-}
-
-impl EndpointKey {
-    fn new(addr: IpAddr, port: u16) -> Self {
-        EndpointKey {
-            addr: AddrKey::from(addr),
-            port,
-        }
-    }
-}
-
-impl std::hash::Hash for EndpointKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u128(self.addr.word() ^ (u128::from(self.port) << 112));
     }
 }
 
@@ -301,7 +280,7 @@ pub struct AffinityTable {
     len: usize,
     capacity: usize,
     by_spi: HashMap<u64, TunnelId>,
-    by_endpoint: HashMap<EndpointKey, TunnelId>,
+    by_endpoint: EndpointIndex,
     /// Every tunnel at each address, in the order they were bound there:
     /// behind a NAT one address holds many, and when one goes the address
     /// still finds the others.
@@ -323,7 +302,7 @@ impl AffinityTable {
             // Slot ids are u32 and END marks the end of a list.
             capacity: capacity.min(END as usize),
             by_spi: HashMap::default(),
-            by_endpoint: HashMap::default(),
+            by_endpoint: EndpointIndex::default(),
             by_addr: HashMap::default(),
             half_open: Chain::EMPTY,
             timeouts,
@@ -373,7 +352,7 @@ impl AffinityTable {
     /// The tunnel bound to `(addr, port)`: its current endpoint, or the
     /// one it opened from (before the float to 4500).
     pub fn by_endpoint(&self, addr: IpAddr, port: u16) -> Option<TunnelId> {
-        self.by_endpoint.get(&EndpointKey::new(addr, port)).copied()
+        self.by_endpoint.get(&EndpointKey::new(addr, port))
     }
 
     /// The most recently bound tunnel at `addr`.
@@ -429,8 +408,7 @@ impl AffinityTable {
         if t.at_opening_address && t.opened_port != t.peer_port {
             // Never taken from another tunnel's current endpoint.
             self.by_endpoint
-                .entry(EndpointKey::new(t.peer, t.opened_port))
-                .or_insert(id);
+                .insert_if_absent(EndpointKey::new(t.peer, t.opened_port), id);
         }
         let at = self
             .by_addr
@@ -450,10 +428,8 @@ impl AffinityTable {
             }
         }
         for port in [t.peer_port, t.opened_port] {
-            let key = EndpointKey::new(t.peer, port);
-            if self.by_endpoint.get(&key) == Some(&id) {
-                self.by_endpoint.remove(&key);
-            }
+            self.by_endpoint
+                .remove_if(&EndpointKey::new(t.peer, port), id);
         }
         let addr = AddrKey::from(t.peer);
         if let Some(at) = self.by_addr.get_mut(&addr) {
@@ -561,17 +537,17 @@ impl AffinityTable {
     }
 
     /// Bytes held per tunnel at best, from the types: the slot and its
-    /// links, and its share of the three indexes (hashbrown: the entry + 1
-    /// control byte, at its highest load, 7/8), one address per tunnel.
-    /// The real figure is higher by the slack of grown tables (hash tables
-    /// double: between 7/16 and 7/8 full; so does the slab): the core
-    /// benchmark measures it with a counting allocator.
+    /// links, and its share of the three indexes at their highest load (the
+    /// endpoint index: 3/4; hashbrown: the entry + 1 control byte, 7/8),
+    /// one address per tunnel. The real figure is higher by the slack of
+    /// grown tables (they double, and so does the slab): the core benchmark
+    /// measures it with a counting allocator.
     pub fn bytes_per_tunnel() -> usize {
         use std::mem::size_of;
         let slot = size_of::<Option<Tunnel>>() + size_of::<Links>();
-        let index = |entry: usize| (entry + 1) * 8 / 7;
-        slot + index(size_of::<(u64, TunnelId)>())
-            + index(size_of::<((IpAddr, u16), TunnelId)>())
-            + index(size_of::<(IpAddr, Chain)>())
+        let hashbrown = |entry: usize| (entry + 1) * 8 / 7;
+        slot + hashbrown(size_of::<(u64, TunnelId)>())
+            + EndpointIndex::bytes_per_key()
+            + hashbrown(size_of::<(AddrKey, Chain)>())
     }
 }

@@ -12,6 +12,7 @@
 //! goes back to the caller to send.
 
 pub mod affinity;
+mod endpoints;
 pub mod farm;
 pub mod fragments;
 pub mod gateways;
