@@ -355,6 +355,11 @@ impl AffinityTable {
         self.by_endpoint.get(&EndpointKey::new(addr, port))
     }
 
+    /// A hint: start loading where `(addr, port)` is indexed.
+    pub fn prefetch_endpoint(&self, addr: IpAddr, port: u16) {
+        self.by_endpoint.prefetch(&EndpointKey::new(addr, port));
+    }
+
     /// The most recently bound tunnel at `addr`.
     pub fn by_addr(&self, addr: IpAddr) -> Option<TunnelId> {
         Some(self.by_addr.get(&AddrKey::from(addr))?.last)

@@ -26,6 +26,8 @@ use crate::workload::{Rng, VIP};
 const ROUTER: Mac = [2, 0xaa, 0, 0, 0, 1];
 /// Bytes of IKE payload after the header (a typical IKE_SA_INIT is ~300).
 const IKE_EXTRA: usize = 240;
+/// How many tunnels ahead the sim asks the core to prefetch.
+const PREFETCH_AHEAD: usize = 8;
 
 /// What one policy's run through a scenario saw.
 #[derive(Debug, Clone)]
@@ -261,6 +263,12 @@ pub fn run_with(
             sim.arrive();
         }
         for i in 0..sim.peers.len() {
+            // The table is far larger than the cache: start the lookup of a
+            // tunnel a few ahead, so its miss overlaps this one's work.
+            let ahead = sim.peers.get(i + PREFETCH_AHEAD);
+            if let Some((addr, Some(port))) = ahead.map(|p| (p.addr, p.natt_port)) {
+                sim.lb.prefetch(IpAddr::V4(addr), port);
+            }
             if i >= old {
                 sim.open(i);
             }
