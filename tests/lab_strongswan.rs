@@ -464,6 +464,78 @@ fn a_dead_segw_loses_its_tunnels_to_the_others_and_disturbs_no_other() {
     lab.down_and_check();
 }
 
+#[test]
+fn an_initiator_that_moves_with_mobike_keeps_its_ike_sa_and_its_segw() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::new("m", "round-robin", &[1, 1, 1], 3, 0);
+    lab.up();
+    let before = lab.run();
+    let state = State::load(&lab.config.work_dir()).unwrap();
+    // Initiator 1 gets a new outer address (inside the prefix the balancer
+    // proxies towards the segws) and loses its old one: its charon sends
+    // UPDATE_SA_ADDRESSES from the new address, with the IKE SA's SPIs.
+    // The new address is a /32: a second address in the old one's subnet
+    // would be a secondary, and the kernel deletes secondaries with their
+    // primary. The route to the VIP is put back in case it went with it.
+    let mover = &state.initiators[0];
+    let addresses = &lab.config.addresses;
+    let prefix = addresses.outer_prefix;
+    let new_outer = prefix.host(200).unwrap();
+    let ip = |args: &[&str]| {
+        let ok = Command::new("ip")
+            .args(["-n", &mover.ns])
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip -n {} {args:?}", mover.ns);
+    };
+    ip(&["addr", "add", &format!("{new_outer}/32"), "dev", "eth0"]);
+    ip(&[
+        "addr",
+        "del",
+        &format!("{}/{}", mover.outer, prefix.len),
+        "dev",
+        "eth0",
+    ]);
+    let vip_prefix = addresses.vip_prefix.to_string();
+    ip(&["route", "replace", &vip_prefix, "dev", "eth0"]);
+    let moved_to = format!("{new_outer}:4500");
+    let started = std::time::Instant::now();
+    let after = loop {
+        let (_, json, _) = lab.cli(&["run", "--json"]);
+        let r: Report = serde_json::from_str(&json).unwrap();
+        if r.tunnels[0].remote.as_deref() == Some(&moved_to) && r.summary.ok {
+            break r;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the segw never saw the move to {moved_to}: {:?}\n{}",
+            r.tunnels[0],
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    eprintln!(
+        "moved to {moved_to} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let (_, text, _) = lab.cli(&["run"]);
+    eprintln!("{}", text.trim_end());
+    // The same IKE SA on the same segw, the balancer agreeing, every ping
+    // through; the other tunnels untouched; nothing re-placed.
+    for (b, a) in before.tunnels.iter().zip(&after.tunnels) {
+        assert_eq!((&a.ike_spi_i, &a.segws), (&b.ike_spi_i, &b.segws), "{a:?}");
+        assert_eq!(a.segws, a.balancer, "{a:?}");
+        assert!(a.ok, "{a:?}");
+    }
+    assert_eq!(after.balancer_moved, 0);
+    lab.down_and_check();
+}
+
 /// `segwlb lab compare` on the built-in lab scenario (12 tunnels, 3 of them
 /// NAT'd, over segw1(w2) segw2 segw3; segw2 dies and comes back, segw4
 /// joins, a hot swap, a rebalance), for every shipped policy: the report

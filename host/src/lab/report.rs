@@ -327,7 +327,13 @@ impl Report {
                 h[0], h[1], h[2], h[3], h[4], h[5]
             );
             for sa in &s.sas {
-                let child = sa.children.first();
+                // The child that carries the traffic: after a MOBIKE update
+                // charon lists the SA it replaced (DELETED) first.
+                let child = sa
+                    .children
+                    .iter()
+                    .find(|c| c.state == "INSTALLED")
+                    .or(sa.children.first());
                 let _ = writeln!(
                     out,
                     "  {:<16} {:<33} {:<15} {:<17} {:>9}  {}/{}",
