@@ -123,12 +123,101 @@ struct Peer {
     segw: Option<usize>,
 }
 
-#[derive(Clone, Copy)]
-struct SegwNow {
-    present: bool,
-    up: bool,
-    draining: bool,
-    weight: u32,
+/// Where one segw of a scenario stands as its events move it: what the
+/// simulation and the lab driver both track to know fair shares and the
+/// fewest moves an event allows.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SegwNow {
+    pub present: bool,
+    pub up: bool,
+    pub draining: bool,
+    pub weight: u32,
+}
+
+impl SegwNow {
+    /// Every segw of `scenario` (`Scenario::all_segws` order) at the start:
+    /// the ones it lists present and up, the ones its events add absent.
+    pub fn at_start(scenario: &Scenario) -> Vec<SegwNow> {
+        scenario
+            .all_segws()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| SegwNow {
+                present: i < scenario.segws.len(),
+                up: true,
+                draining: false,
+                weight: s.weight,
+            })
+            .collect()
+    }
+
+    /// Still there and answering: a tunnel leaving it was not pushed.
+    pub fn is_live(&self) -> bool {
+        self.present && self.up
+    }
+
+    /// Its weight while it takes new tunnels, else 0: its fair share.
+    pub fn fair_weight(&self) -> u32 {
+        if self.is_live() && !self.draining {
+            self.weight
+        } else {
+            0
+        }
+    }
+
+    /// `event` happened to the set `now` (in `segws` order).
+    pub fn apply(now: &mut [SegwNow], segws: &[SegwSpec], event: &Event) {
+        match event {
+            Event::Fail(n) => now[segw_index(segws, n)].up = false,
+            Event::Recover(n) => now[segw_index(segws, n)].up = true,
+            Event::Add(spec) => {
+                now[segw_index(segws, &spec.name)] = SegwNow {
+                    present: true,
+                    up: true,
+                    draining: false,
+                    weight: spec.weight,
+                }
+            }
+            Event::Remove(n) => now[segw_index(segws, n)].present = false,
+            Event::Weight(n, w) => now[segw_index(segws, n)].weight = *w,
+            Event::Drain(n) => now[segw_index(segws, n)].draining = true,
+            Event::Undrain(n) => now[segw_index(segws, n)].draining = false,
+            Event::Swap { .. } => {}
+        }
+    }
+}
+
+/// The position of the segw `name` in `segws`.
+pub(crate) fn segw_index(segws: &[SegwSpec], name: &str) -> usize {
+    segws
+        .iter()
+        .position(|s| s.name == name)
+        .expect("the scenario was validated: events name known segws")
+}
+
+/// The fewest tunnels any policy must move for `event`, from the tunnels
+/// per segw and the segws' states just before it: a failed or removed
+/// segw's tunnels; on a rebalance, every segw's excess over its fair
+/// share; nothing otherwise.
+pub(crate) fn minimum_moved(
+    event: &Event,
+    counts: &[u64],
+    now: &[SegwNow],
+    segws: &[SegwSpec],
+) -> u64 {
+    match event {
+        Event::Fail(n) | Event::Remove(n) => counts[segw_index(segws, n)],
+        Event::Swap { rebalance: true } => {
+            let weights: Vec<u32> = now.iter().map(SegwNow::fair_weight).collect();
+            counts
+                .iter()
+                .zip(fair_shares(counts, &weights))
+                .map(|(&c, f)| (c as f64 - f).max(0.0))
+                .sum::<f64>()
+                .round() as u64
+        }
+        _ => 0,
+    }
 }
 
 struct Sim<'s> {
@@ -194,16 +283,7 @@ pub fn run_with(
     };
     let mut sim = Sim {
         scenario,
-        state: segws
-            .iter()
-            .enumerate()
-            .map(|(i, s)| SegwNow {
-                present: i < scenario.segws.len(),
-                up: true,
-                draining: false,
-                weight: s.weight,
-            })
-            .collect(),
+        state: SegwNow::at_start(scenario),
         counts: vec![0; segws.len()],
         segws,
         lb: Balancer::new(config, first),
@@ -289,17 +369,7 @@ pub fn run_with(
     let counters = sim.lb.counters();
     Outcome {
         policy,
-        fair_weights: sim
-            .state
-            .iter()
-            .map(|s| {
-                if s.present && s.up && !s.draining {
-                    s.weight
-                } else {
-                    0
-                }
-            })
-            .collect(),
+        fair_weights: sim.state.iter().map(SegwNow::fair_weight).collect(),
         segws: sim.segws,
         per_step,
         moved,
@@ -334,59 +404,27 @@ impl Sim<'_> {
             .expect("the scenario was validated: names are unique");
     }
 
-    fn index(&self, name: &str) -> usize {
-        self.segws
-            .iter()
-            .position(|s| s.name == name)
-            .expect("the scenario was validated: events name known segws")
-    }
-
     /// Apply one event; returns the fewest tunnels any policy must move.
     fn apply(&mut self, event: &Event, make: &mut dyn FnMut() -> Box<dyn Policy>) -> u64 {
         let now = self.now;
+        let minimum = minimum_moved(event, &self.counts, &self.state, &self.segws);
+        SegwNow::apply(&mut self.state, &self.segws, event);
         let checked = "the scenario was validated: events name segws present then";
         match event {
             Event::Fail(n) | Event::Recover(n) => {
                 let up = matches!(event, Event::Recover(_));
                 self.lb.set_healthy(n, up, now).expect(checked);
-                let i = self.index(n);
-                self.state[i].up = up;
-                if up {
-                    0
-                } else {
-                    self.counts[i]
-                }
             }
             Event::Add(spec) => {
-                let i = self.index(&spec.name);
+                let i = segw_index(&self.segws, &spec.name);
                 self.segws[i].weight = spec.weight;
-                self.state[i] = SegwNow {
-                    present: true,
-                    up: true,
-                    draining: false,
-                    weight: spec.weight,
-                };
                 self.add_gateway(i);
-                0
             }
-            Event::Remove(n) => {
-                self.lb.remove_gateway(n, now).expect(checked);
-                let i = self.index(n);
-                self.state[i].present = false;
-                self.counts[i]
-            }
-            Event::Weight(n, w) => {
-                self.lb.set_weight(n, *w, now).expect(checked);
-                let i = self.index(n);
-                self.state[i].weight = *w;
-                0
-            }
+            Event::Remove(n) => self.lb.remove_gateway(n, now).expect(checked),
+            Event::Weight(n, w) => self.lb.set_weight(n, *w, now).expect(checked),
             Event::Drain(n) | Event::Undrain(n) => {
                 let draining = matches!(event, Event::Drain(_));
                 self.lb.set_draining(n, draining, now).expect(checked);
-                let i = self.index(n);
-                self.state[i].draining = draining;
-                0
             }
             Event::Swap { rebalance } => {
                 let next = Timed {
@@ -395,38 +433,9 @@ impl Sim<'_> {
                 };
                 self.lb.replace_policy(next, *rebalance, now);
                 self.rebalancing = *rebalance;
-                if *rebalance {
-                    self.excess_over_fair()
-                } else {
-                    0
-                }
             }
         }
-    }
-
-    /// The fewest moves that bring every segw to its fair share: the sum of
-    /// each segw's excess over it.
-    fn excess_over_fair(&self) -> u64 {
-        let fair = fair_shares(&self.counts, &self.state_weights());
-        self.counts
-            .iter()
-            .zip(fair)
-            .map(|(&c, f)| (c as f64 - f).max(0.0))
-            .sum::<f64>()
-            .round() as u64
-    }
-
-    fn state_weights(&self) -> Vec<u32> {
-        self.state
-            .iter()
-            .map(|s| {
-                if s.present && s.up && !s.draining {
-                    s.weight
-                } else {
-                    0
-                }
-            })
-            .collect()
+        minimum
     }
 
     /// A new peer: the next given one; else its own address, or a NAT's
@@ -584,8 +593,8 @@ impl Sim<'_> {
         if before != Some(segw) {
             self.counts[segw] += 1;
         }
-        let old_up = before.map(|g| self.state[g].present && self.state[g].up);
-        match landing(before, segw, old_up.unwrap_or(false), self.rebalancing) {
+        let old_up = before.is_some_and(|g| self.state[g].is_live());
+        match landing(before, segw, old_up, self.rebalancing) {
             Landing::Stayed | Landing::First => {}
             Landing::Moved => self.moved_this_step += 1,
             Landing::Split => self.split += 1,

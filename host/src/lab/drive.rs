@@ -32,7 +32,7 @@ use super::report::established;
 use super::topology::State;
 use super::{Error, Result};
 use crate::balancer::DropReason;
-use crate::compare::sim::{self, GivenPeer, Landing, Outcome};
+use crate::compare::sim::{self, GivenPeer, Landing, Outcome, SegwNow};
 use crate::compare::{Event, Scenario, SegwSpec};
 use crate::control::ctl::Request;
 use crate::control::status::Status;
@@ -60,21 +60,6 @@ pub struct Driven {
     pub seconds: f64,
 }
 
-/// Where the segws stand, as the scenario moves them.
-#[derive(Debug, Clone, Copy)]
-struct SegwNow {
-    present: bool,
-    up: bool,
-    draining: bool,
-    weight: u32,
-}
-
-impl SegwNow {
-    fn takes_tunnels(&self) -> bool {
-        self.present && self.up && !self.draining
-    }
-}
-
 /// Drive `scenario` through the lab `state` (up, with its policy): the
 /// lab's initiators are the tunnels. `say` hears what happens, step by step.
 pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) -> Result<Driven> {
@@ -82,16 +67,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
     let segws = scenario.all_segws();
     check_fits(state, scenario)?;
     let policy = state.policy.clone();
-    let mut now: Vec<SegwNow> = segws
-        .iter()
-        .enumerate()
-        .map(|(i, s)| SegwNow {
-            present: i < scenario.segws.len(),
-            up: true,
-            draining: false,
-            weight: s.weight,
-        })
-        .collect();
+    let mut now = SegwNow::at_start(scenario);
     let n = state.initiators.len();
     let arrive_over = scenario.tunnels.arrive_over.max(1) as usize;
     let mut holder: Vec<Option<usize>> = vec![None; n];
@@ -109,38 +85,27 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         for e in scenario.events.iter().filter(|e| e.step == step) {
             say(&format!("step {step}: {}", e.event.label()));
             let counts = counts_of(&holder, segws.len());
-            minimum.push(minimum_moves(&e.event, &counts, &now, &segws));
+            minimum.push(sim::minimum_moved(&e.event, &counts, &now, &segws));
             moved.push(0);
             last_event = Some(moved.len() - 1);
             match &e.event {
                 Event::Fail(name) => {
-                    let i = index(&segws, name);
                     state.fail_segw(name)?;
                     wait_health(state, name, false)?;
-                    now[i].up = false;
-                    replace_in_order(state, &holder, i)?;
+                    replace_in_order(state, &holder, sim::segw_index(&segws, name))?;
                     disrupted = true;
                 }
                 Event::Recover(name) => {
                     state.recover_segw(name)?;
                     wait_health(state, name, true)?;
-                    now[index(&segws, name)].up = true;
                 }
                 Event::Add(spec) => {
                     state.add_segw(&spec.name, spec.weight)?;
                     wait_health(state, &spec.name, true)?;
-                    now[index(&segws, &spec.name)] = SegwNow {
-                        present: true,
-                        up: true,
-                        draining: false,
-                        weight: spec.weight,
-                    };
                 }
                 Event::Remove(name) => {
-                    let i = index(&segws, name);
                     state.remove_segw(name)?;
-                    now[i].present = false;
-                    replace_in_order(state, &holder, i)?;
+                    replace_in_order(state, &holder, sim::segw_index(&segws, name))?;
                     disrupted = true;
                 }
                 Event::Weight(name, weight) => {
@@ -148,7 +113,6 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                         name: name.clone(),
                         weight: *weight,
                     })?;
-                    now[index(&segws, name)].weight = *weight;
                 }
                 Event::Drain(name) | Event::Undrain(name) => {
                     let draining = matches!(e.event, Event::Drain(_));
@@ -156,7 +120,6 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                         name: name.clone(),
                         draining,
                     })?;
-                    now[index(&segws, name)].draining = draining;
                 }
                 Event::Swap { rebalance } => {
                     state.ctl(&Request::PolicyUse {
@@ -167,6 +130,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                     disrupted |= *rebalance;
                 }
             }
+            SegwNow::apply(&mut now, &segws, &e.event);
         }
 
         // Arrivals, one after the other.
@@ -211,7 +175,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                 ));
             }
             let before = holder[i];
-            let before_up = before.is_some_and(|b| now[b].present && now[b].up);
+            let before_up = before.is_some_and(|b| now[b].is_live());
             match sim::landing(before, at, before_up, rebalancing) {
                 Landing::First | Landing::Stayed => {}
                 Landing::Moved => moved_now += 1,
@@ -262,10 +226,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         moved,
         minimum_moved: minimum,
         split,
-        fair_weights: now
-            .iter()
-            .map(|n| if n.takes_tunnels() { n.weight } else { 0 })
-            .collect(),
+        fair_weights: now.iter().map(SegwNow::fair_weight).collect(),
         decisions: status.policy.decisions,
         policy_ns: 0,
         fallbacks: status.policy.fallbacks,
@@ -308,42 +269,12 @@ fn check_fits(state: &State, scenario: &Scenario) -> Result<()> {
     Ok(())
 }
 
-fn index(segws: &[SegwSpec], name: &str) -> usize {
-    segws
-        .iter()
-        .position(|s| s.name == name)
-        .expect("a validated scenario names only its own segws")
-}
-
 fn counts_of(holder: &[Option<usize>], segws: usize) -> Vec<u64> {
     let mut counts = vec![0; segws];
     for &h in holder.iter().flatten() {
         counts[h] += 1;
     }
     counts
-}
-
-/// The fewest tunnels any policy must move for `event`, as the simulation
-/// counts them: a failed or removed segw's tunnels; on a rebalance, every
-/// segw's excess over its fair share; nothing otherwise.
-fn minimum_moves(event: &Event, counts: &[u64], now: &[SegwNow], segws: &[SegwSpec]) -> u64 {
-    match event {
-        Event::Fail(n) | Event::Remove(n) => counts[index(segws, n)],
-        Event::Swap { rebalance: true } => {
-            let weights: Vec<u32> = now
-                .iter()
-                .map(|n| if n.takes_tunnels() { n.weight } else { 0 })
-                .collect();
-            let fair = sim::fair_shares(counts, &weights);
-            counts
-                .iter()
-                .zip(fair)
-                .map(|(&c, f)| (c as f64 - f).max(0.0))
-                .sum::<f64>()
-                .round() as u64
-        }
-        _ => 0,
-    }
 }
 
 /// Wait until the balancer sees `name` healthy (with its MAC learned) or
