@@ -5,17 +5,12 @@ mod common;
 use std::process::Command;
 
 fn compare(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_segwlb"))
-        .arg("compare")
-        .arg("--policy-dir")
-        .arg(common::policies_dir())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
+    common::run(
+        Command::new(env!("CARGO_BIN_EXE_segwlb"))
+            .arg("compare")
+            .arg("--policy-dir")
+            .arg(common::policies_dir())
+            .args(args),
     )
 }
 

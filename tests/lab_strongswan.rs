@@ -81,17 +81,12 @@ impl Lab {
     }
 
     fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_segwlb"))
-            .arg("lab")
-            .arg("-c")
-            .arg(&self.file)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
+        common::run(
+            Command::new(env!("CARGO_BIN_EXE_segwlb"))
+                .arg("lab")
+                .arg("-c")
+                .arg(&self.file)
+                .args(args),
         )
     }
 

@@ -5,15 +5,10 @@ mod common;
 use std::process::Command;
 
 fn check(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_segwlb"))
-        .args(["policy", "check"])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
+    common::run(
+        Command::new(env!("CARGO_BIN_EXE_segwlb"))
+            .args(["policy", "check"])
+            .args(args),
     )
 }
 

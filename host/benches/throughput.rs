@@ -642,16 +642,7 @@ fn send_frames(
             iov_len: f.len(),
         })
         .collect();
-    let mut msgs: Vec<libc::mmsghdr> = iovs
-        .iter_mut()
-        .map(|iov| {
-            // SAFETY: all-zero is a valid mmsghdr (null name, no control).
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = iov;
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect();
+    let mut msgs = segwlb::io::afpacket::headers(&mut iovs);
     let n = msgs.len();
     let (mut at, mut frames_sent, mut errors) = (0usize, 0u64, 0u64);
     let started = Instant::now();

@@ -643,15 +643,17 @@ fn a_rebalance_sticks_while_the_old_segw_still_talks() {
         lab.now,
     );
     assert!(moved > 0);
-    for n in 1..=6u8 {
-        let now_on = lab
+    let gateway_of = |lab: &Lab, n: u8| {
+        let (_, t) = lab
             .lb
             .table()
             .iter()
             .find(|(_, t)| t.peer == peer(n))
-            .unwrap()
-            .1
-            .gateway;
+            .unwrap();
+        t.gateway
+    };
+    for n in 1..=6u8 {
+        let now_on = gateway_of(&lab, n);
         // The old segw keeps the SA until its DPD gives up, and sends DPD
         // to the peer meanwhile: that must not pull the tunnel back.
         let old = gws[usize::from(n) - 1];
@@ -666,14 +668,7 @@ fn a_rebalance_sticks_while_the_old_segw_still_talks() {
             ),
         )
         .unwrap();
-        let after = lab
-            .lb
-            .table()
-            .iter()
-            .find(|(_, t)| t.peer == peer(n))
-            .unwrap()
-            .1
-            .gateway;
+        let after = gateway_of(&lab, n);
         assert_eq!(after, now_on, "peer {n}: its old segw took it back");
     }
 }

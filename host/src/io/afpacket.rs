@@ -174,7 +174,7 @@ impl Reader {
 
 /// One message header per iovec, for `recvmmsg`/`sendmmsg`: no address,
 /// no control data. The headers point into `iov`, which must outlive them.
-fn headers(iov: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+pub fn headers(iov: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
     iov.iter_mut()
         .map(|v| {
             // SAFETY: a zeroed mmsghdr is valid (null name and control, no
