@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{answers, component, policy_wat, CONTRACT_WIT, OK};
+use common::{answers, component, component_with, policy_wat, CONTRACT_WIT, OK};
 use segwlb::policy::wasm::{Limits, LoadError, Runtime};
 use segwlb::policy::{FallbackReason, Gateway, Guarded, Opener, Policy, TunnelKey};
 use segwlb::time::Timestamp;
@@ -284,4 +284,107 @@ fn a_policy_looping_in_configure_is_refused_at_load_not_hung() {
     assert!(matches!(err, LoadError::Start { .. }), "{err}");
     assert!(err.to_string().contains("time budget"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// The parts of WASI 0.2 the tests below import, as a guest's toolchain
+/// would declare them.
+const WASI_IO: &str = "package wasi:io@0.2.0;
+interface poll { resource pollable { block: func(); } }";
+const WASI_CLOCKS: &str = "package wasi:clocks@0.2.0;
+interface monotonic-clock {
+    use wasi:io/poll@0.2.0.{pollable};
+    now: func() -> u64;
+    subscribe-duration: func(when: u64) -> pollable;
+}";
+const WASI_CLI: &str = "package wasi:cli@0.2.0;
+interface environment { get-environment: func() -> list<tuple<string, string>>; }";
+const WASI_HTTP: &str = "package wasi:http@0.2.0;
+interface outgoing-handler { handle: func() -> u32; }";
+
+/// A policy importing `imports` (interfaces of `deps`), its `choose` body
+/// given, and the WAT imports it calls.
+fn wasi_guest(deps: &[&str], imports: &[&str], wat_imports: &str, choose: &str) -> Vec<u8> {
+    let uses: String = imports
+        .iter()
+        .map(|i| format!("    import {i};\n"))
+        .collect();
+    let wit = CONTRACT_WIT.replace("world policy {", &format!("world policy {{\n{uses}"));
+    let wat = policy_wat(OK, choose).replace("(module", &format!("(module\n{wat_imports}"));
+    component_with(deps, &wit, &wat)
+}
+
+#[test]
+fn a_wasi_guest_is_linked_and_sees_an_empty_environment() {
+    let bytes = wasi_guest(
+        &[WASI_CLI],
+        &["wasi:cli/environment@0.2.0"],
+        r#"(import "wasi:cli/environment@0.2.0" "get-environment" (func $env (param i32)))"#,
+        // (ptr, len) of the list at 48: gateway 1 if empty, 3 if not.
+        "(call $env (i32.const 48))
+         (if (result i32) (i32.eqz (i32.load (i32.const 52)))
+           (then (call $some (i32.const 1)))
+           (else (call $some (i32.const 3))))",
+    );
+    std::env::set_var("SEGWLB_VISIBLE_TO_GUESTS", "no");
+    let runtime = Runtime::new().unwrap();
+    let loaded = load(&runtime, "env.wasm", &bytes).expect("WASI guests load");
+    assert_eq!(loaded.wasi_imports(), ["wasi:cli/environment@0.2.0"]);
+    let mut g: Guarded = Guarded::new(Box::new(loaded.instantiate()));
+    g.set_gateways(gateways(), Timestamp::ZERO);
+    let c = g.choose(&key(1), Timestamp::ZERO).unwrap();
+    assert_eq!(
+        (c.gateway, c.fallback),
+        (1, None),
+        "the guest saw variables"
+    );
+}
+
+#[test]
+fn a_wasi_guest_sleeping_an_hour_returns_at_once_and_sees_the_hour_pass() {
+    let bytes = wasi_guest(
+        &[WASI_IO, WASI_CLOCKS],
+        &["wasi:clocks/monotonic-clock@0.2.0"],
+        r#"(import "wasi:clocks/monotonic-clock@0.2.0" "now" (func $now (result i64)))
+  (import "wasi:clocks/monotonic-clock@0.2.0" "subscribe-duration" (func $sub (param i64) (result i32)))
+  (import "wasi:io/poll@0.2.0" "[method]pollable.block" (func $block (param i32)))
+  (import "wasi:io/poll@0.2.0" "[resource-drop]pollable" (func $drop (param i32)))
+  (global $t0 (mut i64) (i64.const 0))
+  (global $p (mut i32) (i32.const 0))"#,
+        // An hour's sleep; gateway 1 if the guest's clock moved an hour.
+        "(global.set $t0 (call $now))
+         (global.set $p (call $sub (i64.const 3600000000000)))
+         (call $block (global.get $p))
+         (call $drop (global.get $p))
+         (if (result i32) (i64.ge_u (i64.sub (call $now) (global.get $t0)) (i64.const 3600000000000))
+           (then (call $some (i32.const 1)))
+           (else (call $some (i32.const 3))))",
+    );
+    let runtime = Runtime::new().unwrap();
+    let loaded = load(&runtime, "sleepy.wasm", &bytes).expect("loads");
+    let mut g: Guarded = Guarded::new(Box::new(loaded.instantiate()));
+    g.set_gateways(gateways(), Timestamp::ZERO);
+    let t = Instant::now();
+    let c = g.choose(&key(1), Timestamp::ZERO).unwrap();
+    assert_eq!((c.gateway, c.fallback), (1, None));
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "slept {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_wasi_interface_the_host_does_not_link_is_refused_by_name() {
+    let bytes = wasi_guest(
+        &[WASI_HTTP],
+        &["wasi:http/outgoing-handler@0.2.0"],
+        r#"(import "wasi:http/outgoing-handler@0.2.0" "handle" (func $h (result i32)))"#,
+        "(drop (call $h)) (call $some (i32.const 1))",
+    );
+    let err = load(&Runtime::new().unwrap(), "http.wasm", &bytes)
+        .err()
+        .expect("refused");
+    let msg = err.to_string();
+    assert!(matches!(err, LoadError::ForbiddenImport { .. }), "{msg}");
+    assert!(msg.contains("wasi:http/outgoing-handler@0.2.0"), "{msg}");
 }

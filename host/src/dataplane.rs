@@ -22,7 +22,7 @@ use crate::balancer::{Balancer, GatewaySpec, HealthConfig, PortId, Prefix, Verdi
 use crate::control::status::{PolicyRecord, PortStatus, Status};
 use crate::io::{Received, Tx};
 use crate::packet::Mac;
-use crate::policy::wasm::Loaded;
+use crate::policy::wasm::WasmPolicy;
 use crate::policy::Policy;
 use crate::time::Timestamp;
 
@@ -50,7 +50,8 @@ pub enum Command {
     /// Swap the policy. `noticed` is when the change was first seen (a file
     /// event, a ctl request): the swap latency runs from there.
     UsePolicy {
-        policy: Loaded,
+        /// Started by the control plane, never on the data path.
+        policy: Box<WasmPolicy>,
         rebalance: bool,
         noticed: Instant,
         reply: Sender<Reply>,
@@ -325,9 +326,9 @@ impl Worker {
                 noticed,
                 reply,
             } => {
-                let name = policy.name().to_string();
-                let file = policy.path().display().to_string();
-                let live: Box<dyn Policy> = Box::new(policy.instantiate());
+                let name = policy.loaded().name().to_string();
+                let file = policy.loaded().path().display().to_string();
+                let live: Box<dyn Policy> = policy;
                 let (old, moved) = self.lb.replace_policy(live, rebalance, now);
                 let took = noticed.elapsed();
                 self.policy.reloads += 1;

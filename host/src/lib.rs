@@ -1,6 +1,7 @@
 //! segwlb: an L2 (transparent) IPsec tunnel load balancer with balancing
 //! policies as WebAssembly components. See ARCHITECTURE.md for the map.
 
+pub mod authoring;
 pub mod balancer;
 pub mod check;
 pub mod compare;

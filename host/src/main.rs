@@ -6,10 +6,11 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use segwlb::authoring::{self, Lang};
 use segwlb::check;
 use segwlb::compare::{self, Scenario};
 use segwlb::policy::native as native_policies;
-use segwlb::policy::wasm::{Compiler, Limits, Runtime};
+use segwlb::policy::wasm::{Compiler, Limits, Origin, Runtime};
 use segwlb::policy::Policy;
 
 #[derive(Parser)]
@@ -220,6 +221,36 @@ enum PolicyCommand {
         /// (optimising).
         #[arg(long, default_value = "winch")]
         compiler: Compiler,
+        /// Linear memory cap, MiB (as `[policy] memory_mib`).
+        #[arg(long)]
+        memory_mib: Option<usize>,
+        /// Wall time one decision may take, ms (as `[policy] call_timeout_ms`).
+        #[arg(long)]
+        call_timeout_ms: Option<u64>,
+        /// Wall time for start, configure and set-gateways, ms.
+        #[arg(long)]
+        setup_timeout_ms: Option<u64>,
+        /// Compile afresh; neither read nor write the compiled-policy cache.
+        #[arg(long)]
+        no_cache: bool,
+    },
+    /// Write a commented, working starting point for a new policy.
+    New {
+        /// The policy's name (it names the .wasm file): a-z, 0-9, '-'.
+        name: String,
+        #[arg(long, value_enum)]
+        lang: Lang,
+        /// Where the policy's directory is made (Rust: the plugins/ workspace).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Build a Python or JavaScript policy (a .py/.js file, or a directory
+    /// holding app.py or policy.js) into a checked component.
+    Build {
+        path: PathBuf,
+        /// The component to write. Default: policies/NAME.wasm.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -279,6 +310,52 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ctl { socket, command } => ctl(&socket, command),
+        Command::Policy {
+            command: PolicyCommand::New { name, lang, dir },
+        } => {
+            let dir = dir.unwrap_or_else(|| match lang {
+                Lang::Rust => PathBuf::from("plugins"),
+                Lang::Python | Lang::Js => PathBuf::from("."),
+            });
+            let root = authoring::new_policy(&name, lang, &dir)?;
+            match lang {
+                Lang::Rust => eprintln!(
+                    "wrote {0}; add \"{name}\" to the members in plugins/Cargo.toml, then \
+                     `cargo build` writes policies/{name}.wasm",
+                    root.display()
+                ),
+                Lang::Python | Lang::Js => eprintln!(
+                    "wrote {0}; build it with `segwlb policy build {0}` (policies/{name}.wasm)",
+                    root.display()
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy {
+            command: PolicyCommand::Build { path, out },
+        } => {
+            let name = match authoring::Lang::of(&path) {
+                Some((_, source)) => authoring::policy_name(&source),
+                None => bail!(authoring::Error::UnknownLanguage(path)),
+            };
+            let out = out.unwrap_or_else(|| PathBuf::from("policies").join(format!("{name}.wasm")));
+            let t = std::time::Instant::now();
+            authoring::build(&path, &out)?;
+            let built = t.elapsed();
+            let runtime = Runtime::new().map_err(anyhow::Error::msg)?;
+            let t = std::time::Instant::now();
+            let loaded = runtime.load(&out, &[], Limits::default())?;
+            eprintln!(
+                "wrote {} ({:.1} MB) in {:.1} s; it speaks {} and loads ({:.2} s, {} WASI imports linked deny-all)",
+                out.display(),
+                std::fs::metadata(&out).map_or(0, |m| m.len()) as f64 / 1e6,
+                built.as_secs_f64(),
+                segwlb::policy::CONTRACT,
+                t.elapsed().as_secs_f64(),
+                loaded.wasi_imports().len(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Lab { config, command } => lab(&config, command),
         Command::Policy {
             command:
@@ -289,23 +366,61 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     params,
                     seed,
                     compiler,
+                    memory_mib,
+                    call_timeout_ms,
+                    setup_timeout_ms,
+                    no_cache,
                 },
         } => {
             if gateways == 0 {
                 bail!("--gateways must be at least 1");
             }
             let params = parse_params(&params)?;
-            let runtime = Runtime::with_compiler(compiler).map_err(anyhow::Error::msg)?;
-            let compiling = std::time::Instant::now();
-            let loaded = runtime.load(&file, &params, Limits::default())?;
+            let mut runtime = Runtime::with_compiler(compiler).map_err(anyhow::Error::msg)?;
+            if no_cache {
+                runtime.set_cache(None);
+            }
+            let d = Limits::default();
+            let ms = |v: Option<u64>, d: std::time::Duration| {
+                v.map_or(d, std::time::Duration::from_millis)
+            };
+            let limits = Limits {
+                call: ms(call_timeout_ms, d.call),
+                setup: ms(setup_timeout_ms, d.setup),
+                memory: memory_mib.map_or(d.memory, |m| m << 20),
+            };
+            let bytes = std::fs::read(&file)
+                .map_err(|e| anyhow::anyhow!("{}: cannot read the policy: {e}", file.display()))?;
+            let (loaded, times) = runtime.load_timed(&file, &bytes, &params, limits)?;
+            let policy = loaded.instantiate();
+            let imports = if loaded.wasi_imports().is_empty() {
+                "segwlb:policy/log only".to_string()
+            } else {
+                format!(
+                    "segwlb:policy/log and {} WASI 0.2 interfaces, linked deny-all",
+                    loaded.wasi_imports().len()
+                )
+            };
             eprintln!(
-                "{}: loaded with {:?} in {:.1} ms",
+                "{}: {} KiB, contract {}; imports {imports}\n  \
+                 {} with {:?} in {:.1} ms; started (instantiate + configure) in {:.2} ms; \
+                 linear memory {:.1} MiB of {} MiB allowed",
                 file.display(),
+                bytes.len() >> 10,
+                segwlb::policy::CONTRACT,
+                match times.origin {
+                    Origin::Cache => "taken from the compiled-policy cache",
+                    Origin::Compiled => "compiled",
+                    Origin::Rebuilt => "compiled (the cache entry was bad and is replaced)",
+                },
                 runtime.compiler(),
-                compiling.elapsed().as_secs_f64() * 1e3
+                times.compile.as_secs_f64() * 1e3,
+                times.start.as_secs_f64() * 1e3,
+                policy.memory_bytes() as f64 / f64::from(1 << 20),
+                limits.memory >> 20,
             );
             let report = check::run(
-                Box::new(loaded.instantiate()),
+                Box::new(policy),
                 check::Options {
                     gateways,
                     tunnels,

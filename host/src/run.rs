@@ -17,7 +17,7 @@ use crate::control::status::PolicyRecord;
 use crate::control::{ctl, metrics, reload, PortHandle, Supervisor};
 use crate::dataplane::{unix_now, Clock, Command, Worker};
 use crate::io::{afpacket, Tx};
-use crate::policy::wasm::{LoadError, Runtime};
+use crate::policy::wasm::{Cache, LoadError, Runtime};
 use crate::policy::Policy;
 
 /// Frames queued between the readers and the worker. Past this the readers
@@ -42,7 +42,8 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
     let config = RunConfig::load(config_file)?;
     config.check_interfaces(&afpacket::interface_names())?;
 
-    let runtime = Runtime::with_compiler(config.compiler).map_err(RunError::Start)?;
+    let mut runtime = Runtime::with_compiler(config.compiler).map_err(RunError::Start)?;
+    runtime.set_cache(config.policy.cache.clone().map(Cache::at));
     let policy_file = config.policy.file();
     let policy_bytes = std::fs::read(&policy_file).map_err(|err| LoadError::Read {
         path: policy_file.clone(),
@@ -52,7 +53,7 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
         &policy_file,
         &policy_bytes,
         &config.policy.params,
-        config.policy.limits,
+        config.policy.limits_for(&config.policy.name),
     )?;
 
     let uplink = afpacket::open(&config.uplink)?;
@@ -71,7 +72,9 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
         timeouts: config.timeouts,
     };
     let clock = Clock::start();
-    let policy: Box<dyn Policy> = Box::new(loaded.instantiate());
+    let policy: Box<dyn Policy> = Box::new(loaded.serve().map_err(|e| {
+        RunError::Start(format!("{}: could not start: {e}", policy_file.display()))
+    })?);
     let mut lb = Balancer::new(core, policy);
 
     let (frames_tx, frames_rx) = bounded(QUEUE);

@@ -41,7 +41,18 @@ pub const CONTRACT_WIT: &str = include_str!("../../wit/policy.wit");
 
 /// Componentise a core module written in WAT against `wit` (world `policy`).
 pub fn component(wit: &str, wat: &str) -> Vec<u8> {
+    component_with(&[], wit, wat)
+}
+
+/// As [`component`], with other WIT packages (`deps`, one package each)
+/// that `wit`'s world may import.
+pub fn component_with(deps: &[&str], wit: &str, wat: &str) -> Vec<u8> {
     let mut resolve = wit_parser::Resolve::default();
+    for (i, dep) in deps.iter().enumerate() {
+        resolve
+            .push_str(format!("dep{i}.wit"), dep)
+            .expect("dependency WIT parses");
+    }
     let pkg = resolve
         .push_str("policy.wit", wit)
         .expect("test WIT parses");

@@ -18,7 +18,7 @@ use toml::Spanned;
 use crate::balancer::affinity::Timeouts;
 use crate::balancer::{HealthConfig, IkeSpiLabel, Prefix, SpiSteering};
 use crate::packet::Mac;
-use crate::policy::wasm::{Compiler, Limits};
+use crate::policy::wasm::{Cache, Compiler, Limits};
 use crate::toml_at::{field_at, line_column};
 
 /// A validated configuration.
@@ -48,10 +48,21 @@ pub struct PolicyConfig {
     /// Where policies are found by name (and watched for changes).
     pub dir: PathBuf,
     pub params: Vec<(String, String)>,
+    /// The limits of every policy ...
     pub limits: Limits,
+    /// ... unless overridden by name (`[policy.limits.NAME]`): a Python or
+    /// JavaScript policy carries a language runtime and needs more memory.
+    pub overrides: BTreeMap<String, Limits>,
+    /// Compiled policies are kept here (`None`: compiled at every load).
+    pub cache: Option<PathBuf>,
 }
 
 impl PolicyConfig {
+    /// The limits policy `name` runs under.
+    pub fn limits_for(&self, name: &str) -> Limits {
+        self.overrides.get(name).copied().unwrap_or(self.limits)
+    }
+
     /// The component file of policy `name` in the policy directory.
     pub fn file_of(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.wasm"))
@@ -228,18 +239,28 @@ impl RunConfig {
                 .iter()
                 .map(|(k, v)| (k.clone(), param_text(v)))
                 .collect(),
-            limits: Limits {
-                call: Duration::from_millis(*p.call_timeout_ms.get_ref()),
-                memory: *p.memory_mib.get_ref() << 20,
-                ..Limits::default()
+            limits: limits_of(
+                &RawLimits {
+                    call_timeout_ms: p.call_timeout_ms.clone(),
+                    setup_timeout_ms: p.setup_timeout_ms.clone(),
+                    memory_mib: p.memory_mib.clone(),
+                },
+                "policy",
+                Limits::default(),
+                &at,
+            )?,
+            overrides: BTreeMap::new(),
+            cache: match (p.cache, &p.cache_dir) {
+                (false, _) => None,
+                (true, Some(dir)) => Some(base.join(dir)),
+                (true, None) => Cache::default_dir(),
             },
         };
-        if policy.limits.call.is_zero() {
-            return Err(at(
-                p.call_timeout_ms.span(),
-                "policy.call_timeout_ms",
-                "must be at least 1".into(),
-            ));
+        let mut policy = policy;
+        for (name, raw) in &p.limits_by_name {
+            let field = format!("policy.limits.{name}");
+            let limits = limits_of(raw, &field, policy.limits, &at)?;
+            policy.overrides.insert(name.clone(), limits);
         }
         if !policy.file().is_file() {
             return Err(at(
@@ -540,22 +561,69 @@ struct RawPolicy {
     dir: Spanned<PathBuf>,
     #[serde(default)]
     params: BTreeMap<String, toml::Value>,
-    #[serde(default = "call_timeout_ms")]
-    call_timeout_ms: Spanned<u64>,
-    #[serde(default = "memory_mib")]
-    memory_mib: Spanned<usize>,
+    call_timeout_ms: Option<Spanned<u64>>,
+    setup_timeout_ms: Option<Spanned<u64>>,
+    memory_mib: Option<Spanned<usize>>,
+    /// `[policy.limits.NAME]`: one policy's own limits.
+    #[serde(default, rename = "limits")]
+    limits_by_name: BTreeMap<String, RawLimits>,
     #[serde(default)]
     compiler: Option<Spanned<String>>,
+    #[serde(default = "yes")]
+    cache: bool,
+    #[serde(default)]
+    cache_dir: Option<PathBuf>,
+}
+
+/// Limits as written; absent fields take the enclosing defaults.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    call_timeout_ms: Option<Spanned<u64>>,
+    setup_timeout_ms: Option<Spanned<u64>>,
+    memory_mib: Option<Spanned<usize>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `raw` over `defaults`; `field` names the table in errors.
+fn limits_of(
+    raw: &RawLimits,
+    field: &str,
+    defaults: Limits,
+    at: &impl Fn(Range<usize>, &str, String) -> ConfigError,
+) -> Result<Limits, ConfigError> {
+    let ms = |v: &Option<Spanned<u64>>, name: &str, default: Duration| match v {
+        None => Ok(default),
+        Some(v) if *v.get_ref() == 0 => Err(at(
+            v.span(),
+            &format!("{field}.{name}"),
+            "must be at least 1".into(),
+        )),
+        Some(v) => Ok(Duration::from_millis(*v.get_ref())),
+    };
+    let memory = match &raw.memory_mib {
+        None => defaults.memory,
+        Some(v) if *v.get_ref() == 0 || *v.get_ref() > 4096 => {
+            return Err(at(
+                v.span(),
+                &format!("{field}.memory_mib"),
+                "must be between 1 and 4096".into(),
+            ))
+        }
+        Some(v) => *v.get_ref() << 20,
+    };
+    Ok(Limits {
+        call: ms(&raw.call_timeout_ms, "call_timeout_ms", defaults.call)?,
+        setup: ms(&raw.setup_timeout_ms, "setup_timeout_ms", defaults.setup)?,
+        memory,
+    })
 }
 
 fn policy_dir() -> Spanned<PathBuf> {
     Spanned::new(0..0, PathBuf::from("policies"))
-}
-fn call_timeout_ms() -> Spanned<u64> {
-    Spanned::new(0..0, Limits::default().call.as_millis() as u64)
-}
-fn memory_mib() -> Spanned<usize> {
-    Spanned::new(0..0, Limits::default().memory >> 20)
 }
 
 #[derive(Deserialize)]

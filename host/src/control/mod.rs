@@ -29,7 +29,7 @@ use crossbeam_channel::{bounded, Sender};
 use crate::balancer::{GatewaySpec, PortId};
 use crate::dataplane::{Command, Reply};
 use crate::io::{afpacket, Received};
-use crate::policy::wasm::{Loaded, Runtime};
+use crate::policy::wasm::{Loaded, Runtime, WasmPolicy};
 use config::{GatewayConfig, RunConfig};
 use diff::Change;
 use status::Status;
@@ -166,14 +166,25 @@ impl Supervisor {
             }
         };
         let (loaded, bytes_hash) = loaded;
+        // Start the instance (and its spare) here, off the data path: for a
+        // language runtime that is milliseconds the worker must not spend.
+        let policy: WasmPolicy = match loaded.serve() {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = self.worker.send(Command::PolicyRejected);
+                let e = format!("{}: could not start: {e}", file.display());
+                tracing::error!("policy refused, the current one keeps serving: {e}");
+                return Err(e);
+            }
+        };
         tracing::debug!(
             file = %file.display(),
             waited_ms = format!("{:.1}", (compile - noticed).as_secs_f64() * 1e3),
             compiled_ms = format!("{:.1}", compile.elapsed().as_secs_f64() * 1e3),
-            "policy compiled and checked"
+            "policy compiled, checked and started"
         );
         let r = self.ask(|reply| Command::UsePolicy {
-            policy: loaded,
+            policy: Box::new(policy),
             rebalance,
             noticed,
             reply,
@@ -201,8 +212,10 @@ impl Supervisor {
         } else {
             &[]
         };
+        let name = file.file_stem().unwrap_or_default().to_string_lossy();
+        let limits = self.config.policy.limits_for(&name);
         self.runtime
-            .load_bytes(file, &bytes, params, self.config.policy.limits)
+            .load_bytes(file, &bytes, params, limits)
             .map(|l| (l, h))
             .map_err(|e| (Some(h), e.to_string()))
     }

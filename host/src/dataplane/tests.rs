@@ -260,7 +260,7 @@ fn a_policy_swap_under_a_stream_loses_no_frame_and_moves_no_tunnel() {
         if round == rounds / 2 {
             commands_tx
                 .send(Command::UsePolicy {
-                    policy: weighted.clone(),
+                    policy: Box::new(weighted.serve().unwrap()),
                     rebalance: false,
                     noticed: Instant::now(),
                     reply: reply_tx.clone(),

@@ -13,6 +13,9 @@ pub enum FallbackReason {
     MemoryCap,
     /// The policy could not be brought back after an earlier failure.
     Unavailable,
+    /// Its fresh instance after a failure is still being started off the
+    /// data path (a language runtime's start is too long to wait for).
+    Restarting,
     /// It answered an id that is not in the set.
     UnknownGateway,
     /// It answered a gateway that is down, draining or of weight 0.
@@ -22,11 +25,12 @@ pub enum FallbackReason {
 }
 
 impl FallbackReason {
-    pub const ALL: [FallbackReason; 7] = [
+    pub const ALL: [FallbackReason; 8] = [
         FallbackReason::Trap,
         FallbackReason::Timeout,
         FallbackReason::MemoryCap,
         FallbackReason::Unavailable,
+        FallbackReason::Restarting,
         FallbackReason::UnknownGateway,
         FallbackReason::GatewayNotTakingTunnels,
         FallbackReason::NoAnswer,
@@ -38,6 +42,7 @@ impl FallbackReason {
             FallbackReason::Timeout => "timeout",
             FallbackReason::MemoryCap => "memory_cap",
             FallbackReason::Unavailable => "unavailable",
+            FallbackReason::Restarting => "restarting",
             FallbackReason::UnknownGateway => "unknown_gateway",
             FallbackReason::GatewayNotTakingTunnels => "gateway_not_taking_tunnels",
             FallbackReason::NoAnswer => "no_answer",
@@ -50,6 +55,7 @@ impl FallbackReason {
             CallError::Timeout(_) => FallbackReason::Timeout,
             CallError::MemoryCap(_) => FallbackReason::MemoryCap,
             CallError::Unavailable(_) => FallbackReason::Unavailable,
+            CallError::Restarting => FallbackReason::Restarting,
         }
     }
 }
@@ -68,7 +74,7 @@ pub struct PolicyStats {
     /// Calls to `choose`.
     pub decisions: u64,
     /// Fallbacks, indexed like [`FallbackReason::ALL`].
-    pub fallbacks: [u64; 7],
+    pub fallbacks: [u64; FallbackReason::ALL.len()],
     /// Failed `set-gateways` pushes (the policy then answers from a fresh
     /// instance or falls back).
     pub failed_pushes: u64,

@@ -30,6 +30,9 @@ pub enum CallError {
     /// The policy could not be brought back after an earlier failure.
     #[error("is unavailable: {0}")]
     Unavailable(String),
+    /// A fresh instance is being started off the data path after a failure.
+    #[error("is restarting after a failure")]
+    Restarting,
 }
 
 /// A balancing policy: told the gateway set when it changes, asked for the

@@ -1,0 +1,351 @@
+//! A loaded policy and its running instances.
+//!
+//! [`Loaded`] is a checked, pre-instantiated component: cheap to clone and
+//! send. [`WasmPolicy`] is one instance behind the [`Policy`] trait. Every
+//! entry into the guest re-arms its epoch deadline and advances its virtual
+//! clock. After any failure the instance is dropped and a fresh one takes
+//! over, replaying `configure` and the last gateway set: a policy may lose
+//! its state, never the host.
+//!
+//! Starting an instance of a language runtime (CPython, SpiderMonkey) costs
+//! milliseconds, so on the data path ([`Loaded::serve`]) nothing is started
+//! inline: the instance is started by the caller (the control plane), a
+//! spare is kept warm on a helper thread, and after a failure the spare
+//! takes over; while none is ready, calls fail as [`CallError::Restarting`]
+//! and the host's fallback answers (counted). Elsewhere (`compare`, `policy
+//! check`) a restart is inline, so a run stays a function of its seed.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wasmtime::{Engine, Store, Trap};
+
+use super::bindings::{self, segwlb::policy::types as wit};
+use super::host::HostState;
+use super::{Limits, TICK};
+use crate::policy::{CallError, Gateway, Opener, Policy, TunnelKey};
+
+/// A checked, pre-instantiated policy. Cheap to clone and to send to
+/// another thread; [`instantiate`](Self::instantiate) or
+/// [`serve`](Self::serve) give a live one.
+#[derive(Clone)]
+pub struct Loaded(pub(super) Arc<LoadedInner>);
+
+pub(super) struct LoadedInner {
+    pub name: String,
+    pub path: PathBuf,
+    pub engine: Engine,
+    pub pre: bindings::PolicyPre<HostState>,
+    pub params: Vec<(String, String)>,
+    pub limits: Limits,
+    /// The WASI interfaces it imports (empty: no WASI linked).
+    pub wasi: Vec<String>,
+    /// Seeds its deterministic randomness: from its name and parameters.
+    pub seed: u64,
+    /// The instance started at load to try the parameters, handed to the
+    /// first taker instead of starting another.
+    pub warm: Mutex<Option<Live>>,
+}
+
+pub(super) enum StartError {
+    Rejected(String),
+    Failed(String),
+}
+
+impl Loaded {
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0.path
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.0.limits
+    }
+
+    /// The WASI 0.2 interfaces the component imports (each linked with
+    /// nothing granted); empty when it imports only the contract's `log`.
+    pub fn wasi_imports(&self) -> &[String] {
+        &self.0.wasi
+    }
+
+    /// An instance for a simulation: started on first use, restarted inline
+    /// after a failure (deterministic, and as slow as a start).
+    pub fn instantiate(&self) -> WasmPolicy {
+        WasmPolicy {
+            loaded: self.clone(),
+            live: self.take_warm(),
+            spare: None,
+            gateways: None,
+            restarts: 0,
+        }
+    }
+
+    /// An instance for the data path, started here (call this off the data
+    /// path), with a spare started on a helper thread so a failure never
+    /// waits for a start.
+    pub fn serve(&self) -> Result<WasmPolicy, String> {
+        let live = match self.take_warm() {
+            Some(live) => live,
+            None => self.start().map_err(StartError::into_message)?,
+        };
+        Ok(WasmPolicy {
+            loaded: self.clone(),
+            live: Some(live),
+            spare: Some(self.start_spare()),
+            gateways: None,
+            restarts: 0,
+        })
+    }
+
+    /// How long one instance takes to start (instantiate + `configure`).
+    pub fn time_start(&self) -> Result<Duration, String> {
+        let t = Instant::now();
+        self.start().map_err(StartError::into_message)?;
+        Ok(t.elapsed())
+    }
+
+    fn take_warm(&self) -> Option<Live> {
+        self.0.warm.lock().ok()?.take()
+    }
+
+    pub(super) fn start(&self) -> Result<Live, StartError> {
+        let inner = &self.0;
+        let state = HostState::new(
+            &inner.name,
+            inner.limits.memory,
+            !inner.wasi.is_empty(),
+            inner.seed,
+        );
+        let mut store = Store::new(&inner.engine, state);
+        store.limiter(|s| s);
+        store.set_epoch_deadline(ticks(inner.limits.setup));
+        let bindings = match inner.pre.instantiate(&mut store) {
+            Ok(b) => b,
+            Err(e) => {
+                return Err(StartError::Failed(
+                    classify(&store, &e, inner.limits.setup).to_string(),
+                ))
+            }
+        };
+        store.set_epoch_deadline(ticks(inner.limits.setup));
+        store.data().clock.tick();
+        match bindings
+            .segwlb_policy_balancer()
+            .call_configure(&mut store, &inner.params)
+        {
+            Ok(Ok(())) => Ok(Live { store, bindings }),
+            Ok(Err(message)) => Err(StartError::Rejected(message)),
+            Err(e) => Err(StartError::Failed(
+                classify(&store, &e, inner.limits.setup).to_string(),
+            )),
+        }
+    }
+
+    fn start_spare(&self) -> Receiver<Result<Live, String>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("segwlb-spare-{}", self.name()))
+            .spawn(move || {
+                let _ = tx.send(me.start().map_err(StartError::into_message));
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(policy = self.name(), "cannot start a spare instance: {e}");
+        }
+        rx
+    }
+}
+
+impl StartError {
+    fn into_message(self) -> String {
+        match self {
+            StartError::Rejected(m) => format!("rejected its parameters: {m}"),
+            StartError::Failed(m) => m,
+        }
+    }
+}
+
+pub(super) struct Live {
+    store: Store<HostState>,
+    bindings: bindings::Policy,
+}
+
+/// One running instance of a wasm policy.
+pub struct WasmPolicy {
+    loaded: Loaded,
+    live: Option<Live>,
+    /// On the data path: the next instance, being started or ready.
+    spare: Option<Receiver<Result<Live, String>>>,
+    /// The last set pushed, replayed into a fresh instance after a trap.
+    gateways: Option<Vec<wit::Gateway>>,
+    restarts: u64,
+}
+
+impl WasmPolicy {
+    pub fn loaded(&self) -> &Loaded {
+        &self.loaded
+    }
+
+    /// Fresh instances started after a failure.
+    pub fn restarts(&self) -> u64 {
+        self.restarts
+    }
+
+    /// Linear memory of the live instance (0 when none is running).
+    pub fn memory_bytes(&self) -> usize {
+        self.live.as_ref().map_or(0, |l| l.store.data().memory_peak)
+    }
+
+    /// Lines the live instance wrote to its log, stdout and stderr.
+    pub fn log_lines(&self) -> u64 {
+        self.live
+            .as_ref()
+            .and_then(|l| l.store.data().log.lock().ok().map(|g| g.lines()))
+            .unwrap_or(0)
+    }
+
+    /// The live instance, starting (or restarting) one when needed.
+    fn live(&mut self) -> Result<&mut Live, CallError> {
+        if self.live.is_none() {
+            let mut live = match &self.spare {
+                None => self.loaded.start().map_err(|e| match e {
+                    StartError::Rejected(m) | StartError::Failed(m) => CallError::Unavailable(m),
+                })?,
+                Some(spare) => match spare.try_recv() {
+                    Ok(Ok(live)) => {
+                        self.spare = Some(self.loaded.start_spare());
+                        live
+                    }
+                    Err(TryRecvError::Empty) => return Err(CallError::Restarting),
+                    Ok(Err(reason)) => {
+                        // It failed to start; try again, off the data path.
+                        self.spare = Some(self.loaded.start_spare());
+                        return Err(CallError::Unavailable(reason));
+                    }
+                    Err(TryRecvError::Disconnected) => {
+                        self.spare = Some(self.loaded.start_spare());
+                        return Err(CallError::Restarting);
+                    }
+                },
+            };
+            if let Some(gateways) = &self.gateways {
+                let budget = self.loaded.0.limits.setup;
+                live.store.set_epoch_deadline(ticks(budget));
+                live.store.data().clock.tick();
+                live.bindings
+                    .segwlb_policy_balancer()
+                    .call_set_gateways(&mut live.store, gateways)
+                    .map_err(|e| {
+                        CallError::Unavailable(classify(&live.store, &e, budget).to_string())
+                    })?;
+            }
+            self.live = Some(live);
+        }
+        Ok(self.live.as_mut().expect("started above"))
+    }
+
+    /// Run one call into the guest; on failure, drop the instance.
+    fn call<R>(
+        &mut self,
+        budget: Duration,
+        f: impl FnOnce(&bindings::Policy, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, CallError> {
+        let live = self.live()?;
+        live.store.set_epoch_deadline(ticks(budget));
+        live.store.data().clock.tick();
+        match f(&live.bindings, &mut live.store) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let err = classify(&live.store, &e, budget);
+                self.live = None;
+                self.restarts += 1;
+                Err(err)
+            }
+        }
+    }
+}
+
+impl Policy for WasmPolicy {
+    fn name(&self) -> &str {
+        self.loaded.name()
+    }
+
+    fn set_gateways(&mut self, gateways: &[Gateway]) -> Result<(), CallError> {
+        let set: Vec<wit::Gateway> = gateways.iter().map(to_wit_gateway).collect();
+        if self.live.is_none() {
+            // Starting replays the stored set.
+            self.gateways = Some(set);
+            return self.live().map(|_| ());
+        }
+        let budget = self.loaded.0.limits.setup;
+        let pushed = self.call(budget, |b, store| {
+            b.segwlb_policy_balancer().call_set_gateways(store, &set)
+        });
+        // Kept either way: after a failure, the fresh instance gets this set.
+        self.gateways = Some(set);
+        pushed
+    }
+
+    fn choose(&mut self, key: &TunnelKey) -> Result<Option<u32>, CallError> {
+        let key = to_wit_key(key);
+        let budget = self.loaded.0.limits.call;
+        self.call(budget, |b, store| {
+            b.segwlb_policy_balancer().call_choose(store, key)
+        })
+    }
+}
+
+fn ticks(budget: Duration) -> u64 {
+    (budget.as_micros() / TICK.as_micros()) as u64 + 1
+}
+
+fn classify(store: &Store<HostState>, err: &wasmtime::Error, budget: Duration) -> CallError {
+    if store.data().memory_denied {
+        return CallError::MemoryCap(store.data().memory_cap);
+    }
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => CallError::Timeout(budget),
+        Some(trap) => CallError::Trap(trap.to_string()),
+        None => CallError::Trap(format!("{err:#}")),
+    }
+}
+
+fn to_wit_ip(ip: std::net::IpAddr) -> wit::IpAddress {
+    match ip {
+        std::net::IpAddr::V4(a) => wit::IpAddress::V4(a.into()),
+        std::net::IpAddr::V6(a) => {
+            let bits = u128::from(a);
+            wit::IpAddress::V6(((bits >> 64) as u64, bits as u64))
+        }
+    }
+}
+
+fn to_wit_key(key: &TunnelKey) -> wit::TunnelKey {
+    wit::TunnelKey {
+        peer: to_wit_ip(key.peer),
+        peer_port: key.peer_port,
+        vip: to_wit_ip(key.vip),
+        ike_spi: key.ike_spi,
+        opened_by: match key.opened_by {
+            Opener::Ike => wit::Opener::Ike,
+            Opener::NatT => wit::Opener::NatT,
+            Opener::Esp => wit::Opener::Esp,
+        },
+    }
+}
+
+fn to_wit_gateway(g: &Gateway) -> wit::Gateway {
+    wit::Gateway {
+        id: g.id,
+        name: g.name.clone(),
+        weight: g.weight,
+        healthy: g.healthy,
+        draining: g.draining,
+        tunnels: g.tunnels,
+    }
+}
