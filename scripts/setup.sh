@@ -6,9 +6,30 @@
 #     `segwlb run` (without root those tests are skipped and need nothing).
 # Idempotent and quiet when everything is there. Never installs by hand what
 # it could not name: when it cannot install, it says what to install.
+#
+# Options:
+#   --polyglot  also install the toolchains for policies in Python and
+#               JavaScript into .tools/ (see the section at the end).
 set -euo pipefail
 
 say() { printf 'setup: %s\n' "$*" >&2; }
+
+# ---- options -----------------------------------------------------------------
+POLYGLOT=0
+for arg in "$@"; do
+    case "$arg" in
+        --polyglot) POLYGLOT=1 ;;
+        -h | --help)
+            sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            say "unknown option $arg (try --help)"
+            exit 2
+            ;;
+    esac
+done
+# -----------------------------------------------------------------------------
 
 have_rustup_wasm() {
     local libdir
@@ -89,5 +110,95 @@ if [ "$(id -u)" -eq 0 ]; then
         else
             say "the network-namespace tests and the lab need: ${missing[*]}"
         fi
+    fi
+fi
+
+# ==== --polyglot: toolchains for policies in Python and JavaScript ============
+# Into .tools/ at the repo root (git-ignored), never system-wide:
+#   .tools/venv   a Python venv with componentize-py;
+#   .tools/node   npm packages componentize-js (and its engine) and jco.
+# Exact versions, so every machine builds the same components; bump them here
+# (and re-run) to upgrade. scripts/build-polyglot.sh and `segwlb policy build`
+# use these. Needs python3 with venv and Node >= 18 with npm: as root on
+# Debian they are installed from apt when missing (Debian 12: python3-venv,
+# nodejs 18, npm).
+if [ "$POLYGLOT" -eq 1 ]; then
+    COMPONENTIZE_PY_VERSION=0.25.1
+    COMPONENTIZE_JS_VERSION=0.23.0
+    JCO_VERSION=1.35.0
+
+    tools=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.tools
+    mkdir -p "$tools"
+
+    # -- Python: componentize-py in .tools/venv --
+    venv=$tools/venv
+    have_componentize_py() {
+        [ -x "$venv/bin/componentize-py" ] &&
+            [ "$("$venv/bin/componentize-py" --version 2>/dev/null)" = "componentize-py $COMPONENTIZE_PY_VERSION" ]
+    }
+    if ! have_componentize_py; then
+        if ! command -v python3 >/dev/null; then
+            if can_apt; then apt_install python3 python3-venv; else
+                say "python3 not found: install python3 (with its venv module)"
+                exit 1
+            fi
+        fi
+        # A venv that no longer runs (its python was removed) is rebuilt.
+        if ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
+            rm -rf "$venv"
+            if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+                rm -rf "$venv"
+                # Debian's python3 has venv without ensurepip until
+                # python3-venv (python3.X-venv) is installed.
+                if can_apt; then
+                    apt_install python3-venv
+                    python3 -m venv "$venv" >/dev/null
+                else
+                    say "python3 -m venv failed: install your distribution's python3-venv"
+                    exit 1
+                fi
+            fi
+        fi
+        say "pip install componentize-py==$COMPONENTIZE_PY_VERSION into .tools/venv"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+            "componentize-py==$COMPONENTIZE_PY_VERSION"
+        have_componentize_py || {
+            say "componentize-py $COMPONENTIZE_PY_VERSION did not install into $venv"
+            exit 1
+        }
+    fi
+
+    # -- JavaScript: componentize-js and jco in .tools/node --
+    node_major() { node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0; }
+    if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+        if can_apt; then
+            # Only what is missing: a Node from elsewhere (NodeSource) bundles
+            # npm, and Debian's npm would try to replace it.
+            missing=()
+            command -v node >/dev/null || missing+=(nodejs)
+            command -v npm >/dev/null || missing+=(npm)
+            apt_install "${missing[@]}"
+        else
+            say "node and npm not found: install Node.js >= 18 with npm"
+            exit 1
+        fi
+    fi
+    if [ "$(node_major)" -lt 18 ]; then
+        say "Node.js $(node --version) is too old for componentize-js: install Node.js >= 18"
+        exit 1
+    fi
+    node_dir=$tools/node
+    npm_version_of() {
+        node -p "require('$node_dir/node_modules/$1/package.json').version" 2>/dev/null || true
+    }
+    if [ "$(npm_version_of @bytecodealliance/componentize-js)" != "$COMPONENTIZE_JS_VERSION" ] ||
+        [ "$(npm_version_of @bytecodealliance/jco)" != "$JCO_VERSION" ] ||
+        [ ! -x "$node_dir/node_modules/.bin/componentize-js" ] ||
+        [ ! -x "$node_dir/node_modules/.bin/jco" ]; then
+        say "npm install componentize-js@$COMPONENTIZE_JS_VERSION jco@$JCO_VERSION into .tools/node"
+        mkdir -p "$node_dir"
+        npm install --prefix "$node_dir" --save-exact --no-audit --no-fund --loglevel=error \
+            "@bytecodealliance/componentize-js@$COMPONENTIZE_JS_VERSION" \
+            "@bytecodealliance/jco@$JCO_VERSION" >/dev/null
     fi
 fi

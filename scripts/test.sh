@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/setup.sh
+# --polyglot: componentize-py and componentize-js too, for the Python and
+# JavaScript policies and their tests.
+scripts/setup.sh --polyglot
 
 cargo fmt --all -- --check
 (cd plugins && cargo fmt --all -- --check)
@@ -16,6 +18,12 @@ cargo clippy --workspace --all-targets -- -D warnings
 # different paths, and the next host build sees two versions of it.
 (cd plugins && cargo clippy --workspace --all-targets -- -D warnings)
 (cd plugins && cargo test --workspace)
+# The Python and JavaScript policies (examples/policies/) through
+# `segwlb policy build`, and the hostile guests of tests/polyglot.rs; their
+# tests must then run, not skip.
+cargo build --workspace
+scripts/build-polyglot.sh
+export SEGWLB_REQUIRE_POLYGLOT=1
 # As root the network-namespace tests (tests/live_netns.rs) must run, not
 # skip: setup.sh installed what they need.
 if [ "$(id -u)" -eq 0 ]; then

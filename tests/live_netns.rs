@@ -160,6 +160,14 @@ impl Lab {
         for p in ["round-robin", "consistent-hash", "weighted"] {
             std::fs::copy(common::shipped(p), policies.join(format!("{p}.wasm"))).unwrap();
         }
+        // Python and JavaScript policies, when scripts/build-polyglot.sh
+        // built them (the polyglot swap test requires them under CI).
+        for p in POLYGLOT {
+            let built = common::policies_dir().join(format!("{p}.wasm"));
+            if built.exists() {
+                std::fs::copy(built, policies.join(format!("{p}.wasm"))).unwrap();
+            }
+        }
         std::fs::copy(common::shipped(policy), policies.join("active.wasm")).unwrap();
         let socket = d.join("segwlb.sock");
         let config = d.join("lb.toml");
@@ -244,16 +252,7 @@ impl Lab {
 
     /// `segwlb ctl ARGS` against this lab's balancer: (success, output).
     fn ctl(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_segwlb"))
-            .arg("ctl")
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
+        ctl_at(&self.socket, args)
     }
 
     /// A frame from the initiator side router to the balancer.
@@ -757,40 +756,58 @@ fn a_config_edit_applies_live_in_one_reload_without_moving_tunnels() {
 /// the policy file is rewritten, `ctl policy use` swaps again and a corrupt
 /// file is refused: every frame sent arrives, each tunnel on one segw, and
 /// a written file serves within 100 ms.
-#[test]
-fn policy_swaps_while_frames_are_in_flight_lose_none_and_serve_within_100_ms() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    if !can_run() {
-        return;
+const POLYGLOT: [&str; 2] = ["py-round-robin", "js-consistent-hash"];
+
+/// What one in-flight run saw: frames sent, and per segw the frames of
+/// each tunnel it received.
+struct InFlight {
+    sent: u64,
+    received: Vec<BTreeMap<u16, u64>>,
+}
+
+impl InFlight {
+    /// Every frame sent arrived once, and each tunnel reached one segw only.
+    fn assert_none_lost_none_moved(&self, what: &str) {
+        let total: u64 = self.received.iter().flat_map(|m| m.values()).sum();
+        assert_eq!(total, self.sent, "frames lost or duplicated across {what}");
+        let tunnels: std::collections::BTreeSet<u16> = self
+            .received
+            .iter()
+            .flat_map(|m| m.keys().copied())
+            .collect();
+        for t in tunnels {
+            let on: Vec<usize> = (0..SEGWS)
+                .filter(|&i| self.received[i].contains_key(&t))
+                .collect();
+            assert_eq!(on.len(), 1, "tunnel {t} reached segws {on:?}");
+        }
     }
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut lab = Lab::up("fly", "round-robin", (0, 3));
-    let (socket, policies) = (lab.socket.clone(), lab.policies.clone());
-    let status = || {
-        request(&socket, &Request::Status { tunnels: 1000 })
-            .unwrap()
-            .status
-            .unwrap()
-    };
-    let tunnels: u16 = 48;
+}
+
+/// ESP-in-UDP on `tunnels` tunnels at ~12k frames/s from the initiator
+/// while `script` changes things; `script` may also send its own frames
+/// (new tunnels) through the sender it is given.
+fn in_flight(lab: &mut Lab, tunnels: u16, script: impl FnOnce(&dyn Fn(Vec<Vec<u8>>))) -> InFlight {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
     let vip = IpAddr::V4(VIP);
     let uplink = lab.lb_uplink_mac;
-    let frames: Vec<Vec<u8>> = (1..=tunnels)
-        .map(|t| {
-            let ip = udp_packet(
-                peer(100 + t),
-                4500,
-                vip,
-                4500,
-                &esp_body(0x5000 + u32::from(t), 1, 120),
-            );
-            frame(uplink, lab.ini.mac, None, &ip)
-        })
-        .collect();
+    let ini_mac = lab.ini.mac;
+    let esp = |t: u16| {
+        let ip = udp_packet(
+            peer(100 + t),
+            4500,
+            vip,
+            4500,
+            &esp_body(0x5000 + u32::from(t), 1, 120),
+        );
+        frame(uplink, ini_mac, None, &ip)
+    };
+    let frames: Vec<Vec<u8>> = (1..=tunnels).map(esp).collect();
+    let extra: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
     let sending = AtomicBool::new(true);
     let reading = AtomicBool::new(true);
-    let mut swap_ms = 0.0;
-    let (sent, received) = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let readers: Vec<_> = lab
             .segws
             .iter_mut()
@@ -811,11 +828,13 @@ fn policy_swaps_while_frames_are_in_flight_lose_none_and_serve_within_100_ms() {
             })
             .collect();
         let ini = &mut lab.ini;
-        let (frames, sending) = (&frames, &sending);
+        let (frames, sending, extra) = (&frames, &sending, &extra);
         let sender = s.spawn(move || {
             let mut sent = 0u64;
+            let mut opened: Vec<Vec<u8>> = Vec::new();
             while sending.load(Ordering::Relaxed) {
-                for f in frames.iter().take(10).chain(frames.iter().skip(10)) {
+                opened.append(&mut extra.lock().unwrap());
+                for f in frames.iter().chain(&opened) {
                     ini.tx.send(f).unwrap();
                     sent += 1;
                 }
@@ -823,8 +842,37 @@ fn policy_swaps_while_frames_are_in_flight_lose_none_and_serve_within_100_ms() {
             }
             sent
         });
-        let pause = || std::thread::sleep(Duration::from_millis(400));
-        pause();
+        std::thread::sleep(Duration::from_millis(400));
+        script(&|new: Vec<Vec<u8>>| extra.lock().unwrap().extend(new));
+        std::thread::sleep(Duration::from_millis(400));
+        sending.store(false, Ordering::Relaxed);
+        let sent = sender.join().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        reading.store(false, Ordering::Relaxed);
+        InFlight {
+            sent,
+            received: readers.into_iter().map(|r| r.join().unwrap()).collect(),
+        }
+    })
+}
+
+#[test]
+fn policy_swaps_while_frames_are_in_flight_lose_none_and_serve_within_100_ms() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up("fly", "round-robin", (0, 3));
+    let (socket, policies) = (lab.socket.clone(), lab.policies.clone());
+    let status = || {
+        request(&socket, &Request::Status { tunnels: 1000 })
+            .unwrap()
+            .status
+            .unwrap()
+    };
+    let mut swap_ms = 0.0;
+    let pause = || std::thread::sleep(Duration::from_millis(400));
+    let run = in_flight(&mut lab, 48, |_| {
         // The file serving is rewritten (an editor's save).
         let weighted = std::fs::read(policies.join("weighted.wasm")).unwrap();
         let written = Instant::now();
@@ -838,14 +886,8 @@ fn policy_swaps_while_frames_are_in_flight_lose_none_and_serve_within_100_ms() {
         }
         swap_ms = written.elapsed().as_secs_f64() * 1e3;
         pause();
-        let out = Command::new(env!("CARGO_BIN_EXE_segwlb"))
-            .arg("ctl")
-            .arg("--socket")
-            .arg(&socket)
-            .args(["policy", "use", "consistent-hash"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
+        let (ok, out) = ctl_at(&socket, &["policy", "use", "consistent-hash"]);
+        assert!(ok, "{out}");
         pause();
         replace_file(&policies.join("consistent-hash.wasm"), b"\0asm garbage");
         let until = Instant::now() + Duration::from_secs(5);
@@ -853,23 +895,8 @@ fn policy_swaps_while_frames_are_in_flight_lose_none_and_serve_within_100_ms() {
             assert!(Instant::now() < until, "the corrupt file was not refused");
             std::thread::sleep(Duration::from_millis(5));
         }
-        pause();
-        sending.store(false, Ordering::Relaxed);
-        let sent = sender.join().unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-        reading.store(false, Ordering::Relaxed);
-        let received: Vec<BTreeMap<u16, u64>> =
-            readers.into_iter().map(|r| r.join().unwrap()).collect();
-        (sent, received)
     });
-    let total: u64 = received.iter().flat_map(|m| m.values()).sum();
-    assert_eq!(total, sent, "frames lost or duplicated across three swaps");
-    for t in 1..=tunnels {
-        let on: Vec<usize> = (0..SEGWS)
-            .filter(|&i| received[i].contains_key(&t))
-            .collect();
-        assert_eq!(on.len(), 1, "tunnel {t} reached segws {on:?}");
-    }
+    run.assert_none_lost_none_moved("three swaps");
     let s = status();
     assert_eq!(
         (s.policy.name.as_str(), s.policy.reloads, s.policy.rejected),
@@ -877,11 +904,105 @@ fn policy_swaps_while_frames_are_in_flight_lose_none_and_serve_within_100_ms() {
     );
     assert_eq!(s.counters.moved, 0);
     eprintln!(
-        "{sent} frames through 3 swaps, none lost; file written -> new policy serving: {swap_ms:.1} ms \
+        "{} frames through 3 swaps, none lost; file written -> new policy serving: {swap_ms:.1} ms \
          (seen through ctl; the balancer's own measure of the last swap: {:?} ms)",
-        s.policy.last_swap_ms
+        run.sent, s.policy.last_swap_ms
     );
     assert!(swap_ms < 100.0, "the file swap took {swap_ms:.1} ms");
+}
+
+/// Rust -> Python -> JavaScript -> Rust under ~12k frames/s: no frame lost,
+/// no tunnel moved, and the new tunnels each language placed got its own
+/// answer (no fallback).
+#[test]
+fn swaps_between_rust_python_and_javascript_under_a_stream_lose_nothing() {
+    if !can_run() {
+        return;
+    }
+    let missing: Vec<&str> = POLYGLOT
+        .iter()
+        .copied()
+        .filter(|p| !common::policies_dir().join(format!("{p}.wasm")).exists())
+        .collect();
+    if !missing.is_empty() {
+        let hint = format!("{missing:?} not built: scripts/build-polyglot.sh");
+        assert!(
+            std::env::var_os("SEGWLB_REQUIRE_POLYGLOT").is_none(),
+            "{hint}"
+        );
+        eprintln!("skipped: {hint}");
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up("pgl", "round-robin", (0, 3));
+    let socket = lab.socket.clone();
+    let (uplink, ini_mac) = (lab.lb_uplink_mac, lab.ini.mac);
+    let status = || {
+        request(&socket, &Request::Status { tunnels: 0 })
+            .unwrap()
+            .status
+            .unwrap()
+    };
+    let mut swaps = Vec::new();
+    let run = in_flight(&mut lab, 48, |open| {
+        for (i, policy) in ["py-round-robin", "js-consistent-hash", "round-robin"]
+            .into_iter()
+            .enumerate()
+        {
+            let t = Instant::now();
+            let (ok, out) = ctl_at(&socket, &["policy", "use", policy]);
+            assert!(ok && out.contains("no tunnel moved"), "{out}");
+            swaps.push((policy, t.elapsed()));
+            // Six new tunnels, placed by the policy just swapped in.
+            let first = 49 + 6 * i as u16;
+            open(
+                (first..first + 6)
+                    .map(|t| {
+                        let ip = udp_packet(
+                            peer(100 + t),
+                            4500,
+                            IpAddr::V4(VIP),
+                            4500,
+                            &esp_body(0x5000 + u32::from(t), 1, 120),
+                        );
+                        frame(uplink, ini_mac, None, &ip)
+                    })
+                    .collect(),
+            );
+            std::thread::sleep(Duration::from_millis(400));
+        }
+    });
+    run.assert_none_lost_none_moved("Rust -> Python -> JavaScript -> Rust");
+    let s = status();
+    assert_eq!(s.policy.name, "round-robin");
+    assert_eq!(s.counters.moved, 0);
+    assert_eq!(s.policy.fallbacks, 0, "a guest's answer was refused");
+    assert_eq!(s.table.tunnels, 48 + 18);
+    for (policy, took) in &swaps {
+        eprintln!(
+            "swap to {policy}: {:.1} ms (ctl request -> serving, compile or cache load included)",
+            took.as_secs_f64() * 1e3
+        );
+    }
+    eprintln!("{} frames through the swaps, none lost", run.sent);
+}
+
+fn ctl_at(socket: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_segwlb"))
+        .arg("ctl")
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// `ctl gateway add` opens a real port and the new segw takes tunnels;
