@@ -21,8 +21,14 @@ cargo clippy --workspace --all-targets -- -D warnings
 # The Python and JavaScript policies (examples/policies/) through
 # `segwlb policy build`, and the hostile guests of tests/polyglot.rs; their
 # tests must then run, not skip.
-cargo build --workspace
+# `cargo test --no-run` builds the segwlb binary as the tests use it (with
+# the dev-dependencies' features), so the test run below builds nothing
+# again; a plain `cargo build` here cost CI a second build of the crate.
+cargo test --workspace --no-run
 scripts/build-polyglot.sh
+# The JavaScript consistent hash's 64-bit arithmetic, against values from
+# an independent Python port of the Rust hashes.
+node examples/policies/js-consistent-hash/check.mjs
 export SEGWLB_REQUIRE_POLYGLOT=1
 # As root the network-namespace tests (tests/live_netns.rs) must run, not
 # skip: setup.sh installed what they need.

@@ -784,10 +784,14 @@ impl InFlight {
     }
 }
 
-/// ESP-in-UDP on `tunnels` tunnels at ~12k frames/s from the initiator
-/// while `script` changes things; `script` may also send its own frames
-/// (new tunnels) through the sender it is given.
-fn in_flight(lab: &mut Lab, tunnels: u16, script: impl FnOnce(&dyn Fn(Vec<Vec<u8>>))) -> InFlight {
+/// ESP-in-UDP on tunnels 1..=`tunnels` at ~12k frames/s from the
+/// initiator while `script` changes things; `script` may open more tunnels
+/// (by number) through the function it is given, streamed from then on.
+fn in_flight(
+    lab: &mut Lab,
+    tunnels: u16,
+    script: impl FnOnce(&dyn Fn(std::ops::Range<u16>)),
+) -> InFlight {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Mutex;
     let vip = IpAddr::V4(VIP);
@@ -803,7 +807,7 @@ fn in_flight(lab: &mut Lab, tunnels: u16, script: impl FnOnce(&dyn Fn(Vec<Vec<u8
         );
         frame(uplink, ini_mac, None, &ip)
     };
-    let frames: Vec<Vec<u8>> = (1..=tunnels).map(esp).collect();
+    let frames: Vec<Vec<u8>> = (1..=tunnels).map(&esp).collect();
     let extra: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
     let sending = AtomicBool::new(true);
     let reading = AtomicBool::new(true);
@@ -843,7 +847,7 @@ fn in_flight(lab: &mut Lab, tunnels: u16, script: impl FnOnce(&dyn Fn(Vec<Vec<u8
             sent
         });
         std::thread::sleep(Duration::from_millis(400));
-        script(&|new: Vec<Vec<u8>>| extra.lock().unwrap().extend(new));
+        script(&|new: std::ops::Range<u16>| extra.lock().unwrap().extend(new.map(&esp)));
         std::thread::sleep(Duration::from_millis(400));
         sending.store(false, Ordering::Relaxed);
         let sent = sender.join().unwrap();
@@ -936,7 +940,6 @@ fn swaps_between_rust_python_and_javascript_under_a_stream_lose_nothing() {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut lab = Lab::up("pgl", "round-robin", (0, 3));
     let socket = lab.socket.clone();
-    let (uplink, ini_mac) = (lab.lb_uplink_mac, lab.ini.mac);
     let status = || {
         request(&socket, &Request::Status { tunnels: 0 })
             .unwrap()
@@ -955,20 +958,7 @@ fn swaps_between_rust_python_and_javascript_under_a_stream_lose_nothing() {
             swaps.push((policy, t.elapsed()));
             // Six new tunnels, placed by the policy just swapped in.
             let first = 49 + 6 * i as u16;
-            open(
-                (first..first + 6)
-                    .map(|t| {
-                        let ip = udp_packet(
-                            peer(100 + t),
-                            4500,
-                            IpAddr::V4(VIP),
-                            4500,
-                            &esp_body(0x5000 + u32::from(t), 1, 120),
-                        );
-                        frame(uplink, ini_mac, None, &ip)
-                    })
-                    .collect(),
-            );
+            open(first..first + 6);
             std::thread::sleep(Duration::from_millis(400));
         }
     });

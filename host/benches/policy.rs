@@ -4,15 +4,18 @@
 //!
 //! Prints ns per decision at 3 and 64 gateways for each shipped policy, the
 //! wasm/native ratio, and the costs around a decision: pushing the gateway
-//! set, loading (compiling) a component, and starting an instance. Figures,
-//! not a pass/fail: the target (a wasm decision under 1 µs at any gateway
-//! count) is for a person to read against.
+//! set, loading (compiling) a component, and starting an instance. Then the
+//! same for the Python and JavaScript examples, when scripts/build-polyglot.sh
+//! built them, beside their Rust twins in the same run: size, compile time
+//! cold and from the compiled-policy cache, start time, linear memory, ns per
+//! decision. Figures, not a pass/fail: the target (a wasm decision under
+//! 1 µs at any gateway count) is for a person to read against.
 
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use segwlb::policy::wasm::{Compiler, Limits, Runtime};
+use segwlb::policy::wasm::{Cache, Compiler, Limits, Runtime};
 use segwlb::policy::{native, Gateway, Policy, TunnelKey};
 use segwlb::workload::{self, Mix};
 
@@ -57,8 +60,11 @@ fn main() {
     let policies = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies");
     // Both of wasmtime's compilers, measured in the same run: Winch is the
     // default (fast to compile, for hot swaps), Cranelift optimises.
-    let winch = Runtime::with_compiler(Compiler::Winch).expect("wasmtime starts");
-    let cranelift = Runtime::with_compiler(Compiler::Cranelift).expect("wasmtime starts");
+    // No cache here: the load columns are compile times.
+    let mut winch = Runtime::with_compiler(Compiler::Winch).expect("wasmtime starts");
+    let mut cranelift = Runtime::with_compiler(Compiler::Cranelift).expect("wasmtime starts");
+    winch.set_cache(None);
+    cranelift.set_cache(None);
     let keys = workload::tunnel_keys(7, DECISIONS, Mix::default());
 
     println!("policy decision cost, {DECISIONS} distinct tunnels per pass, best of 3");
@@ -77,10 +83,7 @@ fn main() {
         };
         let (fast, fast_load) = load(&winch);
         let (opt, opt_load) = load(&cranelift);
-        let (_, start_time) = time(|| {
-            let mut p = fast.instantiate();
-            p.set_gateways(&gateways(3)).unwrap();
-        });
+        let start_time = fast.time_start().unwrap();
         loads.push((name, fast_load, opt_load, start_time));
         for n in [3, 64] {
             let set = gateways(n);
@@ -115,4 +118,86 @@ fn main() {
             start.as_secs_f64() * 1e6
         );
     }
+    guests(&policies, &keys);
+}
+
+/// The Python and JavaScript examples beside their Rust twins.
+fn guests(policies: &std::path::Path, keys: &[TunnelKey]) {
+    let built: Vec<(&str, &str)> = [
+        ("py-round-robin", "round-robin"),
+        ("js-consistent-hash", "consistent-hash"),
+    ]
+    .into_iter()
+    .filter(|(g, _)| policies.join(format!("{g}.wasm")).exists())
+    .collect();
+    if built.is_empty() {
+        println!("\n(no Python or JavaScript policies: scripts/build-polyglot.sh builds them)");
+        return;
+    }
+    let mut runtime = Runtime::new().expect("wasmtime starts");
+    let cache = tempfile_dir();
+    runtime.set_cache(Some(Cache::at(&cache)));
+    let keys = &keys[..20_000];
+    println!();
+    println!(
+        "guests in other languages (winch), beside their Rust twins in wasm; {} keys per pass",
+        keys.len()
+    );
+    println!(
+        "{:<20} {:>8} {:>11} {:>10} {:>9} {:>8} {:>9} {:>11} {:>11} {:>8}",
+        "policy",
+        "MB",
+        "compile ms",
+        "cached ms",
+        "start ms",
+        "mem MiB",
+        "gateways",
+        "guest ns",
+        "rust ns",
+        "ratio"
+    );
+    for (guest, twin) in built {
+        let path = policies.join(format!("{guest}.wasm"));
+        let bytes = std::fs::read(&path).unwrap();
+        let load = || {
+            runtime
+                .load_timed(&path, &bytes, &[], Limits::default())
+                .unwrap()
+        };
+        let (_, cold) = load();
+        let (loaded, warm) = load();
+        let start = loaded.time_start().unwrap();
+        let rust = runtime
+            .load(
+                &policies.join(format!("{twin}.wasm")),
+                &[],
+                Limits::default(),
+            )
+            .unwrap();
+        for n in [3, 64] {
+            let set = gateways(n);
+            let mut g = loaded.instantiate();
+            g.set_gateways(&set).unwrap();
+            let guest_ns = ns_per_decision(&mut g, keys);
+            let mut r = rust.instantiate();
+            r.set_gateways(&set).unwrap();
+            let rust_ns = ns_per_decision(&mut r, keys);
+            println!(
+                "{guest:<20} {:>8.1} {:>11.0} {:>10.1} {:>9.2} {:>8.1} {n:>9} {guest_ns:>11.0} {rust_ns:>11.0} {:>7.0}x",
+                bytes.len() as f64 / 1e6,
+                cold.compile.as_secs_f64() * 1e3,
+                warm.compile.as_secs_f64() * 1e3,
+                start.as_secs_f64() * 1e3,
+                g.memory_bytes() as f64 / f64::from(1 << 20),
+                guest_ns / rust_ns,
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+fn tempfile_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("segwlb-bench-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

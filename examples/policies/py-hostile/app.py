@@ -1,7 +1,8 @@
 """A hostile policy, in Python: for testing the host's sandbox, never for use.
 
 `configure` takes `mode` (default `ok`) and, for some modes, `path`, `host`
-and `port`. `set_gateways` stores the set; `choose` misbehaves by mode:
+and `port`; `spin` (a count) makes every start slow, for the host's restart
+path. `set_gateways` stores the set; `choose` misbehaves by mode:
 
 - `ok`: the first gateway that takes new tunnels (healthy, not draining,
   weight > 0), or none.
@@ -56,7 +57,7 @@ from wit_world import exports
 from wit_world.imports import log, types
 
 MODES = ["ok", "loop", "alloc", "open", "connect", "env", "stdout", "raise", "sleep"]
-PARAMS = ["mode", "path", "host", "port"]
+PARAMS = ["mode", "path", "host", "port", "spin"]
 
 # Set by `configure` / `set_gateways`.
 MODE = "ok"
@@ -104,6 +105,13 @@ class Balancer(exports.Balancer):
                 host = value
             elif key == "port":
                 port = parse_port(value)
+            elif key == "spin":
+                # A slow start, for the host's restart path: this many
+                # iterations of busy work in every `configure`.
+                if not value.isdigit():
+                    raise Err(f"parameter `spin` = {quoted(value)}: not a count")
+                for _ in range(int(value)):
+                    pass
             else:
                 raise Err(f"unknown parameter `{key}`: this policy takes {', '.join(PARAMS)}")
         MODE, PATH, HOST, PORT = mode, path, host, port

@@ -218,3 +218,46 @@ fn macs_parse_and_print() {
     assert_eq!(parse_mac("2:00:5e:00:00:0a"), None);
     assert_eq!(format_mac(&[2, 0, 0x5e, 0, 0, 10]), "02:00:5e:00:00:0a");
 }
+
+#[test]
+fn one_policy_gets_its_own_limits_over_the_policy_tables() {
+    let dir = policies();
+    let text = good(dir.path()).replace(
+        "params = {",
+        "memory_mib = 48\nsetup_timeout_ms = 900\ncache_dir = \"cache\"\n\
+         limits.py-heavy = { memory_mib = 128, call_timeout_ms = 50 }\nparams = {",
+    );
+    let c = parse(&text).unwrap();
+    let base = c.policy.limits_for("round-robin");
+    assert_eq!(base.memory, 48 << 20);
+    assert_eq!(base.setup, Duration::from_millis(900));
+    assert_eq!(base.call, Limits::default().call);
+    let heavy = c.policy.limits_for("py-heavy");
+    assert_eq!(heavy.memory, 128 << 20);
+    assert_eq!(heavy.call, Duration::from_millis(50));
+    // What it does not say, it takes from [policy].
+    assert_eq!(heavy.setup, Duration::from_millis(900));
+    assert_eq!(c.policy.cache, Some(PathBuf::from("/etc/segwlb/cache")));
+    let off = parse(&good(dir.path()).replace("params = {", "cache = false\nparams = {")).unwrap();
+    assert_eq!(off.policy.cache, None);
+}
+
+#[test]
+fn bad_limits_are_named_with_their_table() {
+    let dir = policies();
+    let with = |extra: &str| {
+        error(&good(dir.path()).replace("params = {", &format!("{extra}\nparams = {{")))
+    };
+    let e = with("limits.py = { memory_mib = 0 }");
+    assert!(
+        e.contains("policy.limits.py.memory_mib") && e.contains("between 1 and 4096"),
+        "{e}"
+    );
+    let e = with("call_timeout_ms = 0");
+    assert!(
+        e.contains("policy.call_timeout_ms") && e.contains("at least 1"),
+        "{e}"
+    );
+    let e = with("limits.py = { memory = 3 }");
+    assert!(e.contains("memory"), "{e}");
+}

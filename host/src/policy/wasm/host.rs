@@ -102,6 +102,7 @@ pub struct GuestLog {
     window: Option<Instant>,
     in_window: u32,
     lines: u64,
+    shown: u64,
 }
 
 impl GuestLog {
@@ -111,12 +112,18 @@ impl GuestLog {
             window: None,
             in_window: 0,
             lines: 0,
+            shown: 0,
         }
     }
 
     /// Lines the guest wrote, shown or not.
     pub fn lines(&self) -> u64 {
         self.lines
+    }
+
+    /// Lines that reached the host's log.
+    pub fn shown(&self) -> u64 {
+        self.shown
     }
 
     pub fn emit(&mut self, level: tracing::Level, message: &str) {
@@ -142,6 +149,7 @@ impl GuestLog {
         if self.in_window > LINES_PER_SEC {
             return;
         }
+        self.shown += 1;
         let mut message = std::borrow::Cow::Borrowed(message);
         if message.len() > LINE_MAX {
             let cut = (0..=LINE_MAX)
@@ -175,3 +183,22 @@ impl wit_log::Host for HostState {
 }
 
 impl wit::Host for HostState {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_is_cut_to_the_rate_and_long_lines_are_cut() {
+        let mut log = GuestLog::new("chatty");
+        for i in 0..1000 {
+            log.emit(
+                tracing::Level::INFO,
+                &format!("line {i} {}", "é".repeat(400)),
+            );
+        }
+        assert_eq!(log.lines(), 1000);
+        // Within one second: the first LINES_PER_SEC, no more.
+        assert_eq!(log.shown(), u64::from(LINES_PER_SEC));
+    }
+}

@@ -201,12 +201,20 @@ impl WasmPolicy {
         self.live.as_ref().map_or(0, |l| l.store.data().memory_peak)
     }
 
-    /// Lines the live instance wrote to its log, stdout and stderr.
-    pub fn log_lines(&self) -> u64 {
+    /// Lines the live instance wrote to its log, stdout and stderr, and
+    /// how many of them the rate limit let through to the host's log.
+    pub fn log_lines(&self) -> (u64, u64) {
         self.live
             .as_ref()
-            .and_then(|l| l.store.data().log.lock().ok().map(|g| g.lines()))
-            .unwrap_or(0)
+            .and_then(|l| {
+                l.store
+                    .data()
+                    .log
+                    .lock()
+                    .ok()
+                    .map(|g| (g.lines(), g.shown()))
+            })
+            .unwrap_or((0, 0))
     }
 
     /// The live instance, starting (or restarting) one when needed.
