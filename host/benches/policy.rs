@@ -138,6 +138,13 @@ fn guests(policies: &std::path::Path, keys: &[TunnelKey]) {
     let cache = tempfile_dir();
     runtime.set_cache(Some(Cache::at(&cache)));
     let keys = &keys[..20_000];
+    // Room to run: the JavaScript engine's heap grows with every call (its
+    // garbage is not reclaimed between calls), past the default 32 MiB cap
+    // after ~100k decisions. "mem MiB" is its linear memory after the run.
+    let limits = Limits {
+        memory: 512 << 20,
+        ..Limits::default()
+    };
     println!();
     println!(
         "guests in other languages (winch), beside their Rust twins in wasm; {} keys per pass",
@@ -159,11 +166,7 @@ fn guests(policies: &std::path::Path, keys: &[TunnelKey]) {
     for (guest, twin) in built {
         let path = policies.join(format!("{guest}.wasm"));
         let bytes = std::fs::read(&path).unwrap();
-        let load = || {
-            runtime
-                .load_timed(&path, &bytes, &[], Limits::default())
-                .unwrap()
-        };
+        let load = || runtime.load_timed(&path, &bytes, &[], limits).unwrap();
         let (_, cold) = load();
         let (loaded, warm) = load();
         let start = loaded.time_start().unwrap();
@@ -183,13 +186,14 @@ fn guests(policies: &std::path::Path, keys: &[TunnelKey]) {
             r.set_gateways(&set).unwrap();
             let rust_ns = ns_per_decision(&mut r, keys);
             println!(
-                "{guest:<20} {:>8.1} {:>11.0} {:>10.1} {:>9.2} {:>8.1} {n:>9} {guest_ns:>11.0} {rust_ns:>11.0} {:>7.0}x",
+                "{guest:<20} {:>8.1} {:>11.0} {:>10.1} {:>9.2} {:>8.1} {n:>9} {guest_ns:>11.0} {rust_ns:>11.0} {:>7.0}x{}",
                 bytes.len() as f64 / 1e6,
                 cold.compile.as_secs_f64() * 1e3,
                 warm.compile.as_secs_f64() * 1e3,
                 start.as_secs_f64() * 1e3,
                 g.memory_bytes() as f64 / f64::from(1 << 20),
                 guest_ns / rust_ns,
+                if g.restarts() > 0 { "  (restarted)" } else { "" },
             );
         }
     }
