@@ -555,3 +555,47 @@ fn a_new_python_or_javascript_policy_builds_and_passes_its_check() {
         assert!(!ok && err.contains("speed"), "{lang}: {out}{err}");
     }
 }
+
+/// The JavaScript engine keeps a call's garbage (its memory grows ~350
+/// bytes a decision): near its cap the instance is recycled — a fresh one,
+/// the set replayed — so no call fails for it, on the data path (the spare
+/// takes over) and off it (a start inline), and the answers stay the Rust
+/// twin's.
+#[test]
+fn a_guest_whose_memory_grows_is_recycled_before_its_cap_not_failed() {
+    let runtime = Runtime::new().unwrap();
+    // It starts at ~9 MiB: without recycling, 40k decisions run past 16.
+    let limits = Limits {
+        memory: 16 << 20,
+        ..runtime_limits()
+    };
+    let Some(loaded) = load_with(&runtime, "js-consistent-hash", &[], limits) else {
+        return;
+    };
+    let keys = workload::tunnel_keys(3, 40_000, Mix::default());
+    let set = set(4, &[], &[], &[]);
+    let mut twin = native::shipped("consistent-hash", &[]).unwrap();
+    twin.set_gateways(&set).unwrap();
+    for serve in [false, true] {
+        let mut p = if serve {
+            loaded.serve().unwrap()
+        } else {
+            loaded.instantiate()
+        };
+        p.set_gateways(&set).unwrap();
+        for key in &keys {
+            assert_eq!(p.choose(key), twin.choose(key), "serve: {serve}");
+        }
+        assert!(
+            p.recycles() > 0,
+            "serve: {serve}: memory never neared the cap"
+        );
+        assert_eq!(p.restarts(), 0, "serve: {serve}: a call failed");
+        eprintln!(
+            "serve: {serve}: {} recycles in {} decisions, memory now {:.1} MiB of 16",
+            p.recycles(),
+            keys.len(),
+            p.memory_bytes() as f64 / f64::from(1 << 20)
+        );
+    }
+}

@@ -82,6 +82,7 @@ impl Loaded {
             spare: None,
             gateways: None,
             restarts: 0,
+            recycles: 0,
         }
     }
 
@@ -99,6 +100,7 @@ impl Loaded {
             spare: Some(self.start_spare()),
             gateways: None,
             restarts: 0,
+            recycles: 0,
         })
     }
 
@@ -184,6 +186,7 @@ pub struct WasmPolicy {
     /// The last set pushed, replayed into a fresh instance after a trap.
     gateways: Option<Vec<wit::Gateway>>,
     restarts: u64,
+    recycles: u64,
 }
 
 impl WasmPolicy {
@@ -220,41 +223,86 @@ impl WasmPolicy {
     /// The live instance, starting (or restarting) one when needed.
     fn live(&mut self) -> Result<&mut Live, CallError> {
         if self.live.is_none() {
-            let mut live = match &self.spare {
+            let live = match self.spare {
                 None => self.loaded.start().map_err(|e| match e {
                     StartError::Rejected(m) | StartError::Failed(m) => CallError::Unavailable(m),
                 })?,
-                Some(spare) => match spare.try_recv() {
-                    Ok(Ok(live)) => {
-                        self.spare = Some(self.loaded.start_spare());
-                        live
-                    }
-                    Err(TryRecvError::Empty) => return Err(CallError::Restarting),
-                    Ok(Err(reason)) => {
-                        // It failed to start; try again, off the data path.
-                        self.spare = Some(self.loaded.start_spare());
-                        return Err(CallError::Unavailable(reason));
-                    }
-                    Err(TryRecvError::Disconnected) => {
-                        self.spare = Some(self.loaded.start_spare());
-                        return Err(CallError::Restarting);
-                    }
+                Some(_) => match self.take_spare() {
+                    Ok(Some(live)) => live,
+                    Ok(None) => return Err(CallError::Restarting),
+                    Err(reason) => return Err(CallError::Unavailable(reason)),
                 },
             };
-            if let Some(gateways) = &self.gateways {
-                let budget = self.loaded.0.limits.setup;
-                live.store.set_epoch_deadline(ticks(budget));
-                live.store.data().clock.tick();
-                live.bindings
-                    .segwlb_policy_balancer()
-                    .call_set_gateways(&mut live.store, gateways)
-                    .map_err(|e| {
-                        CallError::Unavailable(classify(&live.store, &e, budget).to_string())
-                    })?;
-            }
+            let live = self.replay(live)?;
             self.live = Some(live);
         }
         Ok(self.live.as_mut().expect("started above"))
+    }
+
+    /// The spare if it is ready (`Ok(None)`: not yet), and the next one
+    /// started behind it, off the data path.
+    fn take_spare(&mut self) -> Result<Option<Live>, String> {
+        let Some(spare) = &self.spare else {
+            return Ok(None);
+        };
+        let taken = match spare.try_recv() {
+            Err(TryRecvError::Empty) => return Ok(None),
+            Ok(Ok(live)) => Ok(Some(live)),
+            // It failed to start; try again.
+            Ok(Err(reason)) => Err(reason),
+            Err(TryRecvError::Disconnected) => Ok(None),
+        };
+        self.spare = Some(self.loaded.start_spare());
+        taken
+    }
+
+    /// Push the last gateway set into a fresh instance.
+    fn replay(&self, mut live: Live) -> Result<Live, CallError> {
+        if let Some(gateways) = &self.gateways {
+            let budget = self.loaded.0.limits.setup;
+            live.store.set_epoch_deadline(ticks(budget));
+            live.store.data().clock.tick();
+            live.bindings
+                .segwlb_policy_balancer()
+                .call_set_gateways(&mut live.store, gateways)
+                .map_err(|e| {
+                    CallError::Unavailable(classify(&live.store, &e, budget).to_string())
+                })?;
+        }
+        Ok(live)
+    }
+
+    /// Instances retired because their memory neared the cap.
+    pub fn recycles(&self) -> u64 {
+        self.recycles
+    }
+
+    /// A guest whose linear memory has grown past 3/4 of its cap (a
+    /// JavaScript engine does not reclaim a call's garbage between calls)
+    /// is replaced by a fresh instance before it reaches the cap, so no
+    /// call fails for it. On the data path the spare takes over when it is
+    /// ready (else the next call tries again); elsewhere a start is inline.
+    fn recycle_if_full(&mut self) {
+        let cap = self.loaded.0.limits.memory;
+        let memory = self.memory_bytes();
+        if memory <= cap / 4 * 3 {
+            return;
+        }
+        let fresh = if self.spare.is_some() {
+            self.take_spare().ok().flatten()
+        } else {
+            self.loaded.start().ok()
+        };
+        if let Some(fresh) = fresh.and_then(|f| self.replay(f).ok()) {
+            tracing::debug!(
+                policy = self.loaded.name(),
+                memory,
+                cap,
+                "instance recycled near its memory cap"
+            );
+            self.live = Some(fresh);
+            self.recycles += 1;
+        }
     }
 
     /// Run one call into the guest; on failure, drop the instance.
@@ -267,7 +315,10 @@ impl WasmPolicy {
         live.store.set_epoch_deadline(ticks(budget));
         live.store.data().clock.tick();
         match f(&live.bindings, &mut live.store) {
-            Ok(r) => Ok(r),
+            Ok(r) => {
+                self.recycle_if_full();
+                Ok(r)
+            }
             Err(e) => {
                 let err = classify(&live.store, &e, budget);
                 self.live = None;
