@@ -4,10 +4,11 @@
 //!
 //! An entry is named by a SHA-256 of the component's bytes, the wasmtime
 //! version and the engine's compatibility hash (compiler, target, tunables),
-//! so any change to the file or to the engine's settings misses. An entry
-//! holds wasmtime's own serialization behind a header and a SHA-256 of it;
-//! it is used only when that checksum matches, and a corrupt, truncated or
-//! mismatched entry is compiled afresh and overwritten, never trusted.
+//! so any change to the file or to the engine's settings misses. An entry is
+//! wasmtime's own serialization (`NAME.cwasm`, which wasmtime maps from the
+//! file without copying it) and its SHA-256 (`NAME.sum`); it is used only
+//! when that checksum matches, and a corrupt, truncated or mismatched entry
+//! is compiled afresh and overwritten, never trusted.
 //!
 //! Deserializing is loading native code: the directory must be ours and
 //! writable by nobody else, or the cache is not used (said once in the log).
@@ -28,8 +29,8 @@ use wasmtime::Engine;
 /// Entries kept; older ones are removed when a new one is written.
 pub const KEEP: usize = 32;
 
-const MAGIC: &[u8; 8] = b"SEGWLBC1";
-const HEADER: usize = MAGIC.len() + 32;
+/// A `.sum` file: this magic, then the SHA-256 of the `.cwasm` beside it.
+const MAGIC: &[u8; 8] = b"SEGWLBC2";
 
 /// Where a component came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +89,13 @@ impl Cache {
         engine: &Engine,
         bytes: &[u8],
     ) -> wasmtime::Result<(Component, Origin)> {
+        let t = std::time::Instant::now();
         let entry = self.entry(engine, bytes);
+        tracing::debug!(
+            bytes = bytes.len(),
+            key_ms = t.elapsed().as_secs_f64() * 1e3,
+            "compiled-policy cache key"
+        );
         let usable = self.usable();
         let mut origin = Origin::Compiled;
         if usable {
@@ -158,42 +165,53 @@ impl Cache {
 
     /// `Ok(None)`: no entry. `Err`: an entry that must not be used.
     fn read(&self, engine: &Engine, entry: &Path) -> Result<Option<Component>, String> {
-        let bytes = match std::fs::read(entry) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        let t = std::time::Instant::now();
+        let sum = match std::fs::read(entry.with_extension("sum")) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return match entry.exists() {
+                    false => Ok(None),
+                    true => Err("no checksum beside it".into()),
+                };
+            }
             Err(e) => return Err(e.to_string()),
         };
-        if bytes.len() < HEADER || &bytes[..MAGIC.len()] != MAGIC {
-            return Err("not an entry of this cache".into());
+        if sum.len() != MAGIC.len() + 32 || &sum[..MAGIC.len()] != MAGIC {
+            return Err("its checksum file is not one of this cache".into());
         }
-        let (sum, artifact) = bytes[MAGIC.len()..].split_at(32);
-        if Sha256::digest(artifact).as_slice() != sum {
-            return Err("checksum mismatch (corrupt or truncated)".into());
+        match sha256_of(entry) {
+            Ok(digest) if digest.as_slice() == &sum[MAGIC.len()..] => {}
+            Ok(_) => return Err("checksum mismatch (corrupt or truncated)".into()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.to_string()),
         }
-        // SAFETY: the artifact is byte for byte what `Component::serialize`
+        let checked = t.elapsed();
+        // SAFETY: the file is byte for byte what `Component::serialize`
         // wrote for this engine's settings (the checksum above, the key in
-        // the name), in a directory only we can write; wasmtime checks its
-        // own header and the engine's compatibility again.
-        unsafe { Component::deserialize(engine, artifact) }
-            .map(Some)
-            .map_err(|e| format!("{e:#}"))
+        // the name), in a directory only we can write, and entries are only
+        // ever replaced by rename, never changed in place; wasmtime checks
+        // its own header and the engine's compatibility again.
+        let component =
+            unsafe { Component::deserialize_file(engine, entry) }.map_err(|e| format!("{e:#}"))?;
+        tracing::debug!(
+            entry = %entry.display(),
+            checksum_ms = checked.as_secs_f64() * 1e3,
+            deserialize_ms = (t.elapsed() - checked).as_secs_f64() * 1e3,
+            "compiled policy from the cache"
+        );
+        Ok(Some(component))
     }
 
     fn store(&self, entry: &Path, component: &Component) -> std::io::Result<()> {
         let artifact = component
             .serialize()
             .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
-        // Unique per writer: threads of one process may store one entry at once.
-        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = entry.with_extension(format!("tmp{}-{n}", std::process::id()));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(MAGIC)?;
-        f.write_all(&Sha256::digest(&artifact))?;
-        f.write_all(&artifact)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, entry)?;
+        let mut sum = MAGIC.to_vec();
+        sum.extend_from_slice(&Sha256::digest(&artifact));
+        // The artifact first: a reader between the two renames sees a sum
+        // that does not match (a rebuild), never a wrong match.
+        write_atomic(entry, &artifact)?;
+        write_atomic(&entry.with_extension("sum"), &sum)?;
         self.prune();
         Ok(())
     }
@@ -214,6 +232,35 @@ impl Cache {
         entries.sort();
         for (_, path) in &entries[..entries.len() - KEEP] {
             let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(path.with_extension("sum"));
+        }
+    }
+}
+
+/// Write `bytes` to `path` by a temporary file renamed over it.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    // Unique per writer: threads of one process may store one entry at once.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+/// SHA-256 of a file, read in pieces (a compiled CPython is ~45 MB: no
+/// buffer of its size).
+fn sha256_of(path: &Path) -> std::io::Result<[u8; 32]> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0; 1 << 20];
+    loop {
+        match f.read(&mut buf)? {
+            0 => return Ok(h.finalize().into()),
+            n => h.update(&buf[..n]),
         }
     }
 }
