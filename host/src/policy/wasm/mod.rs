@@ -9,6 +9,7 @@
 //!   errors that name the file and the problem ([`LoadError`]);
 //! - `instance.rs`: [`Loaded`] and [`WasmPolicy`], limits per call, restarts;
 //! - `host.rs`: the per-instance host state: memory cap, `log`, clock;
+//! - `log.rs`: a guest's log (its `log` import, stdout, stderr), rate-limited;
 //! - `wasi.rs`: the WASI 0.2 that grants nothing, for language runtimes;
 //! - `cache.rs`: compiled components on disk.
 //!
@@ -31,6 +32,7 @@ mod cache;
 mod contract;
 mod host;
 mod instance;
+mod log;
 mod wasi;
 
 pub use cache::{Cache, Origin};

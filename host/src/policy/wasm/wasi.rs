@@ -34,9 +34,17 @@ use wasmtime::component::{Linker, Resource, ResourceTable};
 use wasmtime::StoreContextMut;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamResult};
-use wasmtime_wasi::{Deterministic, HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView};
+use wasmtime_wasi::{
+    Deterministic, HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView,
+};
 
-use super::host::{GuestLog, HostState};
+use super::log::GuestLog;
+
+/// What the WASI shims need of an instance's store data.
+pub trait WasiHost: 'static {
+    fn clock(&self) -> &VirtualClock;
+    fn wasi_table(&mut self) -> &mut ResourceTable;
+}
 
 /// The WASI 0.2 packages a policy may import. Each is linked deny-all.
 pub const PACKAGES: [&str; 6] = [
@@ -102,23 +110,23 @@ impl Wasi {
 
 /// Link the WASI 0.2 interfaces into `linker`, with sleeps that advance
 /// the virtual clock instead of blocking.
-pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+pub fn add_to_linker<T: WasiHost + WasiView>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_sync(linker)?;
     linker.allow_shadowing(true);
     let mut clock = linker.instance(MONOTONIC_CLOCK)?;
     clock.func_wrap(
         "subscribe-duration",
-        |mut cx: StoreContextMut<'_, HostState>, (ns,): (u64,)| {
+        |mut cx: StoreContextMut<'_, T>, (ns,): (u64,)| {
             let state = cx.data_mut();
-            state.clock.advance(ns);
+            state.clock().advance(ns);
             Ok((ready(state.wasi_table())?,))
         },
     )?;
     clock.func_wrap(
         "subscribe-instant",
-        |mut cx: StoreContextMut<'_, HostState>, (when,): (u64,)| {
+        |mut cx: StoreContextMut<'_, T>, (when,): (u64,)| {
             let state = cx.data_mut();
-            state.clock.advance_to(when);
+            state.clock().advance_to(when);
             Ok((ready(state.wasi_table())?,))
         },
     )?;
