@@ -44,16 +44,6 @@ pub enum Origin {
     Rebuilt,
 }
 
-impl Origin {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Origin::Cache => "cache",
-            Origin::Compiled => "compiled",
-            Origin::Rebuilt => "rebuilt",
-        }
-    }
-}
-
 /// A directory of compiled components.
 #[derive(Debug, Clone)]
 pub struct Cache {
@@ -76,10 +66,6 @@ impl Cache {
         env("SEGWLB_CACHE_DIR")
             .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("segwlb/policies")))
             .or_else(|| env("HOME").map(|d| d.join(".cache/segwlb/policies")))
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// The component for `bytes`, from the cache or compiled (then stored).

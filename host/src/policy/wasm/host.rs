@@ -22,29 +22,26 @@ pub struct HostState {
     pub memory_peak: usize,
     pub log: Arc<Mutex<GuestLog>>,
     pub clock: VirtualClock,
-    /// Present when the component imports WASI.
+    /// Made on the first WASI call: only a component that imports WASI
+    /// ever has one.
     wasi: Option<Wasi>,
     seed: u64,
 }
 
 impl HostState {
-    pub fn new(policy: &str, memory_cap: usize, wasi: bool, seed: u64) -> Self {
-        let log = Arc::new(Mutex::new(GuestLog::new(policy)));
-        let clock = VirtualClock::default();
+    pub fn new(policy: &str, memory_cap: usize, seed: u64) -> Self {
         HostState {
             memory_cap,
             memory_denied: false,
             memory_peak: 0,
-            wasi: wasi.then(|| Wasi::deny_all(seed, &clock, &log)),
-            log,
-            clock,
+            log: Arc::new(Mutex::new(GuestLog::new(policy))),
+            clock: VirtualClock::default(),
+            wasi: None,
             seed,
         }
     }
 
     fn wasi(&mut self) -> &mut Wasi {
-        // Only the WASI linker calls in here, and only components that
-        // import WASI get it; a context made late grants nothing either.
         let (seed, clock, log) = (self.seed, &self.clock, &self.log);
         self.wasi
             .get_or_insert_with(|| Wasi::deny_all(seed, clock, log))

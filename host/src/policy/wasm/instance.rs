@@ -76,14 +76,7 @@ impl Loaded {
     /// An instance for a simulation: started on first use, restarted inline
     /// after a failure (deterministic, and as slow as a start).
     pub fn instantiate(&self) -> WasmPolicy {
-        WasmPolicy {
-            loaded: self.clone(),
-            live: self.take_warm(),
-            spare: None,
-            gateways: None,
-            restarts: 0,
-            recycles: 0,
-        }
+        WasmPolicy::new(self.clone(), self.take_warm(), None)
     }
 
     /// An instance for the data path, started here (call this off the data
@@ -94,14 +87,11 @@ impl Loaded {
             Some(live) => live,
             None => self.start().map_err(StartError::into_message)?,
         };
-        Ok(WasmPolicy {
-            loaded: self.clone(),
-            live: Some(live),
-            spare: Some(self.start_spare()),
-            gateways: None,
-            restarts: 0,
-            recycles: 0,
-        })
+        Ok(WasmPolicy::new(
+            self.clone(),
+            Some(live),
+            Some(self.start_spare()),
+        ))
     }
 
     /// How long one instance takes to start (instantiate + `configure`).
@@ -117,15 +107,10 @@ impl Loaded {
 
     pub(super) fn start(&self) -> Result<Live, StartError> {
         let inner = &self.0;
-        let state = HostState::new(
-            &inner.name,
-            inner.limits.memory,
-            !inner.wasi.is_empty(),
-            inner.seed,
-        );
+        let state = HostState::new(&inner.name, inner.limits.memory, inner.seed);
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|s| s);
-        store.set_epoch_deadline(ticks(inner.limits.setup));
+        arm(&mut store, inner.limits.setup);
         let bindings = match inner.pre.instantiate(&mut store) {
             Ok(b) => b,
             Err(e) => {
@@ -134,8 +119,7 @@ impl Loaded {
                 ))
             }
         };
-        store.set_epoch_deadline(ticks(inner.limits.setup));
-        store.data().clock.tick();
+        arm(&mut store, inner.limits.setup);
         match bindings
             .segwlb_policy_balancer()
             .call_configure(&mut store, &inner.params)
@@ -190,6 +174,21 @@ pub struct WasmPolicy {
 }
 
 impl WasmPolicy {
+    fn new(
+        loaded: Loaded,
+        live: Option<Live>,
+        spare: Option<Receiver<Result<Live, String>>>,
+    ) -> Self {
+        WasmPolicy {
+            loaded,
+            live,
+            spare,
+            gateways: None,
+            restarts: 0,
+            recycles: 0,
+        }
+    }
+
     pub fn loaded(&self) -> &Loaded {
         &self.loaded
     }
@@ -224,9 +223,10 @@ impl WasmPolicy {
     fn live(&mut self) -> Result<&mut Live, CallError> {
         if self.live.is_none() {
             let live = match self.spare {
-                None => self.loaded.start().map_err(|e| match e {
-                    StartError::Rejected(m) | StartError::Failed(m) => CallError::Unavailable(m),
-                })?,
+                None => self
+                    .loaded
+                    .start()
+                    .map_err(|e| CallError::Unavailable(e.into_message()))?,
                 Some(_) => match self.take_spare() {
                     Ok(Some(live)) => live,
                     Ok(None) => return Err(CallError::Restarting),
@@ -260,8 +260,7 @@ impl WasmPolicy {
     fn replay(&self, mut live: Live) -> Result<Live, CallError> {
         if let Some(gateways) = &self.gateways {
             let budget = self.loaded.0.limits.setup;
-            live.store.set_epoch_deadline(ticks(budget));
-            live.store.data().clock.tick();
+            arm(&mut live.store, budget);
             live.bindings
                 .segwlb_policy_balancer()
                 .call_set_gateways(&mut live.store, gateways)
@@ -312,8 +311,7 @@ impl WasmPolicy {
         f: impl FnOnce(&bindings::Policy, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
         let live = self.live()?;
-        live.store.set_epoch_deadline(ticks(budget));
-        live.store.data().clock.tick();
+        arm(&mut live.store, budget);
         match f(&live.bindings, &mut live.store) {
             Ok(r) => {
                 self.recycle_if_full();
@@ -359,8 +357,13 @@ impl Policy for WasmPolicy {
     }
 }
 
-fn ticks(budget: Duration) -> u64 {
-    (budget.as_micros() / TICK.as_micros()) as u64 + 1
+/// Before every entry into the guest: a fresh deadline of `budget` (they
+/// are sticky on a `Store`: a call made without re-arming inherits a stale
+/// one), and its virtual clock one step on.
+fn arm(store: &mut Store<HostState>, budget: Duration) {
+    let ticks = (budget.as_micros() / TICK.as_micros()) as u64 + 1;
+    store.set_epoch_deadline(ticks);
+    store.data().clock.tick();
 }
 
 fn classify(store: &Store<HostState>, err: &wasmtime::Error, budget: Duration) -> CallError {

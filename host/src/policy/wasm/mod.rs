@@ -36,7 +36,7 @@ mod log;
 mod wasi;
 
 pub use cache::{Cache, Origin};
-pub use contract::{Imports, LoadError};
+pub use contract::LoadError;
 pub use instance::{Loaded, WasmPolicy};
 
 use host::HostState;
@@ -191,10 +191,6 @@ impl Runtime {
     /// Keep compiled policies in `cache`, or (`None`) compile every time.
     pub fn set_cache(&mut self, cache: Option<Cache>) {
         self.cache = cache;
-    }
-
-    pub fn cache(&self) -> Option<&Cache> {
-        self.cache.as_ref()
     }
 
     /// The compiler in use.
