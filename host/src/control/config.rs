@@ -231,6 +231,24 @@ impl RunConfig {
                 .map_err(|e| at(c.span(), "policy.compiler", e))?,
         };
         let dir = base.join(p.dir.get_ref());
+        let limits = limits_of(
+            &RawLimits {
+                call_timeout_ms: p.call_timeout_ms.clone(),
+                setup_timeout_ms: p.setup_timeout_ms.clone(),
+                memory_mib: p.memory_mib.clone(),
+            },
+            "policy",
+            Limits::default(),
+            &at,
+        )?;
+        let overrides = p
+            .limits_by_name
+            .iter()
+            .map(|(name, raw)| {
+                let field = format!("policy.limits.{name}");
+                Ok((name.clone(), limits_of(raw, &field, limits, &at)?))
+            })
+            .collect::<Result<_, ConfigError>>()?;
         let policy = PolicyConfig {
             name: p.name.get_ref().clone(),
             dir,
@@ -239,29 +257,14 @@ impl RunConfig {
                 .iter()
                 .map(|(k, v)| (k.clone(), param_text(v)))
                 .collect(),
-            limits: limits_of(
-                &RawLimits {
-                    call_timeout_ms: p.call_timeout_ms.clone(),
-                    setup_timeout_ms: p.setup_timeout_ms.clone(),
-                    memory_mib: p.memory_mib.clone(),
-                },
-                "policy",
-                Limits::default(),
-                &at,
-            )?,
-            overrides: BTreeMap::new(),
+            limits,
+            overrides,
             cache: match (p.cache, &p.cache_dir) {
                 (false, _) => None,
                 (true, Some(dir)) => Some(base.join(dir)),
                 (true, None) => Cache::default_dir(),
             },
         };
-        let mut policy = policy;
-        for (name, raw) in &p.limits_by_name {
-            let field = format!("policy.limits.{name}");
-            let limits = limits_of(raw, &field, policy.limits, &at)?;
-            policy.overrides.insert(name.clone(), limits);
-        }
         if !policy.file().is_file() {
             return Err(at(
                 p.name.span(),
