@@ -2,9 +2,10 @@
 //! policy deserializes machine code (milliseconds) instead of compiling an
 //! 18 MB language runtime again (seconds).
 //!
-//! An entry is named by a SHA-256 of the component's bytes, the wasmtime
-//! version and the engine's compatibility hash (compiler, target, tunables),
-//! so any change to the file or to the engine's settings misses. An entry is
+//! An entry is named by a SHA-256 of the component's bytes, segwlb's version
+//! (which pins wasmtime's) and the engine's compatibility hash (compiler,
+//! target, tunables), so any change to the file, an upgrade or a change of
+//! the engine's settings misses. An entry is
 //! wasmtime's own serialization (`NAME.cwasm`, which wasmtime maps from the
 //! file without copying it) and its SHA-256 (`NAME.sum`); it is used only
 //! when that checksum matches, and a corrupt, truncated or mismatched entry
