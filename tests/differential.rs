@@ -7,7 +7,7 @@ mod common;
 use std::net::{IpAddr, Ipv6Addr};
 
 use segwlb::policy::wasm::{Limits, Runtime};
-use segwlb::policy::{native, Gateway, Policy};
+use segwlb::policy::{native, Gateway, Load, Policy};
 use segwlb::workload::{self, Mix};
 
 fn set(weights: &[u32], down: &[u32], draining: &[u32]) -> Vec<Gateway> {
@@ -23,6 +23,9 @@ fn set(weights: &[u32], down: &[u32], draining: &[u32]) -> Vec<Gateway> {
                 healthy: !down.contains(&id),
                 draining: draining.contains(&id),
                 tunnels: 0,
+                // Room for ~1/4 of a phase's tunnels on every third gateway:
+                // load-aware policies take the "full" paths too.
+                capacity: if id.is_multiple_of(3) { 4_000 } else { 0 },
             }
         })
         .collect()
@@ -72,8 +75,15 @@ fn compare(name: &str, params: &[(String, String)]) {
     for (phase, chunk) in phases.iter().zip(keys.chunks(per_phase)) {
         wasm.set_gateways(phase).unwrap();
         twin.set_gateways(phase).unwrap();
+        // Each phase starts with a fresh load (as a rebalance would), which
+        // each answer then adds to, as the balancer does.
+        let mut load = Load::default();
         for key in chunk {
-            let (w, n) = (wasm.choose(key).unwrap(), twin.choose(key).unwrap());
+            let w = wasm.choose(key, &load).unwrap();
+            let n = twin.choose(key, &load).unwrap();
+            if let Some(id) = w {
+                load.add(id, 1);
+            }
             assert_eq!(
                 w,
                 n,
@@ -101,4 +111,39 @@ fn consistent_hash_matches_its_twin() {
 #[test]
 fn weighted_matches_its_twin() {
     compare("weighted", &[]);
+}
+
+#[test]
+fn least_tunnels_matches_its_twin() {
+    compare("least-tunnels", &[]);
+}
+
+#[test]
+fn two_choices_matches_its_twin() {
+    compare("two-choices", &[]);
+}
+
+/// A policy built against contract 0.1.0, before `load` and `capacity`
+/// existed (tests/fixtures/policies/round-robin-0.1.0.wasm, the shipped
+/// round-robin as it was built then), loads and decides as the twin of
+/// today's round-robin.
+#[test]
+fn a_contract_0_1_0_policy_loads_and_serves() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/policies/round-robin-0.1.0.wasm");
+    let runtime = Runtime::new().unwrap();
+    let loaded = runtime.load(&fixture, &[], Limits::default()).unwrap();
+    assert_eq!(loaded.version().package(), "segwlb:policy@0.1.0");
+    assert!(!loaded.reads_load());
+    let mut old = loaded.instantiate();
+    let mut twin = native::shipped("round-robin", &[]).unwrap();
+    let load = Load::default();
+    for phase in phases() {
+        old.set_gateways(&phase).unwrap();
+        twin.set_gateways(&phase).unwrap();
+        for key in workload::tunnel_keys(3, 500, Mix::default()) {
+            assert_eq!(old.choose(&key, &load), twin.choose(&key, &load));
+        }
+    }
+    assert_eq!(old.restarts(), 0);
 }

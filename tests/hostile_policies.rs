@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{answers, component, component_with, policy_wat, CONTRACT_WIT, OK};
 use segwlb::policy::wasm::{Limits, LoadError, Runtime};
-use segwlb::policy::{FallbackReason, Gateway, Guarded, Opener, Policy, TunnelKey};
+use segwlb::policy::{FallbackReason, Gateway, Guarded, Load, Opener, Policy, TunnelKey};
 use segwlb::time::Timestamp;
 
 fn limits() -> Limits {
@@ -30,6 +30,7 @@ fn gateways() -> Vec<Gateway> {
             healthy: id != 2,
             draining: false,
             tunnels: 0,
+            capacity: 0,
         })
         .collect()
 }
@@ -65,7 +66,11 @@ fn place(runtime: &Runtime, name: &str, choose_body: &str, n: u32) -> Guarded {
     guarded.set_gateways(gateways(), Timestamp::ZERO);
     for i in 0..n {
         let choice = guarded
-            .choose(&key(i), Timestamp::from_millis(u64::from(i)))
+            .choose(
+                &key(i),
+                &Load::default(),
+                Timestamp::from_millis(u64::from(i)),
+            )
             .expect("a gateway");
         assert!(
             [1, 3].contains(&choice.gateway),
@@ -150,7 +155,7 @@ fn a_trap_mid_stream_does_not_lose_the_good_answers_after_it() {
     let mut policy = loaded.instantiate();
     policy.set_gateways(&gateways()).unwrap();
     let answers: Vec<_> = (0..8)
-        .map(|i| policy.choose(&key(i)).map_err(|_| ()))
+        .map(|i| policy.choose(&key(i), &Load::default()).map_err(|_| ()))
         .collect();
     assert_eq!(answers[5], Err(()));
     assert!(
@@ -167,7 +172,7 @@ fn a_trap_mid_stream_does_not_lose_the_good_answers_after_it() {
 fn missing_export_is_named_at_load() {
     let wit = CONTRACT_WIT.replace("choose: func(key: tunnel-key) -> option<u32>;", "");
     let wat = policy_wat(OK, &answers(1)).replace(
-        "(func (export \"segwlb:policy/balancer@0.1.0#choose\")",
+        "(func (export \"segwlb:policy/balancer@0.2.0#choose\")",
         "(func $unexported",
     );
     let err = load(
@@ -188,10 +193,10 @@ fn missing_export_is_named_at_load() {
 #[test]
 fn wrong_contract_version_is_named_at_load() {
     let wit = CONTRACT_WIT.replace(
-        "package segwlb:policy@0.1.0;",
         "package segwlb:policy@0.2.0;",
+        "package segwlb:policy@0.3.0;",
     );
-    let wat = policy_wat(OK, &answers(1)).replace("@0.1.0#", "@0.2.0#");
+    let wat = policy_wat(OK, &answers(1)).replace("@0.2.0#", "@0.3.0#");
     let err = load(
         &Runtime::new().unwrap(),
         "future.wasm",
@@ -202,7 +207,9 @@ fn wrong_contract_version_is_named_at_load() {
     let msg = err.to_string();
     assert!(matches!(err, LoadError::WrongVersion { .. }), "{msg}");
     assert!(
-        msg.contains("future.wasm") && msg.contains("segwlb:policy@0.2.0") && msg.contains("0.1.0"),
+        msg.contains("future.wasm")
+            && msg.contains("segwlb:policy@0.3.0")
+            && msg.contains("segwlb:policy@0.1.0, segwlb:policy@0.2.0"),
         "{msg}"
     );
 }
@@ -215,7 +222,7 @@ fn an_import_the_host_does_not_offer_is_refused() {
     );
     let wat = policy_wat(OK, "(drop (call $now)) (call $some (i32.const 1))").replace(
         "(module",
-        "(module\n  (import \"segwlb:policy/clock@0.1.0\" \"now\" (func $now (result i64)))",
+        "(module\n  (import \"segwlb:policy/clock@0.2.0\" \"now\" (func $now (result i64)))",
     );
     let err = load(
         &Runtime::new().unwrap(),
@@ -226,7 +233,7 @@ fn an_import_the_host_does_not_offer_is_refused() {
     .expect("refused");
     let msg = err.to_string();
     assert!(matches!(err, LoadError::ForbiddenImport { .. }), "{msg}");
-    assert!(msg.contains("segwlb:policy/clock@0.1.0"), "{msg}");
+    assert!(msg.contains("segwlb:policy/clock@0.2.0"), "{msg}");
 }
 
 #[test]
@@ -331,7 +338,9 @@ fn a_wasi_guest_is_linked_and_sees_an_empty_environment() {
     assert_eq!(loaded.wasi_imports(), ["wasi:cli/environment@0.2.0"]);
     let mut g: Guarded = Guarded::new(Box::new(loaded.instantiate()));
     g.set_gateways(gateways(), Timestamp::ZERO);
-    let c = g.choose(&key(1), Timestamp::ZERO).unwrap();
+    let c = g
+        .choose(&key(1), &Load::default(), Timestamp::ZERO)
+        .unwrap();
     assert_eq!(
         (c.gateway, c.fallback),
         (1, None),
@@ -364,7 +373,9 @@ fn a_wasi_guest_sleeping_an_hour_returns_at_once_and_sees_the_hour_pass() {
     let mut g: Guarded = Guarded::new(Box::new(loaded.instantiate()));
     g.set_gateways(gateways(), Timestamp::ZERO);
     let t = Instant::now();
-    let c = g.choose(&key(1), Timestamp::ZERO).unwrap();
+    let c = g
+        .choose(&key(1), &Load::default(), Timestamp::ZERO)
+        .unwrap();
     assert_eq!((c.gateway, c.fallback), (1, None));
     assert!(
         t.elapsed() < Duration::from_secs(1),

@@ -20,7 +20,7 @@ use std::time::Duration;
 use segwlb::lab::topology::{self, State};
 use segwlb::lab::{netns, LabConfig, Report};
 use segwlb::policy::native;
-use segwlb::policy::{Gateway, Opener, TunnelKey};
+use segwlb::policy::{Gateway, Load, Opener, TunnelKey};
 
 /// One lab at a time: 2 cores, and 15 charons each.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -182,6 +182,7 @@ fn predict(policy: &str, report: &Report) -> Vec<String> {
             healthy: true,
             draining: false,
             tunnels: 0,
+            capacity: 0,
         })
         .collect();
     p.set_gateways(&gateways).unwrap();
@@ -198,7 +199,10 @@ fn predict(policy: &str, report: &Report) -> Vec<String> {
                 ike_spi: Some(u64::from_str_radix(spi, 16).unwrap()),
                 opened_by: Opener::Ike,
             };
-            let id = p.choose(&key).unwrap().expect("an answer");
+            let id = p
+                .choose(&key, &Load::default())
+                .unwrap()
+                .expect("an answer");
             gateways.iter().find(|g| g.id == id).unwrap().name.clone()
         })
         .collect()

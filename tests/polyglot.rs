@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use segwlb::policy::wasm::{Cache, Limits, Loaded, Origin, Runtime};
 use segwlb::policy::{
-    native, CallError, FallbackReason, Gateway, Guarded, Opener, Policy, TunnelKey,
+    native, CallError, FallbackReason, Gateway, Guarded, Load, Opener, Policy, TunnelKey,
 };
 use segwlb::time::Timestamp;
 use segwlb::workload::{self, Mix};
@@ -86,6 +86,7 @@ fn set(n: u32, down: &[u32], draining: &[u32], zero: &[u32]) -> Vec<Gateway> {
             healthy: !down.contains(&id),
             draining: draining.contains(&id),
             tunnels: 0,
+            capacity: 0,
         })
         .collect()
 }
@@ -127,8 +128,8 @@ fn same_as_twin(guest: &str, twin: &str, keys: usize) {
         twin.set_gateways(phase).unwrap();
         for key in chunk {
             assert_eq!(
-                guest_policy.choose(key).unwrap(),
-                twin.choose(key).unwrap(),
+                guest_policy.choose(key, &Load::default()).unwrap(),
+                twin.choose(key, &Load::default()).unwrap(),
                 "{guest} and {} differ for {key:?} with {} gateways",
                 twin.name(),
                 phase.len()
@@ -200,8 +201,12 @@ fn hostile_with(
     let answers = (0..n)
         .map(|i| {
             let c = guard
-                .choose(&key(i), Timestamp::from_millis(u64::from(i)))
-                .unwrap_or_else(|| panic!("{lang} {mode}: no gateway"));
+                .choose(
+                    &key(i),
+                    &Load::default(),
+                    Timestamp::from_millis(u64::from(i)),
+                )
+                .unwrap_or_else(|_| panic!("{lang} {mode}: no gateway"));
             c.gateway
         })
         .collect();
@@ -358,7 +363,7 @@ fn a_guest_printing_megabytes_is_rate_limited_and_keeps_answering() {
         .unwrap();
         let mut p = loaded.instantiate();
         p.set_gateways(&set(3, &[], &[], &[])).unwrap();
-        assert_eq!(p.choose(&key(1)).unwrap(), Some(1));
+        assert_eq!(p.choose(&key(1), &Load::default()).unwrap(), Some(1));
         let (lines, shown) = p.log_lines();
         assert!(lines >= 4096, "{lang}: {lines} lines reached the log");
         assert!(shown <= 41, "{lang}: {shown} of {lines} lines shown");
@@ -386,7 +391,7 @@ fn after_a_trap_the_spare_serves_and_a_missing_spare_is_a_fallback_not_a_wait() 
     std::thread::sleep(Duration::from_millis(300) + start * 4);
     let call = |p: &mut segwlb::policy::wasm::WasmPolicy| {
         let t = Instant::now();
-        let r = p.choose(&key(1));
+        let r = p.choose(&key(1), &Load::default());
         (r, t.elapsed())
     };
     let (first, took) = call(&mut p);
@@ -584,7 +589,11 @@ fn a_guest_whose_memory_grows_is_recycled_before_its_cap_not_failed() {
         };
         p.set_gateways(&set).unwrap();
         for key in &keys {
-            assert_eq!(p.choose(key), twin.choose(key), "serve: {serve}");
+            assert_eq!(
+                p.choose(key, &Load::default()),
+                twin.choose(key, &Load::default()),
+                "serve: {serve}"
+            );
         }
         assert!(
             p.recycles() > 0,

@@ -74,6 +74,7 @@ fn balancer(captured: u8, steering: bool) -> Balancer {
                 [2, 0x5e, 0, 0, 0, n]
             }),
             weight: 1,
+            capacity: 0,
             steering: if steering && n == 3 {
                 steering_of_segw3()
             } else {

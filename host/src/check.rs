@@ -8,7 +8,7 @@
 use std::fmt;
 use std::time::Instant;
 
-use crate::policy::{FallbackReason, Gateway, Guarded, Policy, PolicyStats};
+use crate::policy::{FallbackReason, Gateway, Guarded, Load, Policy, PolicyStats};
 use crate::time::Timestamp;
 use crate::workload::{self, Mix};
 
@@ -62,6 +62,7 @@ fn sample_set(n: u32) -> Vec<Gateway> {
             healthy: true,
             draining: false,
             tunnels: 0,
+            capacity: 0,
         })
         .collect()
 }
@@ -72,10 +73,18 @@ pub fn run(policy: Box<dyn Policy>, opts: Options) -> Report {
     let set = sample_set(opts.gateways.max(1));
     guarded.set_gateways(set.clone(), Timestamp::ZERO);
 
+    // Each placement counts in the live load the next decision reads, as
+    // in the balancer.
+    let place = |guarded: &mut Guarded<_>, load: &mut Load, k| {
+        let gw = guarded.choose(k, load, Timestamp::ZERO).ok()?.gateway;
+        load.add(gw, 1);
+        Some(gw)
+    };
     let started = Instant::now();
+    let mut load = Load::default();
     let placed: Vec<Option<u32>> = keys
         .iter()
-        .map(|k| guarded.choose(k, Timestamp::ZERO).map(|c| c.gateway))
+        .map(|k| place(&mut guarded, &mut load, k))
         .collect();
     let ns_per_decision = started.elapsed().as_nanos() as f64 / keys.len().max(1) as f64;
 
@@ -99,8 +108,9 @@ pub fn run(policy: Box<dyn Policy>, opts: Options) -> Report {
         constrained[0].healthy = false;
         constrained[1].draining = true;
         guarded.set_gateways(constrained, Timestamp::ZERO);
+        let mut load = Load::default();
         for k in keys.iter().take(2_000) {
-            guarded.choose(k, Timestamp::ZERO);
+            place(&mut guarded, &mut load, k);
         }
     }
     if set.len() >= 2 {
@@ -109,10 +119,11 @@ pub fn run(policy: Box<dyn Policy>, opts: Options) -> Report {
         one_down[last].healthy = false;
         let down_id = one_down[last].id;
         guarded.set_gateways(one_down, Timestamp::ZERO);
+        let mut load = Load::default();
         let moved = keys
             .iter()
             .zip(&placed)
-            .filter(|(k, before)| guarded.choose(k, Timestamp::ZERO).map(|c| c.gateway) != **before)
+            .filter(|(k, before)| place(&mut guarded, &mut load, k) != **before)
             .count();
         let minimum = placed.iter().filter(|&&p| p == Some(down_id)).count();
         let n = keys.len().max(1) as f64;

@@ -68,6 +68,11 @@ pub enum Command {
         weight: u32,
         reply: Sender<Reply>,
     },
+    Capacity {
+        name: String,
+        capacity: u64,
+        reply: Sender<Reply>,
+    },
     AddGateway {
         spec: GatewaySpec,
         draining: bool,
@@ -381,6 +386,24 @@ impl Worker {
                     .lb
                     .set_weight(&name, weight, now)
                     .map(|()| format!("gateway {name} weight {} -> {weight}", before.unwrap_or(0)))
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+            Command::Capacity {
+                name,
+                capacity,
+                reply,
+            } => {
+                let before = self.lb.gateway(&name).map(|g| g.spec.capacity);
+                let r = self
+                    .lb
+                    .set_capacity(&name, capacity, now)
+                    .map(|()| {
+                        format!(
+                            "gateway {name} capacity {} -> {capacity} (0: no limit)",
+                            before.unwrap_or(0)
+                        )
+                    })
                     .map_err(|e| e.to_string());
                 let _ = reply.send(r);
             }

@@ -190,6 +190,9 @@ enum CtlGateway {
         interface: String,
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        /// The most tunnels it may hold (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        capacity: u64,
         /// Its MAC, if it should not be learned.
         #[arg(long)]
         mac: Option<String>,
@@ -350,7 +353,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 out.display(),
                 std::fs::metadata(&out).map_or(0, |m| m.len()) as f64 / 1e6,
                 built.as_secs_f64(),
-                segwlb::policy::CONTRACT,
+                loaded.version().package(),
                 t.elapsed().as_secs_f64(),
                 loaded.wasi_imports().len(),
             );
@@ -393,11 +396,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("{}: cannot read the policy: {e}", file.display()))?;
             let (loaded, times) = runtime.load_timed(&file, &bytes, &params, limits)?;
             let policy = loaded.instantiate();
+            let ours = if loaded.reads_load() {
+                "segwlb:policy/log and load (reads the live load)"
+            } else {
+                "segwlb:policy/log"
+            };
             let imports = if loaded.wasi_imports().is_empty() {
-                "segwlb:policy/log only".to_string()
+                format!("{ours} only")
             } else {
                 format!(
-                    "segwlb:policy/log and {} WASI 0.2 interfaces, linked deny-all",
+                    "{ours} and {} WASI 0.2 interfaces, linked deny-all",
                     loaded.wasi_imports().len()
                 )
             };
@@ -407,7 +415,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                  linear memory {:.1} MiB of {} MiB allowed",
                 file.display(),
                 bytes.len() >> 10,
-                segwlb::policy::CONTRACT,
+                loaded.version().package(),
                 match times.origin {
                     Origin::Cache => "taken from the compiled-policy cache",
                     Origin::Compiled => "compiled",
@@ -459,11 +467,13 @@ fn ctl(socket: &Path, command: CtlCommand) -> anyhow::Result<ExitCode> {
                     name,
                     interface,
                     weight,
+                    capacity,
                     mac,
                 } => Request::GatewayAdd {
                     name,
                     interface,
                     weight,
+                    capacity,
                     mac,
                 },
                 CtlGateway::Remove { name } => Request::GatewayRemove { name },

@@ -103,6 +103,7 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
             port,
             mac: g.mac,
             weight: g.weight,
+            capacity: g.capacity,
             steering: g.steering,
         };
         let now = clock.now();

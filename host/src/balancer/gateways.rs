@@ -21,6 +21,9 @@ pub struct GatewaySpec {
     /// The segw's MAC when configured; otherwise learned from its frames.
     pub mac: Option<Mac>,
     pub weight: u32,
+    /// The most tunnels it may hold (its licence or memory limit); 0 for
+    /// no limit. No new tunnel is placed on it when full.
+    pub capacity: u64,
     /// SPI-range steering, for segws configured to cooperate.
     pub steering: SpiSteering,
 }
@@ -98,6 +101,7 @@ impl GatewayState {
             healthy: self.healthy,
             draining: self.draining,
             tunnels: self.counters.tunnels,
+            capacity: self.spec.capacity,
         }
     }
 }

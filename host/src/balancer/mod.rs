@@ -35,7 +35,7 @@ pub use prefix::Prefix;
 use crate::packet::{
     self, arp::Arp, rewrite, Fragment, IkeHeader, IpPacket, Kind, Mac, Malformed, Payload, Udp,
 };
-use crate::policy::{Guarded, Opener, Policy, PolicyStats, TunnelKey};
+use crate::policy::{Guarded, Load, Opener, Policy, PolicyStats, Refusal, TunnelKey};
 use crate::time::Timestamp;
 
 /// What the caller does with the frame after `handle`.
@@ -97,6 +97,9 @@ pub enum DropReason {
     UnknownTunnel,
     /// No gateway takes new tunnels.
     NoGateway,
+    /// Every gateway that takes new tunnels is at its capacity: a new
+    /// tunnel (or one re-placed off a failed segw) refused.
+    AtCapacity,
     /// The chosen segw's MAC is not known yet.
     GatewayMacUnknown,
     /// Return traffic for a peer whose next hop is not known yet.
@@ -117,7 +120,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::Malformed,
         DropReason::NotIpsec,
         DropReason::ArpIgnored,
@@ -125,6 +128,7 @@ impl DropReason {
         DropReason::OtherEtherType,
         DropReason::UnknownTunnel,
         DropReason::NoGateway,
+        DropReason::AtCapacity,
         DropReason::GatewayMacUnknown,
         DropReason::NextHopUnknown,
         DropReason::TableFull,
@@ -157,6 +161,7 @@ impl DropReason {
             DropReason::OtherEtherType => "other_ethertype",
             DropReason::UnknownTunnel => "unknown_tunnel",
             DropReason::NoGateway => "no_gateway",
+            DropReason::AtCapacity => "at_capacity",
             DropReason::GatewayMacUnknown => "gateway_mac_unknown",
             DropReason::NextHopUnknown => "next_hop_unknown",
             DropReason::TableFull => "table_full",
@@ -224,6 +229,10 @@ pub struct Balancer<P: Policy = Box<dyn Policy>> {
     table: AffinityTable,
     fragments: Fragments,
     policy: Guarded<P>,
+    /// Live tunnels per gateway id, as the policy reads it (kept with
+    /// `GatewayCounters::tunnels` by `gateway_tunnels`, the one place
+    /// either changes).
+    load: Load,
     counters: Counters,
     /// The last initiator-side next hop seen on the uplink: where return
     /// traffic goes for a peer whose own next hop is not known.
@@ -245,6 +254,7 @@ impl<P: Policy> Balancer<P> {
             table,
             fragments: Fragments::default(),
             policy: Guarded::new(policy),
+            load: Load::default(),
             counters: Counters::default(),
             default_next_hop: None,
         }
@@ -659,11 +669,7 @@ impl<P: Policy> Balancer<P> {
             ike_spi,
             opened_by,
         };
-        let gw = self
-            .policy
-            .choose(&key, now)
-            .ok_or(DropReason::NoGateway)?
-            .gateway;
+        let gw = self.place(&key, now)?;
         let mut tunnel = Tunnel::new(
             ip.src,
             peer_port,
@@ -690,13 +696,18 @@ impl<P: Policy> Balancer<P> {
             return Ok(current);
         }
         let key = key_of(t);
-        let gw = self
-            .policy
-            .choose(&key, now)
-            .ok_or(DropReason::NoGateway)?
-            .gateway;
+        let gw = self.place(&key, now)?;
         self.move_tunnel(id, gw);
         Ok(gw)
+    }
+
+    /// Ask the (guarded) policy where a tunnel goes, on the live load.
+    fn place(&mut self, key: &TunnelKey, now: Timestamp) -> Result<GwId, DropReason> {
+        match self.policy.choose(key, &self.load, now) {
+            Ok(choice) => Ok(choice.gateway),
+            Err(Refusal::NoGateway) => Err(DropReason::NoGateway),
+            Err(Refusal::Full) => Err(DropReason::AtCapacity),
+        }
     }
 
     /// Move a tunnel by decision (its segw failed or left, a rebalance, an
@@ -716,6 +727,7 @@ impl<P: Policy> Balancer<P> {
     }
 
     fn gateway_tunnels(&mut self, gw: GwId, delta: i64) {
+        self.load.add(gw, delta);
         if let Some(g) = self.gateways.get_mut(gw) {
             g.counters.tunnels = g.counters.tunnels.saturating_add_signed(delta);
         }
@@ -868,6 +880,18 @@ impl<P: Policy> Balancer<P> {
         self.update(name, now, |g| g.spec.weight = weight)
     }
 
+    /// The most tunnels `name` may hold (0: no limit). Lowering it below
+    /// what the gateway holds evicts nothing: it takes no new tunnels until
+    /// it is under the limit again.
+    pub fn set_capacity(
+        &mut self,
+        name: &str,
+        capacity: u64,
+        now: Timestamp,
+    ) -> Result<(), GatewayError> {
+        self.update(name, now, |g| g.spec.capacity = capacity)
+    }
+
     /// Draining: no new tunnels; existing ones stay.
     pub fn set_draining(
         &mut self,
@@ -964,13 +988,23 @@ impl<P: Policy> Balancer<P> {
                 g.tunnels = 0;
             }
             self.policy.set_gateways(empty, now);
+            // The live load as the policy sees it: what it placed so far.
+            // A tunnel with no room anywhere stays where it is (and counts
+            // there): a rebalance never evicts.
+            let mut fresh = Load::default();
             for id in self.table.ids() {
-                let key = key_of(self.table.get(id).expect("listed"));
-                if let Some(choice) = self.policy.choose(&key, now) {
-                    let before = self.counters.moved;
-                    self.move_tunnel(id, choice.gateway);
-                    moved += self.counters.moved - before;
-                }
+                let t = self.table.get(id).expect("listed");
+                let (key, current) = (key_of(t), t.gateway);
+                let placed = match self.policy.choose(&key, &fresh, now) {
+                    Ok(choice) => {
+                        let before = self.counters.moved;
+                        self.move_tunnel(id, choice.gateway);
+                        moved += self.counters.moved - before;
+                        choice.gateway
+                    }
+                    Err(_) => current,
+                };
+                fresh.add(placed, 1);
             }
             self.push_set(now);
         }
@@ -1019,6 +1053,11 @@ impl<P: Policy> Balancer<P> {
 
     pub fn policy_stats(&self) -> &PolicyStats {
         self.policy.stats()
+    }
+
+    /// Live tunnels per gateway id, as policies read it.
+    pub fn load(&self) -> &Load {
+        &self.load
     }
 
     pub fn table(&self) -> &AffinityTable {

@@ -9,7 +9,7 @@ use super::*;
 use crate::packet::craft::*;
 use crate::packet::ike::{IKE_AUTH, IKE_SA_INIT, INFORMATIONAL};
 use crate::packet::IkeHeader;
-use crate::policy::native;
+use crate::policy::{native, FallbackReason};
 
 const PEER_SIDE_ROUTER: Mac = [2, 0xaa, 0, 0, 0, 1];
 const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1));
@@ -63,6 +63,7 @@ impl Lab {
                 port: PortId::from(n),
                 mac: Some(segw_mac(n)),
                 weight: 1,
+                capacity: 0,
                 steering: steering(n),
             };
             lb.add_gateway(spec, Timestamp::ZERO).unwrap();
@@ -745,6 +746,95 @@ fn draining_takes_no_new_tunnels_and_keeps_its_own() {
 }
 
 #[test]
+fn a_full_segw_takes_no_new_tunnels_and_keeps_its_own_flowing() {
+    let mut lab = Lab::new();
+    lab.lb.set_capacity("segw1", 2, lab.now).unwrap();
+    // Round-robin answers 1, 2, 3, 1, 2, 3, …; segw1 is full after two.
+    let gws: Vec<u8> = (1..=9)
+        .map(|n| lab.open_tunnel(peer(n), u64::from(n)))
+        .collect();
+    assert_eq!(gws.iter().filter(|&&g| g == 1).count(), 2, "{gws:?}");
+    assert_eq!(lab.lb.gateway("segw1").unwrap().counters.tunnels, 2);
+    // Its answers of segw1 were overruled (counted), never a tunnel lost.
+    let full = lab
+        .lb
+        .policy_stats()
+        .fallbacks_for(FallbackReason::GatewayFull);
+    assert_eq!(
+        full, 1,
+        "round-robin answered segw1 once more after it filled"
+    );
+    // segw1's own tunnels keep flowing.
+    for (n, &gw) in (1..=9).zip(&gws) {
+        if gw == 1 {
+            assert_eq!(lab.up(esp_udp(peer(n), 4500, u32::from(n))), Ok(1));
+        }
+    }
+    // A lower capacity evicts nothing.
+    lab.lb.set_capacity("segw1", 1, lab.now).unwrap();
+    assert_eq!(lab.lb.gateway("segw1").unwrap().counters.tunnels, 2);
+}
+
+#[test]
+fn every_segw_full_refuses_the_tunnel_counted_and_room_takes_it_again() {
+    let mut lab = Lab::new();
+    for n in 1..=3 {
+        lab.lb
+            .set_capacity(&format!("segw{n}"), 1, lab.now)
+            .unwrap();
+    }
+    for n in 1..=3 {
+        lab.open_tunnel(peer(n), u64::from(n));
+    }
+    // Full: a new tunnel and its retransmission are refused, each counted.
+    assert_eq!(
+        lab.up(sa_init(peer(4), 500, 4)),
+        Err(DropReason::AtCapacity)
+    );
+    assert_eq!(
+        lab.up(sa_init(peer(4), 500, 4)),
+        Err(DropReason::AtCapacity)
+    );
+    assert_eq!(lab.lb.counters().dropped(DropReason::AtCapacity), 2);
+    assert_eq!(
+        lab.lb.table().len(),
+        3,
+        "a refused tunnel takes no table slot"
+    );
+    // A segw fails: its tunnel has nowhere to go either, and stays bound.
+    lab.lb.set_healthy("segw3", false, lab.now).unwrap();
+    assert_eq!(
+        lab.up(esp_udp(peer(3), 4500, 3)),
+        Err(DropReason::AtCapacity)
+    );
+    // Room again (a higher limit): the next try is placed.
+    lab.lb.set_capacity("segw1", 3, lab.now).unwrap();
+    assert_eq!(lab.up(sa_init(peer(4), 500, 4)), Ok(1));
+    assert_eq!(lab.up(esp_udp(peer(3), 4500, 3)), Ok(1));
+    assert_eq!(lab.lb.gateway("segw1").unwrap().counters.tunnels, 3);
+}
+
+#[test]
+fn a_rebalance_respects_capacity() {
+    let mut lab = Lab::new();
+    for n in 1..=12 {
+        lab.open_tunnel(peer(n), u64::from(n));
+    }
+    lab.lb.set_capacity("segw2", 2, lab.now).unwrap();
+    let policy = native::shipped("consistent-hash", &[]).unwrap();
+    lab.lb.replace_policy(policy, true, lab.now);
+    let on = |lab: &Lab, n: u8| {
+        lab.lb
+            .gateway(&format!("segw{n}"))
+            .unwrap()
+            .counters
+            .tunnels
+    };
+    assert!(on(&lab, 2) <= 2, "segw2 holds {}", on(&lab, 2));
+    assert_eq!(on(&lab, 1) + on(&lab, 2) + on(&lab, 3), 12);
+}
+
+#[test]
 fn half_open_entries_expire_sooner_than_established_ones() {
     let mut lab = Lab::new();
     lab.up(sa_init(peer(1), 500, 1)).unwrap(); // stays half-open
@@ -1237,6 +1327,7 @@ fn frames_and_bytes_are_counted_each_way_and_a_frame_that_cannot_go_is_not() {
         port: 1,
         mac: None,
         weight: 1,
+        capacity: 0,
         steering: SpiSteering::default(),
     };
     lb.add_gateway(spec, Timestamp::ZERO).unwrap();

@@ -18,7 +18,7 @@ use crate::balancer::affinity::Timeouts;
 use crate::balancer::{farm, Balancer, Config, DropReason, GatewaySpec, PortId, Prefix, UPLINK};
 use crate::packet::craft::{self, EspFrame};
 use crate::packet::{ike, IkeHeader, Mac};
-use crate::policy::{CallError, Gateway, Policy, TunnelKey};
+use crate::policy::{CallError, Gateway, Load, Policy, TunnelKey};
 use crate::time::Timestamp;
 use crate::workload::{Rng, VIP};
 
@@ -98,9 +98,9 @@ impl Policy for Timed {
     fn set_gateways(&mut self, gateways: &[Gateway]) -> Result<(), CallError> {
         self.inner.set_gateways(gateways)
     }
-    fn choose(&mut self, key: &TunnelKey) -> Result<Option<u32>, CallError> {
+    fn choose(&mut self, key: &TunnelKey, load: &Load) -> Result<Option<u32>, CallError> {
         let started = Instant::now();
-        let answer = self.inner.choose(key);
+        let answer = self.inner.choose(key, load);
         self.spent_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         answer

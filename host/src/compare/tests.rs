@@ -265,6 +265,7 @@ impl Policy for Liar {
     fn choose(
         &mut self,
         _: &crate::policy::TunnelKey,
+        _: &crate::policy::Load,
     ) -> Result<Option<u32>, crate::policy::CallError> {
         Ok(Some(999))
     }

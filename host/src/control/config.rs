@@ -78,6 +78,8 @@ pub struct GatewayConfig {
     pub name: String,
     pub interface: Located<String>,
     pub weight: u32,
+    /// The most tunnels it may hold; 0 for no limit.
+    pub capacity: u64,
     /// Static MAC; otherwise learned from the segw's ARP answers.
     pub mac: Option<Mac>,
     pub drain: bool,
@@ -377,6 +379,7 @@ impl RunConfig {
                 name: g.name.get_ref().clone(),
                 interface: locate(&g.interface, field("interface")),
                 weight: g.weight,
+                capacity: g.capacity,
                 mac,
                 drain: g.drain,
                 steering: SpiSteering {
@@ -655,6 +658,9 @@ struct RawGateway {
     interface: Spanned<String>,
     #[serde(default = "weight")]
     weight: u32,
+    /// Tunnels it may hold (a licence or memory limit); 0 = no limit.
+    #[serde(default)]
+    capacity: u64,
     mac: Option<Spanned<String>>,
     #[serde(default)]
     drain: bool,

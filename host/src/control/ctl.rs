@@ -39,6 +39,9 @@ pub enum Request {
         name: String,
         interface: String,
         weight: u32,
+        /// 0: no limit. Absent in requests from before capacities.
+        #[serde(default)]
+        capacity: u64,
         mac: Option<String>,
     },
     GatewayRemove {
@@ -192,8 +195,14 @@ fn handle(sup: &mut Supervisor, req: Request) -> Response {
             name,
             interface,
             weight,
+            capacity,
             mac,
-        } => Response::of(sup.add_gateway_by_hand(&name, &interface, weight, mac.as_deref())),
+        } => Response::of(sup.add_gateway_by_hand(
+            &name,
+            &interface,
+            (weight, capacity),
+            mac.as_deref(),
+        )),
         Request::GatewayRemove { name } => Response::of(sup.remove_gateway(&name)),
     }
 }

@@ -19,6 +19,7 @@ pub enum Change {
     /// Its tunnels move on their next packet.
     RemoveGateway(String),
     Weight(String, u32),
+    Capacity(String, u64),
     Drain(String, bool),
     /// A field that only a restart applies (names it).
     NeedsRestart(&'static str),
@@ -84,6 +85,9 @@ pub fn diff(old: &RunConfig, new: &RunConfig) -> Vec<Change> {
                 if n.weight != g.weight {
                     changes.push(Change::Weight(n.name.clone(), n.weight));
                 }
+                if n.capacity != g.capacity {
+                    changes.push(Change::Capacity(n.name.clone(), n.capacity));
+                }
                 if n.drain != g.drain {
                     changes.push(Change::Drain(n.name.clone(), n.drain));
                 }
@@ -118,6 +122,11 @@ pub fn record(running: &mut RunConfig, change: &Change, new: &RunConfig) {
         Change::Weight(name, w) => {
             if let Some(g) = running.gateways.iter_mut().find(|g| &g.name == name) {
                 g.weight = *w;
+            }
+        }
+        Change::Capacity(name, c) => {
+            if let Some(g) = running.gateways.iter_mut().find(|g| &g.name == name) {
+                g.capacity = *c;
             }
         }
         Change::Drain(name, d) => {

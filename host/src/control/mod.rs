@@ -274,6 +274,7 @@ impl Supervisor {
                 Change::AddGateway(g) => self.add_gateway(&g),
                 Change::RemoveGateway(name) => self.remove_gateway(&name),
                 Change::Weight(name, w) => self.weight(&name, w),
+                Change::Capacity(name, c) => self.capacity(&name, c),
                 Change::Drain(name, d) => self.drain(&name, d),
                 Change::NeedsRestart(field) => {
                     Err(format!("{field} changed: takes effect after a restart"))
@@ -310,12 +311,21 @@ impl Supervisor {
         })
     }
 
+    /// A gateway's capacity (0: no limit), from a config reload.
+    pub fn capacity(&self, name: &str, capacity: u64) -> Reply {
+        self.ask(|reply| Command::Capacity {
+            name: name.into(),
+            capacity,
+            reply,
+        })
+    }
+
     /// `ctl gateway add`.
     pub fn add_gateway_by_hand(
         &mut self,
         name: &str,
         interface: &str,
-        weight: u32,
+        (weight, capacity): (u32, u64),
         mac: Option<&str>,
     ) -> Reply {
         let mac = match mac {
@@ -334,6 +344,7 @@ impl Supervisor {
                 field: "interface".into(),
             },
             weight,
+            capacity,
             mac,
             drain: false,
             steering: Default::default(),
@@ -373,6 +384,7 @@ impl Supervisor {
             port,
             mac: g.mac,
             weight: g.weight,
+            capacity: g.capacity,
             steering: g.steering,
         };
         let r = self.ask(|reply| Command::AddGateway {

@@ -244,6 +244,7 @@ impl State {
             name: name.to_string(),
             interface: port,
             weight,
+            capacity: 0,
             mac: None,
         })?;
         Ok(())

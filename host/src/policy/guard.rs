@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{CallError, Gateway, Policy, TunnelKey};
+use super::{CallError, Gateway, Load, Policy, TunnelKey};
 use crate::time::Timestamp;
 
 /// Why the host answered instead of the policy.
@@ -20,12 +20,15 @@ pub enum FallbackReason {
     UnknownGateway,
     /// It answered a gateway that is down, draining or of weight 0.
     GatewayNotTakingTunnels,
+    /// It answered a gateway at its capacity (a load-blind policy does;
+    /// a capacity-blind balancer would have lost the tunnel there).
+    GatewayFull,
     /// It answered `none` although some gateway takes tunnels.
     NoAnswer,
 }
 
 impl FallbackReason {
-    pub const ALL: [FallbackReason; 8] = [
+    pub const ALL: [FallbackReason; 9] = [
         FallbackReason::Trap,
         FallbackReason::Timeout,
         FallbackReason::MemoryCap,
@@ -33,6 +36,7 @@ impl FallbackReason {
         FallbackReason::Restarting,
         FallbackReason::UnknownGateway,
         FallbackReason::GatewayNotTakingTunnels,
+        FallbackReason::GatewayFull,
         FallbackReason::NoAnswer,
     ];
 
@@ -45,6 +49,7 @@ impl FallbackReason {
             FallbackReason::Restarting => "restarting",
             FallbackReason::UnknownGateway => "unknown_gateway",
             FallbackReason::GatewayNotTakingTunnels => "gateway_not_taking_tunnels",
+            FallbackReason::GatewayFull => "gateway_full",
             FallbackReason::NoAnswer => "no_answer",
         }
     }
@@ -58,6 +63,15 @@ impl FallbackReason {
             CallError::Restarting => FallbackReason::Restarting,
         }
     }
+}
+
+/// Why a new tunnel has no gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No gateway takes new tunnels (none healthy, all draining or weight 0).
+    NoGateway,
+    /// Every gateway that takes new tunnels is at its capacity.
+    Full,
 }
 
 /// The gateway for one new tunnel.
@@ -154,27 +168,50 @@ impl<P: Policy> Guarded<P> {
         std::mem::replace(&mut self.policy, policy)
     }
 
-    /// The gateway for a new tunnel; `None` only when no gateway takes new
-    /// tunnels at all.
-    pub fn choose(&mut self, key: &TunnelKey, now: Timestamp) -> Option<Choice> {
+    /// The gateway for a new tunnel, given the live `load`: the policy's
+    /// answer when it takes new tunnels and has room, else the fallback's
+    /// choice among those with room. Refused only when no gateway takes new
+    /// tunnels, or all that do are full.
+    pub fn choose(
+        &mut self,
+        key: &TunnelKey,
+        load: &Load,
+        now: Timestamp,
+    ) -> Result<Choice, Refusal> {
         self.stats.decisions += 1;
-        let (reason, error) = match self.policy.choose(key) {
+        let (reason, error) = match self.policy.choose(key, load) {
             Ok(Some(id)) => match self.gateways.iter().find(|g| g.id == id) {
-                Some(g) if g.takes_new_tunnels() => {
-                    return Some(Choice {
+                Some(g) if !g.takes_new_tunnels() => {
+                    (FallbackReason::GatewayNotTakingTunnels, None)
+                }
+                Some(g) if !g.has_room(load.tunnels(id)) => (FallbackReason::GatewayFull, None),
+                Some(_) => {
+                    return Ok(Choice {
                         gateway: id,
                         fallback: None,
                     })
                 }
-                Some(_) => (FallbackReason::GatewayNotTakingTunnels, None),
                 None => (FallbackReason::UnknownGateway, None),
             },
             Ok(None) => (FallbackReason::NoAnswer, None),
             Err(err) => (FallbackReason::of(&err), Some(err)),
         };
-        // With no gateway taking tunnels there is nothing to fall back to,
-        // and "none" was the right answer.
-        let gateway = self.fallback.winner(key.endpoint_hash())?;
+        // With no gateway taking tunnels, or every one full, there is
+        // nothing to fall back to, and "none" was the right answer.
+        let gateways = &self.gateways;
+        let has_room = |id: u32| {
+            gateways
+                .iter()
+                .find(|g| g.id == id)
+                .is_some_and(|g| g.has_room(load.tunnels(id)))
+        };
+        let Some(gateway) = self.fallback.winner_where(key.endpoint_hash(), has_room) else {
+            return Err(if self.fallback.members() == 0 {
+                Refusal::NoGateway
+            } else {
+                Refusal::Full
+            });
+        };
         self.stats.fallbacks[reason as usize] += 1;
         if self.burst.should_log(now) {
             let policy = self.policy.name();
@@ -193,7 +230,7 @@ impl<P: Policy> Guarded<P> {
                 ),
             }
         }
-        Some(Choice {
+        Ok(Choice {
             gateway,
             fallback: Some(reason),
         })
@@ -256,7 +293,7 @@ mod tests {
         fn set_gateways(&mut self, _: &[Gateway]) -> Result<(), CallError> {
             Ok(())
         }
-        fn choose(&mut self, _: &TunnelKey) -> Result<Option<u32>, CallError> {
+        fn choose(&mut self, _: &TunnelKey, _: &Load) -> Result<Option<u32>, CallError> {
             self.0.clone()
         }
     }
@@ -269,6 +306,7 @@ mod tests {
             healthy,
             draining,
             tunnels: 0,
+            capacity: 0,
         };
         vec![
             gw(1, true, false),
@@ -298,8 +336,8 @@ mod tests {
     fn a_good_answer_passes_through() {
         let mut g = guarded(Ok(Some(4)));
         assert_eq!(
-            g.choose(&key(1), Timestamp::ZERO),
-            Some(Choice {
+            g.choose(&key(1), &Load::default(), Timestamp::ZERO),
+            Ok(Choice {
                 gateway: 4,
                 fallback: None
             })
@@ -331,7 +369,11 @@ mod tests {
             let mut g = guarded(answer);
             for n in 0..50 {
                 let choice = g
-                    .choose(&key(n), Timestamp::from_secs(u64::from(n)))
+                    .choose(
+                        &key(n),
+                        &Load::default(),
+                        Timestamp::from_secs(u64::from(n)),
+                    )
                     .unwrap();
                 assert!(
                     [1, 4].contains(&choice.gateway),
@@ -351,8 +393,8 @@ mod tests {
         let mut b = guarded(Err(CallError::Trap("x".into())));
         for n in 0..100 {
             let (ca, cb) = (
-                a.choose(&key(n), Timestamp::ZERO),
-                b.choose(&key(n), Timestamp::ZERO),
+                a.choose(&key(n), &Load::default(), Timestamp::ZERO),
+                b.choose(&key(n), &Load::default(), Timestamp::ZERO),
             );
             assert_eq!(ca.map(|c| c.gateway), cb.map(|c| c.gateway));
         }
@@ -364,9 +406,63 @@ mod tests {
         let mut down = set();
         down.iter_mut().for_each(|gw| gw.healthy = false);
         g.set_gateways(down, Timestamp::ZERO);
-        assert_eq!(g.choose(&key(1), Timestamp::ZERO), None);
+        assert_eq!(
+            g.choose(&key(1), &Load::default(), Timestamp::ZERO),
+            Err(Refusal::NoGateway)
+        );
         assert_eq!(g.stats().fallbacks_total(), 0);
         assert_eq!(g.stats().decisions, 1);
+    }
+
+    /// Gateways 1 and 4 take tunnels, with room for 2 and 3.
+    fn with_capacity(answer: Result<Option<u32>, CallError>) -> Guarded<Scripted> {
+        let mut g = Guarded::new(Scripted(answer));
+        let mut gateways = set();
+        gateways[0].capacity = 2;
+        gateways[3].capacity = 3;
+        g.set_gateways(gateways, Timestamp::ZERO);
+        g
+    }
+
+    #[test]
+    fn an_answer_of_a_full_gateway_falls_back_to_one_with_room() {
+        let mut g = with_capacity(Ok(Some(1)));
+        let mut load = Load::default();
+        load.add(1, 2);
+        for n in 0..20 {
+            let c = g.choose(&key(n), &load, Timestamp::ZERO).unwrap();
+            assert_eq!(c.gateway, 4);
+            assert_eq!(c.fallback, Some(FallbackReason::GatewayFull));
+        }
+        assert_eq!(g.stats().fallbacks_for(FallbackReason::GatewayFull), 20);
+        // With room again, the answer stands.
+        load.add(1, -1);
+        assert_eq!(
+            g.choose(&key(0), &load, Timestamp::ZERO).unwrap().fallback,
+            None
+        );
+    }
+
+    #[test]
+    fn every_gateway_full_is_a_refusal_not_a_fallback() {
+        let mut g = with_capacity(Ok(Some(1)));
+        let mut load = Load::default();
+        load.add(1, 2);
+        load.add(4, 3);
+        assert_eq!(
+            g.choose(&key(0), &load, Timestamp::ZERO),
+            Err(Refusal::Full)
+        );
+        // A policy that sees the load answers none: right, and not counted.
+        let mut aware = with_capacity(Ok(None));
+        assert_eq!(
+            aware.choose(&key(0), &load, Timestamp::ZERO),
+            Err(Refusal::Full)
+        );
+        assert_eq!(
+            g.stats().fallbacks_total() + aware.stats().fallbacks_total(),
+            0
+        );
     }
 
     #[test]

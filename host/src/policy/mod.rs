@@ -7,16 +7,20 @@
 //! cost a tunnel its ideal placement but never the tunnel itself.
 
 mod guard;
+mod load;
 pub mod native;
 pub mod wasm;
 
 use std::time::Duration;
 
-pub use guard::{Choice, FallbackReason, Guarded, PolicyStats};
+pub use guard::{Choice, FallbackReason, Guarded, PolicyStats, Refusal};
+pub use load::Load;
 pub use segwlb_policy_sdk::{Gateway, Opener, TunnelKey};
 
-/// The contract version this host speaks (`wit/policy.wit`).
-pub const CONTRACT: &str = "segwlb:policy@0.1.0";
+/// The contract version of `wit/policy.wit`, what new policies are built against.
+pub const CONTRACT: &str = "segwlb:policy@0.2.0";
+/// Every contract version this host runs (older ones frozen in `wit/vX.Y.Z/`).
+pub const CONTRACTS: [&str; 2] = ["segwlb:policy@0.1.0", CONTRACT];
 
 /// Why one call into a policy produced no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,8 +48,9 @@ pub trait Policy: Send {
     /// The whole gateway set, after any change.
     fn set_gateways(&mut self, gateways: &[Gateway]) -> Result<(), CallError>;
 
-    /// The gateway id for one new tunnel, or `None` for "no answer".
-    fn choose(&mut self, key: &TunnelKey) -> Result<Option<u32>, CallError>;
+    /// The gateway id for one new tunnel, or `None` for "no answer";
+    /// `load` is the live tunnel count per gateway.
+    fn choose(&mut self, key: &TunnelKey, load: &Load) -> Result<Option<u32>, CallError>;
 }
 
 impl Policy for Box<dyn Policy> {
@@ -55,7 +60,7 @@ impl Policy for Box<dyn Policy> {
     fn set_gateways(&mut self, gateways: &[Gateway]) -> Result<(), CallError> {
         (**self).set_gateways(gateways)
     }
-    fn choose(&mut self, key: &TunnelKey) -> Result<Option<u32>, CallError> {
-        (**self).choose(key)
+    fn choose(&mut self, key: &TunnelKey, load: &Load) -> Result<Option<u32>, CallError> {
+        (**self).choose(key, load)
     }
 }

@@ -7,10 +7,16 @@
 
 use segwlb_policy_sdk::{Balance, Params};
 
-use super::{CallError, Gateway, Policy, TunnelKey};
+use super::{CallError, Gateway, Load, Policy, TunnelKey};
 
 /// The names of the policies that ship with segwlb.
-pub const SHIPPED: [&str; 3] = ["round-robin", "consistent-hash", "weighted"];
+pub const SHIPPED: [&str; 5] = [
+    "round-robin",
+    "consistent-hash",
+    "weighted",
+    "least-tunnels",
+    "two-choices",
+];
 
 /// A [`Balance`] implementation behind the [`Policy`] trait.
 pub struct Native<B> {
@@ -38,8 +44,8 @@ impl<B: Balance + Send> Policy for Native<B> {
         Ok(())
     }
 
-    fn choose(&mut self, key: &TunnelKey) -> Result<Option<u32>, CallError> {
-        Ok(self.inner.choose(key))
+    fn choose(&mut self, key: &TunnelKey, load: &Load) -> Result<Option<u32>, CallError> {
+        Ok(self.inner.choose(key, load))
     }
 }
 
@@ -55,6 +61,8 @@ pub fn shipped(name: &str, params: &[(String, String)]) -> Result<Box<dyn Policy
         "round-robin" => boxed::<round_robin::RoundRobin>(name, params),
         "consistent-hash" => boxed::<consistent_hash::ConsistentHash>(name, params),
         "weighted" => boxed::<weighted::Weighted>(name, params),
+        "least-tunnels" => boxed::<least_tunnels::LeastTunnels>(name, params),
+        "two-choices" => boxed::<two_choices::TwoChoices>(name, params),
         _ => Err(format!(
             "no native policy `{name}`; shipped: {}",
             SHIPPED.join(", ")

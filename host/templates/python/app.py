@@ -20,6 +20,10 @@ What to know about Python policies (componentize-py):
   keep state in module globals, as below;
 - no import (`log`) may be called at module level or from `__init__`: both
   run at build time;
+- a load-aware policy reads the live tunnel count of a gateway inside
+  `choose` with `from wit_world.imports import load` and
+  `load.tunnels(gateway_id)` (one call into the host each); each gateway's
+  `capacity` (0: no limit) comes with the set;
 - a policy is sandboxed: no files, network, environment or clock; `random`
   and `hash()` of strings are fixed at build time. Decide from the
   parameters, the gateway set and the key only;

@@ -17,7 +17,7 @@
 //! M/100 gateways the policy switches to the next prime above 100·N and says
 //! so in the log, rather than silently spreading worse.
 
-use segwlb_policy_sdk::{export_policy, hash, table, Balance, Gateway, Params, TunnelKey};
+use segwlb_policy_sdk::{export_policy, hash, table, Balance, Gateway, Load, Params, TunnelKey};
 
 #[derive(Debug)]
 pub struct ConsistentHash {
@@ -57,7 +57,7 @@ impl Balance for ConsistentHash {
         self.table = maglev_table(&members, size);
     }
 
-    fn choose(&mut self, key: &TunnelKey) -> Option<u32> {
+    fn choose(&mut self, key: &TunnelKey, _load: &dyn Load) -> Option<u32> {
         if self.table.is_empty() {
             return None;
         }
@@ -108,7 +108,7 @@ fn maglev_table(members: &[&Gateway], m: usize) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use segwlb_policy_sdk::Opener;
+    use segwlb_policy_sdk::{Empty, Opener};
     use std::collections::HashMap;
     use std::net::{IpAddr, Ipv4Addr};
 
@@ -121,6 +121,7 @@ mod tests {
                 healthy: true,
                 draining: false,
                 tunnels: 0,
+                capacity: 0,
             })
             .collect()
     }
@@ -136,7 +137,7 @@ mod tests {
     }
 
     fn place(p: &mut ConsistentHash, n: u32) -> Vec<u32> {
-        (0..n).map(|i| p.choose(&key(i)).unwrap()).collect()
+        (0..n).map(|i| p.choose(&key(i), &Empty).unwrap()).collect()
     }
 
     fn policy(set: &[Gateway]) -> ConsistentHash {
@@ -218,6 +219,6 @@ mod tests {
     fn no_members_no_answer() {
         let mut set = gws(2);
         set.iter_mut().for_each(|g| g.draining = true);
-        assert_eq!(policy(&set).choose(&key(1)), None);
+        assert_eq!(policy(&set).choose(&key(1), &Empty), None);
     }
 }

@@ -6,7 +6,7 @@
 //! or repeat the others. Weights other than 0 are ignored: use `weighted`
 //! for shares.
 
-use segwlb_policy_sdk::{export_policy, Balance, Gateway, Params, TunnelKey};
+use segwlb_policy_sdk::{export_policy, Balance, Gateway, Load, Params, TunnelKey};
 
 #[derive(Debug, Default)]
 pub struct RoundRobin {
@@ -28,7 +28,7 @@ impl Balance for RoundRobin {
             .collect();
     }
 
-    fn choose(&mut self, _key: &TunnelKey) -> Option<u32> {
+    fn choose(&mut self, _key: &TunnelKey, _load: &dyn Load) -> Option<u32> {
         let n = self.order.len();
         // Start just after the last one chosen; from the top if it is gone.
         let start = self
@@ -49,7 +49,7 @@ export_policy!(RoundRobin);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use segwlb_policy_sdk::Opener;
+    use segwlb_policy_sdk::{Empty, Opener};
     use std::net::{IpAddr, Ipv4Addr};
 
     fn gw(id: u32, healthy: bool, draining: bool) -> Gateway {
@@ -60,6 +60,7 @@ mod tests {
             healthy,
             draining,
             tunnels: 0,
+            capacity: 0,
         }
     }
 
@@ -74,7 +75,7 @@ mod tests {
     }
 
     fn picks(p: &mut RoundRobin, n: u32) -> Vec<u32> {
-        (0..n).map(|i| p.choose(&key(i)).unwrap()).collect()
+        (0..n).map(|i| p.choose(&key(i), &Empty).unwrap()).collect()
     }
 
     #[test]
@@ -109,9 +110,9 @@ mod tests {
     #[test]
     fn none_when_nobody_takes_tunnels() {
         let mut p = RoundRobin::default();
-        assert_eq!(p.choose(&key(0)), None);
+        assert_eq!(p.choose(&key(0), &Empty), None);
         p.set_gateways(&[gw(1, false, false)]);
-        assert_eq!(p.choose(&key(0)), None);
+        assert_eq!(p.choose(&key(0), &Empty), None);
     }
 
     #[test]

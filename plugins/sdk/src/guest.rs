@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::{Balance, Gateway, Opener, Params, TunnelKey};
+use crate::{Balance, Gateway, Load, Opener, Params, TunnelKey};
 
 pub mod bindings {
     wit_bindgen::generate!({
@@ -17,6 +17,7 @@ pub mod bindings {
 }
 
 pub use bindings::exports::segwlb::policy::balancer as wit;
+use bindings::segwlb::policy::load as wit_load;
 use bindings::segwlb::policy::log as wit_log;
 use bindings::segwlb::policy::types as wit_types;
 
@@ -63,6 +64,7 @@ impl<P: Balance> Slot<P> {
                 healthy: g.healthy,
                 draining: g.draining,
                 tunnels: g.tunnels,
+                capacity: g.capacity,
             })
             .collect();
         if let Some(p) = self.0.borrow_mut().as_mut() {
@@ -82,6 +84,15 @@ impl<P: Balance> Slot<P> {
                 wit_types::Opener::Esp => Opener::Esp,
             },
         };
-        self.0.borrow_mut().as_mut()?.choose(&key)
+        self.0.borrow_mut().as_mut()?.choose(&key, &HostLoad)
+    }
+}
+
+/// The host's live load, one import call per read.
+struct HostLoad;
+
+impl Load for HostLoad {
+    fn tunnels(&self, id: u32) -> u64 {
+        wit_load::tunnels(id)
     }
 }

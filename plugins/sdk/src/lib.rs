@@ -2,8 +2,9 @@
 //!
 //! A policy is a type implementing [`Balance`]: it is configured once from
 //! key/value parameters, told the gateway set whenever it changes, and asked
-//! for the gateway of each new tunnel. That is all of it; the decision is an
-//! ordinary function with ordinary `#[test]`s.
+//! for the gateway of each new tunnel, with a read-only view of the live
+//! [`Load`]. That is all of it; the decision is an ordinary function with
+//! ordinary `#[test]`s.
 //!
 //! [`export_policy!`] turns such a type into the `segwlb:policy` component
 //! when the crate is built for `wasm32`; on any other target it expands to
@@ -11,14 +12,16 @@
 //! links for differential tests and overhead measurements.
 //!
 //! This crate must stay free of I/O, clocks and randomness: a policy's answer
-//! is a function of its parameters, the gateway set and the key, which is what
+//! is a function of its parameters, the gateway set, the load and the key, which is what
 //! lets the simulation predict the lab.
 
 pub mod hash;
+pub mod load;
 mod params;
 pub mod table;
 mod types;
 
+pub use load::{Empty, Load};
 pub use params::Params;
 pub use types::{Balance, Gateway, Opener, TunnelKey};
 

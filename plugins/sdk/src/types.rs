@@ -1,6 +1,6 @@
 use std::net::IpAddr;
 
-use crate::{hash, Params};
+use crate::{hash, Load, Params};
 
 /// What kind of traffic opened a tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,14 +53,23 @@ pub struct Gateway {
     pub weight: u32,
     pub healthy: bool,
     pub draining: bool,
-    /// Live tunnels when the set was pushed.
+    /// Live tunnels when the set was pushed (see [`Load`](crate::Load) for now).
     pub tunnels: u64,
+    /// The most tunnels it may hold; 0 for no limit.
+    pub capacity: u64,
 }
 
 impl Gateway {
     /// May this gateway take a new tunnel? Healthy, not draining, weight > 0.
+    /// (Whether it has room is a question for the live [`Load`](crate::Load):
+    /// [`Gateway::has_room`].)
     pub fn takes_new_tunnels(&self) -> bool {
         self.healthy && !self.draining && self.weight > 0
+    }
+
+    /// Is there room for one more tunnel when it holds `tunnels`?
+    pub fn has_room(&self, tunnels: u64) -> bool {
+        self.capacity == 0 || tunnels < self.capacity
     }
 }
 
@@ -73,6 +82,7 @@ pub trait Balance: Sized {
     /// The whole gateway set changed; rebuild whatever depends on it.
     fn set_gateways(&mut self, gateways: &[Gateway]);
 
-    /// The gateway id for a new tunnel, or `None` for "no answer".
-    fn choose(&mut self, key: &TunnelKey) -> Option<u32>;
+    /// The gateway id for a new tunnel, or `None` for "no answer". `load`
+    /// is the live view; a load-blind policy ignores it.
+    fn choose(&mut self, key: &TunnelKey, load: &dyn Load) -> Option<u32>;
 }

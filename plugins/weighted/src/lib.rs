@@ -42,7 +42,7 @@
 //! Parameters: `table-size` (prime, default 65537), `balance-factor`
 //! (percent, 0 or ≥ 100, default 100).
 
-use segwlb_policy_sdk::{export_policy, hash, table, Balance, Gateway, Params, TunnelKey};
+use segwlb_policy_sdk::{export_policy, hash, table, Balance, Gateway, Load, Params, TunnelKey};
 
 /// Weighted rendezvous over the gateways that take new tunnels, computed
 /// per key. The host uses it directly as its fallback.
@@ -86,15 +86,25 @@ impl Rendezvous {
 
     /// The winner for a 64-bit key hash.
     pub fn winner(&self, key: u64) -> Option<u32> {
+        self.winner_where(key, |_| true)
+    }
+
+    /// The best-ranked gateway for a key among those `eligible` accepts
+    /// (the host's fallback skips full gateways this way).
+    pub fn winner_where(&self, key: u64, eligible: impl Fn(u32) -> bool) -> Option<u32> {
         let mut best: Option<(f64, u32)> = None;
         for class in &self.classes {
             // Highest hash in the class; unit_open keeps only the top 52
             // bits, so compare those (first in set order wins a tie).
-            let (id, h) = class
+            let Some((id, h)) = class
                 .members
                 .iter()
+                .filter(|&&(id, _)| eligible(id))
                 .map(|&(id, name)| (id, hash::mix(key ^ name)))
-                .reduce(|a, b| if b.1 >> 12 > a.1 >> 12 { b } else { a })?;
+                .reduce(|a, b| if b.1 >> 12 > a.1 >> 12 { b } else { a })
+            else {
+                continue;
+            };
             let score = score_of(h, class.inv_weight);
             if best.is_none_or(|(s, _)| score > s) {
                 best = Some((score, id));
@@ -207,7 +217,7 @@ impl Balance for Weighted {
         };
     }
 
-    fn choose(&mut self, key: &TunnelKey) -> Option<u32> {
+    fn choose(&mut self, key: &TunnelKey, _load: &dyn Load) -> Option<u32> {
         if self.table.is_empty() {
             return None;
         }
@@ -255,7 +265,7 @@ export_policy!(Weighted);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use segwlb_policy_sdk::Opener;
+    use segwlb_policy_sdk::{Empty, Opener};
     use std::net::{IpAddr, Ipv4Addr};
 
     fn set(weights: &[u32]) -> Vec<Gateway> {
@@ -269,6 +279,7 @@ mod tests {
                 healthy: true,
                 draining: false,
                 tunnels: 0,
+                capacity: 0,
             })
             .collect()
     }
@@ -290,7 +301,7 @@ mod tests {
 
     fn place_with(mut p: Weighted, weights: &[u32], n: u32) -> Vec<u32> {
         p.set_gateways(&set(weights));
-        (0..n).map(|i| p.choose(&key(i)).unwrap()).collect()
+        (0..n).map(|i| p.choose(&key(i), &Empty).unwrap()).collect()
     }
 
     fn place(weights: &[u32], n: u32) -> Vec<u32> {
@@ -365,7 +376,9 @@ mod tests {
         let mut p = Weighted::configure(Params::default()).unwrap();
         let mut gateways = set(&weights);
         p.set_gateways(&gateways);
-        let mut placed: Vec<u32> = (0..10_000).map(|i| p.choose(&key(i)).unwrap()).collect();
+        let mut placed: Vec<u32> = (0..10_000)
+            .map(|i| p.choose(&key(i), &Empty).unwrap())
+            .collect();
         let held = counts(&placed, 4);
         for (g, c) in gateways.iter_mut().zip(&held) {
             g.tunnels = *c as u64;
@@ -374,7 +387,7 @@ mod tests {
         p.set_gateways(&gateways);
         for (i, at) in placed.iter_mut().enumerate() {
             if *at == 3 {
-                *at = p.choose(&key(i as u32)).unwrap();
+                *at = p.choose(&key(i as u32), &Empty).unwrap();
             }
         }
         // 2:1:1 over the survivors, exactly.
@@ -389,7 +402,9 @@ mod tests {
         gateways[1].tunnels = 10;
         let mut p = Weighted::configure(Params::default()).unwrap();
         p.set_gateways(&gateways);
-        let placed: Vec<u32> = (0..20).map(|i| p.choose(&key(i)).unwrap()).collect();
+        let placed: Vec<u32> = (0..20)
+            .map(|i| p.choose(&key(i), &Empty).unwrap())
+            .collect();
         assert!(placed[..10].iter().all(|&g| g == 1), "{placed:?}");
         assert_eq!(counts(&placed, 2), vec![15, 5]);
     }
@@ -424,7 +439,7 @@ mod tests {
         assert!(place(&[0, 1], 1000).iter().all(|&g| g == 2));
         let mut p = Weighted::configure(Params::default()).unwrap();
         p.set_gateways(&set(&[0, 0]));
-        assert_eq!(p.choose(&key(1)), None);
+        assert_eq!(p.choose(&key(1), &Empty), None);
         assert_eq!(Rendezvous::new(&set(&[0, 0])).winner(1), None);
     }
 

@@ -8,18 +8,26 @@ use wasmtime::component::types::ComponentItem;
 use wasmtime::component::Component;
 use wasmtime::Engine;
 
+use super::versions::{Version, LOAD};
 use super::wasi;
 use crate::policy::CONTRACT;
 
-pub const EXPORT: &str = "segwlb:policy/balancer@0.1.0";
 const EXPORTED_FUNCS: [&str; 3] = ["configure", "set-gateways", "choose"];
-const OURS: [&str; 2] = ["segwlb:policy/log@0.1.0", "segwlb:policy/types@0.1.0"];
 
-/// What a checked component needs from the host.
+/// The versions this host speaks, for messages.
+fn spoken() -> String {
+    Version::ALL.map(Version::package).join(", ")
+}
+
+/// What a checked component is, and needs from the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Imports {
+    /// The contract version it was built against.
+    pub version: Version,
+    /// Whether it reads the live load (imports `load`, 0.2.0 on).
+    pub reads_load: bool,
     /// The WASI 0.2 interfaces it imports (linked deny-all), by full name;
-    /// empty for a component that imports only the contract's `log`.
+    /// empty for a component that imports only the contract's interfaces.
     pub wasi: Vec<String>,
 }
 
@@ -43,20 +51,27 @@ pub enum LoadError {
     CoreModule { path: PathBuf },
     #[error("{}: not a valid wasm component: {reason}", path.display())]
     Invalid { path: PathBuf, reason: String },
-    #[error("{}: does not export `{EXPORT}` (its exports: {found})", path.display())]
-    NoBalancer { path: PathBuf, found: String },
     #[error(
-        "{}: built against contract {found}; this segwlb speaks {CONTRACT}: \
-         rebuild it against wit/policy.wit",
+        "{}: does not export `segwlb:policy/balancer` (its exports: {found})",
         path.display()
     )]
-    WrongVersion { path: PathBuf, found: String },
-    #[error("{}: `{EXPORT}` lacks `{missing}` (the contract needs configure, set-gateways, choose)", path.display())]
-    MissingExport { path: PathBuf, missing: String },
+    NoBalancer { path: PathBuf, found: String },
     #[error(
-        "{}: imports `{import}`, but a policy may import only segwlb:policy/log \
-         and the WASI 0.2 interfaces io, clocks, random, cli, filesystem and sockets \
-         (linked with nothing granted)",
+        "{}: built against contract {found}; this segwlb speaks {spoken}: \
+         rebuild it against wit/policy.wit ({CONTRACT})",
+        path.display(), spoken = spoken()
+    )]
+    WrongVersion { path: PathBuf, found: String },
+    #[error("{}: `{export}` lacks `{missing}` (the contract needs configure, set-gateways, choose)", path.display())]
+    MissingExport {
+        path: PathBuf,
+        export: &'static str,
+        missing: String,
+    },
+    #[error(
+        "{}: imports `{import}`, but a policy may import only its contract version's \
+         segwlb:policy interfaces (log; load from 0.2.0) and the WASI 0.2 interfaces io, \
+         clocks, random, cli, filesystem and sockets (linked with nothing granted)",
         path.display()
     )]
     ForbiddenImport { path: PathBuf, import: String },
@@ -80,7 +95,10 @@ fn build_hint(path: &Path) -> &'static str {
 pub fn check(engine: &Engine, path: &Path, component: &Component) -> Result<Imports, LoadError> {
     let ty = component.component_type();
     let exports: Vec<&str> = ty.exports(engine).map(|(name, _)| name).collect();
-    let Some(balancer) = ty.get_export(engine, EXPORT) else {
+    let found = Version::ALL
+        .into_iter()
+        .find_map(|v| Some((v, ty.get_export(engine, v.export())?)));
+    let Some((version, balancer)) = found else {
         let other_version = exports
             .iter()
             .find(|e| e.starts_with("segwlb:policy/balancer@"));
@@ -102,24 +120,31 @@ pub fn check(engine: &Engine, path: &Path, component: &Component) -> Result<Impo
     let ComponentItem::ComponentInstance(instance) = balancer.ty else {
         return Err(LoadError::Mismatch {
             path: path.into(),
-            reason: format!("`{EXPORT}` is not an instance"),
+            reason: format!("`{}` is not an instance", version.export()),
         });
     };
     for func in EXPORTED_FUNCS {
         if instance.get_export(engine, func).is_none() {
             return Err(LoadError::MissingExport {
                 path: path.into(),
+                export: version.export(),
                 missing: func.into(),
             });
         }
     }
     // After the exports: a component of another contract version also
     // imports that version's types, and the version is the news.
-    let mut imports = Imports { wasi: Vec::new() };
+    let mut imports = Imports {
+        version,
+        reads_load: false,
+        wasi: Vec::new(),
+    };
     for (import, _) in ty.imports(engine) {
         if wasi::is_wasi_import(import) {
             imports.wasi.push(import.to_string());
-        } else if !OURS.contains(&import) {
+        } else if import == LOAD && version.ours().contains(&import) {
+            imports.reads_load = true;
+        } else if !version.ours().contains(&import) {
             return Err(LoadError::ForbiddenImport {
                 path: path.into(),
                 import: import.into(),

@@ -1,6 +1,7 @@
-//! What the host keeps per guest instance, and the imports it answers:
-//! the memory cap, the `log` import (shared with the guest's stdout and
-//! stderr), the virtual clock, and for WASI guests their deny-all WASI.
+//! What the host keeps per guest instance: the memory cap, the log (the
+//! `log` import's, shared with the guest's stdout and stderr), the live load
+//! `load` reads, the virtual clock, and for WASI guests their deny-all WASI.
+//! (The contract's imports themselves are answered in `versions.rs`.)
 
 use std::sync::{Arc, Mutex};
 
@@ -8,7 +9,6 @@ use wasmtime::component::ResourceTable;
 use wasmtime::ResourceLimiter;
 use wasmtime_wasi::{WasiCtxView, WasiView};
 
-use super::bindings::segwlb::policy::{log as wit_log, types as wit};
 use super::log::GuestLog;
 use super::wasi::{VirtualClock, Wasi, WasiHost};
 
@@ -22,6 +22,9 @@ pub struct HostState {
     pub memory_peak: usize,
     pub log: Arc<Mutex<GuestLog>>,
     pub clock: VirtualClock,
+    /// The live tunnel count per gateway id, copied in before each `choose`
+    /// of a component that imports `load` (contract 0.2.0).
+    pub load: Vec<u64>,
     /// Made on the first WASI call: only a component that imports WASI
     /// ever has one.
     wasi: Option<Wasi>,
@@ -36,8 +39,16 @@ impl HostState {
             memory_peak: 0,
             log: Arc::new(Mutex::new(GuestLog::new(policy))),
             clock: VirtualClock::default(),
+            load: Vec::new(),
             wasi: None,
             seed,
+        }
+    }
+
+    /// A line from the guest's `log` import (any contract version).
+    pub fn guest_log(&mut self, level: tracing::Level, message: &str) {
+        if let Ok(mut log) = self.log.lock() {
+            log.emit(level, message);
         }
     }
 
@@ -91,19 +102,3 @@ impl ResourceLimiter for HostState {
         Ok(desired <= 65_536)
     }
 }
-
-impl wit_log::Host for HostState {
-    fn log(&mut self, level: wit_log::Level, message: String) {
-        let level = match level {
-            wit_log::Level::Error => tracing::Level::ERROR,
-            wit_log::Level::Warn => tracing::Level::WARN,
-            wit_log::Level::Info => tracing::Level::INFO,
-            wit_log::Level::Debug => tracing::Level::DEBUG,
-        };
-        if let Ok(mut log) = self.log.lock() {
-            log.emit(level, &message);
-        }
-    }
-}
-
-impl wit::Host for HostState {}

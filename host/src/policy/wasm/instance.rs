@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{Engine, Store, Trap};
 
-use super::bindings::{self, segwlb::policy::types as wit};
 use super::host::HostState;
+use super::versions::{Bindings, Pre, Version};
 use super::{Limits, TICK};
-use crate::policy::{CallError, Gateway, Opener, Policy, TunnelKey};
+use crate::policy::{CallError, Gateway, Load, Policy, TunnelKey};
 
 /// A checked, pre-instantiated policy. Cheap to clone and to send to
 /// another thread; [`instantiate`](Self::instantiate) or
@@ -37,9 +37,12 @@ pub(super) struct LoadedInner {
     pub name: String,
     pub path: PathBuf,
     pub engine: Engine,
-    pub pre: bindings::PolicyPre<HostState>,
+    pub pre: Pre,
     pub params: Vec<(String, String)>,
     pub limits: Limits,
+    pub version: Version,
+    /// It imports `load`: the live load is copied in before each `choose`.
+    pub reads_load: bool,
     /// The WASI interfaces it imports (empty: no WASI linked).
     pub wasi: Vec<String>,
     /// Seeds its deterministic randomness: from its name and parameters.
@@ -65,6 +68,16 @@ impl Loaded {
 
     pub fn limits(&self) -> Limits {
         self.0.limits
+    }
+
+    /// The contract version it was built against.
+    pub fn version(&self) -> Version {
+        self.0.version
+    }
+
+    /// Whether it reads the live load (contract 0.2.0's `load`).
+    pub fn reads_load(&self) -> bool {
+        self.0.reads_load
     }
 
     /// The WASI 0.2 interfaces the component imports (each linked with
@@ -120,10 +133,7 @@ impl Loaded {
             }
         };
         arm(&mut store, inner.limits.setup);
-        match bindings
-            .segwlb_policy_balancer()
-            .call_configure(&mut store, &inner.params)
-        {
+        match bindings.configure(&mut store, &inner.params) {
             Ok(Ok(())) => Ok(Live { store, bindings }),
             Ok(Err(message)) => Err(StartError::Rejected(message)),
             Err(e) => Err(StartError::Failed(
@@ -158,7 +168,7 @@ impl StartError {
 
 pub(super) struct Live {
     store: Store<HostState>,
-    bindings: bindings::Policy,
+    bindings: Bindings,
 }
 
 /// One running instance of a wasm policy.
@@ -168,7 +178,7 @@ pub struct WasmPolicy {
     /// On the data path: the next instance, being started or ready.
     spare: Option<Receiver<Result<Live, String>>>,
     /// The last set pushed, replayed into a fresh instance after a trap.
-    gateways: Option<Vec<wit::Gateway>>,
+    gateways: Option<Vec<Gateway>>,
     restarts: u64,
     recycles: u64,
 }
@@ -262,8 +272,7 @@ impl WasmPolicy {
             let budget = self.loaded.0.limits.setup;
             arm(&mut live.store, budget);
             live.bindings
-                .segwlb_policy_balancer()
-                .call_set_gateways(&mut live.store, gateways)
+                .set_gateways(&mut live.store, gateways)
                 .map_err(|e| {
                     CallError::Unavailable(classify(&live.store, &e, budget).to_string())
                 })?;
@@ -308,7 +317,7 @@ impl WasmPolicy {
     fn call<R>(
         &mut self,
         budget: Duration,
-        f: impl FnOnce(&bindings::Policy, &mut Store<HostState>) -> wasmtime::Result<R>,
+        f: impl FnOnce(&Bindings, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
         let live = self.live()?;
         arm(&mut live.store, budget);
@@ -333,26 +342,30 @@ impl Policy for WasmPolicy {
     }
 
     fn set_gateways(&mut self, gateways: &[Gateway]) -> Result<(), CallError> {
-        let set: Vec<wit::Gateway> = gateways.iter().map(to_wit_gateway).collect();
+        let set = gateways.to_vec();
         if self.live.is_none() {
             // Starting replays the stored set.
             self.gateways = Some(set);
             return self.live().map(|_| ());
         }
         let budget = self.loaded.0.limits.setup;
-        let pushed = self.call(budget, |b, store| {
-            b.segwlb_policy_balancer().call_set_gateways(store, &set)
-        });
+        let pushed = self.call(budget, |b, store| b.set_gateways(store, &set));
         // Kept either way: after a failure, the fresh instance gets this set.
         self.gateways = Some(set);
         pushed
     }
 
-    fn choose(&mut self, key: &TunnelKey) -> Result<Option<u32>, CallError> {
-        let key = to_wit_key(key);
+    fn choose(&mut self, key: &TunnelKey, load: &Load) -> Result<Option<u32>, CallError> {
         let budget = self.loaded.0.limits.call;
+        let reads_load = self.loaded.0.reads_load;
         self.call(budget, |b, store| {
-            b.segwlb_policy_balancer().call_choose(store, key)
+            if reads_load {
+                // A copy of a few hundred bytes; `load.tunnels` reads it.
+                let copy = &mut store.data_mut().load;
+                copy.clear();
+                copy.extend_from_slice(load.by_id());
+            }
+            b.choose(store, key)
         })
     }
 }
@@ -374,40 +387,5 @@ fn classify(store: &Store<HostState>, err: &wasmtime::Error, budget: Duration) -
         Some(Trap::Interrupt) => CallError::Timeout(budget),
         Some(trap) => CallError::Trap(trap.to_string()),
         None => CallError::Trap(format!("{err:#}")),
-    }
-}
-
-fn to_wit_ip(ip: std::net::IpAddr) -> wit::IpAddress {
-    match ip {
-        std::net::IpAddr::V4(a) => wit::IpAddress::V4(a.into()),
-        std::net::IpAddr::V6(a) => {
-            let bits = u128::from(a);
-            wit::IpAddress::V6(((bits >> 64) as u64, bits as u64))
-        }
-    }
-}
-
-fn to_wit_key(key: &TunnelKey) -> wit::TunnelKey {
-    wit::TunnelKey {
-        peer: to_wit_ip(key.peer),
-        peer_port: key.peer_port,
-        vip: to_wit_ip(key.vip),
-        ike_spi: key.ike_spi,
-        opened_by: match key.opened_by {
-            Opener::Ike => wit::Opener::Ike,
-            Opener::NatT => wit::Opener::NatT,
-            Opener::Esp => wit::Opener::Esp,
-        },
-    }
-}
-
-fn to_wit_gateway(g: &Gateway) -> wit::Gateway {
-    wit::Gateway {
-        id: g.id,
-        name: g.name.clone(),
-        weight: g.weight,
-        healthy: g.healthy,
-        draining: g.draining,
-        tunnels: g.tunnels,
     }
 }

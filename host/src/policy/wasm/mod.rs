@@ -7,6 +7,8 @@
 //!   [`Cache`]), check, pre-instantiate, try the parameters;
 //! - `contract.rs`: what a component must export and may import, and the
 //!   errors that name the file and the problem ([`LoadError`]);
+//! - `versions.rs`: the contract versions linked ([`Version`]: 0.1.0 and
+//!   0.2.0), each by its own bindings, and one way to call either;
 //! - `instance.rs`: [`Loaded`] and [`WasmPolicy`], limits per call, restarts;
 //! - `host.rs`: the per-instance host state: memory cap, `log`, clock;
 //! - `log.rs`: a guest's log (its `log` import, stdout, stderr), rate-limited;
@@ -25,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, Linker};
 use wasmtime::Engine;
 
 mod cache;
@@ -33,18 +35,16 @@ mod contract;
 mod host;
 mod instance;
 mod log;
+mod versions;
 mod wasi;
 
 pub use cache::{Cache, Origin};
 pub use contract::LoadError;
 pub use instance::{Loaded, WasmPolicy};
+pub use versions::Version;
 
 use host::HostState;
 use instance::{LoadedInner, StartError};
-
-mod bindings {
-    wasmtime::component::bindgen!({ world: "policy", path: "../wit" });
-}
 
 /// How often the epoch advances: the granularity of every time budget.
 pub const TICK: Duration = Duration::from_millis(2);
@@ -86,7 +86,8 @@ pub struct LoadTimes {
 pub struct Runtime {
     engine: Engine,
     compiler: Compiler,
-    /// For components that import only the contract's `log`.
+    /// For components that import only the contract's interfaces (every
+    /// version's `log`, and `load`).
     plain: Arc<Linker<HostState>>,
     /// For components that also import WASI 0.2: linked deny-all.
     wasi: Arc<Linker<HostState>>,
@@ -156,7 +157,7 @@ impl Runtime {
         .map_err(|e| format!("cannot start wasmtime: {e:#}"))?;
         let link = |with_wasi: bool| -> wasmtime::Result<Linker<HostState>> {
             let mut linker = Linker::new(&engine);
-            bindings::Policy::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+            versions::add_to_linker(&mut linker)?;
             if with_wasi {
                 wasi::add_to_linker(&mut linker)?;
             }
@@ -256,7 +257,7 @@ impl Runtime {
             reason: format!("{e:#}"),
         };
         let pre = linker.instantiate_pre(&component).map_err(mismatch)?;
-        let pre = bindings::PolicyPre::new(pre).map_err(mismatch)?;
+        let pre = versions::Pre::new(imports.version, pre).map_err(mismatch)?;
         let name = path
             .file_stem()
             .map_or_else(|| "policy".into(), |s| s.to_string_lossy().into_owned());
@@ -268,6 +269,8 @@ impl Runtime {
             pre,
             params: params.to_vec(),
             limits,
+            version: imports.version,
+            reads_load: imports.reads_load,
             wasi: imports.wasi,
             seed,
             warm: Mutex::new(None),

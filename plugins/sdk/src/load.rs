@@ -1,0 +1,45 @@
+//! The live load a policy may read inside `choose` (contract 0.2.0's `load`).
+
+use std::cmp::Ordering;
+
+/// Tunnels per gateway now, as the host counts them (every placement before
+/// this call included). In wasm each read is one call into the host.
+pub trait Load {
+    /// Tunnels bound to gateway `id` now; 0 for an id not in the set.
+    fn tunnels(&self, id: u32) -> u64;
+}
+
+/// A load given as a function, for tests: `&|id| counts[id as usize]`.
+impl<F: Fn(u32) -> u64> Load for F {
+    fn tunnels(&self, id: u32) -> u64 {
+        self(id)
+    }
+}
+
+/// No tunnels anywhere: for load-blind callers and tests.
+pub struct Empty;
+
+impl Load for Empty {
+    fn tunnels(&self, _: u32) -> u64 {
+        0
+    }
+}
+
+/// Compare two gateways' load per unit of weight, `a.0 / a.1` against
+/// `b.0 / b.1`, exactly (integers, no division): `Less` when `a` is the
+/// lighter. Weights must be > 0.
+pub fn per_weight(a: (u64, u32), b: (u64, u32)) -> Ordering {
+    (u128::from(a.0) * u128::from(b.1)).cmp(&(u128::from(b.0) * u128::from(a.1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_weight_is_exact() {
+        assert_eq!(per_weight((2, 2), (1, 1)), Ordering::Equal);
+        assert_eq!(per_weight((3, 2), (1, 1)), Ordering::Greater);
+        assert_eq!(per_weight((u64::MAX, 1), (u64::MAX, 2)), Ordering::Greater);
+    }
+}
