@@ -333,12 +333,14 @@ impl Worker {
             } => {
                 let name = policy.loaded().name().to_string();
                 let file = policy.loaded().path().display().to_string();
+                let contract = policy.loaded().version().package();
                 let live: Box<dyn Policy> = policy;
                 let (old, moved) = self.lb.replace_policy(live, rebalance, now);
                 let took = noticed.elapsed();
                 self.policy.reloads += 1;
                 self.policy.name = name.clone();
                 self.policy.file = file.clone();
+                self.policy.contract = contract.into();
                 self.policy.loaded_at = unix_now();
                 self.policy.last_swap_ms = Some(took.as_secs_f64() * 1e3);
                 let what = if rebalance {

@@ -40,8 +40,9 @@ enum Command {
         /// what the wasm boundary costs).
         #[arg(long)]
         native: bool,
-        /// A scenario file (TOML; see config/scenarios/). Default: the
-        /// built-in one, config/scenarios/default.toml.
+        /// A scenario file (TOML; see config/scenarios/), or a built-in one
+        /// by name: `default` (the default), `capacity` (a segw fails at
+        /// peak with capacities set).
         #[arg(long)]
         scenario: Option<PathBuf>,
         /// Override the scenario's tunnel count.
@@ -122,8 +123,8 @@ enum LabCommand {
     /// reported like `segwlb compare` and beside the simulation's
     /// prediction of the same tunnels.
     Compare {
-        /// A scenario file (TOML; see config/scenarios/). Default: the
-        /// built-in lab one, config/scenarios/lab.toml.
+        /// A scenario file (TOML; see config/scenarios/), or a built-in one
+        /// by name: `lab` (the default), `lab-capacity`.
         #[arg(long)]
         scenario: Option<PathBuf>,
         /// Policies, comma-separated names in the lab file's policy_dir.
@@ -287,7 +288,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_timing,
         } => {
             let mut scenario = match scenario {
-                Some(path) => Scenario::load(&path)?,
+                Some(path) => Scenario::resolve(&path)?,
                 None => Scenario::builtin(),
             };
             if let Some(n) = tunnels {
@@ -504,7 +505,7 @@ fn lab(config: &Path, command: LabCommand) -> anyhow::Result<ExitCode> {
                 None => cfg,
                 Some(path) => {
                     let (s, nat) =
-                        segwlb::lab::compare::lab_scenario(&Scenario::load(&path)?, tunnels);
+                        segwlb::lab::compare::lab_scenario(&Scenario::resolve(&path)?, tunnels);
                     let policy = cfg.balancer.policy.clone();
                     segwlb::lab::compare::lab_config(&cfg, &s, nat, &policy)
                 }
@@ -529,7 +530,8 @@ fn lab(config: &Path, command: LabCommand) -> anyhow::Result<ExitCode> {
             let mut state = topology::State::load(&cfg.work_dir())?;
             if let Some(path) = scenario {
                 let tunnels = state.initiators.len();
-                let (s, _) = segwlb::lab::compare::lab_scenario(&Scenario::load(&path)?, tunnels);
+                let (s, _) =
+                    segwlb::lab::compare::lab_scenario(&Scenario::resolve(&path)?, tunnels);
                 let driven =
                     segwlb::lab::drive::drive(&mut state, &s, &mut |line| eprintln!("{line}"))?;
                 for p in &driven.problems {
@@ -576,7 +578,7 @@ fn lab(config: &Path, command: LabCommand) -> anyhow::Result<ExitCode> {
         } => {
             use segwlb::lab::compare as lab_compare;
             let scenario = match scenario {
-                Some(path) => Scenario::load(&path)?,
+                Some(path) => Scenario::resolve(&path)?,
                 None => Scenario::builtin_lab(),
             };
             if tunnels == 0 || tunnels > segwlb::lab::config::MAX_INITIATORS as usize {

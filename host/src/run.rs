@@ -132,6 +132,7 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
     let record = PolicyRecord {
         name: loaded.name().into(),
         file: policy_file.display().to_string(),
+        contract: loaded.version().package().into(),
         loaded_at: unix_now(),
         ..Default::default()
     };

@@ -63,6 +63,24 @@ pub struct PolicyRun {
     /// byte-for-byte the same for the same seed.
     pub ns_per_decision: Option<f64>,
     pub fallbacks: u64,
+    /// Each segw's capacity (0: no limit), in `segws` order.
+    pub capacity_per_segw: Vec<u64>,
+    /// Tunnels refused at least once because every segw taking tunnels was
+    /// full (a refused initiator tries again every step), and all the tries
+    /// refused.
+    pub refused_tunnels: u64,
+    pub refused_tries: u64,
+    /// Tries refused from each event's step up to the next event.
+    pub refused_per_event: Vec<u64>,
+    /// The policy's answers of a segw at its capacity, placed elsewhere by
+    /// segwlb's guard: tunnels a balancer that did not know the capacities
+    /// would have sent to a segw that refuses them.
+    pub full_answers: u64,
+    /// The most tunnels each segw held at the end of a step.
+    pub peak_per_segw: Vec<u64>,
+    /// Simulated seconds each segw spent at or above 90% of its capacity
+    /// (0 for a segw without one).
+    pub secs_above_90: Vec<u64>,
     /// Frames through the balancer, both ways.
     pub frames: u64,
     /// Frames the balancer dropped, by reason; and segw frames that did not
@@ -106,6 +124,46 @@ impl PolicyRun {
         let n = ratios.len().max(1) as f64;
         let mean = ratios.iter().sum::<f64>() / n;
         let var = ratios.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n;
+        let capacities: Vec<u64> = out.segws.iter().map(|s| s.capacity).collect();
+        let peak_per_segw: Vec<u64> = (0..out.segws.len())
+            .map(|g| out.per_step.iter().map(|c| c[g]).max().unwrap_or(0))
+            .collect();
+        let secs_above_90 = capacities
+            .iter()
+            .enumerate()
+            .map(|(g, &cap)| {
+                let hot = out
+                    .per_step
+                    .iter()
+                    .filter(|c| cap > 0 && c[g] * 10 >= cap * 9)
+                    .count() as u64;
+                hot * scenario.step_secs
+            })
+            .collect();
+        // Tries refused from each event's step to the next event's.
+        let starts: Vec<usize> = scenario.events.iter().map(|e| e.step as usize).collect();
+        let refused_per_event = starts
+            .iter()
+            .enumerate()
+            .map(|(i, &from)| {
+                let to = starts
+                    .iter()
+                    .skip(i + 1)
+                    .find(|&&s| s > from)
+                    .copied()
+                    .unwrap_or(usize::MAX);
+                let same_step_later = starts[i + 1..].first() == Some(&from);
+                if same_step_later {
+                    return 0;
+                }
+                out.refused_per_step
+                    .iter()
+                    .enumerate()
+                    .filter(|&(s, _)| s >= from && s < to)
+                    .map(|(_, n)| n)
+                    .sum()
+            })
+            .collect();
         PolicyRun {
             policy: out.policy,
             scenario: scenario.name.clone(),
@@ -134,6 +192,13 @@ impl PolicyRun {
                 .timing
                 .then(|| (out.policy_ns as f64 / out.decisions.max(1) as f64).round()),
             fallbacks: out.fallbacks,
+            capacity_per_segw: capacities,
+            refused_tunnels: out.refused_tunnels,
+            refused_tries: out.refused_per_step.iter().sum(),
+            refused_per_event,
+            full_answers: out.full_answers,
+            peak_per_segw,
+            secs_above_90,
             frames: out.frames,
             drops: out
                 .drops
@@ -167,13 +232,16 @@ impl PolicyRun {
     }
 }
 
-/// Best first: broken tunnels lose outright, then the spread, then the
-/// disruption.
+/// Best first: broken tunnels lose outright, then refused tunnels, then
+/// answers of a full segw (0 for all without capacities), then the spread,
+/// then the disruption.
 pub fn ranked(runs: &[PolicyRun]) -> Vec<&PolicyRun> {
     let mut ranked: Vec<&PolicyRun> = runs.iter().collect();
     ranked.sort_by(|a, b| {
         a.split_tunnels
             .cmp(&b.split_tunnels)
+            .then(a.refused_tunnels.cmp(&b.refused_tunnels))
+            .then(a.full_answers.cmp(&b.full_answers))
             .then(a.max_over_mean.total_cmp(&b.max_over_mean))
             .then(a.disruption().total_cmp(&b.disruption()))
             .then(a.policy.cmp(&b.policy))
@@ -239,13 +307,15 @@ impl fmt::Display for Table<'_> {
         for r in &ranked {
             // Foreign traffic (ARP for others, non-IPsec) is normal on a
             // real link (the lab's); anything else is a tunnel's loss.
+            // Refusals for capacity are the capacity table's, below.
             let lost: BTreeMap<&str, u64> = r
                 .drops
                 .iter()
                 .filter(|(reason, _)| {
-                    !DropReason::ALL
-                        .iter()
-                        .any(|d| d.as_str() == reason.as_str() && d.is_foreign())
+                    !DropReason::ALL.iter().any(|d| {
+                        d.as_str() == reason.as_str()
+                            && (d.is_foreign() || *d == DropReason::AtCapacity)
+                    })
                 })
                 .map(|(reason, &n)| (reason.as_str(), n))
                 .collect();
@@ -257,6 +327,10 @@ impl fmt::Display for Table<'_> {
                     r.policy, r.returns_lost
                 )?;
             }
+        }
+        if self.scenario.has_capacities() {
+            writeln!(f)?;
+            capacity_table(f, &ranked)?;
         }
         writeln!(f)?;
         writeln!(
@@ -283,6 +357,74 @@ impl fmt::Display for Table<'_> {
         }
         Ok(())
     }
+}
+
+/// Refusals, answers of a full segw, and each segw's peak against its
+/// capacity; then who refuses fewest.
+fn capacity_table(f: &mut fmt::Formatter<'_>, ranked: &[&PolicyRun]) -> fmt::Result {
+    writeln!(
+        f,
+        "capacity: refused = tunnels with every segw full (tries; at each event); \
+         full answers = the policy chose a full segw and segwlb placed the tunnel elsewhere \
+         (a balancer blind to capacity would have lost it there)"
+    )?;
+    writeln!(
+        f,
+        "  {:<18} {:>8} {:>7}  {:<22} {:>12}  peak/capacity (s at >= 90%)",
+        "policy", "refused", "tries", "at each event", "full answers"
+    )?;
+    for r in ranked {
+        let events: Vec<String> = r
+            .refused_per_event
+            .iter()
+            .enumerate()
+            .map(|(e, n)| format!("[{}]{n}", e + 1))
+            .collect();
+        let peaks: Vec<String> = r
+            .segws
+            .iter()
+            .enumerate()
+            .map(|(g, name)| match r.capacity_per_segw[g] {
+                0 => format!("{name} {}", r.peak_per_segw[g]),
+                cap => format!(
+                    "{name} {}/{cap} ({})",
+                    r.peak_per_segw[g], r.secs_above_90[g]
+                ),
+            })
+            .collect();
+        writeln!(
+            f,
+            "  {:<18} {:>8} {:>7}  {:<22} {:>12}  {}",
+            r.policy,
+            r.refused_tunnels,
+            r.refused_tries,
+            events.join(" "),
+            r.full_answers,
+            peaks.join("  ")
+        )?;
+    }
+    if let Some(best) = ranked.first() {
+        let ties: Vec<&str> = ranked
+            .iter()
+            .filter(|r| r.refused_tunnels == best.refused_tunnels)
+            .map(|r| r.policy.as_str())
+            .collect();
+        write!(
+            f,
+            "refuses fewest: {} ({} tunnels)",
+            ties.join(", "),
+            best.refused_tunnels
+        )?;
+        if ties.len() > 1 {
+            write!(
+                f,
+                "; of those, fewest answers of a full segw: {} ({})",
+                best.policy, best.full_answers
+            )?;
+        }
+        writeln!(f)?;
+    }
+    Ok(())
 }
 
 fn moved_cell(r: &PolicyRun) -> String {

@@ -155,9 +155,24 @@ fn verdict(runs: &[PolicyRun]) -> String {
             );
         }
     }
+    if runs
+        .iter()
+        .any(|r| r.capacity_per_segw.iter().any(|&c| c > 0))
+    {
+        if let Some(r) = ranked(runs).first() {
+            let _ = writeln!(
+                out,
+                "<div class=\"card\">refuses fewest<b>{}</b>{} tunnels refused (every segw full); \
+                 {} answers of a full segw</div>",
+                escape(&r.policy),
+                r.refused_tunnels,
+                r.full_answers
+            );
+        }
+    }
     for r in runs
         .iter()
-        .filter(|r| r.split_tunnels > 0 || r.fallbacks > 0)
+        .filter(|r| r.split_tunnels > 0 || r.fallbacks > r.full_answers)
     {
         let _ = writeln!(
             out,
@@ -172,20 +187,29 @@ fn verdict(runs: &[PolicyRun]) -> String {
 }
 
 fn table(runs: &[PolicyRun]) -> String {
+    let capacities = runs
+        .iter()
+        .any(|r| r.capacity_per_segw.iter().any(|&c| c > 0));
     let mut out = String::from(
         "<table><tr><th>rank</th><th>policy</th><th>max/fair</th><th>cov</th>\
-         <th>moved / minimum</th><th>split</th><th>ns/decision</th><th>fallbacks</th></tr>\n",
+         <th>moved / minimum</th><th>split</th><th>ns/decision</th><th>fallbacks</th>",
     );
+    if capacities {
+        out.push_str(
+            "<th>refused</th><th>answers of a full segw</th><th>peak / capacity (s at ≥ 90%)</th>",
+        );
+    }
+    out.push_str("</tr>\n");
     for (i, r) in ranked(runs).iter().enumerate() {
         let moved: u64 = r.moved_per_event.iter().sum();
         let minimum: u64 = r.minimum_moved_per_event.iter().sum();
         let ns = r
             .ns_per_decision
             .map_or_else(|| "–".to_string(), |ns| format!("{ns:.0}"));
-        let _ = writeln!(
+        let _ = write!(
             out,
             "<tr><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.1}%</td><td>{moved} / {minimum}</td>\
-             <td>{}</td><td>{ns}</td><td>{}</td></tr>",
+             <td>{}</td><td>{ns}</td><td>{}</td>",
             i + 1,
             escape(&r.policy),
             r.max_over_mean,
@@ -193,6 +217,29 @@ fn table(runs: &[PolicyRun]) -> String {
             r.split_tunnels,
             r.fallbacks
         );
+        if capacities {
+            let peaks: Vec<String> = r
+                .segws
+                .iter()
+                .enumerate()
+                .map(|(g, name)| match r.capacity_per_segw[g] {
+                    0 => format!("{name} {}", r.peak_per_segw[g]),
+                    cap => format!(
+                        "{name} {}/{cap} ({})",
+                        r.peak_per_segw[g], r.secs_above_90[g]
+                    ),
+                })
+                .collect();
+            let _ = write!(
+                out,
+                "<td>{} ({} tries)</td><td>{}</td><td>{}</td>",
+                r.refused_tunnels,
+                r.refused_tries,
+                r.full_answers,
+                escape(&peaks.join(", "))
+            );
+        }
+        out.push_str("</tr>\n");
     }
     out.push_str("</table>\n");
     out

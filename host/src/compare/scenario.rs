@@ -20,6 +20,18 @@ use crate::toml_at::{field_at, line_column};
 pub const BUILTIN: &str = include_str!("../../../config/scenarios/default.toml");
 /// The built-in scenario of `segwlb lab compare`: lab-sized.
 pub const BUILTIN_LAB: &str = include_str!("../../../config/scenarios/lab.toml");
+/// The built-in capacity scenario (`--scenario capacity`): a failure at peak.
+pub const BUILTIN_CAPACITY: &str = include_str!("../../../config/scenarios/capacity.toml");
+/// The built-in capacity scenario of `segwlb lab compare`: lab-sized.
+pub const BUILTIN_LAB_CAPACITY: &str = include_str!("../../../config/scenarios/lab-capacity.toml");
+
+/// `--scenario NAME` for a built-in one (a file of that name wins).
+pub const BUILTINS: [(&str, &str); 4] = [
+    ("default", BUILTIN),
+    ("capacity", BUILTIN_CAPACITY),
+    ("lab", BUILTIN_LAB),
+    ("lab-capacity", BUILTIN_LAB_CAPACITY),
+];
 
 /// Upper bounds, so a typo cannot ask for a run that never ends.
 pub const MAX_TUNNELS: usize = 10_000_000;
@@ -29,6 +41,8 @@ pub const MAX_STEPS: u32 = 100_000;
 pub struct SegwSpec {
     pub name: String,
     pub weight: u32,
+    /// The most tunnels it may hold; 0 for no limit.
+    pub capacity: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +105,16 @@ pub struct Population {
     pub churn: f64,
     pub packets_per_step: u32,
     pub esp_bytes: u32,
+    /// A burst of arrivals on top of `count`, staying to the end.
+    pub peak: Option<Peak>,
+}
+
+/// `tunnels.peak`: `tunnels` more arrive in `step` (the population is
+/// `count + tunnels` from then on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peak {
+    pub step: u32,
+    pub tunnels: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -138,6 +162,18 @@ impl Scenario {
         Scenario::parse(BUILTIN_LAB, "<built-in lab>").expect("the built-in lab scenario is valid")
     }
 
+    /// `--scenario ARG`: a file, or the name of a built-in scenario
+    /// (`default`, `capacity`, `lab`, `lab-capacity`) when no such file exists.
+    pub fn resolve(arg: &Path) -> Result<Self, ScenarioError> {
+        let builtin = BUILTINS
+            .iter()
+            .find(|(name, _)| !arg.exists() && arg.as_os_str() == *name);
+        match builtin {
+            Some((name, text)) => Scenario::parse(text, &format!("<built-in {name}>")),
+            None => Scenario::load(arg),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self, ScenarioError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
@@ -167,10 +203,24 @@ impl Scenario {
         raw.validate(&at)
     }
 
-    /// Tunnels that ever exist: the population plus every replacement.
+    /// Tunnels that ever exist: the population, the peak, and every
+    /// replacement.
     pub fn total_tunnels(&self) -> usize {
         let churned = (self.tunnels.count as f64 * self.tunnels.churn).round() as usize;
-        self.tunnels.count + churned * self.steps as usize
+        let peak = self.tunnels.peak.map_or(0, |p| p.tunnels);
+        self.tunnels.count + peak + churned * self.steps as usize
+    }
+
+    /// The population the arrivals keep up at `step`: the count, plus the
+    /// peak once it came.
+    pub fn population_at(&self, step: u32) -> usize {
+        let peak = self.tunnels.peak.filter(|p| p.step <= step);
+        self.tunnels.count + peak.map_or(0, |p| p.tunnels)
+    }
+
+    /// Does any segw have a capacity?
+    pub fn has_capacities(&self) -> bool {
+        self.all_segws().iter().any(|s| s.capacity > 0)
     }
 
     /// Every segw that ever takes part: the initial set, then additions.
@@ -193,15 +243,27 @@ impl fmt::Display for Scenario {
         let segws: Vec<String> = self
             .segws
             .iter()
-            .map(|g| match g.weight {
-                1 => g.name.clone(),
-                w => format!("{}(w{w})", g.name),
+            .map(|g| {
+                let mut tags = Vec::new();
+                if g.weight != 1 {
+                    tags.push(format!("w{}", g.weight));
+                }
+                if g.capacity > 0 {
+                    tags.push(format!("cap {}", g.capacity));
+                }
+                match tags.is_empty() {
+                    true => g.name.clone(),
+                    false => format!("{}({})", g.name, tags.join(", ")),
+                }
             })
             .collect();
         let t = &self.tunnels;
+        let peak = t.peak.map_or_else(String::new, |p| {
+            format!(" (+{} at peak, step {})", p.tunnels, p.step)
+        });
         write!(
             f,
-            "{}: {} tunnels over {}; {:.0}% NAT'd, {:.0}% raw ESP; {:.0}% churn per step; {} steps of {} s",
+            "{}: {} tunnels{peak} over {}; {:.0}% NAT'd, {:.0}% raw ESP; {:.0}% churn per step; {} steps of {} s",
             self.name,
             t.count,
             segws.join(" "),
@@ -235,6 +297,9 @@ struct RawSegw {
     name: Spanned<String>,
     #[serde(default = "one")]
     weight: Spanned<u32>,
+    /// Tunnels it may hold; 0 = no limit.
+    #[serde(default)]
+    capacity: u64,
 }
 
 fn one() -> Spanned<u32> {
@@ -259,6 +324,14 @@ struct RawPopulation {
     packets_per_step: u32,
     #[serde(default = "esp_bytes")]
     esp_bytes: Spanned<u32>,
+    peak: Option<Spanned<RawPeak>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeak {
+    step: Spanned<u32>,
+    tunnels: Spanned<usize>,
 }
 
 fn zero() -> Spanned<f64> {
@@ -342,6 +415,16 @@ impl RawScenario {
             segws.push(spec);
         }
         let tunnels = self.tunnels.validate(at)?;
+        if let Some(peak) = &self.tunnels.peak {
+            let step = peak.get_ref().step.clone();
+            if *step.get_ref() >= steps {
+                return Err(at(
+                    step.span(),
+                    "tunnels.peak.step".into(),
+                    format!("{} is past the last step ({})", step.get_ref(), steps - 1),
+                ));
+            }
+        }
 
         let mut events: Vec<TimedEvent> = Vec::new();
         let mut order: Vec<usize> = (0..self.event.len()).collect();
@@ -401,12 +484,30 @@ fn segw_spec(raw: &RawSegw, field: &str, at: &At) -> Result<SegwSpec, ScenarioEr
     Ok(SegwSpec {
         name: name.to_string(),
         weight,
+        capacity: raw.capacity,
     })
 }
 
 impl RawPopulation {
-    fn validate(self, at: &At) -> Result<Population, ScenarioError> {
+    fn validate(&self, at: &At) -> Result<Population, ScenarioError> {
         let count = *self.count.get_ref();
+        let peak = match &self.peak {
+            None => None,
+            Some(p) => {
+                let tunnels = *p.get_ref().tunnels.get_ref();
+                if tunnels == 0 || tunnels > MAX_TUNNELS {
+                    return Err(at(
+                        p.get_ref().tunnels.span(),
+                        "tunnels.peak.tunnels".into(),
+                        format!("must be 1..={MAX_TUNNELS}, not {tunnels}"),
+                    ));
+                }
+                Some(Peak {
+                    step: *p.get_ref().step.get_ref(),
+                    tunnels,
+                })
+            }
+        };
         if count == 0 || count > MAX_TUNNELS {
             return Err(at(
                 self.count.span(),
@@ -452,6 +553,7 @@ impl RawPopulation {
             churn: *self.churn.get_ref(),
             packets_per_step: self.packets_per_step,
             esp_bytes: esp,
+            peak,
         })
     }
 }
@@ -585,7 +687,8 @@ mod tests {
             s.segws[1],
             SegwSpec {
                 name: "b".into(),
-                weight: 1
+                weight: 1,
+                capacity: 0,
             }
         );
         assert_eq!(s.tunnels.esp_bytes, 120);

@@ -15,10 +15,12 @@ use std::time::Instant;
 
 use super::scenario::{Event, Scenario, SegwSpec};
 use crate::balancer::affinity::Timeouts;
-use crate::balancer::{farm, Balancer, Config, DropReason, GatewaySpec, PortId, Prefix, UPLINK};
+use crate::balancer::{
+    farm, Balancer, Config, DropReason, GatewaySpec, PortId, Prefix, Verdict, UPLINK,
+};
 use crate::packet::craft::{self, EspFrame};
 use crate::packet::{ike, IkeHeader, Mac};
-use crate::policy::{CallError, Gateway, Load, Policy, TunnelKey};
+use crate::policy::{CallError, FallbackReason, Gateway, Load, Policy, TunnelKey};
 use crate::time::Timestamp;
 use crate::workload::{Rng, VIP};
 
@@ -49,6 +51,13 @@ pub struct Outcome {
     pub decisions: u64,
     pub policy_ns: u64,
     pub fallbacks: u64,
+    /// Policy answers of a segw at its capacity, replaced by one with room.
+    pub full_answers: u64,
+    /// Tunnel openings (or re-placements off a failed segw) refused with
+    /// every segw full, per step; a refused initiator tries again each step.
+    pub refused_per_step: Vec<u64>,
+    /// Tunnels refused at least once.
+    pub refused_tunnels: u64,
     pub frames: u64,
     /// Frames the balancer dropped, by reason (none expected).
     pub drops: Vec<(&'static str, u64)>,
@@ -119,8 +128,11 @@ struct Peer {
     spi_in: u32,
     spi_out: u32,
     seq: u32,
-    /// Where its packets land (index into `segws`); `None` before the first.
+    /// Where its packets land (index into `segws`); `None` before the
+    /// first, and after a refusal (every segw full) until it is placed.
     segw: Option<usize>,
+    /// It was refused at least once.
+    refused: bool,
 }
 
 /// Where one segw of a scenario stands as its events move it: what the
@@ -239,6 +251,7 @@ struct Sim<'s> {
     split: u64,
     frames: u64,
     returns_lost: u64,
+    refused_tunnels: u64,
     buf: Vec<u8>,
 }
 
@@ -299,6 +312,7 @@ pub fn run_with(
         split: 0,
         frames: 0,
         returns_lost: 0,
+        refused_tunnels: 0,
         buf: Vec::with_capacity(1600),
     };
     for i in 0..scenario.segws.len() {
@@ -310,6 +324,7 @@ pub fn run_with(
     let churned = (t.count as f64 * t.churn).round() as usize;
     let (mut moved, mut minimum) = (Vec::new(), Vec::new());
     let mut per_step = Vec::with_capacity(scenario.steps as usize);
+    let mut refused_per_step = Vec::with_capacity(scenario.steps as usize);
     let mut last_event: Option<usize> = None;
     for step in 0..scenario.steps {
         sim.now = Timestamp::from_secs(u64::from(step) * scenario.step_secs);
@@ -334,10 +349,13 @@ pub fn run_with(
         let arrivals = if let Some(given) = given {
             given.iter().filter(|p| p.step == step).count()
         } else if (step as usize) < arrive_over {
+            let peak = t.peak.filter(|p| p.step == step).map_or(0, |p| p.tunnels);
             t.count * (step as usize + 1) / arrive_over - t.count * step as usize / arrive_over
+                + peak
         } else {
-            t.count.saturating_sub(sim.peers.len())
+            scenario.population_at(step).saturating_sub(sim.peers.len())
         };
+        let refused_before = sim.lb.counters().dropped(DropReason::AtCapacity);
         let old = sim.peers.len();
         for _ in 0..arrivals {
             sim.arrive();
@@ -349,13 +367,18 @@ pub fn run_with(
             if let Some((addr, Some(port))) = ahead.map(|p| (p.addr, p.natt_port)) {
                 sim.lb.prefetch(IpAddr::V4(addr), port);
             }
-            if i >= old {
+            // New, or refused before (every segw was full): IKE_SA_INIT
+            // again, as an initiator retries.
+            if i >= old || sim.peers[i].segw.is_none() {
                 sim.open(i);
             }
-            for _ in 0..t.packets_per_step {
-                sim.esp(i);
+            if sim.peers[i].segw.is_some() {
+                for _ in 0..t.packets_per_step {
+                    sim.esp(i);
+                }
             }
         }
+        refused_per_step.push(sim.lb.counters().dropped(DropReason::AtCapacity) - refused_before);
         match last_event {
             Some(e) => moved[e] += sim.moved_this_step,
             None => sim.split += sim.moved_this_step,
@@ -378,6 +401,9 @@ pub fn run_with(
         decisions: stats.decisions,
         policy_ns: sim.spent_ns.load(Ordering::Relaxed),
         fallbacks: stats.fallbacks_total(),
+        full_answers: stats.fallbacks_for(FallbackReason::GatewayFull),
+        refused_per_step,
+        refused_tunnels: sim.refused_tunnels,
         frames: sim.frames,
         drops: DropReason::ALL
             .iter()
@@ -397,6 +423,7 @@ impl Sim<'_> {
             port,
             mac: Some(farm::segw_mac(port as u8)),
             weight: self.segws[i].weight,
+            capacity: self.segws[i].capacity,
             ..Default::default()
         };
         self.lb
@@ -476,6 +503,7 @@ impl Sim<'_> {
             spi_out,
             seq: 0,
             segw: None,
+            refused: false,
         });
     }
 
@@ -505,6 +533,10 @@ impl Sim<'_> {
 
         let body = craft::ike_body(&init, false, IKE_EXTRA);
         self.peer_sends(i, &craft::udp_packet(addr, ike_port, vip, 500, &body));
+        if self.peers[i].segw.is_none() {
+            // Refused: no segw answers; it tries again next step.
+            return;
+        }
         let body = craft::ike_body(&init_reply, false, IKE_EXTRA);
         self.segw_answers(i, &craft::udp_packet(vip, 500, addr, ike_port, &body));
         let body = craft::ike_body(&auth, float, IKE_EXTRA);
@@ -560,16 +592,25 @@ impl Sim<'_> {
         self.send_back(port);
     }
 
-    /// `buf` from peer `i` into the uplink; note where it lands.
+    /// `buf` from peer `i` into the uplink; note where it lands, or that it
+    /// was refused (every segw full): then the peer has no segw until a
+    /// later try is placed.
     fn send_in(&mut self, i: usize) {
         self.frames += 1;
-        if let Some(port) = self
-            .lb
-            .handle(&mut self.buf, UPLINK, self.now)
-            .forwarded_to()
-        {
-            if port != UPLINK {
-                self.landed(i, usize::from(port) - 1);
+        match self.lb.handle(&mut self.buf, UPLINK, self.now) {
+            Verdict::Drop(DropReason::AtCapacity) => {
+                let peer = &mut self.peers[i];
+                if let Some(old) = peer.segw.take() {
+                    self.counts[old] -= 1;
+                }
+                if !std::mem::replace(&mut peer.refused, true) {
+                    self.refused_tunnels += 1;
+                }
+            }
+            verdict => {
+                if let Some(port) = verdict.forwarded_to().filter(|&p| p != UPLINK) {
+                    self.landed(i, usize::from(port) - 1);
+                }
             }
         }
     }

@@ -293,3 +293,63 @@ fn a_lying_policy_costs_fallbacks_not_tunnels() {
     assert_eq!(r.moved_per_event, r.minimum_moved_per_event);
     assert!(r.ns_per_decision.is_some_and(|ns| ns > 0.0));
 }
+
+/// a (weight 2, room for 4), b and c (room for 2 each): 8 places. 6 arrive
+/// at step 0, 3 more at the peak (step 1), then b fails (step 2).
+fn with_capacity(steps: u32, events: &str) -> Scenario {
+    let text = format!(
+        "name = \"cap\"\nstep_secs = 10\nsteps = {steps}\n\
+         [[segw]]\nname = \"a\"\nweight = 2\ncapacity = 4\n\
+         [[segw]]\nname = \"b\"\ncapacity = 2\n[[segw]]\nname = \"c\"\ncapacity = 2\n\
+         [tunnels]\ncount = 6\npeak = {{ step = 1, tunnels = 3 }}\n{events}"
+    );
+    Scenario::parse(&text, "cap.toml").unwrap()
+}
+
+#[test]
+fn refusals_for_capacity_are_counted_exactly() {
+    let s = with_capacity(4, "[[event]]\nstep = 2\nfail = \"b\"\n");
+    for policy in ["round-robin", "least-tunnels", "two-choices", "weighted"] {
+        let r = run_native(policy, &s);
+        // Step 0: 6 of 8 places. Step 1: 3 more for the last 2 places, so
+        // 1 refused. Step 2: b (2 tunnels) fails with no room anywhere: its
+        // 2 tunnels are refused too. Step 3: the same 3 try again.
+        assert_eq!(r.tunnels_over_time[1].iter().sum::<u64>(), 8, "{policy}");
+        assert_eq!(r.tunnels_over_time[2], [4, 0, 2], "{policy}");
+        assert_eq!(r.refused_tunnels, 3, "{policy}");
+        assert_eq!(r.refused_tries, 1 + 3 + 3, "{policy}");
+        assert_eq!(r.refused_per_event, [6], "{policy}: steps 2 and 3");
+        assert_eq!(r.peak_per_segw, [4, 2, 2], "{policy}");
+        if policy == "round-robin" {
+            // a, b, c, a, b, c at step 0: b and c full from the start, a
+            // from the peak (step 1); b until it fails.
+            assert_eq!(r.secs_above_90, [30, 20, 40]);
+        }
+        assert_eq!(r.split_tunnels, 0, "{policy}");
+        assert_eq!(r.drops.keys().collect::<Vec<_>>(), ["at_capacity"]);
+    }
+}
+
+#[test]
+fn load_aware_policies_never_answer_a_full_segw_and_round_robin_does() {
+    let s = with_capacity(2, "");
+    let blind = run_native("round-robin", &s);
+    // Round-robin ignores weights: b and c fill at 2 while a has room.
+    assert!(blind.full_answers > 0);
+    assert_eq!(blind.fallbacks, blind.full_answers);
+    for policy in ["least-tunnels", "two-choices"] {
+        let aware = run_native(policy, &s);
+        assert_eq!(aware.full_answers, 0, "{policy}");
+        assert_eq!(aware.refused_tunnels, blind.refused_tunnels, "{policy}");
+        assert!(ranked(&[blind.clone(), aware.clone()])[0].policy == policy);
+    }
+}
+
+#[test]
+fn the_capacity_scenario_is_built_in() {
+    let s = Scenario::resolve(std::path::Path::new("capacity")).unwrap();
+    assert!(s.has_capacities());
+    assert_eq!(s.tunnels.peak.map(|p| p.tunnels), Some(2000));
+    let lab = Scenario::resolve(std::path::Path::new("lab-capacity")).unwrap();
+    assert_eq!(lab.population_at(lab.steps), 14);
+}

@@ -41,6 +41,12 @@ pub fn render(s: &Status) -> String {
         per_gw(&|g| g.tunnels.to_string()),
     );
     family(
+        "gateway_capacity",
+        "gauge",
+        "The most tunnels the gateway may hold (0: no limit).",
+        per_gw(&|g| g.capacity.to_string()),
+    );
+    family(
         "gateway_up",
         "gauge",
         "1 when the gateway answers its health probes.",

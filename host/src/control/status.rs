@@ -34,6 +34,9 @@ pub struct Status {
 pub struct PolicyStatus {
     pub name: String,
     pub file: String,
+    /// The contract version the policy file was built against.
+    #[serde(default)]
+    pub contract: String,
     /// Seconds since the Unix epoch.
     pub loaded_at: f64,
     /// Policies swapped in since start (file changes, config, ctl).
@@ -58,6 +61,9 @@ pub struct GatewayStatus {
     pub draining: bool,
     pub weight: u32,
     pub tunnels: u64,
+    /// The most tunnels it may hold; 0 for no limit.
+    #[serde(default)]
+    pub capacity: u64,
     pub frames_to: u64,
     pub bytes_to: u64,
     pub frames_from: u64,
@@ -130,6 +136,8 @@ pub struct PortStatus {
 pub struct PolicyRecord {
     pub name: String,
     pub file: String,
+    /// `segwlb:policy@X.Y.Z`.
+    pub contract: String,
     pub loaded_at: f64,
     pub reloads: u64,
     pub rejected: u64,
@@ -173,6 +181,7 @@ impl Status {
                     draining: g.draining,
                     weight: g.spec.weight,
                     tunnels: g.counters.tunnels,
+                    capacity: g.spec.capacity,
                     frames_to: g.counters.frames_to,
                     bytes_to: g.counters.bytes_to,
                     frames_from: g.counters.frames_from,
@@ -194,6 +203,7 @@ impl Status {
             policy: PolicyStatus {
                 name: policy.name.clone(),
                 file: policy.file.clone(),
+                contract: policy.contract.clone(),
                 loaded_at: policy.loaded_at,
                 reloads: policy.reloads,
                 rejected: policy.rejected,
@@ -249,9 +259,14 @@ impl Status {
         let p = &self.policy;
         let _ = writeln!(
             out,
-            "policy {} ({}), {} reload{}{}, {} decisions, {} fallbacks{}",
+            "policy {} ({}, contract {}), {} reload{}{}, {} decisions, {} fallbacks{}",
             p.name,
             p.file,
+            if p.contract.is_empty() {
+                "?"
+            } else {
+                &p.contract
+            },
             p.reloads,
             if p.reloads == 1 { "" } else { "s" },
             p.last_swap_ms
@@ -274,7 +289,11 @@ impl Status {
                 if g.healthy { "up" } else { "DOWN" },
                 if g.draining { " draining" } else { "" },
                 g.weight,
-                g.tunnels,
+                match g.capacity {
+                    0 => g.tunnels.to_string(),
+                    cap if g.tunnels >= cap => format!("{}/{cap} FULL", g.tunnels),
+                    cap => format!("{}/{cap}", g.tunnels),
+                },
                 g.frames_to,
                 g.bytes_to,
                 g.frames_from,
@@ -324,6 +343,19 @@ impl Status {
             .filter(|(_, &n)| n > 0)
             .map(|(r, n)| format!("{r} {n}"))
             .collect();
+        let refused = self.drops.get("at_capacity").copied().unwrap_or(0);
+        let full = p
+            .fallbacks_by_reason
+            .get("gateway_full")
+            .copied()
+            .unwrap_or(0);
+        if refused > 0 || full > 0 {
+            let _ = writeln!(
+                out,
+                "capacity: {refused} tunnel tries refused (every segw taking tunnels full); \
+                 {full} policy answers of a full segw placed elsewhere"
+            );
+        }
         let _ = writeln!(
             out,
             "drops: {}",

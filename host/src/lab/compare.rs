@@ -70,7 +70,7 @@ pub fn lab_scenario(scenario: &Scenario, tunnels: usize) -> (Scenario, u32) {
 /// scenario's segws and tunnels.
 pub fn lab_config(base: &LabConfig, scenario: &Scenario, nat: u32, policy: &str) -> LabConfig {
     let mut c = base.clone();
-    c.lab.initiators = scenario.tunnels.count as u32;
+    c.lab.initiators = scenario.population_at(scenario.steps) as u32;
     c.lab.nat = nat;
     c.balancer.policy = policy.to_string();
     c.segw = scenario
@@ -79,6 +79,7 @@ pub fn lab_config(base: &LabConfig, scenario: &Scenario, nat: u32, policy: &str)
         .map(|s| super::config::SegwSection {
             name: s.name.clone(),
             weight: s.weight,
+            capacity: s.capacity,
         })
         .collect();
     c
@@ -182,6 +183,12 @@ impl LabRun {
                     e + 1
                 ));
             }
+        }
+        if lab.refused_tunnels != predicted.refused_tunnels {
+            differs.push(format!(
+                "{} tunnels refused (every segw full) in the lab, {} in the simulation",
+                lab.refused_tunnels, predicted.refused_tunnels
+            ));
         }
         for t in tunnels.iter().filter(|t| t.lab != t.simulation) {
             differs.push(format!(

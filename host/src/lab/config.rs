@@ -181,6 +181,10 @@ pub struct SegwSection {
     pub name: String,
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Tunnels it may hold, in the balancer's config and as its charon's
+    /// own `ikesa_limit`; 0 for no limit.
+    #[serde(default)]
+    pub capacity: u64,
 }
 
 fn default_prefix() -> String {
@@ -210,6 +214,7 @@ fn default_weight() -> u32 {
 fn default_segws() -> Vec<SegwSection> {
     (1..=3)
         .map(|n| SegwSection {
+            capacity: 0,
             name: format!("segw{n}"),
             weight: 1,
         })

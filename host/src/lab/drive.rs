@@ -21,6 +21,10 @@
 //! - a swap is `ctl policy use` with the same policy; a rebalance moves
 //!   tunnels whose IPsec SAs stay behind, so DPD re-establishes them too.
 //!
+//! - capacity: each segw's charon refuses IKE SAs past its capacity
+//!   (`ikesa_limit`) as the balancer does; a tunnel refused (every segw
+//!   full) is one whose initiator is up on no segw at the end of a step.
+//!
 //! What it does not: churn (a lab tunnel lives for the whole run), raw ESP
 //! (kernel-libipsec always encapsulates in UDP 4500), NAT'd shares other
 //! than one NAT namespace. Time is real: a step is as long as its work.
@@ -76,8 +80,17 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
     let (mut moved, mut minimum) = (Vec::new(), Vec::new());
     let mut last_event: Option<usize> = None;
     let mut split = 0;
+    let mut refused_tunnels = 0;
     let mut per_step = Vec::with_capacity(scenario.steps as usize);
     let mut problems = Vec::new();
+    let capacities = scenario.has_capacities();
+    let mut refused = vec![false; n];
+    let mut refused_per_step = Vec::with_capacity(scenario.steps as usize);
+    let at_capacity = |s: &Status| s.drops.get("at_capacity").copied().unwrap_or(0);
+    let mut refused_before = at_capacity(&state.balancer_status()?);
+    // The peak's tunnels are the last initiators.
+    let peak = scenario.tunnels.peak.map_or(0, |p| p.tunnels.min(n));
+    let initial = n - peak;
 
     for step in 0..scenario.steps {
         let mut rebalancing = false;
@@ -100,7 +113,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                     wait_health(state, name, true)?;
                 }
                 Event::Add(spec) => {
-                    state.add_segw(&spec.name, spec.weight)?;
+                    state.add_segw(&spec.name, spec.weight, spec.capacity)?;
                     wait_health(state, &spec.name, true)?;
                 }
                 Event::Remove(name) => {
@@ -137,8 +150,12 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         let due = if step as usize >= arrive_over {
             0
         } else {
-            n * (step as usize + 1) / arrive_over - n * step as usize / arrive_over
-        };
+            initial * (step as usize + 1) / arrive_over - initial * step as usize / arrive_over
+        } + scenario
+            .tunnels
+            .peak
+            .filter(|p| p.step == step)
+            .map_or(0, |_| peak);
         let first_new = arrived;
         for i in arrived..arrived + due {
             let init = &state.initiators[i];
@@ -158,7 +175,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         arrived += due;
 
         let held = if disrupted {
-            converge(state, arrived, &peers)?
+            converge(state, arrived, &peers, capacities)?
         } else {
             holdings(state, arrived)?
         };
@@ -166,7 +183,17 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
 
         let mut moved_now = 0;
         for (i, h) in held.iter().enumerate() {
-            let Some(&at) = h.first() else { continue };
+            let Some(&at) = h.first() else {
+                // With capacities, up nowhere is refused: every segw was
+                // full when it (or its re-placement) asked.
+                if capacities {
+                    holder[i] = None;
+                    if !std::mem::replace(&mut refused[i], true) {
+                        refused_tunnels += 1;
+                    }
+                }
+                continue;
+            };
             if h.len() > 1 {
                 problems.push(format!(
                     "step {step}: {} is up on {} segws",
@@ -201,9 +228,12 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                 .join(", ")
         ));
         per_step.push(counts);
+        let refused_now = at_capacity(&state.balancer_status()?);
+        refused_per_step.push(refused_now - refused_before);
+        refused_before = refused_now;
     }
     for (i, h) in holder.iter().enumerate().take(arrived) {
-        if h.is_none() {
+        if h.is_none() && !refused[i] {
             problems.push(format!(
                 "{} is not up on any segw",
                 state.initiators[i].name
@@ -220,6 +250,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
             .map(|(s, n)| SegwSpec {
                 name: s.name.clone(),
                 weight: n.weight,
+                capacity: s.capacity,
             })
             .collect(),
         per_step,
@@ -230,6 +261,14 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         decisions: status.policy.decisions,
         policy_ns: 0,
         fallbacks: status.policy.fallbacks,
+        full_answers: status
+            .policy
+            .fallbacks_by_reason
+            .get("gateway_full")
+            .copied()
+            .unwrap_or(0),
+        refused_per_step,
+        refused_tunnels,
         frames: status.counters.forwarded,
         drops: drops_of(&status),
         returns_lost: 0,
@@ -365,13 +404,30 @@ fn holdings(state: &State, arrived: usize) -> Result<Vec<Vec<usize>>> {
 /// Wait until every keyed tunnel is up on exactly the segw the balancer
 /// has it on (after a failure or a rebalance the balancer moves a tunnel
 /// first, and DPD re-establishes it there afterwards); what is held then.
-fn converge(state: &State, arrived: usize, peers: &[GivenPeer]) -> Result<Vec<Vec<usize>>> {
+/// With `capacities`, a tunnel the balancer keeps on a segw that is down
+/// (its re-placement refused: every segw full) is settled up nowhere.
+fn converge(
+    state: &State,
+    arrived: usize,
+    peers: &[GivenPeer],
+    capacities: bool,
+) -> Result<Vec<Vec<usize>>> {
     let until = Instant::now() + CONVERGE;
     loop {
         let held = holdings(state, arrived)?;
         let placed = balancer_placement(state, peers)?;
+        let up: Vec<bool> = {
+            let status = state.balancer_status()?;
+            state
+                .segws
+                .iter()
+                .map(|s| status.gateway(&s.name).is_some_and(|g| g.healthy))
+                .collect()
+        };
         let settled = held.iter().enumerate().all(|(i, h)| match placed.get(i) {
+            Some(Some(k)) if capacities && !up[*k] => h.is_empty(),
             Some(Some(k)) => h.as_slice() == [*k],
+            _ if capacities => h.len() <= 1,
             _ => h.len() == 1,
         });
         if settled || Instant::now() > until {

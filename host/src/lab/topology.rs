@@ -50,6 +50,9 @@ pub struct Segw {
     pub name: String,
     pub ns: String,
     pub weight: u32,
+    /// Its capacity: the balancer's and its charon's `ikesa_limit` (0: none).
+    #[serde(default)]
+    pub capacity: u64,
     /// Its port on the balancer.
     pub port: String,
     pub dir: PathBuf,
@@ -194,7 +197,7 @@ impl State {
         // Link down flushed the route back to the initiators.
         ns.ip(&["route", "replace", &self.outer_prefix, "dev", "eth0"])?;
         let conf = self.segw_conf()?;
-        let pid = start_charon(&s.dir, &s.ns, &conf)?;
+        let pid = start_charon(&s.dir, &s.ns, &conf, s.capacity)?;
         self.segws[k].pid = pid;
         self.save()?;
         self.load_charon(&self.segws[k].dir.clone(), pid)
@@ -209,7 +212,7 @@ impl State {
 
     /// A new segw joins: its namespace, a new balancer port (`pK`), a
     /// charon with the segws' configuration, then `ctl gateway add`.
-    pub fn add_segw(&mut self, name: &str, weight: u32) -> Result<()> {
+    pub fn add_segw(&mut self, name: &str, weight: u32, capacity: u64) -> Result<()> {
         if self.segws.iter().any(|s| s.name == name) {
             return Err(Error::State(format!("the lab has a segw {name:?} already")));
         }
@@ -226,12 +229,13 @@ impl State {
             self.service,
         )?;
         let dir = self.work.join(format!("s{k}"));
-        let pid = start_charon(&dir, ns.name(), &self.segw_conf()?)?;
+        let pid = start_charon(&dir, ns.name(), &self.segw_conf()?, capacity)?;
         self.namespaces.push(ns.name().to_string());
         self.segws.push(Segw {
             name: name.to_string(),
             ns: ns.name().to_string(),
             weight,
+            capacity,
             port: port.clone(),
             dir: dir.clone(),
             pid,
@@ -244,7 +248,7 @@ impl State {
             name: name.to_string(),
             interface: port,
             weight,
-            capacity: 0,
+            capacity,
             mac: None,
         })?;
         Ok(())
@@ -498,14 +502,21 @@ fn link_segw(
 }
 
 /// Start a charon in namespace `ns` with its files in `dir` and `conf` as
-/// its swanctl.conf; its pid. [`State::load_charon`] waits for it.
-fn start_charon(dir: &Path, ns: &str, conf: &str) -> Result<i32> {
+/// its swanctl.conf, refusing IKE SAs past `ikesa_limit` (0: no limit);
+/// its pid. [`State::load_charon`] waits for it.
+fn start_charon(dir: &Path, ns: &str, conf: &str, ikesa_limit: u64) -> Result<i32> {
     for sub in ["", "x509", "x509ca", "private", "rsa", "ecdsa", "pkcs8"] {
         let d = dir.join(sub);
         fs::create_dir_all(&d).map_err(io(format!("create {}", d.display())))?;
     }
     let ss_conf = dir.join("strongswan.conf");
-    write(&ss_conf, &sw::strongswan_conf(dir, ""))?;
+    let extra = match ikesa_limit {
+        0 => String::new(),
+        n => format!(
+            "    # The segw's own limit: the balancer's capacity for it.\n    ikesa_limit = {n}"
+        ),
+    };
+    write(&ss_conf, &sw::strongswan_conf(dir, &extra))?;
     write(&dir.join("swanctl.conf"), conf)?;
     let child = spawn_detached(sw::charon_command(ns, &ss_conf), &dir.join("charon.out"))?;
     Ok(child.id() as i32)
@@ -629,6 +640,7 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
             name: spec.name.clone(),
             ns: ns.name().to_string(),
             weight: spec.weight,
+            capacity: spec.capacity,
             port,
             dir: work.join(format!("s{}", k + 1)),
             pid: 0,
@@ -647,9 +659,10 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
     );
     let segw_swanctl = work.join("segw-swanctl.conf");
     write(&segw_swanctl, &segw_conf)?;
-    let mut charons: Vec<(PathBuf, String, String)> = Vec::new(); // dir, ns, swanctl.conf
+    // dir, ns, swanctl.conf, ikesa_limit
+    let mut charons: Vec<(PathBuf, String, String, u64)> = Vec::new();
     for s in &segws {
-        charons.push((s.dir.clone(), s.ns.clone(), segw_conf.clone()));
+        charons.push((s.dir.clone(), s.ns.clone(), segw_conf.clone(), s.capacity));
     }
     for i in &initiators {
         let conf = sw::initiator_swanctl(
@@ -660,11 +673,11 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
             &a.service_prefix.to_string(),
             config.lab.dpd_delay_s,
         );
-        charons.push((i.dir.clone(), i.ns.clone(), conf));
+        charons.push((i.dir.clone(), i.ns.clone(), conf, 0));
     }
     let mut pids = Vec::new();
-    for (dir, ns, conf) in &charons {
-        pids.push(start_charon(dir, ns, conf)?);
+    for (dir, ns, conf, limit) in &charons {
+        pids.push(start_charon(dir, ns, conf, *limit)?);
     }
     for (s, &pid) in segws.iter_mut().zip(&pids) {
         s.pid = pid;
@@ -697,7 +710,7 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
         segw_swanctl,
     };
     state.save()?;
-    for ((dir, _, _), &pid) in charons.iter().zip(&pids) {
+    for ((dir, _, _, _), &pid) in charons.iter().zip(&pids) {
         state.load_charon(dir, pid)?;
     }
     let charons_took = t1.elapsed();
@@ -721,8 +734,8 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
     );
     for s in &state.segws {
         text += &format!(
-            "\n[[gateway]]\nname = \"{}\"\ninterface = \"{}\"\nweight = {}\n",
-            s.name, s.port, s.weight
+            "\n[[gateway]]\nname = \"{}\"\ninterface = \"{}\"\nweight = {}\ncapacity = {}\n",
+            s.name, s.port, s.weight, s.capacity
         );
     }
     write(&lb_toml, &text)?;

@@ -222,6 +222,13 @@ impl<P: Policy> Guarded<P> {
                     suppressed,
                     "policy {err}; the built-in fallback answers"
                 ),
+                // The host's own rule, not a policy fault: a load-blind
+                // policy does this by design.
+                None if reason == FallbackReason::GatewayFull => tracing::debug!(
+                    policy,
+                    suppressed,
+                    "policy answered a full gateway; the built-in fallback places the tunnel"
+                ),
                 None => tracing::warn!(
                     policy,
                     reason = reason.as_str(),
