@@ -752,6 +752,72 @@ fn a_config_edit_applies_live_in_one_reload_without_moving_tunnels() {
     assert_eq!(lab.status().gateway("segw3").unwrap().weight, 3);
 }
 
+/// A segw at its capacity takes no new tunnel while its own keep flowing,
+/// with the capacity set by a live config edit; with every segw full a new
+/// tunnel is refused, counted, and reaches no segw.
+#[test]
+fn a_segw_at_capacity_takes_no_new_tunnels_and_its_own_keep_flowing() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up("cap", "round-robin", (0, 3));
+    // Six tunnels, two per segw (round-robin).
+    let first = lab.raw_esp(500, 6, 0xb000, 1);
+    let captured = lab.send_and_capture(&first);
+    assert_eq!(captured.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 2]);
+    let config = lab.config.clone();
+    let with_capacities = |caps: [u64; 3]| {
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        for (n, cap) in (1..=3).zip(caps) {
+            let gw = format!("name = \"segw{n}\"\ninterface = \"p{n}\"\n");
+            let start = text.find(&gw).unwrap() + gw.len();
+            let end = text[start..]
+                .find("[[gateway]]")
+                .map_or(text.len(), |e| start + e);
+            text.replace_range(start..end, &format!("capacity = {cap}\n"));
+        }
+        replace_file(&config, text.as_bytes());
+    };
+    with_capacities([2, 0, 0]);
+    wait_for(&lab, "segw1's capacity", Duration::from_secs(5), |s| {
+        s.gateway("segw1").unwrap().capacity == 2
+    });
+    // Six new tunnels: none on the full segw1.
+    let new = lab.raw_esp(600, 6, 0xc000, 1);
+    let captured = lab.send_and_capture(&new);
+    assert_eq!(captured[0].len(), 0, "the full segw got a new tunnel");
+    assert_eq!(captured[1].len() + captured[2].len(), 6);
+    // Its own tunnels keep flowing, to it.
+    let again = lab.raw_esp(500, 6, 0xb000, 2);
+    let captured = lab.send_and_capture(&again);
+    assert_eq!(captured.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 2]);
+    let s = lab.status();
+    assert_eq!(s.gateway("segw1").unwrap().tunnels, 2);
+    assert!(s.policy.fallbacks_by_reason["gateway_full"] >= 1);
+    assert_eq!(s.policy.contract, "segwlb:policy@0.2.0");
+    let (_, text) = lab.ctl(&["status"]);
+    assert!(text.contains("tunnels 2/2 FULL"), "{text}");
+    // Everyone full: a new tunnel is refused, counted, and sent nowhere.
+    let (two, three) = (
+        s.gateway("segw2").unwrap().tunnels,
+        s.gateway("segw3").unwrap().tunnels,
+    );
+    with_capacities([2, two, three]);
+    wait_for(&lab, "every capacity", Duration::from_secs(5), |s| {
+        s.gateway("segw3").unwrap().capacity == three
+    });
+    let refused = lab.raw_esp(700, 1, 0xd000, 1);
+    let captured = lab.send_and_capture(&refused);
+    assert!(
+        captured.iter().all(Vec::is_empty),
+        "a refused tunnel was sent"
+    );
+    let s = lab.status();
+    assert_eq!(s.drops["at_capacity"], 1);
+    assert_eq!(s.counters.moved, 0);
+}
+
 /// ESP from the initiator on `tunnels` tunnels, ~10,000 frames/s, while
 /// the policy file is rewritten, `ctl policy use` swaps again and a corrupt
 /// file is refused: every frame sent arrives, each tunnel on one segw, and

@@ -19,6 +19,18 @@ const PSK: &str = "segwlb-lab-psk-not-a-secret";
 pub const CONN: &str = "lab";
 pub const CHILD: &str = "net";
 
+/// The `charon { }` lines of a segw refusing IKE SAs past `limit` (its
+/// capacity; 0 for none): `ikesa_limit` counts every IKE SA, half-open
+/// ones included, as the balancer counts tunnels.
+pub fn segw_limit(limit: u64) -> String {
+    match limit {
+        0 => String::new(),
+        n => format!(
+            "    # The segw's own limit: the balancer's capacity for it.\n    ikesa_limit = {n}"
+        ),
+    }
+}
+
 /// `strongswan.conf` of the charon whose files live in `dir`: an explicit
 /// plugin list (kernel-libipsec before kernel-netlink), the vici socket and
 /// the log in `dir`, and `extra` lines inside `charon { }`.
@@ -397,6 +409,9 @@ mod tests {
         let c = strongswan_conf(Path::new("/tmp/x/s1"), "");
         assert!(c.contains("socket = unix:///tmp/x/s1/charon.vici"));
         assert!(c.contains("kernel-libipsec kernel-netlink"));
+        let limited = strongswan_conf(Path::new("/tmp/x/s1"), &segw_limit(8));
+        assert!(limited.contains("\n    ikesa_limit = 8\n"), "{limited}");
+        assert!(!strongswan_conf(Path::new("/x"), &segw_limit(0)).contains("ikesa_limit"));
         let i = initiator_swanctl(
             "i1",
             Ipv4Addr::new(10, 1, 0, 1),

@@ -510,13 +510,10 @@ fn start_charon(dir: &Path, ns: &str, conf: &str, ikesa_limit: u64) -> Result<i3
         fs::create_dir_all(&d).map_err(io(format!("create {}", d.display())))?;
     }
     let ss_conf = dir.join("strongswan.conf");
-    let extra = match ikesa_limit {
-        0 => String::new(),
-        n => format!(
-            "    # The segw's own limit: the balancer's capacity for it.\n    ikesa_limit = {n}"
-        ),
-    };
-    write(&ss_conf, &sw::strongswan_conf(dir, &extra))?;
+    write(
+        &ss_conf,
+        &sw::strongswan_conf(dir, &sw::segw_limit(ikesa_limit)),
+    )?;
     write(&dir.join("swanctl.conf"), conf)?;
     let child = spawn_detached(sw::charon_command(ns, &ss_conf), &dir.join("charon.out"))?;
     Ok(child.id() as i32)
