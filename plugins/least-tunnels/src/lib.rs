@@ -11,8 +11,8 @@
 //!   a key and a load state, and spread, not always the first in the set.
 //! - A gateway at its capacity, down, draining or of weight 0 is skipped;
 //!   with none left the answer is `none` (the host refuses the tunnel).
-//! - Cost: one read of the live load per gateway (in wasm, one call into
-//!   the host each), so it grows with the set: see the README's figures.
+//! - Cost: every gateway's live load, read in one call into the host
+//!   (`Load::tunnels_of`), then a scan: it grows with the set, gently.
 //!
 //! No parameters.
 
@@ -23,6 +23,10 @@ use segwlb_policy_sdk::{export_policy, hash, load, Balance, Gateway, Load, Param
 #[derive(Debug, Default)]
 pub struct LeastTunnels {
     members: Vec<Member>,
+    /// The members' ids, for one read of all their loads.
+    ids: Vec<u32>,
+    /// Their loads, read per decision (kept to reuse its allocation).
+    loads: Vec<u64>,
 }
 
 /// A gateway that takes new tunnels.
@@ -54,13 +58,14 @@ impl Balance for LeastTunnels {
                 name_hash: hash::str_seeded(&g.name, NAME_SEED),
             })
             .collect();
+        self.ids = self.members.iter().map(|m| m.id).collect();
     }
 
     fn choose(&mut self, key: &TunnelKey, load: &dyn Load) -> Option<u32> {
         let endpoint = key.endpoint_hash();
+        load.tunnels_of(&self.ids, &mut self.loads);
         let mut best: Option<(Member, u64)> = None;
-        for &m in &self.members {
-            let tunnels = load.tunnels(m.id);
+        for (&m, &tunnels) in self.members.iter().zip(&self.loads) {
             if m.capacity != 0 && tunnels >= m.capacity {
                 continue;
             }

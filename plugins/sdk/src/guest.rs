@@ -95,4 +95,8 @@ impl Load for HostLoad {
     fn tunnels(&self, id: u32) -> u64 {
         wit_load::tunnels(id)
     }
+
+    fn tunnels_of(&self, ids: &[u32], out: &mut Vec<u64>) {
+        *out = wit_load::tunnels_of(ids);
+    }
 }

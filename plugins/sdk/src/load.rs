@@ -7,6 +7,15 @@ use std::cmp::Ordering;
 pub trait Load {
     /// Tunnels bound to gateway `id` now; 0 for an id not in the set.
     fn tunnels(&self, id: u32) -> u64;
+
+    /// [`tunnels`](Load::tunnels) of each of `ids`, in order, into `out`
+    /// (cleared first). In wasm this is one call into the host however
+    /// many ids, where `tunnels` is one each: a policy that reads every
+    /// gateway per decision should use this.
+    fn tunnels_of(&self, ids: &[u32], out: &mut Vec<u64>) {
+        out.clear();
+        out.extend(ids.iter().map(|&id| self.tunnels(id)));
+    }
 }
 
 /// A load given as a function, for tests: `&|id| counts[id as usize]`.
@@ -29,7 +38,13 @@ impl Load for Empty {
 /// `b.0 / b.1`, exactly (integers, no division): `Less` when `a` is the
 /// lighter. Weights must be > 0.
 pub fn per_weight(a: (u64, u32), b: (u64, u32)) -> Ordering {
-    (u128::from(a.0) * u128::from(b.1)).cmp(&(u128::from(b.0) * u128::from(a.1)))
+    if (a.0 | b.0) >> 32 == 0 {
+        // Both products fit in 64 bits: wasm has no 128-bit multiply, and
+        // this is on every decision of a load-aware policy.
+        (a.0 * u64::from(b.1)).cmp(&(b.0 * u64::from(a.1)))
+    } else {
+        (u128::from(a.0) * u128::from(b.1)).cmp(&(u128::from(b.0) * u128::from(a.1)))
+    }
 }
 
 #[cfg(test)]
@@ -37,9 +52,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tunnels_of_reads_each_in_order() {
+        let load = |id: u32| u64::from(id) * 10;
+        let mut out = vec![7];
+        load.tunnels_of(&[3, 1, 9], &mut out);
+        assert_eq!(out, [30, 10, 90]);
+    }
+
+    #[test]
     fn per_weight_is_exact() {
         assert_eq!(per_weight((2, 2), (1, 1)), Ordering::Equal);
         assert_eq!(per_weight((3, 2), (1, 1)), Ordering::Greater);
         assert_eq!(per_weight((u64::MAX, 1), (u64::MAX, 2)), Ordering::Greater);
+        assert_eq!(per_weight((1 << 40, 3), (3 << 40, 9)), Ordering::Equal);
+        assert_eq!(
+            per_weight((u32::MAX.into(), u32::MAX), (1, 1)),
+            Ordering::Equal
+        );
+        assert_eq!(
+            per_weight((u32::MAX.into(), 1), (u32::MAX.into(), 2)),
+            Ordering::Greater
+        );
     }
 }

@@ -73,9 +73,12 @@ impl TwoChoices {
 
     /// The least loaded member with room, by a scan (both candidates full).
     fn least_with_room(&self, load: &dyn Load) -> Option<u32> {
+        let ids: Vec<u32> = self.members.iter().map(|m| m.id).collect();
+        let mut loads = Vec::new();
+        load.tunnels_of(&ids, &mut loads);
         self.members
             .iter()
-            .map(|m| (m, load.tunnels(m.id)))
+            .zip(loads)
             .filter(|(m, t)| m.has_room(*t))
             .min_by(|(a, at), (b, bt)| load::per_weight((*at, a.weight), (*bt, b.weight)))
             .map(|(m, _)| m.id)

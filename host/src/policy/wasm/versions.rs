@@ -214,6 +214,12 @@ mod imports {
         fn tunnels(&mut self, id: u32) -> u64 {
             self.load.get(id as usize).copied().unwrap_or(0)
         }
+
+        fn tunnels_of(&mut self, ids: Vec<u32>) -> Vec<u64> {
+            ids.iter()
+                .map(|&id| self.load.get(id as usize).copied().unwrap_or(0))
+                .collect()
+        }
     }
 
     impl v0_1::segwlb::policy::types::Host for HostState {}
