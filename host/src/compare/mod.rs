@@ -140,28 +140,18 @@ impl PolicyRun {
                 hot * scenario.step_secs
             })
             .collect();
-        // Tries refused from each event's step to the next event's.
+        // Tries refused from each event's step to the next event's (events
+        // are sorted by step; of several in one step, the last takes it).
         let starts: Vec<usize> = scenario.events.iter().map(|e| e.step as usize).collect();
         let refused_per_event = starts
             .iter()
             .enumerate()
-            .map(|(i, &from)| {
-                let to = starts
-                    .iter()
-                    .skip(i + 1)
-                    .find(|&&s| s > from)
-                    .copied()
-                    .unwrap_or(usize::MAX);
-                let same_step_later = starts[i + 1..].first() == Some(&from);
-                if same_step_later {
-                    return 0;
+            .map(|(i, &from)| match starts.get(i + 1) {
+                Some(&next) if next == from => 0,
+                next => {
+                    let to = next.copied().unwrap_or(usize::MAX);
+                    out.refused_per_step.iter().take(to).skip(from).sum()
                 }
-                out.refused_per_step
-                    .iter()
-                    .enumerate()
-                    .filter(|&(s, _)| s >= from && s < to)
-                    .map(|(_, n)| n)
-                    .sum()
             })
             .collect();
         PolicyRun {
@@ -215,6 +205,22 @@ fn round4(x: f64) -> f64 {
 }
 
 impl PolicyRun {
+    /// Each segw's peak: `name peak/capacity (s at >= 90%)`, or `name peak`
+    /// for one without a capacity.
+    pub fn peak_cells(&self) -> Vec<String> {
+        self.segws
+            .iter()
+            .enumerate()
+            .map(|(g, name)| match self.capacity_per_segw[g] {
+                0 => format!("{name} {}", self.peak_per_segw[g]),
+                cap => format!(
+                    "{name} {}/{cap} ({})",
+                    self.peak_per_segw[g], self.secs_above_90[g]
+                ),
+            })
+            .collect()
+    }
+
     /// Moves over all events against the minimum: 1.0 is the least any
     /// policy could disturb.
     pub fn disruption(&self) -> f64 {
@@ -380,18 +386,6 @@ fn capacity_table(f: &mut fmt::Formatter<'_>, ranked: &[&PolicyRun]) -> fmt::Res
             .enumerate()
             .map(|(e, n)| format!("[{}]{n}", e + 1))
             .collect();
-        let peaks: Vec<String> = r
-            .segws
-            .iter()
-            .enumerate()
-            .map(|(g, name)| match r.capacity_per_segw[g] {
-                0 => format!("{name} {}", r.peak_per_segw[g]),
-                cap => format!(
-                    "{name} {}/{cap} ({})",
-                    r.peak_per_segw[g], r.secs_above_90[g]
-                ),
-            })
-            .collect();
         writeln!(
             f,
             "  {:<18} {:>8} {:>7}  {:<22} {:>12}  {}",
@@ -400,7 +394,7 @@ fn capacity_table(f: &mut fmt::Formatter<'_>, ranked: &[&PolicyRun]) -> fmt::Res
             r.refused_tries,
             events.join(" "),
             r.full_answers,
-            peaks.join("  ")
+            r.peak_cells().join("  ")
         )?;
     }
     if let Some(best) = ranked.first() {

@@ -218,25 +218,13 @@ fn table(runs: &[PolicyRun]) -> String {
             r.fallbacks
         );
         if capacities {
-            let peaks: Vec<String> = r
-                .segws
-                .iter()
-                .enumerate()
-                .map(|(g, name)| match r.capacity_per_segw[g] {
-                    0 => format!("{name} {}", r.peak_per_segw[g]),
-                    cap => format!(
-                        "{name} {}/{cap} ({})",
-                        r.peak_per_segw[g], r.secs_above_90[g]
-                    ),
-                })
-                .collect();
             let _ = write!(
                 out,
                 "<td>{} ({} tries)</td><td>{}</td><td>{}</td>",
                 r.refused_tunnels,
                 r.refused_tries,
                 r.full_answers,
-                escape(&peaks.join(", "))
+                escape(&r.peak_cells().join(", "))
             );
         }
         out.push_str("</tr>\n");

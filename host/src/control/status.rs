@@ -343,10 +343,14 @@ impl Status {
             .filter(|(_, &n)| n > 0)
             .map(|(r, n)| format!("{r} {n}"))
             .collect();
-        let refused = self.drops.get("at_capacity").copied().unwrap_or(0);
+        let refused = self
+            .drops
+            .get(DropReason::AtCapacity.as_str())
+            .copied()
+            .unwrap_or(0);
         let full = p
             .fallbacks_by_reason
-            .get("gateway_full")
+            .get(FallbackReason::GatewayFull.as_str())
             .copied()
             .unwrap_or(0);
         if refused > 0 || full > 0 {

@@ -40,6 +40,7 @@ use crate::compare::sim::{self, GivenPeer, Landing, Outcome, SegwNow};
 use crate::compare::{Event, Scenario, SegwSpec};
 use crate::control::ctl::Request;
 use crate::control::status::Status;
+use crate::policy::FallbackReason;
 
 /// How long re-established tunnels may take after a failure or a
 /// rebalance: DPD (the lab's dpd_delay, 5 s by default), its retransmits
@@ -86,7 +87,12 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
     let capacities = scenario.has_capacities();
     let mut refused = vec![false; n];
     let mut refused_per_step = Vec::with_capacity(scenario.steps as usize);
-    let at_capacity = |s: &Status| s.drops.get("at_capacity").copied().unwrap_or(0);
+    let at_capacity = |s: &Status| {
+        s.drops
+            .get(DropReason::AtCapacity.as_str())
+            .copied()
+            .unwrap_or(0)
+    };
     let mut refused_before = at_capacity(&state.balancer_status()?);
     // The peak's tunnels are the last initiators.
     let peak = scenario.tunnels.peak.map_or(0, |p| p.tunnels.min(n));
@@ -264,7 +270,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         full_answers: status
             .policy
             .fallbacks_by_reason
-            .get("gateway_full")
+            .get(FallbackReason::GatewayFull.as_str())
             .copied()
             .unwrap_or(0),
         refused_per_step,

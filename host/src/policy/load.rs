@@ -23,9 +23,10 @@ impl Load {
         self.by_id[i] = self.by_id[i].saturating_add_signed(delta);
     }
 
-    /// The counts by id, for a copy into a wasm policy's store.
-    pub fn by_id(&self) -> &[u64] {
-        &self.by_id
+    /// Become a copy of `other`, keeping this one's allocation (a wasm
+    /// policy's store takes the live load this way before each call).
+    pub fn copy_from(&mut self, other: &Load) {
+        self.by_id.clone_from(&other.by_id);
     }
 }
 

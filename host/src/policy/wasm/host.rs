@@ -11,6 +11,7 @@ use wasmtime_wasi::{WasiCtxView, WasiView};
 
 use super::log::GuestLog;
 use super::wasi::{VirtualClock, Wasi, WasiHost};
+use crate::policy::Load;
 
 /// The store data of one instance.
 pub struct HostState {
@@ -22,9 +23,9 @@ pub struct HostState {
     pub memory_peak: usize,
     pub log: Arc<Mutex<GuestLog>>,
     pub clock: VirtualClock,
-    /// The live tunnel count per gateway id, copied in before each `choose`
-    /// of a component that imports `load` (contract 0.2.0).
-    pub load: Vec<u64>,
+    /// The live load, copied in before each `choose` of a component that
+    /// imports `load` (contract 0.2.0).
+    pub load: Load,
     /// Made on the first WASI call: only a component that imports WASI
     /// ever has one.
     wasi: Option<Wasi>,
@@ -39,7 +40,7 @@ impl HostState {
             memory_peak: 0,
             log: Arc::new(Mutex::new(GuestLog::new(policy))),
             clock: VirtualClock::default(),
-            load: Vec::new(),
+            load: Load::default(),
             wasi: None,
             seed,
         }

@@ -361,9 +361,7 @@ impl Policy for WasmPolicy {
         self.call(budget, |b, store| {
             if reads_load {
                 // A copy of a few hundred bytes; `load.tunnels` reads it.
-                let copy = &mut store.data_mut().load;
-                copy.clear();
-                copy.extend_from_slice(load.by_id());
+                store.data_mut().load.copy_from(load);
             }
             b.choose(store, key)
         })

@@ -184,41 +184,33 @@ conversions!(types_v0_2, v0_2_key, v0_2_gateway, capacity);
 mod imports {
     use super::{v0_1, v0_2, HostState};
 
-    impl v0_1::segwlb::policy::log::Host for HostState {
-        fn log(&mut self, level: v0_1::segwlb::policy::log::Level, message: String) {
-            use v0_1::segwlb::policy::log::Level as L;
-            let level = match level {
-                L::Error => tracing::Level::ERROR,
-                L::Warn => tracing::Level::WARN,
-                L::Info => tracing::Level::INFO,
-                L::Debug => tracing::Level::DEBUG,
-            };
-            self.guest_log(level, &message);
-        }
+    /// Every version's `log` is the same function on its own `level` enum.
+    macro_rules! log_import {
+        ($version:ident) => {
+            impl $version::segwlb::policy::log::Host for HostState {
+                fn log(&mut self, level: $version::segwlb::policy::log::Level, message: String) {
+                    use $version::segwlb::policy::log::Level as L;
+                    let level = match level {
+                        L::Error => tracing::Level::ERROR,
+                        L::Warn => tracing::Level::WARN,
+                        L::Info => tracing::Level::INFO,
+                        L::Debug => tracing::Level::DEBUG,
+                    };
+                    self.guest_log(level, &message);
+                }
+            }
+        };
     }
-
-    impl v0_2::segwlb::policy::log::Host for HostState {
-        fn log(&mut self, level: v0_2::segwlb::policy::log::Level, message: String) {
-            use v0_2::segwlb::policy::log::Level as L;
-            let level = match level {
-                L::Error => tracing::Level::ERROR,
-                L::Warn => tracing::Level::WARN,
-                L::Info => tracing::Level::INFO,
-                L::Debug => tracing::Level::DEBUG,
-            };
-            self.guest_log(level, &message);
-        }
-    }
+    log_import!(v0_1);
+    log_import!(v0_2);
 
     impl v0_2::segwlb::policy::load::Host for HostState {
         fn tunnels(&mut self, id: u32) -> u64 {
-            self.load.get(id as usize).copied().unwrap_or(0)
+            self.load.tunnels(id)
         }
 
         fn tunnels_of(&mut self, ids: Vec<u32>) -> Vec<u64> {
-            ids.iter()
-                .map(|&id| self.load.get(id as usize).copied().unwrap_or(0))
-                .collect()
+            ids.iter().map(|&id| self.load.tunnels(id)).collect()
         }
     }
 
