@@ -432,8 +432,24 @@ fn ipsec_frames_reach_one_segw_per_tunnel_with_l3_unchanged_and_replies_come_bac
     }
 
     // The segw's reply to tunnel A comes back to the initiator unchanged.
-    let reply_ip = udp_packet(vip, 4500, a, 4501, &esp_body(0xbeef_0001, 1, 120));
+    // First its IKE_AUTH response, to the port A floated to: the segw took
+    // the move, so the balancer's binding follows (A's own IKE_AUTH could
+    // not prove it: no segw here answered its IKE_SA_INIT).
     let sa = segw_of[0];
+    let auth_response = IkeHeader {
+        from_initiator: false,
+        response: true,
+        ..ike(0xa1, IKE_AUTH)
+    };
+    let auth_response = udp_packet(vip, 4500, a, 4501, &ike_body(&auth_response, true, 100));
+    let auth_response = frame(
+        lab.lb_port_macs[sa],
+        lab.segws[sa].mac,
+        None,
+        &auth_response,
+    );
+    lab.segws[sa].send(&auth_response);
+    let reply_ip = udp_packet(vip, 4500, a, 4501, &esp_body(0xbeef_0001, 1, 120));
     let reply = frame(lab.lb_port_macs[sa], lab.segws[sa].mac, None, &reply_ip);
     lab.segws[sa].send(&reply);
     let back = lab.ini.frames_of([0x08, 0x00], Duration::from_millis(300));

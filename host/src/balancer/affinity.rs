@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use super::endpoints::{EndpointIndex, EndpointKey};
 use super::gateways::GwId;
+use super::rules::{Find, Keys, Placement};
 use crate::packet::Mac;
 use crate::policy::Opener;
 use crate::time::Timestamp;
@@ -26,14 +27,16 @@ use crate::time::Timestamp;
 /// Index of an entry in the table's slab.
 pub type TunnelId = u32;
 
+/// A tunnel's life as the table's bounds see it (from its [`Placement`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TunnelState {
-    /// Only the initiator side has spoken: an IKE_SA_INIT, or IKE or ESP
-    /// of a tunnel a fresh balancer had not seen (or a spoof: anyone can
-    /// send those from any address). Cheap to forget: evicted first when
-    /// the table is full, and forgotten on the shorter half-open timeout.
+    /// No segw has spoken for it yet: an IKE_SA_INIT, or IKE or ESP of a
+    /// tunnel a fresh balancer had not seen (or a spoof: anyone can send
+    /// those from any address). Cheap to forget: evicted first when the
+    /// table is full, and forgotten on the shorter half-open timeout.
     HalfOpen,
-    /// Its segw has sent to the peer: a tunnel that works.
+    /// A tunnel that works: its segw has sent to the peer, or the balancer
+    /// moved a working tunnel.
     Established,
 }
 
@@ -48,24 +51,25 @@ pub struct Tunnel {
     /// The address the peer talks to (the VIP).
     pub vip: IpAddr,
     pub ike_spi: Option<u64>,
+    /// The IKE responder SPI its segw answered `ike_spi` with (learned from
+    /// the segw's frames): with `ike_spi`, the pair that proves a frame from
+    /// the initiator side belongs to the tunnel (a MOBIKE or NAT move, a new
+    /// next hop). Unknown until the segw speaks IKE for this IKE SA.
+    pub responder_spi: Option<u64>,
     pub opened_by: Opener,
     pub gateway: GwId,
-    /// Placed by the policy from traffic that does not open a tunnel (ESP,
-    /// IKE past IKE_SA_INIT): what a fresh balancer does for a tunnel it
-    /// has not seen. Return traffic from another segw corrects a guess; it
-    /// never overrides a decision (a new tunnel's placement, a re-placement,
-    /// a rebalance).
-    pub guessed: bool,
     /// Still at the address it opened from, so `(peer, opened_port)` is
     /// where a new IKE SA of the same peer comes from (a DPD restart, a
     /// reauthentication): the table finds the tunnel there too.
     at_opening_address: bool,
-    /// Changed through the table only ([`AffinityTable::establish`]): the
-    /// table keeps half-open entries in order.
-    state: TunnelState,
+    /// Changed through the table only ([`AffinityTable::set_placement`]):
+    /// the table keeps half-open entries in order.
+    placement: Placement,
     pub since: Timestamp,
     pub last_seen: Timestamp,
-    /// The initiator-side next hop its frames came from.
+    /// The initiator-side next hop: the MAC its first frame came from, then
+    /// that of the last frame that proved the tunnel (IKE with its SPI
+    /// pair). A frame anyone could send never changes it.
     pub next_hop: Option<Mac>,
     pub frames: u64,
     pub bytes: u64,
@@ -73,7 +77,15 @@ pub struct Tunnel {
 
 impl Tunnel {
     pub fn state(&self) -> TunnelState {
-        self.state
+        if self.placement.is_established() {
+            TunnelState::Established
+        } else {
+            TunnelState::HalfOpen
+        }
+    }
+
+    pub fn placement(&self) -> Placement {
+        self.placement
     }
 
     /// A tunnel first seen at `now`.
@@ -85,7 +97,7 @@ impl Tunnel {
         ike_spi: Option<u64>,
         opened_by: Opener,
         gateway: GwId,
-        state: TunnelState,
+        placement: Placement,
         now: Timestamp,
     ) -> Self {
         Tunnel {
@@ -94,11 +106,11 @@ impl Tunnel {
             opened_port: peer_port,
             vip,
             ike_spi,
+            responder_spi: None,
             opened_by,
             gateway,
-            guessed: false,
             at_opening_address: true,
-            state,
+            placement,
             since: now,
             last_seen: now,
             next_hop: None,
@@ -142,7 +154,14 @@ pub struct TableCounters {
     pub refused_full: u64,
     pub expired: u64,
     pub rebound: u64,
+    /// Moves to an endpoint another live tunnel is bound to, refused: the
+    /// tunnel keeps its keys, the other keeps its endpoint.
+    pub rebind_refused: u64,
 }
+
+/// A move onto an endpoint another established tunnel is at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebindRefused;
 
 /// Seeded per map (per process run), so spoofed keys cannot be chosen to
 /// collide; several times faster than std's SipHash on these small keys.
@@ -203,6 +222,43 @@ impl Link {
         prev: END,
         next: END,
     };
+}
+
+/// Every tunnel at one address, in the order they were bound there, in two
+/// lists: those a segw has spoken for (or the balancer moved) and the
+/// half-open ones. The address finds the newest established one first, so
+/// half-open entries a spoofer opens from a peer's address never take its
+/// packets.
+#[derive(Debug, Clone, Copy)]
+struct AtAddr {
+    established: Chain,
+    half_open: Chain,
+}
+
+impl AtAddr {
+    const EMPTY: AtAddr = AtAddr {
+        established: Chain::EMPTY,
+        half_open: Chain::EMPTY,
+    };
+
+    fn len(&self) -> u32 {
+        self.established.len + self.half_open.len
+    }
+
+    fn newest(&self) -> TunnelId {
+        match self.established.last {
+            END => self.half_open.last,
+            id => id,
+        }
+    }
+
+    fn chain(&mut self, established: bool) -> &mut Chain {
+        if established {
+            &mut self.established
+        } else {
+            &mut self.half_open
+        }
+    }
 }
 
 /// A slot's places on the lists, beside the slot (same index).
@@ -281,10 +337,9 @@ pub struct AffinityTable {
     capacity: usize,
     by_spi: HashMap<u64, TunnelId>,
     by_endpoint: EndpointIndex,
-    /// Every tunnel at each address, in the order they were bound there:
-    /// behind a NAT one address holds many, and when one goes the address
-    /// still finds the others.
-    by_addr: HashMap<AddrKey, Chain>,
+    /// Every tunnel at each address: behind a NAT one address holds many,
+    /// and when one goes the address still finds the others.
+    by_addr: HashMap<AddrKey, AtAddr>,
     /// The half-open tunnels, oldest first: what a full table evicts.
     half_open: Chain,
     timeouts: Timeouts,
@@ -360,9 +415,10 @@ impl AffinityTable {
         self.by_endpoint.prefetch(&EndpointKey::new(addr, port));
     }
 
-    /// The most recently bound tunnel at `addr`.
+    /// The most recently bound established tunnel at `addr`, else the most
+    /// recently bound half-open one.
     pub fn by_addr(&self, addr: IpAddr) -> Option<TunnelId> {
-        Some(self.by_addr.get(&AddrKey::from(addr))?.last)
+        Some(self.by_addr.get(&AddrKey::from(addr))?.newest())
     }
 
     /// The tunnel at `addr` when it is the only one there: then the address
@@ -370,17 +426,36 @@ impl AffinityTable {
     pub fn sole_tunnel_at(&self, addr: IpAddr) -> Option<TunnelId> {
         self.by_addr
             .get(&AddrKey::from(addr))
-            .filter(|at| at.len == 1)
-            .map(|at| at.last)
+            .filter(|at| at.len() == 1)
+            .map(AtAddr::newest)
+    }
+
+    /// The first of `rules` that finds a tunnel by `keys`, and which it was
+    /// (see [`rules`](super::rules)).
+    pub fn find(&self, rules: &[Find], keys: &Keys) -> Option<(TunnelId, Find)> {
+        rules.iter().find_map(|&rule| {
+            let id = match rule {
+                Find::Spi => self.by_spi(keys.spi?),
+                Find::Endpoint => self.by_endpoint(keys.addr, keys.port?),
+                Find::SoleAtAddress => self.sole_tunnel_at(keys.addr),
+                Find::Address => self.by_addr(keys.addr),
+            }?;
+            Some((id, rule))
+        })
     }
 
     /// Add a tunnel; `None` when the table is full of established tunnels.
-    pub fn insert(&mut self, tunnel: Tunnel) -> Option<TunnelId> {
-        if self.len >= self.capacity && !self.evict_one_half_open() {
-            self.counters.refused_full += 1;
-            return None;
+    /// With it, the half-open tunnel evicted to make room, if one was.
+    pub fn insert(&mut self, tunnel: Tunnel) -> Option<(TunnelId, Option<Tunnel>)> {
+        let mut evicted = None;
+        if self.len >= self.capacity {
+            evicted = self.evict_one_half_open();
+            if evicted.is_none() {
+                self.counters.refused_full += 1;
+                return None;
+            }
         }
-        let is_half_open = tunnel.state == TunnelState::HalfOpen;
+        let is_half_open = !tunnel.placement.is_established();
         let id = match self.free.pop() {
             Some(id) => {
                 self.slots[id as usize] = Some(tunnel);
@@ -398,7 +473,7 @@ impl AffinityTable {
             self.half_open.push_back(&mut self.links, id, half_open);
         }
         self.index(id);
-        Some(id)
+        Some((id, evicted))
     }
 
     fn index(&mut self, id: TunnelId) {
@@ -415,11 +490,13 @@ impl AffinityTable {
             self.by_endpoint
                 .insert_if_absent(EndpointKey::new(t.peer, t.opened_port), id);
         }
+        let established = t.placement.is_established();
         let at = self
             .by_addr
             .entry(AddrKey::from(t.peer))
-            .or_insert(Chain::EMPTY);
-        at.push_back(&mut self.links, id, at_addr);
+            .or_insert(AtAddr::EMPTY);
+        at.chain(established)
+            .push_back(&mut self.links, id, at_addr);
     }
 
     /// Drop the index entries that still point at `id`.
@@ -436,17 +513,17 @@ impl AffinityTable {
             self.by_endpoint
                 .remove_if(&EndpointKey::new(t.peer, port), id);
         }
-        let addr = AddrKey::from(t.peer);
+        let (addr, established) = (AddrKey::from(t.peer), t.placement.is_established());
         if let Some(at) = self.by_addr.get_mut(&addr) {
-            at.unlink(&mut self.links, id, at_addr);
-            if at.len == 0 {
+            at.chain(established).unlink(&mut self.links, id, at_addr);
+            if at.len() == 0 {
                 self.by_addr.remove(&addr);
             }
         }
     }
 
     pub fn remove(&mut self, id: TunnelId) -> Option<Tunnel> {
-        if self.get(id)?.state == TunnelState::HalfOpen {
+        if !self.get(id)?.placement.is_established() {
             self.half_open.unlink(&mut self.links, id, half_open);
         }
         self.unindex(id);
@@ -457,12 +534,39 @@ impl AffinityTable {
     }
 
     /// The tunnel now comes from another address or port (NAT-T float,
-    /// MOBIKE, NAT rebinding): move its keys, keep its gateway.
-    pub fn rebind(&mut self, id: TunnelId, peer: IpAddr, peer_port: u16) {
-        let Some(t) = self.get(id) else { return };
+    /// MOBIKE, NAT rebinding): move its keys, keep its gateway. Never onto
+    /// an endpoint another established tunnel is at: that is refused
+    /// (`false`, counted) and both keep their keys. A half-open tunnel there
+    /// (nothing a segw spoke for; perhaps a spoof) is evicted: returned,
+    /// for the caller's counts.
+    pub fn rebind(
+        &mut self,
+        id: TunnelId,
+        peer: IpAddr,
+        peer_port: u16,
+    ) -> Result<Option<Tunnel>, RebindRefused> {
+        let Some(t) = self.get(id) else {
+            return Ok(None);
+        };
         if (t.peer, t.peer_port) == (peer, peer_port) {
-            return;
+            return Ok(None);
         }
+        let holder = self
+            .by_endpoint(peer, peer_port)
+            .filter(|&other| other != id)
+            .and_then(|other| Some((other, self.get(other)?)))
+            .filter(|(_, o)| (o.peer, o.peer_port) == (peer, peer_port));
+        let evicted = match holder {
+            Some((_, o)) if o.placement.is_established() => {
+                self.counters.rebind_refused += 1;
+                return Err(RebindRefused);
+            }
+            Some((other, _)) => {
+                self.counters.evicted_half_open += 1;
+                self.remove(other)
+            }
+            None => None,
+        };
         self.unindex(id);
         let t = self.get_mut(id).expect("checked above");
         t.at_opening_address &= t.peer == peer;
@@ -470,16 +574,19 @@ impl AffinityTable {
         t.peer_port = peer_port;
         self.index(id);
         self.counters.rebound += 1;
+        Ok(evicted)
     }
 
     /// The tunnel's IKE SA is now `spi` (learned, or a rekeyed IKE SA):
-    /// the old SPI stops pointing here.
+    /// the old SPI stops pointing here, and the responder SPI of the new
+    /// IKE SA is unknown until its segw speaks.
     pub fn set_spi(&mut self, id: TunnelId, spi: u64) {
         let Some(t) = self.get_mut(id) else { return };
         let old = t.ike_spi.replace(spi);
         if old == Some(spi) {
             return;
         }
+        t.responder_spi = None;
         if let Some(old) = old {
             if self.by_spi.get(&old) == Some(&id) {
                 self.by_spi.remove(&old);
@@ -488,16 +595,30 @@ impl AffinityTable {
         self.by_spi.insert(spi, id);
     }
 
-    /// Its segw has spoken for the tunnel: no longer evictable, and it
-    /// expires on the idle timeout.
-    pub fn establish(&mut self, id: TunnelId) {
+    /// How sure the table now is of the tunnel's segw. An established
+    /// tunnel is no longer evictable, expires on the idle timeout and is
+    /// what its address finds first.
+    pub fn set_placement(&mut self, id: TunnelId, placement: Placement) {
         let Some(t) = self.slots.get_mut(id as usize).and_then(Option::as_mut) else {
             return;
         };
-        if t.state == TunnelState::HalfOpen {
-            t.state = TunnelState::Established;
-            self.half_open.unlink(&mut self.links, id, half_open);
+        let (was, now) = (t.placement.is_established(), placement.is_established());
+        t.placement = placement;
+        if was == now {
+            return;
         }
+        let addr = AddrKey::from(t.peer);
+        if now {
+            self.half_open.unlink(&mut self.links, id, half_open);
+        } else {
+            self.half_open.push_back(&mut self.links, id, half_open);
+        }
+        let at = self
+            .by_addr
+            .get_mut(&addr)
+            .expect("a live tunnel is at its address");
+        at.chain(was).unlink(&mut self.links, id, at_addr);
+        at.chain(now).push_back(&mut self.links, id, at_addr);
     }
 
     /// Half-open tunnels now; also the length of the eviction order, which
@@ -506,14 +627,13 @@ impl AffinityTable {
         self.half_open.len as usize
     }
 
-    fn evict_one_half_open(&mut self) -> bool {
+    fn evict_one_half_open(&mut self) -> Option<Tunnel> {
         let oldest = self.half_open.first;
         if oldest == END {
-            return false;
+            return None;
         }
-        self.remove(oldest);
         self.counters.evicted_half_open += 1;
-        true
+        self.remove(oldest)
     }
 
     /// Forget up to `budget` slots' worth of idle tunnels, resuming where the
@@ -529,7 +649,7 @@ impl AffinityTable {
             let id = self.sweep_cursor as TunnelId;
             self.sweep_cursor += 1;
             let Some(t) = self.get(id) else { continue };
-            let limit = match t.state {
+            let limit = match t.state() {
                 TunnelState::HalfOpen => self.timeouts.half_open,
                 TunnelState::Established => self.timeouts.idle,
             };
@@ -553,6 +673,6 @@ impl AffinityTable {
         let hashbrown = |entry: usize| (entry + 1) * 8 / 7;
         slot + hashbrown(size_of::<(u64, TunnelId)>())
             + EndpointIndex::bytes_per_key()
-            + hashbrown(size_of::<(AddrKey, Chain)>())
+            + hashbrown(size_of::<(AddrKey, AtAddr)>())
     }
 }

@@ -5,8 +5,10 @@
 //! more. A segw cannot reassemble a packet whose pieces went to two segws,
 //! so every piece must follow the first:
 //!
-//! - the first fragment is steered like a whole packet, and where it went is
-//!   *decided* for its (source, destination, ID), for the pieces after it;
+//! - the first fragment is steered like a whole packet, always on its own
+//!   merits (two peers behind one NAT may reuse an IP ID within the
+//!   window), and where it went is *decided* for its (source, destination,
+//!   protocol, ID), for the pieces after it;
 //! - a later fragment that arrives before its first fragment is *held* here
 //!   until the first fragment comes, then they leave together.
 //!
@@ -15,25 +17,47 @@
 //! known address (a fragmented IKE_SA_INIT) may go elsewhere.
 //!
 //! Bounds, stated: at most [`DECIDED`] decisions, each kept
-//! [`Timeouts::fragment`](super::affinity::Timeouts). Held: at most
+//! [`Timeouts::fragment`](super::affinity::Timeouts); a new one past that
+//! evicts the oldest (counted), so a flood of first fragments costs the
+//! flood's own decisions and never stops new ones. Held: at most
 //! [`HOLD_PACKETS`] packets, [`HOLD_FRAMES_PER_PACKET`] pieces each and
 //! [`HOLD_BYTES`] in all, each for `Timeouts::fragment_hold`; then they are
 //! dropped (counted): a first fragment that late is lost, and no segw could
 //! reassemble the packet without it. A later fragment that finds no room is
 //! handed back, the caller's to place or drop.
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use super::gateways::GwId;
+use crate::packet::{Fragment, IpPacket};
 use crate::time::Timestamp;
 
-/// (source, destination, IP ID): what every piece of one packet shares.
-pub type FragmentKey = (IpAddr, IpAddr, u32);
+/// What every piece of one packet shares: source, destination, protocol
+/// and IP ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: u8,
+    id: u32,
+}
 
-/// Decisions kept at once. A flood of first fragments is a flood: past
-/// this, new ones are not kept until the expiry sweep frees room (sweeping
-/// on the data path would cost a pass over all of them per frame).
+impl FragmentKey {
+    pub fn of(ip: &IpPacket, piece: Fragment) -> Self {
+        FragmentKey {
+            src: ip.src,
+            dst: ip.dst,
+            protocol: piece.protocol,
+            id: piece.id,
+        }
+    }
+}
+
+/// Decisions kept at once; a new one past this evicts the oldest. At ~200
+/// bytes a first fragment, 64 Ki decisions within the 5 s they are kept is
+/// ~20 Mbit/s of nothing but first fragments.
 pub const DECIDED: usize = 65_536;
 /// Packets with held pieces at once.
 pub const HOLD_PACKETS: usize = 256;
@@ -59,6 +83,13 @@ pub struct Held {
 #[derive(Debug, Default)]
 pub struct Fragments {
     decided: HashMap<FragmentKey, (GwId, Timestamp)>,
+    /// Decisions in the order they were made, oldest first, each with its
+    /// time: what a full map evicts and what the sweep expires, one at the
+    /// front at a time. A key decided again is here twice; the older entry
+    /// is stale (its time is not the map's) and is skipped.
+    order: VecDeque<(FragmentKey, Timestamp)>,
+    /// Decisions evicted to make room for newer ones.
+    pub evicted: u64,
     held: HashMap<FragmentKey, Held>,
     held_frames: usize,
     held_bytes: usize,
@@ -74,9 +105,33 @@ impl Fragments {
     }
 
     pub fn decide(&mut self, key: FragmentKey, gw: GwId, now: Timestamp) {
-        if self.decided.len() < DECIDED || self.decided.contains_key(&key) {
-            self.decided.insert(key, (gw, now));
+        if self.decided.insert(key, (gw, now)).is_none() && self.decided.len() > DECIDED {
+            self.pop_oldest();
+            self.evicted += 1;
         }
+        self.order.push_back((key, now));
+        if self.order.len() > 2 * DECIDED {
+            // Keys decided again left stale entries: drop them all, once
+            // per DECIDED decisions at most.
+            let decided = &self.decided;
+            self.order
+                .retain(|(k, at)| decided.get(k).is_some_and(|&(_, t)| t == *at));
+        }
+    }
+
+    /// Forget the oldest decision still in force.
+    fn pop_oldest(&mut self) {
+        while let Some((key, at)) = self.order.pop_front() {
+            if self.decided.get(&key).is_some_and(|&(_, t)| t == at) {
+                self.decided.remove(&key);
+                return;
+            }
+        }
+    }
+
+    /// Decisions kept now.
+    pub fn decisions(&self) -> usize {
+        self.decided.len()
     }
 
     /// Keep `frame` until its first fragment comes; the frame back when
@@ -123,7 +178,15 @@ impl Fragments {
     /// Drop what has waited longer than `hold`, and decisions older than
     /// `ttl`. Returns the number of held frames dropped.
     pub fn expire(&mut self, now: Timestamp, hold: Duration, ttl: Duration) -> usize {
-        self.decided.retain(|_, (_, at)| now.since(*at) < ttl);
+        while let Some(&(key, at)) = self.order.front() {
+            if now.since(at) < ttl {
+                break;
+            }
+            self.order.pop_front();
+            if self.decided.get(&key).is_some_and(|&(_, t)| t == at) {
+                self.decided.remove(&key);
+            }
+        }
         self.expire_held(now, hold)
     }
 
@@ -166,9 +229,37 @@ mod tests {
     use std::net::Ipv4Addr;
 
     fn key(id: u32) -> FragmentKey {
-        let a = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1));
-        let b = IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1));
-        (a, b, id)
+        FragmentKey {
+            src: IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)),
+            dst: IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1)),
+            protocol: 17,
+            id,
+        }
+    }
+
+    #[test]
+    fn a_full_map_of_decisions_evicts_the_oldest_and_keeps_the_newest() {
+        let mut f = Fragments::default();
+        let t = |ms| Timestamp::ZERO + Duration::from_millis(ms);
+        for id in 0..DECIDED as u32 {
+            f.decide(key(id), 1, t(0));
+        }
+        // Decided again, later: no longer the oldest.
+        f.decide(key(0), 2, t(1));
+        f.decide(key(u32::MAX), 3, t(2));
+        assert_eq!((f.decisions(), f.evicted), (DECIDED, 1));
+        assert_eq!(f.decided(&key(0)), Some(2));
+        assert_eq!(f.decided(&key(1)), None, "the oldest went");
+        assert_eq!(f.decided(&key(u32::MAX)), Some(3));
+        // Far more decisions than room, the bookkeeping stays bounded.
+        for id in 0..5 * DECIDED as u32 {
+            f.decide(key(id % 1000), 1, t(3 + u64::from(id)));
+        }
+        assert!(f.order.len() <= 2 * DECIDED + 1);
+        // Expiry goes by the time of the latest decision of each key.
+        let last = t(3 + 5 * DECIDED as u64 - 1);
+        f.expire(last, Duration::ZERO, Duration::from_millis(500));
+        assert_eq!(f.decisions(), 500);
     }
 
     #[test]

@@ -18,12 +18,13 @@ pub mod fragments;
 pub mod gateways;
 pub mod health;
 pub mod prefix;
+pub mod rules;
 #[cfg(test)]
 mod tests;
 
 use std::net::IpAddr;
 
-use affinity::{AffinityTable, Timeouts, Tunnel, TunnelId, TunnelState};
+use affinity::{AffinityTable, Timeouts, Tunnel, TunnelId};
 use fragments::{FragmentKey, Fragments};
 pub use gateways::{
     GatewayCounters, GatewayError, GatewaySpec, GatewayState, GwId, IkeSpiLabel, PortId,
@@ -31,6 +32,7 @@ pub use gateways::{
 };
 pub use health::{HealthConfig, ProbeRound};
 pub use prefix::Prefix;
+use rules::{Evidence, Find, Inbound, Keys, Miss, Outbound, Placement};
 
 use crate::packet::{
     self, arp::Arp, rewrite, Fragment, IkeHeader, IpPacket, Kind, Mac, Malformed, Payload, Udp,
@@ -67,20 +69,6 @@ impl Verdict {
     }
 }
 
-/// What says a tunnel is on a segw, and what it may change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Evidence {
-    /// The segw sent to the peer: it holds the tunnel. Learns an unknown
-    /// tunnel, establishes it, corrects a guessed placement; against a
-    /// placement the balancer decided it is a conflict (counted; the frame
-    /// still reaches the peer, the tunnel stays).
-    SegwSpoke,
-    /// The initiator used an SPI from the segw's configured range: the
-    /// segw made that SA, so it places the tunnel, whatever the table
-    /// said; only the segw's own answer establishes it.
-    SpiRange,
-}
-
 /// Why a frame was dropped. Each is a counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
@@ -93,6 +81,11 @@ pub enum DropReason {
     NeighborIgnored,
     /// An EtherType we do not handle.
     OtherEtherType,
+    /// A frame sent to another MAC than the port's (ports are promiscuous:
+    /// on a switched segment other hosts' flooded frames come in too), or
+    /// a broadcast or multicast that is not an ARP request or neighbour
+    /// solicitation.
+    NotForUs,
     /// A keepalive, later fragment or ICMP error for a tunnel we do not know.
     UnknownTunnel,
     /// No gateway takes new tunnels.
@@ -120,12 +113,13 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::Malformed,
         DropReason::NotIpsec,
         DropReason::ArpIgnored,
         DropReason::NeighborIgnored,
         DropReason::OtherEtherType,
+        DropReason::NotForUs,
         DropReason::UnknownTunnel,
         DropReason::NoGateway,
         DropReason::AtCapacity,
@@ -149,6 +143,7 @@ impl DropReason {
                 | DropReason::ArpIgnored
                 | DropReason::NeighborIgnored
                 | DropReason::OtherEtherType
+                | DropReason::NotForUs
         )
     }
 
@@ -159,6 +154,7 @@ impl DropReason {
             DropReason::ArpIgnored => "arp_ignored",
             DropReason::NeighborIgnored => "neighbor_ignored",
             DropReason::OtherEtherType => "other_ethertype",
+            DropReason::NotForUs => "not_for_us",
             DropReason::UnknownTunnel => "unknown_tunnel",
             DropReason::NoGateway => "no_gateway",
             DropReason::AtCapacity => "at_capacity",
@@ -196,8 +192,16 @@ pub struct Counters {
     pub taught: u64,
     /// Tunnels moved off a down or removed gateway, or by a rebalance.
     pub moved: u64,
-    /// Packets sent by SPI-range steering (no table lookup needed).
+    /// Packets sent by SPI-range steering (no table state needed).
     pub steered: u64,
+    /// Packets whose SPI named another segw than a tunnel the balancer
+    /// placed (or a segw confirmed): sent by the table (a spoof, or SPI
+    /// ranges that overlap).
+    pub spi_overruled: u64,
+    /// IKE from a new endpoint with a known initiator SPI and a responder
+    /// SPI that is not the one its segw answered with (or not known yet):
+    /// sent to the tunnel's segw, the binding not moved.
+    pub unproven_moves: u64,
 }
 
 impl Counters {
@@ -245,6 +249,26 @@ struct Egress {
     dst: Mac,
 }
 
+/// Where a packet from an initiator was steered.
+struct Steered {
+    gw: GwId,
+    /// Its tunnel (none for a later fragment sent after its first, or a
+    /// packet SPI steering sent when the table had no room to learn it).
+    tunnel: Option<TunnelId>,
+    /// It carried its tunnel's IKE SPI pair (see `ike_found`).
+    proven: bool,
+}
+
+impl Steered {
+    fn fragment(gw: GwId) -> Self {
+        Steered {
+            gw,
+            tunnel: None,
+            proven: false,
+        }
+    }
+}
+
 impl<P: Policy> Balancer<P> {
     pub fn new(config: Config, policy: P) -> Self {
         let table = AffinityTable::new(config.max_tunnels, config.timeouts);
@@ -278,6 +302,9 @@ impl<P: Policy> Balancer<P> {
             Ok(p) => p,
             Err(m) => return self.malformed(m),
         };
+        if !self.addressed_to_us(&parsed, ingress) {
+            return self.count_drop(DropReason::NotForUs, 1);
+        }
         let step = match &parsed.kind {
             Kind::Arp(arp) => match self.arp(arp, ingress) {
                 Some(reply) => {
@@ -340,6 +367,23 @@ impl<P: Policy> Balancer<P> {
             .unwrap_or([0; 6])
     }
 
+    /// Ours: frames sent to the port's MAC, and the broadcast ARP and
+    /// multicast neighbour solicitations that may be for an address we
+    /// proxy.
+    fn addressed_to_us(&self, f: &packet::Frame, ingress: PortId) -> bool {
+        if f.dst == self.port_mac(ingress) {
+            return true;
+        }
+        match &f.kind {
+            Kind::Arp(_) => f.dst == [0xff; 6],
+            Kind::Ip(IpPacket {
+                payload: Payload::NeighborSolicit(_),
+                ..
+            }) => f.dst[0] & 1 == 1,
+            _ => false,
+        }
+    }
+
     /// Answer ARP requests for proxied addresses, on any port; learn a
     /// segw's MAC from any ARP it sends.
     fn arp(&mut self, arp: &Arp, ingress: PortId) -> Option<Arp> {
@@ -372,13 +416,14 @@ impl<P: Policy> Balancer<P> {
         src_mac: Mac,
         now: Timestamp,
     ) -> Result<Egress, DropReason> {
-        self.default_next_hop = Some(src_mac);
-        let (gw, tunnel) = self.steer_in(ip, now)?;
-        self.deliver(gw, tunnel, 1, ip.len as u64, src_mac, now)
+        let steered = self.steer_in(ip, now)?;
+        self.deliver(&steered, 1, ip.len as u64, src_mac, now)
     }
 
-    /// A piece of a fragmented packet from an initiator: it goes where the
-    /// packet's first fragment went, or goes (see [`fragments`]).
+    /// A piece of a fragmented packet from an initiator. The first piece
+    /// is steered like a whole packet, always on its own merits (two peers
+    /// behind one NAT may reuse an IP ID within the window); a later piece
+    /// goes where its first went, or waits for it (see [`fragments`]).
     fn fragment_in(
         &mut self,
         ip: &IpPacket,
@@ -387,11 +432,14 @@ impl<P: Policy> Balancer<P> {
         src_mac: Mac,
         now: Timestamp,
     ) -> Verdict {
-        self.default_next_hop = Some(src_mac);
-        let key = (ip.src, ip.dst, piece.id);
-        let decided = self.fragments.decided(&key).filter(|&gw| self.is_up(gw));
+        let key = FragmentKey::of(ip, piece);
+        let decided = if piece.first {
+            None
+        } else {
+            self.fragments.decided(&key).filter(|&gw| self.is_up(gw))
+        };
         let steered = match decided {
-            Some(gw) => Ok((gw, None)),
+            Some(gw) => Ok(Steered::fragment(gw)),
             None if !piece.first => match self.hold(key, std::mem::take(frame), ip.len, now) {
                 Ok(()) => {
                     self.counters.held += 1;
@@ -399,7 +447,7 @@ impl<P: Policy> Balancer<P> {
                 }
                 Err(back) => {
                     *frame = back;
-                    // No room: see `steer_in` for what the address may decide.
+                    // No room: the rules say what the address may decide.
                     self.steer_in(ip, now)
                 }
             },
@@ -411,10 +459,10 @@ impl<P: Policy> Balancer<P> {
             .as_ref()
             .map_or((0, 0), |h| (h.frames.len(), h.ip_bytes));
         let egress = match steered {
-            Ok((gw, tunnel)) => {
-                self.fragments.decide(key, gw, now);
+            Ok(steered) => {
+                self.fragments.decide(key, steered.gw, now);
                 let (frames, bytes) = (1 + more as u64, ip.len as u64 + more_bytes);
-                self.deliver(gw, tunnel, frames, bytes, src_mac, now)
+                self.deliver(&steered, frames, bytes, src_mac, now)
             }
             Err(reason) => Err(reason),
         };
@@ -457,13 +505,18 @@ impl<P: Policy> Balancer<P> {
         self.fragments.hold(key, frame, ip_len, now)
     }
 
-    /// `frames` of one packet, `bytes` in all, go to `gw`: count them on
-    /// their tunnel and gateway, and say where they go. Frames that cannot
-    /// go (the segw's MAC is not known yet) are counted as drops only.
+    /// `frames` of one packet, `bytes` in all, go where they were steered:
+    /// count them on their tunnel and gateway, and say where they go.
+    /// Frames that cannot go (the segw's MAC is not known yet) are counted
+    /// as drops only.
+    ///
+    /// The next hop back to the peer is the MAC of the tunnel's first frame,
+    /// then of the last frame that proved the tunnel; the default next hop
+    /// (for peers with none yet, after a restart) the first frame's, then
+    /// the last proof's. Anyone on the segment can send any other frame.
     fn deliver(
         &mut self,
-        gw: GwId,
-        tunnel: Option<TunnelId>,
+        s: &Steered,
         frames: u64,
         bytes: u64,
         src_mac: Mac,
@@ -471,7 +524,7 @@ impl<P: Policy> Balancer<P> {
     ) -> Result<Egress, DropReason> {
         let gateway = self
             .gateways
-            .get_mut(gw)
+            .get_mut(s.gw)
             .expect("steered to a live gateway");
         let to = Egress {
             port: gateway.spec.port,
@@ -479,47 +532,100 @@ impl<P: Policy> Balancer<P> {
         };
         gateway.counters.frames_to += frames;
         gateway.counters.bytes_to += bytes;
-        if let Some(id) = tunnel {
+        if let Some(id) = s.tunnel {
             let t = self
                 .table
                 .get_mut(id)
                 .expect("steer_in returns live tunnels");
             t.last_seen = now;
-            t.next_hop = Some(src_mac);
+            if s.proven || t.next_hop.is_none() {
+                t.next_hop = Some(src_mac);
+            }
             t.frames += frames;
             t.bytes += bytes;
+        }
+        if s.proven || self.default_next_hop.is_none() {
+            self.default_next_hop = Some(src_mac);
         }
         Ok(to)
     }
 
-    /// The gateway (and tunnel) for a packet from an initiator.
-    fn steer_in(
-        &mut self,
-        ip: &IpPacket,
-        now: Timestamp,
-    ) -> Result<(GwId, Option<TunnelId>), DropReason> {
-        if let Some(gw) = self.spi_owner(&ip.payload) {
-            return Ok((gw, self.steered(ip, gw, now)));
-        }
-        let id = match &ip.payload {
-            Payload::Ike { udp, header, nat_t } => self.ike_in(ip, *udp, header, *nat_t, now)?,
-            Payload::EspInUdp { udp, .. } => self.esp_in(ip, Some(udp.src), Opener::NatT, now)?,
-            Payload::Esp { .. } => self.esp_in(ip, None, Opener::Esp, now)?,
-            Payload::NatKeepalive { udp } => self.known(ip.src, Some(udp.src))?,
-            // Only when the fragment hold is full (`fragment_in`): the address
-            // stands in for the first fragment only if it names one tunnel.
-            Payload::LaterFragment { .. } => self
-                .table
-                .sole_tunnel_at(ip.src)
-                .ok_or(DropReason::FragmentHoldFull)?,
-            // An ICMP error about a segw's packet to a peer: the peer's tunnel.
-            Payload::IcmpError { quoted: Some(q) } => self.known(q.dst, q.udp.map(|u| u.dst))?,
-            Payload::IcmpError { quoted: None }
-            | Payload::NeighborSolicit(_)
-            | Payload::OtherUdp { .. }
-            | Payload::Other { .. } => return Err(DropReason::NotIpsec),
+    /// The gateway (and tunnel) for a packet from an initiator, by the
+    /// rules (see [`rules`]): find its tunnel, let SPI-range steering have
+    /// its say, else open a tunnel or drop as the rule says.
+    fn steer_in(&mut self, ip: &IpPacket, now: Timestamp) -> Result<Steered, DropReason> {
+        let rule = Inbound::of(ip).ok_or(DropReason::NotIpsec)?;
+        let found = self.table.find(rule.find, &rule.keys);
+        let (found, proven) = match &ip.payload {
+            Payload::Ike { udp, header, .. } => self.ike_found(ip.src, *udp, header, found)?,
+            _ => (found.map(|(id, _)| id), false),
         };
-        Ok((self.live_gateway(id, now)?, Some(id)))
+        if let Some(owner) = self.spi_owner(&ip.payload) {
+            return self.spi_steered(ip, &rule.keys, found, owner, proven, now);
+        }
+        let id = match (found, rule.miss) {
+            (Some(id), _) => id,
+            (None, Miss::Open(placement)) => {
+                let key = tunnel_key(ip.src, ip.dst, &rule.keys, &ip.payload);
+                self.open(key, placement, now)?
+            }
+            (None, Miss::Drop(reason)) => return Err(reason),
+        };
+        Ok(Steered {
+            gw: self.live_gateway(id, now)?,
+            tunnel: Some(id),
+            proven,
+        })
+    }
+
+    /// IKE from an initiator, as the rules found it. By SPI, so the float
+    /// to 4500 and MOBIKE keep the segw; by endpoint, a new IKE SA of a
+    /// known peer stays on its segw (and the tunnel takes its SPI).
+    /// Returns the tunnel, and whether the frame proves it: it carries the
+    /// tunnel's SPI pair, whose responder half only the segw's answer told.
+    ///
+    /// Only a proof moves a tunnel to a new endpoint. An IKE_SA_INIT needs
+    /// nothing but the initiator SPI, which anyone on the path sees: from
+    /// another endpoint it is dropped, not a new tunnel, because the SPI
+    /// index and the segw's answers (found by SPI) would then mix the two
+    /// up. A later message with another responder SPI goes to the tunnel's
+    /// segw (which holds the SA and judges it) and moves nothing; when the
+    /// segw answers it at the new endpoint, the pair is known and the next
+    /// message moves the binding.
+    fn ike_found(
+        &mut self,
+        src: IpAddr,
+        udp: Udp,
+        h: &IkeHeader,
+        found: Option<(TunnelId, Find)>,
+    ) -> Result<(Option<TunnelId>, bool), DropReason> {
+        let (id, proven) = match found {
+            None => return Ok((None, false)),
+            Some((id, Find::Spi)) => {
+                let t = self.table.get(id).expect("found tunnels are live");
+                (
+                    id,
+                    h.responder_spi != 0 && t.responder_spi == Some(h.responder_spi),
+                )
+            }
+            Some((id, _)) => {
+                self.table.set_spi(id, h.initiator_spi);
+                return Ok((Some(id), false));
+            }
+        };
+        // Its own endpoints: where it is, and where it opened from (a
+        // retransmitted IKE_SA_INIT of a new IKE SA, after the float).
+        if self.table.by_endpoint(src, udp.src) != Some(id) {
+            if h.responder_spi == 0 {
+                return Err(DropReason::IkeSpiInUse);
+            }
+            if !proven {
+                self.counters.unproven_moves += 1;
+            } else if let Ok(Some(evicted)) = self.table.rebind(id, src, udp.src) {
+                self.forget(&evicted);
+            }
+        }
+        Ok((Some(id), proven))
     }
 
     /// The healthy segw whose SPI marks this packet carries, if any segw is
@@ -538,116 +644,43 @@ impl<P: Policy> Balancer<P> {
             .map(|g| g.id)
     }
 
-    /// A packet SPI steering sent to `gw`: keep the table in step (bind the
-    /// tunnel there, or learn it) so keepalives, fragments and return
-    /// traffic agree. Never asks the policy.
-    fn steered(&mut self, ip: &IpPacket, gw: GwId, now: Timestamp) -> Option<TunnelId> {
-        let (port, spi, opener) = match &ip.payload {
-            Payload::Ike { udp, header, nat_t } => (
-                udp.src,
-                Some(header.initiator_spi),
-                if *nat_t { Opener::NatT } else { Opener::Ike },
-            ),
-            Payload::EspInUdp { udp, .. } => (udp.src, None, Opener::NatT),
-            _ => (0, None, Opener::Esp),
-        };
-        // Exact keys only: behind a NAT one address holds many tunnels, and
-        // moving the wrong one would split it.
-        let found = match &ip.payload {
-            Payload::Esp { .. } => self.table.by_addr(ip.src),
-            _ => spi
-                .and_then(|s| self.table.by_spi(s))
-                .or_else(|| self.table.by_endpoint(ip.src, port)),
-        };
-        if let (Some(id), Some(_)) = (found, spi) {
-            self.table.rebind(id, ip.src, port);
-        }
-        let key = TunnelKey {
-            peer: ip.src,
-            peer_port: port,
-            vip: ip.dst,
-            ike_spi: spi,
-            opened_by: opener,
-        };
-        // The initiator side chose the SPI: it places the tunnel, but only
-        // the segw's own traffic confirms it.
-        let id = self.teach(found, key, gw, Evidence::SpiRange, now).ok()?;
-        self.counters.steered += 1;
-        Some(id)
-    }
-
-    /// IKE from an initiator: by SPI first, so the 500 → 4500 float and
-    /// MOBIKE keep the segw; then by endpoint (a new IKE SA from a known
-    /// peer stays on its segw); else a new tunnel.
-    ///
-    /// Only a message past IKE_SA_INIT (a non-zero responder SPI) moves a
-    /// tunnel to a new endpoint: its sender had the segw's answer. An
-    /// IKE_SA_INIT needs nothing but the initiator SPI, which anyone on the
-    /// path sees; from another endpoint it is dropped, not a new tunnel,
-    /// because the SPI index and the segw's answers (found by SPI) would
-    /// then mix the two up.
-    fn ike_in(
+    /// SPI-range steering named `owner`. The initiator side chose the SPI:
+    /// it places a tunnel the table has only guessed (or does not know),
+    /// and the table follows, so keepalives, fragments and return traffic
+    /// agree; a placement the balancer decided or a segw confirmed, on a
+    /// segw that is up, overrules it (counted). Never asks the policy.
+    fn spi_steered(
         &mut self,
         ip: &IpPacket,
-        udp: Udp,
-        h: &IkeHeader,
-        nat_t: bool,
+        keys: &Keys,
+        found: Option<TunnelId>,
+        owner: GwId,
+        proven: bool,
         now: Timestamp,
-    ) -> Result<TunnelId, DropReason> {
-        let spi = h.initiator_spi;
-        let id = match self.table.by_spi(spi) {
-            Some(id) => {
-                // Its own endpoints: where it is, and where it opened from
-                // (a retransmitted IKE_SA_INIT of a new IKE SA, after the
-                // tunnel floated to 4500).
-                let own = self.table.by_endpoint(ip.src, udp.src) == Some(id);
-                if !own {
-                    if h.responder_spi == 0 {
-                        return Err(DropReason::IkeSpiInUse);
-                    }
-                    self.table.rebind(id, ip.src, udp.src);
+    ) -> Result<Steered, DropReason> {
+        if let Some(id) = found {
+            let t = self.table.get(id).expect("found tunnels are live");
+            if !t.placement().is_tentative() && t.gateway != owner {
+                if self.is_up(t.gateway) {
+                    self.counters.spi_overruled += 1;
+                    let gw = t.gateway;
+                    return Ok(Steered {
+                        gw,
+                        tunnel: Some(id),
+                        proven,
+                    });
                 }
-                id
+                self.move_tunnel(id, owner);
             }
-            None => match self.table.by_endpoint(ip.src, udp.src) {
-                Some(id) => {
-                    self.table.set_spi(id, spi);
-                    id
-                }
-                None => {
-                    let opener = if nat_t { Opener::NatT } else { Opener::Ike };
-                    // Only an IKE_SA_INIT opens a tunnel: anything else is
-                    // a tunnel this balancer has not seen, placed by guess.
-                    let guessed = !h.is_sa_init_request();
-                    self.open(ip, udp.src, Some(spi), opener, guessed, now)?
-                }
-            },
-        };
-        Ok(id)
-    }
-
-    /// ESP (in UDP, or raw) from an initiator: by endpoint, then address;
-    /// else a new tunnel (an SA a fresh balancer has not seen, or a spoof:
-    /// half-open until its segw answers). ESP never rebinds: only IKE,
-    /// which carries the SPI, proves a move.
-    fn esp_in(
-        &mut self,
-        ip: &IpPacket,
-        port: Option<u16>,
-        opener: Opener,
-        now: Timestamp,
-    ) -> Result<TunnelId, DropReason> {
-        match self.known(ip.src, port) {
-            Ok(id) => Ok(id),
-            Err(_) => self.open(ip, port.unwrap_or(0), None, opener, true, now),
         }
-    }
-
-    /// A tunnel that must already exist: by endpoint, then by address.
-    fn known(&self, addr: IpAddr, port: Option<u16>) -> Result<TunnelId, DropReason> {
-        port.and_then(|p| self.table.by_endpoint(addr, p))
-            .or_else(|| self.table.by_addr(addr))
-            .ok_or(DropReason::UnknownTunnel)
+        let key = tunnel_key(ip.src, ip.dst, keys, &ip.payload);
+        let tunnel = self.teach(found, key, owner, Evidence::SpiRange, now).ok();
+        self.counters.steered += 1;
+        Ok(Steered {
+            gw: owner,
+            tunnel,
+            proven,
+        })
     }
 
     /// A new tunnel: the only place the policy is asked. Half-open: only
@@ -655,36 +688,41 @@ impl<P: Policy> Balancer<P> {
     /// address; its segw's answer establishes it.
     fn open(
         &mut self,
-        ip: &IpPacket,
-        peer_port: u16,
-        ike_spi: Option<u64>,
-        opened_by: Opener,
-        guessed: bool,
+        key: TunnelKey,
+        placement: Placement,
         now: Timestamp,
     ) -> Result<TunnelId, DropReason> {
-        let key = TunnelKey {
-            peer: ip.src,
-            peer_port,
-            vip: ip.dst,
-            ike_spi,
-            opened_by,
-        };
         let gw = self.place(&key, now)?;
-        let mut tunnel = Tunnel::new(
-            ip.src,
-            peer_port,
-            ip.dst,
-            ike_spi,
-            opened_by,
+        let tunnel = Tunnel::new(
+            key.peer,
+            key.peer_port,
+            key.vip,
+            key.ike_spi,
+            key.opened_by,
             gw,
-            TunnelState::HalfOpen,
+            placement,
             now,
         );
-        tunnel.guessed = guessed;
-        let id = self.table.insert(tunnel).ok_or(DropReason::TableFull)?;
+        let id = self.insert(tunnel)?;
         self.counters.placed += 1;
+        Ok(id)
+    }
+
+    /// Into the table, counted on its gateway (and the half-open tunnel it
+    /// evicted, if any, off its own).
+    fn insert(&mut self, tunnel: Tunnel) -> Result<TunnelId, DropReason> {
+        let gw = tunnel.gateway;
+        let (id, evicted) = self.table.insert(tunnel).ok_or(DropReason::TableFull)?;
+        if let Some(gone) = evicted {
+            self.forget(&gone);
+        }
         self.gateway_tunnels(gw, 1);
         Ok(id)
+    }
+
+    /// A tunnel the table let go of (evicted or expired): off its gateway.
+    fn forget(&mut self, gone: &Tunnel) {
+        self.gateway_tunnels(gone.gateway, -1);
     }
 
     /// The tunnel's gateway, re-placing the tunnel first if that gateway is
@@ -711,11 +749,12 @@ impl<P: Policy> Balancer<P> {
     }
 
     /// Move a tunnel by decision (its segw failed or left, a rebalance, an
-    /// SPI range, a corrected guess).
+    /// SPI range, a corrected guess); see [`Placement::moved`].
     fn move_tunnel(&mut self, id: TunnelId, to: GwId) {
         let t = self.table.get_mut(id).expect("live tunnel");
-        t.guessed = false;
         let from = std::mem::replace(&mut t.gateway, to);
+        let placement = t.placement().moved();
+        self.table.set_placement(id, placement);
         if from != to {
             self.gateway_tunnels(from, -1);
             self.gateway_tunnels(to, 1);
@@ -737,8 +776,8 @@ impl<P: Policy> Balancer<P> {
         self.gateways.get(gw).is_some_and(|g| g.healthy)
     }
 
-    /// Segw → initiator: confirm or teach the peer's tunnel, then out the
-    /// uplink to the peer's next hop.
+    /// Segw → initiator: confirm or teach the peer's tunnel (see
+    /// [`Outbound`]), then out the uplink to the peer's next hop.
     fn segw_to_initiator(
         &mut self,
         ip: &IpPacket,
@@ -759,54 +798,58 @@ impl<P: Policy> Balancer<P> {
             g.counters.bytes_from += ip.len as u64;
             g.id
         };
-        let peer = ip.dst;
-        let key = |peer_port, ike_spi, opened_by| TunnelKey {
-            peer,
-            peer_port,
-            vip: ip.src,
-            ike_spi,
-            opened_by,
-        };
-        // The segw's own traffic to the peer: the tunnel works there.
-        let confirmed = Evidence::SegwSpoke;
-        let tunnel = match &ip.payload {
-            Payload::Ike { udp, header, nat_t } => {
-                let opener = if *nat_t { Opener::NatT } else { Opener::Ike };
-                let spi = header.initiator_spi;
-                let found = self
-                    .table
-                    .by_spi(spi)
-                    .or_else(|| self.table.by_endpoint(peer, udp.dst));
-                let key = key(udp.dst, Some(spi), opener);
-                Some(self.teach(found, key, gw, confirmed, now))
+        let rule = Outbound::of(ip);
+        let found = self.table.find(rule.find, &rule.keys);
+        let tunnel = if rule.teaches {
+            // The segw's own traffic to the peer: the tunnel works there.
+            let key = tunnel_key(ip.dst, ip.src, &rule.keys, &ip.payload);
+            let id = self.teach(found.map(|(id, _)| id), key, gw, Evidence::SegwSpoke, now)?;
+            if let Payload::Ike { header, .. } = &ip.payload {
+                self.learn_responder_spi(id, gw, header);
+                if let Some((_, Find::Spi)) = found {
+                    self.follow_segw(id, gw, &rule.keys);
+                }
             }
-            Payload::EspInUdp { udp, .. } | Payload::NatKeepalive { udp } => {
-                // Exact endpoint only, as in `steered`: never the address.
-                let found = self.table.by_endpoint(peer, udp.dst);
-                let key = key(udp.dst, None, Opener::NatT);
-                Some(self.teach(found, key, gw, confirmed, now))
-            }
-            Payload::Esp { .. } => {
-                let found = self.table.by_addr(peer);
-                Some(self.teach(found, key(0, None, Opener::Esp), gw, confirmed, now))
-            }
-            // Fragments, ICMP and the rest: find the next hop, teach nothing.
-            _ => self.table.by_addr(peer).map(Ok),
+            Some(id)
+        } else {
+            found.map(|(id, _)| id)
         };
-        let next_hop = match tunnel {
-            Some(Ok(id)) => self.table.get(id).and_then(|t| t.next_hop),
-            Some(Err(reason)) => return Err(reason),
-            None => None,
-        };
-        let dst = next_hop
+        let dst = tunnel
+            .and_then(|id| self.table.get(id)?.next_hop)
             .or(self.default_next_hop)
             .ok_or(DropReason::NextHopUnknown)?;
         Ok(Egress { port: UPLINK, dst })
     }
 
+    /// The tunnel's segw sent IKE for its IKE SA: the responder SPI it
+    /// carries completes the pair that proves the initiator's later frames.
+    fn learn_responder_spi(&mut self, id: TunnelId, gw: GwId, h: &IkeHeader) {
+        let Some(t) = self.table.get_mut(id) else {
+            return;
+        };
+        if t.gateway == gw && t.ike_spi == Some(h.initiator_spi) && h.responder_spi != 0 {
+            t.responder_spi = Some(h.responder_spi);
+        }
+    }
+
+    /// The tunnel's own segw sent its IKE SA to another endpoint: the segw
+    /// accepted the peer's move there (a NAT-T float or MOBIKE it verified,
+    /// whose first message from the new endpoint did not carry a pair the
+    /// balancer knew). The binding follows, never onto another established
+    /// tunnel's endpoint.
+    fn follow_segw(&mut self, id: TunnelId, gw: GwId, keys: &Keys) {
+        let Some(port) = keys.port else { return };
+        if self.table.get(id).is_some_and(|t| t.gateway == gw) {
+            if let Ok(Some(evicted)) = self.table.rebind(id, keys.addr, port) {
+                self.forget(&evicted);
+            }
+        }
+    }
+
     /// Evidence that segw `gw` holds the tunnel `key` describes: learn the
-    /// tunnel (after a restart), confirm it, or move it there when the
-    /// evidence may overrule the table (see [`Evidence`]).
+    /// tunnel (after a restart), confirm it, or move it there when its
+    /// placement yields (see [`Placement::is_tentative`]); else a counted
+    /// conflict, and the tunnel stays.
     fn teach(
         &mut self,
         found: Option<TunnelId>,
@@ -815,44 +858,38 @@ impl<P: Policy> Balancer<P> {
         evidence: Evidence,
         now: Timestamp,
     ) -> Result<TunnelId, DropReason> {
-        let state = match evidence {
-            Evidence::SegwSpoke => TunnelState::Established,
-            Evidence::SpiRange => TunnelState::HalfOpen,
-        };
-        if let Some(id) = found {
-            let t = self.table.get(id).expect("found tunnels are live");
-            if t.gateway != gw {
-                if evidence == Evidence::SegwSpoke && !t.guessed {
-                    // A segw the tunnel was moved away from (a rebalance,
-                    // a segw that came back), still talking to the peer:
-                    // its frame goes to the peer, the tunnel stays.
-                    self.counters.conflicts += 1;
-                    return Ok(id);
-                }
-                self.move_tunnel(id, gw);
-                self.counters.taught += 1;
-            }
-            let t = self.table.get_mut(id).expect("found above");
-            t.last_seen = now;
-            if evidence == Evidence::SegwSpoke {
-                t.guessed = false;
-                self.table.establish(id);
-            }
+        let Some(id) = found else {
+            let placement = Placement::Guessed.confirmed_by(evidence);
+            let tunnel = Tunnel::new(
+                key.peer,
+                key.peer_port,
+                key.vip,
+                key.ike_spi,
+                key.opened_by,
+                gw,
+                placement,
+                now,
+            );
+            let id = self.insert(tunnel)?;
+            self.counters.taught += 1;
             return Ok(id);
+        };
+        let t = self.table.get(id).expect("found tunnels are live");
+        if t.gateway != gw {
+            if !t.placement().is_tentative() {
+                // A segw the tunnel was moved away from (a rebalance, a
+                // segw that came back), still talking to the peer: its
+                // frame goes to the peer, the tunnel stays.
+                self.counters.conflicts += 1;
+                return Ok(id);
+            }
+            self.move_tunnel(id, gw);
+            self.counters.taught += 1;
         }
-        let tunnel = Tunnel::new(
-            key.peer,
-            key.peer_port,
-            key.vip,
-            key.ike_spi,
-            key.opened_by,
-            gw,
-            state,
-            now,
-        );
-        let id = self.table.insert(tunnel).ok_or(DropReason::TableFull)?;
-        self.gateway_tunnels(gw, 1);
-        self.counters.taught += 1;
+        let t = self.table.get_mut(id).expect("found above");
+        t.last_seen = now;
+        let placement = t.placement().confirmed_by(evidence);
+        self.table.set_placement(id, placement);
         Ok(id)
     }
 
@@ -1020,7 +1057,7 @@ impl<P: Policy> Balancer<P> {
         self.counters.drops[DropReason::FragmentTimeout as usize] += stale as u64;
         let gone = self.table.expire(now, budget);
         for t in &gone {
-            self.gateway_tunnels(t.gateway, -1);
+            self.forget(t);
         }
         gone.len()
     }
@@ -1064,6 +1101,11 @@ impl<P: Policy> Balancer<P> {
         &self.table
     }
 
+    /// First fragments' decisions kept now, and those evicted by newer ones.
+    pub fn fragment_decisions(&self) -> (usize, u64) {
+        (self.fragments.decisions(), self.fragments.evicted)
+    }
+
     /// Later fragments waiting for their first: (packets, frames, bytes).
     pub fn held_fragments(&self) -> (usize, usize, usize) {
         self.fragments.held()
@@ -1075,6 +1117,22 @@ impl<P: Policy> Balancer<P> {
 
     pub fn gateway(&self, name: &str) -> Option<&GatewayState> {
         self.gateways.by_name(name)
+    }
+}
+
+/// The key of the tunnel a packet between `peer` and `vip` belongs to, as
+/// the policy sees it, from the keys its rule looked it up by.
+fn tunnel_key(peer: IpAddr, vip: IpAddr, keys: &Keys, payload: &Payload) -> TunnelKey {
+    TunnelKey {
+        peer,
+        peer_port: keys.port.unwrap_or(0),
+        vip,
+        ike_spi: keys.spi,
+        opened_by: match payload {
+            Payload::Ike { nat_t: false, .. } => Opener::Ike,
+            Payload::Esp { .. } => Opener::Esp,
+            _ => Opener::NatT,
+        },
     }
 }
 

@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use super::affinity::Timeouts;
+use super::affinity::{Timeouts, TunnelState};
 use super::farm::{port_mac, segw_mac};
 use super::*;
 use crate::packet::craft::*;
@@ -147,11 +147,26 @@ impl Lab {
     /// establishes it), IKE_AUTH on 4500. Returns the segw.
     fn open_tunnel(&mut self, p: IpAddr, spi: u64) -> u8 {
         let gw = self.up(sa_init(p, 500, spi)).unwrap();
-        self.down(gw, sa_init_answer(p, 500, spi, 0x77)).unwrap();
+        self.down(gw, sa_init_answer(p, 500, spi, RESPONDER_SPI))
+            .unwrap();
         assert_eq!(self.up(auth_4500(p, 4500, spi)), Ok(gw));
         gw
     }
+
+    /// Send an IP packet from the initiator side, from the MAC `from`.
+    fn up_from(&mut self, from: Mac, ip: Vec<u8>) -> Result<u8, DropReason> {
+        let mut f = frame(port_mac(UPLINK), from, None, &ip);
+        match self.lb.handle(&mut f, UPLINK, self.now) {
+            Verdict::Forward(port) => Ok(port as u8),
+            Verdict::Drop(r) => Err(r),
+            v => panic!("{v:?}"),
+        }
+    }
 }
+
+/// The responder SPI segws answer with in these tests, and that later IKE
+/// messages of the initiators carry.
+const RESPONDER_SPI: u64 = 77;
 
 fn ike(spi: u64, exchange: u8, responder_spi: u64) -> IkeHeader {
     IkeHeader {
@@ -180,7 +195,7 @@ fn auth_4500(p: IpAddr, port: u16, spi: u64) -> Vec<u8> {
         port,
         VIP,
         4500,
-        &ike_body(&ike(spi, IKE_AUTH, 77), true, 400),
+        &ike_body(&ike(spi, IKE_AUTH, RESPONDER_SPI), true, 400),
     )
 }
 
@@ -249,6 +264,8 @@ fn the_500_to_4500_float_keeps_the_segw_a_five_tuple_hash_would_not() {
     lab.up(sa_init(peer(2), 500, 2)).unwrap();
     let first = lab.up(sa_init(peer(9), 500, 0x99)).unwrap();
     assert_eq!(first, 3);
+    lab.down(first, sa_init_answer(peer(9), 500, 0x99, RESPONDER_SPI))
+        .unwrap();
     // NAT detected: IKE_AUTH moves to 4500, and the NAT maps a new port.
     assert_eq!(lab.up(auth_4500(peer(9), 40_001, 0x99)), Ok(first));
     assert_eq!(lab.up(esp_udp(peer(9), 40_001, 0xc0de)), Ok(first));
@@ -264,7 +281,8 @@ fn esp_in_udp_by_endpoint_then_address_and_raw_esp_by_address() {
         lab.up(ip_packet(peer(5), VIP, 50, &esp_body(0xe5, 1, 80), 3)),
         Ok(gw)
     );
-    // ESP-in-UDP from a port never seen: the address decides.
+    // ESP-in-UDP from a port never seen: the address decides, as it holds
+    // one tunnel.
     assert_eq!(lab.up(esp_udp(peer(5), 5555, 0xe6)), Ok(gw));
     assert_eq!(lab.placed(), 1);
 }
@@ -311,7 +329,7 @@ fn fragments_follow_their_first_fragment_in_either_order() {
             port,
             VIP,
             4500,
-            &ike_body(&ike(spi, IKE_AUTH, 77), true, 3000),
+            &ike_body(&ike(spi, IKE_AUTH, RESPONDER_SPI), true, 3000),
         );
         for reversed in [false, true] {
             id += 1;
@@ -355,7 +373,7 @@ fn ipv6_fragments_follow_their_first_fragment_in_either_order() {
             port,
             vip6,
             4500,
-            &ike_body(&ike(spi, IKE_AUTH, 77), true, 3000),
+            &ike_body(&ike(spi, IKE_AUTH, RESPONDER_SPI), true, 3000),
         )
     };
     let a = lab.up(auth(40_001, 0xa6)).unwrap();
@@ -465,8 +483,7 @@ fn a_full_fragment_hold_falls_back_to_an_address_that_names_one_tunnel() {
 fn mobike_moves_the_binding_not_the_segw() {
     let mut lab = Lab::new();
     lab.up(sa_init(peer(1), 500, 1)).unwrap();
-    let gw = lab.up(sa_init(peer(8), 500, 8)).unwrap();
-    lab.up(auth_4500(peer(8), 4500, 8)).unwrap();
+    let gw = lab.open_tunnel(peer(8), 8);
     // The initiator moves to a new address (UPDATE_SA_ADDRESSES rides an
     // INFORMATIONAL with the same IKE SPI).
     let moved_to = peer(200);
@@ -475,7 +492,7 @@ fn mobike_moves_the_binding_not_the_segw() {
         4500,
         VIP,
         4500,
-        &ike_body(&ike(8, INFORMATIONAL, 77), true, 60),
+        &ike_body(&ike(8, INFORMATIONAL, RESPONDER_SPI), true, 60),
     );
     assert_eq!(lab.up(update), Ok(gw));
     assert_eq!(lab.up(esp_udp(moved_to, 4500, 0xabc)), Ok(gw));
@@ -492,6 +509,8 @@ fn an_ike_sa_init_with_a_known_spi_from_elsewhere_moves_nothing() {
     let mut lab = Lab::new();
     lab.up(sa_init(peer(1), 500, 1)).unwrap();
     let gw = lab.up(sa_init(peer(8), 500, 8)).unwrap();
+    lab.down(gw, sa_init_answer(peer(8), 500, 8, RESPONDER_SPI))
+        .unwrap();
     lab.up(auth_4500(peer(8), 40_008, 8)).unwrap();
     // Someone who saw the SPI on the wire sends IKE_SA_INIT with it from
     // an address of their own.
@@ -546,7 +565,7 @@ fn icmpv6_packet_too_big_goes_to_the_segw_of_the_quoted_tunnel() {
             4500,
             vip6,
             4500,
-            &ike_body(&ike(spi, IKE_AUTH, 77), true, 400),
+            &ike_body(&ike(spi, IKE_AUTH, RESPONDER_SPI), true, 400),
         )
     };
     lab.up(auth(host(1), 1)).unwrap();
@@ -1459,4 +1478,312 @@ fn traffic_from_a_segw_counts_as_an_answer() {
         .changes;
     let down: Vec<&str> = changes.iter().map(|c| c.1.as_str()).collect();
     assert_eq!(down, vec!["segw2", "segw3"]);
+}
+
+// ----- an attacker on the initiators' side ----------------------------------
+//
+// An off-path host that can spoof any source address, or a host on the
+// uplink's segment. Each test is an attack that worked before the rules
+// were one table (`rules.rs`).
+
+/// A host on the uplink's segment, not the initiators' router.
+const ATTACKER_MAC: Mac = [2, 0xee, 0xee, 0, 0, 1];
+
+fn raw_esp(p: IpAddr, spi: u32) -> Vec<u8> {
+    ip_packet(p, VIP, 50, &esp_body(spi, 1, 80), 1)
+}
+
+#[test]
+fn an_spi_from_a_segws_range_cannot_move_a_tunnel_a_segw_confirmed() {
+    let mut lab = Lab::new();
+    // The victim's tunnel is on segw1, which its answer confirmed.
+    let victim = peer(1);
+    assert_eq!(lab.open_tunnel(victim, 1), 1);
+    // Spoofed from the victim's address and endpoint, with SPIs from the
+    // ranges segw3 and segw2 allocate from.
+    assert_eq!(lab.up(raw_esp(victim, 0xc300_0001)), Ok(1));
+    assert_eq!(lab.up(esp_udp(victim, 4500, 0xc200_0001)), Ok(1));
+    assert_eq!(lab.lb.counters().spi_overruled, 2);
+    assert_eq!(lab.lb.counters().moved, 0);
+    // The victim's own traffic, and segw1's, are where they were.
+    assert_eq!(lab.up(esp_udp(victim, 4500, 0x1111)), Ok(1));
+    let back = udp_packet(VIP, 4500, victim, 4500, &esp_body(0x2222, 1, 100));
+    assert_eq!(lab.down(1, back), Ok(PEER_SIDE_ROUTER));
+    assert_eq!(lab.lb.counters().conflicts, 0);
+    for (name, tunnels) in [("segw1", 1), ("segw2", 0), ("segw3", 0)] {
+        assert_eq!(lab.lb.gateway(name).unwrap().counters.tunnels, tunnels);
+    }
+    // A guess is what an SPI range may correct: ESP of a tunnel a fresh
+    // balancer has not seen goes by the policy, then its SPI says segw3.
+    let unseen = peer(7);
+    let guessed = lab.up(esp_udp(unseen, 4500, 0x1234)).unwrap();
+    assert_ne!(guessed, 3);
+    assert_eq!(lab.up(esp_udp(unseen, 4500, 0xc300_0007)), Ok(3));
+    assert_eq!(
+        lab.up(udp_packet(unseen, 4500, VIP, 4500, &keepalive_body())),
+        Ok(3)
+    );
+}
+
+#[test]
+fn another_mac_on_the_segment_cannot_redirect_return_traffic() {
+    let mut lab = Lab::new();
+    let victim = peer(1);
+    let gw = lab.open_tunnel(victim, 1);
+    let back = || udp_packet(VIP, 4500, victim, 4500, &esp_body(0x2222, 1, 100));
+    // One frame of the victim's tunnel from another MAC on the segment,
+    // and an IKE message that does not carry the tunnel's SPI pair.
+    assert_eq!(
+        lab.up_from(ATTACKER_MAC, esp_udp(victim, 4500, 0x1)),
+        Ok(gw)
+    );
+    let wrong_pair = udp_packet(
+        victim,
+        4500,
+        VIP,
+        4500,
+        &ike_body(&ike(1, INFORMATIONAL, 0xbad), true, 60),
+    );
+    assert_eq!(lab.up_from(ATTACKER_MAC, wrong_pair), Ok(gw));
+    assert_eq!(lab.down(gw, back()), Ok(PEER_SIDE_ROUTER));
+    // Nor the way back to peers whose next hop is not known yet (a tunnel
+    // a segw taught after a restart).
+    let taught = udp_packet(VIP, 4500, peer(66), 4500, &esp_body(0x66, 1, 100));
+    assert_eq!(lab.down(2, taught), Ok(PEER_SIDE_ROUTER));
+    // A frame that proves the tunnel (its IKE SPI pair: the responder half
+    // came in the segw's answer) moves the next hop: a router failover.
+    const NEW_ROUTER: Mac = [2, 0xaa, 0, 0, 0, 2];
+    let dpd = udp_packet(
+        victim,
+        4500,
+        VIP,
+        4500,
+        &ike_body(&ike(1, INFORMATIONAL, RESPONDER_SPI), true, 60),
+    );
+    assert_eq!(lab.up_from(NEW_ROUTER, dpd), Ok(gw));
+    assert_eq!(lab.down(gw, back()), Ok(NEW_ROUTER));
+}
+
+#[test]
+fn an_ike_move_needs_the_responder_spi_the_segw_answered_with() {
+    let mut lab = Lab::new();
+    lab.up(sa_init(peer(1), 500, 1)).unwrap();
+    let victim = peer(8);
+    let gw = lab.open_tunnel(victim, 8);
+    let id = lab.lb.table().by_spi(8).unwrap();
+    // The initiator SPI is on the wire; the responder SPI an off-path
+    // spoofer guesses.
+    let spoofer = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 66));
+    let informational = |from, responder| {
+        udp_packet(
+            from,
+            4500,
+            VIP,
+            4500,
+            &ike_body(&ike(8, INFORMATIONAL, responder), true, 60),
+        )
+    };
+    // Sent to the segw that holds the SA (it judges the message), moving
+    // nothing.
+    assert_eq!(lab.up(informational(spoofer, 0x1234)), Ok(gw));
+    let t = lab.lb.table();
+    assert_eq!(t.by_endpoint(victim, 4500), Some(id), "binding kept");
+    assert_eq!(t.by_endpoint(spoofer, 4500), None);
+    assert_eq!(lab.lb.counters().unproven_moves, 1);
+    assert_eq!(lab.up(esp_udp(victim, 4500, 0xe8)), Ok(gw));
+    // With the pair the segw answered with: MOBIKE, a NAT rebinding.
+    let moved_to = peer(88);
+    assert_eq!(lab.up(informational(moved_to, RESPONDER_SPI)), Ok(gw));
+    assert_eq!(lab.lb.table().by_endpoint(moved_to, 4500), Some(id));
+    assert_eq!(lab.lb.table().by_endpoint(victim, 4500), None);
+}
+
+#[test]
+fn a_move_never_takes_another_tunnels_endpoint() {
+    let mut lab = Lab::new();
+    let (a, b) = (peer(1), peer(2));
+    let gw_a = lab.open_tunnel(a, 0xa);
+    let gw_b = lab.open_tunnel(b, 0xb);
+    assert_ne!(gw_a, gw_b);
+    let id_a = lab.lb.table().by_spi(0xa).unwrap();
+    // b's own pair, from a's endpoint (b moved behind a's NAT port, or
+    // someone on the path replays b's IKE from there).
+    let b_from_a = udp_packet(
+        a,
+        4500,
+        VIP,
+        4500,
+        &ike_body(&ike(0xb, INFORMATIONAL, RESPONDER_SPI), true, 60),
+    );
+    assert_eq!(lab.up(b_from_a), Ok(gw_b), "b's IKE still reaches b's segw");
+    assert_eq!(lab.lb.table().by_endpoint(a, 4500), Some(id_a));
+    assert_eq!(lab.lb.table().counters.rebind_refused, 1);
+    assert_eq!(lab.up(esp_udp(a, 4500, 0xa1)), Ok(gw_a));
+    // A half-open entry there (nothing a segw spoke for) gives way.
+    let c = peer(3);
+    lab.up(sa_init(c, 4500, 0xc)).unwrap();
+    let b_from_c = udp_packet(
+        c,
+        4500,
+        VIP,
+        4500,
+        &ike_body(&ike(0xb, INFORMATIONAL, RESPONDER_SPI), true, 60),
+    );
+    let tunnels = lab.lb.table().len();
+    assert_eq!(lab.up(b_from_c), Ok(gw_b));
+    assert_eq!(
+        lab.lb.table().by_endpoint(c, 4500),
+        lab.lb.table().by_spi(0xb)
+    );
+    assert_eq!(lab.lb.table().len(), tunnels - 1);
+    let counted: u64 = lab.lb.gateways().map(|g| g.counters.tunnels).sum();
+    assert_eq!(
+        counted,
+        tunnels as u64 - 1,
+        "the evicted entry left its gateway's count"
+    );
+}
+
+#[test]
+fn esp_in_udp_from_an_unseen_port_behind_a_nat_asks_the_policy() {
+    let mut lab = Lab::new();
+    let nat = peer(100);
+    // Two working tunnels behind one NAT address, on segw1 and segw2.
+    for (port, spi) in [(40_001, 0xa), (40_002, 0xb)] {
+        let gw = lab.up(auth_4500(nat, port, spi)).unwrap();
+        let back = udp_packet(VIP, 4500, nat, port, &esp_body(spi as u32, 1, 100));
+        lab.down(gw, back).unwrap();
+    }
+    // A third peer behind the NAT, whose tunnel this balancer has not seen:
+    // the address does not say which of the two it might be, so the policy
+    // guesses (round-robin: segw3), and the segw that holds it corrects.
+    let placed = lab.placed();
+    assert_eq!(lab.up(esp_udp(nat, 40_003, 0xc)), Ok(3));
+    assert_eq!(lab.placed(), placed + 1);
+    let id = lab.lb.table().by_endpoint(nat, 40_003).unwrap();
+    assert_eq!(
+        lab.lb.table().get(id).unwrap().placement(),
+        Placement::Guessed
+    );
+    let back = udp_packet(VIP, 4500, nat, 40_003, &esp_body(0x33, 1, 100));
+    lab.down(1, back).unwrap();
+    assert_eq!(lab.up(esp_udp(nat, 40_003, 0xc)), Ok(1));
+    // A keepalive from a fourth port names no tunnel.
+    let ka = udp_packet(nat, 40_004, VIP, 4500, &keepalive_body());
+    assert_eq!(lab.up(ka), Err(DropReason::UnknownTunnel));
+}
+
+#[test]
+fn a_spoofed_ike_sa_init_from_a_peers_address_does_not_take_its_raw_esp() {
+    let mut lab = Lab::new();
+    // A tunnel with no NAT: IKE on 500, raw ESP, on segw1.
+    let victim = peer(5);
+    let gw = lab.up(sa_init(victim, 500, 5)).unwrap();
+    lab.down(gw, sa_init_answer(victim, 500, 5, RESPONDER_SPI))
+        .unwrap();
+    assert_eq!(lab.up(raw_esp(victim, 0x55)), Ok(gw));
+    // An IKE_SA_INIT spoofed from the victim's address (another port, a
+    // new SPI): a new half-open tunnel, on another segw.
+    let spoofed = lab.up(sa_init(victim, 501, 0xdead)).unwrap();
+    assert_ne!(spoofed, gw);
+    // The victim's ESP, and its segw's to it, find the tunnel a segw
+    // confirmed, not the newest at the address.
+    assert_eq!(lab.up(raw_esp(victim, 0x55)), Ok(gw));
+    let back = ip_packet(VIP, victim, 50, &esp_body(0x5555, 1, 80), 1);
+    assert_eq!(lab.down(gw, back), Ok(PEER_SIDE_ROUTER));
+    assert_eq!(lab.lb.counters().conflicts, 0);
+}
+
+#[test]
+fn frames_not_addressed_to_the_ports_mac_are_not_ours() {
+    let mut lab = Lab::new();
+    // Flooded by a switch: an IKE_SA_INIT from an initiator to another
+    // host, and a segw's ESP to another host.
+    let mut to_other = frame(
+        [2, 0x77, 0, 0, 0, 9],
+        PEER_SIDE_ROUTER,
+        None,
+        &sa_init(peer(1), 500, 1),
+    );
+    assert_eq!(
+        lab.lb.handle(&mut to_other, UPLINK, lab.now),
+        Verdict::Drop(DropReason::NotForUs)
+    );
+    let esp = ip_packet(VIP, peer(1), 50, &esp_body(1, 1, 80), 1);
+    let mut from_segw = frame([2, 0x77, 0, 0, 0, 9], segw_mac(1), None, &esp);
+    assert_eq!(
+        lab.lb.handle(&mut from_segw, 1, lab.now),
+        Verdict::Drop(DropReason::NotForUs)
+    );
+    // An IP packet to the broadcast address is not ours either.
+    let mut broadcast = frame([0xff; 6], PEER_SIDE_ROUTER, None, &sa_init(peer(1), 500, 1));
+    assert_eq!(
+        lab.lb.handle(&mut broadcast, UPLINK, lab.now),
+        Verdict::Drop(DropReason::NotForUs)
+    );
+    assert_eq!(lab.placed(), 0);
+    assert!(lab.lb.table().is_empty());
+    assert!(DropReason::NotForUs.is_foreign());
+    // ARP requests are broadcast: still answered.
+    let mut arp = arp_frame(true, Ipv4Addr::new(10, 2, 2, 1));
+    assert_eq!(lab.lb.handle(&mut arp, UPLINK, lab.now), Verdict::Reply);
+}
+
+#[test]
+fn two_peers_behind_a_nat_reusing_an_ip_id_each_keep_their_segw() {
+    let mut lab = Lab::new();
+    let nat = peer(100);
+    let tunnels = [(40_001, 0xa), (40_002, 0xb)];
+    let gws: Vec<u8> = tunnels
+        .iter()
+        .map(|&(port, spi)| lab.up(auth_4500(nat, port, spi)).unwrap())
+        .collect();
+    assert_ne!(gws[0], gws[1]);
+    // The NAT keeps each host's IPv4 ID: both happen to send packet 0x4242.
+    let big = |port, spi| {
+        udp_packet(
+            nat,
+            port,
+            VIP,
+            4500,
+            &ike_body(&ike(spi, IKE_AUTH, RESPONDER_SPI), true, 3000),
+        )
+    };
+    for (&(port, spi), &gw) in tunnels.iter().zip(&gws) {
+        let pieces = fragments(&big(port, spi), 1400, 0x4242);
+        let left = send_pieces(&mut lab, &pieces);
+        assert_all_on(&left, &pieces, gw);
+    }
+    // A later piece of another protocol with the same addresses and ID is
+    // another packet: it waits for its own first piece.
+    let raw = ip_packet(nat, VIP, 50, &esp_body(0xe5, 1, 3000), 0x4242);
+    let pieces = fragments(&raw, 1400, 0x4242);
+    assert_eq!(lab.up_frames(pieces[1].clone()), Ok(Vec::new()), "held");
+}
+
+#[test]
+fn a_flood_of_first_fragments_cannot_stop_the_fragments_of_a_tunnel() {
+    let mut lab = Lab::with_capacity(1 << 20);
+    let victim = peer(1);
+    let gw = lab.open_tunnel(victim, 1);
+    // More spoofed first fragments than decisions are kept, within the
+    // time a decision lasts.
+    let n = fragments::DECIDED as u32 + 10_000;
+    for i in 0..n {
+        let spoofed = IpAddr::V4(Ipv4Addr::from(0xcb00_0000 + i));
+        let esp = udp_packet(spoofed, 4500, VIP, 4500, &esp_body(i, 1, 1600));
+        let first = fragments(&esp, 1400, i).swap_remove(0);
+        let _ = lab.up(first);
+    }
+    assert!(
+        lab.lb.fragment_decisions().1 >= 10_000,
+        "the oldest evicted"
+    );
+    // The victim's fragmented packet: its first piece is decided, and the
+    // later one follows it, not held and dropped.
+    let big = udp_packet(victim, 4500, VIP, 4500, &esp_body(0x11, 2, 3000));
+    let pieces = fragments(&big, 1400, 0x77);
+    let left = send_pieces(&mut lab, &pieces);
+    assert_all_on(&left, &pieces, gw);
+    assert_eq!(lab.lb.held_fragments(), (0, 0, 0));
 }

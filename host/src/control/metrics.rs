@@ -184,6 +184,22 @@ pub fn render(s: &Status) -> String {
         one(s.table.evicted_half_open.to_string()),
     );
     family(
+        "moves_refused_total",
+        "counter",
+        "Tunnel moves refused, by what asked: a frame whose SPI range named another segw than the table's sure one, IKE from a new endpoint without the SPI pair, a move onto another tunnel's endpoint.",
+        vec![
+            ("by=\"spi_range\"".into(), s.counters.spi_overruled.to_string()),
+            ("by=\"unproven_ike\"".into(), s.counters.unproven_moves.to_string()),
+            ("by=\"endpoint_taken\"".into(), s.table.rebind_refused.to_string()),
+        ],
+    );
+    family(
+        "fragment_decisions_evicted_total",
+        "counter",
+        "First fragments' decisions evicted by newer ones (a flood of first fragments).",
+        one(s.counters.fragment_decisions_evicted.to_string()),
+    );
+    family(
         "fragments_held_total",
         "counter",
         "Later fragments held until their first fragment came (or timed out).",

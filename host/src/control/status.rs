@@ -89,6 +89,10 @@ pub struct TunnelStatus {
     pub frames: u64,
     pub bytes: u64,
     pub state: String,
+    /// How sure the table is of its segw, and who said so: guessed,
+    /// spi-range, opened, moved, confirmed (see `balancer::rules`).
+    #[serde(default)]
+    pub placement: String,
     pub ike_spi: Option<String>,
 }
 
@@ -105,6 +109,18 @@ pub struct CounterStatus {
     pub conflicts: u64,
     pub moved: u64,
     pub steered: u64,
+    /// Frames whose SPI range named another segw than a tunnel the table
+    /// holds for sure: sent by the table.
+    #[serde(default)]
+    pub spi_overruled: u64,
+    /// IKE from a new endpoint without the SPI pair its segw answered
+    /// with: sent to the tunnel's segw, the binding not moved.
+    #[serde(default)]
+    pub unproven_moves: u64,
+    /// First fragments' decisions evicted by newer ones (a flood of first
+    /// fragments, or more fragmented packets than the map keeps).
+    #[serde(default)]
+    pub fragment_decisions_evicted: u64,
     /// Later fragments held for their first fragment, since start.
     #[serde(default)]
     pub fragments_held: u64,
@@ -121,6 +137,9 @@ pub struct TableStatus {
     pub evicted_half_open: u64,
     pub refused_full: u64,
     pub expired: u64,
+    /// Moves onto an endpoint another established tunnel is at, refused.
+    #[serde(default)]
+    pub rebind_refused: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -224,6 +243,9 @@ impl Status {
                 conflicts: c.conflicts,
                 moved: c.moved,
                 steered: c.steered,
+                spi_overruled: c.spi_overruled,
+                unproven_moves: c.unproven_moves,
+                fragment_decisions_evicted: lb.fragment_decisions().1,
                 fragments_held: c.held,
                 fragments_waiting: lb.held_fragments().1,
             },
@@ -243,6 +265,7 @@ impl Status {
                 evicted_half_open: t.evicted_half_open,
                 refused_full: t.refused_full,
                 expired: t.expired,
+                rebind_refused: t.rebind_refused,
             },
             ports,
         }
@@ -304,19 +327,20 @@ impl Status {
             }
             let _ = writeln!(
                 out,
-                "  {:<40} {:>9} {:>9} {:>12} {:>14}  {:<12} ike-spi",
-                "remote endpoint", "age", "idle", "frames", "bytes", "state"
+                "  {:<40} {:>9} {:>9} {:>12} {:>14}  {:<12} {:<10} ike-spi",
+                "remote endpoint", "age", "idle", "frames", "bytes", "state", "placed"
             );
             for t in &g.tunnel_list {
                 let _ = writeln!(
                     out,
-                    "  {:<40} {:>8.0}s {:>8.0}s {:>12} {:>14}  {:<12} {}",
+                    "  {:<40} {:>8.0}s {:>8.0}s {:>12} {:>14}  {:<12} {:<10} {}",
                     t.remote,
                     t.age_s,
                     t.idle_s,
                     t.frames,
                     t.bytes,
                     t.state,
+                    t.placement,
                     t.ike_spi.as_deref().unwrap_or("-"),
                 );
             }
@@ -331,6 +355,13 @@ impl Status {
             "\nframes forwarded {}, ARP/NDP replies {}; tunnels placed {}, taught {}, moved {}, SPI-steered frames {}, segw conflicts {}",
             c.forwarded, c.replies, c.placed, c.taught, c.moved, c.steered, c.conflicts
         );
+        if c.spi_overruled + c.unproven_moves + self.table.rebind_refused > 0 {
+            let _ = writeln!(
+                out,
+                "refused to move: {} frames whose SPI range named another segw, {} IKE moves without the SPI pair, {} moves onto another tunnel's endpoint",
+                c.spi_overruled, c.unproven_moves, self.table.rebind_refused
+            );
+        }
         let t = &self.table;
         let _ = writeln!(
             out,
@@ -393,6 +424,7 @@ fn tunnel_status(t: &Tunnel, now: Timestamp) -> TunnelStatus {
             TunnelState::Established => "established",
         }
         .into(),
+        placement: t.placement().as_str().into(),
         ike_spi: t.ike_spi.map(|s| format!("{s:016x}")),
     }
 }

@@ -115,6 +115,10 @@ pub struct Fragment {
     pub id: u32,
     /// The first fragment (offset 0) carries the transport header.
     pub first: bool,
+    /// The protocol of the packet it is a piece of (IPv4's protocol, the
+    /// next header after IPv6's fragment header): with the addresses and
+    /// the ID, what names the packet (RFC 791, RFC 8200).
+    pub protocol: u8,
 }
 
 /// What an IP packet carries.
@@ -204,15 +208,16 @@ fn parse_ipv4(l3: &[u8]) -> Result<IpPacket, Malformed> {
     let ip = Ipv4Slice::from_slice(l3).map_err(|_| Malformed::Ipv4)?;
     let h = ip.header();
     let offset = h.fragments_offset().value();
+    let protocol = h.protocol().0;
     let fragment = (h.more_fragments() || offset != 0).then_some(Fragment {
         id: u32::from(h.identification()),
         first: offset == 0,
+        protocol,
     });
     let (src, dst) = (
         IpAddr::V4(h.source_addr()),
         IpAddr::V4(h.destination_addr()),
     );
-    let protocol = h.protocol().0;
     let payload = classify(protocol, ip.payload().payload, fragment, false)?;
     Ok(IpPacket {
         src,
@@ -226,6 +231,7 @@ fn parse_ipv4(l3: &[u8]) -> Result<IpPacket, Malformed> {
 fn parse_ipv6(l3: &[u8]) -> Result<IpPacket, Malformed> {
     let ip = Ipv6Slice::from_slice(l3).map_err(|_| Malformed::Ipv6)?;
     let h = ip.header();
+    let payload = ip.payload();
     let fragment = ip
         .extensions()
         .clone()
@@ -234,6 +240,7 @@ fn parse_ipv6(l3: &[u8]) -> Result<IpPacket, Malformed> {
             Ipv6ExtensionSlice::Fragment(f) if f.is_fragmenting_payload() => Some(Fragment {
                 id: f.identification(),
                 first: f.fragment_offset().value() == 0,
+                protocol: payload.ip_number.0,
             }),
             _ => None,
         });
@@ -241,7 +248,6 @@ fn parse_ipv6(l3: &[u8]) -> Result<IpPacket, Malformed> {
         IpAddr::V6(h.source_addr()),
         IpAddr::V6(h.destination_addr()),
     );
-    let payload = ip.payload();
     let payload = classify(payload.ip_number.0, payload.payload, fragment, true)?;
     Ok(IpPacket {
         src,

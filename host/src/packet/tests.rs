@@ -249,7 +249,14 @@ fn one_vlan_tag_is_seen_through_two_are_refused() {
 fn fragments_first_carries_ports_later_ones_do_not() {
     for (v, id) in [("4", 0x4321), ("6", 0x8765_4321)] {
         let first = ip(&fixture(&format!("frag{v}_first")));
-        assert_eq!(first.fragment, Some(Fragment { id, first: true }));
+        assert_eq!(
+            first.fragment,
+            Some(Fragment {
+                id,
+                first: true,
+                protocol: 17
+            })
+        );
         assert!(
             matches!(
                 first.payload,
@@ -263,7 +270,14 @@ fn fragments_first_carries_ports_later_ones_do_not() {
         );
         for later in ["second", "third"] {
             let p = ip(&fixture(&format!("frag{v}_{later}")));
-            assert_eq!(p.fragment, Some(Fragment { id, first: false }));
+            assert_eq!(
+                p.fragment,
+                Some(Fragment {
+                    id,
+                    first: false,
+                    protocol: 17
+                })
+            );
             assert_eq!(p.payload, Payload::LaterFragment { protocol: 17 });
             assert_eq!(p.src, if v == "4" { PEER } else { PEER6 });
         }
