@@ -209,11 +209,16 @@ pub fn open(name: &str) -> Result<Opened, PortError> {
 /// promiscuous, not reading back what this host sends, with large buffers
 /// (bursts queue in the kernel instead of being dropped) and a receive
 /// timeout (the reader looks at its stop flag that often).
+///
+/// Opened with protocol 0, which receives nothing (packet(7)); `bind` then
+/// names the interface and ETH_P_ALL together, so no frame of another
+/// interface ever reaches the socket. Opened with ETH_P_ALL, it would take
+/// every interface's frames until the bind.
 fn socket(ifindex: u32) -> io::Result<OwnedFd> {
     let all = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: socket(2) with constant arguments; a non-negative result is
     // a descriptor we now own.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, libc::c_int::from(all)) };
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
