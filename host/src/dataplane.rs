@@ -418,11 +418,14 @@ impl Worker {
                 reply,
             } => {
                 let (name, port) = (spec.name.clone(), spec.port);
-                self.lb.set_port_mac(port, port_mac);
+                // Validated first: a refused gateway changes no port's MAC.
                 let r = self
                     .lb
                     .add_gateway(spec, now)
-                    .and_then(|_| self.lb.set_draining(&name, draining, now))
+                    .and_then(|_| {
+                        self.lb.set_port_mac(port, port_mac);
+                        self.lb.set_draining(&name, draining, now)
+                    })
                     .map(|()| format!("gateway {name} added on {interface} (port {port})"))
                     .map_err(|e| e.to_string());
                 if r.is_ok() {

@@ -73,7 +73,6 @@ pub struct Supervisor {
     config: RunConfig,
     /// Gateway name → its port.
     ports: BTreeMap<String, PortHandle>,
-    next_port: PortId,
     worker: Sender<Command>,
     frames: Sender<Received>,
     /// The policy serving now: its file and a hash of its bytes (a file
@@ -93,12 +92,10 @@ impl Supervisor {
         policy_file: PathBuf,
         policy_bytes: &[u8],
     ) -> Self {
-        let next_port = ports.values().map(|p| p.port).max().unwrap_or(0) + 1;
         Supervisor {
             runtime,
             config,
             ports,
-            next_port,
             worker,
             frames,
             policy_file,
@@ -367,8 +364,9 @@ impl Supervisor {
                 g.interface.value, other.port
             ));
         }
+        let port = free_port(self.ports.values().map(|p| p.port))
+            .ok_or("every port number (1..=65535) serves a gateway")?;
         let opened = afpacket::open(&g.interface).map_err(|e| e.to_string())?;
-        let port = self.next_port;
         let stop = Arc::new(AtomicBool::new(false));
         let reader = afpacket::spawn_reader(
             &g.interface,
@@ -397,7 +395,6 @@ impl Supervisor {
         });
         match &r {
             Ok(_) => {
-                self.next_port += 1;
                 self.ports.insert(g.name.clone(), handle);
             }
             Err(_) => handle.close(),
@@ -426,8 +423,37 @@ impl Supervisor {
     }
 }
 
+/// The lowest port number no gateway uses (0 is the uplink's): a removed
+/// gateway's number is taken again, so add/remove cycles never run out of
+/// numbers or wrap onto the uplink.
+fn free_port(used: impl IntoIterator<Item = PortId>) -> Option<PortId> {
+    let used: std::collections::BTreeSet<PortId> = used.into_iter().collect();
+    (1..=PortId::MAX).find(|p| !used.contains(p))
+}
+
 fn hash(bytes: &[u8]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut h);
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::free_port;
+
+    #[test]
+    fn port_numbers_are_reused_never_the_uplinks_and_refused_when_all_are_taken() {
+        assert_eq!(free_port([]), Some(1));
+        assert_eq!(free_port([1, 2, 3]), Some(4));
+        assert_eq!(free_port([1, 3]), Some(2), "a removed gateway's number");
+        // 70,000 add/remove cycles of one gateway beside two others.
+        let mut used = vec![1, 2];
+        for _ in 0..70_000 {
+            let port = free_port(used.iter().copied()).unwrap();
+            assert_ne!(port, 0);
+            used.push(port);
+            used.pop();
+        }
+        assert_eq!(free_port(1..=u16::MAX), None);
+    }
 }

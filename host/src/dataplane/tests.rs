@@ -367,3 +367,45 @@ fn metrics_expose_per_gateway_counters_drops_and_the_policy() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     server.join().unwrap();
 }
+
+#[test]
+fn a_gateway_refused_on_a_taken_port_changes_nothing_of_that_port() {
+    let (mut w, out) = worker(None);
+    let (reply, answer) = bounded(1);
+    let spec = GatewaySpec {
+        name: "intruder".into(),
+        port: 2,
+        mac: Some(segw_mac(9)),
+        weight: 1,
+        capacity: 0,
+        steering: Default::default(),
+    };
+    let (drop_tx, _) = unbounded();
+    w.command(
+        Command::AddGateway {
+            spec,
+            draining: false,
+            interface: "if9".into(),
+            port_mac: [2, 9, 9, 9, 9, 9],
+            tx: Box::new(MemoryTx::new(9, drop_tx)),
+            reply,
+        },
+        Timestamp::ZERO,
+    );
+    let refused = answer.recv().unwrap().unwrap_err();
+    assert!(refused.contains("port 2"), "{refused}");
+    // segw2's frames still leave port 2 from port 2's own MAC.
+    for peer in 1..=3 {
+        w.frame(
+            Received {
+                port: UPLINK,
+                frame: esp_from(peer, 4500),
+            },
+            Timestamp::ZERO,
+        );
+    }
+    let sent: Vec<(PortId, Vec<u8>)> = out.try_iter().collect();
+    let on_2: Vec<_> = sent.iter().filter(|(p, _)| *p == 2).collect();
+    assert_eq!(on_2.len(), 1);
+    assert_eq!(&on_2[0].1[6..12], &port_mac(2));
+}
