@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::breaker::{Breaker, Gate};
 use super::{CallError, Gateway, Load, Policy, TunnelKey};
 use crate::time::Timestamp;
 
@@ -25,10 +26,13 @@ pub enum FallbackReason {
     GatewayFull,
     /// It answered `none` although some gateway takes tunnels.
     NoAnswer,
+    /// Not asked: it ran to its deadline recently, and the breaker keeps
+    /// it off the data path for a while (see [`super::breaker`]).
+    BreakerOpen,
 }
 
 impl FallbackReason {
-    pub const ALL: [FallbackReason; 9] = [
+    pub const ALL: [FallbackReason; 10] = [
         FallbackReason::Trap,
         FallbackReason::Timeout,
         FallbackReason::MemoryCap,
@@ -38,6 +42,7 @@ impl FallbackReason {
         FallbackReason::GatewayNotTakingTunnels,
         FallbackReason::GatewayFull,
         FallbackReason::NoAnswer,
+        FallbackReason::BreakerOpen,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -51,6 +56,7 @@ impl FallbackReason {
             FallbackReason::GatewayNotTakingTunnels => "gateway_not_taking_tunnels",
             FallbackReason::GatewayFull => "gateway_full",
             FallbackReason::NoAnswer => "no_answer",
+            FallbackReason::BreakerOpen => "breaker_open",
         }
     }
 
@@ -92,6 +98,8 @@ pub struct PolicyStats {
     /// Failed `set-gateways` pushes (the policy then answers from a fresh
     /// instance or falls back).
     pub failed_pushes: u64,
+    /// Times the breaker opened (a call ran to its deadline).
+    pub breaker_trips: u64,
 }
 
 impl PolicyStats {
@@ -116,6 +124,7 @@ pub struct Guarded<P = Box<dyn Policy>> {
     fallback: weighted::Rendezvous,
     stats: PolicyStats,
     burst: BurstLog,
+    breaker: Breaker,
 }
 
 impl<P: Policy> Guarded<P> {
@@ -126,6 +135,7 @@ impl<P: Policy> Guarded<P> {
             fallback: weighted::Rendezvous::default(),
             stats: PolicyStats::default(),
             burst: BurstLog::new(Duration::from_secs(10)),
+            breaker: Breaker::default(),
         }
     }
 
@@ -165,13 +175,15 @@ impl<P: Policy> Guarded<P> {
                 "new policy failed to take the gateway set: {err}"
             );
         }
+        self.breaker.reset();
         std::mem::replace(&mut self.policy, policy)
     }
 
     /// The gateway for a new tunnel, given the live `load`: the policy's
     /// answer when it takes new tunnels and has room, else the fallback's
     /// choice among those with room. Refused only when no gateway takes new
-    /// tunnels, or all that do are full.
+    /// tunnels, or all that do are full. While the breaker is open the
+    /// policy is not asked.
     pub fn choose(
         &mut self,
         key: &TunnelKey,
@@ -179,8 +191,24 @@ impl<P: Policy> Guarded<P> {
         now: Timestamp,
     ) -> Result<Choice, Refusal> {
         self.stats.decisions += 1;
-        let (reason, error) = match self.policy.choose(key, load) {
-            Ok(Some(id)) => match self.gateways.iter().find(|g| g.id == id) {
+        let answer = match self.breaker.gate(now) {
+            Gate::Open => Err(FallbackReason::BreakerOpen),
+            Gate::Call => {
+                let answer = self.policy.choose(key, load);
+                let timed_out = matches!(answer, Err(CallError::Timeout(_)));
+                if let Some(period) = self.breaker.record(timed_out, now) {
+                    self.stats.breaker_trips += 1;
+                    tracing::warn!(
+                        policy = self.policy.name(),
+                        "policy ran to its deadline: not asked for {period:?}, the built-in fallback answers (breaker_open)"
+                    );
+                }
+                Ok(answer)
+            }
+        };
+        let (reason, error) = match answer {
+            Err(breaker) => (breaker, None),
+            Ok(Ok(Some(id))) => match self.gateways.iter().find(|g| g.id == id) {
                 Some(g) if !g.takes_new_tunnels() => {
                     (FallbackReason::GatewayNotTakingTunnels, None)
                 }
@@ -193,8 +221,8 @@ impl<P: Policy> Guarded<P> {
                 }
                 None => (FallbackReason::UnknownGateway, None),
             },
-            Ok(None) => (FallbackReason::NoAnswer, None),
-            Err(err) => (FallbackReason::of(&err), Some(err)),
+            Ok(Ok(None)) => (FallbackReason::NoAnswer, None),
+            Ok(Err(err)) => (FallbackReason::of(&err), Some(err)),
         };
         // With no gateway taking tunnels, or every one full, there is
         // nothing to fall back to, and "none" was the right answer.
@@ -223,12 +251,20 @@ impl<P: Policy> Guarded<P> {
                     "policy {err}; the built-in fallback answers"
                 ),
                 // The host's own rule, not a policy fault: a load-blind
-                // policy does this by design.
-                None if reason == FallbackReason::GatewayFull => tracing::debug!(
-                    policy,
-                    suppressed,
-                    "policy answered a full gateway; the built-in fallback places the tunnel"
-                ),
+                // policy does this by design; the breaker said so when it
+                // opened.
+                None if matches!(
+                    reason,
+                    FallbackReason::GatewayFull | FallbackReason::BreakerOpen
+                ) =>
+                {
+                    tracing::debug!(
+                        policy,
+                        reason = reason.as_str(),
+                        suppressed,
+                        "the built-in fallback places the tunnel"
+                    )
+                }
                 None => tracing::warn!(
                     policy,
                     reason = reason.as_str(),
@@ -364,10 +400,6 @@ mod tests {
                 FallbackReason::Trap,
             ),
             (
-                Err(CallError::Timeout(Duration::from_millis(20))),
-                FallbackReason::Timeout,
-            ),
-            (
                 Err(CallError::MemoryCap(1 << 20)),
                 FallbackReason::MemoryCap,
             ),
@@ -392,6 +424,30 @@ mod tests {
             assert_eq!(g.stats().fallbacks_for(reason), 50);
             assert_eq!(g.stats().fallbacks_total(), 50);
         }
+    }
+
+    #[test]
+    fn a_policy_that_runs_to_its_deadline_is_asked_once_per_breaker_period() {
+        // Every call times out; a new tunnel every 100 ms for 100 s.
+        let mut g = guarded(Err(CallError::Timeout(Duration::from_millis(20))));
+        for n in 0..1000u32 {
+            let now = Timestamp::ZERO + Duration::from_millis(100 * u64::from(n));
+            let choice = g.choose(&key(n), &Load::default(), now).unwrap();
+            assert!([1, 4].contains(&choice.gateway), "every tunnel placed");
+        }
+        // Asked at 0, 1, 3, 7, 15, 31 and 63 s (the period doubles while
+        // the probes time out): seven deadlines in 100 s, not a thousand.
+        let s = g.stats();
+        assert_eq!(s.fallbacks_for(FallbackReason::Timeout), 7);
+        assert_eq!(s.fallbacks_for(FallbackReason::BreakerOpen), 993);
+        assert_eq!(s.breaker_trips, 7);
+        // A policy swapped in starts with the breaker closed.
+        g.replace(Scripted(Ok(Some(4))));
+        let now = Timestamp::from_secs(101);
+        assert_eq!(
+            g.choose(&key(0), &Load::default(), now).unwrap().fallback,
+            None
+        );
     }
 
     #[test]

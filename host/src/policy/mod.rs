@@ -6,6 +6,7 @@
 //! deterministic choice when the policy fails, so a misbehaving policy can
 //! cost a tunnel its ideal placement but never the tunnel itself.
 
+mod breaker;
 mod guard;
 mod load;
 pub mod native;
