@@ -19,22 +19,40 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{select, Receiver, Sender};
 
 use crate::balancer::{Balancer, GatewaySpec, HealthConfig, PortId, Prefix, Verdict, UPLINK};
-use crate::control::status::{PolicyRecord, PortStatus, Status};
+use crate::control::status::{PolicyRecord, PortStatus, Status, TunnelLists, WorkerStatus};
 use crate::io::{Received, Tx};
 use crate::packet::Mac;
 use crate::policy::wasm::WasmPolicy;
 use crate::policy::Policy;
 use crate::time::Timestamp;
 
+pub mod pauses;
 #[cfg(test)]
 mod tests;
+
+use pauses::{Pauses, Turn};
 
 /// Frames handled per wake-up before the worker looks at commands and
 /// timers again.
 const BATCH: usize = 256;
+/// The most one turn of the loop works before it looks at its frames
+/// again: a batch of frames stops taking more, and background work (a
+/// status at a million tunnels, a rebalance) stops for the turn. The clock
+/// is looked at every chunk of work (below), so a turn ends within a chunk
+/// of this.
+const SLICE: Duration = Duration::from_micros(300);
+/// Frames handled between looks at the clock.
+const FRAMES_CHUNK: usize = 8;
+/// Table slots a status visits between looks at the clock.
+const STATUS_CHUNK: usize = 1024;
+/// Tunnels a rebalance re-places between looks at the clock: each is a
+/// policy call, a microsecond or so in wasm.
+const REBALANCE_CHUNK: usize = 16;
 /// Slots of the affinity table the idle sweep visits per tick.
-const SWEEP_BUDGET: usize = 16_384;
-const SWEEP_EVERY: Duration = Duration::from_millis(100);
+/// (1,024 slots every 6 ms: 170k slots/s, a million-tunnel table swept
+/// every 6 s, each tick a small fraction of a millisecond.)
+const SWEEP_BUDGET: usize = 1024;
+const SWEEP_EVERY: Duration = Duration::from_millis(6);
 /// How often segws are asked for their MAC when health probing is off.
 const MAC_REFRESH: Duration = Duration::from_secs(1);
 
@@ -129,6 +147,39 @@ pub struct Worker {
     next_sweep: Timestamp,
     policy: PolicyRecord,
     last_send_error_log: Option<Instant>,
+    pauses: Pauses,
+    /// `ctl status` requests that list tunnels, gathered a slice at a time.
+    statuses: std::collections::VecDeque<(TunnelLists, Sender<Status>)>,
+    /// The swap whose rebalance is under way, answered when it ends.
+    swap: Option<Swapped>,
+}
+
+/// A policy swap, to be answered (with the moves, after a rebalance).
+struct Swapped {
+    reply: Sender<Reply>,
+    old: String,
+    name: String,
+    file: String,
+    took: Duration,
+}
+
+impl Swapped {
+    fn answer(self, moved: Option<u64>) {
+        let what = match moved {
+            Some(moved) => format!("{moved} tunnels moved by the rebalance"),
+            None => "no tunnel moved".into(),
+        };
+        let ms = self.took.as_secs_f64() * 1e3;
+        tracing::info!(
+            policy = %self.name, from = %self.old, file = %self.file,
+            swap_ms = format!("{ms:.2}"),
+            "policy swapped in; {what}"
+        );
+        let _ = self.reply.send(Ok(format!(
+            "policy {} -> {} ({}); {what}; swapped in {ms:.2} ms",
+            self.old, self.name, self.file
+        )));
+    }
 }
 
 impl Worker {
@@ -152,6 +203,9 @@ impl Worker {
             next_sweep: Timestamp::ZERO,
             policy,
             last_send_error_log: None,
+            pauses: Pauses::default(),
+            statuses: Default::default(),
+            swap: None,
         };
         for (port, interface, tx) in ports {
             w.set_port(port, interface, tx);
@@ -191,28 +245,83 @@ impl Worker {
         stop: &AtomicBool,
     ) {
         while !stop.load(Ordering::Relaxed) {
+            // A turn: timers, a slice of background work, then what came
+            // in. Its busy time is timed; the wait for input is not.
+            let turn = Turn::start();
             let now = self.clock.now();
             self.timers(now);
-            let wait = self
-                .next_timer()
-                .since(now)
-                .clamp(Duration::from_millis(1), Duration::from_millis(100));
+            self.background(now);
+            let (mut busy, mut wall) = turn.elapsed();
+            let wait = if self.has_background() {
+                Duration::ZERO
+            } else {
+                self.next_timer()
+                    .since(now)
+                    .clamp(Duration::from_millis(1), Duration::from_millis(100))
+            };
             select! {
                 recv(frames) -> first => {
                     let Ok(first) = first else { return };
-                    let now = self.clock.now();
-                    self.handle(first, now);
-                    for more in frames.try_iter().take(BATCH - 1) {
-                        self.handle(more, now);
-                    }
-                    self.flush();
+                    let turn = Turn::start();
+                    self.batch(first, &frames);
+                    let (cpu, w) = turn.elapsed();
+                    (busy, wall) = (busy + cpu, wall + w);
                 }
                 recv(commands) -> c => {
                     let Ok(c) = c else { return };
+                    let turn = Turn::start();
                     let now = self.clock.now();
                     self.command(c, now);
+                    let (cpu, w) = turn.elapsed();
+                    (busy, wall) = (busy + cpu, wall + w);
                 }
                 default(wait) => {}
+            }
+            self.pauses.record(busy, wall);
+        }
+    }
+
+    /// Frames from the channel, `first` and up to [`BATCH`] in all, for
+    /// at most about a [`SLICE`]; then they leave.
+    fn batch(&mut self, first: Received, frames: &Receiver<Received>) {
+        let started = Instant::now();
+        let now = self.clock.now();
+        self.handle(first, now);
+        for n in 1..BATCH {
+            if n % FRAMES_CHUNK == 0 && started.elapsed() >= SLICE {
+                break;
+            }
+            let Ok(more) = frames.try_recv() else { break };
+            self.handle(more, now);
+        }
+        self.flush();
+    }
+
+    /// Status requests and a rebalance are worked on a slice at a time.
+    fn has_background(&self) -> bool {
+        self.lb.is_rebalancing() || !self.statuses.is_empty()
+    }
+
+    /// About a [`SLICE`] of background work: the rebalance first (new
+    /// tunnels meanwhile go by the new policy), then status requests in the
+    /// order they came.
+    fn background(&mut self, now: Timestamp) {
+        let started = Instant::now();
+        while started.elapsed() < SLICE {
+            if self.lb.is_rebalancing() {
+                if let Some(moved) = self.lb.rebalance_step(REBALANCE_CHUNK, now) {
+                    if let Some(swap) = self.swap.take() {
+                        swap.answer(Some(moved));
+                    }
+                }
+                continue;
+            }
+            let Some((lists, _)) = self.statuses.front_mut() else {
+                return;
+            };
+            if lists.advance(&self.lb, STATUS_CHUNK) {
+                let (lists, reply) = self.statuses.pop_front().expect("the front one");
+                let _ = reply.send(self.snapshot(lists, now));
             }
         }
     }
@@ -322,8 +431,12 @@ impl Worker {
 
     pub fn command(&mut self, command: Command, now: Timestamp) {
         match command {
+            Command::Status { tunnels: 0, reply } => {
+                let _ = reply.send(self.snapshot(TunnelLists::new(0), now));
+            }
+            // Listing tunnels walks the table: a slice at a time.
             Command::Status { tunnels, reply } => {
-                let _ = reply.send(self.status(tunnels, now));
+                self.statuses.push_back((TunnelLists::new(tunnels), reply));
             }
             Command::UsePolicy {
                 policy,
@@ -335,7 +448,7 @@ impl Worker {
                 let file = policy.loaded().path().display().to_string();
                 let contract = policy.loaded().version().package();
                 let live: Box<dyn Policy> = policy;
-                let (old, moved) = self.lb.replace_policy(live, rebalance, now);
+                let old = self.lb.swap_policy(live, rebalance, now);
                 let took = noticed.elapsed();
                 self.policy.reloads += 1;
                 self.policy.name = name.clone();
@@ -343,21 +456,25 @@ impl Worker {
                 self.policy.contract = contract.into();
                 self.policy.loaded_at = unix_now();
                 self.policy.last_swap_ms = Some(took.as_secs_f64() * 1e3);
-                let what = if rebalance {
-                    format!("{moved} tunnels moved by the rebalance")
-                } else {
-                    "no tunnel moved".into()
+                let swapped = Swapped {
+                    reply,
+                    old: old.name().to_string(),
+                    name,
+                    file,
+                    took,
                 };
-                tracing::info!(
-                    policy = %name, from = %old.name(), file = %file,
-                    swap_ms = format!("{:.2}", took.as_secs_f64() * 1e3),
-                    "policy swapped in; {what}"
-                );
-                let _ = reply.send(Ok(format!(
-                    "policy {} -> {name} ({file}); {what}; swapped in {:.2} ms",
-                    old.name(),
-                    took.as_secs_f64() * 1e3
-                )));
+                if let Some(cut_short) = self.swap.take() {
+                    let _ = cut_short.reply.send(Err(format!(
+                        "the rebalance to {} was cut short by a swap to {}",
+                        cut_short.name, swapped.name
+                    )));
+                }
+                if rebalance {
+                    // Answered with the moves when the rebalance ends.
+                    self.swap = Some(swapped);
+                } else {
+                    swapped.answer(None);
+                }
             }
             Command::PolicyRejected => self.policy.rejected += 1,
             Command::Drain {
@@ -461,7 +578,15 @@ impl Worker {
         }
     }
 
+    /// A status listing up to `tunnels` tunnels per gateway, all at once
+    /// (the loop gathers lists a slice at a time instead).
     pub fn status(&self, tunnels: usize, now: Timestamp) -> Status {
+        let mut lists = TunnelLists::new(tunnels);
+        while !lists.advance(&self.lb, usize::MAX) {}
+        self.snapshot(lists, now)
+    }
+
+    fn snapshot(&self, lists: TunnelLists, now: Timestamp) -> Status {
         let ports = self
             .ports
             .iter()
@@ -476,14 +601,30 @@ impl Worker {
                 })
             })
             .collect();
-        Status::of(
+        let mut status = Status::of(
             &self.lb,
             &self.policy,
             ports,
             now,
             now.since_epoch().as_secs_f64(),
-            tunnels,
-        )
+            lists,
+        );
+        status.worker = self.worker_status();
+        status
+    }
+
+    fn worker_status(&self) -> WorkerStatus {
+        let p = &self.pauses;
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        WorkerStatus {
+            turns: p.turns(),
+            busy_s: p.total().as_secs_f64(),
+            longest_pause_us: us(p.longest()),
+            longest_pause_wall_us: us(p.longest_wall()),
+            p999_pause_us: us(p.quantile(0.999)),
+            pauses_over_1ms: p.at_least(Duration::from_millis(1)),
+            histogram: p.cumulative().map(|(b, n)| (b.map(us), n)).collect(),
+        }
     }
 }
 

@@ -76,6 +76,15 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
         RunError::Start(format!("{}: could not start: {e}", policy_file.display()))
     })?);
     let mut lb = Balancer::new(core, policy);
+    // The whole table now, so that it never grows (rehashing every tunnel
+    // in one go) under traffic.
+    let reserving = std::time::Instant::now();
+    lb.reserve_table();
+    tracing::debug!(
+        max_tunnels = config.max_tunnels,
+        ms = format!("{:.1}", reserving.elapsed().as_secs_f64() * 1e3),
+        "tunnel table reserved"
+    );
 
     let (frames_tx, frames_rx) = bounded(QUEUE);
     let (commands_tx, commands_rx) = unbounded::<Command>();

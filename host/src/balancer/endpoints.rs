@@ -178,7 +178,20 @@ impl EndpointIndex {
     }
 
     fn grow(&mut self) {
-        let bigger = vec![FREE; self.slots.len() * 2].into_boxed_slice();
+        self.grow_to(self.slots.len() * 2);
+    }
+
+    /// Room for `keys` keys without growing: growing rehashes every key,
+    /// tens of milliseconds at a million, in one go.
+    pub fn reserve(&mut self, keys: usize) {
+        let slots = (keys.saturating_mul(4) / 3 + 1).next_power_of_two();
+        if slots > self.slots.len() {
+            self.grow_to(slots);
+        }
+    }
+
+    fn grow_to(&mut self, slots: usize) {
+        let bigger = vec![FREE; slots].into_boxed_slice();
         let old = std::mem::replace(&mut self.slots, bigger);
         self.mask = self.slots.len() - 1;
         for slot in old.iter().filter(|s| s.id != EMPTY) {

@@ -241,6 +241,21 @@ pub struct Balancer<P: Policy = Box<dyn Policy>> {
     /// The last initiator-side next hop seen on the uplink: where return
     /// traffic goes for a peer whose own next hop is not known.
     default_next_hop: Option<Mac>,
+    rebalancing: Option<Rebalancing>,
+}
+
+/// A rebalance under way (see [`Balancer::rebalance_step`]).
+#[derive(Debug)]
+struct Rebalancing {
+    /// The next slot to visit.
+    cursor: usize,
+    /// Tunnels first seen after this were placed by the new policy.
+    began: Timestamp,
+    /// The load as the policy sees it while re-placing: what it has placed
+    /// so far. (Tunnels that expire or move meanwhile are not taken off:
+    /// the policy's view drifts by those until the rebalance ends.)
+    fresh: Load,
+    moved: u64,
 }
 
 /// Where a frame goes, before the rewrite.
@@ -281,7 +296,15 @@ impl<P: Policy> Balancer<P> {
             load: Load::default(),
             counters: Counters::default(),
             default_next_hop: None,
+            rebalancing: None,
         }
+    }
+
+    /// Reserve the tunnel table's whole capacity now, so it never grows
+    /// (and never rehashes a million keys) under traffic: what the live
+    /// balancer does at start (see [`AffinityTable::reserve_all`]).
+    pub fn reserve_table(&mut self) {
+        self.table.reserve_all();
     }
 
     // ----- the data path -------------------------------------------------
@@ -1010,42 +1033,91 @@ impl<P: Policy> Balancer<P> {
 
     /// Put another policy in place. Without `rebalance` no tunnel moves;
     /// with it, every tunnel is placed afresh and the moves are counted
-    /// (returned). Returns the old policy too.
+    /// (returned), all at once: for simulations and tests. The live
+    /// balancer re-places a slice at a time ([`swap_policy`](Self::swap_policy),
+    /// [`rebalance_step`](Self::rebalance_step)). Returns the old policy too.
+    pub fn replace_policy(&mut self, policy: P, rebalance: bool, now: Timestamp) -> (P, u64) {
+        let old = self.swap_policy(policy, rebalance, now);
+        let moved = loop {
+            if let Some(moved) = self.rebalance_step(usize::MAX, now) {
+                break moved;
+            }
+        };
+        (old, moved)
+    }
+
+    /// Put another policy in place; with `rebalance`, begin placing every
+    /// tunnel afresh, which [`rebalance_step`](Self::rebalance_step) does a
+    /// slice at a time (a rebalance still under way ends: its policy is
+    /// gone). Returns the old policy.
     ///
     /// "Afresh" is what the policy is told: the set with every tunnel count
-    /// at 0, then one `choose` per tunnel, then the real counts. A policy
-    /// that bounds loads (`weighted`) would otherwise see every gateway
-    /// full before it placed the first tunnel.
-    pub fn replace_policy(&mut self, policy: P, rebalance: bool, now: Timestamp) -> (P, u64) {
+    /// at 0, then one `choose` per tunnel on the load it has placed so far,
+    /// then the real counts. A policy that bounds loads (`weighted`) would
+    /// otherwise see every gateway full before it placed the first tunnel.
+    pub fn swap_policy(&mut self, policy: P, rebalance: bool, now: Timestamp) -> P {
         let old = self.policy.replace(policy);
-        let mut moved = 0;
+        self.rebalancing = None;
         if rebalance {
             let mut empty = self.gateways.views();
             for g in &mut empty {
                 g.tunnels = 0;
             }
             self.policy.set_gateways(empty, now);
-            // The live load as the policy sees it: what it placed so far.
-            // A tunnel with no room anywhere stays where it is (and counts
-            // there): a rebalance never evicts.
-            let mut fresh = Load::default();
-            for id in self.table.ids() {
-                let t = self.table.get(id).expect("listed");
-                let (key, current) = (key_of(t), t.gateway);
-                let placed = match self.policy.choose(&key, &fresh, now) {
-                    Ok(choice) => {
-                        let before = self.counters.moved;
-                        self.move_tunnel(id, choice.gateway);
-                        moved += self.counters.moved - before;
-                        choice.gateway
-                    }
-                    Err(_) => current,
-                };
-                fresh.add(placed, 1);
-            }
-            self.push_set(now);
+            self.rebalancing = Some(Rebalancing {
+                cursor: 0,
+                began: now,
+                fresh: Load::default(),
+                moved: 0,
+            });
         }
-        (old, moved)
+        old
+    }
+
+    /// Place up to `budget` more slots' tunnels afresh. `Some(moved)` once
+    /// the rebalance is over (the policy is then told the real set), or
+    /// when none is under way (`Some(0)`).
+    ///
+    /// A tunnel first seen after the rebalance began was placed by the new
+    /// policy already, and is not visited. A tunnel with no room anywhere
+    /// stays where it is (and counts there): a rebalance never evicts.
+    pub fn rebalance_step(&mut self, budget: usize, now: Timestamp) -> Option<u64> {
+        let Some(mut r) = self.rebalancing.take() else {
+            return Some(0);
+        };
+        let end = self.table.slots().min(r.cursor.saturating_add(budget));
+        for slot in r.cursor..end {
+            let id = slot as TunnelId;
+            let Some(t) = self.table.get(id) else {
+                continue;
+            };
+            if t.since > r.began {
+                continue;
+            }
+            let (key, current) = (key_of(t), t.gateway);
+            let placed = match self.policy.choose(&key, &r.fresh, now) {
+                Ok(choice) => {
+                    let before = self.counters.moved;
+                    self.move_tunnel(id, choice.gateway);
+                    r.moved += self.counters.moved - before;
+                    choice.gateway
+                }
+                Err(_) => current,
+            };
+            r.fresh.add(placed, 1);
+        }
+        r.cursor = end;
+        if r.cursor < self.table.slots() {
+            self.rebalancing = Some(r);
+            return None;
+        }
+        self.push_set(now);
+        Some(r.moved)
+    }
+
+    /// A rebalance is under way.
+    pub fn is_rebalancing(&self) -> bool {
+        self.rebalancing.is_some()
     }
 
     /// Forget idle tunnels (up to `budget` slots per call; see

@@ -237,6 +237,24 @@ pub fn render(s: &Status) -> String {
             })
             .collect(),
     );
+    // A histogram: its samples carry suffixes, which `family` does not.
+    let w = &s.worker;
+    let _ = writeln!(
+        out,
+        "# HELP segwlb_worker_pause_seconds Busy time of each turn of the worker's loop (its CPU time): how long it kept frames waiting."
+    );
+    let _ = writeln!(out, "# TYPE segwlb_worker_pause_seconds histogram");
+    for (bound, n) in &w.histogram {
+        let le = bound.map_or_else(|| "+Inf".to_string(), |us| (us / 1e6).to_string());
+        let _ = writeln!(out, "segwlb_worker_pause_seconds_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "segwlb_worker_pause_seconds_sum {}", w.busy_s);
+    let _ = writeln!(out, "segwlb_worker_pause_seconds_count {}", w.turns);
+    let _ = writeln!(
+        out,
+        "# HELP segwlb_worker_longest_pause_seconds The longest turn of the worker's loop, on the wall clock.\n# TYPE segwlb_worker_longest_pause_seconds gauge\nsegwlb_worker_longest_pause_seconds {}",
+        w.longest_pause_wall_us / 1e6
+    );
     out
 }
 

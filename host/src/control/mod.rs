@@ -36,6 +36,11 @@ use status::Status;
 
 /// How long the control plane waits for the data path to answer.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a swap with a rebalance is waited for: the worker re-places
+/// the tunnels a slice at a time between frames, about a second per
+/// million tunnels for a native policy, a few in wasm. (Under the 30 s
+/// `segwlb ctl` waits for any answer.)
+const REBALANCE_TIMEOUT: Duration = Duration::from_secs(25);
 
 /// A port the control plane opened: its reader thread and how to stop it.
 pub struct PortHandle {
@@ -113,11 +118,15 @@ impl Supervisor {
 
     /// Ask the worker and wait for its answer.
     fn ask(&self, make: impl FnOnce(Sender<Reply>) -> Command) -> Reply {
+        self.ask_within(ASK_TIMEOUT, make)
+    }
+
+    fn ask_within(&self, timeout: Duration, make: impl FnOnce(Sender<Reply>) -> Command) -> Reply {
         let (tx, rx) = bounded(1);
         self.worker
             .send(make(tx))
             .map_err(|_| "the data path has stopped".to_string())?;
-        rx.recv_timeout(ASK_TIMEOUT)
+        rx.recv_timeout(timeout)
             .map_err(|_| "the data path did not answer".to_string())?
     }
 
@@ -180,7 +189,12 @@ impl Supervisor {
             compiled_ms = format!("{:.1}", compile.elapsed().as_secs_f64() * 1e3),
             "policy compiled, checked and started"
         );
-        let r = self.ask(|reply| Command::UsePolicy {
+        let timeout = if rebalance {
+            REBALANCE_TIMEOUT
+        } else {
+            ASK_TIMEOUT
+        };
+        let r = self.ask_within(timeout, |reply| Command::UsePolicy {
             policy: Box::new(policy),
             rebalance,
             noticed,

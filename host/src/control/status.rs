@@ -3,13 +3,14 @@
 //! Prometheus endpoint. Plain data: it crosses threads and the control
 //! socket as JSON.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::fmt::Write;
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::balancer::affinity::{Tunnel, TunnelState};
-use crate::balancer::{Balancer, DropReason};
+use crate::balancer::{Balancer, DropReason, GwId};
 use crate::control::config::format_mac;
 use crate::packet::Malformed;
 use crate::policy::{FallbackReason, Policy};
@@ -28,6 +29,26 @@ pub struct Status {
     pub table: TableStatus,
     /// Per port: frames sent and failed sends.
     pub ports: Vec<PortStatus>,
+    /// How long the worker kept frames waiting.
+    #[serde(default)]
+    pub worker: WorkerStatus,
+}
+
+/// The worker's turns (see `dataplane::pauses`): busy time per turn of its
+/// loop, in its CPU time, and the longest on the wall clock.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub turns: u64,
+    pub busy_s: f64,
+    pub longest_pause_us: f64,
+    pub longest_pause_wall_us: f64,
+    /// 99.9% of turns were shorter than this (a power of two µs).
+    pub p999_pause_us: f64,
+    /// Turns of 1.024 ms or more.
+    pub pauses_over_1ms: u64,
+    /// Cumulative: (upper bound in µs, turns shorter); the last bound is
+    /// infinite (`None`).
+    pub histogram: Vec<(Option<f64>, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -163,15 +184,104 @@ pub struct PolicyRecord {
     pub last_swap_ms: Option<f64>,
 }
 
+/// The oldest tunnels of each gateway, up to a limit, gathered a slice of
+/// the table at a time: at a million tunnels one pass is tens of
+/// milliseconds, which the worker must not spend in one go. Each slice
+/// visits up to a budget of the table's slots; tunnels that come, go or
+/// move meanwhile may or may not be listed, as in any snapshot taken while
+/// traffic flows. The counts beside the lists are exact (taken at the end).
+#[derive(Debug)]
+pub struct TunnelLists {
+    limit: usize,
+    cursor: usize,
+    /// Per gateway, the `limit` oldest seen so far: a max-heap, so the
+    /// newest of them is the one to drop.
+    oldest: BTreeMap<GwId, BinaryHeap<Oldest>>,
+}
+
+#[derive(Debug)]
+struct Oldest(Tunnel);
+
+impl Oldest {
+    fn key(&self) -> (Timestamp, IpAddr, u16) {
+        (self.0.since, self.0.peer, self.0.peer_port)
+    }
+}
+
+impl PartialEq for Oldest {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+impl Eq for Oldest {}
+impl PartialOrd for Oldest {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Oldest {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+impl TunnelLists {
+    pub fn new(limit: usize) -> Self {
+        TunnelLists {
+            limit,
+            cursor: 0,
+            oldest: BTreeMap::new(),
+        }
+    }
+
+    /// Visit up to `budget` more slots of the table; `true` once every slot
+    /// has been visited.
+    pub fn advance<P: Policy>(&mut self, lb: &Balancer<P>, budget: usize) -> bool {
+        let table = lb.table();
+        if self.limit == 0 {
+            return true;
+        }
+        let end = table.slots().min(self.cursor.saturating_add(budget));
+        for (_, t) in table.slots_in(self.cursor..end) {
+            let heap = self.oldest.entry(t.gateway).or_default();
+            let candidate = (t.since, t.peer, t.peer_port);
+            if heap.len() < self.limit {
+                heap.push(Oldest(t.clone()));
+            } else if heap.peek().is_some_and(|newest| candidate < newest.key()) {
+                heap.pop();
+                heap.push(Oldest(t.clone()));
+            }
+        }
+        self.cursor = end;
+        self.cursor >= table.slots()
+    }
+
+    /// The lists, oldest first, as of `now`.
+    fn finish(self, now: Timestamp) -> BTreeMap<GwId, Vec<TunnelStatus>> {
+        self.oldest
+            .into_iter()
+            .map(|(gw, heap)| {
+                let list = heap
+                    .into_sorted_vec()
+                    .iter()
+                    .map(|o| tunnel_status(&o.0, now))
+                    .collect();
+                (gw, list)
+            })
+            .collect()
+    }
+}
+
 impl Status {
-    /// A snapshot of `lb`, listing up to `tunnels` tunnels per gateway.
+    /// A snapshot of `lb`, listing the tunnels `lists` gathered (see
+    /// [`TunnelLists`]; `TunnelLists::new(0)` lists none).
     pub fn of<P: Policy>(
         lb: &Balancer<P>,
         policy: &PolicyRecord,
         ports: Vec<PortStatus>,
         now: Timestamp,
         uptime_s: f64,
-        tunnels: usize,
+        lists: TunnelLists,
     ) -> Status {
         let interface_of = |port: u16| {
             ports
@@ -179,17 +289,11 @@ impl Status {
                 .find(|p| p.port == port)
                 .map_or_else(String::new, |p| p.interface.clone())
         };
-        let mut lists: BTreeMap<u32, Vec<&Tunnel>> = BTreeMap::new();
-        if tunnels > 0 {
-            for (_, t) in lb.table().iter() {
-                lists.entry(t.gateway).or_default().push(t);
-            }
-        }
+        let mut lists = lists.finish(now);
         let gateways = lb
             .gateways()
             .map(|g| {
-                let mut list = lists.remove(&g.id).unwrap_or_default();
-                list.sort_by_key(|t| (t.since, t.peer, t.peer_port));
+                let list = lists.remove(&g.id).unwrap_or_default();
                 GatewayStatus {
                     name: g.spec.name.clone(),
                     id: g.id,
@@ -206,11 +310,7 @@ impl Status {
                     frames_from: g.counters.frames_from,
                     bytes_from: g.counters.bytes_from,
                     moved_in: g.counters.moved_in,
-                    tunnel_list: list
-                        .into_iter()
-                        .take(tunnels)
-                        .map(|t| tunnel_status(t, now))
-                        .collect(),
+                    tunnel_list: list,
                 }
             })
             .collect();
@@ -268,6 +368,7 @@ impl Status {
                 rebind_refused: t.rebind_refused,
             },
             ports,
+            worker: WorkerStatus::default(),
         }
     }
 
@@ -391,6 +492,12 @@ impl Status {
                  {full} policy answers of a full segw placed elsewhere"
             );
         }
+        let w = &self.worker;
+        let _ = writeln!(
+            out,
+            "worker: {} turns, longest {:.0} µs of work ({:.0} µs on the wall clock), 99.9% under {:.0} µs, {} over 1 ms",
+            w.turns, w.longest_pause_us, w.longest_pause_wall_us, w.p999_pause_us, w.pauses_over_1ms
+        );
         let _ = writeln!(
             out,
             "drops: {}",
