@@ -21,7 +21,7 @@ use super::endpoints::{EndpointIndex, EndpointKey};
 use super::gateways::GwId;
 use super::rules::{Find, Keys, Placement};
 use crate::packet::Mac;
-use crate::policy::Opener;
+use crate::policy::{Opener, TunnelKey};
 use crate::time::Timestamp;
 
 /// Index of an entry in the table's slab.
@@ -88,26 +88,16 @@ impl Tunnel {
         self.placement
     }
 
-    /// A tunnel first seen at `now`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        peer: IpAddr,
-        peer_port: u16,
-        vip: IpAddr,
-        ike_spi: Option<u64>,
-        opened_by: Opener,
-        gateway: GwId,
-        placement: Placement,
-        now: Timestamp,
-    ) -> Self {
+    /// The tunnel `key` names, first seen at `now`, on `gateway`.
+    pub fn new(key: &TunnelKey, gateway: GwId, placement: Placement, now: Timestamp) -> Self {
         Tunnel {
-            peer,
-            peer_port,
-            opened_port: peer_port,
-            vip,
-            ike_spi,
+            peer: key.peer,
+            peer_port: key.peer_port,
+            opened_port: key.peer_port,
+            vip: key.vip,
+            ike_spi: key.ike_spi,
             responder_spi: None,
-            opened_by,
+            opened_by: key.opened_by,
             gateway,
             at_opening_address: true,
             placement,
@@ -570,16 +560,20 @@ impl AffinityTable {
     }
 
     /// The tunnel now comes from another address or port (NAT-T float,
-    /// MOBIKE, NAT rebinding): move its keys, keep its gateway. Never onto
-    /// an endpoint another established tunnel is at: that is refused
-    /// (`false`, counted) and both keep their keys. A half-open tunnel there
+    /// MOBIKE, NAT rebinding): move its keys, keep its gateway.
+    ///
+    /// Onto an endpoint another established tunnel is at, only when
+    /// `may_take_over` (the caller's rules say when: see
+    /// `Balancer::ike_found`): then the endpoint is this tunnel's and the
+    /// other keeps its other keys (its IKE SPI). Else that is refused
+    /// (counted) and both keep their keys. A half-open tunnel there
     /// (nothing a segw spoke for; perhaps a spoof) is evicted: returned,
     /// for the caller's counts.
     pub fn rebind(
         &mut self,
         id: TunnelId,
-        peer: IpAddr,
-        peer_port: u16,
+        (peer, peer_port): (IpAddr, u16),
+        may_take_over: bool,
     ) -> Result<Option<Tunnel>, RebindRefused> {
         let Some(t) = self.get(id) else {
             return Ok(None);
@@ -593,6 +587,7 @@ impl AffinityTable {
             .and_then(|other| Some((other, self.get(other)?)))
             .filter(|(_, o)| (o.peer, o.peer_port) == (peer, peer_port));
         let evicted = match holder {
+            Some((_, o)) if o.placement.is_established() && may_take_over => None,
             Some((_, o)) if o.placement.is_established() => {
                 self.counters.rebind_refused += 1;
                 return Err(RebindRefused);

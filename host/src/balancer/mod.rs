@@ -644,8 +644,17 @@ impl<P: Policy> Balancer<P> {
             }
             if !proven {
                 self.counters.unproven_moves += 1;
-            } else if let Ok(Some(evicted)) = self.table.rebind(id, src, udp.src) {
-                self.forget(&evicted);
+            } else {
+                // Another port of its own address may be another tunnel's
+                // endpoint: the peer re-established from behind the same
+                // NAT, whose mapping the old tunnel had. The port is the new
+                // IKE SA's now. From another address, it is never taken:
+                // any initiator knows its own SPI pair, and could claim
+                // anyone's endpoint with it.
+                let same_address = self.table.get(id).is_some_and(|t| t.peer == src);
+                if let Ok(Some(evicted)) = self.table.rebind(id, (src, udp.src), same_address) {
+                    self.forget(&evicted);
+                }
             }
         }
         Ok((Some(id), proven))
@@ -716,17 +725,7 @@ impl<P: Policy> Balancer<P> {
         now: Timestamp,
     ) -> Result<TunnelId, DropReason> {
         let gw = self.place(&key, now)?;
-        let tunnel = Tunnel::new(
-            key.peer,
-            key.peer_port,
-            key.vip,
-            key.ike_spi,
-            key.opened_by,
-            gw,
-            placement,
-            now,
-        );
-        let id = self.insert(tunnel)?;
+        let id = self.insert(Tunnel::new(&key, gw, placement, now))?;
         self.counters.placed += 1;
         Ok(id)
     }
@@ -856,14 +855,14 @@ impl<P: Policy> Balancer<P> {
     }
 
     /// The tunnel's own segw sent its IKE SA to another endpoint: the segw
-    /// accepted the peer's move there (a NAT-T float or MOBIKE it verified,
-    /// whose first message from the new endpoint did not carry a pair the
-    /// balancer knew). The binding follows, never onto another established
-    /// tunnel's endpoint.
+    /// accepted the peer's move there (a NAT-T float or MOBIKE it verified:
+    /// it answers an IKE SA's messages only when their integrity checks,
+    /// and to where they came from). The binding follows, also onto an
+    /// endpoint another tunnel held.
     fn follow_segw(&mut self, id: TunnelId, gw: GwId, keys: &Keys) {
         let Some(port) = keys.port else { return };
         if self.table.get(id).is_some_and(|t| t.gateway == gw) {
-            if let Ok(Some(evicted)) = self.table.rebind(id, keys.addr, port) {
+            if let Ok(Some(evicted)) = self.table.rebind(id, (keys.addr, port), true) {
                 self.forget(&evicted);
             }
         }
@@ -883,17 +882,7 @@ impl<P: Policy> Balancer<P> {
     ) -> Result<TunnelId, DropReason> {
         let Some(id) = found else {
             let placement = Placement::Guessed.confirmed_by(evidence);
-            let tunnel = Tunnel::new(
-                key.peer,
-                key.peer_port,
-                key.vip,
-                key.ike_spi,
-                key.opened_by,
-                gw,
-                placement,
-                now,
-            );
-            let id = self.insert(tunnel)?;
+            let id = self.insert(Tunnel::new(&key, gw, placement, now))?;
             self.counters.taught += 1;
             return Ok(id);
         };

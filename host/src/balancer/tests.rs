@@ -1619,6 +1619,20 @@ fn a_move_never_takes_another_tunnels_endpoint() {
     assert_eq!(lab.lb.table().by_endpoint(a, 4500), Some(id_a));
     assert_eq!(lab.lb.table().counters.rebind_refused, 1);
     assert_eq!(lab.up(esp_udp(a, 4500, 0xa1)), Ok(gw_a));
+    // From a's own address it is a's peer re-establishing (its old IKE SA
+    // given up, behind the same NAT): the new IKE SA, proven, takes the
+    // endpoint, wherever the policy placed it.
+    let again = lab.up(sa_init(a, 40_500, 0xa2)).unwrap();
+    assert_ne!(again, gw_a);
+    lab.down(again, sa_init_answer(a, 40_500, 0xa2, RESPONDER_SPI))
+        .unwrap();
+    assert_eq!(lab.up(auth_4500(a, 4500, 0xa2)), Ok(again));
+    assert_eq!(
+        lab.lb.table().by_endpoint(a, 4500),
+        lab.lb.table().by_spi(0xa2)
+    );
+    assert_eq!(lab.up(esp_udp(a, 4500, 0xa3)), Ok(again));
+    assert_eq!(lab.lb.table().counters.rebind_refused, 1);
     // A half-open entry there (nothing a segw spoke for) gives way.
     let c = peer(3);
     lab.up(sa_init(c, 4500, 0xc)).unwrap();
