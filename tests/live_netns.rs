@@ -1230,3 +1230,64 @@ fn metrics_are_served_and_sigterm_stops_the_balancer_cleanly() {
         assert!(body.contains(&line), "no `{line}` in:\n{body}");
     }
 }
+
+/// A port's socket reads its own interface's frames, never another's: not
+/// even in the moments between opening the socket and binding it, while
+/// another interface floods. (Opened for every protocol, a packet socket
+/// takes every interface's frames until `bind` names one; those stay queued
+/// and the balancer would read them as its own.)
+#[test]
+fn a_port_never_reads_a_frame_of_another_interface() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let ns = Netns::new(&netns::unique_prefix("afp")).unwrap();
+    netns::veth(&ns, "port0", &ns, "port1").unwrap();
+    netns::veth(&ns, "other0", &ns, "other1").unwrap();
+    // An EtherType of local experiments, and a payload nobody else sends.
+    const MARK: &[u8] = b"not-for-port0";
+    let flood = frame_with(0x88b5, MARK);
+    let seen = ns
+        .enter(|| {
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|scope| {
+                // Arriving on other0, as fast as one core sends them.
+                let flooder = scope.spawn(|| {
+                    let mut tx = afpacket::open("other1").unwrap().tx;
+                    let mut sent = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        sent += u64::from(tx.send(&flood).is_ok());
+                    }
+                    sent
+                });
+                let mut seen = 0;
+                for _ in 0..100 {
+                    let mut port = afpacket::open("port0").unwrap();
+                    let until = Instant::now() + Duration::from_millis(5);
+                    while Instant::now() < until {
+                        match port.rx.recv() {
+                            Ok(f) => seen += usize::from(f.windows(MARK.len()).any(|w| w == MARK)),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let sent = flooder.join().unwrap();
+                assert!(sent > 10_000, "the flood sent {sent} frames");
+                seen
+            })
+        })
+        .unwrap();
+    assert_eq!(seen, 0, "frames of other0 read on port0's socket");
+}
+
+/// An Ethernet frame of `ether_type` carrying `payload`, broadcast.
+fn frame_with(ether_type: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[2, 0, 0, 0, 0xaf, 1]);
+    f.extend_from_slice(&ether_type.to_be_bytes());
+    f.extend_from_slice(payload);
+    f.resize(f.len().max(60), 0);
+    f
+}

@@ -342,6 +342,11 @@ fn metrics_expose_per_gateway_counters_drops_and_the_policy() {
         "segwlb_policy_info{policy=\"round-robin\"} 1",
         "segwlb_table_tunnels 4",
         "# TYPE segwlb_gateway_frames_total counter",
+        "segwlb_moves_refused_total{by=\"spi_range\"} 0",
+        "# TYPE segwlb_worker_pause_seconds histogram",
+        "segwlb_worker_pause_seconds_bucket{le=\"0.001024\"} 0",
+        "segwlb_worker_pause_seconds_bucket{le=\"+Inf\"} 0",
+        "segwlb_worker_pause_seconds_count 0",
     ] {
         assert!(
             text.lines().any(|l| l == line),
