@@ -173,14 +173,17 @@ impl Gateways {
         Ok(gone)
     }
 
+    #[inline]
     fn index_of(&self, id: GwId) -> Option<usize> {
         Some(self.position.get(id as usize).copied().flatten()? as usize)
     }
 
+    #[inline]
     pub fn get(&self, id: GwId) -> Option<&GatewayState> {
         self.list.get(self.index_of(id)?)
     }
 
+    #[inline]
     pub fn get_mut(&mut self, id: GwId) -> Option<&mut GatewayState> {
         let i = self.index_of(id)?;
         self.list.get_mut(i)

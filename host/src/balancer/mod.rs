@@ -433,6 +433,7 @@ impl<P: Policy> Balancer<P> {
     }
 
     /// Initiator → segw, a whole packet.
+    #[inline]
     fn initiator_to_segw(
         &mut self,
         ip: &IpPacket,
@@ -537,6 +538,7 @@ impl<P: Policy> Balancer<P> {
     /// then of the last frame that proved the tunnel; the default next hop
     /// (for peers with none yet, after a restart) the first frame's, then
     /// the last proof's. Anyone on the segment can send any other frame.
+    #[inline]
     fn deliver(
         &mut self,
         s: &Steered,
@@ -576,6 +578,7 @@ impl<P: Policy> Balancer<P> {
     /// The gateway (and tunnel) for a packet from an initiator, by the
     /// rules (see [`rules`]): find its tunnel, let SPI-range steering have
     /// its say, else open a tunnel or drop as the rule says.
+    #[inline]
     fn steer_in(&mut self, ip: &IpPacket, now: Timestamp) -> Result<Steered, DropReason> {
         let rule = Inbound::of(ip).ok_or(DropReason::NotIpsec)?;
         let found = self.table.find(rule.find, &rule.keys);
@@ -749,6 +752,7 @@ impl<P: Policy> Balancer<P> {
 
     /// The tunnel's gateway, re-placing the tunnel first if that gateway is
     /// down or gone (counted as moved).
+    #[inline]
     fn live_gateway(&mut self, id: TunnelId, now: Timestamp) -> Result<GwId, DropReason> {
         let t = self.table.get(id).expect("live tunnel");
         let current = t.gateway;
@@ -794,6 +798,7 @@ impl<P: Policy> Balancer<P> {
         }
     }
 
+    #[inline]
     fn is_up(&self, gw: GwId) -> bool {
         self.gateways.get(gw).is_some_and(|g| g.healthy)
     }
