@@ -35,8 +35,8 @@ use segwlb::balancer::farm::{port_mac, segw_mac};
 use segwlb::balancer::{Balancer, Config, GatewaySpec, PortId, UPLINK};
 use segwlb::control::status::{PolicyRecord, Status};
 use segwlb::dataplane::{Clock, Command, Worker};
-use segwlb::io::memory::MemoryTx;
-use segwlb::io::{Received, Tx};
+use segwlb::io::memory;
+use segwlb::io::Received;
 use segwlb::packet::craft::{esp_body, frame, ike_body, udp_packet};
 use segwlb::packet::ike::IKE_SA_INIT;
 use segwlb::packet::{IkeHeader, Mac};
@@ -123,12 +123,7 @@ struct Running {
 impl Running {
     fn start(lb: Balancer) -> Self {
         let (out_tx, out) = unbounded();
-        let ports = (0..=3u16)
-            .map(|p| {
-                let tx: Box<dyn Tx> = Box::new(MemoryTx::new(p, out_tx.clone()));
-                (p, format!("if{p}"), tx)
-            })
-            .collect();
+        let ports = memory::ports(3, &out_tx);
         let record = PolicyRecord {
             name: "test".into(),
             ..Default::default()

@@ -28,12 +28,7 @@ fn worker(health: Option<HealthConfig>) -> (Worker, Receiver<(PortId, Vec<u8>)>)
         1 << 16,
     );
     let (out_tx, out_rx) = unbounded();
-    let ports = (0..=3u16)
-        .map(|p| {
-            let tx: Box<dyn Tx> = Box::new(MemoryTx::new(p, out_tx.clone()));
-            (p, format!("if{p}"), tx)
-        })
-        .collect();
+    let ports = crate::io::memory::ports(3, &out_tx);
     let record = PolicyRecord {
         name: "round-robin".into(),
         ..Default::default()

@@ -17,6 +17,20 @@ impl MemoryTx {
     }
 }
 
+/// The uplink and ports 1..=`gateways`, named `if0`, `if1`, …, all sending
+/// into `out`: what `Worker::new` takes, with no interfaces.
+pub fn ports(
+    gateways: PortId,
+    out: &Sender<(PortId, Vec<u8>)>,
+) -> Vec<(PortId, String, Box<dyn Tx>)> {
+    (0..=gateways)
+        .map(|p| {
+            let tx: Box<dyn Tx> = Box::new(MemoryTx::new(p, out.clone()));
+            (p, format!("if{p}"), tx)
+        })
+        .collect()
+}
+
 impl Tx for MemoryTx {
     fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
         self.out
