@@ -157,11 +157,26 @@ fn rate(frames: &mut [Vec<u8>], mut f: impl FnMut(&mut Vec<u8>)) -> f64 {
 fn main() {
     // 1,000 tunnels: the working set sits in cache, so this is the cost of
     // the code. 100,000: frames and table spill to memory, as in real life.
-    for tunnels in [1_000, 100_000] {
+    // SEGWLB_BENCH_TUNNELS=1000 runs one size alone (and skips the memory
+    // figure): for a profile of that size only.
+    let sizes: Vec<u32> = match std::env::var("SEGWLB_BENCH_TUNNELS") {
+        Ok(list) => list
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .expect("SEGWLB_BENCH_TUNNELS: a list of tunnel counts")
+            })
+            .collect(),
+        Err(_) => vec![1_000, 100_000],
+    };
+    for &tunnels in &sizes {
         run(tunnels);
         println!();
     }
-    memory(1_000_000);
+    if std::env::var_os("SEGWLB_BENCH_TUNNELS").is_none() {
+        memory(1_000_000);
+    }
 }
 
 /// A new balancer, `tunnels` tunnels opened through `handle` (IKE_SA_INIT
