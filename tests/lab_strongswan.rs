@@ -306,7 +306,7 @@ fn natted_tunnels_keep_one_segw_across_the_float() {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    // 6 tunnels, the last 3 behind one masquerading NAT.
+    // 6 tunnels, the last 3 behind one NAT (a fixed pair of ports each).
     let mut lab = Lab::new("n", "round-robin", &[1, 1, 1], 6, 3);
     lab.up();
     let state = State::load(&lab.config.work_dir()).unwrap();
@@ -322,20 +322,62 @@ fn natted_tunnels_keep_one_segw_across_the_float() {
         let (host, port) = remote.rsplit_once(':').unwrap();
         let port: u16 = port.parse().unwrap();
         assert_eq!(host, outside, "{t:?}");
-        assert!((40000..=40999).contains(&port), "{t:?}");
+        assert!((40000..40006).contains(&port), "{t:?}");
         ports.push(port);
         // ... and the balancer has exactly one entry for the tunnel, on
         // the segw that holds it.
         assert_eq!(t.balancer, t.segws, "{t:?}");
     }
     ports.sort_unstable();
-    ports.dedup();
-    assert_eq!(ports.len(), 3, "one NAT mapping per tunnel");
+    // Its mapping for 4500: the second of each initiator's pair.
+    assert_eq!(ports, [40001, 40003, 40005], "one NAT mapping per tunnel");
     // One table entry per tunnel (IKE on 500 and on 4500 were one tunnel),
     // and nothing was moved.
     let entries: usize = r.summary.balancer_per_segw.values().sum();
     assert_eq!(entries, 6);
     assert_eq!(r.balancer_moved, 0);
+    lab.down_and_check();
+}
+
+/// The lab at the scale of the question: 300 tunnels, 60 of them behind
+/// the NAT, packed 50 to a charon (the default past 50), all established,
+/// all passing traffic, balancer and segws agreeing tunnel by tunnel.
+#[test]
+fn three_hundred_packed_tunnels_come_up_pass_traffic_and_agree() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::new("p", "round-robin", &[1, 1, 1], 300, 60);
+    lab.up();
+    let state = State::load(&lab.config.work_dir()).unwrap();
+    // 240 direct in 5 hosts (4 × 50 + 40), 60 NAT'd in 2 (50 + 10): one
+    // charon each, beside the segws'.
+    assert_eq!(state.charons(), 3 + 5 + 2);
+    let started = std::time::Instant::now();
+    let r = lab.run();
+    eprintln!(
+        "lab run of 300 took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(r.summary.tunnels, 300);
+    assert_eq!(r.summary.established, 300, "{:?}", r.summary.failed);
+    assert_eq!(r.summary.passing, 300, "{:?}", r.summary.failed);
+    assert_eq!(r.summary.agree, 300, "{:?}", r.summary.disagree);
+    assert!(r.summary.ok);
+    // Round-robin in initiation order: 100 each.
+    assert!(
+        r.summary.per_segw.values().all(|&n| n == 100),
+        "{:?}",
+        r.summary.per_segw
+    );
+    assert_eq!(r.tunnels.iter().filter(|t| t.nat).count(), 60);
+    // The default text is a line per segw and the summary; `--sas` lists
+    // every SA.
+    let (_, text, _) = lab.cli(&["run"]);
+    assert!(text.lines().count() < 20, "{text}");
+    let (_, full, _) = lab.cli(&["run", "--sas"]);
+    assert!(full.lines().count() > 300, "{}", full.lines().count());
     lab.down_and_check();
 }
 
@@ -586,6 +628,19 @@ fn lab_compare_is_predicted_exactly_by_the_simulation_for_every_policy() {
         assert_eq!(r["problems"], serde_json::json!([]), "{p}");
         assert_eq!(r["split_tunnels"], 0, "{p}");
         assert_eq!(r["fallbacks"], 0, "{p}");
+        // Every tunnel up answered its pings, but a few just after DPD
+        // re-established them (the failure at step 5, the rebalance at 9):
+        // measured and reported, at most 3% of them.
+        let silent: Vec<String> = serde_json::from_value(r["silent_tunnels"].clone()).unwrap();
+        assert!(silent.len() <= 10, "{p}: {silent:?}");
+        for s in &silent {
+            let step: u32 = s["step ".len()..s.find(':').unwrap()].parse().unwrap();
+            assert!(step >= 5, "{p}: {s} before any failure or rebalance");
+        }
+        // Churn on real tunnels: 15 close in each of steps 4..9, the
+        // peers of one step come back in the next.
+        assert_eq!(r["tunnels_closed"], 90, "{p}");
+        assert_eq!(r["peers_returned"], 75, "{p}");
         let moved: Vec<u64> = serde_json::from_value(r["moved_per_event"].clone()).unwrap();
         let minimum: Vec<u64> =
             serde_json::from_value(r["minimum_moved_per_event"].clone()).unwrap();
@@ -596,17 +651,18 @@ fn lab_compare_is_predicted_exactly_by_the_simulation_for_every_policy() {
         assert_eq!(&moved[1..4], &[0, 0, 0], "{p}");
         let per_segw: BTreeMap<String, u64> =
             serde_json::from_value(r["tunnels_per_segw"].clone()).unwrap();
-        assert_eq!(per_segw.values().sum::<u64>(), 12, "{p}: {per_segw:?}");
+        assert_eq!(per_segw.values().sum::<u64>(), 300, "{p}: {per_segw:?}");
         assert_eq!(
             per_segw,
             serde_json::from_value(r["predicted_tunnels_per_segw"].clone()).unwrap()
         );
     }
-    // Round-robin over four segws after the rebalance: 3 each.
-    assert_eq!(
-        run_of("round-robin")["tunnels_per_segw"],
-        serde_json::json!({"segw1": 3, "segw2": 3, "segw3": 3, "segw4": 3})
-    );
+    // Round-robin over four segws after the rebalance: 75 each, give or
+    // take the closed tunnels the table still holds (the rebalance deals
+    // them turns too; they are not counted on a segw).
+    let rr: BTreeMap<String, u64> =
+        serde_json::from_value(run_of("round-robin")["tunnels_per_segw"].clone()).unwrap();
+    assert!(rr.values().all(|&n| (72..=78).contains(&n)), "{rr:?}");
     // On real tunnels too, the Python round-robin places as the Rust one
     // (the consistent hashes depend on NAT ports, which differ per lab: for
     // them the exact prediction above is the proof).
@@ -616,14 +672,17 @@ fn lab_compare_is_predicted_exactly_by_the_simulation_for_every_policy() {
             run_of("round-robin")["tunnels_per_segw"]
         );
     }
-    // Weighted 2:1:1:1 after the rebalance: as close to 4.8/2.4/2.4/2.4 as
-    // whole tunnels go (no segw over ⌈share · 12⌉).
+    // Weighted 2:1:1:1 after the rebalance: no segw over its share of 300
+    // (120/60/60/60) by more than 5% of the tunnels. The closed tunnels the
+    // table still holds take turns too, so some land under theirs (this
+    // scenario: 125/62/51/62, in the lab and the simulation alike).
     let w: BTreeMap<String, u64> =
         serde_json::from_value(run_of("weighted")["tunnels_per_segw"].clone()).unwrap();
     assert!(
-        w["segw1"] <= 5 && ["segw2", "segw3", "segw4"].iter().all(|s| w[*s] <= 3),
+        w["segw1"] <= 120 + 15 && ["segw2", "segw3", "segw4"].iter().all(|s| w[*s] <= 60 + 15),
         "{w:?}"
     );
+    assert_eq!(w.values().sum::<u64>(), 300, "{w:?}");
     let html = std::fs::read_to_string(out_dir.join("report.html")).unwrap();
     assert!(html.contains("Lab against simulation") && html.contains("<svg"));
     assert_nothing_left(&lab.config, &[]);

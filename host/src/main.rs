@@ -100,7 +100,7 @@ enum LabCommand {
         #[arg(long)]
         scenario: Option<PathBuf>,
         /// With --scenario: at most this many tunnels.
-        #[arg(long, default_value_t = 12)]
+        #[arg(long, default_value_t = 300)]
         tunnels: usize,
     },
     /// Initiate every tunnel, ping through each, show where they landed.
@@ -108,6 +108,10 @@ enum LabCommand {
         /// The report as JSON, for tools.
         #[arg(long)]
         json: bool,
+        /// List every segw's SAs, one line each (the default up to 50
+        /// tunnels; beyond, a line per segw and the summary).
+        #[arg(long)]
+        sas: bool,
         /// Play this scenario on the lab first: arrivals step by step, its
         /// failures, recoveries, additions, drains, weights and swaps (the
         /// lab must be up with its segws: `lab up --scenario`).
@@ -131,9 +135,9 @@ enum LabCommand {
         /// Default: every .wasm there.
         #[arg(long, value_delimiter = ',')]
         policies: Vec<String>,
-        /// At most this many tunnels (one initiator namespace and charon
-        /// each).
-        #[arg(long, default_value_t = 12)]
+        /// At most this many tunnels (the scenario's count; its churn adds
+        /// initiators for new arrivals).
+        #[arg(long, default_value_t = 300)]
         tunnels: usize,
         /// Where report.json and report.html go.
         #[arg(long, default_value = "lab-compare-report")]
@@ -516,7 +520,7 @@ fn lab(config: &Path, command: LabCommand) -> anyhow::Result<ExitCode> {
                 state.prefix,
                 started.elapsed().as_secs_f64(),
                 times.topology.as_secs_f64(),
-                state.initiators.len() + state.segws.len(),
+                state.charons(),
                 times.charons.as_secs_f64(),
                 times.balancer.as_secs_f64(),
                 state.initiators.len(),
@@ -526,7 +530,11 @@ fn lab(config: &Path, command: LabCommand) -> anyhow::Result<ExitCode> {
             ))?;
             Ok(ExitCode::SUCCESS)
         }
-        LabCommand::Run { json, scenario } => {
+        LabCommand::Run {
+            json,
+            sas,
+            scenario,
+        } => {
             let mut state = topology::State::load(&cfg.work_dir())?;
             if let Some(path) = scenario {
                 let tunnels = state.initiators.len();
@@ -536,6 +544,9 @@ fn lab(config: &Path, command: LabCommand) -> anyhow::Result<ExitCode> {
                     segwlb::lab::drive::drive(&mut state, &s, &mut |line| eprintln!("{line}"))?;
                 for p in &driven.problems {
                     eprintln!("! {p}");
+                }
+                for (step, name) in &driven.silent {
+                    eprintln!("! step {step}: {name} was up but answered no ping");
                 }
                 let run = compare::PolicyRun::of(
                     &s,
@@ -558,7 +569,8 @@ fn lab(config: &Path, command: LabCommand) -> anyhow::Result<ExitCode> {
             if json {
                 print_out(&serde_json::to_string_pretty(&r)?)?;
             } else {
-                print_out(&r.render().trim_end())?;
+                let full = sas || r.tunnels.len() <= segwlb::lab::report::FULL_TABLE_UP_TO;
+                print_out(&r.render_with(full).trim_end())?;
             }
             Ok(if r.summary.ok {
                 ExitCode::SUCCESS

@@ -63,8 +63,8 @@ pub struct Outcome {
     pub drops: Vec<(&'static str, u64)>,
     /// Frames a segw sent that did not reach the initiator side.
     pub returns_lost: u64,
-    /// Where each tunnel is at the end (index into `segws`), in arrival
-    /// order as long as no tunnel ended: with [`Arrivals::Given`], the
+    /// Where each tunnel is at the end (index into `segws`; `None` for
+    /// one that closed), in arrival order as long as no tunnel ended: with [`Arrivals::Given`], the
     /// tunnel-by-tunnel prediction.
     pub placements: Vec<Option<usize>>,
 }
@@ -92,6 +92,11 @@ pub struct GivenPeer {
     /// with IKE staying on 500.
     pub natt_port: Option<u16>,
     pub ike_spi: u64,
+    /// The step at whose start its initiator closes it (IKE DELETE): from
+    /// then on it sends nothing and counts on no segw. The balancer keeps
+    /// its entry until idle expiry, as the real one does.
+    #[serde(default)]
+    pub ends: Option<u32>,
 }
 
 /// A policy with a stopwatch on `choose`.
@@ -133,6 +138,8 @@ struct Peer {
     segw: Option<usize>,
     /// It was refused at least once.
     refused: bool,
+    /// Closed by its initiator (a given tunnel's `ends`): it sends nothing.
+    closed: bool,
 }
 
 /// Where one segw of a scenario stands as its events move it: what the
@@ -341,6 +348,13 @@ pub fn run_with(
                 }
             }
         }
+        if let Some(given) = given {
+            for (i, p) in given.iter().enumerate().take(sim.peers.len()) {
+                if p.ends == Some(step) {
+                    sim.close(i);
+                }
+            }
+        }
         for event in scenario.events.iter().filter(|e| e.step == step) {
             minimum.push(sim.apply(&event.event, make));
             moved.push(0);
@@ -366,6 +380,9 @@ pub fn run_with(
             let ahead = sim.peers.get(i + PREFETCH_AHEAD);
             if let Some((addr, Some(port))) = ahead.map(|p| (p.addr, p.natt_port)) {
                 sim.lb.prefetch(IpAddr::V4(addr), port);
+            }
+            if sim.peers[i].closed {
+                continue;
             }
             // New, or refused before (every segw was full): IKE_SA_INIT
             // again, as an initiator retries.
@@ -504,7 +521,19 @@ impl Sim<'_> {
             seq: 0,
             segw: None,
             refused: false,
+            closed: false,
         });
+    }
+
+    /// Its initiator closes tunnel `i`: off its segw's count, silent from
+    /// now on. The balancer hears nothing it can read (the DELETE is
+    /// encrypted) and keeps the entry until idle expiry.
+    fn close(&mut self, i: usize) {
+        let p = &mut self.peers[i];
+        p.closed = true;
+        if let Some(g) = p.segw.take() {
+            self.counts[g] -= 1;
+        }
     }
 
     /// IKE_SA_INIT and IKE_AUTH, each answered.

@@ -353,3 +353,44 @@ fn the_capacity_scenario_is_built_in() {
     let lab = Scenario::resolve(std::path::Path::new("lab-capacity")).unwrap();
     assert_eq!(lab.population_at(lab.steps), 14);
 }
+
+/// Given tunnels that close (`ends`) and a peer that comes back: the closed
+/// one leaves its segw's count from its step on, and the peer initiating
+/// afresh from the endpoint it opened from lands where its old tunnel was
+/// (the balancer keeps the entry until idle expiry, and finds it by that
+/// endpoint), without asking the policy.
+#[test]
+fn given_tunnels_close_and_a_returning_peer_finds_its_old_segw() {
+    use sim::{run_with, Arrivals, GivenPeer};
+    let scenario = small(4, "");
+    let peer = |n: u8, step: u32, ends: Option<u32>, spi: u64| GivenPeer {
+        step,
+        addr: std::net::Ipv4Addr::new(10, 1, 0, n),
+        ike_port: 500,
+        natt_port: Some(4500),
+        ike_spi: spi,
+        ends,
+    };
+    let given = [
+        peer(1, 0, None, 0x11),
+        peer(2, 0, Some(1), 0x22),
+        peer(3, 0, None, 0x33),
+        // Peer 2 again, a step after it closed: a new IKE SA.
+        peer(2, 2, None, 0x2222),
+    ];
+    let out = run_with(
+        &scenario,
+        Arrivals::Given(&given),
+        &mut || native::shipped("round-robin", &[]).unwrap(),
+        &mut |_| {},
+    );
+    // Round-robin: a, b, c at step 0; b loses its tunnel at step 1; the
+    // returning peer is on b again, and the policy decided only three.
+    assert_eq!(
+        out.per_step,
+        [vec![1, 1, 1], vec![1, 0, 1], vec![1, 1, 1], vec![1, 1, 1]]
+    );
+    assert_eq!(out.placements, [Some(0), None, Some(2), Some(1)]);
+    assert_eq!(out.decisions, 3);
+    assert_eq!(out.split, 0);
+}

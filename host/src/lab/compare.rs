@@ -10,6 +10,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::churn::Plan;
 use super::config::LabConfig;
 use super::drive::{self, Driven};
 use super::{topology, Error, Result};
@@ -37,8 +38,16 @@ pub struct LabRun {
     pub prediction_differs: Vec<String>,
     /// Tunnel by tunnel, in arrival order.
     pub tunnels: Vec<TunnelPlacement>,
-    /// Tunnels that failed to come up, or came up twice.
+    /// Tunnels that failed to come up, came up twice, did not answer a
+    /// ping, or that the balancer and the segws place apart.
     pub problems: Vec<String>,
+    /// `step: initiator` of each tunnel that was up but answered none of
+    /// its pings in a step: measured, not predicted (see the README).
+    pub silent_tunnels: Vec<String>,
+    /// Churn on real tunnels: closed by their initiators (IKE DELETE), and
+    /// opened afresh by peers that had closed one.
+    pub tunnels_closed: usize,
+    pub peers_returned: usize,
     pub seconds: f64,
 }
 
@@ -51,9 +60,12 @@ pub struct TunnelPlacement {
     pub simulation: Option<String>,
 }
 
-/// The scenario as the lab runs it: `tunnels` of them (one initiator
-/// each), a NAT share rounded to whole initiators, no churn, no raw ESP.
-/// Returns the scenario and how many initiators sit behind the NAT.
+/// The scenario as the lab runs it: at most `tunnels` of them, a NAT
+/// share rounded to whole initiators, one NAT address, no raw ESP; its
+/// churn as [`Plan`] lays it out. Returns the scenario and how many
+/// initiators sit behind the NAT.
+///
+/// [`Plan`]: super::churn::Plan
 pub fn lab_scenario(scenario: &Scenario, tunnels: usize) -> (Scenario, u32) {
     let mut s = scenario.clone();
     let n = scenario.tunnels.count.min(tunnels).max(1);
@@ -61,8 +73,10 @@ pub fn lab_scenario(scenario: &Scenario, tunnels: usize) -> (Scenario, u32) {
     s.tunnels.count = n;
     s.tunnels.nat = f64::from(nat) / n as f64;
     s.tunnels.nat_addresses = 1;
-    s.tunnels.churn = 0.0;
     s.tunnels.raw_esp = 0.0;
+    // The NAT'd share of the initiators the churn adds, too.
+    let all = Plan::of(&s).initiators;
+    let nat = (all as f64 * s.tunnels.nat).round() as u32;
     (s, nat)
 }
 
@@ -70,7 +84,7 @@ pub fn lab_scenario(scenario: &Scenario, tunnels: usize) -> (Scenario, u32) {
 /// scenario's segws and tunnels.
 pub fn lab_config(base: &LabConfig, scenario: &Scenario, nat: u32, policy: &str) -> LabConfig {
     let mut c = base.clone();
-    c.lab.initiators = scenario.population_at(scenario.steps) as u32;
+    c.lab.initiators = Plan::of(scenario).initiators as u32;
     c.lab.nat = nat;
     c.balancer.policy = policy.to_string();
     c.segw = scenario
@@ -210,6 +224,13 @@ impl LabRun {
             prediction_differs: differs,
             tunnels,
             problems: driven.problems,
+            silent_tunnels: driven
+                .silent
+                .iter()
+                .map(|(step, name)| format!("step {step}: {name}"))
+                .collect(),
+            tunnels_closed: driven.closed,
+            peers_returned: driven.returned,
             seconds: (driven.seconds * 10.0).round() / 10.0,
             source: "lab",
             run: PolicyRun::of(scenario, options, driven.outcome),
@@ -243,6 +264,13 @@ pub fn render_predictions(runs: &[LabRun]) -> String {
         }
         for p in &r.problems {
             let _ = writeln!(out, "    ! {p}");
+        }
+        if !r.silent_tunnels.is_empty() {
+            let _ = writeln!(
+                out,
+                "    up but silent (no ping answered in a step): {}",
+                r.silent_tunnels.join(", ")
+            );
         }
     }
     out

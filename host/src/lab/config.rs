@@ -38,6 +38,12 @@ impl Prefix {
         self.contains(other.network()) || other.contains(self.network())
     }
 
+    /// The last host address (before the broadcast address).
+    pub fn last_host(&self) -> Option<Ipv4Addr> {
+        let size = 1u64 << (32 - u32::from(self.len));
+        self.host(u32::try_from(size.checked_sub(2)?).ok()?)
+    }
+
     /// The `n`th host address (1 = the first after the network address),
     /// if it is inside the prefix and not its broadcast address.
     pub fn host(&self, n: u32) -> Option<Ipv4Addr> {
@@ -95,17 +101,36 @@ pub struct LabSection {
     /// charon gets a private /run.
     #[serde(default)]
     pub work_dir: Option<PathBuf>,
-    /// Tunnels: one initiator namespace and charon each.
+    /// Tunnels: one initiator each, with its own outer and inner address.
     pub initiators: u32,
+    /// Initiators per namespace and charon: 1 gives each its own (a host
+    /// per initiator); K packs K of them into one charon, one connection
+    /// each, every one from its own outer and inner address. Unset: see
+    /// [`LabSection::packing`].
+    #[serde(default)]
+    pub per_charon: Option<u32>,
     #[serde(default = "default_dpd")]
     pub dpd_delay_s: u32,
     /// Pings through each tunnel in `lab run`.
     #[serde(default = "default_pings")]
     pub pings: u32,
     /// The last `nat` initiators sit behind one NAT namespace (nftables
-    /// masquerade, UDP source ports rewritten into 40000-40999).
+    /// source NAT, a fixed pair of UDP ports per initiator from 40000 up).
     #[serde(default)]
     pub nat: u32,
+}
+
+impl LabSection {
+    /// Initiators per charon: `per_charon`, else one each for a small lab
+    /// and [`PACKED`] for a large one.
+    pub fn packing(&self) -> u32 {
+        self.per_charon
+            .unwrap_or(if self.initiators <= OWN_CHARON_UP_TO {
+                1
+            } else {
+                PACKED
+            })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,15 +148,17 @@ pub struct Addresses {
     pub service: Ipv4Addr,
     /// ... inside the initiators' remote_ts (the segws' local_ts).
     pub service_prefix: Prefix,
-    /// Behind the NAT: its inside address is host 1, NAT'd initiator n's
-    /// outer address host n + 1. The NAT's outside address is host
-    /// `initiators + 1` of outer_prefix.
+    /// Behind the NAT: its inside address is host 1, the j-th NAT'd
+    /// initiator's outer address host j + 1. The NAT's outside address is
+    /// host `initiators + 1` of outer_prefix.
     #[serde(default = "default_nat_prefix")]
     pub nat_prefix: Prefix,
 }
 
 fn default_nat_prefix() -> Prefix {
-    Prefix::try_from("198.51.100.0/24".to_string()).expect("valid default")
+    // The shared address space carrier-grade NATs use (RFC 6598): room
+    // for thousands behind the lab's one NAT.
+    Prefix::try_from("100.64.0.0/16".to_string()).expect("valid default")
 }
 
 impl Default for Addresses {
@@ -221,8 +248,17 @@ fn default_segws() -> Vec<SegwSection> {
         .collect()
 }
 
-/// Most initiators a lab takes (namespaces and charons are ~10 MB each).
-pub const MAX_INITIATORS: u32 = 250;
+/// Most initiators a lab takes: with `per_charon` > 1, ~2.5 MB of charon
+/// and kernel per tunnel; the NAT's 10,000 ports hold 5,000 NAT'd ones.
+pub const MAX_INITIATORS: u32 = 5_000;
+/// Most initiators in one charon.
+pub const MAX_PER_CHARON: u32 = 1_000;
+/// Up to this many initiators an unset `lab.per_charon` gives each its
+/// own charon; beyond, [`PACKED`] to a charon (see README, "The lab at
+/// scale": one charon per initiator costs ~2.6 MB and slows every
+/// initiation past a few hundred).
+pub const OWN_CHARON_UP_TO: u32 = 50;
+pub const PACKED: u32 = 50;
 /// Most segws (one balancer port each).
 pub const MAX_SEGWS: usize = 16;
 
@@ -257,11 +293,18 @@ impl LabConfig {
         let p = &self.lab.prefix;
         if p.is_empty() || p.len() > 8 || !p.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(format!(
-                "lab.prefix {p:?}: 1 to 8 letters or digits (namespace names are PREFIX-i250)"
+                "lab.prefix {p:?}: 1 to 8 letters or digits (namespace names are PREFIX-i5000)"
             ));
         }
         if self.lab.initiators == 0 || self.lab.initiators > MAX_INITIATORS {
             return Err(format!("lab.initiators must be 1..={MAX_INITIATORS}"));
+        }
+        if self
+            .lab
+            .per_charon
+            .is_some_and(|k| k == 0 || k > MAX_PER_CHARON)
+        {
+            return Err(format!("lab.per_charon must be 1..={MAX_PER_CHARON}"));
         }
         if self.segw.is_empty() || self.segw.len() > MAX_SEGWS {
             return Err(format!("1..={MAX_SEGWS} [[segw]] sections"));
@@ -310,8 +353,23 @@ impl LabConfig {
         if self.lab.nat > self.lab.initiators {
             return Err("lab.nat is more than lab.initiators".into());
         }
-        if a.nat_prefix.host(self.lab.initiators + 1).is_none() {
-            return Err(format!("nat_prefix {} is too small", a.nat_prefix));
+        if self.lab.nat > 0 && a.nat_prefix.host(self.lab.nat + 1).is_none() {
+            return Err(format!(
+                "nat_prefix {} has no room for {} NAT'd initiators",
+                a.nat_prefix, self.lab.nat
+            ));
+        }
+        // The segws' next hop towards the initiators is the outer prefix's
+        // last host (one neighbour entry, not one per initiator).
+        let room = matches!(
+            (a.outer_prefix.host(self.lab.initiators + 2), a.outer_prefix.last_host()),
+            (Some(nat), Some(next_hop)) if nat < next_hop
+        );
+        if !room {
+            return Err(format!(
+                "outer_prefix {} has no room for {} initiators, the NAT and the segws' next hop",
+                a.outer_prefix, self.lab.initiators
+            ));
         }
         for (what, p) in [
             ("outer_prefix", a.outer_prefix),

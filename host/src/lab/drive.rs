@@ -7,14 +7,18 @@
 //! exactly this run.
 //!
 //! What the lab does as the simulation does:
-//! - arrivals: the scenario's arrival pattern over the lab's N initiators,
-//!   each tunnel initiated in turn (arrival order is initiator order);
-//! - a segw fails: its charon is killed and its link goes down; once the
-//!   balancer's health probes mark it down, one packet goes through each
-//!   of its tunnels in arrival order, each re-placement confirmed before
-//!   the next (the simulation re-places them on their next packet, in
-//!   that order); then the initiators' DPD restarts them on the segws the
-//!   balancer chose;
+//! - arrivals and churn as [`churn::Plan`] lays them out: new initiators
+//!   and returning peers initiate in turn (arrival order is the plan's);
+//!   a closing tunnel is terminated by its initiator (IKE DELETE) at the
+//!   start of its step, and the simulation is told the step (`ends`);
+//! - a segw fails: every tunnel pings once (DPD stays quiet), the
+//!   initiators' bridge drops their IKE and NAT keepalives for a moment
+//!   ([`State::quiet_control`]), its charon is killed and its link goes
+//!   down; once the balancer's health probes mark it down, one packet goes
+//!   through each of its tunnels in arrival order, each re-placement
+//!   confirmed before the next (the simulation re-places them on their
+//!   next packet, in that order); then the initiators' DPD restarts them
+//!   on the segws the balancer chose;
 //! - a segw recovers (link up, a fresh charon), joins (a new namespace and
 //!   `ctl gateway add`), leaves (`ctl gateway remove`, its tunnels
 //!   re-placed as for a failure); weights and drains through `ctl`;
@@ -25,27 +29,34 @@
 //!   (`ikesa_limit`) as the balancer does; a tunnel refused (every segw
 //!   full) is one whose initiator is up on no segw at the end of a step.
 //!
-//! What it does not: churn (a lab tunnel lives for the whole run), raw ESP
-//! (kernel-libipsec always encapsulates in UDP 4500), NAT'd shares other
-//! than one NAT namespace. Time is real: a step is as long as its work.
+//! What it does not: raw ESP (kernel-libipsec always encapsulates in UDP
+//! 4500), NAT'd shares other than one NAT namespace, idle expiry (a lab
+//! run is shorter than the balancer's idle timeout, and the simulation's
+//! steps add up to less too: closed tunnels stay in both tables). Time is
+//! real: a step is as long as its work.
 
-use std::process::{Child, Command, Stdio};
+use std::collections::HashMap;
+use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use super::report::established;
+use super::churn::Plan;
+use super::netns::Netns;
+use super::report::{by_inner, ping_each};
 use super::topology::State;
 use super::{Error, Result};
 use crate::balancer::DropReason;
 use crate::compare::sim::{self, GivenPeer, Landing, Outcome, SegwNow};
 use crate::compare::{Event, Scenario, SegwSpec};
-use crate::control::ctl::Request;
-use crate::control::status::Status;
+use crate::control::ctl::{request, Request};
+use crate::control::status::{Status, TunnelStatus};
 use crate::policy::FallbackReason;
 
 /// How long re-established tunnels may take after a failure or a
 /// rebalance: DPD (the lab's dpd_delay, 5 s by default), its retransmits
 /// (~6 s), a new IKE_SA_INIT and IKE_AUTH, with room to spare.
 const CONVERGE: Duration = Duration::from_secs(90);
+/// Rounds of two pings for a tunnel that did not answer its step's ping.
+const PING_RETRIES: usize = 3;
 /// How long the balancer's health check may take to see a segw go or come.
 const HEALTH: Duration = Duration::from_secs(15);
 
@@ -58,10 +69,18 @@ pub struct Driven {
     /// Every tunnel as the balancer saw it when it arrived, in arrival
     /// order: the input for the simulation's prediction.
     pub peers: Vec<GivenPeer>,
-    /// Initiator names, in arrival order.
+    /// Each tunnel's initiator, in arrival order (a returning peer's name
+    /// again, with the tunnel's number of that initiator: `i7#2`).
     pub initiators: Vec<String>,
-    /// Tunnels that never came up, or came up on more than one segw.
+    /// Tunnels closed by their initiators, and opened by returning peers.
+    pub closed: usize,
+    pub returned: usize,
+    /// Tunnels that never came up, came up on more than one segw, or that
+    /// the balancer and the segws place apart.
     pub problems: Vec<String>,
+    /// `(step, initiator)` of a tunnel that was up but answered none of
+    /// its pings in that step (see [`PING_RETRIES`]).
+    pub silent: Vec<(u32, String)>,
     pub seconds: f64,
 }
 
@@ -70,13 +89,15 @@ pub struct Driven {
 pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) -> Result<Driven> {
     let started = Instant::now();
     let segws = scenario.all_segws();
-    check_fits(state, scenario)?;
+    let plan = Plan::of(scenario);
+    check_fits(state, scenario, &plan)?;
     let policy = state.policy.clone();
     let mut now = SegwNow::at_start(scenario);
-    let n = state.initiators.len();
-    let arrive_over = scenario.tunnels.arrive_over.max(1) as usize;
-    let mut holder: Vec<Option<usize>> = vec![None; n];
-    let mut peers: Vec<GivenPeer> = Vec::with_capacity(n);
+    // Per tunnel (life), in arrival order.
+    let lives = plan.lives.len();
+    let mut holder: Vec<Option<usize>> = vec![None; lives];
+    let mut refused = vec![false; lives];
+    let mut peers: Vec<GivenPeer> = Vec::with_capacity(lives);
     let mut arrived = 0;
     let (mut moved, mut minimum) = (Vec::new(), Vec::new());
     let mut last_event: Option<usize> = None;
@@ -84,8 +105,8 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
     let mut refused_tunnels = 0;
     let mut per_step = Vec::with_capacity(scenario.steps as usize);
     let mut problems = Vec::new();
+    let mut silent_tunnels = Vec::new();
     let capacities = scenario.has_capacities();
-    let mut refused = vec![false; n];
     let mut refused_per_step = Vec::with_capacity(scenario.steps as usize);
     let at_capacity = |s: &Status| {
         s.drops
@@ -94,13 +115,25 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
             .unwrap_or(0)
     };
     let mut refused_before = at_capacity(&state.balancer_status()?);
-    // The peak's tunnels are the last initiators.
-    let peak = scenario.tunnels.peak.map_or(0, |p| p.tunnels.min(n));
-    let initial = n - peak;
 
     for step in 0..scenario.steps {
         let mut rebalancing = false;
         let mut disrupted = false;
+        // Tunnels close first: an event's minimum counts only tunnels that
+        // will send in its step.
+        let closing: Vec<usize> = plan.closing(step).collect();
+        if !closing.is_empty() {
+            say(&format!("step {step}: {} tunnels close", closing.len()));
+        }
+        for &l in &closing {
+            let init = &state.initiators[plan.lives[l].initiator];
+            let args = ["--terminate", "--ike", &init.conn, "--timeout", "10"];
+            if let Err(e) = state.swanctl(&init.dir, &args) {
+                problems.push(format!("step {step}: {} did not close: {e}", init.name));
+            }
+            holder[l] = None;
+        }
+        let live = |l: usize| plan.lives[l].live_in(step);
         for e in scenario.events.iter().filter(|e| e.step == step) {
             say(&format!("step {step}: {}", e.event.label()));
             let counts = counts_of(&holder, segws.len());
@@ -109,9 +142,25 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
             last_event = Some(moved.len() - 1);
             match &e.event {
                 Event::Fail(name) => {
+                    // Traffic through every tunnel first: the initiators'
+                    // DPD stays quiet while the balancer re-places.
+                    let live: Vec<usize> = (0..arrived)
+                        .filter(|&l| live(l))
+                        .map(|l| plan.lives[l].initiator)
+                        .collect();
+                    ping_each(state, &live, 1, "1", "1")?;
+                    state.quiet_control(true)?;
                     state.fail_segw(name)?;
                     wait_health(state, name, false)?;
-                    replace_in_order(state, &holder, sim::segw_index(&segws, name))?;
+                    let done = replace_in_order(
+                        state,
+                        &plan,
+                        &holder,
+                        &peers,
+                        sim::segw_index(&segws, name),
+                    )?;
+                    say(&format!("step {step}: {done}"));
+                    state.quiet_control(false)?;
                     disrupted = true;
                 }
                 Event::Recover(name) => {
@@ -123,8 +172,17 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                     wait_health(state, &spec.name, true)?;
                 }
                 Event::Remove(name) => {
+                    state.quiet_control(true)?;
                     state.remove_segw(name)?;
-                    replace_in_order(state, &holder, sim::segw_index(&segws, name))?;
+                    let done = replace_in_order(
+                        state,
+                        &plan,
+                        &holder,
+                        &peers,
+                        sim::segw_index(&segws, name),
+                    )?;
+                    say(&format!("step {step}: {done}"));
+                    state.quiet_control(false)?;
                     disrupted = true;
                 }
                 Event::Weight(name, weight) => {
@@ -153,79 +211,86 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         }
 
         // Arrivals, one after the other.
-        let due = if step as usize >= arrive_over {
-            0
-        } else {
-            initial * (step as usize + 1) / arrive_over - initial * step as usize / arrive_over
-        } + scenario
-            .tunnels
-            .peak
-            .filter(|p| p.step == step)
-            .map_or(0, |_| peak);
-        let first_new = arrived;
-        for i in arrived..arrived + due {
-            let init = &state.initiators[i];
-            if let Err(e) = state.swanctl(
-                &init.dir,
-                &[
-                    "--initiate",
-                    "--child",
-                    super::strongswan::CHILD,
-                    "--timeout",
-                    "30",
-                ],
-            ) {
+        let arriving = plan.arriving(step);
+        for l in arriving.clone() {
+            let init = &state.initiators[plan.lives[l].initiator];
+            if let Err(e) = state.swanctl(&init.dir, &init.initiate_args()) {
                 problems.push(format!("step {step}: {} did not come up: {e}", init.name));
             }
         }
-        arrived += due;
+        arrived = arrived.max(arriving.end);
 
+        let up: Vec<usize> = (0..arrived).filter(|&l| live(l)).collect();
         let held = if disrupted {
-            converge(state, arrived, &peers, capacities)?
+            converge(state, &plan, &up, &peers, capacities)?
         } else {
-            holdings(state, arrived)?
+            holdings(state, &plan, &up)?
         };
-        ping_all(state, arrived)?;
+        let initiators: Vec<usize> = up.iter().map(|&l| plan.lives[l].initiator).collect();
+        // Up somewhere (a refused tunnel passes nothing) and silent: asked
+        // again (a tunnel DPD just re-established can take a moment to
+        // pass), then a problem.
+        let answered = ping_each(state, &initiators, 1, "1", "2")?;
+        let mut silent: Vec<usize> = initiators
+            .iter()
+            .zip(&held)
+            .zip(answered)
+            .filter(|((_, h), (_, received))| !h.is_empty() && *received == 0)
+            .map(|((&i, _), _)| i)
+            .collect();
+        for _ in 0..PING_RETRIES {
+            if silent.is_empty() {
+                break;
+            }
+            let answered = ping_each(state, &silent, 2, "0.5", "2")?;
+            silent = silent
+                .into_iter()
+                .zip(answered)
+                .filter(|(_, (_, received))| *received == 0)
+                .map(|(i, _)| i)
+                .collect();
+        }
+        for i in silent {
+            silent_tunnels.push((step, state.initiators[i].name.clone()));
+        }
 
         let mut moved_now = 0;
-        for (i, h) in held.iter().enumerate() {
+        for (&l, h) in up.iter().zip(&held) {
+            let name = &state.initiators[plan.lives[l].initiator].name;
             let Some(&at) = h.first() else {
                 // With capacities, up nowhere is refused: every segw was
                 // full when it (or its re-placement) asked.
                 if capacities {
-                    holder[i] = None;
-                    if !std::mem::replace(&mut refused[i], true) {
+                    holder[l] = None;
+                    if !std::mem::replace(&mut refused[l], true) {
                         refused_tunnels += 1;
                     }
                 }
                 continue;
             };
             if h.len() > 1 {
-                problems.push(format!(
-                    "step {step}: {} is up on {} segws",
-                    state.initiators[i].name,
-                    h.len()
-                ));
+                problems.push(format!("step {step}: {name} is up on {} segws", h.len()));
             }
-            let before = holder[i];
+            let before = holder[l];
             let before_up = before.is_some_and(|b| now[b].is_live());
             match sim::landing(before, at, before_up, rebalancing) {
                 Landing::First | Landing::Stayed => {}
                 Landing::Moved => moved_now += 1,
                 Landing::Split => split += 1,
             }
-            holder[i] = Some(at);
+            holder[l] = Some(at);
         }
         match last_event {
             Some(e) => moved[e] += moved_now,
             None => split += moved_now,
         }
-        if arrived > first_new {
-            peers.extend(keys(state, first_new..arrived, step)?);
+        if !arriving.is_empty() {
+            peers.extend(keys(state, &plan, arriving, step)?);
         }
         let counts = counts_of(&holder, segws.len());
         say(&format!(
-            "step {step}: {arrived} tunnels: {}",
+            "step {step}: {} tunnels: {}",
+            up.len(),
             segws
                 .iter()
                 .zip(&counts)
@@ -238,11 +303,24 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         refused_per_step.push(refused_now - refused_before);
         refused_before = refused_now;
     }
-    for (i, h) in holder.iter().enumerate().take(arrived) {
-        if h.is_none() && !refused[i] {
+    let last = scenario.steps.saturating_sub(1);
+    for l in 0..arrived {
+        if plan.lives[l].live_in(last) && holder[l].is_none() && !refused[l] {
+            let name = &state.initiators[plan.lives[l].initiator].name;
+            problems.push(format!("{name} is not up on any segw"));
+        }
+    }
+
+    // Tunnel by tunnel, the balancer's view is the segws'.
+    let balancer = balancer_placement(state, &peers)?;
+    for (l, (&segws_say, &balancer_says)) in holder.iter().zip(&balancer).enumerate() {
+        if plan.lives[l].live_in(last) && segws_say.is_some() && segws_say != balancer_says {
+            let name = &state.initiators[plan.lives[l].initiator].name;
+            let at = |k: Option<usize>| k.map_or("none", |k| state.segws[k].name.as_str());
             problems.push(format!(
-                "{} is not up on any segw",
-                state.initiators[i].name
+                "{name}: on {} by its segws, on {} by the balancer",
+                at(segws_say),
+                at(balancer_says)
             ));
         }
     }
@@ -280,18 +358,34 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         returns_lost: 0,
         placements: holder,
     };
+    let mut opened = vec![0; state.initiators.len()];
+    let initiators = plan
+        .lives
+        .iter()
+        .map(|l| {
+            opened[l.initiator] += 1;
+            let name = &state.initiators[l.initiator].name;
+            match opened[l.initiator] {
+                1 => name.clone(),
+                n => format!("{name}#{n}"),
+            }
+        })
+        .collect();
     Ok(Driven {
         outcome,
         peers,
-        initiators: state.initiators.iter().map(|i| i.name.clone()).collect(),
+        initiators,
+        closed: plan.closes(),
+        returned: plan.returns(),
         problems,
+        silent: silent_tunnels,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
 
 /// The lab must start with the scenario's segws, in its order, and have
 /// initiators to be its tunnels.
-fn check_fits(state: &State, scenario: &Scenario) -> Result<()> {
+fn check_fits(state: &State, scenario: &Scenario, plan: &Plan) -> Result<()> {
     let lab: Vec<(&str, u32)> = state
         .segws
         .iter()
@@ -308,8 +402,12 @@ fn check_fits(state: &State, scenario: &Scenario) -> Result<()> {
             "the lab's segws {lab:?} are not the scenario's {wanted:?}: bring the lab up from the scenario (`segwlb lab compare` does)"
         )));
     }
-    if state.initiators.is_empty() {
-        return Err(Error::State("the lab has no initiators".into()));
+    if state.initiators.len() < plan.initiators {
+        return Err(Error::State(format!(
+            "the scenario needs {} initiators (its tunnels and their churn), the lab has {}: bring the lab up from the scenario (`lab up --scenario`)",
+            plan.initiators,
+            state.initiators.len()
+        )));
     }
     Ok(())
 }
@@ -349,30 +447,107 @@ fn wait_health(state: &State, name: &str, healthy: bool) -> Result<()> {
 
 /// One packet through each tunnel `holder` puts on segw `segw`, in arrival
 /// order, each waiting until the balancer has re-placed it: the order in
-/// which the simulation re-places them.
-fn replace_in_order(state: &State, holder: &[Option<usize>], segw: usize) -> Result<()> {
-    let mut pings = Vec::new();
-    for (i, _) in holder.iter().enumerate().filter(|(_, h)| **h == Some(segw)) {
-        let before = state.balancer_status()?.counters.moved;
-        pings.push(ping(state, i, 1, "1")?);
-        let until = Instant::now() + Duration::from_secs(3);
-        // A tunnel whose initiator's DPD got there first is re-placed
-        // already: the wait runs out and the order is what DPD made it.
-        while state.balancer_status()?.counters.moved == before && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(5));
+/// which the simulation re-places them. It must beat the initiators' DPD,
+/// which re-places a tunnel with its own packet (out of turn) about
+/// `dpd_delay` after the last packet they received: the caller pinged
+/// every tunnel just before the segw went, and a turn here is one UDP
+/// datagram from the tunnel's inner address (a socket opened in its
+/// namespace beforehand) and a poll of the balancer's move counter, a few
+/// milliseconds; a `ping` process per turn took tens, and a few hundred
+/// tunnels ran into DPD. A tunnel the balancer no longer has on `segw` is
+/// skipped.
+fn replace_in_order(
+    state: &State,
+    plan: &Plan,
+    holder: &[Option<usize>],
+    peers: &[GivenPeer],
+    segw: usize,
+) -> Result<InOrder> {
+    let gone = state.segws[segw].name.as_str();
+    let status = state.balancer_status()?;
+    let on_gone: std::collections::HashSet<(String, u16)> = status
+        .gateways
+        .iter()
+        .filter(|g| g.name == gone)
+        .flat_map(|g| &g.tunnel_list)
+        .map(|t| (t.peer.clone(), t.opened_port))
+        .collect();
+    let mut turns = Vec::new();
+    for (l, _) in holder.iter().enumerate().filter(|(_, h)| **h == Some(segw)) {
+        let Some(p) = peers.get(l) else { continue };
+        if on_gone.contains(&(p.addr.to_string(), p.ike_port)) {
+            let init = &state.initiators[plan.lives[l].initiator];
+            let inner = init.inner;
+            let socket = Netns::adopt(&init.ns)?
+                .enter(move || UdpSocket::bind((inner, 0)))?
+                .map_err(|source| Error::Io {
+                    what: format!("a UDP socket on {inner} in {}", init.ns),
+                    source,
+                })?;
+            turns.push(socket);
         }
     }
-    for mut p in pings {
-        let _ = p.wait();
+    let moved = || -> Result<u64> {
+        let r =
+            request(&state.socket, &Request::Status { tunnels: 0 }).map_err(|e| Error::Step {
+                what: "asking the balancer".into(),
+                detail: e.to_string(),
+            })?;
+        Ok(r.status.map_or(0, |s| s.counters.moved))
+    };
+    let mut done = InOrder {
+        before: holder.iter().filter(|h| **h == Some(segw)).count() - turns.len(),
+        ..InOrder::default()
+    };
+    // The discard port: nothing answers, the packet only has to leave.
+    let to = (state.service, 9);
+    for socket in turns {
+        let before = moved()?;
+        socket
+            .send_to(b"segwlb lab: re-place", to)
+            .map_err(|source| Error::Io {
+                what: "send through a tunnel".into(),
+                source,
+            })?;
+        let until = Instant::now() + Duration::from_secs(1);
+        while moved()? == before && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        match moved()? - before {
+            1 => done.in_order += 1,
+            0 => done.late += 1,
+            _ => done.others += 1,
+        }
     }
-    Ok(())
+    Ok(done)
 }
 
-/// For each of the first `arrived` tunnels, the segws holding the IKE SA
-/// its initiator is using now (established, child installed). An SA a
-/// segw keeps for a tunnel that moved away (until its DPD clears it) is
-/// not the tunnel: the initiator's current SA is.
-fn holdings(state: &State, arrived: usize) -> Result<Vec<Vec<usize>>> {
+impl std::fmt::Display for InOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "re-placed {} in arrival order; {} before their turn, {} late, {} waits with more than one",
+            self.in_order, self.before, self.late, self.others
+        )
+    }
+}
+
+/// How [`replace_in_order`] went: tunnels re-placed by their own packet,
+/// in order; re-placed before their turn (their DPD came first); not
+/// re-placed within the wait; and waits in which more than one moved.
+#[derive(Default)]
+struct InOrder {
+    in_order: usize,
+    before: usize,
+    late: usize,
+    others: usize,
+}
+
+/// For each tunnel in `up` (lives), the segws holding the IKE SA its
+/// initiator is using now (established, child installed). An SA a segw
+/// keeps for a tunnel that moved away (until its DPD clears it) is not
+/// the tunnel: the initiator's current SA is.
+fn holdings(state: &State, plan: &Plan, up: &[usize]) -> Result<Vec<Vec<usize>>> {
     let mut segw_sas = Vec::new();
     for s in &state.segws {
         // A segw that left, or whose charon is dead, holds nothing.
@@ -383,22 +558,23 @@ fn holdings(state: &State, arrived: usize) -> Result<Vec<Vec<usize>>> {
         };
         segw_sas.push(sas);
     }
-    let mut held = vec![Vec::new(); arrived];
-    for (i, init) in state.initiators.iter().take(arrived).enumerate() {
-        let inner = init.inner.to_string();
-        let current: Vec<String> = state
-            .list_sas(&init.dir)
-            .unwrap_or_default()
-            .into_iter()
+    let segw_sas: Vec<_> = segw_sas.iter().map(|sas| by_inner(sas)).collect();
+    let initiator_sas = state.initiator_sas();
+    let mut held = vec![Vec::new(); up.len()];
+    for (i, &l) in up.iter().enumerate() {
+        let n = plan.lives[l].initiator;
+        let inner = state.initiators[n].inner.to_string();
+        let current: Vec<&str> = initiator_sas[n]
+            .iter()
             .filter(|sa| {
                 sa.state == "ESTABLISHED" && sa.children.iter().any(|c| c.state == "INSTALLED")
             })
-            .map(|sa| sa.initiator_spi)
+            .map(|sa| sa.initiator_spi.as_str())
             .collect();
         for (k, sas) in segw_sas.iter().enumerate() {
             let holds = sas
-                .iter()
-                .any(|sa| established(sa, &inner) && current.contains(&sa.initiator_spi));
+                .get(inner.as_str())
+                .is_some_and(|sa| current.contains(&sa.initiator_spi.as_str()));
             if holds {
                 held[i].push(k);
             }
@@ -414,15 +590,16 @@ fn holdings(state: &State, arrived: usize) -> Result<Vec<Vec<usize>>> {
 /// (its re-placement refused: every segw full) is settled up nowhere.
 fn converge(
     state: &State,
-    arrived: usize,
+    plan: &Plan,
+    up: &[usize],
     peers: &[GivenPeer],
     capacities: bool,
 ) -> Result<Vec<Vec<usize>>> {
     let until = Instant::now() + CONVERGE;
     loop {
-        let held = holdings(state, arrived)?;
+        let held = holdings(state, plan, up)?;
         let placed = balancer_placement(state, peers)?;
-        let up: Vec<bool> = {
+        let healthy: Vec<bool> = {
             let status = state.balancer_status()?;
             state
                 .segws
@@ -430,8 +607,8 @@ fn converge(
                 .map(|s| status.gateway(&s.name).is_some_and(|g| g.healthy))
                 .collect()
         };
-        let settled = held.iter().enumerate().all(|(i, h)| match placed.get(i) {
-            Some(Some(k)) if capacities && !up[*k] => h.is_empty(),
+        let settled = up.iter().zip(&held).all(|(&l, h)| match placed.get(l) {
+            Some(Some(k)) if capacities && !healthy[*k] => h.is_empty(),
             Some(Some(k)) => h.as_slice() == [*k],
             _ if capacities => h.len() <= 1,
             _ => h.len() == 1,
@@ -447,73 +624,51 @@ fn converge(
 /// of `peers` on, found by the endpoint the tunnel opened from.
 fn balancer_placement(state: &State, peers: &[GivenPeer]) -> Result<Vec<Option<usize>>> {
     let status = state.balancer_status()?;
+    let mut at: HashMap<(&str, u16), &str> = HashMap::new();
+    for g in &status.gateways {
+        for t in &g.tunnel_list {
+            at.entry((&t.peer, t.opened_port)).or_insert(&g.name);
+        }
+    }
     Ok(peers
         .iter()
         .map(|p| {
             let addr = p.addr.to_string();
-            let g = status.gateways.iter().find(|g| {
-                g.tunnel_list
-                    .iter()
-                    .any(|t| t.peer == addr && t.opened_port == p.ike_port)
-            })?;
-            state.segws.iter().position(|s| s.name == g.name)
+            let g = *at.get(&(addr.as_str(), p.ike_port))?;
+            state.segws.iter().position(|s| s.name == g)
         })
         .collect())
-}
-
-/// `ping -c COUNT -W WAIT` from tunnel `i`'s inner address to the service.
-fn ping(state: &State, i: usize, count: u32, wait: &str) -> Result<Child> {
-    let init = &state.initiators[i];
-    Command::new("ip")
-        .args(["netns", "exec", &init.ns, "ping", "-n", "-q"])
-        .args(["-c", &count.to_string(), "-W", wait, "-I"])
-        .arg(init.inner.to_string())
-        .arg(state.service.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|source| Error::Io {
-            what: "start ping".into(),
-            source,
-        })
-}
-
-/// Traffic through every arrived tunnel: one ping each, all at once.
-fn ping_all(state: &State, arrived: usize) -> Result<()> {
-    let pings = (0..arrived)
-        .map(|i| ping(state, i, 1, "2"))
-        .collect::<Result<Vec<_>>>()?;
-    for mut p in pings {
-        let _ = p.wait();
-    }
-    Ok(())
 }
 
 /// The keys of `tunnels` as the balancer placed them: the segw's SA gives
 /// the IKE SPI, the balancer's entry for that SPI the endpoint it opened
 /// from and the one it floated to.
-fn keys(state: &State, tunnels: std::ops::Range<usize>, step: u32) -> Result<Vec<GivenPeer>> {
+fn keys(
+    state: &State,
+    plan: &Plan,
+    tunnels: std::ops::Range<usize>,
+    step: u32,
+) -> Result<Vec<GivenPeer>> {
     let status = state.balancer_status()?;
     let mut sas = Vec::new();
     for s in state.segws.iter().filter(|s| s.present) {
         sas.extend(state.list_sas(&s.dir).unwrap_or_default());
     }
+    let sas = by_inner(&sas);
+    let entries: HashMap<&str, &TunnelStatus> = status
+        .gateways
+        .iter()
+        .flat_map(|g| &g.tunnel_list)
+        .filter_map(|t| Some((t.ike_spi.as_deref()?, t)))
+        .collect();
     tunnels
-        .map(|i| {
+        .map(|l| {
+            let i = plan.lives[l].initiator;
+            let ends = plan.lives[l].ends;
             let init = &state.initiators[i];
             let inner = init.inner.to_string();
-            let spi = sas
-                .iter()
-                .find(|sa| established(sa, &inner))
-                .map(|sa| sa.initiator_spi.clone());
-            let entry = spi.as_deref().and_then(|spi| {
-                status
-                    .gateways
-                    .iter()
-                    .flat_map(|g| &g.tunnel_list)
-                    .find(|t| t.ike_spi.as_deref() == Some(spi))
-            });
+            let spi = sas.get(inner.as_str()).map(|sa| sa.initiator_spi.clone());
+            let entry = spi.as_deref().and_then(|spi| entries.get(spi));
             match (spi, entry) {
                 (Some(spi), Some(t)) => Ok(GivenPeer {
                     step,
@@ -524,6 +679,7 @@ fn keys(state: &State, tunnels: std::ops::Range<usize>, step: u32) -> Result<Vec
                     natt_port: Some(t.peer_port),
                     ike_spi: u64::from_str_radix(&spi, 16)
                         .map_err(|_| Error::State(format!("IKE SPI {spi:?} is not hex")))?,
+                    ends,
                 }),
                 // Not up: the simulation still gets the tunnel, from its
                 // outer address as configured, so the counts line up.
@@ -532,7 +688,8 @@ fn keys(state: &State, tunnels: std::ops::Range<usize>, step: u32) -> Result<Vec
                     addr: init.outer,
                     ike_port: 500,
                     natt_port: Some(4500),
-                    ike_spi: 0x1a6_0000_0000 + i as u64,
+                    ike_spi: 0x1a6_0000_0000 + l as u64,
+                    ends,
                 }),
             }
         })

@@ -5,6 +5,7 @@
 //! `segwlb run` balancing between them ([`topology`] builds and removes it,
 //! [`report`] drives the tunnels and says where they landed).
 
+pub mod churn;
 pub mod compare;
 pub mod config;
 pub mod drive;

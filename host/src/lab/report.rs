@@ -3,14 +3,14 @@
 //! read every segw's SAs and the balancer's table, and say where each
 //! tunnel landed and whether the two views agree.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::strongswan::{self as sw, IkeSa};
+use super::strongswan::IkeSa;
 use super::topology::State;
 use super::{Error, Result};
 
@@ -84,22 +84,12 @@ pub struct Report {
     pub ping_s: f64,
 }
 
-/// `sa` is up with a child for the tunnel whose inner address is `inner`.
-pub(crate) fn established(sa: &IkeSa, inner: &str) -> bool {
-    let want = format!("{inner}/32");
-    sa.state == "ESTABLISHED"
-        && sa
-            .children
-            .iter()
-            .any(|c| c.state == "INSTALLED" && c.remote_ts.contains(&want))
-}
-
 /// Initiate (what is not up yet), ping, collect, compare.
 pub fn run(state: &State) -> Result<Report> {
     let mut tunnels = Vec::new();
     let t0 = Instant::now();
-    for i in &state.initiators {
-        let mine = state.list_sas(&i.dir).unwrap_or_default();
+    let sas = state.initiator_sas();
+    for (i, mine) in state.initiators.iter().zip(&sas) {
         let up = mine.iter().any(|sa| {
             sa.state == "ESTABLISHED" && sa.children.iter().any(|c| c.state == "INSTALLED")
         });
@@ -107,10 +97,7 @@ pub fn run(state: &State) -> Result<Report> {
         let result = if up {
             Ok(String::new())
         } else {
-            state.swanctl(
-                &i.dir,
-                &["--initiate", "--child", sw::CHILD, "--timeout", "30"],
-            )
+            state.swanctl(&i.dir, &i.initiate_args())
         };
         tunnels.push(TunnelReport {
             initiator: i.name.clone(),
@@ -132,30 +119,11 @@ pub fn run(state: &State) -> Result<Report> {
     }
     let initiate_s = t0.elapsed().as_secs_f64();
 
-    // Pings, all tunnels at once.
+    // Pings, many tunnels at once.
     let t1 = Instant::now();
-    let count = state.pings.to_string();
-    let service = state.service.to_string();
-    let mut children = Vec::new();
-    for i in &state.initiators {
-        let mut cmd = std::process::Command::new("ip");
-        let inner = i.inner.to_string();
-        cmd.args(["netns", "exec", &i.ns, "ping", "-n", "-q", "-c", &count])
-            .args(["-i", "0.2", "-W", "2", "-I", &inner, &service])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        children.push(cmd.spawn().map_err(|source| Error::Io {
-            what: "start ping".into(),
-            source,
-        })?);
-    }
-    for (t, child) in tunnels.iter_mut().zip(children) {
-        let out = child.wait_with_output().map_err(|source| Error::Io {
-            what: "wait for ping".into(),
-            source,
-        })?;
-        let (sent, received) = parse_ping(&String::from_utf8_lossy(&out.stdout));
+    let all: Vec<usize> = (0..state.initiators.len()).collect();
+    let answered = ping_each(state, &all, state.pings, "0.2", "2")?;
+    for (t, (sent, received)) in tunnels.iter_mut().zip(answered) {
         t.pings_sent = sent;
         t.pings_received = received;
     }
@@ -202,10 +170,22 @@ pub fn collect(
         per_segw.insert(s.name.clone(), 0);
     }
     let (mut agree, mut disagree, mut failed) = (0, Vec::new(), Vec::new());
+    let segw_sas: Vec<HashMap<&str, &IkeSa>> = segws.iter().map(|s| by_inner(&s.sas)).collect();
+    // The balancer's gateways by the IKE SPIs and peers of their tunnels.
+    let mut by_spi: HashMap<&str, Vec<&str>> = HashMap::new();
+    let mut by_peer: HashMap<&str, Vec<&str>> = HashMap::new();
+    for g in &status.gateways {
+        for x in &g.tunnel_list {
+            if let Some(spi) = &x.ike_spi {
+                by_spi.entry(spi).or_default().push(&g.name);
+            }
+            by_peer.entry(&x.peer).or_default().push(&g.name);
+        }
+    }
     for t in &mut tunnels {
-        for s in &segws {
+        for (s, sas) in segws.iter().zip(&segw_sas) {
             // By the inner address: behind a NAT the outer one is the NAT's.
-            if let Some(sa) = s.sas.iter().find(|sa| established(sa, &t.inner)) {
+            if let Some(sa) = sas.get(t.inner.as_str()) {
                 t.segws.push(s.name.clone());
                 t.ike_spi_i = Some(sa.initiator_spi.clone());
                 t.remote = Some(format!("{}:{}", sa.remote_host, sa.remote_port));
@@ -214,15 +194,14 @@ pub fn collect(
         }
         // The balancer's entry for the tunnel: by its IKE initiator SPI,
         // which the balancer keeps across the 500 → 4500 float.
-        for g in &status.gateways {
-            let held = g.tunnel_list.iter().any(|x| match &t.ike_spi_i {
-                Some(spi) => x.ike_spi.as_deref() == Some(spi.as_str()),
-                None => x.peer == t.outer,
-            });
-            if held {
-                t.balancer.push(g.name.clone());
-            }
-        }
+        let held = match &t.ike_spi_i {
+            Some(spi) => by_spi.get(spi.as_str()),
+            None => by_peer.get(t.outer.as_str()),
+        };
+        let mut held: Vec<String> = held.into_iter().flatten().map(|g| g.to_string()).collect();
+        // Once per gateway, in the balancer's order.
+        held.dedup();
+        t.balancer = held;
         let agrees = t.segws.len() == 1 && t.segws == t.balancer;
         if agrees {
             agree += 1;
@@ -275,6 +254,71 @@ pub fn collect(
     })
 }
 
+/// `lab run` lists every segw's SAs up to this many tunnels (beyond, with
+/// `--sas`).
+pub const FULL_TABLE_UP_TO: usize = 50;
+
+/// Pings at once at most: each is an `ip netns exec` and a `ping`
+/// process (~1 MB), and a thousand of them at once only queue for 2 cores.
+const PINGS_AT_ONCE: usize = 128;
+
+/// `ping -c COUNT -i INTERVAL -W WAIT` from the inner address of each
+/// initiator in `which` (indexes) to the service, up to [`PINGS_AT_ONCE`]
+/// at a time: (sent, received) for each, in `which`'s order.
+pub(crate) fn ping_each(
+    state: &State,
+    which: &[usize],
+    count: u32,
+    interval: &str,
+    wait: &str,
+) -> Result<Vec<(u32, u32)>> {
+    let (count, service) = (count.to_string(), state.service.to_string());
+    let mut answered = Vec::with_capacity(which.len());
+    for batch in which.chunks(PINGS_AT_ONCE) {
+        let mut children = Vec::with_capacity(batch.len());
+        for &i in batch {
+            let init = &state.initiators[i];
+            let mut cmd = std::process::Command::new("ip");
+            cmd.args(["netns", "exec", &init.ns, "ping", "-n", "-q", "-c", &count])
+                .args(["-i", interval, "-W", wait, "-I"])
+                .arg(init.inner.to_string())
+                .arg(&service)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null());
+            children.push(cmd.spawn().map_err(|source| Error::Io {
+                what: "start ping".into(),
+                source,
+            })?);
+        }
+        for child in children {
+            let out = child.wait_with_output().map_err(|source| Error::Io {
+                what: "wait for ping".into(),
+                source,
+            })?;
+            answered.push(parse_ping(&String::from_utf8_lossy(&out.stdout)));
+        }
+    }
+    Ok(answered)
+}
+
+/// Each established SA with an installed child by the inner address its
+/// child reaches (`remote_ts` a /32): how a segw's SAs are matched to
+/// initiators. Charon lists newest first; the first is kept.
+pub(crate) fn by_inner(sas: &[IkeSa]) -> HashMap<&str, &IkeSa> {
+    let mut map = HashMap::new();
+    for sa in sas.iter().filter(|sa| sa.state == "ESTABLISHED") {
+        for c in sa.children.iter().filter(|c| c.state == "INSTALLED") {
+            for ts in &c.remote_ts {
+                if let Some(inner) = ts.strip_suffix("/32") {
+                    map.entry(inner).or_insert(sa);
+                }
+            }
+        }
+    }
+    map
+}
+
 /// (transmitted, received) from `ping -q`'s summary line.
 fn parse_ping(out: &str) -> (u32, u32) {
     for line in out.lines() {
@@ -295,6 +339,12 @@ impl Report {
     /// Per segw its tunnels, in the spirit of `show ipsec gateway tunnel`,
     /// then the summary.
     pub fn render(&self) -> String {
+        self.render_with(self.tunnels.len() <= FULL_TABLE_UP_TO)
+    }
+
+    /// With `sas`, every segw's SAs, one line each; without, a line per
+    /// segw and the summary.
+    pub fn render_with(&self, sas: bool) -> String {
         let mut out = String::new();
         for s in &self.segws {
             let _ = writeln!(
@@ -307,6 +357,9 @@ impl Report {
             );
             if let Some(e) = &s.error {
                 let _ = writeln!(out, "  no answer: {e}\n");
+                continue;
+            }
+            if !sas {
                 continue;
             }
             if s.sas.is_empty() {
@@ -395,5 +448,41 @@ mod tests {
                    3 packets transmitted, 2 received, 33.3333% packet loss, time 404ms\n";
         assert_eq!(parse_ping(out), (3, 2));
         assert_eq!(parse_ping(""), (0, 0));
+    }
+
+    #[test]
+    fn sas_are_found_by_the_inner_address_of_an_installed_child() {
+        use crate::lab::strongswan::ChildSa;
+        let sa = |spi: &str, state: &str, child: &str, inner: &str| IkeSa {
+            conn: "segw".into(),
+            state: state.into(),
+            remote_host: "10.1.0.1".into(),
+            remote_port: 4500,
+            initiator_spi: spi.into(),
+            responder_spi: "1".into(),
+            children: vec![ChildSa {
+                state: child.into(),
+                spi_in: "c1".into(),
+                spi_out: "c2".into(),
+                packets_in: 0,
+                packets_out: 0,
+                local_ts: vec!["10.201.0.0/24".into()],
+                remote_ts: vec![format!("{inner}/32")],
+            }],
+        };
+        let sas = [
+            sa("a1", "ESTABLISHED", "INSTALLED", "10.200.0.1"),
+            // An older SA of the same tunnel: charon lists newest first.
+            sa("a0", "ESTABLISHED", "INSTALLED", "10.200.0.1"),
+            sa("b1", "CONNECTING", "INSTALLED", "10.200.0.2"),
+            sa("c1", "ESTABLISHED", "DELETING", "10.200.0.3"),
+            sa("d1", "ESTABLISHED", "INSTALLED", "10.200.0.4"),
+        ];
+        let found = by_inner(&sas);
+        assert_eq!(found["10.200.0.1"].initiator_spi, "a1");
+        assert_eq!(found["10.200.0.4"].initiator_spi, "d1");
+        assert!(!found.contains_key("10.200.0.2"), "not established");
+        assert!(!found.contains_key("10.200.0.3"), "no installed child");
+        assert!(!found.contains_key("10.200.0.40"), "whole addresses only");
     }
 }

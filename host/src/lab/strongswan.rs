@@ -112,19 +112,19 @@ pub fn segw_swanctl(vip: Ipv4Addr, service_ts: &str, inner_ts: &str, dpd_delay_s
     )
 }
 
-/// An initiator's `swanctl.conf`: one connection from `outer` to `vip`,
-/// its inner address `inner`/32 to `service_ts`.
-pub fn initiator_swanctl(
-    name: &str,
-    outer: Ipv4Addr,
-    inner: Ipv4Addr,
+/// The `swanctl.conf` of an initiator host: per initiator `(name, outer,
+/// inner)`, a connection `name` from `outer` to `vip`, its inner address
+/// `inner`/32 to `service_ts`.
+pub fn initiator_swanctl<'a>(
+    initiators: impl IntoIterator<Item = (&'a str, Ipv4Addr, Ipv4Addr)>,
     vip: Ipv4Addr,
     service_ts: &str,
     dpd_delay_s: u32,
 ) -> String {
-    format!(
-        "connections {{
-    {CONN} {{
+    let mut conf = String::from("connections {\n");
+    for (name, outer, inner) in initiators {
+        conf += &format!(
+            "    {name} {{
         version = 2
         local_addrs = {outer}
         remote_addrs = {vip}
@@ -148,10 +148,10 @@ pub fn initiator_swanctl(
             }}
         }}
     }}
-}}
-{}",
-        secrets()
-    )
+"
+        );
+    }
+    conf + "}\n" + &secrets()
 }
 
 /// The command that starts charon in namespace `ns` with its own `/run`
@@ -413,14 +413,29 @@ mod tests {
         assert!(limited.contains("\n    ikesa_limit = 8\n"), "{limited}");
         assert!(!strongswan_conf(Path::new("/x"), &segw_limit(0)).contains("ikesa_limit"));
         let i = initiator_swanctl(
-            "i1",
-            Ipv4Addr::new(10, 1, 0, 1),
-            Ipv4Addr::new(10, 200, 0, 1),
+            [
+                (
+                    "i1",
+                    Ipv4Addr::new(10, 1, 0, 1),
+                    Ipv4Addr::new(10, 200, 0, 1),
+                ),
+                (
+                    "i2",
+                    Ipv4Addr::new(10, 1, 0, 2),
+                    Ipv4Addr::new(10, 200, 0, 2),
+                ),
+            ],
             Ipv4Addr::new(10, 2, 2, 1),
             "10.201.0.0/24",
             5,
         );
+        // One connection per initiator, each from its own addresses.
+        assert_eq!(i.matches("local_addrs = ").count(), 2, "{i}");
+        let second = &i[i.find("    i2 {").expect("connection i2")..];
+        assert!(second.contains("local_addrs = 10.1.0.2"), "{i}");
+        assert!(second.contains("id = i2.lab"), "{i}");
         assert!(i.contains("local_ts = 10.200.0.1/32"));
+        assert!(i.contains("local_ts = 10.200.0.2/32"));
         assert!(i.contains("remote_addrs = 10.2.2.1"));
     }
 }

@@ -43,6 +43,66 @@ pub struct Initiator {
     /// Behind the lab's NAT.
     #[serde(default)]
     pub nat: bool,
+    /// Its connection in its charon (which `per_charon` initiators share:
+    /// `ns`, `dir` and `pid` are then the same for all of them).
+    #[serde(default = "lab_conn")]
+    pub conn: String,
+}
+
+fn lab_conn() -> String {
+    sw::CONN.to_string()
+}
+
+impl Initiator {
+    /// `swanctl` arguments that bring its tunnel up.
+    pub fn initiate_args(&self) -> [&str; 7] {
+        [
+            "--initiate",
+            "--ike",
+            &self.conn,
+            "--child",
+            sw::CHILD,
+            "--timeout",
+            "30",
+        ]
+    }
+}
+
+/// The namespaces initiators live in: `per_charon` to one (one charon
+/// each), NAT'd and direct ones never mixed. With one initiator per host
+/// the host is named after it (`iN`), else `hN`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostPlan {
+    pub name: String,
+    /// Initiator numbers (1-based).
+    pub members: std::ops::RangeInclusive<u32>,
+    pub nat: bool,
+}
+
+pub fn host_plan(initiators: u32, nat: u32, per_charon: u32) -> Vec<HostPlan> {
+    let first_natted = initiators - nat + 1;
+    let mut hosts = Vec::new();
+    for (from, to, natted) in [
+        (1, first_natted - 1, false),
+        (first_natted, initiators, true),
+    ] {
+        let mut n = from;
+        while n <= to {
+            let last = (n + per_charon - 1).min(to);
+            let name = if per_charon == 1 {
+                format!("i{n}")
+            } else {
+                format!("h{}", hosts.len() + 1)
+            };
+            hosts.push(HostPlan {
+                name,
+                members: n..=last,
+                nat: natted,
+            });
+            n = last + 1;
+        }
+    }
+    hosts
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -139,6 +199,49 @@ impl State {
         sw::parse_list_sas(&out).map_err(|e| step(&format!("parsing SAs of {}", dir.display()), e))
     }
 
+    /// While `on`, the initiators' bridge drops what they send on UDP 4500
+    /// other than ESP: IKE (DPD) and NAT keepalives. Either would make the
+    /// balancer re-place its tunnel off a failed segw out of turn; with
+    /// them quiet, the lab re-places in arrival order as the simulation
+    /// does (see `drive`). DPD retransmits, so it only comes later.
+    pub fn quiet_control(&self, on: bool) -> Result<()> {
+        let ns = Netns::adopt(&format!("{}-sw", self.prefix))?;
+        if on {
+            let rules = self.work.join("quiet.nft");
+            write(
+                &rules,
+                "table bridge segwlb_quiet {\n    chain forward {\n        \
+                 type filter hook forward priority filter; policy accept;\n        \
+                 udp dport 4500 udp length 9 drop\n        \
+                 udp dport 4500 @th,64,32 0 drop\n    }\n}\n",
+            )?;
+            ns.exec(&["nft", "-f", &rules.to_string_lossy()])?;
+        } else {
+            ns.exec(&["nft", "delete", "table", "bridge", "segwlb_quiet"])?;
+        }
+        Ok(())
+    }
+
+    /// Charons: one per segw and one per initiator host.
+    pub fn charons(&self) -> usize {
+        self.segws.len() + self.initiators.chunk_by(|a, b| a.dir == b.dir).count()
+    }
+
+    /// Every initiator's IKE SAs, in initiator order: each charon asked
+    /// once (a host's charon holds the SAs of all its initiators), an SA
+    /// its initiator's by its connection. A charon that does not answer
+    /// holds nothing.
+    pub fn initiator_sas(&self) -> Vec<Vec<sw::IkeSa>> {
+        let mut all = Vec::with_capacity(self.initiators.len());
+        for host in self.initiators.chunk_by(|a, b| a.dir == b.dir) {
+            let sas = self.list_sas(&host[0].dir).unwrap_or_default();
+            for i in host {
+                all.push(sas.iter().filter(|sa| sa.conn == i.conn).cloned().collect());
+            }
+        }
+        all
+    }
+
     /// Wait until the charon `pid` with its files in `dir` answers on its
     /// vici socket, then load its swanctl.conf.
     fn load_charon(&self, dir: &Path, pid: i32) -> Result<()> {
@@ -195,7 +298,17 @@ impl State {
         let ns = Netns::adopt(&s.ns)?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         // Link down flushed the route back to the initiators.
-        ns.ip(&["route", "replace", &self.outer_prefix, "dev", "eth0"])?;
+        let via = segws_next_hop(&self.outer_prefix)?.to_string();
+        ns.ip(&[
+            "route",
+            "replace",
+            &self.outer_prefix,
+            "via",
+            &via,
+            "dev",
+            "eth0",
+            "onlink",
+        ])?;
         let conf = self.segw_conf()?;
         let pid = start_charon(&s.dir, &s.ns, &conf, s.capacity)?;
         self.segws[k].pid = pid;
@@ -465,6 +578,33 @@ pub fn up(config: &LabConfig, exe: &Path) -> Result<(State, UpTimes)> {
     }
 }
 
+/// First port of the NAT's mappings: the j-th NAT'd initiator (from 0)
+/// gets `NAT_PORTS + 2j` for IKE on 500 and the next for 4500.
+pub const NAT_PORTS: u16 = 40_000;
+
+/// The NAT's nftables rules: a fixed pair of outside ports per initiator
+/// behind it (deterministic NAT, as carrier-grade NATs allocate port
+/// blocks, RFC 7422), so a peer that initiates again after its tunnel
+/// closed, or after DPD restarted it, comes from the endpoint it opened
+/// from, as the simulation's peers do. (A masquerade picks a new random
+/// port once the old mapping timed out: the balancer then sees a new
+/// tunnel, which no replay can predict.) Anything else is masqueraded.
+fn nat_rules(natted: u32, inside: super::config::Prefix, outside: Ipv4Addr) -> String {
+    let mut rules = String::from(
+        "table ip nat {\n    chain post {\n        type nat hook postrouting priority srcnat; policy accept;\n",
+    );
+    for j in 0..natted {
+        let private = inside.host(j + 2).expect("checked");
+        let port = NAT_PORTS + 2 * j as u16;
+        for (sport, to) in [(500, port), (4500, port + 1)] {
+            rules += &format!(
+                "        oifname \"out\" ip saddr {private} udp sport {sport} snat to {outside}:{to}\n"
+            );
+        }
+    }
+    rules + "        oifname \"out\" masquerade\n    }\n}\n"
+}
+
 fn write(path: &Path, text: &str) -> Result<()> {
     fs::write(path, text).map_err(io(format!("write {}", path.display())))
 }
@@ -483,6 +623,18 @@ fn spawn_detached(mut cmd: Command, log: &Path) -> Result<Child> {
     cmd.spawn().map_err(io(format!("start {cmd:?}")))
 }
 
+/// The segws' route towards the initiators goes via the outer prefix's last
+/// host, which the balancer answers ARP for like any initiator address: one
+/// neighbour entry in a segw, where a route on the link took one per peer,
+/// and the kernel's neighbour table (gc_thresh3 = 1024, global, not
+/// settable in a namespace) overflowed past a thousand initiators.
+fn segws_next_hop(outer_prefix: &str) -> Result<Ipv4Addr> {
+    super::config::Prefix::try_from(outer_prefix.to_string())
+        .ok()
+        .and_then(|p| p.last_host())
+        .ok_or_else(|| Error::State(format!("outer prefix {outer_prefix:?} has no last host")))
+}
+
 /// A segw's namespace `ns` linked to the balancer's port `port` in `lb`:
 /// the VIP on its link, a route back to the initiators, the service
 /// address on its `lo`.
@@ -496,7 +648,17 @@ fn link_segw(
 ) -> Result<()> {
     netns::veth(lb, port, ns, "eth0")?;
     ns.ip(&["addr", "add", &format!("{vip}/32"), "dev", "eth0"])?;
-    ns.ip(&["route", "add", outer_prefix, "dev", "eth0"])?;
+    let via = segws_next_hop(outer_prefix)?.to_string();
+    ns.ip(&[
+        "route",
+        "add",
+        outer_prefix,
+        "via",
+        &via,
+        "dev",
+        "eth0",
+        "onlink",
+    ])?;
     ns.ip(&["addr", "add", &format!("{service}/32"), "dev", "lo"])?;
     Ok(())
 }
@@ -534,8 +696,10 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
     let segw_ns = (1..=config.segw.len())
         .map(|k| Netns::new(&format!("{prefix}-s{k}")))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let ini_ns = (1..=config.lab.initiators)
-        .map(|n| Netns::new(&format!("{prefix}-i{n}")))
+    let plan = host_plan(config.lab.initiators, config.lab.nat, config.lab.packing());
+    let ini_ns = plan
+        .iter()
+        .map(|h| Netns::new(&format!("{prefix}-{}", h.name)))
         .collect::<std::result::Result<Vec<_>, _>>()?;
 
     // The initiators' side: one bridge, the balancer's uplink on it.
@@ -574,52 +738,62 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
         ns.ip(&["route", "add", &a.vip_prefix.to_string(), "dev", "out"])?;
         netns::sysctl(&ns, "net/ipv4/ip_forward", "1")?;
         let rules = work.join("nat.nft");
-        write(
-            &rules,
-            "table ip nat {\n    chain post {\n        type nat hook postrouting priority srcnat; policy accept;\n        \
-             oifname \"out\" meta l4proto udp masquerade to :40000-40999\n        \
-             oifname \"out\" masquerade\n    }\n}\n",
-        )?;
+        write(&rules, &nat_rules(config.lab.nat, a.nat_prefix, outside))?;
         ns.exec(&["nft", "-f", &rules.to_string_lossy()])?;
         Some((ns, inside, outside))
     } else {
         None
     };
     let mut initiators = Vec::new();
-    for (i, ns) in ini_ns.iter().enumerate() {
-        let n = i as u32 + 1;
-        let port = format!("i{n}");
-        let inner = a.inner_prefix.host(n).expect("checked");
-        ns.ip(&["addr", "add", &format!("{inner}/32"), "dev", "lo"])?;
-        let (outer, natted) = match &nat {
-            Some((nat_ns, inside, _)) if n >= first_natted => {
-                netns::veth(ns, "eth0", nat_ns, &port)?;
-                nat_ns.ip(&["link", "set", &port, "master", "br0"])?;
-                let outer = a.nat_prefix.host(n + 1).expect("checked");
-                let cidr = format!("{outer}/{}", a.nat_prefix.len);
-                ns.ip(&["addr", "add", &cidr, "dev", "eth0"])?;
-                ns.ip(&["route", "add", "default", "via", &inside.to_string()])?;
-                (outer, true)
+    for (host, ns) in plan.iter().zip(&ini_ns) {
+        let port = &host.name;
+        match &nat {
+            Some((nat_ns, _, _)) if host.nat => {
+                netns::veth(ns, "eth0", nat_ns, port)?;
+                nat_ns.ip(&["link", "set", port, "master", "br0"])?;
             }
             _ => {
-                netns::veth(ns, "eth0", &sw_ns, &port)?;
-                sw_ns.ip(&["link", "set", &port, "master", "br0"])?;
-                let outer = a.outer_prefix.host(n).expect("checked");
-                let cidr = format!("{outer}/{}", a.outer_prefix.len);
-                ns.ip(&["addr", "add", &cidr, "dev", "eth0"])?;
-                ns.ip(&["route", "add", &a.vip_prefix.to_string(), "dev", "eth0"])?;
-                (outer, false)
+                netns::veth(ns, "eth0", &sw_ns, port)?;
+                sw_ns.ip(&["link", "set", port, "master", "br0"])?;
             }
-        };
-        initiators.push(Initiator {
-            name: format!("i{n}"),
-            ns: ns.name().to_string(),
-            outer,
-            inner,
-            dir: work.join(format!("i{n}")),
-            pid: 0,
-            nat: natted,
-        });
+        }
+        if host.members.clone().count() > 1 {
+            // Another initiator's address going (MOBIKE) must not take the
+            // rest of the host's with it when it was the primary.
+            netns::sysctl(ns, "net/ipv4/conf/all/promote_secondaries", "1")?;
+        }
+        for n in host.members.clone() {
+            let inner = a.inner_prefix.host(n).expect("checked");
+            ns.ip(&["addr", "add", &format!("{inner}/32"), "dev", "lo"])?;
+            let (outer, len) = if host.nat {
+                let j = n - first_natted + 1;
+                (a.nat_prefix.host(j + 1).expect("checked"), a.nat_prefix.len)
+            } else {
+                (a.outer_prefix.host(n).expect("checked"), a.outer_prefix.len)
+            };
+            // Each initiator's own outer address; the host's first is its
+            // primary, the rest secondaries (charon binds each connection
+            // to its own with local_addrs).
+            ns.ip(&["addr", "add", &format!("{outer}/{len}"), "dev", "eth0"])?;
+            initiators.push(Initiator {
+                name: format!("i{n}"),
+                ns: ns.name().to_string(),
+                outer,
+                inner,
+                dir: work.join(&host.name),
+                pid: 0,
+                nat: host.nat,
+                conn: format!("i{n}"),
+            });
+        }
+        match &nat {
+            Some((_, inside, _)) if host.nat => {
+                ns.ip(&["route", "add", "default", "via", &inside.to_string()])?;
+            }
+            _ => {
+                ns.ip(&["route", "add", &a.vip_prefix.to_string(), "dev", "eth0"])?;
+            }
+        }
     }
     // The segws: the same VIP everywhere, the service address on lo.
     let mut segws = Vec::new();
@@ -661,16 +835,15 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
     for s in &segws {
         charons.push((s.dir.clone(), s.ns.clone(), segw_conf.clone(), s.capacity));
     }
-    for i in &initiators {
+    // One charon per host, one connection per initiator in it.
+    for host in initiators.chunk_by(|a, b| a.dir == b.dir) {
         let conf = sw::initiator_swanctl(
-            &i.name,
-            i.outer,
-            i.inner,
+            host.iter().map(|i| (i.conn.as_str(), i.outer, i.inner)),
             a.vip,
             &a.service_prefix.to_string(),
             config.lab.dpd_delay_s,
         );
-        charons.push((i.dir.clone(), i.ns.clone(), conf, 0));
+        charons.push((host[0].dir.clone(), host[0].ns.clone(), conf, 0));
     }
     let mut pids = Vec::new();
     for (dir, ns, conf, limit) in &charons {
@@ -679,8 +852,12 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
     for (s, &pid) in segws.iter_mut().zip(&pids) {
         s.pid = pid;
     }
-    for (i, &pid) in initiators.iter_mut().zip(&pids[segws.len()..]) {
-        i.pid = pid;
+    let mut host_pids = pids[segws.len()..].iter();
+    for host in initiators.chunk_by_mut(|a, b| a.dir == b.dir) {
+        let pid = *host_pids.next().expect("a charon per host");
+        for i in host {
+            i.pid = pid;
+        }
     }
     let mut state = State {
         prefix: prefix.clone(),
@@ -849,4 +1026,62 @@ pub fn status(config: &LabConfig) -> Result<String> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_pack_initiators_and_never_mix_nat_and_direct() {
+        // One each: named after the initiator.
+        let own = host_plan(3, 1, 1);
+        let names: Vec<&str> = own.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["i1", "i2", "i3"]);
+        assert_eq!(
+            own.iter().map(|h| h.nat).collect::<Vec<_>>(),
+            [false, false, true]
+        );
+        // 300 with 60 NAT'd, 50 to a host: 4 × 50 + 40 direct, 50 + 10 NAT'd.
+        let packed = host_plan(300, 60, 50);
+        let sizes: Vec<(usize, bool)> = packed
+            .iter()
+            .map(|h| (h.members.clone().count(), h.nat))
+            .collect();
+        assert_eq!(
+            sizes,
+            [
+                (50, false),
+                (50, false),
+                (50, false),
+                (50, false),
+                (40, false),
+                (50, true),
+                (10, true)
+            ]
+        );
+        assert_eq!(packed[5].members, 241..=290);
+        assert_eq!(packed[6].name, "h7");
+        // Nobody NAT'd, nobody direct.
+        assert_eq!(host_plan(10, 0, 4).len(), 3);
+        assert!(host_plan(10, 10, 4).iter().all(|h| h.nat));
+    }
+
+    #[test]
+    fn the_nat_maps_each_initiator_to_its_own_pair_of_ports() {
+        let inside = super::super::config::Prefix::try_from("100.64.0.0/16".to_string()).unwrap();
+        let rules = nat_rules(2, inside, Ipv4Addr::new(10, 1, 1, 61));
+        for line in [
+            "ip saddr 100.64.0.2 udp sport 500 snat to 10.1.1.61:40000",
+            "ip saddr 100.64.0.2 udp sport 4500 snat to 10.1.1.61:40001",
+            "ip saddr 100.64.0.3 udp sport 500 snat to 10.1.1.61:40002",
+            "ip saddr 100.64.0.3 udp sport 4500 snat to 10.1.1.61:40003",
+        ] {
+            assert!(rules.contains(line), "{line}\n{rules}");
+        }
+        assert!(
+            rules.trim_end().ends_with("masquerade\n    }\n}"),
+            "{rules}"
+        );
+    }
 }
