@@ -149,18 +149,13 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                         .map(|l| plan.lives[l].initiator)
                         .collect();
                     ping_each(state, &live, 1, "1", "1")?;
-                    state.quiet_control(true)?;
-                    state.fail_segw(name)?;
-                    wait_health(state, name, false)?;
-                    let done = replace_in_order(
-                        state,
-                        &plan,
-                        &holder,
-                        &peers,
-                        sim::segw_index(&segws, name),
-                    )?;
+                    let done = quietly(state, |state| {
+                        state.fail_segw(name)?;
+                        wait_health(state, name, false)?;
+                        let gone = sim::segw_index(&segws, name);
+                        replace_in_order(state, &plan, &holder, &peers, gone)
+                    })?;
                     say(&format!("step {step}: {done}"));
-                    state.quiet_control(false)?;
                     disrupted = true;
                 }
                 Event::Recover(name) => {
@@ -172,17 +167,12 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                     wait_health(state, &spec.name, true)?;
                 }
                 Event::Remove(name) => {
-                    state.quiet_control(true)?;
-                    state.remove_segw(name)?;
-                    let done = replace_in_order(
-                        state,
-                        &plan,
-                        &holder,
-                        &peers,
-                        sim::segw_index(&segws, name),
-                    )?;
+                    let done = quietly(state, |state| {
+                        state.remove_segw(name)?;
+                        let gone = sim::segw_index(&segws, name);
+                        replace_in_order(state, &plan, &holder, &peers, gone)
+                    })?;
                     say(&format!("step {step}: {done}"));
-                    state.quiet_control(false)?;
                     disrupted = true;
                 }
                 Event::Weight(name, weight) => {
@@ -443,6 +433,16 @@ fn wait_health(state: &State, name: &str, healthy: bool) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `f` with the initiators' control traffic on 4500 held back
+/// ([`State::quiet_control`]): a segw going and its tunnels re-placed in
+/// arrival order.
+fn quietly<T>(state: &mut State, f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+    state.quiet_control(true)?;
+    let done = f(state)?;
+    state.quiet_control(false)?;
+    Ok(done)
 }
 
 /// One packet through each tunnel `holder` puts on segw `segw`, in arrival

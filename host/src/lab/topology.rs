@@ -298,17 +298,7 @@ impl State {
         let ns = Netns::adopt(&s.ns)?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         // Link down flushed the route back to the initiators.
-        let via = segws_next_hop(&self.outer_prefix)?.to_string();
-        ns.ip(&[
-            "route",
-            "replace",
-            &self.outer_prefix,
-            "via",
-            &via,
-            "dev",
-            "eth0",
-            "onlink",
-        ])?;
+        route_to_initiators(&ns, &self.outer_prefix)?;
         let conf = self.segw_conf()?;
         let pid = start_charon(&s.dir, &s.ns, &conf, s.capacity)?;
         self.segws[k].pid = pid;
@@ -635,6 +625,24 @@ fn segws_next_hop(outer_prefix: &str) -> Result<Ipv4Addr> {
         .ok_or_else(|| Error::State(format!("outer prefix {outer_prefix:?} has no last host")))
 }
 
+/// A segw's route to the initiators, via [`segws_next_hop`] (added, or put
+/// back after its link went down).
+fn route_to_initiators(ns: &Netns, outer_prefix: &str) -> Result<()> {
+    let via = segws_next_hop(outer_prefix)?.to_string();
+    let route = [
+        "route",
+        "replace",
+        outer_prefix,
+        "via",
+        &via,
+        "dev",
+        "eth0",
+        "onlink",
+    ];
+    ns.ip(&route)?;
+    Ok(())
+}
+
 /// A segw's namespace `ns` linked to the balancer's port `port` in `lb`:
 /// the VIP on its link, a route back to the initiators, the service
 /// address on its `lo`.
@@ -648,17 +656,7 @@ fn link_segw(
 ) -> Result<()> {
     netns::veth(lb, port, ns, "eth0")?;
     ns.ip(&["addr", "add", &format!("{vip}/32"), "dev", "eth0"])?;
-    let via = segws_next_hop(outer_prefix)?.to_string();
-    ns.ip(&[
-        "route",
-        "add",
-        outer_prefix,
-        "via",
-        &via,
-        "dev",
-        "eth0",
-        "onlink",
-    ])?;
+    route_to_initiators(ns, outer_prefix)?;
     ns.ip(&["addr", "add", &format!("{service}/32"), "dev", "lo"])?;
     Ok(())
 }
