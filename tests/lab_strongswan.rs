@@ -628,15 +628,10 @@ fn lab_compare_is_predicted_exactly_by_the_simulation_for_every_policy() {
         assert_eq!(r["problems"], serde_json::json!([]), "{p}");
         assert_eq!(r["split_tunnels"], 0, "{p}");
         assert_eq!(r["fallbacks"], 0, "{p}");
-        // Every tunnel up answered its pings, but a few just after DPD
-        // re-established them (the failure at step 5, the rebalance at 9):
-        // measured and reported, at most 3% of them.
-        let silent: Vec<String> = serde_json::from_value(r["silent_tunnels"].clone()).unwrap();
-        assert!(silent.len() <= 10, "{p}: {silent:?}");
-        for s in &silent {
-            let step: u32 = s["step ".len()..s.find(':').unwrap()].parse().unwrap();
-            assert!(step >= 5, "{p}: {s} before any failure or rebalance");
-        }
+        // Every tunnel up answered its pings at every step, also those DPD
+        // re-established after the failure and the rebalance (each child
+        // has its own reqid: strongSwan #1855).
+        assert_eq!(r["silent_tunnels"], serde_json::json!([]), "{p}");
         // Churn on real tunnels: 15 close in each of steps 4..9, the
         // peers of one step come back in the next.
         assert_eq!(r["tunnels_closed"], 90, "{p}");

@@ -46,6 +46,11 @@ pub fn strongswan_conf(dir: &Path, extra: &str) -> String {
     retransmit_timeout = 1.0
     retransmit_tries = 2
     keep_alive = 2s
+    # A swanctl command holds a thread until its exchange completes; the
+    # lab runs several at once against a charon of 50 initiators, and the
+    # packets that complete them need threads too (16, the default, ran
+    # out: initiations waited for their 30 s timeout).
+    threads = 32
 {extra}
     plugins {{
         vici {{
@@ -77,11 +82,23 @@ fn secrets() -> String {
     format!("secrets {{\n    ike-any {{\n        secret = \"{PSK}\"\n    }}\n}}\n")
 }
 
-/// The segw's `swanctl.conf`: the same in every segw. Segws run DPD too,
-/// as real ones do: a tunnel that a rebalance or a failure moved away
-/// leaves an SA behind on its old segw, which DPD then clears (its peer
-/// no longer answers for it).
+/// How much slower the segws' DPD is than the initiators'.
+///
+/// A tunnel that a rebalance moved away leaves its SA behind on its old
+/// segw, which keeps asking the initiator whether it is alive; each
+/// request the initiator receives defers its own DPD, so it found its new
+/// segw only once the old one had given up: ~30 s after a rebalance with
+/// both at 5 s. With the segws 6× slower the initiator's DPD comes first
+/// (within dpd_delay plus its retransmits, ~11 s), as it does where the
+/// initiators are the ones that care.
+pub const SEGW_DPD_SLOWER: u32 = 6;
+
+/// The segw's `swanctl.conf`: the same in every segw. Segws run DPD too
+/// ([`SEGW_DPD_SLOWER`] times the initiators' `dpd_delay_s`), as real ones
+/// do: the SA a moved tunnel leaves behind on its old segw is cleared once
+/// its peer no longer answers for it.
 pub fn segw_swanctl(vip: Ipv4Addr, service_ts: &str, inner_ts: &str, dpd_delay_s: u32) -> String {
+    let dpd_delay_s = dpd_delay_s * SEGW_DPD_SLOWER;
     format!(
         "connections {{
     segw {{
@@ -115,6 +132,15 @@ pub fn segw_swanctl(vip: Ipv4Addr, service_ts: &str, inner_ts: &str, dpd_delay_s
 /// The `swanctl.conf` of an initiator host: per initiator `(name, outer,
 /// inner)`, a connection `name` from `outer` to `vip`, its inner address
 /// `inner`/32 to `service_ts`.
+///
+/// Each child has its own fixed reqid (1, 2, … in this charon). With
+/// dynamic ones, charon before 5.9.12 (Debian 12 ships 5.9.8) could give
+/// a child that DPD restarted the reqid another child had taken meanwhile
+/// (strongSwan issue #1855, fixed by its "maintain allocated reqid"
+/// commits); the two then shared one outbound SA, and one tunnel stayed
+/// up but passed nothing. In the lab that was 0–16 of 300 tunnels after a
+/// failure or a rebalance, when many initiators of one charon restart at
+/// once.
 pub fn initiator_swanctl<'a>(
     initiators: impl IntoIterator<Item = (&'a str, Ipv4Addr, Ipv4Addr)>,
     vip: Ipv4Addr,
@@ -122,7 +148,7 @@ pub fn initiator_swanctl<'a>(
     dpd_delay_s: u32,
 ) -> String {
     let mut conf = String::from("connections {\n");
-    for (name, outer, inner) in initiators {
+    for (reqid, (name, outer, inner)) in (1..).zip(initiators) {
         conf += &format!(
             "    {name} {{
         version = 2
@@ -143,6 +169,7 @@ pub fn initiator_swanctl<'a>(
                 local_ts = {inner}/32
                 remote_ts = {service_ts}
                 esp_proposals = aes128gcm16
+                reqid = {reqid}
                 # A dead segw (DPD) means: establish the tunnel again.
                 dpd_action = restart
             }}
@@ -437,5 +464,18 @@ mod tests {
         assert!(i.contains("local_ts = 10.200.0.1/32"));
         assert!(i.contains("local_ts = 10.200.0.2/32"));
         assert!(i.contains("remote_addrs = 10.2.2.1"));
+        // Each child its own fixed reqid (strongSwan #1855).
+        assert!(
+            i.contains("reqid = 1\n") && second.contains("reqid = 2\n"),
+            "{i}"
+        );
+        // The segws' DPD is the slower one.
+        let segw = segw_swanctl(
+            Ipv4Addr::new(10, 2, 2, 1),
+            "10.201.0.0/24",
+            "10.200.0.0/16",
+            5,
+        );
+        assert!(segw.contains("dpd_delay = 30s"), "{segw}");
     }
 }
