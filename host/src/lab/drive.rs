@@ -8,9 +8,11 @@
 //!
 //! What the lab does as the simulation does:
 //! - arrivals and churn as [`churn::Plan`] lays them out: new initiators
-//!   and returning peers initiate in turn (arrival order is the plan's);
-//!   a closing tunnel is terminated by its initiator (IKE DELETE) at the
-//!   start of its step, and the simulation is told the step (`ends`);
+//!   and returning peers initiate in turn, each once the balancer has
+//!   decided the one before ([`initiate::in_order`]; arrival order is the
+//!   plan's); closing tunnels are terminated by their initiators (IKE
+//!   DELETE, all at once) at the start of their step, and the simulation
+//!   is told the step (`ends`);
 //! - a segw fails: every tunnel pings once (DPD stays quiet), the
 //!   initiators' bridge drops their IKE and NAT keepalives for a moment
 //!   ([`State::quiet_control`]), its charon is killed and its link goes
@@ -23,7 +25,9 @@
 //!   `ctl gateway add`), leaves (`ctl gateway remove`, its tunnels
 //!   re-placed as for a failure); weights and drains through `ctl`;
 //! - a swap is `ctl policy use` with the same policy; a rebalance moves
-//!   tunnels whose IPsec SAs stay behind, so DPD re-establishes them too.
+//!   tunnels whose IPsec SAs stay behind, so DPD re-establishes them too
+//!   (the initiators' DPD: the segws' is slower,
+//!   [`super::strongswan::SEGW_DPD_SLOWER`]).
 //!
 //! - capacity: each segw's charon refuses IKE SAs past its capacity
 //!   (`ikesa_limit`) as the balancer does; a tunnel refused (every segw
@@ -40,6 +44,7 @@ use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 use super::churn::Plan;
+use super::initiate;
 use super::netns::Netns;
 use super::report::{by_inner, ping_each};
 use super::topology::State;
@@ -53,7 +58,8 @@ use crate::policy::FallbackReason;
 
 /// How long re-established tunnels may take after a failure or a
 /// rebalance: DPD (the lab's dpd_delay, 5 s by default), its retransmits
-/// (~6 s), a new IKE_SA_INIT and IKE_AUTH, with room to spare.
+/// (~6 s), a new IKE_SA_INIT and IKE_AUTH, with room to spare (it takes
+/// 8–12 s at 300 tunnels).
 const CONVERGE: Duration = Duration::from_secs(90);
 /// Rounds of two pings for a tunnel that did not answer its step's ping.
 const PING_RETRIES: usize = 3;
@@ -119,20 +125,24 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
     for step in 0..scenario.steps {
         let mut rebalancing = false;
         let mut disrupted = false;
+        let mut clock = Phases::start();
         // Tunnels close first: an event's minimum counts only tunnels that
         // will send in its step.
         let closing: Vec<usize> = plan.closing(step).collect();
         if !closing.is_empty() {
             say(&format!("step {step}: {} tunnels close", closing.len()));
         }
-        for &l in &closing {
-            let init = &state.initiators[plan.lives[l].initiator];
-            let args = ["--terminate", "--ike", &init.conn, "--timeout", "10"];
-            if let Err(e) = state.swanctl(&init.dir, &args) {
-                problems.push(format!("step {step}: {} did not close: {e}", init.name));
+        let closers: Vec<usize> = closing.iter().map(|&l| plan.lives[l].initiator).collect();
+        for (&i, done) in closers.iter().zip(initiate::close(state, &closers)) {
+            if let Err(e) = done.result {
+                let name = &state.initiators[i].name;
+                problems.push(format!("step {step}: {name} did not close: {e}"));
             }
+        }
+        for &l in &closing {
             holder[l] = None;
         }
+        clock.lap("close");
         let live = |l: usize| plan.lives[l].live_in(step);
         for e in scenario.events.iter().filter(|e| e.step == step) {
             say(&format!("step {step}: {}", e.event.label()));
@@ -200,15 +210,19 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
             SegwNow::apply(&mut now, &segws, &e.event);
         }
 
-        // Arrivals, one after the other.
+        clock.lap("events");
+
+        // Arrivals, in the plan's order.
         let arriving = plan.arriving(step);
-        for l in arriving.clone() {
-            let init = &state.initiators[plan.lives[l].initiator];
-            if let Err(e) = state.swanctl(&init.dir, &init.initiate_args()) {
-                problems.push(format!("step {step}: {} did not come up: {e}", init.name));
+        let arrivals: Vec<usize> = arriving.clone().map(|l| plan.lives[l].initiator).collect();
+        for (&i, done) in arrivals.iter().zip(initiate::in_order(state, &arrivals)?) {
+            if let Err(e) = done.result {
+                let name = &state.initiators[i].name;
+                problems.push(format!("step {step}: {name} did not come up: {e}"));
             }
         }
         arrived = arrived.max(arriving.end);
+        clock.lap("initiate");
 
         let up: Vec<usize> = (0..arrived).filter(|&l| live(l)).collect();
         let held = if disrupted {
@@ -216,6 +230,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         } else {
             holdings(state, &plan, &up)?
         };
+        clock.lap("settle");
         let initiators: Vec<usize> = up.iter().map(|&l| plan.lives[l].initiator).collect();
         // Up somewhere (a refused tunnel passes nothing) and silent: asked
         // again (a tunnel DPD just re-established can take a moment to
@@ -243,6 +258,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         for i in silent {
             silent_tunnels.push((step, state.initiators[i].name.clone()));
         }
+        clock.lap("ping");
 
         let mut moved_now = 0;
         for (&l, h) in up.iter().zip(&held) {
@@ -279,7 +295,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         }
         let counts = counts_of(&holder, segws.len());
         say(&format!(
-            "step {step}: {} tunnels: {}",
+            "step {step}: {} tunnels: {} ({clock})",
             up.len(),
             segws
                 .iter()
@@ -371,6 +387,41 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         silent: silent_tunnels,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Where a step's time went: its phases, in order, with their seconds.
+struct Phases {
+    since: Instant,
+    laps: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        Phases {
+            since: Instant::now(),
+            laps: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.laps
+            .push((phase, now.duration_since(self.since).as_secs_f64()));
+        self.since = now;
+    }
+}
+
+/// `close 0.1 s, ping 1.4 s`: the phases that took 50 ms or more.
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown: Vec<String> = self
+            .laps
+            .iter()
+            .filter(|(_, s)| *s >= 0.05)
+            .map(|(p, s)| format!("{p} {s:.1} s"))
+            .collect();
+        f.write_str(&shown.join(", "))
+    }
 }
 
 /// The lab must start with the scenario's segws, in its order, and have
@@ -599,14 +650,7 @@ fn converge(
     loop {
         let held = holdings(state, plan, up)?;
         let placed = balancer_placement(state, peers)?;
-        let healthy: Vec<bool> = {
-            let status = state.balancer_status()?;
-            state
-                .segws
-                .iter()
-                .map(|s| status.gateway(&s.name).is_some_and(|g| g.healthy))
-                .collect()
-        };
+        let healthy = healthy(state)?;
         let settled = up.iter().zip(&held).all(|(&l, h)| match placed.get(l) {
             Some(Some(k)) if capacities && !healthy[*k] => h.is_empty(),
             Some(Some(k)) => h.as_slice() == [*k],
@@ -618,6 +662,16 @@ fn converge(
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// Whether the balancer has each lab segw up.
+fn healthy(state: &State) -> Result<Vec<bool>> {
+    let status = state.balancer_counters()?;
+    Ok(state
+        .segws
+        .iter()
+        .map(|s| status.gateway(&s.name).is_some_and(|g| g.healthy))
+        .collect())
 }
 
 /// The lab segw (index into `state.segws`) the balancer's table puts each

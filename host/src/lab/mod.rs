@@ -9,6 +9,7 @@ pub mod churn;
 pub mod compare;
 pub mod config;
 pub mod drive;
+pub mod initiate;
 pub mod netns;
 pub mod report;
 pub mod strongswan;

@@ -155,26 +155,58 @@ fn command_line(cmd: &Command) -> String {
 }
 
 /// Run `cmd` to completion; its stdout, or an error with its stderr.
-pub fn run(mut cmd: Command) -> Result<String> {
+pub fn run(cmd: Command) -> Result<String> {
+    spawn(cmd)?.finish()
+}
+
+/// Start `cmd` (stdin closed, stdout and stderr kept) and go on: for
+/// commands that overlap, each finished with [`Running::finish`].
+pub fn spawn(mut cmd: Command) -> Result<Running> {
     let command = command_line(&cmd);
-    let out = cmd
+    let child = cmd
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|source| Error::Spawn {
             command: command.clone(),
             source,
         })?;
-    if !out.status.success() {
-        return Err(Error::Failed {
-            command,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+    Ok(Running { command, child })
+}
+
+/// A command started by [`spawn`].
+#[derive(Debug)]
+pub struct Running {
+    command: String,
+    child: std::process::Child,
+}
+
+impl Running {
+    /// Whether it has exited (without reaping its output yet).
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
     }
-    String::from_utf8(out.stdout).map_err(|e| Error::Output {
-        command,
-        detail: e.to_string(),
-    })
+
+    /// Wait for it: its stdout, or an error with its stderr.
+    pub fn finish(self) -> Result<String> {
+        let Running { command, child } = self;
+        let out = child.wait_with_output().map_err(|source| Error::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+        if !out.status.success() {
+            return Err(Error::Failed {
+                command,
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        String::from_utf8(out.stdout).map_err(|e| Error::Output {
+            command,
+            detail: e.to_string(),
+        })
+    }
 }
 
 fn ip(args: &[&str]) -> Result<String> {

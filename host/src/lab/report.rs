@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::initiate;
 use super::strongswan::IkeSa;
 use super::topology::State;
 use super::{Error, Result};
@@ -89,15 +90,25 @@ pub fn run(state: &State) -> Result<Report> {
     let mut tunnels = Vec::new();
     let t0 = Instant::now();
     let sas = state.initiator_sas();
-    for (i, mine) in state.initiators.iter().zip(&sas) {
-        let up = mine.iter().any(|sa| {
-            sa.state == "ESTABLISHED" && sa.children.iter().any(|c| c.state == "INSTALLED")
-        });
-        let start = Instant::now();
-        let result = if up {
-            Ok(String::new())
-        } else {
-            state.swanctl(&i.dir, &i.initiate_args())
+    let was_up: Vec<bool> = sas
+        .iter()
+        .map(|mine| {
+            mine.iter().any(|sa| {
+                sa.state == "ESTABLISHED" && sa.children.iter().any(|c| c.state == "INSTALLED")
+            })
+        })
+        .collect();
+    let down: Vec<usize> = (0..state.initiators.len())
+        .filter(|&i| !was_up[i])
+        .collect();
+    let mut initiated = initiate::in_order(state, &down)?.into_iter();
+    for (i, &up) in state.initiators.iter().zip(&was_up) {
+        let (result, seconds) = match up {
+            true => (Ok(String::new()), 0.0),
+            false => {
+                let done = initiated.next().expect("one result per initiator down");
+                (done.result, done.seconds)
+            }
         };
         tunnels.push(TunnelReport {
             initiator: i.name.clone(),
@@ -107,7 +118,7 @@ pub fn run(state: &State) -> Result<Report> {
             remote: None,
             initiated: result.is_ok(),
             was_up: up,
-            initiate_ms: start.elapsed().as_secs_f64() * 1000.0,
+            initiate_ms: seconds * 1000.0,
             error: result.err().map(|e| e.to_string()),
             ike_spi_i: None,
             segws: Vec::new(),

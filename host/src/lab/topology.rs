@@ -188,9 +188,23 @@ impl State {
             .ok_or_else(|| step("asking the balancer", r.message))
     }
 
+    /// The balancer's status without its tunnel lists: its counters, cheap
+    /// to ask for many times a second.
+    pub fn balancer_counters(&self) -> Result<Status> {
+        let r = request(&self.socket, &Request::Status { tunnels: 0 })
+            .map_err(|e| step("asking the balancer", e))?;
+        r.status
+            .ok_or_else(|| step("asking the balancer", r.message))
+    }
+
     /// `swanctl ARGS` against the charon whose files are in `dir`.
     pub fn swanctl(&self, dir: &Path, args: &[&str]) -> Result<String> {
         Ok(netns::run(sw::swanctl(&self.swanctl_conf, dir, args))?)
+    }
+
+    /// [`State::swanctl`], started and left running.
+    pub fn swanctl_spawn(&self, dir: &Path, args: &[&str]) -> Result<netns::Running> {
+        Ok(netns::spawn(sw::swanctl(&self.swanctl_conf, dir, args))?)
     }
 
     /// Every IKE_SA of the charon in `dir`.
