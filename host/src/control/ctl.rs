@@ -148,13 +148,33 @@ pub fn serve(
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(20));
+                        wait_for_client(&listener, STOP_CHECK);
                     }
                     Err(e) => tracing::warn!("control socket: {e}"),
                 }
             }
             let _ = std::fs::remove_file(&owned);
         })
+}
+
+/// How often the control thread looks at its stop flag while no client
+/// connects.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// Sleep until a client connects to `listener` or `most` has passed. A
+/// client is answered at once: the thread used to look every 20 ms, which
+/// a tool asking many times a second (the lab's re-placement turns) paid
+/// ~10 ms a request for.
+fn wait_for_client(listener: &UnixListener, most: Duration) {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call. An error
+    // (EINTR) only ends the wait early: the caller tries accept again.
+    unsafe { libc::poll(&mut fd, 1, most.as_millis() as libc::c_int) };
 }
 
 fn answer(conn: UnixStream, supervisor: &Mutex<Supervisor>) -> std::io::Result<()> {
