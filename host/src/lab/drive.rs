@@ -59,8 +59,12 @@ use crate::policy::FallbackReason;
 /// How long re-established tunnels may take after a failure or a
 /// rebalance: DPD (the lab's dpd_delay, 5 s by default), its retransmits
 /// (~6 s), a new IKE_SA_INIT and IKE_AUTH, with room to spare (it takes
-/// 8–12 s at 300 tunnels).
+/// 8–12 s at 300 tunnels) ...
 const CONVERGE: Duration = Duration::from_secs(90);
+/// ... and more per live tunnel: a rebalance at 2,000 moved 1,318, whose
+/// restarts queue in the charons (50 initiators each, every restart a
+/// 2048-bit DH on both sides); some took more than 90 s.
+const CONVERGE_PER_TUNNEL: Duration = Duration::from_millis(100);
 /// Rounds of two pings for a tunnel that did not answer its step's ping.
 const PING_RETRIES: usize = 3;
 /// How long the balancer's health check may take to see a segw go or come.
@@ -646,7 +650,7 @@ fn converge(
     peers: &[GivenPeer],
     capacities: bool,
 ) -> Result<Vec<Vec<usize>>> {
-    let until = Instant::now() + CONVERGE;
+    let until = Instant::now() + CONVERGE + CONVERGE_PER_TUNNEL * up.len() as u32;
     loop {
         let held = holdings(state, plan, up)?;
         let placed = balancer_placement(state, peers)?;

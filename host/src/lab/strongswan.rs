@@ -51,6 +51,12 @@ pub fn strongswan_conf(dir: &Path, extra: &str) -> String {
     # packets that complete them need threads too (16, the default, ran
     # out: initiations waited for their 30 s timeout).
     threads = 32
+    # A segw answers hundreds of initiators behind one NAT address (as
+    # behind a carrier NAT). Its DoS protection allows 5 half-open IKE SAs
+    # per address: after a failure, the DPD restarts of a NAT'd charon's
+    # tunnels were dropped past the fifth (peer not responding), and
+    # those tunnels stayed down.
+    dos_protection = no
 {extra}
     plugins {{
         vici {{
@@ -436,6 +442,7 @@ mod tests {
         let c = strongswan_conf(Path::new("/tmp/x/s1"), "");
         assert!(c.contains("socket = unix:///tmp/x/s1/charon.vici"));
         assert!(c.contains("kernel-libipsec kernel-netlink"));
+        assert!(c.contains("\n    dos_protection = no\n"), "{c}");
         let limited = strongswan_conf(Path::new("/tmp/x/s1"), &segw_limit(8));
         assert!(limited.contains("\n    ikesa_limit = 8\n"), "{limited}");
         assert!(!strongswan_conf(Path::new("/x"), &segw_limit(0)).contains("ikesa_limit"));
