@@ -154,6 +154,7 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
         .map_err(|e| spawn_err("the worker", e))?;
 
     let socket = config.control_socket.clone();
+    let config_groups = config.control_groups;
     let metrics_addr = config.metrics;
     let policy_dir = config.policy.dir.clone();
     let summary = format!(
@@ -183,8 +184,13 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
 
     let mut threads = Vec::new();
     threads.push(
-        ctl::serve(&socket, supervisor.clone(), stop.clone())
-            .map_err(|e| spawn_err(&format!("the control socket {}", socket.display()), e))?,
+        ctl::serve(
+            &socket,
+            config_groups,
+            ctl::handler(supervisor.clone()),
+            stop.clone(),
+        )
+        .map_err(|e| spawn_err(&format!("the control socket {}", socket.display()), e))?,
     );
     if let Some(addr) = metrics_addr {
         let commands = commands_tx.clone();

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::access::{group_id, Groups};
 use crate::balancer::affinity::Timeouts;
 use crate::balancer::{HealthConfig, IkeSpiLabel, Prefix, SpiSteering};
 use crate::packet::Mac;
@@ -33,6 +34,8 @@ pub struct RunConfig {
     pub max_tunnels: usize,
     pub timeouts: Timeouts,
     pub control_socket: PathBuf,
+    /// Who besides root and the balancer's user may use the socket.
+    pub control_groups: Groups,
     pub metrics: Option<SocketAddr>,
     pub policy: PolicyConfig,
     /// How policies are compiled (fixed for the process's life).
@@ -215,13 +218,36 @@ impl RunConfig {
         }
         let metrics = match &b.metrics {
             None => None,
-            Some(m) => Some(m.get_ref().parse::<SocketAddr>().map_err(|_| {
-                at(
-                    m.span(),
-                    "balancer.metrics",
-                    format!("`{}` is not ADDRESS:PORT", m.get_ref()),
-                )
-            })?),
+            Some(m) => {
+                let addr = m.get_ref().parse::<SocketAddr>().map_err(|_| {
+                    at(
+                        m.span(),
+                        "balancer.metrics",
+                        format!("`{}` is not ADDRESS:PORT", m.get_ref()),
+                    )
+                })?;
+                if !addr.ip().is_loopback() && !b.metrics_remote {
+                    return Err(at(
+                        m.span(),
+                        "balancer.metrics",
+                        format!(
+                            "`{addr}` is not a loopback address: the metrics tell whoever \
+                             reaches them your segws and tunnel counts; set \
+                             balancer.metrics_remote = true to serve them there"
+                        ),
+                    ));
+                }
+                Some(addr)
+            }
+        };
+        let group = |g: &Option<Spanned<String>>, key: &str| -> Result<Option<u32>, ConfigError> {
+            g.as_ref()
+                .map(|g| group_id(g.get_ref()).map_err(|e| at(g.span(), key, e)))
+                .transpose()
+        };
+        let control_groups = Groups {
+            control: group(&b.control_group, "balancer.control_group")?,
+            status: group(&b.status_group, "balancer.status_group")?,
         };
 
         let p = raw.policy;
@@ -402,6 +428,7 @@ impl RunConfig {
                 ..Timeouts::default()
             },
             control_socket: base.join(&b.control_socket),
+            control_groups,
             metrics,
             policy,
             compiler,
@@ -540,7 +567,14 @@ struct RawBalancer {
     half_open_timeout_s: Spanned<u64>,
     #[serde(default = "control_socket")]
     control_socket: PathBuf,
+    /// Members may do anything on the control socket (name or gid).
+    control_group: Option<Spanned<String>>,
+    /// Members may ask for status (name or gid).
+    status_group: Option<Spanned<String>>,
     metrics: Option<Spanned<String>>,
+    /// Serve metrics on a non-loopback address.
+    #[serde(default)]
+    metrics_remote: bool,
 }
 
 fn max_tunnels() -> Spanned<usize> {

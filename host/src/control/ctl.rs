@@ -5,13 +5,15 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::access::{self, Grant, Groups};
+use super::bounded;
 use super::status::Status;
 use super::Supervisor;
 
@@ -114,11 +116,34 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, CtlError> {
     })
 }
 
-/// Listen on `path` (replacing a stale socket file, refusing a live one)
-/// and answer requests with `supervisor` until `stop` is set.
+/// Clients served at once; one more is answered "busy" and closed.
+pub const MAX_CLIENTS: usize = 16;
+/// A client has this long to send its request line, however it sends it.
+pub const REQUEST_WITHIN: Duration = Duration::from_secs(2);
+/// The longest request line.
+const MAX_REQUEST: usize = 64 * 1024;
+/// How long an answer may take to write before the client is dropped.
+const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+/// What answers a request (the supervisor, in `segwlb run`).
+pub type Handler = Arc<dyn Fn(Request) -> Response + Send + Sync>;
+
+impl Request {
+    /// Whether it changes anything (everything but `status` does).
+    pub fn changes(&self) -> bool {
+        !matches!(self, Request::Status { .. })
+    }
+}
+
+/// Listen on `path` (replacing a stale socket file, refusing a live one),
+/// its mode and group as `groups` says ([`access`]), and answer requests
+/// with `handler` until `stop` is set: each client on its own thread, up
+/// to [`MAX_CLIENTS`], each with [`REQUEST_WITHIN`] to send its request,
+/// so a silent or slow client holds up nobody else.
 pub fn serve(
     path: &Path,
-    supervisor: Arc<Mutex<Supervisor>>,
+    groups: Groups,
+    handler: Handler,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<JoinHandle<()>> {
     if UnixStream::connect(path).is_ok() {
@@ -135,16 +160,33 @@ pub fn serve(
         std::fs::create_dir_all(dir)?;
     }
     let listener = UnixListener::bind(path)?;
+    groups.apply(path)?;
     listener.set_nonblocking(true)?;
     let owned = path.to_path_buf();
+    let owner = access::own_uid();
+    let clients = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("ctl".into())
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
+                    Ok((conn, _)) if clients.load(Ordering::Relaxed) >= MAX_CLIENTS => {
+                        refuse_busy(conn);
+                    }
                     Ok((conn, _)) => {
-                        if let Err(e) = answer(conn, &supervisor) {
-                            tracing::debug!("control request: {e}");
+                        clients.fetch_add(1, Ordering::Relaxed);
+                        let (done, handler) = (clients.clone(), handler.clone());
+                        let spawned = std::thread::Builder::new().name("ctl-client".into()).spawn(
+                            move || {
+                                if let Err(e) = answer(conn, groups, owner, &*handler) {
+                                    tracing::debug!("control request: {e}");
+                                }
+                                done.fetch_sub(1, Ordering::Relaxed);
+                            },
+                        );
+                        if let Err(e) = spawned {
+                            tracing::warn!("control socket: no thread for a client: {e}");
+                            clients.fetch_sub(1, Ordering::Relaxed);
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -155,6 +197,15 @@ pub fn serve(
             }
             let _ = std::fs::remove_file(&owned);
         })
+}
+
+/// A client past [`MAX_CLIENTS`]: told so, at once, and closed.
+fn refuse_busy(conn: UnixStream) {
+    tracing::debug!("control socket: {MAX_CLIENTS} clients already, one refused");
+    let busy = Response::of(Err(format!(
+        "busy: {MAX_CLIENTS} control clients are being served; try again"
+    )));
+    let _ = send(conn, &busy, Duration::from_millis(100));
 }
 
 /// How often the control thread looks at its stop flag while no client
@@ -177,23 +228,74 @@ fn wait_for_client(listener: &UnixListener, most: Duration) {
     unsafe { libc::poll(&mut fd, 1, most.as_millis() as libc::c_int) };
 }
 
-fn answer(conn: UnixStream, supervisor: &Mutex<Supervisor>) -> std::io::Result<()> {
+/// One client: who it is, its request within [`REQUEST_WITHIN`], what it
+/// may do, the answer.
+fn answer(
+    conn: UnixStream,
+    groups: Groups,
+    owner: u32,
+    handler: &(dyn Fn(Request) -> Response + Send + Sync),
+) -> std::io::Result<()> {
     conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut line = String::new();
-    BufReader::new(conn.try_clone()?).read_line(&mut line)?;
-    let response = match serde_json::from_str::<Request>(&line) {
-        Err(e) => Response::of(Err(format!("not a request: {e}"))),
-        Ok(req) => {
-            tracing::debug!(?req, "control request");
-            let mut sup = supervisor.lock().unwrap_or_else(|p| p.into_inner());
-            handle(&mut sup, req)
-        }
+    let peer = access::peer_of(&conn)?;
+    let grant = groups.grant(owner, &peer);
+    if grant == Grant::Nothing {
+        let no = format!(
+            "permission denied: uid {} may not use this socket (root, its owner uid {owner}, \
+             and members of balancer.control_group may; balancer.status_group may ask for status)",
+            peer.uid
+        );
+        return send(conn, &Response::of(Err(no)), ANSWER_WITHIN);
+    }
+    let mut reader = conn.try_clone()?;
+    let response = match bounded::read_until(&mut reader, b"\n", MAX_REQUEST, REQUEST_WITHIN) {
+        Err(e) => Response::of(Err(format!("no request: {e}"))),
+        Ok(line) => match serde_json::from_slice::<Request>(first_line(&line)) {
+            Err(e) => Response::of(Err(format!("not a request: {e}"))),
+            Ok(req) if req.changes() && grant != Grant::Change => Response::of(Err(format!(
+                "permission denied: uid {} may ask for status only (balancer.status_group); \
+                 changing the balancer takes root or balancer.control_group",
+                peer.uid
+            ))),
+            Ok(req) => {
+                tracing::debug!(?req, uid = peer.uid, "control request");
+                handler(req)
+            }
+        },
     };
-    let mut out = serde_json::to_string(&response).expect("responses serialise");
+    send(conn, &response, ANSWER_WITHIN)
+}
+
+/// `bytes` up to its first newline.
+fn first_line(bytes: &[u8]) -> &[u8] {
+    bytes.split(|&b| b == b'\n').next().unwrap_or(bytes)
+}
+
+/// Write `response` as one line, within `within`, and close. What the
+/// client sent and was not read (a request refused unread) is discarded
+/// first: closing over unread bytes makes the client's next read fail
+/// with a reset rather than end.
+fn send(mut conn: UnixStream, response: &Response, within: Duration) -> std::io::Result<()> {
+    conn.set_write_timeout(Some(within))?;
+    let mut out = serde_json::to_string(response).expect("responses serialise");
     out.push('\n');
-    let mut conn = conn;
-    conn.write_all(out.as_bytes())
+    conn.write_all(out.as_bytes())?;
+    conn.set_nonblocking(true)?;
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        if !matches!(std::io::Read::read(&mut conn, &mut sink), Ok(n) if n > 0) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Answer `req` with the supervisor: what [`serve`] is given in `segwlb run`.
+pub fn handler(supervisor: Arc<Mutex<Supervisor>>) -> Handler {
+    Arc::new(move |req| {
+        let mut sup = supervisor.lock().unwrap_or_else(|p| p.into_inner());
+        handle(&mut sup, req)
+    })
 }
 
 fn handle(sup: &mut Supervisor, req: Request) -> Response {

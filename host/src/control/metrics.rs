@@ -3,13 +3,14 @@
 //! rare and tiny, so no HTTP library).
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::bounded::{self, Cut};
 use super::status::Status;
 
 /// The exposition format, version 0.0.4.
@@ -285,34 +286,115 @@ pub fn serve(
         })
 }
 
-fn answer(conn: TcpStream, snapshot: &impl Fn() -> Option<Status>) -> std::io::Result<()> {
+/// The most a request's head (request line and headers) may take.
+const HEAD_MAX: usize = 8 * 1024;
+/// How long a client has to send it: while it dawdles, scrapes wait (one
+/// client at a time).
+pub const HEAD_WITHIN: Duration = Duration::from_secs(1);
+
+fn answer(mut conn: TcpStream, snapshot: &impl Fn() -> Option<Status>) -> std::io::Result<()> {
     conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut request = String::new();
-    reader.read_line(&mut request)?;
-    // Read (and ignore) the headers up to the blank line.
-    let mut line = String::new();
-    while reader.read_line(&mut line)? > 2 {
-        line.clear();
-    }
-    let path = request.split_whitespace().nth(1).unwrap_or("");
-    let (code, body) = match (request.starts_with("GET "), path) {
-        (true, "/metrics") => match snapshot() {
-            Some(s) => ("200 OK", render(&s)),
-            None => (
-                "503 Service Unavailable",
-                "the balancer is stopping\n".into(),
-            ),
-        },
-        (true, _) => ("404 Not Found", "try /metrics\n".into()),
-        _ => ("405 Method Not Allowed", "GET only\n".into()),
+    conn.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let (code, body) = match bounded::read_until(&mut conn, b"\n\r\n", HEAD_MAX, HEAD_WITHIN) {
+        Ok(head) => respond(&head, snapshot),
+        Err(Cut::TooLong(n)) => (
+            "431 Request Header Fields Too Large",
+            format!("a request head is at most {n} bytes\n"),
+        ),
+        Err(Cut::TooSlow(t)) => (
+            "408 Request Timeout",
+            format!("send the request within {t:?}\n"),
+        ),
+        Err(Cut::Closed) => return Ok(()),
+        Err(Cut::Io(e)) => return Err(e),
     };
-    let mut conn = conn;
     write!(
         conn,
         "HTTP/1.0 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     conn.flush()
+}
+
+/// The status and body for a request whose head is `head`.
+fn respond(head: &[u8], snapshot: &impl Fn() -> Option<Status>) -> (&'static str, String) {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or(head);
+    let line = String::from_utf8_lossy(line);
+    let parts: Vec<&str> = line.trim_end().split(' ').collect();
+    let [method, path, version] = parts[..] else {
+        return ("400 Bad Request", "not an HTTP request line\n".into());
+    };
+    if !version.starts_with("HTTP/1.") {
+        return ("400 Bad Request", "not an HTTP request line\n".into());
+    }
+    match (method, path) {
+        ("GET", "/metrics") => match snapshot() {
+            Some(s) => ("200 OK", render(&s)),
+            None => (
+                "503 Service Unavailable",
+                "the balancer is stopping\n".into(),
+            ),
+        },
+        ("GET", _) => ("404 Not Found", "try /metrics\n".into()),
+        _ => ("405 Method Not Allowed", "GET only\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::time::Instant;
+
+    /// What the listener answers to `send`, and how long it took.
+    fn exchange(addr: SocketAddr, send: &[u8]) -> (String, Duration) {
+        let t = Instant::now();
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = c.write_all(send);
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer);
+        (answer, t.elapsed())
+    }
+
+    #[test]
+    fn bad_slow_and_oversized_requests_get_an_error_in_bounded_time() {
+        let addr = {
+            let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap()
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        // No status to give: a good scrape is answered 503.
+        let server = serve(addr, || None, stop.clone()).unwrap();
+
+        let (a, _) = exchange(
+            addr,
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+        );
+        assert!(a.starts_with("HTTP/1.0 400 Bad Request\r\n"), "{a:?}");
+        let (a, _) = exchange(addr, b"POST /metrics HTTP/1.1\r\n\r\n");
+        assert!(a.starts_with("HTTP/1.0 405 "), "{a:?}");
+        let (a, _) = exchange(addr, b"GET /other HTTP/1.1\r\n\r\n");
+        assert!(a.starts_with("HTTP/1.0 404 "), "{a:?}");
+        let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
+        let (a, _) = exchange(addr, huge.as_bytes());
+        assert!(a.starts_with("HTTP/1.0 431 "), "{a:?}");
+
+        // A client that starts a request and stops: cut after HEAD_WITHIN,
+        // and a scrape waiting behind it is answered right after.
+        let slow = std::thread::spawn(move || exchange(addr, b"GET /met"));
+        std::thread::sleep(Duration::from_millis(50));
+        let (a, waited) = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert!(a.starts_with("HTTP/1.0 503 "), "{a:?}");
+        assert!(
+            waited < HEAD_WITHIN + Duration::from_millis(500),
+            "{waited:?}"
+        );
+        let (a, took) = slow.join().unwrap();
+        assert!(a.starts_with("HTTP/1.0 408 Request Timeout\r\n"), "{a:?}");
+        assert!(took < HEAD_WITHIN + Duration::from_millis(500), "{took:?}");
+
+        stop.store(true, Ordering::Relaxed);
+        server.join().unwrap();
+    }
 }

@@ -9,6 +9,8 @@
 //! gateway added at runtime). The control socket and the file watcher
 //! share it behind a mutex; the data path never takes that lock.
 
+pub mod access;
+pub mod bounded;
 pub mod config;
 pub mod ctl;
 pub mod diff;

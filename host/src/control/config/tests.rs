@@ -261,3 +261,46 @@ fn bad_limits_are_named_with_their_table() {
     let e = with("limits.py = { memory = 3 }");
     assert!(e.contains("memory"), "{e}");
 }
+
+#[test]
+fn metrics_stay_on_loopback_unless_told_and_control_groups_resolve() {
+    let dir = policies();
+    let open = good(dir.path()).replace("127.0.0.1:9469", "0.0.0.0:9469");
+    let e = error(&open);
+    assert!(
+        e.contains(": balancer.metrics: `0.0.0.0:9469` is not a loopback address"),
+        "{e}"
+    );
+    let told = open.replace(
+        "metrics = \"0.0.0.0:9469\"",
+        "metrics = \"0.0.0.0:9469\"\nmetrics_remote = true",
+    );
+    assert_eq!(
+        parse(&told).unwrap().metrics,
+        Some("0.0.0.0:9469".parse().unwrap())
+    );
+    let ipv6 = good(dir.path()).replace("127.0.0.1:9469", "[::1]:9469");
+    assert!(parse(&ipv6).is_ok(), "::1 is loopback");
+
+    assert_eq!(
+        parse(&good(dir.path())).unwrap().control_groups,
+        Groups::default()
+    );
+    let groups = good(dir.path()).replace(
+        "control_socket = \"run/segwlb.sock\"",
+        "control_socket = \"run/segwlb.sock\"\ncontrol_group = \"root\"\nstatus_group = \"65534\"",
+    );
+    assert_eq!(
+        parse(&groups).unwrap().control_groups,
+        Groups {
+            control: Some(0),
+            status: Some(65534)
+        }
+    );
+    let unknown = groups.replace("\"root\"", "\"no-such-group-segwlb\"");
+    let e = error(&unknown);
+    assert!(
+        e.contains(": balancer.control_group: no group `no-such-group-segwlb` on this machine"),
+        "{e}"
+    );
+}
