@@ -241,6 +241,9 @@ fn silent_slow_and_flooding_clients_hold_up_no_one() {
         "{garbage:?}"
     );
     let long = ask(&s.path, &format!("{}\n", "x".repeat(100_000)));
-    assert!(!long.ok && long.message.contains("longer than 65536 bytes"), "{long:?}");
+    assert!(
+        !long.ok && long.message.contains("longer than 65536 bytes"),
+        "{long:?}"
+    );
     assert_eq!(s.reached.load(Ordering::SeqCst), before);
 }

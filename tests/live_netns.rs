@@ -241,6 +241,21 @@ impl Lab {
         }
     }
 
+    /// Stop the balancer with `signal` (`TERM`, `KILL`) and wait for it.
+    fn stop_with(&mut self, signal: &str) {
+        let mut child = self.balancer.take().expect("a running balancer");
+        Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(5);
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < until, "segwlb run ignored SIG{signal}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // A killed balancer leaves its socket behind; the next one replaces it.
+    }
+
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -1290,4 +1305,140 @@ fn frame_with(ether_type: u16, payload: &[u8]) -> Vec<u8> {
     f.extend_from_slice(payload);
     f.resize(f.len().max(60), 0);
     f
+}
+
+/// A restart with a state file moves nothing. The same 12 tunnels (raw
+/// ESP, each its own peer) before and after: (a) SIGTERM then start, with
+/// a new peer first so that round-robin would now deal every tunnel one
+/// segw further; (b) `kill -9` after `ctl save`: the saved tunnels keep
+/// their segw, the 3 opened since are placed afresh (counted); (c) a
+/// damaged state file: refused, a cold start; (d) a config with segw3
+/// gone: its tunnels dropped and counted. The periodic snapshot is seen
+/// writing the file on its own first.
+#[test]
+fn a_restart_with_a_state_file_moves_no_tunnel() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up("warm", "round-robin", (200, 3));
+    let state = lab.dir.join("segwlb.state");
+    let text = std::fs::read_to_string(&lab.config).unwrap().replacen(
+        "[balancer]\n",
+        "[balancer]\nstate_file = \"segwlb.state\"\nstate_interval_s = 1\n",
+        1,
+    );
+    std::fs::write(&lab.config, text).unwrap();
+    lab.stop_with("TERM");
+    lab.start();
+
+    let first = lab.raw_esp(700, 12, 0xd000, 1);
+    let before = landing(&lab.send_and_capture(&first));
+    let segw_of = |at: &HashMap<Vec<u8>, Vec<usize>>, f: &[u8]| at.get(&f[14..]).cloned();
+    // The periodic snapshot, with nobody asking.
+    let until = Instant::now() + Duration::from_secs(5);
+    let snapshot = |path: &Path| {
+        let saved = segwlb::balancer::saved::decode(&std::fs::read(path).ok()?).ok()?;
+        Some(saved.len())
+    };
+    while snapshot(&state) != Some(12) {
+        assert!(Instant::now() < until, "no snapshot within 5 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // (a) SIGTERM, start, a newcomer first, then the 12. From here on
+    // snapshots only when asked, so (b) knows what the file holds.
+    let stopped = Instant::now();
+    lab.stop_with("TERM");
+    let text = std::fs::read_to_string(&lab.config).unwrap();
+    std::fs::write(
+        &lab.config,
+        text.replace("state_interval_s = 1", "state_interval_s = 0"),
+    )
+    .unwrap();
+    lab.start();
+    let restart = stopped.elapsed();
+    assert!(
+        lab.log_text().contains("12 tunnels restored"),
+        "{}",
+        lab.log_text()
+    );
+    let decided = lab.status().policy.decisions;
+    lab.send_and_capture(&lab.raw_esp(800, 1, 0xe000, 1));
+    let again = lab.raw_esp(700, 12, 0xd000, 2);
+    let after = landing(&lab.send_and_capture(&again));
+    let mut moved = 0;
+    for (f1, f2) in first.iter().zip(&again) {
+        let (was, is) = (segw_of(&before, f1), segw_of(&after, f2));
+        assert!(was.as_ref().is_some_and(|w| w.len() == 1), "{was:?}");
+        moved += usize::from(was != is);
+    }
+    assert_eq!(moved, 0, "tunnels moved by a SIGTERM restart");
+    assert_eq!(
+        lab.status().policy.decisions,
+        decided + 1,
+        "only the newcomer was placed"
+    );
+    eprintln!("SIGTERM to serving again: {restart:?}; 0 of 12 tunnels moved");
+
+    // (b) kill -9 after a save: what the file held keeps its segw.
+    let (ok, out) = lab.ctl(&["save"]);
+    assert!(ok && out.contains("13 tunnels saved"), "{out}");
+    let late = lab.raw_esp(900, 3, 0xf000, 1);
+    let late_before = landing(&lab.send_and_capture(&late));
+    lab.stop_with("KILL");
+    let saved = segwlb::balancer::saved::decode(&std::fs::read(&state).unwrap()).unwrap();
+    lab.start();
+    let again = lab.raw_esp(700, 12, 0xd000, 3);
+    let after = landing(&lab.send_and_capture(&again));
+    for (f1, f3) in first.iter().zip(&again) {
+        assert_eq!(
+            segw_of(&before, f1),
+            segw_of(&after, f3),
+            "moved by kill -9"
+        );
+    }
+    assert_eq!(saved.len(), 13, "the file is the save's");
+    // The 3 opened after the save are new to the restarted balancer: the
+    // policy places them again, wherever its rotation now points.
+    let late_again = lab.raw_esp(900, 3, 0xf000, 2);
+    let late_after = landing(&lab.send_and_capture(&late_again));
+    let misdelivered = late
+        .iter()
+        .zip(&late_again)
+        .filter(|(f1, f2)| segw_of(&late_before, f1) != segw_of(&late_after, f2))
+        .count();
+    eprintln!(
+        "kill -9 after a save: 12 of 12 saved tunnels kept; of 3 opened after the save, \
+         {misdelivered} re-placed on another segw (their frames misdelivered until the segw \
+         that holds them speaks)"
+    );
+
+    // (c) A damaged file: refused, a cold start that serves.
+    lab.stop_with("KILL");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let end = bytes.len() - 3;
+    bytes[end] ^= 0x20;
+    std::fs::write(&state, &bytes).unwrap();
+    lab.start();
+    assert!(
+        lab.log_text().contains("checksum mismatch") && lab.log_text().contains("starting cold"),
+        "{}",
+        lab.log_text()
+    );
+    assert_eq!(lab.status().table.tunnels, 0);
+
+    // (d) segw3 gone from the config: its saved tunnels are dropped.
+    lab.send_and_capture(&lab.raw_esp(700, 12, 0xd000, 4));
+    lab.stop_with("TERM");
+    let text = std::fs::read_to_string(&lab.config).unwrap();
+    let cut = text.find("[[gateway]]\nname = \"segw3\"").unwrap();
+    std::fs::write(&lab.config, &text[..cut]).unwrap();
+    lab.start();
+    assert!(
+        lab.log_text()
+            .contains("8 tunnels restored; dropped: 4 on gateways no longer configured"),
+        "{}",
+        lab.log_text()
+    );
 }

@@ -134,7 +134,9 @@ impl Running {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
-            std::thread::spawn(move || worker.run(frames_rx, commands_rx, &stop))
+            std::thread::spawn(move || {
+                worker.run(frames_rx, commands_rx, &stop);
+            })
         };
         Running {
             frames,

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{select, Receiver, Sender};
 
+use crate::balancer::saved::SavedTunnel;
 use crate::balancer::{Balancer, GatewaySpec, HealthConfig, PortId, Prefix, Verdict, UPLINK};
 use crate::control::status::{PolicyRecord, PortStatus, Status, TunnelLists, WorkerStatus};
 use crate::io::{Received, Tx};
@@ -108,6 +109,10 @@ pub enum Command {
         gateways: Vec<Prefix>,
     },
     SetHealth(Option<HealthConfig>),
+    /// Every tunnel, saved a slice at a time between frames.
+    Save {
+        reply: Sender<Vec<SavedTunnel>>,
+    },
 }
 
 struct Port {
@@ -150,6 +155,8 @@ pub struct Worker {
     pauses: Pauses,
     /// `ctl status` requests that list tunnels, gathered a slice at a time.
     statuses: std::collections::VecDeque<(TunnelLists, Sender<Status>)>,
+    /// Saves under way: the next slot, what is saved so far, who asked.
+    saves: std::collections::VecDeque<(usize, Vec<SavedTunnel>, Sender<Vec<SavedTunnel>>)>,
     /// The swap whose rebalance is under way, answered when it ends.
     swap: Option<Swapped>,
 }
@@ -205,6 +212,7 @@ impl Worker {
             last_send_error_log: None,
             pauses: Pauses::default(),
             statuses: Default::default(),
+            saves: Default::default(),
             swap: None,
         };
         for (port, interface, tx) in ports {
@@ -237,13 +245,14 @@ impl Worker {
         }
     }
 
-    /// Run until `stop` is set or every sender has gone.
+    /// Run until `stop` is set or every sender has gone; then the worker,
+    /// for what is left to do with its table (save it).
     pub fn run(
         mut self,
         frames: Receiver<Received>,
         commands: Receiver<Command>,
         stop: &AtomicBool,
-    ) {
+    ) -> Self {
         while !stop.load(Ordering::Relaxed) {
             // A turn: timers, a slice of background work, then what came
             // in. Its busy time is timed; the wait for input is not.
@@ -261,14 +270,14 @@ impl Worker {
             };
             select! {
                 recv(frames) -> first => {
-                    let Ok(first) = first else { return };
+                    let Ok(first) = first else { return self };
                     let turn = Turn::start();
                     self.batch(first, &frames);
                     let (cpu, w) = turn.elapsed();
                     (busy, wall) = (busy + cpu, wall + w);
                 }
                 recv(commands) -> c => {
-                    let Ok(c) = c else { return };
+                    let Ok(c) = c else { return self };
                     let turn = Turn::start();
                     let now = self.clock.now();
                     self.command(c, now);
@@ -279,6 +288,12 @@ impl Worker {
             }
             self.pauses.record(busy, wall);
         }
+        self
+    }
+
+    /// Every tunnel, saved as of now (at shutdown: all at once).
+    pub fn save(&self) -> Vec<SavedTunnel> {
+        self.lb.save(self.clock.now())
     }
 
     /// Frames from the channel, `first` and up to [`BATCH`] in all, for
@@ -299,12 +314,12 @@ impl Worker {
 
     /// Status requests and a rebalance are worked on a slice at a time.
     fn has_background(&self) -> bool {
-        self.lb.is_rebalancing() || !self.statuses.is_empty()
+        self.lb.is_rebalancing() || !self.statuses.is_empty() || !self.saves.is_empty()
     }
 
     /// About a [`SLICE`] of background work: the rebalance first (new
     /// tunnels meanwhile go by the new policy), then status requests in the
-    /// order they came.
+    /// order they came, then saves of the table.
     fn background(&mut self, now: Timestamp) {
         let started = Instant::now();
         while started.elapsed() < SLICE {
@@ -316,12 +331,22 @@ impl Worker {
                 }
                 continue;
             }
-            let Some((lists, _)) = self.statuses.front_mut() else {
+            if let Some((lists, _)) = self.statuses.front_mut() {
+                if lists.advance(&self.lb, STATUS_CHUNK) {
+                    let (lists, reply) = self.statuses.pop_front().expect("the front one");
+                    let _ = reply.send(self.snapshot(lists, now));
+                }
+                continue;
+            }
+            let Some((from, saved, _)) = self.saves.front_mut() else {
                 return;
             };
-            if lists.advance(&self.lb, STATUS_CHUNK) {
-                let (lists, reply) = self.statuses.pop_front().expect("the front one");
-                let _ = reply.send(self.snapshot(lists, now));
+            match self.lb.save_slice(*from, STATUS_CHUNK, now, saved) {
+                Some(next) => *from = next,
+                None => {
+                    let (_, saved, reply) = self.saves.pop_front().expect("the front one");
+                    let _ = reply.send(saved);
+                }
             }
         }
     }
@@ -574,6 +599,10 @@ impl Worker {
             Command::SetHealth(health) => {
                 self.health = health;
                 self.next_probe = now;
+            }
+            Command::Save { reply } => {
+                let room = self.lb.table().len();
+                self.saves.push_back((0, Vec::with_capacity(room), reply));
             }
         }
     }

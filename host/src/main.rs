@@ -166,6 +166,9 @@ enum CtlCommand {
         #[command(subcommand)]
         command: CtlGateway,
     },
+    /// Write the tunnel table to the config's balancer.state_file now (a
+    /// restart then moves no tunnel).
+    Save,
 }
 
 #[derive(Subcommand)]
@@ -457,6 +460,7 @@ fn ctl(socket: &Path, command: CtlCommand) -> anyhow::Result<ExitCode> {
         CtlCommand::Policy {
             command: CtlPolicy::Use { name, rebalance },
         } => (Request::PolicyUse { name, rebalance }, false),
+        CtlCommand::Save => (Request::Save, false),
         CtlCommand::Gateway { command } => (
             match command {
                 CtlGateway::Drain { name } => Request::GatewayDrain {

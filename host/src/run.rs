@@ -14,7 +14,7 @@ use crossbeam_channel::{bounded, unbounded};
 use crate::balancer::{self, Balancer, GatewaySpec, UPLINK};
 use crate::control::config::{ConfigError, RunConfig};
 use crate::control::status::PolicyRecord;
-use crate::control::{ctl, metrics, reload, PortHandle, Supervisor};
+use crate::control::{ctl, metrics, reload, state, PortHandle, Supervisor};
 use crate::dataplane::{unix_now, Clock, Command, Worker};
 use crate::io::{afpacket, Tx};
 use crate::policy::wasm::{Cache, LoadError, Runtime};
@@ -138,6 +138,24 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
         txs.push((port, opened.name.clone(), Box::new(opened.tx)));
     }
 
+    // A warm restart: the table as the last run left it, before any
+    // frame is handled.
+    if let Some(path) = &config.state_file {
+        let started = std::time::Instant::now();
+        match state::read(path) {
+            Ok(None) => tracing::info!("no state file at {}: starting cold", path.display()),
+            Ok(Some(saved)) => {
+                let restored = lb.restore(&saved, clock.now());
+                tracing::info!(
+                    "{}: {restored} in {:.1} ms",
+                    path.display(),
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+            }
+            Err(e) => tracing::warn!("{e}: refused, starting cold"),
+        }
+    }
+
     let record = PolicyRecord {
         name: loaded.name().into(),
         file: policy_file.display().to_string(),
@@ -154,6 +172,7 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
         .map_err(|e| spawn_err("the worker", e))?;
 
     let socket = config.control_socket.clone();
+    let (state_file, state_interval) = (config.state_file.clone(), config.state_interval);
     let config_groups = config.control_groups;
     let metrics_addr = config.metrics;
     let policy_dir = config.policy.dir.clone();
@@ -209,6 +228,12 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
                 .map_err(|e| spawn_err(&format!("the metrics listener on {addr}"), e))?,
         );
     }
+    if let (Some(path), Some(every)) = (&state_file, state_interval) {
+        threads.push(
+            state::snapshots(path.clone(), every, commands_tx.clone(), stop.clone())
+                .map_err(|e| spawn_err("the snapshots", e))?,
+        );
+    }
     threads.push(
         reload::watch(&policy_dir, config_file, supervisor.clone(), stop.clone())
             .map_err(|e| RunError::Start(format!("cannot watch {}: {e}", policy_dir.display())))?,
@@ -220,7 +245,20 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
     }
     stop.store(true, Ordering::Relaxed);
     tracing::info!("stopping");
-    let _ = worker.join();
+    let worker = worker.join();
+    if let (Some(path), Ok(worker)) = (&state_file, &worker) {
+        let started = std::time::Instant::now();
+        let saved = worker.save();
+        match state::write(path, &saved) {
+            Ok(bytes) => tracing::info!(
+                "{} tunnels saved to {} ({bytes} bytes) in {:.1} ms",
+                saved.len(),
+                path.display(),
+                started.elapsed().as_secs_f64() * 1e3
+            ),
+            Err(e) => tracing::error!("{}: not saved: {e}", path.display()),
+        }
+    }
     for t in threads {
         let _ = t.join();
     }

@@ -30,6 +30,11 @@ impl Timestamp {
         self.0
     }
 
+    /// `d` before `self`, or the epoch if that is earlier.
+    pub fn before(self, d: Duration) -> Timestamp {
+        Timestamp(self.0.saturating_sub(d))
+    }
+
     /// Time from `earlier` to `self`; zero if `earlier` is later.
     pub fn since(self, earlier: Timestamp) -> Duration {
         self.0.saturating_sub(earlier.0)

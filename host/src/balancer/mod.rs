@@ -19,6 +19,7 @@ pub mod gateways;
 pub mod health;
 pub mod prefix;
 pub mod rules;
+pub mod saved;
 #[cfg(test)]
 mod tests;
 

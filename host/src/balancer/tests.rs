@@ -1801,3 +1801,105 @@ fn a_flood_of_first_fragments_cannot_stop_the_fragments_of_a_tunnel() {
     assert_all_on(&left, &pieces, gw);
     assert_eq!(lab.lb.held_fragments(), (0, 0, 0));
 }
+
+#[test]
+fn a_saved_table_restored_in_a_fresh_balancer_moves_nothing() {
+    use super::saved::{decode, encode};
+    let mut a = Lab::new();
+    let spi = |n: u8| 0x5a00 + u64::from(n);
+    let placed: Vec<(IpAddr, u8)> = (1..=9)
+        .map(|n| (peer(n), a.open_tunnel(peer(n), spi(n))))
+        .collect();
+    // One more that only opened: half-open, its segw has not answered.
+    let half_open = a.up(sa_init(peer(10), 500, spi(10))).unwrap();
+    a.tick(Duration::from_secs(30));
+    let file = encode(&a.lb.save(a.now));
+
+    // A new process: its own clock, a policy starting its rotation anew.
+    let mut b = Lab::new();
+    b.now = Timestamp::from_secs(100);
+    let restored = b.lb.restore(&decode(&file).unwrap(), b.now);
+    assert_eq!(restored.loaded, 10, "{restored}");
+    assert_eq!((restored.unknown_gateway, restored.invalid), (0, 0));
+    // Open a decoy first: without the table, round-robin would now put
+    // every tunnel one segw further.
+    b.up(sa_init(peer(50), 500, 0xdec0)).unwrap();
+    let decided = b.placed();
+    for (n, &(p, gw)) in (1u8..).zip(&placed) {
+        assert_eq!(
+            b.up(esp_udp(p, 4500, 0x100 + u32::from(n))),
+            Ok(gw),
+            "ESP of {p}"
+        );
+        assert_eq!(b.up(auth_4500(p, 4500, spi(n))), Ok(gw), "IKE of {p}");
+        // A DPD restart from where it opened: a new IKE SA, same segw.
+        assert_eq!(
+            b.up(sa_init(p, 500, spi(n) + 0x1000)),
+            Ok(gw),
+            "restart of {p}"
+        );
+    }
+    assert_eq!(b.up(sa_init(peer(10), 500, spi(10))), Ok(half_open));
+    assert_eq!(b.placed(), decided, "no tunnel asked the policy again");
+    // Ages carried over: opened 30 s before the save.
+    let oldest = b.lb.table().iter().map(|(_, t)| t.since).min().unwrap();
+    assert_eq!(oldest, Timestamp::from_secs(70));
+}
+
+#[test]
+fn a_state_file_damaged_cut_foreign_or_for_other_gateways_is_refused_or_trimmed() {
+    use super::saved::{decode, encode, StateError};
+    let mut a = Lab::new();
+    for n in 1..=6 {
+        a.open_tunnel(peer(n), 0x7700 + u64::from(n));
+    }
+    let saved = a.lb.save(a.now);
+    let file = encode(&saved);
+    assert_eq!(decode(&file).unwrap(), saved);
+
+    let mut flipped = file.clone();
+    let last = flipped.len() - 5;
+    flipped[last] ^= 0x01;
+    assert_eq!(decode(&flipped), Err(StateError::Checksum));
+    let cut = &file[..file.len() - 40];
+    assert!(matches!(
+        decode(cut),
+        Err(StateError::Count { expected: 6, .. })
+    ));
+    let foreign =
+        String::from_utf8(file.clone())
+            .unwrap()
+            .replacen("segwlb-state 1 ", "segwlb-state 2 ", 1);
+    assert_eq!(
+        decode(foreign.as_bytes()),
+        Err(StateError::Version { found: "2".into() })
+    );
+    assert_eq!(decode(b""), Err(StateError::NotAStateFile));
+    assert_eq!(decode(b"{\"peer\":1}\n"), Err(StateError::NotAStateFile));
+
+    // Fields this build does not know, a tunnel twice: dropped, counted.
+    let mut odd = saved.clone();
+    odd[0].placement = "teleported".into();
+    odd.push(saved[1].clone());
+    let mut b = Lab::new();
+    let r = b.lb.restore(&decode(&encode(&odd)).unwrap(), b.now);
+    assert_eq!((r.loaded, r.invalid), (5, 2), "{r}");
+
+    // A config with segw3 gone: its tunnels are dropped and counted; the
+    // others are restored.
+    let on_segw3 = saved.iter().filter(|t| t.gateway == "segw3").count();
+    assert!(on_segw3 > 0);
+    let mut two =
+        super::farm::balancer(native::shipped("round-robin", &[]).unwrap(), 2, vec![], 64);
+    let r = two.restore(&saved, Timestamp::ZERO);
+    assert_eq!(
+        (r.loaded, r.unknown_gateway),
+        (6 - on_segw3, on_segw3),
+        "{r}"
+    );
+    // A table too small: the rest counted, not a crash.
+    let mut small =
+        super::farm::balancer(native::shipped("round-robin", &[]).unwrap(), 3, vec![], 4);
+    let r = small.restore(&saved, Timestamp::ZERO);
+    assert_eq!((r.loaded, r.table_full), (4, 2), "{r}");
+}

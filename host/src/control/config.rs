@@ -36,6 +36,10 @@ pub struct RunConfig {
     pub control_socket: PathBuf,
     /// Who besides root and the balancer's user may use the socket.
     pub control_groups: Groups,
+    /// Where the table is saved for a warm restart (at SIGTERM, on `ctl
+    /// save`, every `state_interval`) and read at start.
+    pub state_file: Option<PathBuf>,
+    pub state_interval: Option<Duration>,
     pub metrics: Option<SocketAddr>,
     pub policy: PolicyConfig,
     /// How policies are compiled (fixed for the process's life).
@@ -245,6 +249,17 @@ impl RunConfig {
                 .map(|g| group_id(g.get_ref()).map_err(|e| at(g.span(), key, e)))
                 .transpose()
         };
+        let state_interval = match (&b.state_file, *b.state_interval_s.get_ref()) {
+            (_, 0) => None,
+            (Some(_), s) => Some(Duration::from_secs(s)),
+            (None, _) => {
+                return Err(at(
+                    b.state_interval_s.span(),
+                    "balancer.state_interval_s",
+                    "snapshots need balancer.state_file".into(),
+                ))
+            }
+        };
         let control_groups = Groups {
             control: group(&b.control_group, "balancer.control_group")?,
             status: group(&b.status_group, "balancer.status_group")?,
@@ -429,6 +444,8 @@ impl RunConfig {
             },
             control_socket: base.join(&b.control_socket),
             control_groups,
+            state_file: b.state_file.as_ref().map(|f| base.join(f)),
+            state_interval,
             metrics,
             policy,
             compiler,
@@ -575,6 +592,12 @@ struct RawBalancer {
     /// Serve metrics on a non-loopback address.
     #[serde(default)]
     metrics_remote: bool,
+    /// The warm-restart state file.
+    state_file: Option<PathBuf>,
+    /// Seconds between snapshots of the table (0: only at SIGTERM and on
+    /// `ctl save`).
+    #[serde(default = "no_snapshots")]
+    state_interval_s: Spanned<u64>,
 }
 
 fn max_tunnels() -> Spanned<usize> {
@@ -585,6 +608,9 @@ fn idle_timeout_s() -> Spanned<u64> {
 }
 fn half_open_timeout_s() -> Spanned<u64> {
     Spanned::new(0..0, Timeouts::default().half_open.as_secs())
+}
+fn no_snapshots() -> Spanned<u64> {
+    Spanned::new(0..0, 0)
 }
 fn control_socket() -> PathBuf {
     PathBuf::from(DEFAULT_SOCKET)

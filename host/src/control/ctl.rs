@@ -49,6 +49,8 @@ pub enum Request {
     GatewayRemove {
         name: String,
     },
+    /// Write the table to the state file now.
+    Save,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -326,5 +328,6 @@ fn handle(sup: &mut Supervisor, req: Request) -> Response {
             mac.as_deref(),
         )),
         Request::GatewayRemove { name } => Response::of(sup.remove_gateway(&name)),
+        Request::Save => Response::of(sup.save_state()),
     }
 }

@@ -30,7 +30,7 @@ pub enum Change {
 /// another), the policy after the gateway set.
 pub fn diff(old: &RunConfig, new: &RunConfig) -> Vec<Change> {
     let mut changes = Vec::new();
-    let restart: [(&'static str, bool); 7] = [
+    let restart: [(&'static str, bool); 8] = [
         ("balancer.uplink", old.uplink.value != new.uplink.value),
         ("balancer.vip", old.vip != new.vip),
         ("balancer.max_tunnels", old.max_tunnels != new.max_tunnels),
@@ -42,7 +42,14 @@ pub fn diff(old: &RunConfig, new: &RunConfig) -> Vec<Change> {
             "balancer.control_socket",
             old.control_socket != new.control_socket,
         ),
-        ("balancer.metrics", old.metrics != new.metrics),
+        (
+            "balancer.metrics / control_group / status_group",
+            old.metrics != new.metrics || old.control_groups != new.control_groups,
+        ),
+        (
+            "balancer.state_file / state_interval_s",
+            old.state_file != new.state_file || old.state_interval != new.state_interval,
+        ),
         ("policy.compiler", old.compiler != new.compiler),
     ];
     changes.extend(

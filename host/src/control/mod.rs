@@ -16,6 +16,7 @@ pub mod ctl;
 pub mod diff;
 pub mod metrics;
 pub mod reload;
+pub mod state;
 pub mod status;
 
 use std::collections::BTreeMap;
@@ -112,6 +113,16 @@ impl Supervisor {
 
     pub fn config(&self) -> &RunConfig {
         &self.config
+    }
+
+    /// `ctl save`: the table to the state file, now.
+    pub fn save_state(&self) -> Result<String, String> {
+        let path = self
+            .config
+            .state_file
+            .as_ref()
+            .ok_or("no balancer.state_file in the config: nowhere to save")?;
+        state::save(path, &self.worker)
     }
 
     pub fn policy_file(&self) -> &Path {
