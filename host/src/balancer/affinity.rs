@@ -93,25 +93,10 @@ impl Tunnel {
         self.at_opening_address
     }
 
-    /// A tunnel from a saved table ([`super::saved`]), as it was.
-    pub fn restored(r: Restore) -> Self {
-        Tunnel {
-            peer: r.peer,
-            peer_port: r.peer_port,
-            opened_port: r.opened_port,
-            vip: r.vip,
-            ike_spi: r.ike_spi,
-            responder_spi: r.responder_spi,
-            opened_by: r.opened_by,
-            gateway: r.gateway,
-            at_opening_address: r.at_opening_address,
-            placement: r.placement,
-            since: r.since,
-            last_seen: r.last_seen,
-            next_hop: r.next_hop,
-            frames: r.frames,
-            bytes: r.bytes,
-        }
+    /// Whether it is still at the address it opened from, as a saved
+    /// table ([`super::saved`]) says.
+    pub(super) fn restore_opening_address(&mut self, at: bool) {
+        self.at_opening_address = at;
     }
 
     /// The tunnel `key` names, first seen at `now`, on `gateway`.
@@ -134,26 +119,6 @@ impl Tunnel {
             bytes: 0,
         }
     }
-}
-
-/// Every field of a [`Tunnel`], for [`Tunnel::restored`].
-#[derive(Debug, Clone)]
-pub struct Restore {
-    pub peer: IpAddr,
-    pub peer_port: u16,
-    pub opened_port: u16,
-    pub vip: IpAddr,
-    pub ike_spi: Option<u64>,
-    pub responder_spi: Option<u64>,
-    pub opened_by: Opener,
-    pub gateway: GwId,
-    pub at_opening_address: bool,
-    pub placement: Placement,
-    pub since: Timestamp,
-    pub last_seen: Timestamp,
-    pub next_hop: Option<Mac>,
-    pub frames: u64,
-    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -26,7 +26,7 @@ use super::affinity::Tunnel;
 use super::rules::Placement;
 use super::{Balancer, GwId};
 use crate::control::config::{format_mac, parse_mac};
-use crate::policy::{Opener, Policy};
+use crate::policy::{Opener, Policy, TunnelKey};
 use crate::time::Timestamp;
 
 /// The first word of a state file.
@@ -295,21 +295,20 @@ fn tunnel(s: &SavedTunnel, gw: GwId, now: Timestamp) -> Option<Tunnel> {
         Some(m) => Some(parse_mac(m)?),
     };
     let back = |ms: u64| now.before(Duration::from_millis(ms));
-    Some(Tunnel::restored(super::affinity::Restore {
+    let key = TunnelKey {
         peer: s.peer,
-        peer_port: s.peer_port,
-        opened_port: s.opened_port,
+        peer_port: s.opened_port,
         vip: s.vip,
         ike_spi: s.ike_spi,
-        responder_spi: s.responder_spi,
         opened_by,
-        gateway: gw,
-        at_opening_address: s.at_opening_address,
-        placement,
-        since: back(s.age_ms),
-        last_seen: back(s.idle_ms),
-        next_hop,
-        frames: s.frames,
-        bytes: s.bytes,
-    }))
+    };
+    let mut t = Tunnel::new(&key, gw, placement, back(s.age_ms));
+    t.peer_port = s.peer_port;
+    t.responder_spi = s.responder_spi;
+    t.last_seen = back(s.idle_ms);
+    t.next_hop = next_hop;
+    t.frames = s.frames;
+    t.bytes = s.bytes;
+    t.restore_opening_address(s.at_opening_address);
+    Some(t)
 }
