@@ -52,7 +52,7 @@ use super::{Error, Result};
 use crate::balancer::DropReason;
 use crate::compare::sim::{self, GivenPeer, Landing, Outcome, SegwNow};
 use crate::compare::{Event, Scenario, SegwSpec};
-use crate::control::ctl::{request, Request};
+use crate::control::ctl::Request;
 use crate::control::status::{Status, TunnelStatus};
 use crate::policy::FallbackReason;
 
@@ -542,14 +542,7 @@ fn replace_in_order(
             turns.push(socket);
         }
     }
-    let moved = || -> Result<u64> {
-        let r =
-            request(&state.socket, &Request::Status { tunnels: 0 }).map_err(|e| Error::Step {
-                what: "asking the balancer".into(),
-                detail: e.to_string(),
-            })?;
-        Ok(r.status.map_or(0, |s| s.counters.moved))
-    };
+    let moved = || -> Result<u64> { Ok(state.balancer_counters()?.counters.moved) };
     let mut done = InOrder {
         before: holder.iter().filter(|h| **h == Some(segw)).count() - turns.len(),
         ..InOrder::default()
@@ -621,9 +614,7 @@ fn holdings(state: &State, plan: &Plan, up: &[usize]) -> Result<Vec<Vec<usize>>>
         let inner = state.initiators[n].inner.to_string();
         let current: Vec<&str> = initiator_sas[n]
             .iter()
-            .filter(|sa| {
-                sa.state == "ESTABLISHED" && sa.children.iter().any(|c| c.state == "INSTALLED")
-            })
+            .filter(|sa| sa.is_up())
             .map(|sa| sa.initiator_spi.as_str())
             .collect();
         for (k, sas) in segw_sas.iter().enumerate() {

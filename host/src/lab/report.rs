@@ -92,11 +92,7 @@ pub fn run(state: &State) -> Result<Report> {
     let sas = state.initiator_sas();
     let was_up: Vec<bool> = sas
         .iter()
-        .map(|mine| {
-            mine.iter().any(|sa| {
-                sa.state == "ESTABLISHED" && sa.children.iter().any(|c| c.state == "INSTALLED")
-            })
-        })
+        .map(|mine| mine.iter().any(IkeSa::is_up))
         .collect();
     let down: Vec<usize> = (0..state.initiators.len())
         .filter(|&i| !was_up[i])

@@ -339,6 +339,13 @@ pub struct IkeSa {
     pub children: Vec<ChildSa>,
 }
 
+impl IkeSa {
+    /// Established with a child installed: a tunnel that can carry traffic.
+    pub fn is_up(&self) -> bool {
+        self.state == "ESTABLISHED" && self.children.iter().any(|c| c.state == "INSTALLED")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChildSa {
     pub state: String,

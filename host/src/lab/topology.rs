@@ -177,21 +177,17 @@ impl State {
 
     /// The balancer's status, listing every tunnel.
     pub fn balancer_status(&self) -> Result<Status> {
-        let r = request(
-            &self.socket,
-            &Request::Status {
-                tunnels: usize::MAX,
-            },
-        )
-        .map_err(|e| step("asking the balancer", e))?;
-        r.status
-            .ok_or_else(|| step("asking the balancer", r.message))
+        self.status_listing(usize::MAX)
     }
 
     /// The balancer's status without its tunnel lists: its counters, cheap
     /// to ask for many times a second.
     pub fn balancer_counters(&self) -> Result<Status> {
-        let r = request(&self.socket, &Request::Status { tunnels: 0 })
+        self.status_listing(0)
+    }
+
+    fn status_listing(&self, tunnels: usize) -> Result<Status> {
+        let r = request(&self.socket, &Request::Status { tunnels })
             .map_err(|e| step("asking the balancer", e))?;
         r.status
             .ok_or_else(|| step("asking the balancer", r.message))
