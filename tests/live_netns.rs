@@ -6,6 +6,9 @@
 //!                      (p2) ── (eth0)s2
 //!                      (p3) ── (eth0)s3
 //!
+//! A lab's VIP is IPv4, IPv6 or both ([`Family`]); over IPv6 the segws own
+//! 2001:db8:2::1 and the initiators are in 2001:db8:1::/48.
+//!
 //! Without root these tests say so and pass, unless SEGWLB_REQUIRE_NETNS is
 //! set (CI sets it): then they fail.
 
@@ -13,7 +16,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,7 +26,9 @@ use segwlb::control::status::Status;
 use segwlb::io::afpacket::{self, AfPacketTx, Reader};
 use segwlb::io::Tx;
 use segwlb::lab::netns::{self, Netns};
-use segwlb::packet::craft::{esp_body, fragments, frame, ike_body, ip_packet, udp_packet};
+use segwlb::packet::craft::{
+    esp_body, fragments, frame, icmp_too_big, ike_body, ip_packet, udp_packet,
+};
 use segwlb::packet::ike::{IKE_AUTH, IKE_SA_INIT};
 use segwlb::packet::{IkeHeader, Mac};
 
@@ -32,6 +37,45 @@ const SEGWS: usize = 3;
 
 fn peer(n: u16) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(10, 1, (n >> 8) as u8, n as u8))
+}
+
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
+
+fn peer6(n: u16) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, n))
+}
+
+/// The families of a lab's VIP (and of its segws' addresses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+    Dual,
+}
+
+impl Family {
+    fn v4(self) -> bool {
+        self != Family::V6
+    }
+
+    fn v6(self) -> bool {
+        self != Family::V4
+    }
+}
+
+/// From an initiator: IPv4 from 10.1/16, IPv6 from 2001:db8:1::/48, but
+/// not neighbour discovery (the balancer's proxy-NDP answers the segws in
+/// the initiators' names).
+fn from_initiator(f: &[u8]) -> bool {
+    match f.get(12..14) {
+        Some([0x08, 0x00]) => f.len() > 34 && f[26] == 10 && f[27] == 1,
+        Some([0x86, 0xdd]) => {
+            f.len() > 54
+                && f[22..28] == [0x20, 0x01, 0x0d, 0xb8, 0, 1]
+                && !(f[20] == 58 && (133..=137).contains(&f[54]))
+        }
+        _ => false,
+    }
 }
 
 /// One lab at a time: they time frames and health rounds, and two
@@ -81,15 +125,15 @@ impl Socket {
         self.tx.send(f).unwrap();
     }
 
-    /// Every IPv4 frame from an initiator address that arrives until the
-    /// line has been quiet for `quiet` (ARP probes and the rest are not
+    /// Every frame from an initiator address that arrives until the line
+    /// has been quiet for `quiet` (probes, NDP and the rest are not
     /// counted).
     fn drain(&mut self, quiet: Duration) -> Vec<Vec<u8>> {
         let mut got = Vec::new();
         let mut last = Instant::now();
         while last.elapsed() < quiet {
             if let Ok(f) = self.rx.recv() {
-                if f.len() > 34 && f[12..14] == [0x08, 0x00] && f[26] == 10 && f[27] == 1 {
+                if from_initiator(&f) {
                     got.push(f.to_vec());
                     last = Instant::now();
                 }
@@ -126,6 +170,7 @@ struct Lab {
     segws: Vec<Socket>,
     lb_uplink_mac: Mac,
     lb_port_macs: Vec<Mac>,
+    family: Family,
     // Dropped last: namespaces go after the processes in them.
     segw_ns: Vec<Netns>,
     lb_ns: Netns,
@@ -136,6 +181,11 @@ impl Lab {
     /// The topology and a running balancer with `policy` and `health`
     /// settings (`interval_ms`, `down_after`).
     fn up(tag: &str, policy: &str, health: (u64, u32)) -> Lab {
+        Lab::up_as(tag, policy, health, Family::V4)
+    }
+
+    /// The same, with a VIP of `family`.
+    fn up_as(tag: &str, policy: &str, health: (u64, u32), family: Family) -> Lab {
         let prefix = netns::unique_prefix(tag);
         let ini_ns = Netns::new(&format!("{prefix}-ini")).unwrap();
         let lb_ns = Netns::new(&format!("{prefix}-lb")).unwrap();
@@ -146,11 +196,29 @@ impl Lab {
         for (n, s) in segw_ns.iter().enumerate() {
             netns::veth(&lb_ns, &format!("p{}", n + 1), s, "eth0").unwrap();
             // Every segw owns the VIP (and so answers the balancer's ARP
-            // probes for it) and reaches the initiators through it.
-            s.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "eth0"])
+            // probes or solicitations for it) and reaches the initiators
+            // through it.
+            if family.v4() {
+                s.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "eth0"])
+                    .unwrap();
+                s.ip(&["route", "add", "10.1.0.0/16", "dev", "eth0"])
+                    .unwrap();
+            }
+            if family.v6() {
+                netns::enable_ipv6(s, "eth0").unwrap();
+                s.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{VIP6}/128"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ])
                 .unwrap();
-            s.ip(&["route", "add", "10.1.0.0/16", "dev", "eth0"])
-                .unwrap();
+                s.ip(&["-6", "route", "add", "2001:db8:1::/48", "dev", "eth0"])
+                    .unwrap();
+            }
         }
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_path_buf();
@@ -171,9 +239,22 @@ impl Lab {
         std::fs::copy(common::shipped(policy), policies.join("active.wasm")).unwrap();
         let socket = d.join("segwlb.sock");
         let config = d.join("lb.toml");
+        let (vip, proxy_uplink, proxy_gateways) = match family {
+            Family::V4 => (format!("\"{VIP}\""), "\"10.2.2.0/24\"", "\"10.1.0.0/16\""),
+            Family::V6 => (
+                format!("\"{VIP6}\""),
+                "\"2001:db8:2::/64\"",
+                "\"2001:db8:1::/48\"",
+            ),
+            Family::Dual => (
+                format!("[\"{VIP}\", \"{VIP6}\"]"),
+                "\"10.2.2.0/24\", \"2001:db8:2::/64\"",
+                "\"10.1.0.0/16\", \"2001:db8:1::/48\"",
+            ),
+        };
         let mut text = format!(
-            "[balancer]\nuplink = \"uplink\"\nvip = \"{VIP}\"\nproxy_uplink = [\"10.2.2.0/24\"]\n\
-             proxy_gateways = [\"10.1.0.0/16\"]\ncontrol_socket = \"segwlb.sock\"\n\
+            "[balancer]\nuplink = \"uplink\"\nvip = {vip}\nproxy_uplink = [{proxy_uplink}]\n\
+             proxy_gateways = [{proxy_gateways}]\ncontrol_socket = \"segwlb.sock\"\n\
              [policy]\nname = \"active\"\ndir = \"policies\"\n\
              [health]\ninterval_ms = {}\ndown_after = {}\nup_after = 1\n",
             health.0, health.1
@@ -200,6 +281,7 @@ impl Lab {
             segws,
             lb_uplink_mac,
             lb_port_macs,
+            family,
             segw_ns,
             lb_ns,
             ini_ns,
@@ -275,13 +357,31 @@ impl Lab {
         frame(self.lb_uplink_mac, self.ini.mac, None, ip)
     }
 
+    /// Peer `n` and the VIP, in the lab's family (IPv6 in a v6-only lab,
+    /// else IPv4).
+    fn peer(&self, n: u16) -> IpAddr {
+        if self.family == Family::V6 {
+            peer6(n)
+        } else {
+            peer(n)
+        }
+    }
+
+    fn vip(&self) -> IpAddr {
+        if self.family == Family::V6 {
+            IpAddr::V6(VIP6)
+        } else {
+            IpAddr::V4(VIP)
+        }
+    }
+
     /// One raw ESP frame (sequence `seq`) from each of `tunnels` peers,
     /// `peer(base + 1)` on, each with its own SPI from `spi_base + 1`.
     fn raw_esp(&self, base: u16, tunnels: u16, spi_base: u32, seq: u32) -> Vec<Vec<u8>> {
         (1..=tunnels)
             .map(|t| {
                 let body = esp_body(spi_base + u32::from(t), seq, 100);
-                self.to_lb(&ip_packet(peer(base + t), IpAddr::V4(VIP), 50, &body, 1))
+                self.to_lb(&ip_packet(self.peer(base + t), self.vip(), 50, &body, 1))
             })
             .collect()
     }
@@ -529,6 +629,241 @@ fn arp_for_the_vip_gets_the_balancers_mac_and_other_addresses_get_nothing() {
     );
 }
 
+/// Which segw (index) each tunnel's frames reached: every frame exactly
+/// once, L3 unchanged, every tunnel on one segw.
+fn segw_of_each(
+    tunnels: &[(&str, &Vec<Vec<u8>>)],
+    at: &HashMap<Vec<u8>, Vec<usize>>,
+) -> Vec<usize> {
+    tunnels
+        .iter()
+        .map(|(name, t)| {
+            let places: Vec<usize> = t
+                .iter()
+                .map(|ip| {
+                    let got = at
+                        .get(ip)
+                        .unwrap_or_else(|| panic!("a frame of tunnel {name} was lost"));
+                    assert_eq!(
+                        got.len(),
+                        1,
+                        "a frame of tunnel {name} reached {} segws",
+                        got.len()
+                    );
+                    got[0]
+                })
+                .collect();
+            assert!(
+                places.iter().all(|&p| p == places[0]),
+                "tunnel {name} was split: {places:?}"
+            );
+            places[0]
+        })
+        .collect()
+}
+
+#[test]
+fn over_ipv6_ike_floats_to_4500_esp_in_udp_fragments_and_packet_too_big_reach_the_tunnels_segw() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // IPv6 only: the segws' MACs were learned (`start` waits for them) from
+    // their answers to neighbour solicitations; there is no ARP here.
+    let mut lab = Lab::up_as("v6", "round-robin", (200, 3), Family::V6);
+    let vip = IpAddr::V6(VIP6);
+    // A: IKE on 500, the float to 4500 from a port a NAT66 changed, ESP in
+    // UDP. B: raw ESP. C: IKE_SA_INIT, then an IKE_AUTH in fragments, the
+    // later ones first. D: IKE_SA_INIT, then ESP in UDP in fragments, in
+    // order.
+    let a = peer6(10);
+    let tunnel_a = vec![
+        udp_packet(
+            a,
+            500,
+            vip,
+            500,
+            &ike_body(&ike(0x6a1, IKE_SA_INIT), false, 200),
+        ),
+        udp_packet(
+            a,
+            4501,
+            vip,
+            4500,
+            &ike_body(&ike(0x6a1, IKE_AUTH), true, 300),
+        ),
+        udp_packet(a, 4501, vip, 4500, &esp_body(0x6c0d_0001, 1, 120)),
+        udp_packet(a, 4501, vip, 4500, &esp_body(0x6c0d_0001, 2, 120)),
+    ];
+    let b = peer6(20);
+    let tunnel_b = vec![
+        ip_packet(b, vip, 50, &esp_body(0x6c0d_0002, 1, 100), 0),
+        ip_packet(b, vip, 50, &esp_body(0x6c0d_0002, 2, 100), 0),
+    ];
+    let c = peer6(30);
+    let auth = udp_packet(
+        c,
+        4500,
+        vip,
+        4500,
+        &ike_body(&ike(0x6c3, IKE_AUTH), true, 1400),
+    );
+    let mut later_first = fragments(&auth, 512, 0x6c3);
+    later_first.reverse();
+    let mut tunnel_c = vec![udp_packet(
+        c,
+        500,
+        vip,
+        500,
+        &ike_body(&ike(0x6c3, IKE_SA_INIT), false, 200),
+    )];
+    tunnel_c.extend(later_first);
+    let d = peer6(40);
+    let esp = udp_packet(d, 4500, vip, 4500, &esp_body(0x6c0d_0004, 1, 1400));
+    let mut tunnel_d = vec![udp_packet(
+        d,
+        500,
+        vip,
+        500,
+        &ike_body(&ike(0x6d4, IKE_SA_INIT), false, 200),
+    )];
+    tunnel_d.extend(fragments(&esp, 512, 0x6d4));
+    assert!(tunnel_c.len() > 3 && tunnel_d.len() > 3, "fragmented");
+    let tunnels = [
+        ("A", &tunnel_a),
+        ("B", &tunnel_b),
+        ("C", &tunnel_c),
+        ("D", &tunnel_d),
+    ];
+    let frames: Vec<Vec<u8>> = tunnels
+        .iter()
+        .flat_map(|(_, t)| t.iter().map(|ip| lab.to_lb(ip)))
+        .collect();
+    let captured = lab.send_and_capture(&frames);
+    let segw_of = segw_of_each(&tunnels, &landing(&captured));
+    let mut used = segw_of.clone();
+    used.sort();
+    used.dedup();
+    assert_eq!(
+        used.len(),
+        SEGWS,
+        "round-robin over four tunnels: {segw_of:?}"
+    );
+    for (i, frames) in captured.iter().enumerate() {
+        for f in frames {
+            assert_eq!(&f[0..6], &lab.segws[i].mac, "to the segw's learned MAC");
+            assert_eq!(&f[6..12], &lab.lb_port_macs[i]);
+        }
+    }
+
+    // A's segw answers at the floated port; the answer and its ESP come
+    // back to the initiators' side unchanged.
+    let sa = segw_of[0];
+    let response = IkeHeader {
+        from_initiator: false,
+        response: true,
+        ..ike(0x6a1, IKE_AUTH)
+    };
+    let response = udp_packet(vip, 4500, a, 4501, &ike_body(&response, true, 100));
+    let reply = udp_packet(vip, 4500, a, 4501, &esp_body(0x6bee_0001, 1, 1300));
+    for ip in [&response, &reply] {
+        let f = frame(lab.lb_port_macs[sa], lab.segws[sa].mac, None, ip);
+        lab.segws[sa].send(&f);
+    }
+    let back = lab.ini.frames_of([0x86, 0xdd], Duration::from_millis(300));
+    let back: Vec<&Vec<u8>> = back.iter().filter(|f| f[14..] == reply[..]).collect();
+    assert_eq!(back.len(), 1, "the segw's ESP did not come back");
+    assert_eq!(&back[0][6..12], &lab.lb_uplink_mac);
+
+    // A router on the way says that ESP was too big: the error reaches A's
+    // segw, and only it.
+    let router = peer6(0xfe);
+    let too_big = icmp_too_big(router, vip, &reply, 1280);
+    let captured = lab.send_and_capture(&[lab.to_lb(&too_big)]);
+    let got: Vec<usize> = (0..SEGWS)
+        .filter(|&i| captured[i].iter().any(|f| f[14..] == too_big[..]))
+        .collect();
+    assert_eq!(got, vec![sa], "Packet Too Big quoting tunnel A");
+
+    // Proxy-NDP on the uplink: the VIP is at the balancer; an initiator's
+    // address and addresses outside the prefixes get no answer.
+    let ask = |lab: &mut Lab, target: Ipv6Addr| {
+        let from = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+        let ns = segwlb::packet::ndp::solicitation(from, lab.ini.mac, target);
+        let group = segwlb::packet::ndp::multicast_mac(segwlb::packet::ndp::solicited_node(target));
+        lab.ini.send(&frame(group, lab.ini.mac, None, &ns));
+        lab.ini
+            .frames_of([0x86, 0xdd], Duration::from_millis(300))
+            .into_iter()
+            .filter(|f| f.len() > 54 && f[20] == 58 && f[54] == segwlb::packet::ndp::ADVERTISEMENT)
+            .collect::<Vec<_>>()
+    };
+    // (Only it: the segws' answers to the balancer's probes are
+    // link-scoped and stop at the balancer.)
+    let answers = ask(&mut lab, VIP6);
+    assert_eq!(answers.len(), 1, "one advertisement, for the VIP");
+    assert_eq!(&answers[0][6..12], &lab.lb_uplink_mac);
+    assert_eq!(&answers[0][62..78], &VIP6.octets(), "its target");
+    assert_eq!(
+        &answers[0][80..86],
+        &lab.lb_uplink_mac,
+        "its target link-layer address"
+    );
+    assert!(ask(&mut lab, Ipv6Addr::new(0x2001, 0xdb8, 9, 0, 0, 0, 0, 9)).is_empty());
+    assert!(
+        ask(&mut lab, Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 77)).is_empty(),
+        "another initiator"
+    );
+
+    let s = lab.status();
+    for (i, g) in s.gateways.iter().enumerate() {
+        let tunnels_here = segw_of.iter().filter(|&&p| p == i).count() as u64;
+        assert_eq!(g.tunnels, tunnels_here, "{} tunnels", g.name);
+    }
+    assert_eq!(s.counters.moved, 0);
+}
+
+#[test]
+fn a_dual_stack_vip_carries_ipv4_and_ipv6_tunnels_side_by_side() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up_as("dual", "round-robin", (200, 3), Family::Dual);
+    // Six tunnels, alternating families, two ESP frames each.
+    let tunnels: Vec<Vec<Vec<u8>>> = (1..=6u16)
+        .map(|n| {
+            let (p, vip) = if n % 2 == 0 {
+                (peer6(n), IpAddr::V6(VIP6))
+            } else {
+                (peer(n), IpAddr::V4(VIP))
+            };
+            (1..=2)
+                .map(|seq| {
+                    udp_packet(
+                        p,
+                        4500,
+                        vip,
+                        4500,
+                        &esp_body(0xd0a1_0000 + u32::from(n), seq, 100),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let frames: Vec<Vec<u8>> = tunnels.iter().flatten().map(|ip| lab.to_lb(ip)).collect();
+    let captured = lab.send_and_capture(&frames);
+    let names: Vec<String> = (1..=6).map(|n| format!("#{n}")).collect();
+    let named: Vec<(&str, &Vec<Vec<u8>>)> =
+        names.iter().map(String::as_str).zip(&tunnels).collect();
+    let segw_of = segw_of_each(&named, &landing(&captured));
+    // One rotation for both families: 1, 2, 3, 1, 2, 3.
+    assert_eq!(segw_of, vec![0, 1, 2, 0, 1, 2]);
+    // Both families' probes are answered: nobody is marked down.
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(lab.status().gateways.iter().all(|g| g.healthy));
+}
+
 /// ESP on many tunnels, in rounds; a policy change between rounds. Every
 /// frame must arrive, every tunnel on the segw it started on.
 fn stream(
@@ -667,9 +1002,22 @@ fn a_segw_whose_link_goes_down_is_marked_down_within_the_threshold_and_avoided()
     if !can_run() {
         return;
     }
+    link_down_is_seen_by_probes(Family::V4);
+}
+
+/// The same with an IPv6-only VIP: probes are neighbour solicitations.
+#[test]
+fn over_ipv6_a_segw_whose_link_goes_down_is_marked_down_by_solicitations() {
+    if !can_run() {
+        return;
+    }
+    link_down_is_seen_by_probes(Family::V6);
+}
+
+fn link_down_is_seen_by_probes(family: Family) {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let (interval_ms, down_after) = (100, 3);
-    let mut lab = Lab::up("hlt", "round-robin", (interval_ms, down_after));
+    let mut lab = Lab::up_as("hlt", "round-robin", (interval_ms, down_after), family);
     lab.segw_ns[1].ip(&["link", "set", "eth0", "down"]).unwrap();
     let threshold = Duration::from_millis(interval_ms * u64::from(down_after + 1));
     let took = wait_for(

@@ -128,7 +128,7 @@ impl Running {
             name: "test".into(),
             ..Default::default()
         };
-        let worker = Worker::new(lb, ports, VIP, None, record, Clock::start());
+        let worker = Worker::new(lb, ports, vec![VIP.into()], None, record, Clock::start());
         let (frames, frames_rx) = bounded(4096);
         let (commands, commands_rx) = unbounded();
         let stop = Arc::new(AtomicBool::new(false));

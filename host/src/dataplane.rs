@@ -12,7 +12,7 @@
 //! This is the edge where time is read: the worker stamps each batch from
 //! a monotonic clock and passes it into the core.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -146,7 +146,9 @@ pub struct Worker {
     lb: Balancer<Box<dyn Policy>>,
     ports: Vec<Option<Port>>,
     clock: Clock,
-    vip: Ipv4Addr,
+    /// The VIPs (one per family): probed on the segw ports, announced on
+    /// the uplink.
+    vips: Vec<IpAddr>,
     health: Option<HealthConfig>,
     next_probe: Timestamp,
     next_sweep: Timestamp,
@@ -195,7 +197,7 @@ impl Worker {
     pub fn new(
         lb: Balancer<Box<dyn Policy>>,
         ports: Vec<(PortId, String, Box<dyn Tx>)>,
-        vip: Ipv4Addr,
+        vips: Vec<IpAddr>,
         health: Option<HealthConfig>,
         policy: PolicyRecord,
         clock: Clock,
@@ -204,7 +206,7 @@ impl Worker {
             lb,
             ports: Vec::new(),
             clock,
-            vip,
+            vips,
             health,
             next_probe: Timestamp::ZERO,
             next_sweep: Timestamp::ZERO,
@@ -235,12 +237,15 @@ impl Worker {
         });
     }
 
-    /// Announce the VIP on the uplink (a gratuitous ARP), so initiators'
-    /// neighbour caches point at us from the start.
+    /// Announce the VIPs on the uplink (a gratuitous ARP, an unsolicited
+    /// neighbour advertisement), so initiators' neighbour caches point at
+    /// us from the start.
     pub fn announce(&mut self) {
-        for (port, frame) in self.lb.announce(std::net::IpAddr::V4(self.vip)) {
-            if port == UPLINK {
-                self.send(port, &frame);
+        for vip in self.vips.clone() {
+            for (port, frame) in self.lb.announce(vip) {
+                if port == UPLINK {
+                    self.send(port, &frame);
+                }
             }
         }
     }
@@ -427,15 +432,15 @@ impl Worker {
         });
         {
             if now >= self.next_probe {
-                let round = self.lb.probe(self.vip, &health, now);
+                let round = self.lb.probe(&self.vips, &health, now);
                 for (id, name, healthy) in &round.changes {
                     if *healthy {
                         tracing::info!(gateway = %name, id, "segw answers again: marked up");
                     } else {
                         tracing::warn!(
                             gateway = %name, id,
-                            "segw stopped answering ARP probes for {}: marked down; its tunnels move on their next packet",
-                            self.vip
+                            "segw stopped answering probes for {}: marked down; its tunnels move on their next packet",
+                            self.vips.iter().map(ToString::to_string).collect::<Vec<_>>().join(" and ")
                         );
                     }
                 }

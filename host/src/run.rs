@@ -163,7 +163,7 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
         loaded_at: unix_now(),
         ..Default::default()
     };
-    let mut worker = Worker::new(lb, txs, config.vip, config.health, record, clock);
+    let mut worker = Worker::new(lb, txs, config.vips.clone(), config.health, record, clock);
     worker.announce();
     let worker_stop = stop.clone();
     let worker = std::thread::Builder::new()
@@ -187,7 +187,12 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
             .collect::<Vec<_>>()
             .join(", "),
         loaded.name(),
-        config.vip,
+        config
+            .vips
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" and "),
         socket.display(),
         metrics_addr.map_or_else(String::new, |a| format!(" · metrics http://{a}/metrics")),
     );

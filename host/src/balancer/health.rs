@@ -2,16 +2,21 @@
 //!
 //! Every `interval` the caller asks for a probe round: the round first
 //! judges the one before it (did the segw answer since?), then returns an
-//! ARP request for the probe address on each gateway port. A segw that
+//! ARP request (IPv4) or neighbour solicitation (IPv6) for each VIP on each
+//! gateway port. A segw that
 //! misses `down_after` rounds in a row is marked down (no new tunnels; its
 //! tunnels are re-placed on their next packet); a down segw that answers
 //! `up_after` rounds in a row is marked up. Any frame from a segw's port
 //! counts as an answer: a segw busy carrying tunnels is alive.
 //!
-//! Probes are RFC 5227 ARP probes (sender address 0.0.0.0): they ask
-//! without claiming any address, and Linux answers them.
+//! IPv4 probes are RFC 5227 ARP probes (sender address 0.0.0.0): they ask
+//! without claiming any address, and Linux answers them. IPv6 probes are
+//! neighbour solicitations from the port's link-local address with its MAC
+//! in the source link-layer option, so the segw answers unicast to us
+//! (from the unspecified address they would be DAD probes, answered to all
+//! nodes).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use super::GwId;
@@ -85,14 +90,23 @@ impl ProbeState {
 /// What a probe round did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ProbeRound {
-    /// ARP probes to send: (port, frame).
+    /// Probes to send: (port, frame).
     pub frames: Vec<(super::PortId, Vec<u8>)>,
     /// Gateways whose health changed: (id, name, now healthy).
     pub changes: Vec<(GwId, String, bool)>,
 }
 
 /// The probe the balancer sends on a segw port: who has `target`?
-pub fn probe_frame(our_mac: crate::packet::Mac, target: Ipv4Addr) -> Vec<u8> {
-    crate::packet::arp::Arp::request(our_mac, Ipv4Addr::UNSPECIFIED, target)
-        .broadcast_frame(our_mac, None)
+pub fn probe_frame(our_mac: crate::packet::Mac, target: IpAddr) -> Vec<u8> {
+    use crate::packet::{craft, ndp};
+    match target {
+        IpAddr::V4(v4) => crate::packet::arp::Arp::request(our_mac, Ipv4Addr::UNSPECIFIED, v4)
+            .broadcast_frame(our_mac, None),
+        IpAddr::V6(v6) => craft::frame(
+            ndp::multicast_mac(ndp::solicited_node(v6)),
+            our_mac,
+            None,
+            &ndp::solicitation(ndp::link_local(our_mac), our_mac, v6),
+        ),
+    }
 }

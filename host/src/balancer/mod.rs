@@ -111,10 +111,14 @@ pub enum DropReason {
     FragmentHoldFull,
     /// A held later fragment whose first fragment did not come in time.
     FragmentTimeout,
+    /// A segw's packet to a link-local, multicast or broadcast address
+    /// (its answers to our IPv6 probes, router solicitations, multicast
+    /// listener reports): it belongs to the segw's link and never crosses.
+    LinkScoped,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::Malformed,
         DropReason::NotIpsec,
         DropReason::ArpIgnored,
@@ -131,6 +135,7 @@ impl DropReason {
         DropReason::IkeSpiInUse,
         DropReason::FragmentHoldFull,
         DropReason::FragmentTimeout,
+        DropReason::LinkScoped,
     ];
 
     /// Traffic that is not the balancer's to carry (ARP and neighbour
@@ -145,6 +150,7 @@ impl DropReason {
                 | DropReason::NeighborIgnored
                 | DropReason::OtherEtherType
                 | DropReason::NotForUs
+                | DropReason::LinkScoped
         )
     }
 
@@ -166,6 +172,7 @@ impl DropReason {
             DropReason::IkeSpiInUse => "ike_spi_in_use",
             DropReason::FragmentHoldFull => "fragment_hold_full",
             DropReason::FragmentTimeout => "fragment_timeout",
+            DropReason::LinkScoped => "link_scoped",
         }
     }
 }
@@ -370,7 +377,9 @@ impl<P: Policy> Balancer<P> {
                 payload: Payload::NeighborSolicit(ns),
                 ..
             }) => {
-                if self.proxies(IpAddr::V6(ns.target), ingress) {
+                self.heard_from_segw(ingress, parsed.src);
+                let ours = ns.target == packet::ndp::link_local(self.port_mac(ingress));
+                if ours || self.proxies(IpAddr::V6(ns.target), ingress) {
                     let our_mac = self.port_mac(ingress);
                     let solicitor_mac = ns.source_mac.unwrap_or(parsed.src);
                     let (to_mac, reply) = packet::ndp::answer(ns, *from, solicitor_mac, our_mac);
@@ -438,17 +447,24 @@ impl<P: Policy> Balancer<P> {
     /// Answer ARP requests for proxied addresses, on any port; learn a
     /// segw's MAC from any ARP it sends.
     fn arp(&mut self, arp: &Arp, ingress: PortId) -> Option<Arp> {
-        if ingress != UPLINK {
-            if let Some(gw) = self.gateways.on_port_mut(ingress) {
-                if gw.spec.mac.is_none() {
-                    gw.mac = Some(arp.sender_mac);
-                }
-                gw.probe.heard = true;
-            }
-        }
+        self.heard_from_segw(ingress, arp.sender_mac);
         let proxied = self.proxies(IpAddr::V4(arp.target_ip), ingress);
         (arp.op == packet::arp::REQUEST && proxied && arp.sender_ip != arp.target_ip)
             .then(|| arp.reply(self.port_mac(ingress)))
+    }
+
+    /// A segw spoke on its port (ARP, or a neighbour solicitation): it is
+    /// alive, and at `mac` unless its MAC is configured.
+    fn heard_from_segw(&mut self, ingress: PortId, mac: Mac) {
+        if ingress == UPLINK {
+            return;
+        }
+        if let Some(gw) = self.gateways.on_port_mut(ingress) {
+            if gw.spec.mac.is_none() {
+                gw.mac = Some(mac);
+            }
+            gw.probe.heard = true;
+        }
     }
 
     fn proxies(&self, ip: IpAddr, ingress: PortId) -> bool {
@@ -853,6 +869,9 @@ impl<P: Policy> Balancer<P> {
             g.counters.bytes_from += ip.len as u64;
             g.id
         };
+        if link_scoped(ip.dst) {
+            return Err(DropReason::LinkScoped);
+        }
         let rule = Outbound::of(ip);
         let found = self.table.find(rule.find, &rule.keys);
         let tunnel = if rule.teaches {
@@ -1026,11 +1045,12 @@ impl<P: Policy> Balancer<P> {
     }
 
     /// A health probe round (see [`health`]): judge the last round, mark
-    /// gateways down or up, and return the ARP probes for `target` (the
-    /// VIP) to send on every gateway port.
+    /// gateways down or up, and return the probes for each of `targets`
+    /// (the VIPs: ARP for IPv4, a neighbour solicitation for IPv6) to send
+    /// on every gateway port.
     pub fn probe(
         &mut self,
-        target: std::net::Ipv4Addr,
+        targets: &[IpAddr],
         health: &HealthConfig,
         now: Timestamp,
     ) -> ProbeRound {
@@ -1043,9 +1063,11 @@ impl<P: Policy> Balancer<P> {
                 round.changes.push((id, g.spec.name.clone(), healthy));
             }
             let port = g.spec.port;
-            round
-                .frames
-                .push((port, health::probe_frame(self.port_mac(port), target)));
+            for &target in targets {
+                round
+                    .frames
+                    .push((port, health::probe_frame(self.port_mac(port), target)));
+            }
         }
         if !round.changes.is_empty() {
             self.push_set(now);
@@ -1216,6 +1238,15 @@ impl<P: Policy> Balancer<P> {
 
 /// The key of the tunnel a packet between `peer` and `vip` belongs to, as
 /// the policy sees it, from the keys its rule looked it up by.
+/// An address that names something on one link only: link-local,
+/// multicast, broadcast.
+fn link_scoped(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local() || v4.is_multicast() || v4.is_broadcast(),
+        IpAddr::V6(v6) => v6.is_multicast() || v6.is_unicast_link_local(),
+    }
+}
+
 fn tunnel_key(peer: IpAddr, vip: IpAddr, keys: &Keys, payload: &Payload) -> TunnelKey {
     TunnelKey {
         peer,

@@ -1,6 +1,6 @@
 //! Every affinity rule of DESIGN.md, on real frames, with simulated time.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use super::affinity::{Timeouts, TunnelState};
@@ -49,6 +49,16 @@ impl Lab {
     }
 
     fn with_capacity(max_tunnels: usize) -> Self {
+        Self::build(max_tunnels, true)
+    }
+
+    /// The same segws, their MACs not configured: learned from what they
+    /// send.
+    fn learning_macs() -> Self {
+        Self::build(1 << 16, false)
+    }
+
+    fn build(max_tunnels: usize, static_macs: bool) -> Self {
         let config = Config {
             port_macs: (0..4).map(port_mac).collect(),
             proxy: vec!["10.2.2.1".parse().unwrap()],
@@ -61,7 +71,7 @@ impl Lab {
             let spec = GatewaySpec {
                 name: format!("segw{n}"),
                 port: PortId::from(n),
-                mac: Some(segw_mac(n)),
+                mac: static_macs.then(|| segw_mac(n)),
                 weight: 1,
                 capacity: 0,
                 steering: steering(n),
@@ -1397,7 +1407,9 @@ fn arp_reply_from_segw(n: u8) -> Vec<u8> {
 fn probes_are_arp_probes_for_the_vip_on_every_gateway_port() {
     let mut lab = Lab::new();
     let vip = Ipv4Addr::new(10, 2, 2, 1);
-    let round = lab.lb.probe(vip, &HealthConfig::default(), lab.now);
+    let round = lab
+        .lb
+        .probe(&[vip.into()], &HealthConfig::default(), lab.now);
     assert!(round.changes.is_empty());
     let ports: Vec<PortId> = round.frames.iter().map(|(p, _)| *p).collect();
     assert_eq!(ports, vec![1, 2, 3]);
@@ -1415,6 +1427,87 @@ fn probes_are_arp_probes_for_the_vip_on_every_gateway_port() {
 }
 
 #[test]
+fn ipv6_probes_are_solicitations_from_the_ports_link_local_and_answers_teach_the_mac() {
+    let mut lab = Lab::learning_macs();
+    let vip6: Ipv6Addr = "2001:db8:2::1".parse().unwrap();
+    let health = HealthConfig {
+        interval: Duration::from_secs(1),
+        down_after: 1,
+        up_after: 1,
+    };
+    let round = lab.lb.probe(&[vip6.into()], &health, lab.now);
+    assert_eq!(round.frames.len(), 3, "one solicitation per gateway port");
+    for (port, frame) in &round.frames {
+        let our_mac = port_mac(*port);
+        let ll = packet::ndp::link_local(our_mac);
+        let f = packet::parse(frame).unwrap();
+        let Kind::Ip(ip) = &f.kind else {
+            panic!("not IP")
+        };
+        let Payload::NeighborSolicit(ns) = &ip.payload else {
+            panic!("not a solicitation: {:?}", ip.payload)
+        };
+        assert_eq!(ns.target, vip6);
+        assert_eq!(ns.source_mac, Some(our_mac), "answers come back unicast");
+        assert_eq!(ip.src, IpAddr::V6(ll));
+        assert_eq!(
+            ip.dst,
+            IpAddr::V6(packet::ndp::solicited_node(vip6)),
+            "to the VIP's solicited-node group"
+        );
+        assert_eq!(
+            &frame[0..6],
+            &packet::ndp::multicast_mac(packet::ndp::solicited_node(vip6))
+        );
+        assert_eq!(frame[14 + 7], 255, "hop limit 255, or receivers ignore it");
+    }
+    // segw1 answers with an advertisement to our link-local address; segw2
+    // only asks for our link-local address (its neighbour check) and is
+    // answered; segw3 says nothing.
+    let (p1, p2) = (PortId::from(1u8), PortId::from(2u8));
+    let na = packet::ndp::advertisement(
+        vip6,
+        segw_mac(1),
+        packet::ndp::link_local(port_mac(p1)),
+        true,
+    );
+    let mut f = frame(port_mac(p1), segw_mac(1), None, &na);
+    assert_eq!(
+        lab.lb.handle(&mut f, p1, lab.now),
+        Verdict::Drop(DropReason::LinkScoped),
+        "an answer to our probe stops here, never crossing to the uplink"
+    );
+    let segw2_ll = packet::ndp::link_local(segw_mac(2));
+    let ns =
+        packet::ndp::solicitation(segw2_ll, segw_mac(2), packet::ndp::link_local(port_mac(p2)));
+    let mut f = frame(
+        packet::ndp::multicast_mac(Ipv6Addr::UNSPECIFIED),
+        segw_mac(2),
+        None,
+        &ns,
+    );
+    f[0] = 0x33; // multicast
+    assert_eq!(lab.lb.handle(&mut f, p2, lab.now), Verdict::Reply);
+    let Kind::Ip(reply) = packet::parse(&f).unwrap().kind else {
+        panic!("no advertisement")
+    };
+    assert_eq!(reply.src, IpAddr::V6(packet::ndp::link_local(port_mac(p2))));
+    assert_eq!(reply.dst, IpAddr::V6(segw2_ll));
+    assert_eq!(&f[0..6], &segw_mac(2));
+    for n in [1u8, 2] {
+        let g = lab.lb.gateway(&format!("segw{n}")).unwrap();
+        assert_eq!(g.mac, Some(segw_mac(n)), "segw{n}'s MAC learned by NDP");
+    }
+    assert_eq!(lab.lb.gateway("segw3").unwrap().mac, None);
+    let changes = lab
+        .lb
+        .probe(&[vip6.into()], &health, lab.now + health.interval)
+        .changes;
+    let down: Vec<&str> = changes.iter().map(|c| c.1.as_str()).collect();
+    assert_eq!(down, vec!["segw3"], "the silent one, alone");
+}
+
+#[test]
 fn a_silent_segw_goes_down_after_the_threshold_and_comes_back_when_it_answers() {
     let mut lab = Lab::new();
     let vip = Ipv4Addr::new(10, 2, 2, 1);
@@ -1429,7 +1522,7 @@ fn a_silent_segw_goes_down_after_the_threshold_and_comes_back_when_it_answers() 
             lab.lb.handle(&mut f, PortId::from(n), lab.now);
         }
         lab.now = lab.now + health.interval;
-        lab.lb.probe(vip, &health, lab.now).changes
+        lab.lb.probe(&[vip.into()], &health, lab.now).changes
     };
     assert!(
         round(&mut lab, &[]).is_empty(),
@@ -1466,7 +1559,7 @@ fn traffic_from_a_segw_counts_as_an_answer() {
         down_after: 1,
         up_after: 1,
     };
-    lab.lb.probe(vip, &health, lab.now);
+    lab.lb.probe(&[vip.into()], &health, lab.now);
     // Only segw1 carries ESP back to a peer; nobody answers ARP.
     let peer = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7));
     assert_eq!(lab.up(esp_udp(peer, 4500, 0x77)), Ok(1));
@@ -1474,7 +1567,7 @@ fn traffic_from_a_segw_counts_as_an_answer() {
     assert!(lab.down(1, back).is_ok());
     let changes = lab
         .lb
-        .probe(vip, &health, lab.now + health.interval)
+        .probe(&[vip.into()], &health, lab.now + health.interval)
         .changes;
     let down: Vec<&str> = changes.iter().map(|c| c.1.as_str()).collect();
     assert_eq!(down, vec!["segw2", "segw3"]);

@@ -7,7 +7,7 @@
 //! working directory.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -28,7 +28,9 @@ pub struct RunConfig {
     /// The file it came from (errors and reloads name it).
     pub file: PathBuf,
     pub uplink: Located<String>,
-    pub vip: Ipv4Addr,
+    /// The VIP: one address, or one of each family (dual stack), IPv4
+    /// first. Probed on every segw port, announced on the uplink.
+    pub vips: Vec<IpAddr>,
     pub proxy_uplink: Vec<Prefix>,
     pub proxy_gateways: Vec<Prefix>,
     pub max_tunnels: usize,
@@ -183,20 +185,22 @@ impl RunConfig {
         };
         let proxy_uplink = prefixes(&b.proxy_uplink, "balancer.proxy_uplink")?;
         let proxy_gateways = prefixes(&b.proxy_gateways, "balancer.proxy_gateways")?;
-        let vip: Ipv4Addr = b.vip.get_ref().parse().map_err(|_| {
-            at(
-                b.vip.span(),
-                "balancer.vip",
-                format!("`{}` is not an IPv4 address", b.vip.get_ref()),
-            )
-        })?;
-        if !proxy_uplink.iter().any(|p| p.contains(IpAddr::V4(vip))) {
+        let vips = vips(b.vip.get_ref()).map_err(|e| at(b.vip.span(), "balancer.vip", e))?;
+        if let Some(vip) = vips
+            .iter()
+            .find(|&&vip| !proxy_uplink.iter().any(|p| p.contains(vip)))
+        {
+            let ask = if vip.is_ipv4() {
+                "ARP"
+            } else {
+                "neighbour solicitations"
+            };
             return Err(at(
                 b.vip.span(),
                 "balancer.vip",
                 format!(
                     "the VIP {vip} is outside the prefixes proxied on the uplink ({}): \
-                     initiators' ARP for it would go unanswered; add it to balancer.proxy_uplink",
+                     initiators' {ask} for it would go unanswered; add it to balancer.proxy_uplink",
                     list(&proxy_uplink)
                 ),
             ));
@@ -433,7 +437,7 @@ impl RunConfig {
         Ok(RunConfig {
             file: file.to_path_buf(),
             uplink,
-            vip,
+            vips,
             proxy_uplink,
             proxy_gateways,
             max_tunnels: *b.max_tunnels.get_ref(),
@@ -478,6 +482,40 @@ impl RunConfig {
 
     pub fn gateway(&self, name: &str) -> Option<&GatewayConfig> {
         self.gateways.iter().find(|g| g.name == name)
+    }
+}
+
+/// `vip = "ADDRESS"` or `vip = ["ADDRESS", "ADDRESS"]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The VIPs of `balancer.vip`: one or two addresses, at most one of each
+/// family, IPv4 first.
+fn vips(field: &OneOrMany) -> Result<Vec<IpAddr>, String> {
+    let texts = match field {
+        OneOrMany::One(one) => std::slice::from_ref(one),
+        OneOrMany::Many(many) => many.as_slice(),
+    };
+    let mut vips = texts
+        .iter()
+        .map(|t| {
+            t.parse::<IpAddr>()
+                .map_err(|_| format!("`{t}` is not an IPv4 or IPv6 address"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    vips.sort_by_key(|ip| ip.is_ipv6());
+    match vips.as_slice() {
+        [] => Err("give the VIP: an address, or one IPv4 and one IPv6 address".into()),
+        [_] => Ok(vips),
+        [a, b] if a.is_ipv4() != b.is_ipv4() => Ok(vips),
+        _ => Err(format!(
+            "{} VIPs given: at most one IPv4 and one IPv6 address (every segw owns them all)",
+            vips.len()
+        )),
     }
 }
 
@@ -572,7 +610,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawBalancer {
     uplink: Spanned<String>,
-    vip: Spanned<String>,
+    vip: Spanned<OneOrMany>,
     proxy_uplink: Vec<Spanned<String>>,
     #[serde(default)]
     proxy_gateways: Vec<Spanned<String>>,

@@ -32,7 +32,7 @@ pub fn diff(old: &RunConfig, new: &RunConfig) -> Vec<Change> {
     let mut changes = Vec::new();
     let restart: [(&'static str, bool); 8] = [
         ("balancer.uplink", old.uplink.value != new.uplink.value),
-        ("balancer.vip", old.vip != new.vip),
+        ("balancer.vip", old.vips != new.vips),
         ("balancer.max_tunnels", old.max_tunnels != new.max_tunnels),
         (
             "balancer.idle_timeout_s / half_open_timeout_s",
@@ -240,7 +240,7 @@ dir = "{}"
             &(gw("segw1", "a", "") + &gw("segw2", "b", "")),
             "weighted",
         );
-        b.vip = "10.2.2.1".parse().unwrap();
+        b.vips = vec!["10.2.2.1".parse().unwrap()];
         b.max_tunnels = 5;
         let changes = diff(&a, &b);
         assert_eq!(changes[0], Change::NeedsRestart("balancer.max_tunnels"));

@@ -34,7 +34,7 @@ fn worker(health: Option<HealthConfig>) -> (Worker, Receiver<(PortId, Vec<u8>)>)
         ..Default::default()
     };
     (
-        Worker::new(lb, ports, VIP, health, record, Clock::start()),
+        Worker::new(lb, ports, vec![VIP.into()], health, record, Clock::start()),
         out_rx,
     )
 }

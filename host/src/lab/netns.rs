@@ -387,7 +387,7 @@ fn parse_pids(out: &str) -> Vec<i32> {
 }
 
 /// A veth pair: `a_if` in `a`, `b_if` in `b`, both up, TX checksum
-/// offload off on both ends and IPv6 off on both.
+/// offload off on both ends and IPv6 off on both (see [`enable_ipv6`]).
 ///
 /// Checksum offload: veth leaves TX checksums to "hardware" that is never
 /// there, so a frame the kernel sends and a userspace packet socket relays
@@ -420,6 +420,21 @@ pub fn sysctl(ns: &Netns, key: &str, value: &str) -> Result<()> {
             what: format!("set {} to {value} in {}", path.display(), ns.name),
             source,
         })
+}
+
+/// Turn IPv6 back on for `ifname` (a [`veth`] end), without duplicate
+/// address detection (an address is usable at once, and the kernel sends
+/// no DAD probes into frame counts), and keeping its addresses while the
+/// link is down, as IPv4 does (a test that takes a link down and up again
+/// finds its segw as it was).
+pub fn enable_ipv6(ns: &Netns, ifname: &str) -> Result<()> {
+    sysctl(ns, &format!("net/ipv6/conf/{ifname}/accept_dad"), "0")?;
+    sysctl(
+        ns,
+        &format!("net/ipv6/conf/{ifname}/keep_addr_on_down"),
+        "1",
+    )?;
+    sysctl(ns, &format!("net/ipv6/conf/{ifname}/disable_ipv6"), "0")
 }
 
 fn disable_ipv6(ns: &Netns, ifname: &str) -> Result<()> {

@@ -101,6 +101,31 @@ pub fn solicited_node(ip: Ipv6Addr) -> Ipv6Addr {
     )
 }
 
+/// The link-local address a port with `mac` uses (modified EUI-64, RFC
+/// 4291 §2.5.1): the source of our neighbour solicitations, and an address
+/// we answer for on that port.
+pub fn link_local(mac: Mac) -> Ipv6Addr {
+    let m = mac;
+    Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        m[0] ^ 0x02,
+        m[1],
+        m[2],
+        0xff,
+        0xfe,
+        m[3],
+        m[4],
+        m[5],
+    ])
+}
+
 /// A solicitation for `target`, from `src` at `mac`, as an IPv6 packet.
 pub fn solicitation(src: Ipv6Addr, mac: Mac, target: Ipv6Addr) -> Vec<u8> {
     let dst = solicited_node(target);

@@ -1,4 +1,5 @@
 use super::*;
+use std::net::Ipv4Addr;
 
 /// A policy directory holding `round-robin.wasm` (only its presence is
 /// checked at parse time).
@@ -60,7 +61,7 @@ fn a_full_config_parses_with_defaults_filled_in() {
     let dir = policies();
     let c = parse(&good(dir.path())).unwrap();
     assert_eq!(c.uplink.value, "up0");
-    assert_eq!(c.vip, Ipv4Addr::new(10, 2, 2, 1));
+    assert_eq!(c.vips, vec![IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1))]);
     assert_eq!(c.control_socket, Path::new("/etc/segwlb/run/segwlb.sock"));
     assert_eq!(c.metrics, Some("127.0.0.1:9469".parse().unwrap()));
     assert_eq!(c.policy.file(), dir.path().join("round-robin.wasm"));
@@ -125,6 +126,48 @@ fn a_vip_outside_the_proxied_prefixes_is_refused_at_its_line() {
         "lb.toml:4:7: balancer.vip: the VIP 10.2.3.1 is outside the prefixes proxied on the \
          uplink (10.2.2.1/32): initiators' ARP for it would go unanswered; add it to \
          balancer.proxy_uplink"
+    );
+}
+
+#[test]
+fn an_ipv6_vip_alone_or_beside_an_ipv4_one_is_taken_and_nonsense_is_named() {
+    let dir = policies();
+    let good = good(dir.path());
+    let with = |vip: &str, proxied: &str| {
+        good.replace("vip = \"10.2.2.1\"", &format!("vip = {vip}"))
+            .replace(
+                "proxy_uplink = [\"10.2.2.1/32\"]",
+                &format!("proxy_uplink = {proxied}"),
+            )
+    };
+    let v6: IpAddr = "2001:db8:2::1".parse().unwrap();
+    let c = parse(&with("\"2001:db8:2::1\"", "[\"2001:db8:2::/64\"]")).unwrap();
+    assert_eq!(c.vips, vec![v6]);
+    // Dual stack, written in either order: IPv4 first.
+    let dual = "[\"10.2.2.1/32\", \"2001:db8:2::/64\"]";
+    let c = parse(&with("[\"2001:db8:2::1\", \"10.2.2.1\"]", dual)).unwrap();
+    assert_eq!(c.vips, vec!["10.2.2.1".parse::<IpAddr>().unwrap(), v6]);
+    assert_eq!(
+        error(&with(
+            "[\"10.2.2.1\", \"2001:db8:2::1\"]",
+            "[\"10.2.2.1/32\"]"
+        )),
+        "lb.toml:4:7: balancer.vip: the VIP 2001:db8:2::1 is outside the prefixes proxied on \
+         the uplink (10.2.2.1/32): initiators' neighbour solicitations for it would go \
+         unanswered; add it to balancer.proxy_uplink"
+    );
+    assert_eq!(
+        error(&with("[\"10.2.2.1\", \"10.2.2.2\"]", dual)),
+        "lb.toml:4:7: balancer.vip: 2 VIPs given: at most one IPv4 and one IPv6 address \
+         (every segw owns them all)"
+    );
+    assert_eq!(
+        error(&with("\"2001:db8::zz\"", dual)),
+        "lb.toml:4:7: balancer.vip: `2001:db8::zz` is not an IPv4 or IPv6 address"
+    );
+    assert_eq!(
+        error(&with("[]", dual)),
+        "lb.toml:4:7: balancer.vip: give the VIP: an address, or one IPv4 and one IPv6 address"
     );
 }
 
