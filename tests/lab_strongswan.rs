@@ -187,15 +187,21 @@ fn predict(policy: &str, report: &Report) -> Vec<String> {
         .collect();
     p.set_gateways(&gateways).unwrap();
     let vip: IpAddr = report.vip.parse().unwrap();
+    let vip6: Option<IpAddr> = report.vip6.as_ref().map(|v| v.parse().unwrap());
     report
         .tunnels
         .iter()
         .map(|t| {
             let spi = t.ike_spi_i.as_deref().expect("established tunnel");
+            let peer: IpAddr = t.outer.parse().unwrap();
             let key = TunnelKey {
-                peer: t.outer.parse().unwrap(),
+                peer,
                 peer_port: 500,
-                vip,
+                vip: if peer.is_ipv6() {
+                    vip6.expect("a dual-stack lab")
+                } else {
+                    vip
+                },
                 ike_spi: Some(u64::from_str_radix(spi, 16).unwrap()),
                 opened_by: Opener::Ike,
             };

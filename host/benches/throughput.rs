@@ -493,8 +493,8 @@ fn tunnel_frames(src: [u8; 6], dst_of: impl Fn(u32) -> [u8; 6]) -> Vec<Vec<u8>> 
         EspFrame {
             dst: dst_of(i),
             src,
-            from: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 1)) + i),
-            to: VIP,
+            from: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 1)) + i).into(),
+            to: VIP.into(),
             ports,
             spi: 0x1000_0000 + i,
             seq,

@@ -512,10 +512,10 @@ fn lab(config: &Path, command: LabCommand) -> anyhow::Result<ExitCode> {
             let cfg = match scenario {
                 None => cfg,
                 Some(path) => {
-                    let (s, nat) =
+                    let (s, shares) =
                         segwlb::lab::compare::lab_scenario(&Scenario::resolve(&path)?, tunnels);
                     let policy = cfg.balancer.policy.clone();
-                    segwlb::lab::compare::lab_config(&cfg, &s, nat, &policy)
+                    segwlb::lab::compare::lab_config(&cfg, &s, shares, &policy)
                 }
             };
             let (state, times) = topology::up(&cfg, &exe)?;
@@ -609,8 +609,8 @@ fn lab(config: &Path, command: LabCommand) -> anyhow::Result<ExitCode> {
                 policies
             };
             let exe = std::env::current_exe().context("cannot find the segwlb binary")?;
-            let (scenario, nat) = lab_compare::lab_scenario(&scenario, tunnels);
-            let runs = lab_compare::run(&cfg, &scenario, nat, &policies, &exe, &mut |line| {
+            let (scenario, shares) = lab_compare::lab_scenario(&scenario, tunnels);
+            let runs = lab_compare::run(&cfg, &scenario, shares, &policies, &exe, &mut |line| {
                 eprintln!("{line}")
             })?;
             let plain: Vec<compare::PolicyRun> = runs.iter().map(|r| r.run.clone()).collect();

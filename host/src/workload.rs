@@ -4,12 +4,22 @@
 //! address opening with IKE on 500, a share behind carrier NATs (a few
 //! addresses, many ports), a share opening with raw ESP.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::policy::{Opener, TunnelKey};
 
-/// The VIP all examples use.
+/// The VIP all examples use ...
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 2, 2, 1);
+/// ... and its IPv6 twin, for peers that come over IPv6.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
+
+/// The VIP of `peer`'s family.
+pub fn vip_for(peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V4(_) => IpAddr::V4(VIP),
+        IpAddr::V6(_) => IpAddr::V6(VIP6),
+    }
+}
 
 /// SplitMix64: tiny, fast, and the same sequence everywhere for a seed.
 #[derive(Debug, Clone)]

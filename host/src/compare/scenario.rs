@@ -101,6 +101,9 @@ pub struct Population {
     pub nat_addresses: u32,
     /// Share of the non-NAT'd tunnels sending raw ESP (the rest: ESP in UDP).
     pub raw_esp: f64,
+    /// Share of the non-NAT'd tunnels that come over IPv6 (to the VIP's
+    /// IPv6 address).
+    pub ipv6: f64,
     /// Share of live tunnels ending per step, replaced by new ones.
     pub churn: f64,
     pub packets_per_step: u32,
@@ -263,12 +266,13 @@ impl fmt::Display for Scenario {
         });
         write!(
             f,
-            "{}: {} tunnels{peak} over {}; {:.0}% NAT'd, {:.0}% raw ESP; {:.0}% churn per step; {} steps of {} s",
+            "{}: {} tunnels{peak} over {}; {:.0}% NAT'd, {:.0}% raw ESP, {:.0}% IPv6; {:.0}% churn per step; {} steps of {} s",
             self.name,
             t.count,
             segws.join(" "),
             t.nat * 100.0,
             (1.0 - t.nat) * t.raw_esp * 100.0,
+            (1.0 - t.nat) * t.ipv6 * 100.0,
             t.churn * 100.0,
             self.steps,
             self.step_secs,
@@ -318,6 +322,8 @@ struct RawPopulation {
     nat_addresses: Spanned<u32>,
     #[serde(default = "zero")]
     raw_esp: Spanned<f64>,
+    #[serde(default = "zero")]
+    ipv6: Spanned<f64>,
     #[serde(default = "zero")]
     churn: Spanned<f64>,
     #[serde(default = "packets_per_step")]
@@ -518,6 +524,7 @@ impl RawPopulation {
         for (name, share) in [
             ("nat", &self.nat),
             ("raw_esp", &self.raw_esp),
+            ("ipv6", &self.ipv6),
             ("churn", &self.churn),
         ] {
             let v = *share.get_ref();
@@ -550,6 +557,7 @@ impl RawPopulation {
             nat: *self.nat.get_ref(),
             nat_addresses: *self.nat_addresses.get_ref(),
             raw_esp: *self.raw_esp.get_ref(),
+            ipv6: *self.ipv6.get_ref(),
             churn: *self.churn.get_ref(),
             packets_per_step: self.packets_per_step,
             esp_bytes: esp,

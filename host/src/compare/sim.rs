@@ -8,7 +8,7 @@
 //! tunnel "is on" the segw its last packet reached. The balancer does not
 //! know the simulation exists: it sees frames, a port and a time.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,7 +22,7 @@ use crate::packet::craft::{self, EspFrame};
 use crate::packet::{ike, IkeHeader, Mac};
 use crate::policy::{CallError, FallbackReason, Gateway, Load, Policy, TunnelKey};
 use crate::time::Timestamp;
-use crate::workload::{Rng, VIP};
+use crate::workload::{vip_for, Rng, VIP, VIP6};
 
 /// The initiator side's router: the source MAC of every frame from peers.
 const ROUTER: Mac = [2, 0xaa, 0, 0, 0, 1];
@@ -85,7 +85,7 @@ pub enum Arrivals<'a> {
 pub struct GivenPeer {
     /// The step it arrives in.
     pub step: u32,
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     /// The port its IKE_SA_INIT came from: 500, or what a NAT made of it.
     pub ike_port: u16,
     /// The port after the float to 4500 (a NAT's), or `None` for raw ESP
@@ -122,7 +122,7 @@ impl Policy for Timed {
 }
 
 struct Peer {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     /// Source port of IKE on 500: 500, or what the NAT made of it.
     ike_port: u16,
     /// Source port after the float to 4500; `None`: raw ESP, IKE stays on 500.
@@ -294,7 +294,10 @@ pub fn run_with(
     let ports = segws.len() as PortId;
     let config = Config {
         port_macs: (0..=ports).map(farm::port_mac).collect(),
-        proxy: vec![Prefix::new(IpAddr::V4(VIP), 32).expect("a /32")],
+        proxy: vec![
+            Prefix::new(IpAddr::V4(VIP), 32).expect("a /32"),
+            Prefix::new(IpAddr::V6(VIP6), 128).expect("a /128"),
+        ],
         proxy_gateways: Vec::new(),
         // Room for every tunnel that ever lives: ended ones stay until idle
         // expiry, as they would in a real balancer.
@@ -379,7 +382,7 @@ pub fn run_with(
             // tunnel a few ahead, so its miss overlaps this one's work.
             let ahead = sim.peers.get(i + PREFETCH_AHEAD);
             if let Some((addr, Some(port))) = ahead.map(|p| (p.addr, p.natt_port)) {
-                sim.lb.prefetch(IpAddr::V4(addr), port);
+                sim.lb.prefetch(addr, port);
             }
             if sim.peers[i].closed {
                 continue;
@@ -502,11 +505,24 @@ impl Sim<'_> {
                 1024 + self.nat_ports[nat] % 64_000
             };
             let (a, b) = (port(), port());
-            (Ipv4Addr::from(0x6440_0000 + nat as u32), a, Some(b))
+            (
+                IpAddr::V4(Ipv4Addr::from(0x6440_0000 + nat as u32)),
+                a,
+                Some(b),
+            )
         } else {
-            // 10.0.0.0/8, a distinct address each (an odd stride visits all).
+            // A distinct address each (an odd stride visits all): in
+            // 10.0.0.0/8, or over IPv6 in 2001:db8:100::/48. (No draw
+            // without an IPv6 share: IPv4-only scenarios keep their seeds.)
             self.next_host = self.next_host.wrapping_add(0x9e3779b1);
-            let addr = Ipv4Addr::from(0x0a00_0000 | (self.next_host & 0x00ff_ffff));
+            let host = self.next_host & 0x00ff_ffff;
+            let addr = if t.ipv6 > 0.0 && self.rng.chance(t.ipv6) {
+                IpAddr::V6(Ipv6Addr::from(
+                    (0x2001_0db8_0100_u128 << 80) | u128::from(host),
+                ))
+            } else {
+                IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | host))
+            };
             let raw = self.rng.chance(t.raw_esp);
             (addr, 500, if raw { None } else { Some(4500) })
         };
@@ -539,9 +555,9 @@ impl Sim<'_> {
     /// IKE_SA_INIT and IKE_AUTH, each answered.
     fn open(&mut self, i: usize) {
         let p = &self.peers[i];
-        let (addr, ike_port, natt_port) = (IpAddr::V4(p.addr), p.ike_port, p.natt_port);
+        let (addr, ike_port, natt_port) = (p.addr, p.ike_port, p.natt_port);
         let (initiator_spi, their_spi) = (p.ike_spi, p.responder_spi);
-        let vip = IpAddr::V4(VIP);
+        let vip = vip_for(addr);
         let header = |exchange, responder_spi, response: bool| IkeHeader {
             initiator_spi,
             responder_spi,
@@ -584,7 +600,7 @@ impl Sim<'_> {
             dst: farm::port_mac(UPLINK),
             src: ROUTER,
             from: p.addr,
-            to: VIP,
+            to: vip_for(p.addr),
             ports,
             spi: p.spi_in,
             seq: p.seq,
@@ -598,7 +614,7 @@ impl Sim<'_> {
         EspFrame {
             dst: farm::port_mac(port),
             src: farm::segw_mac(port as u8),
-            from: VIP,
+            from: vip_for(p.addr),
             to: p.addr,
             ports: ports.map(|(a, b)| (b, a)),
             spi: p.spi_out,
@@ -733,8 +749,8 @@ mod tests {
         let frame = EspFrame {
             dst: farm::port_mac(UPLINK),
             src: ROUTER,
-            from: Ipv4Addr::new(100, 64, 0, 9),
-            to: VIP,
+            from: Ipv4Addr::new(100, 64, 0, 9).into(),
+            to: VIP.into(),
             ports: Some((40_001, 4500)),
             spi: 0xc300_0001,
             seq: 7,
@@ -745,7 +761,7 @@ mod tests {
         let crate::packet::Kind::Ip(ip) = parsed.kind else {
             panic!("not IP")
         };
-        assert_eq!(ip.src, IpAddr::V4(frame.from));
+        assert_eq!(ip.src, frame.from);
         assert!(matches!(
             ip.payload,
             crate::packet::Payload::EspInUdp { spi: 0xc300_0001, udp } if udp.src == 40_001
@@ -765,5 +781,33 @@ mod tests {
             ip.payload,
             crate::packet::Payload::Esp { spi: 0xc300_0001 }
         ));
+    }
+
+    #[test]
+    fn an_ipv6_esp_frame_written_in_place_is_the_one_craft_builds() {
+        let peer = IpAddr::V6("2001:db8:100::7".parse().unwrap());
+        let frame = EspFrame {
+            dst: farm::port_mac(UPLINK),
+            src: ROUTER,
+            from: peer,
+            to: IpAddr::V6(VIP6),
+            ports: Some((4500, 4500)),
+            spi: 0xc300_0002,
+            seq: 9,
+            len: 120,
+        };
+        let mut buf = Vec::new();
+        frame.write(&mut buf);
+        // craft builds it with etherparse, UDP checksum and all.
+        let body = craft::esp_body(0xc300_0002, 9, 120);
+        let ip = craft::udp_packet(peer, 4500, IpAddr::V6(VIP6), 4500, &body);
+        assert_eq!(buf, craft::frame(farm::port_mac(UPLINK), ROUTER, None, &ip));
+        EspFrame {
+            ports: None,
+            ..frame
+        }
+        .write(&mut buf);
+        let ip = craft::ip_packet(peer, IpAddr::V6(VIP6), 50, &body, 0);
+        assert_eq!(buf, craft::frame(farm::port_mac(UPLINK), ROUTER, None, &ip));
     }
 }

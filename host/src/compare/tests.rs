@@ -35,6 +35,38 @@ fn clean(r: &PolicyRun) {
 }
 
 #[test]
+fn tunnels_over_ipv6_are_carried_failed_over_and_counted_like_ipv4_ones() {
+    // The 6 tunnels not behind the NAT all come over IPv6.
+    let events = "[[event]]\nstep = 1\nfail = \"b\"\n[[event]]\nstep = 2\nrecover = \"b\"\n";
+    let text = small(3, events).to_string();
+    assert!(text.contains("50% NAT'd, 25% raw ESP, 0% IPv6"), "{text}");
+    let mut v6 = small(3, events);
+    v6.tunnels.ipv6 = 1.0;
+    assert!(v6.to_string().contains("50% IPv6"), "{v6}");
+    let r = run_native("round-robin", &v6);
+    clean(&r);
+    // Placement by arrival does not care about the family: as over IPv4.
+    assert_eq!(r.tunnels_over_time[0], [4, 4, 4]);
+    assert_eq!(r.tunnels_over_time[1], [6, 0, 6]);
+    assert_eq!(r.moved_per_event, r.minimum_moved_per_event);
+    for policy in [
+        "consistent-hash",
+        "weighted",
+        "least-tunnels",
+        "two-choices",
+    ] {
+        let r = run_native(policy, &v6);
+        clean(&r);
+        assert_eq!(r.moved_per_event, r.minimum_moved_per_event, "{policy}");
+    }
+    // A hash of the peer's address sees other addresses over IPv6 (seed 1:
+    // the same draws, but six peers at other addresses).
+    let v4 = run_native("consistent-hash", &small(3, events));
+    let v6 = run_native("consistent-hash", &v6);
+    assert_ne!(v4.tunnels_over_time, v6.tunnels_over_time);
+}
+
+#[test]
 fn round_robin_twelve_over_three_then_one_fails_and_recovers() {
     let r = run_native(
         "round-robin",
@@ -365,7 +397,7 @@ fn given_tunnels_close_and_a_returning_peer_finds_its_old_segw() {
     let scenario = small(4, "");
     let peer = |n: u8, step: u32, ends: Option<u32>, spi: u64| GivenPeer {
         step,
-        addr: std::net::Ipv4Addr::new(10, 1, 0, n),
+        addr: std::net::Ipv4Addr::new(10, 1, 0, n).into(),
         ike_port: 500,
         natt_port: Some(4500),
         ike_spi: spi,

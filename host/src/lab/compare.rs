@@ -60,13 +60,21 @@ pub struct TunnelPlacement {
     pub simulation: Option<String>,
 }
 
-/// The scenario as the lab runs it: at most `tunnels` of them, a NAT
-/// share rounded to whole initiators, one NAT address, no raw ESP; its
-/// churn as [`Plan`] lays it out. Returns the scenario and how many
-/// initiators sit behind the NAT.
+/// How many of a lab's initiators sit behind its NAT (the last ones), and
+/// how many come over IPv6 (the first ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LabShares {
+    pub nat: u32,
+    pub ipv6: u32,
+}
+
+/// The scenario as the lab runs it: at most `tunnels` of them, the NAT and
+/// IPv6 shares rounded to whole initiators, one NAT address, no raw ESP;
+/// its churn as [`Plan`] lays it out. Returns the scenario and how many
+/// initiators sit behind the NAT and come over IPv6.
 ///
 /// [`Plan`]: super::churn::Plan
-pub fn lab_scenario(scenario: &Scenario, tunnels: usize) -> (Scenario, u32) {
+pub fn lab_scenario(scenario: &Scenario, tunnels: usize) -> (Scenario, LabShares) {
     let mut s = scenario.clone();
     let n = scenario.tunnels.count.min(tunnels).max(1);
     let nat = (n as f64 * scenario.tunnels.nat).round() as u32;
@@ -74,18 +82,25 @@ pub fn lab_scenario(scenario: &Scenario, tunnels: usize) -> (Scenario, u32) {
     s.tunnels.nat = f64::from(nat) / n as f64;
     s.tunnels.nat_addresses = 1;
     s.tunnels.raw_esp = 0.0;
-    // The NAT'd share of the initiators the churn adds, too.
+    // The shares of the initiators the churn adds, too.
     let all = Plan::of(&s).initiators;
     let nat = (all as f64 * s.tunnels.nat).round() as u32;
-    (s, nat)
+    let ipv6 = (f64::from(all as u32 - nat) * s.tunnels.ipv6).round() as u32;
+    (s, LabShares { nat, ipv6 })
 }
 
 /// The lab file for one policy's run: `base`'s addressing and prefix, the
 /// scenario's segws and tunnels.
-pub fn lab_config(base: &LabConfig, scenario: &Scenario, nat: u32, policy: &str) -> LabConfig {
+pub fn lab_config(
+    base: &LabConfig,
+    scenario: &Scenario,
+    shares: LabShares,
+    policy: &str,
+) -> LabConfig {
     let mut c = base.clone();
     c.lab.initiators = Plan::of(scenario).initiators as u32;
-    c.lab.nat = nat;
+    c.lab.nat = shares.nat;
+    c.lab.ipv6 = shares.ipv6;
     c.balancer.policy = policy.to_string();
     c.segw = scenario
         .segws
@@ -104,7 +119,7 @@ pub fn lab_config(base: &LabConfig, scenario: &Scenario, nat: u32, policy: &str)
 pub fn run(
     base: &LabConfig,
     scenario: &Scenario,
-    nat: u32,
+    shares: LabShares,
     policies: &[String],
     exe: &Path,
     say: &mut dyn FnMut(&str),
@@ -112,7 +127,7 @@ pub fn run(
     let runtime = Runtime::new().map_err(|e| Error::State(format!("the wasm runtime: {e}")))?;
     let mut runs = Vec::new();
     for policy in policies {
-        let config = lab_config(base, scenario, nat, policy);
+        let config = lab_config(base, scenario, shares, policy);
         config.check().map_err(|msg| Error::Config {
             path: "<lab compare>".into(),
             msg,

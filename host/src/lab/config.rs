@@ -2,7 +2,7 @@
 //! addressing, the balancer's policy. Every address it names exists only
 //! inside the lab's namespaces.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -78,6 +78,64 @@ impl From<Prefix> for String {
     }
 }
 
+/// An IPv6 prefix `2001:db8:1::/64`, for the initiators that come over
+/// IPv6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Prefix6 {
+    pub addr: Ipv6Addr,
+    pub len: u8,
+}
+
+impl Prefix6 {
+    fn mask(&self) -> u128 {
+        u128::MAX
+            .checked_shl(128 - u32::from(self.len))
+            .unwrap_or(0)
+    }
+
+    pub fn network(&self) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.addr) & self.mask())
+    }
+
+    pub fn contains(&self, a: Ipv6Addr) -> bool {
+        u128::from(a) & self.mask() == u128::from(self.network())
+    }
+
+    /// The `n`th address after the network address, if inside the prefix.
+    pub fn host(&self, n: u32) -> Option<Ipv6Addr> {
+        let size_bits = 128 - u32::from(self.len);
+        let fits = size_bits >= 32 || u128::from(n) < (1u128 << size_bits);
+        fits.then(|| Ipv6Addr::from(u128::from(self.network()) + u128::from(n)))
+    }
+}
+
+impl std::fmt::Display for Prefix6 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network(), self.len)
+    }
+}
+
+impl TryFrom<String> for Prefix6 {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not an IPv6 prefix like 2001:db8:1::/64");
+        let (a, l) = s.split_once('/').ok_or_else(bad)?;
+        let addr = a.parse().map_err(|_| bad())?;
+        let len: u8 = l.parse().map_err(|_| bad())?;
+        if len > 128 {
+            return Err(bad());
+        }
+        Ok(Prefix6 { addr, len })
+    }
+}
+
+impl From<Prefix6> for String {
+    fn from(p: Prefix6) -> String {
+        p.to_string()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LabConfig {
@@ -118,6 +176,11 @@ pub struct LabSection {
     /// source NAT, a fixed pair of UDP ports per initiator from 40000 up).
     #[serde(default)]
     pub nat: u32,
+    /// The first `ipv6` initiators come over IPv6 (their outer address in
+    /// `outer6_prefix`, to `vip6`); the lab is then dual-stack: the segws
+    /// own both VIPs, the balancer serves both. Not behind the NAT.
+    #[serde(default)]
+    pub ipv6: u32,
 }
 
 impl LabSection {
@@ -153,6 +216,26 @@ pub struct Addresses {
     /// host `initiators + 1` of outer_prefix.
     #[serde(default = "default_nat_prefix")]
     pub nat_prefix: Prefix,
+    /// The VIP's IPv6 address, for initiators over IPv6 (`lab.ipv6`).
+    #[serde(default = "default_vip6")]
+    pub vip6: Ipv6Addr,
+    /// Initiator n over IPv6 has host n of this prefix as its outer
+    /// address (proxy_gateways). The segws' next hop towards them is
+    /// host [`NEXT_HOP6`].
+    #[serde(default = "default_outer6_prefix")]
+    pub outer6_prefix: Prefix6,
+}
+
+/// Host number of the segws' IPv6 next hop towards the initiators (past
+/// any initiator: at most [`MAX_INITIATORS`]).
+pub const NEXT_HOP6: u32 = 0xffff;
+
+fn default_vip6() -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1)
+}
+
+fn default_outer6_prefix() -> Prefix6 {
+    Prefix6::try_from("2001:db8:1::/64".to_string()).expect("valid default")
 }
 
 fn default_nat_prefix() -> Prefix {
@@ -172,6 +255,8 @@ impl Default for Addresses {
             service: Ipv4Addr::new(10, 201, 0, 1),
             service_prefix: p("10.201.0.0/24"),
             nat_prefix: default_nat_prefix(),
+            vip6: default_vip6(),
+            outer6_prefix: default_outer6_prefix(),
         }
     }
 }
@@ -353,6 +438,19 @@ impl LabConfig {
         if self.lab.nat > self.lab.initiators {
             return Err("lab.nat is more than lab.initiators".into());
         }
+        if self.lab.ipv6 > self.lab.initiators - self.lab.nat {
+            return Err(format!(
+                "lab.ipv6 is {}, but only {} initiators are not behind the NAT",
+                self.lab.ipv6,
+                self.lab.initiators - self.lab.nat
+            ));
+        }
+        if a.outer6_prefix.host(NEXT_HOP6).is_none() || a.outer6_prefix.contains(a.vip6) {
+            return Err(format!(
+                "outer6_prefix {} must hold {} hosts and not the VIP {}",
+                a.outer6_prefix, NEXT_HOP6, a.vip6
+            ));
+        }
         if self.lab.nat > 0 && a.nat_prefix.host(self.lab.nat + 1).is_none() {
             return Err(format!(
                 "nat_prefix {} has no room for {} NAT'd initiators",
@@ -403,6 +501,31 @@ mod tests {
         let c = LabConfig::parse(text).unwrap();
         assert_eq!(c.lab.initiators, 12);
         assert_eq!(c.segw.len(), 3);
+        assert!(c.lab.ipv6 > 0, "the default lab is dual-stack");
+    }
+
+    #[test]
+    fn ipv6_prefixes_and_shares() {
+        let p = Prefix6::try_from("2001:db8:1::/64".to_string()).unwrap();
+        assert_eq!(p.host(5), Some("2001:db8:1::5".parse().unwrap()));
+        assert!(p.contains("2001:db8:1::ffff".parse().unwrap()));
+        assert!(!p.contains("2001:db8:2::1".parse().unwrap()));
+        let small = Prefix6::try_from("2001:db8:1::/120".to_string()).unwrap();
+        assert_eq!(small.host(256), None);
+        assert!(Prefix6::try_from("10.1.0.0/16".to_string()).is_err());
+        let e = LabConfig::parse("[lab]\ninitiators = 4\nnat = 2\nipv6 = 3\n").unwrap_err();
+        assert!(
+            e.contains("only 2 initiators are not behind the NAT"),
+            "{e}"
+        );
+        let e = LabConfig::parse(
+            "[lab]\ninitiators = 4\nipv6 = 1\n[addresses]\nvip = \"10.2.2.1\"\n\
+             vip_prefix = \"10.2.2.0/24\"\nouter_prefix = \"10.1.0.0/16\"\n\
+             inner_prefix = \"10.200.0.0/16\"\nservice = \"10.201.0.1\"\n\
+             service_prefix = \"10.201.0.0/24\"\nouter6_prefix = \"2001:db8:1::/120\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("outer6_prefix"), "{e}");
     }
 
     #[test]

@@ -722,7 +722,10 @@ fn keys(
                 (Some(spi), Some(t)) => Ok(GivenPeer {
                     step,
                     addr: t.peer.parse().map_err(|_| {
-                        Error::State(format!("the balancer's peer {:?} is not IPv4", t.peer))
+                        Error::State(format!(
+                            "the balancer's peer {:?} is not an address",
+                            t.peer
+                        ))
                     })?,
                     ike_port: t.opened_port,
                     natt_port: Some(t.peer_port),
@@ -734,7 +737,7 @@ fn keys(
                 // outer address as configured, so the counts line up.
                 _ => Ok(GivenPeer {
                     step,
-                    addr: init.outer,
+                    addr: init.outer.into(),
                     ike_port: 500,
                     natt_port: Some(4500),
                     ike_spi: 0x1a6_0000_0000 + l as u64,

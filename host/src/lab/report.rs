@@ -74,6 +74,9 @@ pub struct Summary {
 pub struct Report {
     pub policy: String,
     pub vip: String,
+    /// A dual-stack lab's IPv6 VIP (initiators over IPv6 reach it).
+    #[serde(default)]
+    pub vip6: Option<String>,
     pub service: String,
     /// In initiation (arrival) order.
     pub tunnels: Vec<TunnelReport>,
@@ -153,7 +156,7 @@ pub fn collect(
         let g = status.gateways.iter().find(|g| g.name == s.name);
         let sas = state.list_sas(&s.dir).map(|mut sas| {
             // By peer address (charon lists newest first).
-            sas.sort_by_key(|sa| sa.remote_host.parse::<std::net::Ipv4Addr>().ok());
+            sas.sort_by_key(|sa| sa.remote_host.parse::<std::net::IpAddr>().ok());
             sas
         });
         segws.push(SegwReport {
@@ -195,7 +198,7 @@ pub fn collect(
             if let Some(sa) = sas.get(t.inner.as_str()) {
                 t.segws.push(s.name.clone());
                 t.ike_spi_i = Some(sa.initiator_spi.clone());
-                t.remote = Some(format!("{}:{}", sa.remote_host, sa.remote_port));
+                t.remote = Some(sa.remote());
                 *per_segw.entry(s.name.clone()).or_default() += 1;
             }
         }
@@ -251,6 +254,7 @@ pub fn collect(
     Ok(Report {
         policy: status.policy.name.clone(),
         vip: state.vip.to_string(),
+        vip6: state.vip6.map(|v| v.to_string()),
         service: state.service.to_string(),
         tunnels,
         segws,
@@ -381,9 +385,17 @@ impl Report {
                 "pkts i/o",
                 "state",
             ];
+            // Wide enough for `[IPv6]:port` peers.
+            let w = s
+                .sas
+                .iter()
+                .map(|sa| sa.remote().len())
+                .max()
+                .unwrap_or(0)
+                .max(16);
             let _ = writeln!(
                 out,
-                "  {:<16} {:<33} {:<15} {:<17} {:>9}  {}",
+                "  {:<w$} {:<33} {:<15} {:<17} {:>9}  {}",
                 h[0], h[1], h[2], h[3], h[4], h[5]
             );
             for sa in &s.sas {
@@ -396,8 +408,8 @@ impl Report {
                     .or(sa.children.first());
                 let _ = writeln!(
                     out,
-                    "  {:<16} {:<33} {:<15} {:<17} {:>9}  {}/{}",
-                    format!("{}:{}", sa.remote_host, sa.remote_port),
+                    "  {:<w$} {:<33} {:<15} {:<17} {:>9}  {}/{}",
+                    sa.remote(),
                     format!("{}/{}", sa.initiator_spi, sa.responder_spi),
                     child.map_or("-".into(), |c| c.remote_ts.join(",")),
                     child.map_or("-".into(), |c| format!("{}/{}", c.spi_in, c.spi_out)),

@@ -5,7 +5,7 @@
 //!
 //! The recipe is the one verified in `tests/fixtures/LAB-NOTES.md`.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::process::Command;
 
@@ -102,9 +102,20 @@ pub const SEGW_DPD_SLOWER: u32 = 6;
 /// The segw's `swanctl.conf`: the same in every segw. Segws run DPD too
 /// ([`SEGW_DPD_SLOWER`] times the initiators' `dpd_delay_s`), as real ones
 /// do: the SA a moved tunnel leaves behind on its old segw is cleared once
-/// its peer no longer answers for it.
-pub fn segw_swanctl(vip: Ipv4Addr, service_ts: &str, inner_ts: &str, dpd_delay_s: u32) -> String {
+/// its peer no longer answers for it. In a dual-stack lab it answers on
+/// both VIPs.
+pub fn segw_swanctl(
+    vip: Ipv4Addr,
+    vip6: Option<Ipv6Addr>,
+    service_ts: &str,
+    inner_ts: &str,
+    dpd_delay_s: u32,
+) -> String {
     let dpd_delay_s = dpd_delay_s * SEGW_DPD_SLOWER;
+    let vip = match vip6 {
+        Some(vip6) => format!("{vip}, {vip6}"),
+        None => vip.to_string(),
+    };
     format!(
         "connections {{
     segw {{
@@ -136,8 +147,8 @@ pub fn segw_swanctl(vip: Ipv4Addr, service_ts: &str, inner_ts: &str, dpd_delay_s
 }
 
 /// The `swanctl.conf` of an initiator host: per initiator `(name, outer,
-/// inner)`, a connection `name` from `outer` to `vip`, its inner address
-/// `inner`/32 to `service_ts`.
+/// inner)`, a connection `name` from `outer` to the VIP of its family
+/// (`vips`: IPv4, IPv6), its inner address `inner`/32 to `service_ts`.
 ///
 /// Each child has its own fixed reqid (1, 2, … in this charon). With
 /// dynamic ones, charon before 5.9.12 (Debian 12 ships 5.9.8) could give
@@ -148,13 +159,17 @@ pub fn segw_swanctl(vip: Ipv4Addr, service_ts: &str, inner_ts: &str, dpd_delay_s
 /// failure or a rebalance, when many initiators of one charon restart at
 /// once.
 pub fn initiator_swanctl<'a>(
-    initiators: impl IntoIterator<Item = (&'a str, Ipv4Addr, Ipv4Addr)>,
-    vip: Ipv4Addr,
+    initiators: impl IntoIterator<Item = (&'a str, IpAddr, Ipv4Addr)>,
+    vips: (Ipv4Addr, Ipv6Addr),
     service_ts: &str,
     dpd_delay_s: u32,
 ) -> String {
     let mut conf = String::from("connections {\n");
     for (reqid, (name, outer, inner)) in (1..).zip(initiators) {
+        let vip: IpAddr = match outer {
+            IpAddr::V4(_) => vips.0.into(),
+            IpAddr::V6(_) => vips.1.into(),
+        };
         conf += &format!(
             "    {name} {{
         version = 2
@@ -344,6 +359,15 @@ impl IkeSa {
     pub fn is_up(&self) -> bool {
         self.state == "ESTABLISHED" && self.children.iter().any(|c| c.state == "INSTALLED")
     }
+
+    /// The peer, `address:port` (`[address]:port` over IPv6), as the
+    /// balancer's status writes it.
+    pub fn remote(&self) -> String {
+        match self.remote_host.parse::<IpAddr>() {
+            Ok(ip) => std::net::SocketAddr::new(ip, self.remote_port).to_string(),
+            Err(_) => format!("{}:{}", self.remote_host, self.remote_port),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -457,21 +481,31 @@ mod tests {
             [
                 (
                     "i1",
-                    Ipv4Addr::new(10, 1, 0, 1),
+                    Ipv4Addr::new(10, 1, 0, 1).into(),
                     Ipv4Addr::new(10, 200, 0, 1),
                 ),
                 (
                     "i2",
-                    Ipv4Addr::new(10, 1, 0, 2),
+                    Ipv4Addr::new(10, 1, 0, 2).into(),
                     Ipv4Addr::new(10, 200, 0, 2),
                 ),
+                (
+                    "i3",
+                    "2001:db8:1::3".parse().unwrap(),
+                    Ipv4Addr::new(10, 200, 0, 3),
+                ),
             ],
-            Ipv4Addr::new(10, 2, 2, 1),
+            (Ipv4Addr::new(10, 2, 2, 1), "2001:db8:2::1".parse().unwrap()),
             "10.201.0.0/24",
             5,
         );
-        // One connection per initiator, each from its own addresses.
-        assert_eq!(i.matches("local_addrs = ").count(), 2, "{i}");
+        // One connection per initiator, each from its own addresses, to
+        // the VIP of its family.
+        assert_eq!(i.matches("local_addrs = ").count(), 3, "{i}");
+        let third = &i[i.find("    i3 {").expect("connection i3")..];
+        assert!(third.contains("local_addrs = 2001:db8:1::3"), "{i}");
+        assert!(third.contains("remote_addrs = 2001:db8:2::1"), "{i}");
+        assert!(third.contains("local_ts = 10.200.0.3/32"), "{i}");
         let second = &i[i.find("    i2 {").expect("connection i2")..];
         assert!(second.contains("local_addrs = 10.1.0.2"), "{i}");
         assert!(second.contains("id = i2.lab"), "{i}");
@@ -486,10 +520,23 @@ mod tests {
         // The segws' DPD is the slower one.
         let segw = segw_swanctl(
             Ipv4Addr::new(10, 2, 2, 1),
+            None,
             "10.201.0.0/24",
             "10.200.0.0/16",
             5,
         );
         assert!(segw.contains("dpd_delay = 30s"), "{segw}");
+        assert!(segw.contains("local_addrs = 10.2.2.1\n"), "{segw}");
+        let dual = segw_swanctl(
+            Ipv4Addr::new(10, 2, 2, 1),
+            Some("2001:db8:2::1".parse().unwrap()),
+            "10.201.0.0/24",
+            "10.200.0.0/16",
+            5,
+        );
+        assert!(
+            dual.contains("local_addrs = 10.2.2.1, 2001:db8:2::1\n"),
+            "{dual}"
+        );
     }
 }

@@ -12,7 +12,7 @@
 //! way or was interrupted.
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -36,7 +36,9 @@ const STATE: &str = "state.json";
 pub struct Initiator {
     pub name: String,
     pub ns: String,
-    pub outer: Ipv4Addr,
+    /// Its address on the initiators' side: IPv4, or IPv6 for the first
+    /// `lab.ipv6` initiators.
+    pub outer: IpAddr,
     pub inner: Ipv4Addr,
     pub dir: PathBuf,
     pub pid: i32,
@@ -152,6 +154,12 @@ pub struct State {
     /// The `swanctl.conf` every segw loads (also one added at runtime).
     #[serde(default)]
     pub segw_swanctl: PathBuf,
+    /// A dual-stack lab: the VIP's IPv6 address, and the prefix of the
+    /// initiators that come over IPv6.
+    #[serde(default)]
+    pub vip6: Option<Ipv6Addr>,
+    #[serde(default)]
+    pub outer6_prefix: Option<String>,
 }
 
 impl State {
@@ -307,13 +315,22 @@ impl State {
         let s = &self.segws[k];
         let ns = Netns::adopt(&s.ns)?;
         ns.ip(&["link", "set", "eth0", "up"])?;
-        // Link down flushed the route back to the initiators.
-        route_to_initiators(&ns, &self.outer_prefix)?;
+        // Link down flushed the routes back to the initiators.
+        routes_to_initiators(&ns, &self.segw_side())?;
         let conf = self.segw_conf()?;
         let pid = start_charon(&s.dir, &s.ns, &conf, s.capacity)?;
         self.segws[k].pid = pid;
         self.save()?;
         self.load_charon(&self.segws[k].dir.clone(), pid)
+    }
+
+    fn segw_side(&self) -> SegwSide<'_> {
+        SegwSide {
+            vip: self.vip,
+            service: self.service,
+            outer_prefix: &self.outer_prefix,
+            v6: self.vip6.zip(self.outer6_prefix.as_deref()),
+        }
     }
 
     fn segw_conf(&self) -> Result<String> {
@@ -332,14 +349,11 @@ impl State {
         let k = self.segws.len() + 1;
         let ns = Netns::new(&format!("{}-s{k}", self.prefix))?;
         let port = format!("p{k}");
-        let vip = self.vip;
         link_segw(
             &Netns::adopt(&self.balancer_ns)?,
             &port,
             &ns,
-            vip,
-            &self.outer_prefix,
-            self.service,
+            &self.segw_side(),
         )?;
         let dir = self.work.join(format!("s{k}"));
         let pid = start_charon(&dir, ns.name(), &self.segw_conf()?, capacity)?;
@@ -623,11 +637,23 @@ fn spawn_detached(mut cmd: Command, log: &Path) -> Result<Child> {
     cmd.spawn().map_err(io(format!("start {cmd:?}")))
 }
 
+/// What a segw's namespace is given of the lab's addressing.
+struct SegwSide<'a> {
+    vip: Ipv4Addr,
+    service: Ipv4Addr,
+    outer_prefix: &'a str,
+    /// A dual-stack lab: the VIP's IPv6 address and the prefix of the
+    /// initiators over IPv6.
+    v6: Option<(Ipv6Addr, &'a str)>,
+}
+
 /// The segws' route towards the initiators goes via the outer prefix's last
 /// host, which the balancer answers ARP for like any initiator address: one
 /// neighbour entry in a segw, where a route on the link took one per peer,
 /// and the kernel's neighbour table (gc_thresh3 = 1024, global, not
-/// settable in a namespace) overflowed past a thousand initiators.
+/// settable in a namespace) overflowed past a thousand initiators. Over
+/// IPv6 the same, via host [`NEXT_HOP6`](super::config::NEXT_HOP6) of the
+/// IPv6 prefix (answered by proxy-NDP).
 fn segws_next_hop(outer_prefix: &str) -> Result<Ipv4Addr> {
     super::config::Prefix::try_from(outer_prefix.to_string())
         .ok()
@@ -635,39 +661,56 @@ fn segws_next_hop(outer_prefix: &str) -> Result<Ipv4Addr> {
         .ok_or_else(|| Error::State(format!("outer prefix {outer_prefix:?} has no last host")))
 }
 
-/// A segw's route to the initiators, via [`segws_next_hop`] (added, or put
-/// back after its link went down).
-fn route_to_initiators(ns: &Netns, outer_prefix: &str) -> Result<()> {
-    let via = segws_next_hop(outer_prefix)?.to_string();
-    let route = [
+fn segws_next_hop6(outer6_prefix: &str) -> Result<Ipv6Addr> {
+    super::config::Prefix6::try_from(outer6_prefix.to_string())
+        .ok()
+        .and_then(|p| p.host(super::config::NEXT_HOP6))
+        .ok_or_else(|| Error::State(format!("IPv6 prefix {outer6_prefix:?} has no next hop")))
+}
+
+/// A segw's routes to the initiators, via [`segws_next_hop`] (added, or
+/// put back after its link went down).
+fn routes_to_initiators(ns: &Netns, side: &SegwSide) -> Result<()> {
+    let via = segws_next_hop(side.outer_prefix)?.to_string();
+    ns.ip(&[
         "route",
         "replace",
-        outer_prefix,
+        side.outer_prefix,
         "via",
         &via,
         "dev",
         "eth0",
         "onlink",
-    ];
-    ns.ip(&route)?;
+    ])?;
+    if let Some((_, outer6)) = side.v6 {
+        let via = segws_next_hop6(outer6)?.to_string();
+        ns.ip(&[
+            "-6", "route", "replace", outer6, "via", &via, "dev", "eth0", "onlink",
+        ])?;
+    }
     Ok(())
 }
 
 /// A segw's namespace `ns` linked to the balancer's port `port` in `lb`:
-/// the VIP on its link, a route back to the initiators, the service
-/// address on its `lo`.
-fn link_segw(
-    lb: &Netns,
-    port: &str,
-    ns: &Netns,
-    vip: Ipv4Addr,
-    outer_prefix: &str,
-    service: Ipv4Addr,
-) -> Result<()> {
+/// the VIP (both, in a dual-stack lab) on its link, routes back to the
+/// initiators, the service address on its `lo`.
+fn link_segw(lb: &Netns, port: &str, ns: &Netns, side: &SegwSide) -> Result<()> {
     netns::veth(lb, port, ns, "eth0")?;
-    ns.ip(&["addr", "add", &format!("{vip}/32"), "dev", "eth0"])?;
-    route_to_initiators(ns, outer_prefix)?;
-    ns.ip(&["addr", "add", &format!("{service}/32"), "dev", "lo"])?;
+    ns.ip(&["addr", "add", &format!("{}/32", side.vip), "dev", "eth0"])?;
+    if let Some((vip6, _)) = side.v6 {
+        netns::enable_ipv6(ns, "eth0")?;
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{vip6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+    }
+    routes_to_initiators(ns, side)?;
+    ns.ip(&["addr", "add", &format!("{}/32", side.service), "dev", "lo"])?;
     Ok(())
 }
 
@@ -711,7 +754,20 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
         .collect::<std::result::Result<Vec<_>, _>>()?;
 
     // The initiators' side: one bridge, the balancer's uplink on it.
-    sw_ns.ip(&["link", "add", "br0", "type", "bridge", "forward_delay", "0"])?;
+    // No multicast snooping: the balancer never reports listening to the
+    // VIP's solicited-node group, and a snooping bridge could keep the
+    // initiators' neighbour solicitations for it from its uplink.
+    sw_ns.ip(&[
+        "link",
+        "add",
+        "br0",
+        "type",
+        "bridge",
+        "forward_delay",
+        "0",
+        "mcast_snooping",
+        "0",
+    ])?;
     sw_ns.ip(&["link", "set", "br0", "up"])?;
     netns::veth(&lb_ns, "uplink", &sw_ns, "lb")?;
     sw_ns.ip(&["link", "set", "lb", "master", "br0"])?;
@@ -770,19 +826,41 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
             // rest of the host's with it when it was the primary.
             netns::sysctl(ns, "net/ipv4/conf/all/promote_secondaries", "1")?;
         }
+        let over_ipv6 = |n: u32| n <= config.lab.ipv6;
+        let some_v6 = host.members.clone().any(over_ipv6);
+        if some_v6 {
+            netns::enable_ipv6(ns, "eth0")?;
+        }
         for n in host.members.clone() {
             let inner = a.inner_prefix.host(n).expect("checked");
             ns.ip(&["addr", "add", &format!("{inner}/32"), "dev", "lo"])?;
-            let (outer, len) = if host.nat {
+            let (outer, len): (IpAddr, u8) = if host.nat {
                 let j = n - first_natted + 1;
-                (a.nat_prefix.host(j + 1).expect("checked"), a.nat_prefix.len)
+                (
+                    a.nat_prefix.host(j + 1).expect("checked").into(),
+                    a.nat_prefix.len,
+                )
+            } else if over_ipv6(n) {
+                (
+                    a.outer6_prefix.host(n).expect("checked").into(),
+                    a.outer6_prefix.len,
+                )
             } else {
-                (a.outer_prefix.host(n).expect("checked"), a.outer_prefix.len)
+                (
+                    a.outer_prefix.host(n).expect("checked").into(),
+                    a.outer_prefix.len,
+                )
             };
             // Each initiator's own outer address; the host's first is its
             // primary, the rest secondaries (charon binds each connection
             // to its own with local_addrs).
-            ns.ip(&["addr", "add", &format!("{outer}/{len}"), "dev", "eth0"])?;
+            let mut add = vec!["addr", "add"];
+            let with_len = format!("{outer}/{len}");
+            add.extend([with_len.as_str(), "dev", "eth0"]);
+            if outer.is_ipv6() {
+                add.push("nodad");
+            }
+            ns.ip(&add)?;
             initiators.push(Initiator {
                 name: format!("i{n}"),
                 ns: ns.name().to_string(),
@@ -800,21 +878,27 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
             }
             _ => {
                 ns.ip(&["route", "add", &a.vip_prefix.to_string(), "dev", "eth0"])?;
+                if some_v6 {
+                    let vip6 = format!("{}/128", a.vip6);
+                    ns.ip(&["-6", "route", "add", &vip6, "dev", "eth0"])?;
+                }
             }
         }
     }
     // The segws: the same VIP everywhere, the service address on lo.
+    let dual = config.lab.ipv6 > 0;
+    let outer_prefix = a.outer_prefix.to_string();
+    let outer6_prefix = a.outer6_prefix.to_string();
+    let side = SegwSide {
+        vip: a.vip,
+        service: a.service,
+        outer_prefix: &outer_prefix,
+        v6: dual.then_some((a.vip6, outer6_prefix.as_str())),
+    };
     let mut segws = Vec::new();
     for (k, (ns, spec)) in segw_ns.iter().zip(&config.segw).enumerate() {
         let port = format!("p{}", k + 1);
-        link_segw(
-            &lb_ns,
-            &port,
-            ns,
-            a.vip,
-            &a.outer_prefix.to_string(),
-            a.service,
-        )?;
+        link_segw(&lb_ns, &port, ns, &side)?;
         segws.push(Segw {
             name: spec.name.clone(),
             ns: ns.name().to_string(),
@@ -832,6 +916,7 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
     let t1 = Instant::now();
     let segw_conf = sw::segw_swanctl(
         a.vip,
+        dual.then_some(a.vip6),
         &a.service_prefix.to_string(),
         &a.inner_prefix.to_string(),
         config.lab.dpd_delay_s,
@@ -847,7 +932,7 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
     for host in initiators.chunk_by(|a, b| a.dir == b.dir) {
         let conf = sw::initiator_swanctl(
             host.iter().map(|i| (i.conn.as_str(), i.outer, i.inner)),
-            a.vip,
+            (a.vip, a.vip6),
             &a.service_prefix.to_string(),
             config.lab.dpd_delay_s,
         );
@@ -890,6 +975,8 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
         nat_outside: nat.as_ref().map(|n| n.2),
         outer_prefix: a.outer_prefix.to_string(),
         segw_swanctl,
+        vip6: dual.then_some(a.vip6),
+        outer6_prefix: dual.then(|| a.outer6_prefix.to_string()),
     };
     state.save()?;
     for ((dir, _, _, _), &pid) in charons.iter().zip(&pids) {
@@ -900,14 +987,28 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
     // The balancer.
     let t2 = Instant::now();
     let lb_toml = work.join("lb.toml");
+    // A dual-stack lab's balancer serves both VIPs.
+    let (vips, proxy_uplink, proxy_gateways) = if dual {
+        (
+            format!("[\"{}\", \"{}\"]", a.vip, a.vip6),
+            format!("\"{}\", \"{}/128\"", a.vip_prefix, a.vip6),
+            format!("\"{}\", \"{}\"", a.outer_prefix, a.outer6_prefix),
+        )
+    } else {
+        (
+            format!("\"{}\"", a.vip),
+            format!("\"{}\"", a.vip_prefix),
+            format!("\"{}\"", a.outer_prefix),
+        )
+    };
     let mut text = format!(
-        "# Written by `segwlb lab up`.\n[balancer]\nuplink = \"uplink\"\nvip = \"{}\"\n\
-         proxy_uplink = [\"{}\"]\nproxy_gateways = [\"{}\"]\ncontrol_socket = \"{}\"\n\
+        "# Written by `segwlb lab up`.\n[balancer]\nuplink = \"uplink\"\nvip = {}\n\
+         proxy_uplink = [{}]\nproxy_gateways = [{}]\ncontrol_socket = \"{}\"\n\
          [policy]\nname = \"{}\"\ndir = \"{}\"\n\
          [health]\ninterval_ms = {}\ndown_after = {}\nup_after = 1\n",
-        a.vip,
-        a.vip_prefix,
-        a.outer_prefix,
+        vips,
+        proxy_uplink,
+        proxy_gateways,
         state.socket.display(),
         config.balancer.policy,
         config.balancer.policy_dir.display(),

@@ -198,15 +198,17 @@ pub fn icmp_too_big(from: IpAddr, to: IpAddr, offending: &[u8], mtu: u32) -> Vec
     ip_packet(from, to, if v6 { 58 } else { 1 }, &icmp, 7)
 }
 
-/// One ESP packet over IPv4 in an Ethernet frame, written into `buf`
-/// (cleared first) without allocating: what the simulation sends millions
-/// of. With ports it is ESP in UDP (RFC 3948), whose UDP checksum senders
-/// leave at zero as strongSwan does; without, raw ESP (protocol 50).
+/// One ESP packet over IPv4 or IPv6 in an Ethernet frame, written into
+/// `buf` (cleared first) without allocating: what the simulation sends
+/// millions of. With ports it is ESP in UDP (RFC 3948), whose UDP checksum
+/// senders leave at zero over IPv4 as strongSwan does (over IPv6 it is
+/// required, and computed); without, raw ESP (protocol 50). `from` and `to`
+/// are of one family.
 pub struct EspFrame {
     pub dst: Mac,
     pub src: Mac,
-    pub from: std::net::Ipv4Addr,
-    pub to: std::net::Ipv4Addr,
+    pub from: IpAddr,
+    pub to: IpAddr,
     /// (source port, destination port) for ESP in UDP.
     pub ports: Option<(u16, u16)>,
     pub spi: u32,
@@ -219,23 +221,44 @@ impl EspFrame {
     pub fn write(&self, buf: &mut Vec<u8>) {
         let esp_len = self.len.max(8);
         let udp_len = if self.ports.is_some() { 8 } else { 0 };
-        let ip_len = 20 + udp_len + esp_len;
+        let protocol = if self.ports.is_some() { 17 } else { 50 };
         buf.clear();
         buf.extend_from_slice(&self.dst);
         buf.extend_from_slice(&self.src);
-        buf.extend_from_slice(&[0x08, 0x00]);
-        let protocol = if self.ports.is_some() { 17 } else { 50 };
-        let mut ip = [0u8; 20];
-        ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&(ip_len as u16).to_be_bytes());
-        ip[4..6].copy_from_slice(&(self.seq as u16).to_be_bytes());
-        ip[8] = 64;
-        ip[9] = protocol;
-        ip[12..16].copy_from_slice(&self.from.octets());
-        ip[16..20].copy_from_slice(&self.to.octets());
-        let sum = checksum::internet(&ip);
-        ip[10..12].copy_from_slice(&sum.to_be_bytes());
-        buf.extend_from_slice(&ip);
+        let header_len = match (self.from, self.to) {
+            (IpAddr::V6(from), IpAddr::V6(to)) => {
+                buf.extend_from_slice(&[0x86, 0xdd]);
+                let mut ip = [0u8; 40];
+                ip[0] = 0x60;
+                ip[4..6].copy_from_slice(&((udp_len + esp_len) as u16).to_be_bytes());
+                ip[6] = protocol;
+                ip[7] = 64;
+                ip[8..24].copy_from_slice(&from.octets());
+                ip[24..40].copy_from_slice(&to.octets());
+                buf.extend_from_slice(&ip);
+                40
+            }
+            (from, to) => {
+                let octets = |a: IpAddr| match a {
+                    IpAddr::V4(v4) => v4.octets(),
+                    IpAddr::V6(_) => [0; 4],
+                };
+                buf.extend_from_slice(&[0x08, 0x00]);
+                let ip_len = 20 + udp_len + esp_len;
+                let mut ip = [0u8; 20];
+                ip[0] = 0x45;
+                ip[2..4].copy_from_slice(&(ip_len as u16).to_be_bytes());
+                ip[4..6].copy_from_slice(&(self.seq as u16).to_be_bytes());
+                ip[8] = 64;
+                ip[9] = protocol;
+                ip[12..16].copy_from_slice(&octets(from));
+                ip[16..20].copy_from_slice(&octets(to));
+                let sum = checksum::internet(&ip);
+                ip[10..12].copy_from_slice(&sum.to_be_bytes());
+                buf.extend_from_slice(&ip);
+                20
+            }
+        };
         if let Some((sport, dport)) = self.ports {
             buf.extend_from_slice(&sport.to_be_bytes());
             buf.extend_from_slice(&dport.to_be_bytes());
@@ -244,6 +267,11 @@ impl EspFrame {
         }
         buf.extend_from_slice(&self.spi.to_be_bytes());
         buf.extend_from_slice(&self.seq.to_be_bytes());
-        buf.resize(14 + ip_len, 0xe5);
+        let udp_at = 14 + header_len;
+        buf.resize(udp_at + udp_len + esp_len, 0xe5);
+        if let (Some(_), IpAddr::V6(from), IpAddr::V6(to)) = (self.ports, self.from, self.to) {
+            let sum = checksum::udp6(from, to, &buf[udp_at..]);
+            buf[udp_at + 6..udp_at + 8].copy_from_slice(&sum.to_be_bytes());
+        }
     }
 }
