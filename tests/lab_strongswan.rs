@@ -56,12 +56,14 @@ struct Lab {
 }
 
 impl Lab {
-    fn new(tag: &str, policy: &str, weights: &[u32], initiators: u32, nat: u32) -> Lab {
+    /// A lab file: `initiators` tunnels, the last `nat` behind the NAT, the
+    /// first `ipv6` over IPv6 (dual-stack when any).
+    fn new(tag: &str, policy: &str, weights: &[u32], initiators: u32, nat: u32, ipv6: u32) -> Lab {
         let dir = tempfile::tempdir().unwrap();
         // At most 8 characters: "sl" + tag + pid.
         let prefix = format!("sl{tag}{}", std::process::id() % 10_000);
         let mut text = format!(
-            "[lab]\nprefix = \"{prefix}\"\nwork_dir = \"{}\"\ninitiators = {initiators}\nnat = {nat}\npings = 3\n\
+            "[lab]\nprefix = \"{prefix}\"\nwork_dir = \"{}\"\ninitiators = {initiators}\nnat = {nat}\nipv6 = {ipv6}\npings = 3\n\
              [balancer]\npolicy = \"{policy}\"\npolicy_dir = \"{}\"\n",
             dir.path().join("work").display(),
             common::policies_dir().display()
@@ -222,7 +224,8 @@ fn spread(report: &Report) -> BTreeMap<String, usize> {
 /// placed as the native twin predicts.
 fn three_by_twelve(tag: &str, policy: &str, weights: &[u32]) -> BTreeMap<String, usize> {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut lab = Lab::new(tag, policy, weights, 12, 0);
+    // Dual-stack: the first 4 over IPv6.
+    let mut lab = Lab::new(tag, policy, weights, 12, 0, 4);
     let started = std::time::Instant::now();
     lab.up();
     let report = lab.run();
@@ -240,6 +243,18 @@ fn three_by_twelve(tag: &str, policy: &str, weights: &[u32]) -> BTreeMap<String,
         assert_eq!(t.segws, t.balancer, "{t:?}");
         assert_eq!(t.pings_received, 3, "{t:?}");
     }
+    // The segws saw the first four from their IPv6 addresses.
+    let v6: Vec<&str> = report
+        .tunnels
+        .iter()
+        .filter_map(|t| t.remote.as_deref().filter(|r| r.starts_with('[')))
+        .collect();
+    assert_eq!(
+        v6,
+        (1..=4)
+            .map(|n| format!("[2001:db8:1::{n}]:4500"))
+            .collect::<Vec<_>>()
+    );
     let actual: Vec<String> = report.tunnels.iter().map(|t| t.segws[0].clone()).collect();
     assert_eq!(
         actual,
@@ -291,7 +306,7 @@ fn down_cleans_up_after_a_failed_up() {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     // A policy that does not exist: namespaces and charons come up, the
     // balancer refuses to start, and `up` must leave nothing behind.
-    let lab = Lab::new("f", "no-such-policy", &[1, 1], 2, 0);
+    let lab = Lab::new("f", "no-such-policy", &[1, 1], 2, 0, 0);
     let (ok, out, err) = lab.cli(&["up"]);
     assert!(!ok, "lab up with a missing policy succeeded:\n{out}");
     assert!(err.contains("no-such-policy"), "{err}");
@@ -312,8 +327,9 @@ fn natted_tunnels_keep_one_segw_across_the_float() {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    // 6 tunnels, the last 3 behind one NAT (a fixed pair of ports each).
-    let mut lab = Lab::new("n", "round-robin", &[1, 1, 1], 6, 3);
+    // 6 tunnels, the last 3 behind one NAT (a fixed pair of ports each),
+    // the first 2 over IPv6.
+    let mut lab = Lab::new("n", "round-robin", &[1, 1, 1], 6, 3, 2);
     lab.up();
     let state = State::load(&lab.config.work_dir()).unwrap();
     let outside = state.nat_outside.expect("a NAT").to_string();
@@ -354,7 +370,8 @@ fn three_hundred_packed_tunnels_come_up_pass_traffic_and_agree() {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut lab = Lab::new("p", "round-robin", &[1, 1, 1], 300, 60);
+    // 60 of the direct ones over IPv6.
+    let mut lab = Lab::new("p", "round-robin", &[1, 1, 1], 300, 60, 60);
     lab.up();
     let state = State::load(&lab.config.work_dir()).unwrap();
     // 240 direct in 5 hosts (4 × 50 + 40), 60 NAT'd in 2 (50 + 10): one
@@ -378,6 +395,10 @@ fn three_hundred_packed_tunnels_come_up_pass_traffic_and_agree() {
         r.summary.per_segw
     );
     assert_eq!(r.tunnels.iter().filter(|t| t.nat).count(), 60);
+    assert_eq!(
+        r.tunnels.iter().filter(|t| t.outer.contains(':')).count(),
+        60
+    );
     // The default text is a line per segw and the summary; `--sas` lists
     // every SA.
     let (_, text, _) = lab.cli(&["run"]);
@@ -393,24 +414,12 @@ fn policy_hot_swap_under_traffic_loses_no_ping_and_reestablishes_nothing() {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut lab = Lab::new("h", "round-robin", &[1, 1, 1], 6, 0);
+    let mut lab = Lab::new("h", "round-robin", &[1, 1, 1], 6, 0, 2);
     lab.up();
     let before = lab.run();
     let state = State::load(&lab.config.work_dir()).unwrap();
     // 30 pings at 100 ms through every tunnel while the policy changes twice.
-    let pings: Vec<_> = state
-        .initiators
-        .iter()
-        .map(|i| {
-            Command::new("ip")
-                .args(["netns", "exec", &i.ns, "ping", "-n", "-q", "-c", "30"])
-                .args(["-i", "0.1", "-W", "2", "-I", &i.inner.to_string()])
-                .arg(state.service.to_string())
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let pings = ping_every_tunnel(&state, 30);
     let ctl = |policy: &str| {
         let out = Command::new(env!("CARGO_BIN_EXE_segwlb"))
             .arg("ctl")
@@ -425,13 +434,8 @@ fn policy_hot_swap_under_traffic_loses_no_ping_and_reestablishes_nothing() {
     ctl("consistent-hash");
     std::thread::sleep(Duration::from_millis(800));
     ctl("weighted");
-    for p in pings {
-        let out = p.wait_with_output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            text.contains("30 packets transmitted, 30 received"),
-            "pings lost across the swap:\n{text}"
-        );
+    for (sent, received) in ping_counts(pings) {
+        assert_eq!((sent, received), (30, 30), "pings lost across the swap");
     }
     let after = lab.run();
     assert_eq!(after.policy, "weighted");
@@ -443,13 +447,172 @@ fn policy_hot_swap_under_traffic_loses_no_ping_and_reestablishes_nothing() {
     lab.down_and_check();
 }
 
+/// `count` pings, 10 a second, through every tunnel of `state`, started now.
+fn ping_every_tunnel(state: &State, count: u32) -> Vec<std::process::Child> {
+    let all: Vec<usize> = (0..state.initiators.len()).collect();
+    ping_tunnels(state, &all, count)
+}
+
+/// `count` pings, 10 a second, through tunnels `which` (indexes).
+fn ping_tunnels(state: &State, which: &[usize], count: u32) -> Vec<std::process::Child> {
+    which
+        .iter()
+        .map(|&n| {
+            let i = &state.initiators[n];
+            Command::new("ip")
+                .args(["netns", "exec", &i.ns, "ping", "-n", "-q"])
+                .args(["-c", &count.to_string(), "-i", "0.1", "-W", "2"])
+                .args(["-I", &i.inner.to_string()])
+                .arg(state.service.to_string())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Each ping's (transmitted, received), from its summary line.
+fn ping_counts(pings: Vec<std::process::Child>) -> Vec<(u32, u32)> {
+    pings
+        .into_iter()
+        .map(|p| {
+            let out = p.wait_with_output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let line = text
+                .lines()
+                .find(|l| l.contains("packets transmitted"))
+                .unwrap_or_else(|| panic!("no ping summary in {text:?}"));
+            let n = |word: &str| -> u32 {
+                let before = line.split(word).next().unwrap();
+                before.split_whitespace().last().unwrap().parse().unwrap()
+            };
+            (n(" packets transmitted"), n(" received"))
+        })
+        .collect()
+}
+
+/// Warm restart on real tunnels (issue 16): 6 tunnels, 2 of them over
+/// IPv6, each under 10 pings a second while `segwlb run` is (a) stopped
+/// with SIGTERM and started, (b) killed with SIGKILL after `ctl save` and
+/// started. Each time: no tunnel re-established (the same IKE SAs on the
+/// same segws), nothing placed or moved by the new balancer, and pings
+/// lost only while no balancer ran. (c) A tunnel re-opened after the last
+/// save, then a kill: the restored table still has its old entry; where
+/// that sends its frames, and how long until it passes again, is measured.
+#[test]
+fn a_balancer_restart_under_pings_reestablishes_no_tunnel_and_moves_none() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::new("w", "round-robin", &[1, 1, 1], 6, 0, 2);
+    lab.up();
+    let mut state = State::load(&lab.config.work_dir()).unwrap();
+    // Saves at SIGTERM and on `ctl save` only, so (c) is not caught by a
+    // periodic snapshot (the netns tests show the periodic one).
+    let lb_toml = state.work.join("lb.toml");
+    let text = std::fs::read_to_string(&lb_toml).unwrap();
+    assert!(text.contains("state_interval_s = 2"), "{text}");
+    std::fs::write(
+        &lb_toml,
+        text.replace("state_interval_s = 2", "state_interval_s = 0"),
+    )
+    .unwrap();
+    let before = lab.run();
+    assert!(before.summary.ok, "{:?}", before.summary);
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_segwlb"));
+    let same_sas = |after: &Report, except: Option<usize>| {
+        for (i, (b, a)) in before.tunnels.iter().zip(&after.tunnels).enumerate() {
+            if Some(i) != except {
+                assert_eq!((&a.ike_spi_i, &a.segws), (&b.ike_spi_i, &b.segws), "{a:?}");
+                assert!(a.ok, "{a:?}");
+            }
+        }
+    };
+    for (what, signal) in [
+        ("SIGTERM", libc::SIGTERM),
+        ("SIGKILL after ctl save", libc::SIGKILL),
+    ] {
+        if signal == libc::SIGKILL {
+            state.ctl(&segwlb::control::ctl::Request::Save).unwrap();
+        }
+        let pings = ping_every_tunnel(&state, 40);
+        std::thread::sleep(Duration::from_millis(1000));
+        let down = state.restart_balancer(exe, signal).unwrap();
+        let counts = ping_counts(pings);
+        let status = state.balancer_status().unwrap();
+        let c = &status.counters;
+        let lost: Vec<u32> = counts.iter().map(|(s, r)| s - r).collect();
+        eprintln!(
+            "{what}: serving again {:.0} ms after the signal; pings lost per tunnel {lost:?} \
+             of 40; placed {}, taught {}, moved {}, conflicts {}",
+            down.as_secs_f64() * 1e3,
+            c.placed,
+            c.taught,
+            c.moved,
+            c.conflicts
+        );
+        // Every frame after the restart went by a restored entry: none
+        // placed by a guess, none moved, no segw contradicting the table.
+        assert_eq!((c.placed, c.moved, c.conflicts), (0, 0, 0), "{what}");
+        // Lost only while no balancer ran (10 a second), plus one in flight.
+        let bound = (down.as_secs_f64() * 10.0).ceil() as u32 + 1;
+        assert!(
+            lost.iter().all(|&l| l <= bound),
+            "{what}: lost {lost:?}, bound {bound}"
+        );
+        same_sas(&lab.run(), None);
+    }
+
+    // (c) i6 closes, the table is saved, i6 opens again (a new IKE SA,
+    // from its old endpoint: the balancer keeps it on its segw, as it
+    // cannot tell a new IKE_SA_INIT from a retransmission); then a kill.
+    // The restored entry has the old IKE SA's SPI: i6's frames still go to
+    // the right segw by its endpoint, and its next IKE message (its DPD,
+    // once idle for dpd_delay, 5 s) names the new SA in the table. (A
+    // tunnel from an endpoint the table never saw is re-placed by the
+    // policy: the netns test counts those.)
+    let i6 = state.initiators[5].clone();
+    let terminate = ["--terminate", "--ike", &i6.conn, "--timeout", "10"];
+    state.swanctl(&i6.dir, &terminate).unwrap();
+    state.ctl(&segwlb::control::ctl::Request::Save).unwrap();
+    state.swanctl(&i6.dir, &i6.initiate_args()).unwrap();
+    let reopened = lab.run();
+    assert_ne!(reopened.tunnels[5].ike_spi_i, before.tunnels[5].ike_spi_i);
+    assert_eq!(reopened.tunnels[5].segws, before.tunnels[5].segws);
+    let down = state.restart_balancer(exe, libc::SIGKILL).unwrap();
+    let started = std::time::Instant::now();
+    let counts = ping_counts(ping_every_tunnel(&state, 40));
+    std::thread::sleep(Duration::from_secs(7));
+    let after = lab.run();
+    let status = state.balancer_status().unwrap();
+    eprintln!(
+        "a tunnel re-opened after the save (a new IKE SA from its old endpoint): after kill -9 \
+         (serving again in {:.0} ms) its pings {}/{} answered; the table named its new SA within \
+         {:.1} s of the restart; placed {}, moved {}",
+        down.as_secs_f64() * 1e3,
+        counts[5].1,
+        counts[5].0,
+        started.elapsed().as_secs_f64(),
+        status.counters.placed,
+        status.counters.moved,
+    );
+    // Every tunnel agrees again, i6 with its new IKE SA, on its segw.
+    assert!(after.summary.ok, "{:?}", after.summary);
+    assert_eq!(after.tunnels[5].ike_spi_i, reopened.tunnels[5].ike_spi_i);
+    same_sas(&after, Some(5));
+    assert_eq!(counts, vec![(40, 40); 6], "no ping lost after the restart");
+    assert_eq!((status.counters.placed, status.counters.moved), (0, 0));
+    lab.down_and_check();
+}
+
 #[test]
 fn a_dead_segw_loses_its_tunnels_to_the_others_and_disturbs_no_other() {
     if !can_run() {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut lab = Lab::new("k", "round-robin", &[1, 1, 1], 6, 0);
+    let mut lab = Lab::new("k", "round-robin", &[1, 1, 1], 6, 0, 2);
     lab.up();
     let before = lab.run();
     let state = State::load(&lab.config.work_dir()).unwrap();
@@ -517,7 +680,7 @@ fn an_initiator_that_moves_with_mobike_keeps_its_ike_sa_and_its_segw() {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut lab = Lab::new("m", "round-robin", &[1, 1, 1], 3, 0);
+    let mut lab = Lab::new("m", "round-robin", &[1, 1, 1], 3, 0, 0);
     lab.up();
     let before = lab.run();
     let state = State::load(&lab.config.work_dir()).unwrap();
@@ -596,7 +759,7 @@ fn lab_compare_is_predicted_exactly_by_the_simulation_for_every_policy() {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     // The lab file gives the prefix, work dir and policy directory; lab
     // compare brings up its own segws and tunnels from the scenario.
-    let lab = Lab::new("q", "round-robin", &[1, 1, 1], 1, 0);
+    let lab = Lab::new("q", "round-robin", &[1, 1, 1], 1, 0, 0);
     let out_dir = lab._dir.path().join("report");
     let started = std::time::Instant::now();
     let (ok, out, err) = lab.cli(&["compare", "--out", &out_dir.to_string_lossy()]);
@@ -605,6 +768,8 @@ fn lab_compare_is_predicted_exactly_by_the_simulation_for_every_policy() {
         started.elapsed().as_secs_f64()
     );
     assert!(ok, "lab compare failed:\n{out}\n{err}");
+    // A dual-stack lab: a fifth of the tunnels over IPv6, predicted too.
+    assert!(out.contains("20% IPv6"), "{out}");
     let json = std::fs::read_to_string(out_dir.join("report.json")).unwrap();
     let runs: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
     let names: Vec<&str> = runs.iter().map(|r| r["policy"].as_str().unwrap()).collect();
@@ -702,7 +867,7 @@ fn lab_compare_on_a_capacity_scenario_refuses_what_the_simulation_predicts() {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let lab = Lab::new("k", "round-robin", &[1, 1, 1], 1, 0);
+    let lab = Lab::new("k", "round-robin", &[1, 1, 1], 1, 0, 0);
     let out_dir = lab._dir.path().join("report");
     let (ok, out, err) = lab.cli(&[
         "compare",

@@ -879,6 +879,9 @@ impl<P: Policy> Balancer<P> {
             let key = tunnel_key(ip.dst, ip.src, &rule.keys, &ip.payload);
             let id = self.teach(found.map(|(id, _)| id), key, gw, Evidence::SegwSpoke, now)?;
             if let Payload::Ike { header, .. } = &ip.payload {
+                if let Some((_, Find::Endpoint)) = found {
+                    self.segw_names_ike_sa(id, gw, header);
+                }
                 self.learn_responder_spi(id, gw, header);
                 if let Some((_, Find::Spi)) = found {
                     self.follow_segw(id, gw, &rule.keys);
@@ -893,6 +896,17 @@ impl<P: Policy> Balancer<P> {
             .or(self.default_next_hop)
             .ok_or(DropReason::NextHopUnknown)?;
         Ok(Egress::new(UPLINK, dst))
+    }
+
+    /// The tunnel's own segw sent IKE to the tunnel's endpoint for an IKE SA
+    /// the entry does not name: the peer there has that IKE SA now (a
+    /// rekeyed IKE SA, or one opened again after the table was saved and
+    /// restored). The entry takes its SPI, as it does when the initiator
+    /// speaks first, so the new SA's messages prove a later move.
+    fn segw_names_ike_sa(&mut self, id: TunnelId, gw: GwId, h: &IkeHeader) {
+        if self.table.get(id).is_some_and(|t| t.gateway == gw) {
+            self.table.set_spi(id, h.initiator_spi);
+        }
     }
 
     /// The tunnel's segw sent IKE for its IKE SA: the responder SPI it

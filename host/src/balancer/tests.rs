@@ -919,6 +919,47 @@ fn sa_init_answer(p: IpAddr, port: u16, spi: u64, responder_spi: u64) -> Vec<u8>
 }
 
 #[test]
+fn an_ike_sa_the_entry_never_saw_is_learned_from_its_segw_and_then_proves_a_move() {
+    // A tunnel on segw g at peer(1):4500 with IKE SA 0x11 ...
+    let mut lab = Lab::new();
+    let g = lab.up(sa_init(peer(1), 500, 0x11)).unwrap();
+    lab.down(g, sa_init_answer(peer(1), 500, 0x11, RESPONDER_SPI))
+        .unwrap();
+    lab.up(auth_4500(peer(1), 4500, 0x11)).unwrap();
+    let id = lab.lb.table().by_spi(0x11).unwrap();
+    // ... whose peer has another IKE SA with g now, which the table never
+    // saw (opened again after the table was saved, then a restart). g
+    // speaks on it first: its DPD to the endpoint.
+    let dpd = IkeHeader {
+        initiator_spi: 0x22,
+        responder_spi: 0x2222,
+        exchange: INFORMATIONAL,
+        from_initiator: false,
+        response: false,
+        message_id: 9,
+    };
+    lab.down(
+        g,
+        udp_packet(VIP, 4500, peer(1), 4500, &ike_body(&dpd, true, 60)),
+    )
+    .unwrap();
+    assert_eq!(lab.lb.table().by_spi(0x22), Some(id), "the entry names it");
+    assert_eq!(lab.lb.table().by_spi(0x11), None);
+    // The peer's NAT rebinds: the new IKE SA's pair proves the move, and
+    // the tunnel stays on g (no policy guess for an unknown SPI).
+    let rebound = udp_packet(
+        peer(1),
+        40_001,
+        VIP,
+        4500,
+        &ike_body(&ike(0x22, INFORMATIONAL, 0x2222), true, 60),
+    );
+    assert_eq!(lab.up(rebound), Ok(g));
+    assert_eq!(lab.lb.table().by_endpoint(peer(1), 40_001), Some(id));
+    assert_eq!(lab.lb.counters().placed, 1, "placed once, at the start");
+}
+
+#[test]
 fn half_open_bookkeeping_stays_within_the_table_under_long_churn() {
     // Far more IKE_SA_INITs over time than the table holds, never full:
     // half of them answered (established), the rest left half-open, all

@@ -30,6 +30,10 @@ use crate::control::status::Status;
 /// Where `ip netns` keeps namespaces.
 const NETNS_DIR: &str = "/run/netns";
 const STATE: &str = "state.json";
+/// The balancer's table, saved for a warm restart (in the work dir) ...
+const BALANCER_STATE: &str = "balancer.state";
+/// ... at SIGTERM, and every this many seconds.
+const STATE_INTERVAL_S: u32 = 2;
 
 /// An initiator as the state file records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -322,6 +326,70 @@ impl State {
         self.segws[k].pid = pid;
         self.save()?;
         self.load_charon(&self.segws[k].dir.clone(), pid)
+    }
+
+    /// Start `segwlb run` (`exe`) on the lab's `lb.toml`, its log appended
+    /// to `balancer.log`, and wait until it serves with every segw healthy
+    /// and its MAC known.
+    fn start_balancer(&mut self, exe: &Path) -> Result<()> {
+        let lb_ns = Netns::adopt(&self.balancer_ns)?;
+        let mut cmd = lb_ns.command(&exe.to_string_lossy());
+        cmd.arg("run").arg("-c").arg(self.work.join("lb.toml")).env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "segwlb=info".into()),
+        );
+        let log = self.work.join("balancer.log");
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(io(format!("open {}", log.display())))?;
+        let mut child = spawn_detached(cmd, out)?;
+        self.balancer_pid = child.id() as i32;
+        self.save()?;
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = self
+                .balancer_status()
+                .is_ok_and(|s| s.gateways.iter().all(|g| g.healthy && g.mac.is_some()));
+            if ready {
+                return Ok(());
+            }
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > until {
+                let log = fs::read_to_string(&log).unwrap_or_default();
+                return Err(step(
+                    "starting segwlb run",
+                    format!("not up with every segw healthy ({exited:?}); its log:\n{log}"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stop the balancer with `signal` (SIGTERM: it saves its table;
+    /// SIGKILL: the last snapshot is what the next one finds), start it
+    /// again (`exe`), and return the time from the signal until it serves
+    /// again.
+    pub fn restart_balancer(&mut self, exe: &Path, signal: i32) -> Result<Duration> {
+        let started = Instant::now();
+        kill(self.balancer_pid, signal);
+        while alive(self.balancer_pid) {
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err(step(
+                    "stopping segwlb run",
+                    format!("pid {} ignored signal {signal}", self.balancer_pid),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.start_balancer(exe)?;
+        Ok(started.elapsed())
+    }
+
+    /// The balancer's state file (warm restart).
+    pub fn balancer_state_file(&self) -> PathBuf {
+        self.work.join(BALANCER_STATE)
     }
 
     fn segw_side(&self) -> SegwSide<'_> {
@@ -624,12 +692,9 @@ fn write(path: &Path, text: &str) -> Result<()> {
 }
 
 /// Spawn `cmd` detached from us (own process group, no stdin), its output
-/// into `log`.
-fn spawn_detached(mut cmd: Command, log: &Path) -> Result<Child> {
-    let out = fs::File::create(log).map_err(io(format!("create {}", log.display())))?;
-    let err = out
-        .try_clone()
-        .map_err(io(format!("dup {}", log.display())))?;
+/// into `out`.
+fn spawn_detached(mut cmd: Command, out: fs::File) -> Result<Child> {
+    let err = out.try_clone().map_err(io("dup a log file".into()))?;
     cmd.stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -728,7 +793,9 @@ fn start_charon(dir: &Path, ns: &str, conf: &str, ikesa_limit: u64) -> Result<i3
         &sw::strongswan_conf(dir, &sw::segw_limit(ikesa_limit)),
     )?;
     write(&dir.join("swanctl.conf"), conf)?;
-    let child = spawn_detached(sw::charon_command(ns, &ss_conf), &dir.join("charon.out"))?;
+    let log = dir.join("charon.out");
+    let out = fs::File::create(&log).map_err(io(format!("create {}", log.display())))?;
+    let child = spawn_detached(sw::charon_command(ns, &ss_conf), out)?;
     Ok(child.id() as i32)
 }
 
@@ -1001,15 +1068,19 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
             format!("\"{}\"", a.outer_prefix),
         )
     };
+    // The table is saved at SIGTERM and every few seconds, and read at
+    // start: a restarted balancer moves no tunnel (`State::restart_balancer`).
     let mut text = format!(
         "# Written by `segwlb lab up`.\n[balancer]\nuplink = \"uplink\"\nvip = {}\n\
          proxy_uplink = [{}]\nproxy_gateways = [{}]\ncontrol_socket = \"{}\"\n\
+         state_file = \"{}\"\nstate_interval_s = {STATE_INTERVAL_S}\n\
          [policy]\nname = \"{}\"\ndir = \"{}\"\n\
          [health]\ninterval_ms = {}\ndown_after = {}\nup_after = 1\n",
         vips,
         proxy_uplink,
         proxy_gateways,
         state.socket.display(),
+        work.join(BALANCER_STATE).display(),
         config.balancer.policy,
         config.balancer.policy_dir.display(),
         config.balancer.health_interval_ms,
@@ -1022,33 +1093,7 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
         );
     }
     write(&lb_toml, &text)?;
-    let mut cmd = lb_ns.command(&exe.to_string_lossy());
-    cmd.arg("run").arg("-c").arg(&lb_toml).env(
-        "RUST_LOG",
-        std::env::var("RUST_LOG").unwrap_or_else(|_| "segwlb=info".into()),
-    );
-    let log = work.join("balancer.log");
-    let mut child = spawn_detached(cmd, &log)?;
-    state.balancer_pid = child.id() as i32;
-    state.save()?;
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ready = state
-            .balancer_status()
-            .is_ok_and(|s| s.gateways.iter().all(|g| g.healthy && g.mac.is_some()));
-        if ready {
-            break;
-        }
-        let exited = child.try_wait().ok().flatten();
-        if exited.is_some() || Instant::now() > until {
-            let log = fs::read_to_string(&log).unwrap_or_default();
-            return Err(step(
-                "starting segwlb run",
-                format!("not up with every segw healthy ({exited:?}); its log:\n{log}"),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    state.start_balancer(exe)?;
     let balancer = t2.elapsed();
     // Up: the namespaces stay (`down` removes them).
     for ns in std::iter::once(sw_ns)
