@@ -133,7 +133,7 @@ impl Socket {
         let mut last = Instant::now();
         while last.elapsed() < quiet {
             if let Ok(f) = self.rx.recv() {
-                if from_initiator(&f) {
+                if from_initiator(f) {
                     got.push(f.to_vec());
                     last = Instant::now();
                 }

@@ -737,7 +737,7 @@ fn keys(
                 // outer address as configured, so the counts line up.
                 _ => Ok(GivenPeer {
                     step,
-                    addr: init.outer.into(),
+                    addr: init.outer,
                     ike_port: 500,
                     natt_port: Some(4500),
                     ike_spi: 0x1a6_0000_0000 + l as u64,
