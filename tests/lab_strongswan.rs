@@ -841,7 +841,7 @@ fn lab_compare_is_predicted_exactly_by_the_simulation_for_every_policy() {
     // Weighted 2:1:1:1 after the rebalance: no segw over its share of 300
     // (120/60/60/60) by more than 5% of the tunnels. The closed tunnels the
     // table still holds take turns too, so some land under theirs (this
-    // scenario: 125/62/51/62, in the lab and the simulation alike).
+    // scenario: 124/63/52/61, in the lab and the simulation alike).
     let w: BTreeMap<String, u64> =
         serde_json::from_value(run_of("weighted")["tunnels_per_segw"].clone()).unwrap();
     assert!(

@@ -914,6 +914,75 @@ fn stream(
 
 /// Write `bytes` to `path` the way editors and build tools do: a temp file
 /// in the same directory, renamed over.
+/// A flood on the control socket (issue 16): far more clients than it
+/// serves, silent ones and ones that send garbage a byte at a time, while
+/// ESP streams through 24 tunnels. Every frame arrives, on its segw; the
+/// flood is told `busy` at once; the worker's turns stay short; once the
+/// silent clients' 2 s are up, the socket serves again.
+#[test]
+fn a_flood_of_control_clients_leaves_the_data_path_untouched() {
+    use std::os::unix::net::UnixStream;
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up("fld", "round-robin", (0, 3));
+    let socket = lab.socket.clone();
+    let mut flood: Vec<UnixStream> = Vec::new();
+    let mut busy_answers = 0;
+    let mut dribblers: Vec<std::thread::JoinHandle<()>> = Vec::new();
+    let home = stream(&mut lab, 24, 6, &mut |_lab, round| {
+        if round == 1 {
+            // 64 silent clients: the first 16 take every slot.
+            for _ in 0..64 {
+                if let Ok(c) = UnixStream::connect(&socket) {
+                    flood.push(c);
+                }
+            }
+            // 8 that dribble garbage, a byte every 100 ms.
+            for _ in 0..8 {
+                let socket = socket.clone();
+                dribblers.push(std::thread::spawn(move || {
+                    let Ok(mut c) = UnixStream::connect(&socket) else {
+                        return;
+                    };
+                    for _ in 0..30 {
+                        if c.write_all(b"x").is_err() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }));
+            }
+        }
+        if round == 2 {
+            // A real client now: told at once that the balancer is busy.
+            let t = Instant::now();
+            let r = request(&socket, &Request::Status { tunnels: 0 });
+            let waited = t.elapsed();
+            match r {
+                Ok(r) if !r.ok && r.message.starts_with("busy:") => busy_answers += 1,
+                other => panic!("during the flood: {other:?}"),
+            }
+            assert!(waited < Duration::from_millis(500), "{waited:?}");
+        }
+    });
+    assert_eq!(home.len(), 24);
+    assert_eq!(busy_answers, 1);
+    drop(flood);
+    for d in dribblers {
+        d.join().unwrap();
+    }
+    // Served again, and the worker never paused for the flood.
+    let s = lab.status();
+    assert_eq!(s.counters.moved, 0);
+    eprintln!(
+        "worker under the flood: {} turns, longest {:.0} µs, 99.9% under {:.0} µs, {} over 1 ms",
+        s.worker.turns, s.worker.longest_pause_us, s.worker.p999_pause_us, s.worker.pauses_over_1ms
+    );
+    assert!(s.worker.p999_pause_us <= 1024.0, "{:?}", s.worker);
+}
+
 fn replace_file(path: &Path, bytes: &[u8]) {
     let tmp = path.with_extension("tmp~");
     let mut f = std::fs::File::create(&tmp).unwrap();
