@@ -980,7 +980,8 @@ fn a_flood_of_control_clients_leaves_the_data_path_untouched() {
         "worker under the flood: {} turns, longest {:.0} µs, 99.9% under {:.0} µs, {} over 1 ms",
         s.worker.turns, s.worker.longest_pause_us, s.worker.p999_pause_us, s.worker.pauses_over_1ms
     );
-    assert!(s.worker.p999_pause_us <= 1024.0, "{:?}", s.worker);
+    // Its CPU time per turn: the flood is served on other threads.
+    assert!(s.worker.longest_pause_us < 5000.0, "{:?}", s.worker);
 }
 
 fn replace_file(path: &Path, bytes: &[u8]) {
