@@ -447,104 +447,8 @@ fn ipsec_frames_reach_one_segw_per_tunnel_with_l3_unchanged_and_replies_come_bac
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut lab = Lab::up("fwd", "round-robin", (200, 3));
     let vip = IpAddr::V4(VIP);
-    // Tunnel A: IKE on 500, then the NAT-T float to 4500 from a port its NAT
-    // changed, then ESP-in-UDP. Tunnel B: raw ESP. Tunnel C: a fragmented
-    // IKE_AUTH (after its IKE_SA_INIT), later fragments first. Tunnel D: IKE then ESP-in-UDP.
     let a = peer(10);
-    let tunnel_a = vec![
-        udp_packet(
-            a,
-            500,
-            vip,
-            500,
-            &ike_body(&ike(0xa1, IKE_SA_INIT), false, 200),
-        ),
-        udp_packet(
-            a,
-            4501,
-            vip,
-            4500,
-            &ike_body(&ike(0xa1, IKE_AUTH), true, 300),
-        ),
-        udp_packet(a, 4501, vip, 4500, &esp_body(0xc0de_0001, 1, 120)),
-        udp_packet(a, 4501, vip, 4500, &esp_body(0xc0de_0001, 2, 120)),
-    ];
-    let b = peer(20);
-    let tunnel_b = vec![
-        ip_packet(b, vip, 50, &esp_body(0xc0de_0002, 1, 100), 7),
-        ip_packet(b, vip, 50, &esp_body(0xc0de_0002, 2, 100), 8),
-    ];
-    let c = peer(30);
-    let big = udp_packet(
-        c,
-        4500,
-        vip,
-        4500,
-        &ike_body(&ike(0xc3, IKE_AUTH), true, 1400),
-    );
-    let mut pieces = fragments(&big, 512, 0x4242);
-    pieces.reverse();
-    let mut tunnel_c = vec![udp_packet(
-        c,
-        500,
-        vip,
-        500,
-        &ike_body(&ike(0xc3, IKE_SA_INIT), false, 200),
-    )];
-    tunnel_c.extend(pieces);
-    let d = peer(40);
-    let tunnel_d = vec![
-        udp_packet(
-            d,
-            500,
-            vip,
-            500,
-            &ike_body(&ike(0xd4, IKE_SA_INIT), false, 200),
-        ),
-        udp_packet(d, 4500, vip, 4500, &esp_body(0xc0de_0004, 1, 120)),
-    ];
-    let tunnels = [&tunnel_a, &tunnel_b, &tunnel_c, &tunnel_d];
-    let frames: Vec<Vec<u8>> = tunnels
-        .iter()
-        .flat_map(|t| t.iter().map(|ip| lab.to_lb(ip)))
-        .collect();
-    let captured = lab.send_and_capture(&frames);
-    let at = landing(&captured);
-    let mut segw_of = Vec::new();
-    for (name, t) in ["A", "B", "C", "D"].iter().zip(tunnels) {
-        let places: Vec<usize> = t
-            .iter()
-            .map(|ip| {
-                let got = at
-                    .get(ip)
-                    .unwrap_or_else(|| panic!("a frame of tunnel {name} was lost"));
-                assert_eq!(
-                    got.len(),
-                    1,
-                    "a frame of tunnel {name} reached {} segws",
-                    got.len()
-                );
-                got[0]
-            })
-            .collect();
-        assert!(
-            places.iter().all(|&p| p == places[0]),
-            "tunnel {name} was split: {places:?}"
-        );
-        segw_of.push(places[0]);
-    }
-    // Round-robin over four new tunnels: three segws, all used.
-    let mut used = segw_of.clone();
-    used.sort();
-    used.dedup();
-    assert_eq!(used.len(), SEGWS, "placements {segw_of:?}");
-    // Each arrived addressed to its segw, from the balancer's port.
-    for (i, frames) in captured.iter().enumerate() {
-        for f in frames {
-            assert_eq!(&f[0..6], &lab.segws[i].mac);
-            assert_eq!(&f[6..12], &lab.lb_port_macs[i]);
-        }
-    }
+    let (segw_of, captured) = four_tunnels_land_one_segw_each(&mut lab, peer, vip);
 
     // The segw's reply to tunnel A comes back to the initiator unchanged.
     // First its IKE_AUTH response, to the port A floated to: the segw took
@@ -662,6 +566,90 @@ fn segw_of_each(
         .collect()
 }
 
+/// Four tunnels from `peer(10)`, `peer(20)`, … to `vip`, sent through the
+/// lab, and which segw (index) each landed on, with what each segw got.
+/// A: IKE on 500, then the NAT-T float to 4500 from a port its NAT changed
+/// (4501), then ESP in UDP. B: raw ESP. C: IKE_SA_INIT, then an IKE_AUTH in
+/// fragments, the later ones first. D: IKE_SA_INIT, then ESP in UDP in
+/// fragments, in order. Every frame reaches exactly one segw, L3
+/// unchanged, every tunnel one segw, round-robin uses all three, and each
+/// frame arrives addressed to its segw from the balancer's port.
+fn four_tunnels_land_one_segw_each(
+    lab: &mut Lab,
+    peer: fn(u16) -> IpAddr,
+    vip: IpAddr,
+) -> (Vec<usize>, Vec<Vec<Vec<u8>>>) {
+    let init = |p, spi| {
+        udp_packet(
+            p,
+            500,
+            vip,
+            500,
+            &ike_body(&ike(spi, IKE_SA_INIT), false, 200),
+        )
+    };
+    let a = peer(10);
+    let tunnel_a = vec![
+        init(a, 0xa1),
+        udp_packet(
+            a,
+            4501,
+            vip,
+            4500,
+            &ike_body(&ike(0xa1, IKE_AUTH), true, 300),
+        ),
+        udp_packet(a, 4501, vip, 4500, &esp_body(0xc0de_0001, 1, 120)),
+        udp_packet(a, 4501, vip, 4500, &esp_body(0xc0de_0001, 2, 120)),
+    ];
+    let b = peer(20);
+    let tunnel_b = vec![
+        ip_packet(b, vip, 50, &esp_body(0xc0de_0002, 1, 100), 7),
+        ip_packet(b, vip, 50, &esp_body(0xc0de_0002, 2, 100), 8),
+    ];
+    let c = peer(30);
+    let auth = udp_packet(
+        c,
+        4500,
+        vip,
+        4500,
+        &ike_body(&ike(0xc3, IKE_AUTH), true, 1400),
+    );
+    let mut later_first = fragments(&auth, 512, 0x4242);
+    later_first.reverse();
+    let mut tunnel_c = vec![init(c, 0xc3)];
+    tunnel_c.extend(later_first);
+    let d = peer(40);
+    let esp = udp_packet(d, 4500, vip, 4500, &esp_body(0xc0de_0004, 1, 1400));
+    let mut tunnel_d = vec![init(d, 0xd4)];
+    tunnel_d.extend(fragments(&esp, 512, 0x4343));
+    assert!(tunnel_c.len() > 3 && tunnel_d.len() > 3, "fragmented");
+    let tunnels = [
+        ("A", tunnel_a),
+        ("B", tunnel_b),
+        ("C", tunnel_c),
+        ("D", tunnel_d),
+    ];
+    let frames: Vec<Vec<u8>> = tunnels
+        .iter()
+        .flat_map(|(_, t)| t.iter().map(|ip| lab.to_lb(ip)))
+        .collect();
+    let captured = lab.send_and_capture(&frames);
+    let named: Vec<(&str, &Vec<Vec<u8>>)> = tunnels.iter().map(|(n, t)| (*n, t)).collect();
+    let segw_of = segw_of_each(&named, &landing(&captured));
+    // Round-robin over four new tunnels: three segws, all used.
+    let mut used = segw_of.clone();
+    used.sort();
+    used.dedup();
+    assert_eq!(used.len(), SEGWS, "placements {segw_of:?}");
+    for (i, frames) in captured.iter().enumerate() {
+        for f in frames {
+            assert_eq!(&f[0..6], &lab.segws[i].mac, "to the segw's learned MAC");
+            assert_eq!(&f[6..12], &lab.lb_port_macs[i]);
+        }
+    }
+    (segw_of, captured)
+}
+
 #[test]
 fn over_ipv6_ike_floats_to_4500_esp_in_udp_fragments_and_packet_too_big_reach_the_tunnels_segw() {
     if !can_run() {
@@ -672,89 +660,8 @@ fn over_ipv6_ike_floats_to_4500_esp_in_udp_fragments_and_packet_too_big_reach_th
     // their answers to neighbour solicitations; there is no ARP here.
     let mut lab = Lab::up_as("v6", "round-robin", (200, 3), Family::V6);
     let vip = IpAddr::V6(VIP6);
-    // A: IKE on 500, the float to 4500 from a port a NAT66 changed, ESP in
-    // UDP. B: raw ESP. C: IKE_SA_INIT, then an IKE_AUTH in fragments, the
-    // later ones first. D: IKE_SA_INIT, then ESP in UDP in fragments, in
-    // order.
     let a = peer6(10);
-    let tunnel_a = vec![
-        udp_packet(
-            a,
-            500,
-            vip,
-            500,
-            &ike_body(&ike(0x6a1, IKE_SA_INIT), false, 200),
-        ),
-        udp_packet(
-            a,
-            4501,
-            vip,
-            4500,
-            &ike_body(&ike(0x6a1, IKE_AUTH), true, 300),
-        ),
-        udp_packet(a, 4501, vip, 4500, &esp_body(0x6c0d_0001, 1, 120)),
-        udp_packet(a, 4501, vip, 4500, &esp_body(0x6c0d_0001, 2, 120)),
-    ];
-    let b = peer6(20);
-    let tunnel_b = vec![
-        ip_packet(b, vip, 50, &esp_body(0x6c0d_0002, 1, 100), 0),
-        ip_packet(b, vip, 50, &esp_body(0x6c0d_0002, 2, 100), 0),
-    ];
-    let c = peer6(30);
-    let auth = udp_packet(
-        c,
-        4500,
-        vip,
-        4500,
-        &ike_body(&ike(0x6c3, IKE_AUTH), true, 1400),
-    );
-    let mut later_first = fragments(&auth, 512, 0x6c3);
-    later_first.reverse();
-    let mut tunnel_c = vec![udp_packet(
-        c,
-        500,
-        vip,
-        500,
-        &ike_body(&ike(0x6c3, IKE_SA_INIT), false, 200),
-    )];
-    tunnel_c.extend(later_first);
-    let d = peer6(40);
-    let esp = udp_packet(d, 4500, vip, 4500, &esp_body(0x6c0d_0004, 1, 1400));
-    let mut tunnel_d = vec![udp_packet(
-        d,
-        500,
-        vip,
-        500,
-        &ike_body(&ike(0x6d4, IKE_SA_INIT), false, 200),
-    )];
-    tunnel_d.extend(fragments(&esp, 512, 0x6d4));
-    assert!(tunnel_c.len() > 3 && tunnel_d.len() > 3, "fragmented");
-    let tunnels = [
-        ("A", &tunnel_a),
-        ("B", &tunnel_b),
-        ("C", &tunnel_c),
-        ("D", &tunnel_d),
-    ];
-    let frames: Vec<Vec<u8>> = tunnels
-        .iter()
-        .flat_map(|(_, t)| t.iter().map(|ip| lab.to_lb(ip)))
-        .collect();
-    let captured = lab.send_and_capture(&frames);
-    let segw_of = segw_of_each(&tunnels, &landing(&captured));
-    let mut used = segw_of.clone();
-    used.sort();
-    used.dedup();
-    assert_eq!(
-        used.len(),
-        SEGWS,
-        "round-robin over four tunnels: {segw_of:?}"
-    );
-    for (i, frames) in captured.iter().enumerate() {
-        for f in frames {
-            assert_eq!(&f[0..6], &lab.segws[i].mac, "to the segw's learned MAC");
-            assert_eq!(&f[6..12], &lab.lb_port_macs[i]);
-        }
-    }
+    let (segw_of, _) = four_tunnels_land_one_segw_each(&mut lab, peer6, vip);
 
     // A's segw answers at the floated port; the answer and its ESP come
     // back to the initiators' side unchanged.
@@ -762,7 +669,7 @@ fn over_ipv6_ike_floats_to_4500_esp_in_udp_fragments_and_packet_too_big_reach_th
     let response = IkeHeader {
         from_initiator: false,
         response: true,
-        ..ike(0x6a1, IKE_AUTH)
+        ..ike(0xa1, IKE_AUTH)
     };
     let response = udp_packet(vip, 4500, a, 4501, &ike_body(&response, true, 100));
     let reply = udp_packet(vip, 4500, a, 4501, &esp_body(0x6bee_0001, 1, 1300));
