@@ -1,4 +1,5 @@
-//! Builds every policy in `plugins/` into a component in `policies/`.
+//! Builds every policy in `plugins/` into a component in `policies/`, and
+//! the XDP fast path (`xdp/fastpath.c`) with clang for the BPF target.
 //!
 //! So `cargo build`, `cargo test` and `cargo run -- compare` never need a
 //! separate step, and editing a plugin then running `cargo build` is the
@@ -37,6 +38,7 @@ enum Route {
 
 fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
+    build_fast_path(&manifest);
     let root = manifest.parent().unwrap().to_path_buf();
     let plugins = root.join("plugins");
     for watched in ["plugins", "wit"] {
@@ -231,4 +233,42 @@ fn componentize_all(out: &Path, policies: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `xdp/fastpath.c` → `$OUT_DIR/fastpath.o`, and `cfg(segwlb_xdp)` for the
+/// code that embeds it. Without clang or the libbpf headers: a warning, and
+/// a host that runs on AF_PACKET alone. A program that does not compile
+/// fails the build: it is ours.
+fn build_fast_path(manifest: &Path) {
+    println!("cargo::rustc-check-cfg=cfg(segwlb_xdp)");
+    let source = manifest.join("xdp").join("fastpath.c");
+    println!("cargo:rerun-if-changed={}", source.display());
+    let have_clang = Command::new("clang")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_clang || !Path::new("/usr/include/bpf/bpf_helpers.h").exists() {
+        println!(
+            "cargo:warning=segwlb: no XDP fast path in this build: install clang and libbpf-dev \
+             (scripts/setup.sh does)"
+        );
+        return;
+    }
+    let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("fastpath.o");
+    // <linux/bpf.h> includes <asm/types.h>, which Debian keeps under the
+    // host's multiarch directory; the BPF target has none of its own.
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    let multiarch = format!("/usr/include/{arch}-linux-gnu");
+    let status = Command::new("clang")
+        .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf"])
+        .arg(format!("-I{multiarch}"))
+        .arg("-c")
+        .arg(&source)
+        .arg("-o")
+        .arg(&out)
+        .status();
+    match status {
+        Ok(s) if s.success() => println!("cargo:rustc-cfg=segwlb_xdp"),
+        other => panic!("segwlb: compiling {} failed: {other:?}", source.display()),
+    }
 }

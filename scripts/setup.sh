@@ -3,7 +3,8 @@
 #   - a wasm32 toolchain for the policies (rustup's target, or Debian's
 #     rustc-web + rust-web-src + lld-19 where rustup cannot fetch targets);
 #   - as root: iproute2 and ethtool, for the network-namespace tests of
-#     `segwlb run` (without root those tests are skipped and need nothing).
+#     `segwlb run` (without root those tests are skipped and need nothing);
+#   - clang and libbpf-dev, for the XDP fast path.
 # Idempotent and quiet when everything is there. Never installs by hand what
 # it could not name: when it cannot install, it says what to install.
 #
@@ -110,6 +111,17 @@ if [ "$(id -u)" -eq 0 ]; then
         else
             say "the network-namespace tests and the lab need: ${missing[*]}"
         fi
+    fi
+fi
+
+# The XDP fast path (host/xdp/fastpath.c) is C for the kernel's BPF target:
+# clang compiles it, libbpf-dev has the helpers' declarations. Without them
+# the host still builds, and runs on AF_PACKET alone.
+if ! command -v clang >/dev/null || [ ! -e /usr/include/bpf/bpf_helpers.h ]; then
+    if can_apt; then
+        apt_install clang libbpf-dev
+    else
+        say "the XDP fast path needs: clang libbpf-dev (without them segwlb runs on AF_PACKET alone)"
     fi
 fi
 

@@ -14,6 +14,7 @@
 pub mod affinity;
 mod endpoints;
 pub mod farm;
+pub mod fastpath;
 pub mod fragments;
 pub mod gateways;
 pub mod health;

@@ -4,9 +4,11 @@
 //!
 //! - [`afpacket`]: a real interface, through an AF_PACKET socket (pnet).
 //! - [`memory`]: in-memory ports, for tests and the simulation.
+//! - [`xdp`]: the kernel fast path in front of a port (XDP).
 
 pub mod afpacket;
 pub mod memory;
+pub mod xdp;
 
 use crate::balancer::PortId;
 

@@ -1,0 +1,223 @@
+// SPDX-License-Identifier: GPL-2.0
+//
+// segwlb's XDP fast path: forwards what the balancer core has already
+// decided, and nothing else. For a frame of an established tunnel it
+// rewrites the two MACs and redirects to the egress port; every other frame
+// (ARP, NDP, IKE on 500, fragments, ICMP, VLAN tags, IP options, misses,
+// anything unrecognised) is passed to the stack unchanged, where segwlb's
+// AF_PACKET sockets give it to the core. The host writes the maps from the
+// core's own lookups (host/src/fastpath/), so a hit here is the core's
+// answer for that frame.
+//
+// Lookups, by direction (the port a frame came in on says which):
+//   from the uplink  ESP in UDP and IKE on 4500 by source (address, port);
+//                    IKE only for the tunnel's own initiator SPI;
+//                    raw ESP by source address
+//   from a segw      ESP in UDP by destination (address, port), raw ESP by
+//                    destination address, only from the tunnel's segw
+//                    (IKE from a segw teaches the core: always passed)
+// Per tunnel, per CPU: frames, bytes (IP length, as the core counts) and
+// the last time seen.
+//
+// Built by host/build.rs: clang -O2 -target bpf.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/udp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+// A source or destination: the address as 16 bytes (IPv4 mapped into
+// ::ffff:0:0/96), the UDP port in network order (0 for raw ESP).
+struct endpoint {
+	__u8 addr[16];
+	__u16 port;
+	__u16 pad;
+};
+
+// Where a tunnel's frames go, and what they must look like to go there.
+struct forward {
+	__u64 ike_spi;  // the tunnel's IKE initiator SPI (network order)
+	__u32 tunnel;   // its slot: the index into `stats`
+	__u32 tx;       // the egress port: a key of `tx_ports`
+	__u32 from;     // the ifindex frames must come in on (0: any)
+	__u8 dst[6];    // rewritten destination MAC
+	__u8 src[6];    // rewritten source MAC (the egress port's own)
+	__u32 pad;
+};
+
+struct tunnel_stats {
+	__u64 frames;
+	__u64 bytes;
+	__u64 last_ns;
+};
+
+// Config: [0] the uplink's ifindex.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} config SEC(".maps");
+
+// Each port's own MAC, by ifindex: a frame not sent to it is not ours to
+// balance (the core's `not_for_us`).
+struct port_mac {
+	__u8 mac[6];
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, struct port_mac);
+} port_macs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 16);
+	__type(key, struct endpoint);
+	__type(value, struct forward);
+} up SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 16);
+	__type(key, struct endpoint);
+	__type(value, struct forward);
+} down SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_DEVMAP);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u32);
+} tx_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1 << 16);
+	__type(key, __u32);
+	__type(value, struct tunnel_stats);
+} stats SEC(".maps");
+
+#define NON_ESP_MARKER 0
+#define IKE_NAT_T_PORT 4500
+#define PROTO_ESP 50
+
+static __always_inline void map_v4(__u8 out[16], __u32 addr)
+{
+	__builtin_memset(out, 0, 10);
+	out[10] = 0xff;
+	out[11] = 0xff;
+	__builtin_memcpy(&out[12], &addr, 4);
+}
+
+// (memcmp would be a call the loader cannot resolve.)
+static __always_inline int same_mac(const __u8 *a, const __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] &&
+	       a[4] == b[4] && a[5] == b[5];
+}
+
+static __always_inline int forward(struct xdp_md *ctx, struct ethhdr *eth,
+				   struct forward *f, __u32 ip_len)
+{
+	if (f->from && f->from != ctx->ingress_ifindex)
+		return XDP_PASS; // not the tunnel's segw: the core decides
+	struct tunnel_stats *s = bpf_map_lookup_elem(&stats, &f->tunnel);
+	if (s) {
+		s->frames += 1;
+		s->bytes += ip_len;
+		s->last_ns = bpf_ktime_get_ns();
+	}
+	__builtin_memcpy(eth->h_dest, f->dst, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, f->src, ETH_ALEN);
+	return bpf_redirect_map(&tx_ports, f->tx, XDP_PASS);
+}
+
+SEC("xdp")
+int segwlb_fastpath(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end)
+		return XDP_PASS;
+
+	__u32 zero = 0;
+	__u32 *uplink = bpf_map_lookup_elem(&config, &zero);
+	if (!uplink || !*uplink)
+		return XDP_PASS;
+	int from_uplink = ctx->ingress_ifindex == *uplink;
+	__u32 ingress = ctx->ingress_ifindex;
+	struct port_mac *mine = bpf_map_lookup_elem(&port_macs, &ingress);
+	if (!mine || !same_mac(eth->h_dest, mine->mac))
+		return XDP_PASS;
+
+	struct endpoint key = {};
+	__u8 proto;
+	__u32 ip_len;
+	void *l4;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > end)
+			return XDP_PASS;
+		// No options, no fragments (a piece goes where its first went:
+		// the core's fragment table decides).
+		if (ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
+			return XDP_PASS;
+		proto = ip->protocol;
+		ip_len = bpf_ntohs(ip->tot_len);
+		map_v4(key.addr, from_uplink ? ip->saddr : ip->daddr);
+		l4 = ip + 1;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > end)
+			return XDP_PASS;
+		// Extension headers (a fragment header among them): the core.
+		proto = ip6->nexthdr;
+		ip_len = 40 + bpf_ntohs(ip6->payload_len);
+		__builtin_memcpy(key.addr,
+				 from_uplink ? ip6->saddr.in6_u.u6_addr8 : ip6->daddr.in6_u.u6_addr8,
+				 16);
+		l4 = ip6 + 1;
+	} else {
+		return XDP_PASS;
+	}
+
+	struct forward *f;
+	if (proto == PROTO_ESP) {
+		f = bpf_map_lookup_elem(from_uplink ? (void *)&up : (void *)&down, &key);
+		return f ? forward(ctx, eth, f, ip_len) : XDP_PASS;
+	}
+	if (proto != IPPROTO_UDP)
+		return XDP_PASS;
+	struct udphdr *udp = l4;
+	if ((void *)(udp + 1) > end)
+		return XDP_PASS;
+	__u16 ours = from_uplink ? udp->dest : udp->source;
+	if (ours != bpf_htons(IKE_NAT_T_PORT))
+		return XDP_PASS; // IKE on 500 and the rest
+	key.port = from_uplink ? udp->source : udp->dest;
+	__u32 *marker = (void *)(udp + 1);
+	if ((void *)(marker + 1) > end)
+		return XDP_PASS; // NAT keepalive (one byte) and runts
+	f = bpf_map_lookup_elem(from_uplink ? (void *)&up : (void *)&down, &key);
+	if (!f)
+		return XDP_PASS;
+	if (*marker != NON_ESP_MARKER)
+		return forward(ctx, eth, f, ip_len); // ESP in UDP
+	// IKE: from the initiator, only on the tunnel's own IKE SA; from a
+	// segw, always the core's (it learns from it).
+	__u64 *spi = (void *)(marker + 1);
+	if (!from_uplink || (void *)(spi + 1) > end || *spi != f->ike_spi)
+		return XDP_PASS;
+	return forward(ctx, eth, f, ip_len);
+}
+
+char LICENSE[] SEC("license") = "GPL";

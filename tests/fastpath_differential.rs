@@ -1,0 +1,424 @@
+//! The XDP fast path against the core, frame by frame (root): the same
+//! frames through `BPF_PROG_TEST_RUN` of the kernel program, its maps
+//! written from `Balancer::fast_path`, and through `Balancer::handle`.
+//! A frame the program redirects must be one the core forwards, to the
+//! same port, with the same bytes; a frame it passes must leave it
+//! unchanged (the core then handles it, as it handles every frame today).
+//!
+//! The ports are veth ends in a namespace this test builds (the program
+//! checks each frame's ingress interface and destination MAC), with the
+//! core's MACs. Without root, or in a build without the program (no clang),
+//! the test says so and passes, unless SEGWLB_REQUIRE_NETNS is set.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use segwlb::balancer::farm::{self, port_mac, segw_mac};
+use segwlb::balancer::{Balancer, PortId, Prefix, Verdict, UPLINK};
+use segwlb::io::xdp::{FastPath, PROGRAM, XDP_PASS, XDP_REDIRECT};
+use segwlb::lab::netns::{self, Netns};
+use segwlb::packet::craft::{
+    esp_body, fragments, frame, icmp_too_big, ike_body, ip_packet, udp_packet,
+};
+use segwlb::packet::ike::{IKE_AUTH, IKE_SA_INIT, INFORMATIONAL};
+use segwlb::packet::{IkeHeader, Mac};
+use segwlb::policy::{native, Policy};
+use segwlb::time::Timestamp;
+
+const ROUTER: Mac = [2, 0xaa, 0, 0, 0, 1];
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 2, 2, 1);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
+const SEGWS: u8 = 3;
+
+fn can_run() -> bool {
+    let missing = if PROGRAM.is_none() {
+        Some("this build has no XDP program (clang, libbpf-dev)".to_string())
+    } else if !netns::is_root() {
+        Some("not root".to_string())
+    } else {
+        netns::prerequisites().err()
+    };
+    match missing {
+        None => true,
+        Some(why) if std::env::var_os("SEGWLB_REQUIRE_NETNS").is_some() => {
+            panic!("the fast-path differential test cannot run: {why}")
+        }
+        Some(why) => {
+            eprintln!("skipped: {why}");
+            false
+        }
+    }
+}
+
+fn vip_of(peer: IpAddr) -> IpAddr {
+    if peer.is_ipv6() {
+        IpAddr::V6(VIP6)
+    } else {
+        IpAddr::V4(VIP)
+    }
+}
+
+fn ike(spi: u64, exchange: u8, responder: u64, from_initiator: bool) -> IkeHeader {
+    IkeHeader {
+        initiator_spi: spi,
+        responder_spi: responder,
+        exchange,
+        from_initiator,
+        response: !from_initiator,
+        message_id: u32::from(exchange != IKE_SA_INIT),
+    }
+}
+
+/// A frame from the initiators' router, and one from segw `n`.
+fn up(ip: &[u8]) -> Vec<u8> {
+    frame(port_mac(UPLINK), ROUTER, None, ip)
+}
+
+fn down(n: PortId, ip: &[u8]) -> Vec<u8> {
+    frame(port_mac(n), segw_mac(n as u8), None, ip)
+}
+
+/// One tunnel of the test: its peer, the port it floats to (0: raw ESP),
+/// and the segw it landed on.
+struct Tunnel {
+    name: &'static str,
+    peer: IpAddr,
+    port: u16,
+    spi: u64,
+    segw: PortId,
+}
+
+struct Core {
+    lb: Balancer<Box<dyn Policy>>,
+    now: Timestamp,
+}
+
+impl Core {
+    fn handle(&mut self, ingress: PortId, f: &[u8]) -> (Verdict, Vec<u8>) {
+        let mut out = f.to_vec();
+        let v = self.lb.handle(&mut out, ingress, self.now);
+        (v, out)
+    }
+
+    /// Open a tunnel as strongSwan does: IKE_SA_INIT on 500 and its answer,
+    /// then (unless raw ESP) IKE_AUTH from `port` on 4500 and its answer.
+    fn open(&mut self, name: &'static str, peer: IpAddr, port: u16, spi: u64) -> Tunnel {
+        let vip = vip_of(peer);
+        let init = udp_packet(
+            peer,
+            500,
+            vip,
+            500,
+            &ike_body(&ike(spi, IKE_SA_INIT, 0, true), false, 200),
+        );
+        let Verdict::Forward(segw) = self.handle(UPLINK, &up(&init)).0 else {
+            panic!("{name}: IKE_SA_INIT not forwarded")
+        };
+        let answer = udp_packet(
+            vip,
+            500,
+            peer,
+            500,
+            &ike_body(&ike(spi, IKE_SA_INIT, 0x77, false), false, 200),
+        );
+        assert_eq!(
+            self.handle(segw, &down(segw, &answer)).0,
+            Verdict::Forward(UPLINK)
+        );
+        if port != 0 {
+            let auth = udp_packet(
+                peer,
+                port,
+                vip,
+                4500,
+                &ike_body(&ike(spi, IKE_AUTH, 0x77, true), true, 300),
+            );
+            assert_eq!(self.handle(UPLINK, &up(&auth)).0, Verdict::Forward(segw));
+            let answer = udp_packet(
+                vip,
+                4500,
+                peer,
+                port,
+                &ike_body(&ike(spi, IKE_AUTH, 0x77, false), true, 300),
+            );
+            assert_eq!(
+                self.handle(segw, &down(segw, &answer)).0,
+                Verdict::Forward(UPLINK)
+            );
+        }
+        Tunnel {
+            name,
+            peer,
+            port,
+            spi,
+            segw,
+        }
+    }
+}
+
+/// ESP of `t` either way: in UDP from/to its port, or raw.
+fn esp(t: &Tunnel, towards_segw: bool, len: usize) -> Vec<u8> {
+    let vip = vip_of(t.peer);
+    let (src, dst) = if towards_segw {
+        (t.peer, vip)
+    } else {
+        (vip, t.peer)
+    };
+    let body = esp_body(0xe500_0000 | t.spi as u32, 1, len);
+    match (t.port, towards_segw) {
+        (0, _) => ip_packet(src, dst, 50, &body, 9),
+        (p, true) => udp_packet(src, p, dst, 4500, &body),
+        (p, false) => udp_packet(src, 4500, dst, p, &body),
+    }
+}
+
+#[test]
+fn the_fast_path_forwards_what_the_core_forwards_the_same_way_and_passes_the_rest() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new(&netns::unique_prefix("fpd")).unwrap();
+    // Ports p0 (uplink) .. p3, each a veth end with the core's MAC; their
+    // peers are only there to give the ports a link.
+    for n in 0..=SEGWS {
+        netns::veth(&ns, &format!("p{n}"), &ns, &format!("q{n}")).unwrap();
+        let mac = netns::format_mac(&port_mac(PortId::from(n)));
+        ns.ip(&["link", "set", &format!("p{n}"), "address", &mac])
+            .unwrap();
+    }
+    let report = ns
+        .enter(|| {
+            let ifindex: Vec<u32> = (0..=SEGWS)
+                .map(|n| {
+                    let name = std::ffi::CString::new(format!("p{n}")).unwrap();
+                    // SAFETY: a NUL-terminated name.
+                    unsafe { libc::if_nametoindex(name.as_ptr()) }
+                })
+                .collect();
+            assert!(ifindex.iter().all(|&i| i > 0), "{ifindex:?}");
+            let mut fp = FastPath::load().unwrap();
+            for n in 0..=SEGWS {
+                let port = PortId::from(n);
+                fp.set_port(port, ifindex[usize::from(n)], port_mac(port))
+                    .unwrap();
+            }
+            run(&mut fp, &ifindex)
+        })
+        .unwrap();
+    eprintln!("{report}");
+}
+
+fn run(fp: &mut FastPath, ifindex: &[u32]) -> String {
+    let proxy: Vec<Prefix> = vec![
+        "10.2.2.1/32".parse().unwrap(),
+        "2001:db8:2::1/128".parse().unwrap(),
+    ];
+    let policy = native::shipped("round-robin", &[]).unwrap();
+    let mut core = Core {
+        lb: farm::balancer(policy, SEGWS, proxy, 1024),
+        now: Timestamp::ZERO,
+    };
+    let v6 = |n: u16| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, n));
+    let tunnels = [
+        core.open(
+            "v4 NAT'd, ESP in UDP",
+            IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1)),
+            40_001,
+            0x11,
+        ),
+        core.open(
+            "v4 raw ESP",
+            IpAddr::V4(Ipv4Addr::new(10, 1, 0, 2)),
+            0,
+            0x22,
+        ),
+        core.open("v6 ESP in UDP", v6(3), 4500, 0x33),
+        core.open("v6 raw ESP", v6(4), 0, 0x44),
+    ];
+    // Tunnels no segw has confirmed: a half-open one, and a guess.
+    let half_open = IpAddr::V4(Ipv4Addr::new(10, 1, 0, 5));
+    let init = udp_packet(
+        half_open,
+        500,
+        IpAddr::V4(VIP),
+        500,
+        &ike_body(&ike(0x55, IKE_SA_INIT, 0, true), false, 200),
+    );
+    core.handle(UPLINK, &up(&init));
+    let half_open = Tunnel {
+        name: "half-open",
+        peer: half_open,
+        port: 500,
+        spi: 0x55,
+        segw: 1,
+    };
+    let guessed = Tunnel {
+        name: "guessed",
+        peer: IpAddr::V4(Ipv4Addr::new(10, 1, 0, 6)),
+        port: 4500,
+        spi: 0x66,
+        segw: 1,
+    };
+    core.handle(UPLINK, &up(&esp(&guessed, true, 100)));
+
+    // (label, ingress port, frame), and whether the fast path should take it.
+    let mut cases: Vec<(String, PortId, Vec<u8>, bool)> = Vec::new();
+    for t in &tunnels {
+        let other = t.segw % PortId::from(SEGWS) + 1;
+        let vip = vip_of(t.peer);
+        cases.push((
+            format!("{}: ESP up", t.name),
+            UPLINK,
+            up(&esp(t, true, 120)),
+            true,
+        ));
+        cases.push((
+            format!("{}: ESP down", t.name),
+            t.segw,
+            down(t.segw, &esp(t, false, 120)),
+            true,
+        ));
+        cases.push((
+            format!("{}: ESP down from another segw", t.name),
+            other,
+            down(other, &esp(t, false, 120)),
+            false,
+        ));
+        let mut elsewhere = up(&esp(t, true, 120));
+        elsewhere[0..6].copy_from_slice(&[2, 0xde, 0xad, 0, 0, 1]);
+        cases.push((
+            format!("{}: ESP up to another MAC", t.name),
+            UPLINK,
+            elsewhere,
+            false,
+        ));
+        cases.push((
+            format!("{}: ESP up in a VLAN", t.name),
+            UPLINK,
+            frame(port_mac(UPLINK), ROUTER, Some(7), &esp(t, true, 120)),
+            false,
+        ));
+        let big = esp(t, true, 1400);
+        for (i, piece) in fragments(&big, 512, t.spi as u32).iter().enumerate() {
+            cases.push((
+                format!("{}: ESP up, fragment {i}", t.name),
+                UPLINK,
+                up(piece),
+                false,
+            ));
+        }
+        if t.port != 0 {
+            let dpd = udp_packet(
+                t.peer,
+                t.port,
+                vip,
+                4500,
+                &ike_body(&ike(t.spi, INFORMATIONAL, 0x77, true), true, 60),
+            );
+            cases.push((format!("{}: IKE up (DPD)", t.name), UPLINK, up(&dpd), false));
+            let dpd = udp_packet(
+                vip,
+                4500,
+                t.peer,
+                t.port,
+                &ike_body(&ike(t.spi, INFORMATIONAL, 0x77, false), true, 60),
+            );
+            cases.push((
+                format!("{}: IKE down (DPD)", t.name),
+                t.segw,
+                down(t.segw, &dpd),
+                false,
+            ));
+            let keepalive = udp_packet(t.peer, t.port, vip, 4500, &[0xff]);
+            cases.push((
+                format!("{}: NAT keepalive", t.name),
+                UPLINK,
+                up(&keepalive),
+                false,
+            ));
+        }
+        let router = if t.peer.is_ipv6() {
+            v6(0xfe)
+        } else {
+            IpAddr::V4(Ipv4Addr::new(10, 1, 0, 254))
+        };
+        let too_big = icmp_too_big(router, vip, &esp(t, false, 1300), 1280);
+        cases.push((
+            format!("{}: ICMP too big", t.name),
+            UPLINK,
+            up(&too_big),
+            false,
+        ));
+    }
+    for t in [&half_open, &guessed] {
+        cases.push((
+            format!("{}: ESP up", t.name),
+            UPLINK,
+            up(&esp(t, true, 100)),
+            false,
+        ));
+    }
+    let stranger = Tunnel {
+        name: "stranger",
+        peer: IpAddr::V4(Ipv4Addr::new(10, 1, 0, 9)),
+        port: 0,
+        spi: 0x99,
+        segw: 1,
+    };
+    cases.push((
+        "unknown peer: raw ESP".into(),
+        UPLINK,
+        up(&esp(&stranger, true, 100)),
+        false,
+    ));
+    let arp = segwlb::packet::arp::Arp::request(ROUTER, Ipv4Addr::new(10, 1, 0, 2), VIP)
+        .broadcast_frame(ROUTER, None);
+    cases.push(("ARP for the VIP".into(), UPLINK, arp, false));
+
+    let mut fast = BTreeSet::new();
+    let mut passed = 0;
+    for (label, ingress, f, expect_fast) in &cases {
+        let entries = core.lb.fast_path();
+        fp.sync(&entries).unwrap();
+        let (action, out) = fp.test_run(f, ifindex[usize::from(*ingress)]).unwrap();
+        let (verdict, core_out) = core.handle(*ingress, f);
+        match action {
+            XDP_REDIRECT => {
+                let Verdict::Forward(port) = verdict else {
+                    panic!("{label}: the fast path forwarded what the core answered {verdict:?}")
+                };
+                assert_eq!(out, core_out, "{label}: other bytes than the core's");
+                assert_eq!(&out[6..12], &port_mac(port), "{label}: another egress port");
+                fast.insert(label.clone());
+            }
+            XDP_PASS => {
+                assert_eq!(&out, f, "{label}: passed, but changed");
+                passed += 1;
+            }
+            other => panic!("{label}: XDP action {other}"),
+        }
+        assert_eq!(
+            fast.contains(label),
+            *expect_fast,
+            "{label}: fast path {}",
+            fast.contains(label)
+        );
+    }
+    // The per-tunnel counters saw the forwarded frames: one each way.
+    for t in &tunnels {
+        let id = core
+            .lb
+            .table()
+            .iter()
+            .find(|(_, x)| x.peer == t.peer)
+            .map(|(id, _)| id)
+            .unwrap();
+        let (frames, _) = fp.tunnel_counts(id).unwrap();
+        assert_eq!(frames, 2, "{}", t.name);
+    }
+    format!(
+        "{} frames: {} through the fast path, the same as the core's; {passed} passed to the core",
+        cases.len(),
+        fast.len()
+    )
+}
