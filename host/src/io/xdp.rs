@@ -113,6 +113,28 @@ pub struct FastPath {
     installed: HashMap<(Direction, Endpoint), Forward>,
 }
 
+/// `union bpf_attr`'s `test` member, for `BPF_PROG_TEST_RUN`.
+#[repr(C)]
+#[derive(Default)]
+struct TestRun {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    pad: u32,
+}
+
 /// What a [`FastPath::sync`] changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Synced {
@@ -230,46 +252,72 @@ impl FastPath {
     /// `ingress` (`BPF_PROG_TEST_RUN`; nothing is sent): its answer, and
     /// the frame as it left the program.
     pub fn test_run(&mut self, frame: &[u8], ingress: u32) -> std::io::Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let run = self.prog_test_run(PROGRAM_NAME, frame, ingress, Some(&mut out), 1, 0)?;
+        out.truncate(run.size_out as usize);
+        Ok((run.retval, out))
+    }
+
+    /// Run the program `repeat` times on `frame` from interface `ingress`
+    /// with live frames (`BPF_F_TEST_XDP_LIVE_FRAMES`): each run starts
+    /// from the original frame, and a redirect really transmits. The
+    /// kernel's mean time per run, in ns.
+    pub fn time_live(&mut self, frame: &[u8], ingress: u32, repeat: u32) -> std::io::Result<u32> {
+        self.time(PROGRAM_NAME, frame, ingress, repeat)
+    }
+
+    fn time(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+        ingress: u32,
+        repeat: u32,
+    ) -> std::io::Result<u32> {
+        const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
+        let run = self.prog_test_run(
+            name,
+            frame,
+            ingress,
+            None,
+            repeat,
+            BPF_F_TEST_XDP_LIVE_FRAMES,
+        )?;
+        Ok(run.duration)
+    }
+
+    fn prog_test_run(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+        ingress: u32,
+        out: Option<&mut [u8]>,
+        repeat: u32,
+        flags: u32,
+    ) -> std::io::Result<TestRun> {
         use std::os::fd::{AsFd, AsRawFd};
         let program: &Xdp = self
             .ebpf
-            .program(PROGRAM_NAME)
+            .program(name)
             .and_then(|p| p.try_into().ok())
             .ok_or_else(|| std::io::Error::other("no program"))?;
         let fd = program.fd().map_err(std::io::Error::other)?;
-        let mut out = vec![0u8; frame.len() + 256];
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
         // rx_queue_index, egress_ifindex.
         let mut ctx = [0u32, frame.len() as u32, 0, ingress, 0, 0];
-        #[repr(C)]
-        #[derive(Default)]
-        struct TestRun {
-            prog_fd: u32,
-            retval: u32,
-            data_size_in: u32,
-            data_size_out: u32,
-            data_in: u64,
-            data_out: u64,
-            repeat: u32,
-            duration: u32,
-            ctx_size_in: u32,
-            ctx_size_out: u32,
-            ctx_in: u64,
-            ctx_out: u64,
-            flags: u32,
-            cpu: u32,
-            batch_size: u32,
-            pad: u32,
-        }
+        let (data_out, size_out) = match out {
+            Some(out) => (out.as_mut_ptr() as u64, out.len() as u32),
+            None => (0, 0),
+        };
         let mut attr = TestRun {
             prog_fd: fd.as_fd().as_raw_fd() as u32,
             data_size_in: frame.len() as u32,
-            data_size_out: out.len() as u32,
+            size_out,
             data_in: frame.as_ptr() as u64,
-            data_out: out.as_mut_ptr() as u64,
-            repeat: 1,
+            data_out,
+            repeat,
             ctx_size_in: std::mem::size_of_val(&ctx) as u32,
             ctx_in: ctx.as_mut_ptr() as u64,
+            flags,
             ..Default::default()
         };
         const BPF_PROG_TEST_RUN: libc::c_long = 10;
@@ -286,8 +334,7 @@ impl FastPath {
         if r < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        out.truncate(attr.data_size_out as usize);
-        Ok((attr.retval, out))
+        Ok(attr)
     }
 
     /// Per tunnel slot: frames and bytes forwarded, summed over the CPUs.
