@@ -186,6 +186,11 @@ impl Lab {
 
     /// The same, with a VIP of `family`.
     fn up_as(tag: &str, policy: &str, health: (u64, u32), family: Family) -> Lab {
+        Lab::up_with(tag, policy, health, family, "")
+    }
+
+    /// The same, with `extra` (whole TOML sections) in the config.
+    fn up_with(tag: &str, policy: &str, health: (u64, u32), family: Family, extra: &str) -> Lab {
         let prefix = netns::unique_prefix(tag);
         let ini_ns = Netns::new(&format!("{prefix}-ini")).unwrap();
         let lb_ns = Netns::new(&format!("{prefix}-lb")).unwrap();
@@ -259,6 +264,7 @@ impl Lab {
              [health]\ninterval_ms = {}\ndown_after = {}\nup_after = 1\n",
             health.0, health.1
         );
+        text += extra;
         for n in 1..=SEGWS {
             text += &format!("[[gateway]]\nname = \"segw{n}\"\ninterface = \"p{n}\"\n");
         }
@@ -821,6 +827,159 @@ fn stream(
 
 /// Write `bytes` to `path` the way editors and build tools do: a temp file
 /// in the same directory, renamed over.
+/// The XDP fast path in `segwlb run` (issue 17): tunnels a segw has
+/// confirmed go through the kernel, both ways, to the same places with
+/// the same MACs as through the core; their frames are counted in `ctl
+/// status`; when a segw dies its tunnels leave the fast path and the core
+/// re-places each on its next frame.
+#[test]
+fn the_xdp_fast_path_carries_confirmed_tunnels_and_leaves_moves_to_the_core() {
+    if !can_run() {
+        return;
+    }
+    if segwlb::io::xdp::PROGRAM.is_none() {
+        assert!(
+            std::env::var_os("SEGWLB_REQUIRE_NETNS").is_none(),
+            "this build has no XDP program: install clang and libbpf-dev"
+        );
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (interval_ms, down_after) = (100, 3);
+    let mut lab = Lab::up_with(
+        "xdp",
+        "round-robin",
+        (interval_ms, down_after),
+        Family::V4,
+        "[dataplane]\nfast_path = \"xdp\"\n",
+    );
+    assert!(
+        lab.log_text().contains("the XDP fast path carries"),
+        "{}",
+        lab.log_text()
+    );
+    let vip = IpAddr::V4(VIP);
+    // Six tunnels, IKE on 500 answered by their segws (confirmed), then
+    // raw ESP.
+    let tunnels: Vec<u16> = (1..=6).map(|t| 60 + t).collect();
+    let inits: Vec<Vec<u8>> = tunnels
+        .iter()
+        .map(|&t| {
+            let h = ike(0x600 + u64::from(t), IKE_SA_INIT);
+            lab.to_lb(&udp_packet(
+                peer(t),
+                500,
+                vip,
+                500,
+                &ike_body(&h, false, 200),
+            ))
+        })
+        .collect();
+    let captured = lab.send_and_capture(&inits);
+    let mut segw_of = BTreeMap::new();
+    for (i, got) in captured.iter().enumerate() {
+        for f in got {
+            segw_of.insert(u16::from_be_bytes([f[28], f[29]]), i);
+        }
+    }
+    assert_eq!(segw_of.len(), 6, "{segw_of:?}");
+    for (&n, &i) in &segw_of {
+        let t = peer(n);
+        let h = IkeHeader {
+            from_initiator: false,
+            response: true,
+            responder_spi: 0x77,
+            ..ike(0x600 + u64::from(n), IKE_SA_INIT)
+        };
+        let answer = udp_packet(vip, 500, t, 500, &ike_body(&h, false, 200));
+        let f = frame(lab.lb_port_macs[i], lab.segws[i].mac, None, &answer);
+        lab.segws[i].send(&f);
+    }
+    let _ = lab.ini.frames_of([0x08, 0x00], Duration::from_millis(200));
+    // ESP both ways, three rounds.
+    let esp_up = |lab: &Lab, n: u16, seq: u32| {
+        lab.to_lb(&ip_packet(
+            peer(n),
+            vip,
+            50,
+            &esp_body(0xe600 + u32::from(n), seq, 100),
+            1,
+        ))
+    };
+    for seq in 1..=3 {
+        let frames: Vec<Vec<u8>> = segw_of.keys().map(|&n| esp_up(&lab, n, seq)).collect();
+        let captured = lab.send_and_capture(&frames);
+        for (i, got) in captured.iter().enumerate() {
+            for f in got {
+                let n = u16::from_be_bytes([f[28], f[29]]);
+                assert_eq!(
+                    segw_of[&n],
+                    i,
+                    "round {seq}: tunnel {n} reached segw{}",
+                    i + 1
+                );
+                assert_eq!(&f[0..6], &lab.segws[i].mac);
+                assert_eq!(&f[6..12], &lab.lb_port_macs[i]);
+            }
+        }
+        assert_eq!(
+            captured.iter().map(Vec::len).sum::<usize>(),
+            6,
+            "round {seq}"
+        );
+        for (&n, &i) in &segw_of {
+            let back = ip_packet(
+                vip,
+                peer(n),
+                50,
+                &esp_body(0xb600 + u32::from(n), seq, 100),
+                2,
+            );
+            let f = frame(lab.lb_port_macs[i], lab.segws[i].mac, None, &back);
+            lab.segws[i].send(&f);
+        }
+        let back = lab.ini.frames_of([0x08, 0x00], Duration::from_millis(200));
+        let back: Vec<&Vec<u8>> = back.iter().filter(|f| f[23] == 50).collect();
+        assert_eq!(back.len(), 6, "round {seq}: the segws' ESP back");
+        assert!(back
+            .iter()
+            .all(|f| f[0..6] == lab.ini.mac && f[6..12] == lab.lb_uplink_mac));
+    }
+    // The counters come back within a second: the fast path carried them.
+    // 3 rounds × 6 tunnels × 2 ways.
+    let counted = wait_for(
+        &lab,
+        "36 fast-path frames counted",
+        Duration::from_secs(3),
+        |s| s.counters.fast_path == 36,
+    );
+    let status = lab.status();
+    eprintln!(
+        "fast path: {} of {} frames forwarded (all counted {counted:?} after the last)",
+        status.counters.fast_path, status.counters.forwarded
+    );
+    for (i, g) in status.gateways.iter().enumerate() {
+        let here = segw_of.values().filter(|&&s| s == i).count() as u64;
+        // Its IKE_SA_INITs by the core, 3 ESP each way by the fast path
+        // (from the segw also its kernel's ICMP errors, by the core).
+        assert_eq!(g.frames_to, 4 * here, "{}", g.name);
+        assert!(g.frames_from >= 4 * here, "{}: {}", g.name, g.frames_from);
+    }
+
+    // segw2 dies: its tunnels leave the fast path and the core re-places
+    // each on its next frame; the others stay fast.
+    lab.segw_ns[1].ip(&["link", "set", "eth0", "down"]).unwrap();
+    wait_for(&lab, "segw2 marked down", Duration::from_secs(2), |s| {
+        !s.gateway("segw2").unwrap().healthy
+    });
+    let frames: Vec<Vec<u8>> = segw_of.keys().map(|&n| esp_up(&lab, n, 4)).collect();
+    let captured = lab.send_and_capture(&frames);
+    assert!(captured[1].is_empty(), "a frame went to the dead segw");
+    assert_eq!(captured[0].len() + captured[2].len(), 6);
+    let on_segw2 = segw_of.values().filter(|&&i| i == 1).count() as u64;
+    assert_eq!(lab.status().counters.moved, on_segw2);
+}
+
 /// A flood on the control socket (issue 16): far more clients than it
 /// serves, silent ones and ones that send garbage a byte at a time, while
 /// ESP streams through 24 tunnels. Every frame arrives, on its segw; the

@@ -27,6 +27,7 @@ use crate::policy::wasm::WasmPolicy;
 use crate::policy::Policy;
 use crate::time::Timestamp;
 
+pub mod fast;
 pub mod pauses;
 #[cfg(test)]
 mod tests;
@@ -161,6 +162,8 @@ pub struct Worker {
     saves: std::collections::VecDeque<(usize, Vec<SavedTunnel>, Sender<Vec<SavedTunnel>>)>,
     /// The swap whose rebalance is under way, answered when it ends.
     swap: Option<Swapped>,
+    /// The XDP fast path in front of the ports, when it runs.
+    fast: Option<fast::Fast>,
 }
 
 /// A policy swap, to be answered (with the moves, after a rebalance).
@@ -216,6 +219,7 @@ impl Worker {
             statuses: Default::default(),
             saves: Default::default(),
             swap: None,
+            fast: None,
         };
         for (port, interface, tx) in ports {
             w.set_port(port, interface, tx);
@@ -223,7 +227,40 @@ impl Worker {
         w
     }
 
+    /// Put the XDP fast path in front of every port, from now on (ports
+    /// added later too). A port it cannot take: said once, and the worker
+    /// goes on without it.
+    pub fn use_fast_path(&mut self, path: crate::io::xdp::FastPath) {
+        let mut fast = fast::Fast::new(path);
+        for (port, p) in self.ports.iter().enumerate() {
+            let Some(p) = p else { continue };
+            let port = port as PortId;
+            if let Err(e) = fast.add_port(port, &p.interface, self.lb.port_mac(port)) {
+                tracing::error!("{e}: running on AF_PACKET alone");
+                return;
+            }
+        }
+        tracing::info!("the XDP fast path carries established tunnels (generic XDP)");
+        self.fast = Some(fast);
+    }
+
+    /// The fast path's turn: its maps, its counters. A failure ends it.
+    fn fast_path_turn(&mut self, now: Timestamp) {
+        if let Some(fast) = &mut self.fast {
+            if let Err(e) = fast.turn(&mut self.lb, now) {
+                tracing::error!("the XDP fast path failed: {e}; running on AF_PACKET alone");
+                self.fast = None;
+            }
+        }
+    }
+
     fn set_port(&mut self, port: PortId, interface: String, tx: Box<dyn Tx>) {
+        if let Some(fast) = &mut self.fast {
+            if let Err(e) = fast.add_port(port, &interface, self.lb.port_mac(port)) {
+                tracing::error!("{e}: running on AF_PACKET alone");
+                self.fast = None;
+            }
+        }
         let i = usize::from(port);
         if self.ports.len() <= i {
             self.ports.resize_with(i + 1, || None);
@@ -290,6 +327,12 @@ impl Worker {
                     (busy, wall) = (busy + cpu, wall + w);
                 }
                 default(wait) => {}
+            }
+            if self.fast.is_some() {
+                let turn = Turn::start();
+                self.fast_path_turn(self.clock.now());
+                let (cpu, w) = turn.elapsed();
+                (busy, wall) = (busy + cpu, wall + w);
             }
             self.pauses.record(busy, wall);
         }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, unbounded};
 
 use crate::balancer::{self, Balancer, GatewaySpec, UPLINK};
-use crate::control::config::{ConfigError, RunConfig};
+use crate::control::config::{ConfigError, FastPathMode, RunConfig};
 use crate::control::status::PolicyRecord;
 use crate::control::{ctl, metrics, reload, state, PortHandle, Supervisor};
 use crate::dataplane::{unix_now, Clock, Command, Worker};
@@ -164,6 +164,18 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
         ..Default::default()
     };
     let mut worker = Worker::new(lb, txs, config.vips.clone(), config.health, record, clock);
+    match config.fast_path {
+        FastPathMode::Off => {}
+        mode => match crate::io::xdp::FastPath::load(config.max_tunnels) {
+            Ok(path) => worker.use_fast_path(path),
+            Err(e) if mode == FastPathMode::Xdp => {
+                return Err(RunError::Start(format!(
+                    "dataplane.fast_path = \"xdp\": {e}"
+                )))
+            }
+            Err(e) => tracing::warn!("no XDP fast path ({e}): running on AF_PACKET alone"),
+        },
+    }
     worker.announce();
     let worker_stop = stop.clone();
     let worker = std::thread::Builder::new()

@@ -10,14 +10,14 @@
 // answer for that frame.
 //
 // Lookups, by direction (the port a frame came in on says which):
-//   from the uplink  ESP in UDP and IKE on 4500 by source (address, port);
-//                    IKE only for the tunnel's own initiator SPI;
-//                    raw ESP by source address
+//   from the uplink  ESP in UDP by source (address, port), raw ESP by
+//                    source address
 //   from a segw      ESP in UDP by destination (address, port), raw ESP by
 //                    destination address, only from the tunnel's segw
-//                    (IKE from a segw teaches the core: always passed)
-// Per tunnel, per CPU: frames, bytes (IP length, as the core counts) and
-// the last time seen.
+// IKE, on 500 or 4500, is always the core's: from the initiator it can
+// prove a tunnel and move its next hop, from a segw it teaches SPIs.
+// Per tunnel, per CPU, each way: frames and bytes (IP length, as the core
+// counts); and the last time seen.
 //
 // Built by host/build.rs: clang -O2 -target bpf.
 
@@ -40,18 +40,17 @@ struct endpoint {
 
 // Where a tunnel's frames go, and what they must look like to go there.
 struct forward {
-	__u64 ike_spi;  // the tunnel's IKE initiator SPI (network order)
 	__u32 tunnel;   // its slot: the index into `stats`
 	__u32 tx;       // the egress port: a key of `tx_ports`
 	__u32 from;     // the ifindex frames must come in on (0: any)
 	__u8 dst[6];    // rewritten destination MAC
 	__u8 src[6];    // rewritten source MAC (the egress port's own)
-	__u32 pad;
 };
 
+// Per tunnel and CPU; [0] towards the segw, [1] back to the peer.
 struct tunnel_stats {
-	__u64 frames;
-	__u64 bytes;
+	__u64 frames[2];
+	__u64 bytes[2];
 	__u64 last_ns;
 };
 
@@ -77,9 +76,11 @@ struct {
 	__type(value, struct port_mac);
 } port_macs SEC(".maps");
 
+// Sized by the loader from the balancer's max_tunnels; allocated as used.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1 << 16);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct endpoint);
 	__type(value, struct forward);
 } up SEC(".maps");
@@ -87,6 +88,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1 << 16);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct endpoint);
 	__type(value, struct forward);
 } down SEC(".maps");
@@ -125,14 +127,14 @@ static __always_inline int same_mac(const __u8 *a, const __u8 *b)
 }
 
 static __always_inline int forward(struct xdp_md *ctx, struct ethhdr *eth,
-				   struct forward *f, __u32 ip_len)
+				   struct forward *f, __u32 ip_len, int way)
 {
 	if (f->from && f->from != ctx->ingress_ifindex)
 		return XDP_PASS; // not the tunnel's segw: the core decides
 	struct tunnel_stats *s = bpf_map_lookup_elem(&stats, &f->tunnel);
 	if (s) {
-		s->frames += 1;
-		s->bytes += ip_len;
+		s->frames[way] += 1;
+		s->bytes[way] += ip_len;
 		s->last_ns = bpf_ktime_get_ns();
 	}
 	__builtin_memcpy(eth->h_dest, f->dst, ETH_ALEN);
@@ -193,7 +195,7 @@ int segwlb_fastpath(struct xdp_md *ctx)
 	struct forward *f;
 	if (proto == PROTO_ESP) {
 		f = bpf_map_lookup_elem(from_uplink ? (void *)&up : (void *)&down, &key);
-		return f ? forward(ctx, eth, f, ip_len) : XDP_PASS;
+		return f ? forward(ctx, eth, f, ip_len, !from_uplink) : XDP_PASS;
 	}
 	if (proto != IPPROTO_UDP)
 		return XDP_PASS;
@@ -207,17 +209,11 @@ int segwlb_fastpath(struct xdp_md *ctx)
 	__u32 *marker = (void *)(udp + 1);
 	if ((void *)(marker + 1) > end)
 		return XDP_PASS; // NAT keepalive (one byte) and runts
+	// IKE (the non-ESP marker) proves tunnels and teaches SPIs: the core's.
+	if (*marker == NON_ESP_MARKER)
+		return XDP_PASS;
 	f = bpf_map_lookup_elem(from_uplink ? (void *)&up : (void *)&down, &key);
-	if (!f)
-		return XDP_PASS;
-	if (*marker != NON_ESP_MARKER)
-		return forward(ctx, eth, f, ip_len); // ESP in UDP
-	// IKE: from the initiator, only on the tunnel's own IKE SA; from a
-	// segw, always the core's (it learns from it).
-	__u64 *spi = (void *)(marker + 1);
-	if (!from_uplink || (void *)(spi + 1) > end || *spi != f->ike_spi)
-		return XDP_PASS;
-	return forward(ctx, eth, f, ip_len);
+	return f ? forward(ctx, eth, f, ip_len, !from_uplink) : XDP_PASS; // ESP in UDP
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -346,6 +346,11 @@ pub struct AffinityTable {
     timeouts: Timeouts,
     sweep_cursor: usize,
     pub counters: TableCounters,
+    /// Moves on with every change to which tunnels there are, where the
+    /// lookups find them, and how sure the table is of them: a copy of the
+    /// lookups elsewhere (the XDP fast path) is current while it is the
+    /// same. Ages and counters do not move it.
+    epoch: u64,
 }
 
 impl AffinityTable {
@@ -364,7 +369,14 @@ impl AffinityTable {
             timeouts,
             sweep_cursor: 0,
             counters: TableCounters::default(),
+            epoch: 0,
         }
+    }
+
+    /// See the field: compare two readings to know whether anything a
+    /// lookup depends on changed in between.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     pub fn len(&self) -> usize {
@@ -484,6 +496,7 @@ impl AffinityTable {
     /// Add a tunnel; `None` when the table is full of established tunnels.
     /// With it, the half-open tunnel evicted to make room, if one was.
     pub fn insert(&mut self, tunnel: Tunnel) -> Option<(TunnelId, Option<Tunnel>)> {
+        self.epoch += 1;
         let mut evicted = None;
         if self.len >= self.capacity {
             evicted = self.evict_one_half_open();
@@ -560,6 +573,7 @@ impl AffinityTable {
     }
 
     pub fn remove(&mut self, id: TunnelId) -> Option<Tunnel> {
+        self.epoch += 1;
         if !self.get(id)?.placement.is_established() {
             self.half_open.unlink(&mut self.links, id, half_open);
         }
@@ -609,6 +623,7 @@ impl AffinityTable {
             }
             None => None,
         };
+        self.epoch += 1;
         self.unindex(id);
         let t = self.get_mut(id).expect("checked above");
         t.at_opening_address &= t.peer == peer;
@@ -629,6 +644,7 @@ impl AffinityTable {
             return;
         }
         t.responder_spi = None;
+        self.epoch += 1;
         if let Some(old) = old {
             if self.by_spi.get(&old) == Some(&id) {
                 self.by_spi.remove(&old);
@@ -644,6 +660,10 @@ impl AffinityTable {
         let Some(t) = self.slots.get_mut(id as usize).and_then(Option::as_mut) else {
             return;
         };
+        if t.placement == placement {
+            return;
+        }
+        self.epoch += 1;
         let (was, now) = (t.placement.is_established(), placement.is_established());
         t.placement = placement;
         if was == now {

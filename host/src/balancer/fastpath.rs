@@ -30,6 +30,7 @@ use super::rules::{Find, Keys, Placement};
 use super::{Balancer, PortId, UPLINK};
 use crate::packet::Mac;
 use crate::policy::Policy;
+use crate::time::Timestamp;
 
 /// Which way a frame goes, and so which of its addresses is the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,6 +57,43 @@ pub struct FastEntry {
 }
 
 impl<P: Policy> Balancer<P> {
+    /// Moves on whenever what [`fast_path`](Self::fast_path) returns may
+    /// have changed (a tunnel added, removed, moved, rebound or confirmed; a
+    /// next hop; a segw's health, MAC or the set); frames that only age
+    /// and count tunnels leave it. A copy of the entries is current while
+    /// this is the same as when it was taken.
+    pub fn epoch(&self) -> u64 {
+        self.table.epoch().wrapping_add(self.epoch)
+    }
+
+    /// The fast path forwarded `frames` and `bytes` of tunnel `id` ([0]
+    /// towards its segw, [1] back), last at `now`: counted as the core
+    /// counts what it forwards itself, and the tunnel is not idle.
+    pub fn fast_path_forwarded(
+        &mut self,
+        id: TunnelId,
+        frames: [u64; 2],
+        bytes: [u64; 2],
+        now: Timestamp,
+    ) {
+        let total = frames[0] + frames[1];
+        self.counters.forwarded += total;
+        self.counters.fast_path += total;
+        let Some(t) = self.table.get_mut(id) else {
+            return;
+        };
+        t.last_seen = t.last_seen.max(now);
+        t.frames += frames[0];
+        t.bytes += bytes[0];
+        let gw = t.gateway;
+        if let Some(g) = self.gateways.get_mut(gw) {
+            g.counters.frames_to += frames[0];
+            g.counters.bytes_to += bytes[0];
+            g.counters.frames_from += frames[1];
+            g.counters.bytes_from += bytes[1];
+        }
+    }
+
     /// Every entry the fast path may hold now (see the module's doc).
     pub fn fast_path(&self) -> Vec<FastEntry> {
         let steering = self
@@ -119,5 +157,68 @@ impl<P: Policy> Balancer<P> {
             }
         }
         entries
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::balancer::farm::{self, port_mac, segw_mac};
+    use crate::balancer::Verdict;
+    use crate::packet::craft::{esp_body, frame, ike_body, udp_packet};
+    use crate::packet::ike::IKE_SA_INIT;
+    use crate::packet::IkeHeader;
+    use crate::policy::native;
+
+    const ROUTER: Mac = [2, 0xaa, 0, 0, 0, 1];
+
+    #[test]
+    fn traffic_leaves_the_epoch_alone_and_a_segw_going_down_takes_its_entries() {
+        let policy = native::shipped("round-robin", &[]).unwrap();
+        let mut lb = farm::balancer(policy, 2, vec![], 64);
+        let vip = IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1));
+        let now = Timestamp::ZERO;
+        let mut on = Vec::new();
+        for n in 1..=4u8 {
+            let peer = IpAddr::V4(Ipv4Addr::new(10, 1, 0, n));
+            let h = |response: bool| IkeHeader {
+                initiator_spi: u64::from(n),
+                responder_spi: if response { 0x77 } else { 0 },
+                exchange: IKE_SA_INIT,
+                from_initiator: !response,
+                response,
+                message_id: 0,
+            };
+            let ip = udp_packet(peer, 500, vip, 500, &ike_body(&h(false), false, 100));
+            let mut f = frame(port_mac(UPLINK), ROUTER, None, &ip);
+            let Verdict::Forward(gw) = lb.handle(&mut f, UPLINK, now) else {
+                panic!()
+            };
+            let ip = udp_packet(vip, 500, peer, 500, &ike_body(&h(true), false, 100));
+            let mut f = frame(port_mac(gw), segw_mac(gw as u8), None, &ip);
+            lb.handle(&mut f, gw, now);
+            on.push((peer, gw));
+        }
+        // Per tunnel both ways: by endpoint (ESP in UDP from its IKE port,
+        // as the core would take it) and by address (raw ESP).
+        let entries = lb.fast_path();
+        assert_eq!(entries.len(), 16, "{entries:?}");
+        let epoch = lb.epoch();
+        for &(peer, gw) in &on {
+            let ip = crate::packet::craft::ip_packet(peer, vip, 50, &esp_body(9, 1, 80), 1);
+            let mut f = frame(port_mac(UPLINK), ROUTER, None, &ip);
+            assert_eq!(lb.handle(&mut f, UPLINK, now), Verdict::Forward(gw));
+        }
+        assert_eq!(lb.epoch(), epoch, "ESP of known tunnels changes no entry");
+        lb.set_healthy("segw1", false, now).unwrap();
+        assert_ne!(lb.epoch(), epoch);
+        let left = lb.fast_path();
+        assert_eq!(left.len(), 8);
+        assert!(
+            left.iter().all(|e| e.egress == 2 || e.ingress == 2),
+            "{left:?}"
+        );
     }
 }

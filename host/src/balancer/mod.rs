@@ -181,7 +181,10 @@ impl DropReason {
 /// Everything the balancer decides, counted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counters {
+    /// Frames forwarded, the fast path's among them.
     pub forwarded: u64,
+    /// Of those, forwarded by the kernel fast path (see [`fastpath`]).
+    pub fast_path: u64,
     /// ARP replies and neighbour advertisements sent for proxied addresses.
     pub replies: u64,
     /// By [`DropReason::ALL`] index.
@@ -251,6 +254,9 @@ pub struct Balancer<P: Policy = Box<dyn Policy>> {
     /// traffic goes for a peer whose own next hop is not known.
     default_next_hop: Option<Mac>,
     rebalancing: Option<Rebalancing>,
+    /// Moves on with the changes the table's epoch does not see: next
+    /// hops, the gateway set, a segw's MAC (see [`Balancer::epoch`]).
+    epoch: u64,
 }
 
 /// A rebalance under way (see [`Balancer::rebalance_step`]).
@@ -328,6 +334,7 @@ impl<P: Policy> Balancer<P> {
             load: Load::default(),
             counters: Counters::default(),
             default_next_hop: None,
+            epoch: 0,
             rebalancing: None,
         }
     }
@@ -420,7 +427,8 @@ impl<P: Policy> Balancer<P> {
         Verdict::Drop(DropReason::Malformed)
     }
 
-    fn port_mac(&self, port: PortId) -> Mac {
+    /// Our own MAC on `port`.
+    pub fn port_mac(&self, port: PortId) -> Mac {
         self.config
             .port_macs
             .get(usize::from(port))
@@ -461,8 +469,9 @@ impl<P: Policy> Balancer<P> {
             return;
         }
         if let Some(gw) = self.gateways.on_port_mut(ingress) {
-            if gw.spec.mac.is_none() {
+            if gw.spec.mac.is_none() && gw.mac != Some(mac) {
                 gw.mac = Some(mac);
+                self.epoch += 1;
             }
             gw.probe.heard = true;
         }
@@ -608,14 +617,16 @@ impl<P: Policy> Balancer<P> {
                 .get_mut(id)
                 .expect("steer_in returns live tunnels");
             t.last_seen = now;
-            if s.proven || t.next_hop.is_none() {
+            if (s.proven || t.next_hop.is_none()) && t.next_hop != Some(src_mac) {
                 t.next_hop = Some(src_mac);
+                self.epoch += 1;
             }
             t.frames += frames;
             t.bytes += bytes;
         }
-        if s.proven || self.default_next_hop.is_none() {
+        if (s.proven || self.default_next_hop.is_none()) && self.default_next_hop != Some(src_mac) {
             self.default_next_hop = Some(src_mac);
+            self.epoch += 1;
         }
         Ok(to)
     }
@@ -862,8 +873,9 @@ impl<P: Policy> Balancer<P> {
                 .gateways
                 .on_port_mut(ingress)
                 .ok_or(DropReason::UnknownPort)?;
-            if g.spec.mac.is_none() {
+            if g.spec.mac.is_none() && g.mac != Some(src_mac) {
                 g.mac = Some(src_mac);
+                self.epoch += 1;
             }
             g.probe.heard = true;
             g.counters.frames_from += 1;
@@ -1041,6 +1053,7 @@ impl<P: Policy> Balancer<P> {
     }
 
     fn push_set(&mut self, now: Timestamp) {
+        self.epoch += 1;
         self.policy.set_gateways(self.gateways.views(), now);
     }
 

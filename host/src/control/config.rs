@@ -48,7 +48,22 @@ pub struct RunConfig {
     pub compiler: Compiler,
     /// `None`: probing is off (`interval_ms = 0`), every segw counts as up.
     pub health: Option<HealthConfig>,
+    /// Whether the XDP fast path carries established tunnels.
+    pub fast_path: FastPathMode,
     pub gateways: Vec<GatewayConfig>,
+}
+
+/// `[dataplane] fast_path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FastPathMode {
+    /// AF_PACKET only.
+    #[default]
+    Off,
+    /// The XDP fast path, or `segwlb run` refuses to start.
+    Xdp,
+    /// The XDP fast path where the kernel and the privileges allow it,
+    /// else AF_PACKET alone (said once in the log).
+    Auto,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -324,6 +339,21 @@ impl RunConfig {
             ));
         }
 
+        let fast_path = match &raw.dataplane.fast_path {
+            None => FastPathMode::Off,
+            Some(m) => match m.get_ref().as_str() {
+                "off" => FastPathMode::Off,
+                "xdp" => FastPathMode::Xdp,
+                "auto" => FastPathMode::Auto,
+                other => {
+                    return Err(at(
+                        m.span(),
+                        "dataplane.fast_path",
+                        format!("`{other}`: one of \"off\", \"xdp\", \"auto\""),
+                    ))
+                }
+            },
+        };
         let h = raw.health;
         let health = (*h.interval_ms.get_ref() > 0).then(|| HealthConfig {
             interval: Duration::from_millis(*h.interval_ms.get_ref()),
@@ -454,6 +484,7 @@ impl RunConfig {
             policy,
             compiler,
             health,
+            fast_path,
             gateways,
         })
     }
@@ -603,6 +634,8 @@ struct RawConfig {
     #[serde(default)]
     health: RawHealth,
     #[serde(default)]
+    dataplane: RawDataplane,
+    #[serde(default)]
     gateway: Vec<RawGateway>,
 }
 
@@ -747,6 +780,12 @@ impl Default for RawHealth {
             up_after: d.up_after,
         }
     }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDataplane {
+    fast_path: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

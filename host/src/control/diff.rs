@@ -30,7 +30,7 @@ pub enum Change {
 /// another), the policy after the gateway set.
 pub fn diff(old: &RunConfig, new: &RunConfig) -> Vec<Change> {
     let mut changes = Vec::new();
-    let restart: [(&'static str, bool); 8] = [
+    let restart: [(&'static str, bool); 9] = [
         ("balancer.uplink", old.uplink.value != new.uplink.value),
         ("balancer.vip", old.vips != new.vips),
         ("balancer.max_tunnels", old.max_tunnels != new.max_tunnels),
@@ -51,6 +51,7 @@ pub fn diff(old: &RunConfig, new: &RunConfig) -> Vec<Change> {
             old.state_file != new.state_file || old.state_interval != new.state_interval,
         ),
         ("policy.compiler", old.compiler != new.compiler),
+        ("dataplane.fast_path", old.fast_path != new.fast_path),
     ];
     changes.extend(
         restart

@@ -117,6 +117,12 @@ pub fn render(s: &Status) -> String {
         one(s.counters.forwarded.to_string()),
     );
     family(
+        "fast_path_frames_total",
+        "counter",
+        "Of the frames forwarded, those the XDP fast path forwarded.",
+        one(s.counters.fast_path.to_string()),
+    );
+    family(
         "policy_decisions_total",
         "counter",
         "New tunnels placed by asking the policy.",

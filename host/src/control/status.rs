@@ -120,6 +120,9 @@ pub struct TunnelStatus {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CounterStatus {
     pub forwarded: u64,
+    /// Of those, by the XDP fast path.
+    #[serde(default)]
+    pub fast_path: u64,
     pub replies: u64,
     pub placed: u64,
     pub taught: u64,
@@ -337,6 +340,7 @@ impl Status {
             gateways,
             counters: CounterStatus {
                 forwarded: c.forwarded,
+                fast_path: c.fast_path,
                 replies: c.replies,
                 placed: c.placed,
                 taught: c.taught,
@@ -453,8 +457,10 @@ impl Status {
         let c = &self.counters;
         let _ = writeln!(
             out,
-            "\nframes forwarded {}, ARP/NDP replies {}; tunnels placed {}, taught {}, moved {}, SPI-steered frames {}, segw conflicts {}",
-            c.forwarded, c.replies, c.placed, c.taught, c.moved, c.steered, c.conflicts
+            "\nframes forwarded {}{}, ARP/NDP replies {}; tunnels placed {}, taught {}, moved {}, SPI-steered frames {}, segw conflicts {}",
+            c.forwarded,
+            if c.fast_path > 0 { format!(" ({} by the XDP fast path)", c.fast_path) } else { String::new() },
+            c.replies, c.placed, c.taught, c.moved, c.steered, c.conflicts
         );
         if c.spi_overruled + c.unproven_moves + self.table.rebind_refused > 0 {
             let _ = writeln!(

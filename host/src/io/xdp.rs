@@ -31,6 +31,13 @@ pub const PROGRAM: Option<&[u8]> = None;
 
 const PROGRAM_NAME: &str = "segwlb_fastpath";
 
+/// Generic (skb) XDP. Native XDP would skip the socket buffer, but a
+/// redirect into a veth in native mode is dropped unless the veth's peer
+/// has NAPI (GRO on, or an XDP program of its own): on the segws' side of
+/// a lab or a container host, which the balancer can neither see nor set.
+/// Generic mode redirects to any interface.
+pub const XDP_MODE: aya::programs::XdpFlags = aya::programs::XdpFlags::SKB_MODE;
+
 /// `XDP_PASS` and `XDP_REDIRECT`, the program's only answers.
 pub const XDP_PASS: u32 = 2;
 pub const XDP_REDIRECT: u32 = 4;
@@ -48,13 +55,11 @@ struct Endpoint {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Forward {
-    ike_spi: u64,
     tunnel: u32,
     tx: u32,
     from: u32,
     dst: Mac,
     src: Mac,
-    pad: u32,
 }
 
 /// `struct port_mac`.
@@ -95,6 +100,8 @@ pub enum XdpError {
     Map { map: &'static str, message: String },
     #[error("port {0} has no interface in the fast path")]
     UnknownPort(PortId),
+    #[error("attaching the XDP program to {interface}: {message}")]
+    Attach { interface: String, message: String },
 }
 
 fn map_err<E: std::fmt::Display>(map: &'static str) -> impl Fn(E) -> XdpError {
@@ -111,6 +118,8 @@ pub struct FastPath {
     ports: HashMap<PortId, (u32, Mac)>,
     /// What `up` and `down` hold now, to write only the difference.
     installed: HashMap<(Direction, Endpoint), Forward>,
+    /// Each stats slot's totals when last read.
+    read: HashMap<u32, FastCounts>,
 }
 
 /// `union bpf_attr`'s `test` member, for `BPF_PROG_TEST_RUN`.
@@ -143,10 +152,19 @@ pub struct Synced {
 }
 
 impl FastPath {
-    /// Load the program into the kernel (not attached anywhere yet).
-    pub fn load() -> Result<Self, XdpError> {
+    /// Load the program into the kernel (not attached anywhere yet), its
+    /// maps sized for `max_tunnels` (each tunnel may hold an entry by
+    /// endpoint and one by address, each way; the per-CPU counters are
+    /// indexed by table slot).
+    pub fn load(max_tunnels: usize) -> Result<Self, XdpError> {
         let bytes = PROGRAM.ok_or(XdpError::NotBuilt)?;
-        let mut ebpf = Ebpf::load(bytes).map_err(|e| XdpError::Load(e.to_string()))?;
+        let tunnels = max_tunnels.clamp(1, u32::MAX as usize / 2) as u32;
+        let mut ebpf = aya::EbpfLoader::new()
+            .set_max_entries("up", 2 * tunnels)
+            .set_max_entries("down", 2 * tunnels)
+            .set_max_entries("stats", tunnels)
+            .load(bytes)
+            .map_err(|e| XdpError::Load(e.to_string()))?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or_else(|| XdpError::Load(format!("no program {PROGRAM_NAME}")))?
@@ -159,6 +177,7 @@ impl FastPath {
             ebpf,
             ports: HashMap::new(),
             installed: HashMap::new(),
+            read: HashMap::new(),
         })
     }
 
@@ -189,6 +208,23 @@ impl FastPath {
         Ok(())
     }
 
+    /// Run the program on frames arriving on `interface` (generic XDP: see
+    /// [`XDP_MODE`]).
+    pub fn attach(&mut self, interface: &str) -> Result<(), XdpError> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| XdpError::Load(format!("no program {PROGRAM_NAME}")))?;
+        program
+            .attach(interface, XDP_MODE)
+            .map_err(|e| XdpError::Attach {
+                interface: interface.to_string(),
+                message: format!("{e}: {:?}", std::error::Error::source(&e)),
+            })?;
+        Ok(())
+    }
+
     /// Make the maps hold exactly `entries`: write what is new or changed,
     /// remove what is gone.
     pub fn sync(&mut self, entries: &[FastEntry]) -> Result<Synced, XdpError> {
@@ -204,13 +240,11 @@ impl FastPath {
                 return Err(XdpError::UnknownPort(e.egress));
             }
             let forward = Forward {
-                ike_spi: 0,
                 tunnel: e.tunnel,
                 tx: u32::from(e.egress),
                 from,
                 dst: e.dst,
                 src: e.src,
-                pad: 0,
             };
             want.insert((e.direction, Endpoint::of(e.addr, e.port)), forward);
         }
@@ -337,11 +371,66 @@ impl FastPath {
         Ok(attr)
     }
 
-    /// Per tunnel slot: frames and bytes forwarded, summed over the CPUs.
-    pub fn tunnel_counts(&mut self, tunnel: u32) -> Result<(u64, u64), XdpError> {
-        let stats: aya::maps::PerCpuArray<_, [u64; 3]> =
+    /// Per tunnel slot: what the program forwarded, summed over the CPUs.
+    pub fn tunnel_counts(&mut self, tunnel: u32) -> Result<FastCounts, XdpError> {
+        let stats: aya::maps::PerCpuArray<_, [u64; 5]> =
             aya::maps::PerCpuArray::try_from(self.map("stats")?).map_err(map_err("stats"))?;
-        let values = stats.get(&tunnel, 0).map_err(map_err("stats"))?;
-        Ok(values.iter().fold((0, 0), |(f, b), v| (f + v[0], b + v[1])))
+        let per_cpu = stats.get(&tunnel, 0).map_err(map_err("stats"))?;
+        let mut c = FastCounts::default();
+        for v in per_cpu.iter() {
+            c.frames[0] += v[0];
+            c.frames[1] += v[1];
+            c.bytes[0] += v[2];
+            c.bytes[1] += v[3];
+        }
+        Ok(c)
+    }
+
+    /// What the program forwarded for each tunnel it holds since the last
+    /// call (tunnels with nothing new left out).
+    pub fn take_counts(&mut self) -> Result<Vec<(u32, FastCounts)>, XdpError> {
+        let mut tunnels: Vec<u32> = self.installed.values().map(|f| f.tunnel).collect();
+        tunnels.sort_unstable();
+        tunnels.dedup();
+        let mut new = Vec::new();
+        for t in tunnels {
+            let now = self.tunnel_counts(t)?;
+            // Slots are reused: the totals since the last reading, whoever
+            // held the slot then.
+            let before = self.read.insert(t, now).unwrap_or_default();
+            let delta = now.since(&before);
+            if delta != FastCounts::default() {
+                new.push((t, delta));
+            }
+        }
+        Ok(new)
+    }
+}
+
+/// Frames and bytes the fast path forwarded for a tunnel: [0] towards its
+/// segw, [1] back to the peer.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FastCounts {
+    pub frames: [u64; 2],
+    pub bytes: [u64; 2],
+}
+
+impl FastCounts {
+    fn since(&self, before: &FastCounts) -> FastCounts {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        FastCounts {
+            frames: [
+                d(self.frames[0], before.frames[0]),
+                d(self.frames[1], before.frames[1]),
+            ],
+            bytes: [
+                d(self.bytes[0], before.bytes[0]),
+                d(self.bytes[1], before.bytes[1]),
+            ],
+        }
+    }
+
+    pub fn total_frames(&self) -> u64 {
+        self.frames[0] + self.frames[1]
     }
 }
