@@ -68,6 +68,9 @@ impl Lab {
             dir.path().join("work").display(),
             common::policies_dir().display()
         );
+        if let Some(mode) = common::fast_path_under_test() {
+            text += &format!("fast_path = \"{mode}\"\n");
+        }
         for (n, w) in weights.iter().enumerate() {
             text += &format!("[[segw]]\nname = \"segw{}\"\nweight = {w}\n", n + 1);
         }

@@ -265,6 +265,11 @@ impl Lab {
             health.0, health.1
         );
         text += extra;
+        if let Some(mode) =
+            common::fast_path_under_test().filter(|_| !extra.contains("[dataplane]"))
+        {
+            text += &format!("[dataplane]\nfast_path = \"{mode}\"\n");
+        }
         for n in 1..=SEGWS {
             text += &format!("[[gateway]]\nname = \"segw{n}\"\ninterface = \"p{n}\"\n");
         }

@@ -254,6 +254,16 @@ impl Worker {
         }
     }
 
+    /// The fast path's counters into the core now, before they are read.
+    fn fast_path_count(&mut self, now: Timestamp) {
+        if let Some(fast) = &mut self.fast {
+            if let Err(e) = fast.count(&mut self.lb, now) {
+                tracing::error!("the XDP fast path failed: {e}; running on AF_PACKET alone");
+                self.fast = None;
+            }
+        }
+    }
+
     fn set_port(&mut self, port: PortId, interface: String, tx: Box<dyn Tx>) {
         if let Some(fast) = &mut self.fast {
             if let Err(e) = fast.add_port(port, &interface, self.lb.port_mac(port)) {
@@ -503,6 +513,9 @@ impl Worker {
     }
 
     pub fn command(&mut self, command: Command, now: Timestamp) {
+        if matches!(command, Command::Status { .. } | Command::Save { .. }) {
+            self.fast_path_count(now);
+        }
         match command {
             Command::Status { tunnels: 0, reply } => {
                 let _ = reply.send(self.snapshot(TunnelLists::new(0), now));

@@ -11,6 +11,19 @@ pub fn policies_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies")
 }
 
+/// The balancer's `[dataplane] fast_path` the network tests run with:
+/// `SEGWLB_TEST_FAST_PATH` (`off`, `xdp` or `auto`), or `None` for
+/// `segwlb run`'s default. CI runs them with the default (the fast path
+/// where the kernel allows) and again with `off`.
+pub fn fast_path_under_test() -> Option<&'static str> {
+    let v = std::env::var("SEGWLB_TEST_FAST_PATH").ok()?;
+    let mode = ["off", "xdp", "auto"]
+        .into_iter()
+        .find(|m| *m == v)
+        .unwrap_or_else(|| panic!("SEGWLB_TEST_FAST_PATH={v}: expected off, xdp or auto"));
+    Some(mode)
+}
+
 /// Run `cmd` to the end: whether it succeeded, its stdout, its stderr.
 pub fn run(cmd: &mut Command) -> (bool, String, String) {
     let out = cmd

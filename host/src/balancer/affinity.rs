@@ -351,7 +351,15 @@ pub struct AffinityTable {
     /// lookups elsewhere (the XDP fast path) is current while it is the
     /// same. Ages and counters do not move it.
     epoch: u64,
+    /// The endpoints (address and port; port 0: the address alone) whose
+    /// lookups may have changed since [`take_touched`](Self::take_touched):
+    /// a copy of the lookups is brought up to date by looking at these
+    /// again. `None` once more than [`TOUCHED_MAX`] piled up: look at all.
+    touched: Option<Vec<(IpAddr, u16)>>,
 }
+
+/// Touched endpoints kept before the table gives up and says "all".
+pub const TOUCHED_MAX: usize = 1 << 16;
 
 impl AffinityTable {
     pub fn new(capacity: usize, timeouts: Timeouts) -> Self {
@@ -370,6 +378,7 @@ impl AffinityTable {
             sweep_cursor: 0,
             counters: TableCounters::default(),
             epoch: 0,
+            touched: None,
         }
     }
 
@@ -377,6 +386,29 @@ impl AffinityTable {
     /// lookup depends on changed in between.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// Tunnel `id`'s lookups, or what it is, changed (or are about to):
+    /// the epoch moves and its endpoints are touched.
+    pub(super) fn touch(&mut self, id: TunnelId) {
+        self.epoch += 1;
+        let Some(t) = self.slots.get(id as usize).and_then(Option::as_ref) else {
+            return;
+        };
+        let keys = [(t.peer, t.peer_port), (t.peer, t.opened_port), (t.peer, 0)];
+        if let Some(touched) = &mut self.touched {
+            if touched.len() + keys.len() > TOUCHED_MAX {
+                self.touched = None;
+            } else {
+                touched.extend(keys);
+            }
+        }
+    }
+
+    /// The endpoints touched since the last call (each may be listed more
+    /// than once), or `None`: too many, or never asked before.
+    pub fn take_touched(&mut self) -> Option<Vec<(IpAddr, u16)>> {
+        self.touched.replace(Vec::new())
     }
 
     pub fn len(&self) -> usize {
@@ -496,7 +528,6 @@ impl AffinityTable {
     /// Add a tunnel; `None` when the table is full of established tunnels.
     /// With it, the half-open tunnel evicted to make room, if one was.
     pub fn insert(&mut self, tunnel: Tunnel) -> Option<(TunnelId, Option<Tunnel>)> {
-        self.epoch += 1;
         let mut evicted = None;
         if self.len >= self.capacity {
             evicted = self.evict_one_half_open();
@@ -523,6 +554,7 @@ impl AffinityTable {
             self.half_open.push_back(&mut self.links, id, half_open);
         }
         self.index(id);
+        self.touch(id);
         Some((id, evicted))
     }
 
@@ -573,7 +605,8 @@ impl AffinityTable {
     }
 
     pub fn remove(&mut self, id: TunnelId) -> Option<Tunnel> {
-        self.epoch += 1;
+        self.get(id)?;
+        self.touch(id);
         if !self.get(id)?.placement.is_established() {
             self.half_open.unlink(&mut self.links, id, half_open);
         }
@@ -623,13 +656,14 @@ impl AffinityTable {
             }
             None => None,
         };
-        self.epoch += 1;
+        self.touch(id);
         self.unindex(id);
         let t = self.get_mut(id).expect("checked above");
         t.at_opening_address &= t.peer == peer;
         t.peer = peer;
         t.peer_port = peer_port;
         self.index(id);
+        self.touch(id);
         self.counters.rebound += 1;
         Ok(evicted)
     }
@@ -663,7 +697,8 @@ impl AffinityTable {
         if t.placement == placement {
             return;
         }
-        self.epoch += 1;
+        self.touch(id);
+        let t = self.slots[id as usize].as_mut().expect("looked up above");
         let (was, now) = (t.placement.is_established(), placement.is_established());
         t.placement = placement;
         if was == now {

@@ -96,79 +96,141 @@ impl<P: Policy> Balancer<P> {
 
     /// Every entry the fast path may hold now (see the module's doc).
     pub fn fast_path(&self) -> Vec<FastEntry> {
+        let mut entries = Vec::new();
+        for (id, t) in self.table.iter() {
+            let udp = (t.peer_port != 0).then_some(t.peer_port);
+            for port in udp.into_iter().chain([0]) {
+                // An address several tunnels share is listed once, by the
+                // tunnel it finds.
+                if let Some(pair) = self
+                    .fast_path_at(t.peer, port)
+                    .filter(|p| p[0].tunnel == id)
+                {
+                    entries.extend(pair);
+                }
+            }
+        }
+        entries
+    }
+
+    /// The fast path's entries for frames whose peer is `addr` (and UDP
+    /// `port`; 0 for raw ESP): towards the tunnel's segw and back, or none
+    /// (the core takes them).
+    pub fn fast_path_at(&self, addr: IpAddr, port: u16) -> Option<[FastEntry; 2]> {
         let steering = self
             .gateways
             .iter()
             .any(|g| g.spec.steering.esp_range.is_some() || g.spec.steering.ike_label.is_some());
         if steering {
-            return Vec::new();
+            return None;
         }
-        let mut entries = Vec::new();
-        for (id, t) in self.table.iter() {
-            if t.placement() != Placement::Confirmed || !self.is_up(t.gateway) {
-                continue;
-            }
-            let Some(gw) = self.gateways.get(t.gateway) else {
-                continue;
-            };
-            // A frame the core sees with no next hop (the tunnel's, or the
-            // default) teaches one: such a tunnel stays the core's.
-            let (Some(segw_mac), Some(next_hop), Some(_)) =
-                (gw.mac, t.next_hop, self.default_next_hop)
-            else {
-                continue;
-            };
-            let found = |find: &[Find], port: Option<u16>| {
-                let keys = Keys {
-                    spi: None,
-                    addr: t.peer,
-                    port,
-                };
-                self.table.find(find, &keys).map(|(found, _)| found) == Some(id)
-            };
-            // ESP in UDP: the endpoint index, exactly. Raw ESP: the address
-            // lookup. Both ways each; a tunnel may have both (the core
-            // would send raw ESP from a NAT'd peer's address to it too).
-            let udp = (t.peer_port != 0 && found(&[Find::Endpoint], Some(t.peer_port)))
-                .then_some(t.peer_port);
-            let raw = found(&[Find::Address], None).then_some(0);
-            let port_of_gw = gw.spec.port;
-            for port in udp.into_iter().chain(raw) {
-                entries.push(FastEntry {
-                    direction: Direction::Up,
-                    addr: t.peer,
-                    port,
-                    tunnel: id,
-                    ingress: UPLINK,
-                    egress: port_of_gw,
-                    dst: segw_mac,
-                    src: self.port_mac(port_of_gw),
-                });
-                entries.push(FastEntry {
-                    direction: Direction::Down,
-                    addr: t.peer,
-                    port,
-                    tunnel: id,
-                    ingress: port_of_gw,
-                    egress: UPLINK,
-                    dst: next_hop,
-                    src: self.port_mac(UPLINK),
-                });
-            }
+        // ESP in UDP: the endpoint index, exactly, at the tunnel's own
+        // port (not the one it opened from). Raw ESP: the address lookup.
+        // A tunnel may have both (the core would send raw ESP from a
+        // NAT'd peer's address to it too).
+        let find: &[Find] = if port == 0 {
+            &[Find::Address]
+        } else {
+            &[Find::Endpoint]
+        };
+        let keys = Keys {
+            spi: None,
+            addr,
+            port: (port != 0).then_some(port),
+        };
+        let (id, _) = self.table.find(find, &keys)?;
+        let t = self.table.get(id)?;
+        if (port != 0 && t.peer_port != port)
+            || t.placement() != Placement::Confirmed
+            || !self.is_up(t.gateway)
+        {
+            return None;
         }
-        entries
+        let gw = self.gateways.get(t.gateway)?;
+        // A frame the core sees with no next hop (the tunnel's, or the
+        // default) teaches one: such a tunnel stays the core's.
+        self.default_next_hop?;
+        let (segw_mac, next_hop) = (gw.mac?, t.next_hop?);
+        let port_of_gw = gw.spec.port;
+        let up = FastEntry {
+            direction: Direction::Up,
+            addr,
+            port,
+            tunnel: id,
+            ingress: UPLINK,
+            egress: port_of_gw,
+            dst: segw_mac,
+            src: self.port_mac(port_of_gw),
+        };
+        let down = FastEntry {
+            direction: Direction::Down,
+            ingress: port_of_gw,
+            egress: UPLINK,
+            dst: next_hop,
+            src: self.port_mac(UPLINK),
+            ..up
+        };
+        Some([up, down])
     }
+
+    /// What changed in the fast path since `mark` (which it then moves
+    /// on): nothing, the entries at some endpoints, or everything (a
+    /// segw's health or MAC, the set, the first next hop; or too many
+    /// endpoints at once, or the first call).
+    pub fn fast_path_changes(&mut self, mark: &mut FastPathMark) -> FastChanges {
+        let now = FastPathMark {
+            global: Some(self.epoch),
+            table: Some(self.table.epoch()),
+        };
+        let changes = if mark.global != now.global || mark.table.is_none() {
+            self.table.take_touched();
+            FastChanges::All
+        } else if mark.table == now.table {
+            FastChanges::None
+        } else {
+            match self.table.take_touched() {
+                Some(mut keys) => {
+                    keys.sort_unstable();
+                    keys.dedup();
+                    FastChanges::At(keys)
+                }
+                None => FastChanges::All,
+            }
+        };
+        *mark = now;
+        changes
+    }
+}
+
+/// Where a copy of the fast path's entries was last brought up to date
+/// ([`Balancer::fast_path_changes`]); the default: never.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FastPathMark {
+    global: Option<u64>,
+    table: Option<u64>,
+}
+
+/// See [`Balancer::fast_path_changes`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum FastChanges {
+    None,
+    /// Look at these endpoints again ([`Balancer::fast_path_at`]).
+    At(Vec<(IpAddr, u16)>),
+    /// Take [`Balancer::fast_path`] whole.
+    All,
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
     use std::net::{IpAddr, Ipv4Addr};
+    use std::time::Duration;
 
     use super::*;
     use crate::balancer::farm::{self, port_mac, segw_mac};
     use crate::balancer::Verdict;
     use crate::packet::craft::{esp_body, frame, ike_body, udp_packet};
-    use crate::packet::ike::IKE_SA_INIT;
+    use crate::packet::ike::{IKE_AUTH, IKE_SA_INIT};
     use crate::packet::IkeHeader;
     use crate::policy::native;
 
@@ -220,5 +282,153 @@ mod tests {
             left.iter().all(|e| e.egress == 2 || e.ingress == 2),
             "{left:?}"
         );
+    }
+
+    /// The fast path's copy of the entries, kept up to date by
+    /// `fast_path_changes` alone, equals `fast_path()` after every event:
+    /// tunnels opened, floated, their next hop changed, segws down and up,
+    /// tunnels expired.
+    #[test]
+    fn entries_kept_up_to_date_by_the_changes_alone_equal_the_whole_recomputed() {
+        type Model = HashMap<(Direction, IpAddr, u16), FastEntry>;
+        fn whole<P: Policy>(lb: &Balancer<P>) -> Model {
+            let all = lb.fast_path();
+            let model: Model = all
+                .iter()
+                .map(|e| ((e.direction, e.addr, e.port), *e))
+                .collect();
+            assert_eq!(model.len(), all.len(), "one entry per key");
+            model
+        }
+        const ROUTER2: Mac = [2, 0xaa, 0, 0, 0, 2];
+        let policy = native::shipped("round-robin", &[]).unwrap();
+        let mut lb = farm::balancer(policy, 3, vec![], 64);
+        let vip = IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1));
+        let mut now = Timestamp::ZERO;
+        let (mut mark, mut model) = (FastPathMark::default(), Model::new());
+        // Per peer: the UDP port it now speaks from.
+        let mut port_of = [500u16; 13];
+        let mut down = [false; 4];
+        let (mut incremental, mut whole_ones, mut seen_most) = (0, 0, 0);
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        for step in 0..600u32 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let n = (rng % 12 + 1) as u8;
+            let peer = IpAddr::V4(Ipv4Addr::new(10, 1, 0, n));
+            let h = |response: bool| IkeHeader {
+                initiator_spi: u64::from(n),
+                responder_spi: if response { 0x77 } else { 0 },
+                exchange: IKE_SA_INIT,
+                from_initiator: !response,
+                response,
+                message_id: 0,
+            };
+            let router = if rng & 0x100 == 0 { ROUTER } else { ROUTER2 };
+            let port = port_of[n as usize];
+            // After the IKE_SA_INIT: a message with the SPI pair, which
+            // proves the tunnel (and so may float it, or move its next hop).
+            let ike = |from: u16, h: IkeHeader| {
+                let ip = udp_packet(
+                    peer,
+                    from,
+                    vip,
+                    if from == 500 { 500 } else { 4500 },
+                    &ike_body(&h, from != 500, 100),
+                );
+                frame(port_mac(UPLINK), router, None, &ip)
+            };
+            let auth = IkeHeader {
+                exchange: IKE_AUTH,
+                responder_spi: 0x77,
+                message_id: 1,
+                ..h(false)
+            };
+            match (rng >> 32) % 16 {
+                // Open (or re-open) from port 500, and the segw answers.
+                0..=3 => {
+                    port_of[n as usize] = 500;
+                    if let Verdict::Forward(gw) = lb.handle(&mut ike(500, h(false)), UPLINK, now) {
+                        let ip = udp_packet(vip, 500, peer, 500, &ike_body(&h(true), false, 100));
+                        let mut f = frame(port_mac(gw), segw_mac(gw as u8), None, &ip);
+                        lb.handle(&mut f, gw, now);
+                    }
+                }
+                // Float to 4500 from a new (NAT) port.
+                4..=5 => {
+                    let to = 30_000 + u16::from(n) * 100 + (step % 100) as u16;
+                    if matches!(
+                        lb.handle(&mut ike(to, auth), UPLINK, now),
+                        Verdict::Forward(_)
+                    ) {
+                        port_of[n as usize] = to;
+                    }
+                }
+                // IKE again from where it is, maybe through the other router.
+                6..=8 => {
+                    lb.handle(&mut ike(port, auth), UPLINK, now);
+                }
+                // Its ESP, both ways.
+                9..=11 => {
+                    let body = esp_body(0x100 + u32::from(n), step, 80);
+                    let ip = if port == 500 {
+                        crate::packet::craft::ip_packet(peer, vip, 50, &body, 1)
+                    } else {
+                        udp_packet(peer, port, vip, 4500, &body)
+                    };
+                    let mut f = frame(port_mac(UPLINK), router, None, &ip);
+                    if let Verdict::Forward(gw) = lb.handle(&mut f, UPLINK, now) {
+                        let ip = if port == 500 {
+                            crate::packet::craft::ip_packet(vip, peer, 50, &body, 1)
+                        } else {
+                            udp_packet(vip, 4500, peer, port, &body)
+                        };
+                        let mut f = frame(port_mac(gw), segw_mac(gw as u8), None, &ip);
+                        lb.handle(&mut f, gw, now);
+                    }
+                }
+                // A segw goes down, or comes back.
+                12 => {
+                    let k = (rng >> 40) as usize % 3 + 1;
+                    down[k] = !down[k];
+                    lb.set_healthy(&format!("segw{k}"), !down[k], now).unwrap();
+                }
+                // Time passes; now and then past the idle timeout.
+                _ => {
+                    let secs = if rng & 0xf000 == 0 { 700 } else { 1 };
+                    now = now + Duration::from_secs(secs);
+                    lb.expire(now, 1 << 10);
+                }
+            }
+            match lb.fast_path_changes(&mut mark) {
+                FastChanges::None => {}
+                FastChanges::All => {
+                    whole_ones += 1;
+                    model = whole(&lb);
+                }
+                FastChanges::At(keys) => {
+                    incremental += 1;
+                    for (addr, port) in keys {
+                        for d in [Direction::Up, Direction::Down] {
+                            model.remove(&(d, addr, port));
+                        }
+                        for e in lb.fast_path_at(addr, port).into_iter().flatten() {
+                            model.insert((e.direction, e.addr, e.port), e);
+                        }
+                    }
+                }
+            }
+            assert_eq!(model, whole(&lb), "step {step}");
+            seen_most = seen_most.max(model.len());
+        }
+        // Both ways of keeping up were taken, the one by endpoint mostly.
+        assert!(
+            incremental > 2 * whole_ones,
+            "{incremental} by endpoint, {whole_ones} whole"
+        );
+        assert!(whole_ones > 10, "{whole_ones}");
+        let most = seen_most;
+        assert!(most >= 8, "at most {most} entries at once");
     }
 }

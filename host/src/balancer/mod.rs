@@ -254,8 +254,9 @@ pub struct Balancer<P: Policy = Box<dyn Policy>> {
     /// traffic goes for a peer whose own next hop is not known.
     default_next_hop: Option<Mac>,
     rebalancing: Option<Rebalancing>,
-    /// Moves on with the changes the table's epoch does not see: next
-    /// hops, the gateway set, a segw's MAC (see [`Balancer::epoch`]).
+    /// Moves on with the changes the table's epoch does not see, which
+    /// concern every tunnel: the first default next hop, the gateway set
+    /// and health, a segw's MAC (see [`Balancer::epoch`]).
     epoch: u64,
 }
 
@@ -617,16 +618,19 @@ impl<P: Policy> Balancer<P> {
                 .get_mut(id)
                 .expect("steer_in returns live tunnels");
             t.last_seen = now;
-            if (s.proven || t.next_hop.is_none()) && t.next_hop != Some(src_mac) {
-                t.next_hop = Some(src_mac);
-                self.epoch += 1;
-            }
             t.frames += frames;
             t.bytes += bytes;
+            if (s.proven || t.next_hop.is_none()) && t.next_hop != Some(src_mac) {
+                t.next_hop = Some(src_mac);
+                self.table.touch(id);
+            }
         }
         if (s.proven || self.default_next_hop.is_none()) && self.default_next_hop != Some(src_mac) {
+            // Only whether there is one is the fast path's business.
+            if self.default_next_hop.is_none() {
+                self.epoch += 1;
+            }
             self.default_next_hop = Some(src_mac);
-            self.epoch += 1;
         }
         Ok(to)
     }
@@ -1227,6 +1231,11 @@ impl<P: Policy> Balancer<P> {
     }
 
     // ----- what it knows ---------------------------------------------------
+
+    /// Established tunnels idle this long are forgotten.
+    pub fn idle_timeout(&self) -> std::time::Duration {
+        self.config.timeouts.idle
+    }
 
     pub fn counters(&self) -> &Counters {
         &self.counters

@@ -54,16 +54,35 @@ pub struct RunConfig {
 }
 
 /// `[dataplane] fast_path`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FastPathMode {
     /// AF_PACKET only.
-    #[default]
     Off,
     /// The XDP fast path, or `segwlb run` refuses to start.
     Xdp,
     /// The XDP fast path where the kernel and the privileges allow it,
-    /// else AF_PACKET alone (said once in the log).
+    /// else AF_PACKET alone (said once in the log). The default.
+    #[default]
     Auto,
+}
+
+impl FastPathMode {
+    /// As written in `[dataplane] fast_path`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FastPathMode::Off => "off",
+            FastPathMode::Xdp => "xdp",
+            FastPathMode::Auto => "auto",
+        }
+    }
+
+    /// Parse what [`name`](Self::name) writes.
+    pub fn parse(name: &str) -> Option<Self> {
+        [FastPathMode::Off, FastPathMode::Xdp, FastPathMode::Auto]
+            .into_iter()
+            .find(|m| m.name() == name)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -340,19 +359,14 @@ impl RunConfig {
         }
 
         let fast_path = match &raw.dataplane.fast_path {
-            None => FastPathMode::Off,
-            Some(m) => match m.get_ref().as_str() {
-                "off" => FastPathMode::Off,
-                "xdp" => FastPathMode::Xdp,
-                "auto" => FastPathMode::Auto,
-                other => {
-                    return Err(at(
-                        m.span(),
-                        "dataplane.fast_path",
-                        format!("`{other}`: one of \"off\", \"xdp\", \"auto\""),
-                    ))
-                }
-            },
+            None => FastPathMode::default(),
+            Some(m) => FastPathMode::parse(m.get_ref()).ok_or_else(|| {
+                at(
+                    m.span(),
+                    "dataplane.fast_path",
+                    format!("`{}`: one of \"off\", \"xdp\", \"auto\"", m.get_ref()),
+                )
+            })?,
         };
         let h = raw.health;
         let health = (*h.interval_ms.get_ref() > 0).then(|| HealthConfig {

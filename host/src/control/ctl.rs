@@ -109,9 +109,17 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, CtlError> {
         .map_err(io)?;
     let mut line = serde_json::to_string(req).expect("requests serialise");
     line.push('\n');
-    conn.write_all(line.as_bytes()).map_err(io)?;
+    // A balancer that is busy answers without reading the request and
+    // closes: the write may then fail (broken pipe) with its answer
+    // already here to read.
+    let wrote = conn.write_all(line.as_bytes());
     let mut answer = String::new();
-    BufReader::new(conn).read_line(&mut answer).map_err(io)?;
+    let read = BufReader::new(&conn).read_line(&mut answer);
+    match (wrote, read) {
+        (_, Ok(n)) if n > 0 => {}
+        (Err(e), _) | (Ok(()), Err(e)) => return Err(io(e)),
+        (Ok(()), Ok(_)) => {}
+    }
     serde_json::from_str(&answer).map_err(|e| CtlError::Garbled {
         path: path.clone(),
         reason: e.to_string(),

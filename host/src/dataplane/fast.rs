@@ -2,17 +2,21 @@
 //! maps kept equal to [`Balancer::fast_path`] and its counters folded back
 //! into the core.
 //!
-//! The maps are rewritten (as a difference) at the end of every turn in
-//! which [`Balancer::epoch`] moved: a tunnel that moved, a segw marked
-//! down, a rebalance step, a next hop — all happen in the worker, and the
+//! The maps are brought up to date at the end of every turn in which the
+//! core's lookups changed ([`Balancer::fast_path_changes`]): the entries
+//! at the endpoints of the tunnels that were added, moved, rebound,
+//! confirmed or removed, or all of them when a segw's health or MAC or the
+//! set changed. All of that happens in the worker, and the
 //! worker syncs before it takes the next frames, so a moved tunnel's
 //! frames leave the fast path from the next one on (those already inside
 //! the kernel go as frames in a batch do). The counters come back every
-//! [`COUNT_EVERY`]: tunnels the fast path carries are not idle, and `ctl
-//! status` counts their frames.
+//! [`COUNT_EVERY`] (a quarter of the idle timeout if that is shorter: a
+//! tunnel the fast path carries is never idle to the sweep), and before a
+//! status or a save, which show them at once.
 
 use std::time::Duration;
 
+use crate::balancer::fastpath::{FastChanges, FastPathMark};
 use crate::balancer::{Balancer, PortId};
 use crate::io::xdp::{FastPath, XdpError};
 use crate::packet::Mac;
@@ -24,8 +28,8 @@ pub const COUNT_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Fast {
     path: FastPath,
-    /// The core's epoch the maps were written at.
-    synced: Option<u64>,
+    /// Where the maps were last brought up to date.
+    mark: FastPathMark,
     next_count: Timestamp,
 }
 
@@ -33,7 +37,7 @@ impl Fast {
     pub fn new(path: FastPath) -> Self {
         Fast {
             path,
-            synced: None,
+            mark: FastPathMark::default(),
             next_count: Timestamp::ZERO,
         }
     }
@@ -55,7 +59,7 @@ impl Fast {
         }
         self.path.set_port(port, ifindex, mac)?;
         self.path.attach(interface)?;
-        self.synced = None;
+        self.mark = FastPathMark::default();
         Ok(())
     }
 
@@ -66,16 +70,32 @@ impl Fast {
         lb: &mut Balancer<P>,
         now: Timestamp,
     ) -> Result<(), XdpError> {
-        let epoch = lb.epoch();
-        if self.synced != Some(epoch) {
-            self.path.sync(&lb.fast_path())?;
-            self.synced = Some(epoch);
+        match lb.fast_path_changes(&mut self.mark) {
+            FastChanges::None => {}
+            FastChanges::At(keys) => {
+                self.path
+                    .update(keys.into_iter().map(|k| (k, lb.fast_path_at(k.0, k.1))))?;
+            }
+            FastChanges::All => {
+                self.path.sync(&lb.fast_path())?;
+            }
         }
         if now >= self.next_count {
-            for (tunnel, c) in self.path.take_counts()? {
-                lb.fast_path_forwarded(tunnel, c.frames, c.bytes, now);
-            }
-            self.next_count = now + COUNT_EVERY;
+            self.count(lb, now)?;
+            self.next_count = now + COUNT_EVERY.min(lb.idle_timeout() / 4);
+        }
+        Ok(())
+    }
+
+    /// Fold what the program forwarded since the last time into the core
+    /// now.
+    pub fn count<P: Policy>(
+        &mut self,
+        lb: &mut Balancer<P>,
+        now: Timestamp,
+    ) -> Result<(), XdpError> {
+        for (tunnel, c) in self.path.take_counts()? {
+            lb.fast_path_forwarded(tunnel, c.frames, c.bytes, now);
         }
         Ok(())
     }

@@ -225,61 +225,100 @@ impl FastPath {
         Ok(())
     }
 
+    /// The map entry for `e`.
+    fn forward(&self, e: &FastEntry) -> Result<Forward, XdpError> {
+        let from = self
+            .ports
+            .get(&e.ingress)
+            .ok_or(XdpError::UnknownPort(e.ingress))?
+            .0;
+        if !self.ports.contains_key(&e.egress) {
+            return Err(XdpError::UnknownPort(e.egress));
+        }
+        Ok(Forward {
+            tunnel: e.tunnel,
+            tx: u32::from(e.egress),
+            from,
+            dst: e.dst,
+            src: e.src,
+        })
+    }
+
     /// Make the maps hold exactly `entries`: write what is new or changed,
     /// remove what is gone.
     pub fn sync(&mut self, entries: &[FastEntry]) -> Result<Synced, XdpError> {
         let mut want: HashMap<(Direction, Endpoint), Forward> =
             HashMap::with_capacity(entries.len());
         for e in entries {
-            let from = self
-                .ports
-                .get(&e.ingress)
-                .ok_or(XdpError::UnknownPort(e.ingress))?
-                .0;
-            if !self.ports.contains_key(&e.egress) {
-                return Err(XdpError::UnknownPort(e.egress));
-            }
-            let forward = Forward {
-                tunnel: e.tunnel,
-                tx: u32::from(e.egress),
-                from,
-                dst: e.dst,
-                src: e.src,
-            };
-            want.insert((e.direction, Endpoint::of(e.addr, e.port)), forward);
+            want.insert(
+                (e.direction, Endpoint::of(e.addr, e.port)),
+                self.forward(e)?,
+            );
         }
+        let gone: Vec<(Direction, Endpoint)> = self
+            .installed
+            .keys()
+            .filter(|key| !want.contains_key(key))
+            .copied()
+            .collect();
         let mut synced = Synced::default();
-        for direction in [Direction::Up, Direction::Down] {
-            let name = match direction {
-                Direction::Up => "up",
-                Direction::Down => "down",
-            };
-            let gone: Vec<Endpoint> = self
-                .installed
-                .keys()
-                .filter(|(d, key)| *d == direction && !want.contains_key(&(*d, *key)))
-                .map(|(_, key)| *key)
-                .collect();
-            let changed: Vec<(Endpoint, Forward)> = want
-                .iter()
-                .filter(|((d, key), f)| {
-                    *d == direction && self.installed.get(&(*d, *key)) != Some(*f)
-                })
-                .map(|((_, key), f)| (*key, *f))
-                .collect();
-            let mut map: BpfHashMap<_, Endpoint, Forward> =
-                BpfHashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-            for key in &gone {
-                map.remove(key).map_err(map_err(name))?;
-            }
-            for (key, f) in &changed {
-                map.insert(key, f, 0).map_err(map_err(name))?;
-            }
-            synced.removed += gone.len();
-            synced.written += changed.len();
+        for key in gone {
+            synced.removed += self.write(key, None)?;
         }
-        self.installed = want;
+        for (key, f) in want {
+            synced.written += self.write(key, Some(f))?;
+        }
         Ok(synced)
+    }
+
+    /// Bring the entries at some endpoints (address and port; 0 for raw
+    /// ESP) up to date: each with its entries now, or none.
+    pub fn update(
+        &mut self,
+        at: impl IntoIterator<Item = ((IpAddr, u16), Option<[FastEntry; 2]>)>,
+    ) -> Result<Synced, XdpError> {
+        let mut synced = Synced::default();
+        for ((addr, port), entries) in at {
+            let key = Endpoint::of(addr, port);
+            let mut want = [(Direction::Up, None), (Direction::Down, None)];
+            for e in entries.iter().flatten() {
+                let slot = &mut want[usize::from(e.direction == Direction::Down)];
+                slot.1 = Some(self.forward(e)?);
+            }
+            for (direction, f) in want {
+                let n = self.write((direction, key), f)?;
+                match f {
+                    Some(_) => synced.written += n,
+                    None => synced.removed += n,
+                }
+            }
+        }
+        Ok(synced)
+    }
+
+    /// One map entry as `f` says (`None`: none), unless it already is: 1
+    /// if the map was written.
+    fn write(&mut self, key: (Direction, Endpoint), f: Option<Forward>) -> Result<usize, XdpError> {
+        if self.installed.get(&key) == f.as_ref() {
+            return Ok(0);
+        }
+        let name = match key.0 {
+            Direction::Up => "up",
+            Direction::Down => "down",
+        };
+        let mut map: BpfHashMap<_, Endpoint, Forward> =
+            BpfHashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        match f {
+            Some(f) => {
+                map.insert(key.1, f, 0).map_err(map_err(name))?;
+                self.installed.insert(key, f);
+            }
+            None => {
+                map.remove(&key.1).map_err(map_err(name))?;
+                self.installed.remove(&key);
+            }
+        }
+        Ok(1)
     }
 
     /// Run the program once on `frame` as if it came in on interface

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::control::config::FastPathMode;
+
 use super::Error;
 
 /// An IPv4 prefix `a.b.c.d/len`.
@@ -274,6 +276,9 @@ pub struct BalancerSection {
     pub health_interval_ms: u64,
     #[serde(default = "default_down_after")]
     pub health_down_after: u32,
+    /// The balancer's `[dataplane] fast_path` (its default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fast_path: Option<FastPathMode>,
 }
 
 impl Default for BalancerSection {
@@ -283,6 +288,7 @@ impl Default for BalancerSection {
             policy_dir: default_policy_dir(),
             health_interval_ms: default_interval(),
             health_down_after: default_down_after(),
+            fast_path: None,
         }
     }
 }

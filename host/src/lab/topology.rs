@@ -1086,6 +1086,9 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
         config.balancer.health_interval_ms,
         config.balancer.health_down_after,
     );
+    if let Some(mode) = config.balancer.fast_path {
+        text += &format!("[dataplane]\nfast_path = \"{}\"\n", mode.name());
+    }
     for s in &state.segws {
         text += &format!(
             "\n[[gateway]]\nname = \"{}\"\ninterface = \"{}\"\nweight = {}\ncapacity = {}\n",

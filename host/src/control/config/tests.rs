@@ -347,3 +347,24 @@ fn metrics_stay_on_loopback_unless_told_and_control_groups_resolve() {
         "{e}"
     );
 }
+
+#[test]
+fn the_fast_path_is_on_where_the_kernel_allows_unless_the_config_says_otherwise() {
+    let dir = policies();
+    let text = good(dir.path());
+    assert_eq!(parse(&text).unwrap().fast_path, FastPathMode::Auto);
+    for (name, mode) in [
+        ("off", FastPathMode::Off),
+        ("xdp", FastPathMode::Xdp),
+        ("auto", FastPathMode::Auto),
+    ] {
+        let with = format!("{text}\n[dataplane]\nfast_path = \"{name}\"\n");
+        assert_eq!(parse(&with).unwrap().fast_path, mode, "{name}");
+    }
+    let e = error(&format!("{text}\n[dataplane]\nfast_path = \"fast\"\n"));
+    assert!(
+        e.contains("dataplane.fast_path") && e.contains("`fast`"),
+        "{e}"
+    );
+    assert!(e.contains("lb.toml:"), "names the line: {e}");
+}
