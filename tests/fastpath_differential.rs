@@ -196,7 +196,7 @@ fn the_fast_path_forwards_what_the_core_forwards_the_same_way_and_passes_the_res
                 })
                 .collect();
             assert!(ifindex.iter().all(|&i| i > 0), "{ifindex:?}");
-            let mut fp = FastPath::load(1024).unwrap();
+            let mut fp = FastPath::load(1024, false).unwrap();
             for n in 0..=SEGWS {
                 let port = PortId::from(n);
                 fp.set_port(port, ifindex[usize::from(n)], port_mac(port))

@@ -839,6 +839,17 @@ fn stream(
 /// re-places each on its next frame.
 #[test]
 fn the_xdp_fast_path_carries_confirmed_tunnels_and_leaves_moves_to_the_core() {
+    xdp_fast_path_carries_and_leaves_moves("generic");
+}
+
+/// The same in native mode, where the veths it redirects into have NAPI
+/// (GRO on), as a native redirect into a veth needs.
+#[test]
+fn native_xdp_carries_confirmed_tunnels_and_leaves_moves_to_the_core() {
+    xdp_fast_path_carries_and_leaves_moves("native");
+}
+
+fn xdp_fast_path_carries_and_leaves_moves(mode: &str) {
     if !can_run() {
         return;
     }
@@ -856,13 +867,20 @@ fn the_xdp_fast_path_carries_confirmed_tunnels_and_leaves_moves_to_the_core() {
         "round-robin",
         (interval_ms, down_after),
         Family::V4,
-        "[dataplane]\nfast_path = \"xdp\"\n",
+        &format!("[dataplane]\nfast_path = \"xdp\"\nxdp_mode = \"{mode}\"\n"),
     );
     assert!(
-        lab.log_text().contains("the XDP fast path carries"),
+        lab.log_text().contains(&format!(
+            "the XDP fast path carries established tunnels ({mode} XDP)"
+        )),
         "{}",
         lab.log_text()
     );
+    if mode == "native" {
+        for ns in std::iter::once(&lab.ini_ns).chain(&lab.segw_ns) {
+            ns.exec(&["ethtool", "-K", "eth0", "gro", "on"]).unwrap();
+        }
+    }
     let vip = IpAddr::V4(VIP);
     // Six tunnels, IKE on 500 answered by their segws (confirmed), then
     // raw ESP.

@@ -132,7 +132,7 @@ fn bench(repeat: u32) {
             unsafe { libc::if_nametoindex(name.as_ptr()) }
         })
         .collect();
-    let mut fp = FastPath::load(1 << 16).expect("the XDP program loads");
+    let mut fp = FastPath::load(1 << 16, false).expect("the XDP program loads");
     for n in 0..=SEGWS {
         let port = PortId::from(n);
         fp.set_port(port, ifindex[usize::from(n)], port_mac(port))

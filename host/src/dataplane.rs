@@ -231,6 +231,11 @@ impl Worker {
     /// added later too). A port it cannot take: said once, and the worker
     /// goes on without it.
     pub fn use_fast_path(&mut self, path: crate::io::xdp::FastPath) {
+        let mode = if path.is_native() {
+            "native"
+        } else {
+            "generic"
+        };
         let mut fast = fast::Fast::new(path);
         for (port, p) in self.ports.iter().enumerate() {
             let Some(p) = p else { continue };
@@ -240,7 +245,7 @@ impl Worker {
                 return;
             }
         }
-        tracing::info!("the XDP fast path carries established tunnels (generic XDP)");
+        tracing::info!("the XDP fast path carries established tunnels ({mode} XDP)");
         self.fast = Some(fast);
     }
 

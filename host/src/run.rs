@@ -166,7 +166,10 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
     let mut worker = Worker::new(lb, txs, config.vips.clone(), config.health, record, clock);
     match config.fast_path {
         FastPathMode::Off => {}
-        mode => match crate::io::xdp::FastPath::load(config.max_tunnels) {
+        mode => match crate::io::xdp::FastPath::load(
+            config.max_tunnels,
+            config.xdp_mode == crate::control::config::XdpMode::Native,
+        ) {
             Ok(path) => worker.use_fast_path(path),
             Err(e) if mode == FastPathMode::Xdp => {
                 return Err(RunError::Start(format!(

@@ -48,9 +48,24 @@ pub struct RunConfig {
     pub compiler: Compiler,
     /// `None`: probing is off (`interval_ms = 0`), every segw counts as up.
     pub health: Option<HealthConfig>,
-    /// Whether the XDP fast path carries established tunnels.
+    /// Whether the XDP fast path carries established tunnels ...
     pub fast_path: FastPathMode,
+    /// ... and how its program is attached.
+    pub xdp_mode: XdpMode,
     pub gateways: Vec<GatewayConfig>,
+}
+
+/// `[dataplane] xdp_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum XdpMode {
+    /// In the stack's receive path, after the socket buffer is built: on
+    /// any interface, and a redirect reaches any interface.
+    #[default]
+    Generic,
+    /// In the driver, before any socket buffer: where the driver supports
+    /// it. A redirect into a veth is then dropped unless the veth's peer
+    /// has NAPI (GRO on, or an XDP program of its own).
+    Native,
 }
 
 /// `[dataplane] fast_path`.
@@ -368,6 +383,22 @@ impl RunConfig {
                 )
             })?,
         };
+        let xdp_mode = match raw
+            .dataplane
+            .xdp_mode
+            .as_ref()
+            .map(|m| (m, m.get_ref().as_str()))
+        {
+            None | Some((_, "generic")) => XdpMode::Generic,
+            Some((_, "native")) => XdpMode::Native,
+            Some((m, other)) => {
+                return Err(at(
+                    m.span(),
+                    "dataplane.xdp_mode",
+                    format!("`{other}`: one of \"generic\", \"native\""),
+                ))
+            }
+        };
         let h = raw.health;
         let health = (*h.interval_ms.get_ref() > 0).then(|| HealthConfig {
             interval: Duration::from_millis(*h.interval_ms.get_ref()),
@@ -499,6 +530,7 @@ impl RunConfig {
             compiler,
             health,
             fast_path,
+            xdp_mode,
             gateways,
         })
     }
@@ -800,6 +832,7 @@ impl Default for RawHealth {
 #[serde(deny_unknown_fields)]
 struct RawDataplane {
     fast_path: Option<Spanned<String>>,
+    xdp_mode: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -51,7 +51,10 @@ pub fn diff(old: &RunConfig, new: &RunConfig) -> Vec<Change> {
             old.state_file != new.state_file || old.state_interval != new.state_interval,
         ),
         ("policy.compiler", old.compiler != new.compiler),
-        ("dataplane.fast_path", old.fast_path != new.fast_path),
+        (
+            "dataplane.fast_path / xdp_mode",
+            old.fast_path != new.fast_path || old.xdp_mode != new.xdp_mode,
+        ),
     ];
     changes.extend(
         restart

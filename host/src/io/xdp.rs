@@ -31,12 +31,19 @@ pub const PROGRAM: Option<&[u8]> = None;
 
 const PROGRAM_NAME: &str = "segwlb_fastpath";
 
-/// Generic (skb) XDP. Native XDP would skip the socket buffer, but a
-/// redirect into a veth in native mode is dropped unless the veth's peer
-/// has NAPI (GRO on, or an XDP program of its own): on the segws' side of
-/// a lab or a container host, which the balancer can neither see nor set.
-/// Generic mode redirects to any interface.
-pub const XDP_MODE: aya::programs::XdpFlags = aya::programs::XdpFlags::SKB_MODE;
+/// Generic (skb) XDP unless asked for native (`[dataplane] xdp_mode`).
+/// Native XDP skips the socket buffer, but a redirect into a veth in
+/// native mode is dropped unless the veth's peer has NAPI (GRO on, or an
+/// XDP program of its own): on the segws' side of a lab or a container
+/// host, which the balancer can neither see nor set. Generic mode
+/// redirects to any interface.
+fn xdp_flags(native: bool) -> aya::programs::XdpFlags {
+    if native {
+        aya::programs::XdpFlags::DRV_MODE
+    } else {
+        aya::programs::XdpFlags::SKB_MODE
+    }
+}
 
 /// `XDP_PASS` and `XDP_REDIRECT`, the program's only answers.
 pub const XDP_PASS: u32 = 2;
@@ -114,6 +121,8 @@ fn map_err<E: std::fmt::Display>(map: &'static str) -> impl Fn(E) -> XdpError {
 /// The loaded program and what its maps hold.
 pub struct FastPath {
     ebpf: Ebpf,
+    /// Attached in native (driver) mode, else generic.
+    native: bool,
     /// Port id → (ifindex, the port's MAC).
     ports: HashMap<PortId, (u32, Mac)>,
     /// What `up` and `down` hold now, to write only the difference.
@@ -156,7 +165,7 @@ impl FastPath {
     /// maps sized for `max_tunnels` (each tunnel may hold an entry by
     /// endpoint and one by address, each way; the per-CPU counters are
     /// indexed by table slot).
-    pub fn load(max_tunnels: usize) -> Result<Self, XdpError> {
+    pub fn load(max_tunnels: usize, native: bool) -> Result<Self, XdpError> {
         let bytes = PROGRAM.ok_or(XdpError::NotBuilt)?;
         let tunnels = max_tunnels.clamp(1, u32::MAX as usize / 2) as u32;
         let mut ebpf = aya::EbpfLoader::new()
@@ -175,6 +184,7 @@ impl FastPath {
             .map_err(|e| XdpError::Load(format!("{e}: {:?}", std::error::Error::source(&e))))?;
         Ok(FastPath {
             ebpf,
+            native,
             ports: HashMap::new(),
             installed: HashMap::new(),
             read: HashMap::new(),
@@ -208,8 +218,12 @@ impl FastPath {
         Ok(())
     }
 
-    /// Run the program on frames arriving on `interface` (generic XDP: see
-    /// [`XDP_MODE`]).
+    pub fn is_native(&self) -> bool {
+        self.native
+    }
+
+    /// Run the program on frames arriving on `interface` (generic or
+    /// native: see [`xdp_flags`]).
     pub fn attach(&mut self, interface: &str) -> Result<(), XdpError> {
         let program: &mut Xdp = self
             .ebpf
@@ -217,7 +231,7 @@ impl FastPath {
             .and_then(|p| p.try_into().ok())
             .ok_or_else(|| XdpError::Load(format!("no program {PROGRAM_NAME}")))?;
         program
-            .attach(interface, XDP_MODE)
+            .attach(interface, xdp_flags(self.native))
             .map_err(|e| XdpError::Attach {
                 interface: interface.to_string(),
                 message: format!("{e}: {:?}", std::error::Error::source(&e)),

@@ -368,3 +368,17 @@ fn the_fast_path_is_on_where_the_kernel_allows_unless_the_config_says_otherwise(
     );
     assert!(e.contains("lb.toml:"), "names the line: {e}");
 }
+
+#[test]
+fn the_xdp_mode_is_generic_unless_native_is_asked_for() {
+    let dir = policies();
+    let text = good(dir.path());
+    assert_eq!(parse(&text).unwrap().xdp_mode, XdpMode::Generic);
+    let native = format!("{text}\n[dataplane]\nxdp_mode = \"native\"\n");
+    assert_eq!(parse(&native).unwrap().xdp_mode, XdpMode::Native);
+    let e = error(&format!("{text}\n[dataplane]\nxdp_mode = \"driver\"\n"));
+    assert!(
+        e.contains("dataplane.xdp_mode") && e.contains("`driver`"),
+        "{e}"
+    );
+}
