@@ -1,4 +1,5 @@
-//! Frames/s through a plain Linux bridge and through `segwlb run`, in
+//! Frames/s, loss, the loss-free rate and idle RTT through a plain Linux
+//! bridge and through `segwlb run` with and without the XDP fast path, in
 //! network namespaces this program builds and always removes (root).
 //!
 //!     cargo bench -p segwlb --bench throughput
@@ -13,23 +14,41 @@
 //! 150-byte frames of many tunnels (ESP in UDP on 4500, some from NAT-like
 //! source ports, and raw ESP) from an AF_PACKET socket in `gen`, with
 //! `sendmmsg` batches, for a fixed time; what arrives is read from the
-//! segws' receive counters. Three measurements in one program run, each in
-//! a fresh lab:
+//! segws' receive counters. Six runs in one program run, each in a fresh
+//! lab:
 //!
 //! - offered: the middle only receives (frames to a MAC nobody has), so
 //!   this is what one generator core can put on the wire;
 //! - bridge: the middle is a Linux bridge with static FDB entries, frames
 //!   addressed to the segws' MACs round-robin by tunnel;
-//! - segwlb: the middle runs `segwlb run` (round-robin policy, on the CPUs
-//!   other than the generator's, nice -19 too), frames addressed to its
-//!   uplink MAC; each tunnel's first frame is sent once and placed before
-//!   measuring.
+//! - bridge-napi: the same bridge in the NAPI-threads layout (below);
+//! - segwlb: the middle runs `segwlb run` with `fast_path = "off"`
+//!   (round-robin policy, on the CPUs other than the generator's, nice -19
+//!   too), frames addressed to its uplink MAC;
+//! - xdp: the same with `fast_path = "xdp"` (generic XDP);
+//! - xdp-native: with `xdp_mode = "native"`, in the NAPI-threads layout.
 //!
-//! With veth, the receiving side's kernel work (bridge forwarding, the
-//! segw's IP stack) runs in the sender's softirq, on the sender's core, so
-//! "sent" in each run is also what the path behind it allowed: the bridge
-//! run is all on the generator's core, the segwlb run adds segwlb's CPUs.
-//! The lab keeps what is not under test cheap and quiet: the segws are
+//! Before measuring, each tunnel's first frame is sent once and answered
+//! by its segw, so every tunnel is established and confirmed (what the
+//! fast path waits for). Then, for each middle: frames/s delivered and
+//! lost when the generator sends as fast as it can, with the ratio to each
+//! bridge measured before it; the highest loss-free rate (at most 0.1%
+//! lost), by bisection over paced runs; and the round-trip time of a ping
+//! tunnel on the idle lab, p50 and p99, through a reflector on every segw
+//! (userspace at both ends, the same for every middle).
+//!
+//! The layouts: with veth as it comes, a frame is received in its sender's
+//! call, so all of the middle's kernel work, the bridge's or XDP's, runs on
+//! the generator's core. In the NAPI-threads layout GRO is on for every
+//! veth (which gives a veth NAPI: frames sent into it queue for a poll)
+//! and the middle's uplink is polled by a kernel thread of its own, which
+//! the scheduler runs on the other core; native XDP needs that NAPI on the
+//! veths it redirects into. Compare a middle with the bridge of its own
+//! layout.
+//!
+//! "Sent" in each run is also what the path behind it allowed: in the
+//! plain layout the bridge and XDP runs are all on the generator's core,
+//! the AF_PACKET run adds segwlb's CPUs. The lab keeps what is not under test cheap and quiet: the segws are
 //! sinks (ESP dropped at their first routing decision, no ICMP answers),
 //! the bridge has no netfilter hooks and no multicast snooping, IPv6 is off
 //! everywhere. Each run prints the busy share of every CPU over its window,
@@ -39,7 +58,11 @@
 //!
 //! Environment: `SEGWLB_BENCH_SECS` (default 5) per measurement,
 //! `SEGWLB_BENCH_BATCH` (default 64; 1 = a plain `send` loop),
-//! `SEGWLB_BENCH_ONLY` = `offered`, `bridge` or `segwlb` to run one.
+//! `SEGWLB_BENCH_ONLY` = `offered`, `bridge`, `bridge-napi`, `segwlb`,
+//! `xdp` or `xdp-native` to run one,
+//! `SEGWLB_BENCH_STEPS` (default 7) paced runs of `SEGWLB_BENCH_STEP_MS`
+//! (default 1000) to find the loss-free rate, `SEGWLB_BENCH_PINGS`
+//! (default 1000, 1 ms apart) for the RTT.
 //! Not root, or `ip`/`ethtool` missing: says what is missing and exits 0.
 
 use std::fs::File;
@@ -55,6 +78,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use segwlb::lab::netns::{self, format_mac, link_stats, mac_of, LinkStats, Netns};
 use segwlb::packet::craft::EspFrame;
+
+#[path = "throughput/rtt.rs"]
+mod rtt;
 
 const TUNNELS: u32 = 1024;
 /// Frames per tunnel in the prebuilt pool (sequence numbers 1..=N).
@@ -116,6 +142,35 @@ struct Settings {
     duration: Duration,
     batch: usize,
     only: Option<String>,
+    /// Each step of the search for the highest loss-free rate.
+    step: Duration,
+    steps: u32,
+    pings: u32,
+}
+
+/// At most this share lost counts as loss-free (the segws' counters also
+/// see the balancer's health probes, a few a second).
+const LOSS_FREE: f64 = 0.001;
+/// Frames per `sendmmsg` when paced: a rate is kept to within a batch.
+const PACED_BATCH: usize = 16;
+
+/// What the middle is in a measurement.
+#[derive(Clone, Copy, PartialEq)]
+enum Middle {
+    Bridge,
+    /// `segwlb run` with this `[dataplane] fast_path` and `xdp_mode`.
+    Segwlb(&'static str, &'static str),
+}
+
+/// Where the kernel does the middle's receive work.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Layout {
+    /// veth as it comes: a frame is received in its sender's call, so the
+    /// middle's kernel work (and the segws') runs on the generator's core.
+    Plain,
+    /// NAPI on every veth, and the middle's uplink polled by a kernel
+    /// thread of its own (see [`Lab::build`]).
+    NapiThreads,
 }
 
 fn settings() -> anyhow::Result<Settings> {
@@ -131,14 +186,28 @@ fn settings() -> anyhow::Result<Settings> {
     };
     let only = std::env::var("SEGWLB_BENCH_ONLY").ok();
     if let Some(o) = &only {
-        if !["offered", "bridge", "segwlb"].contains(&o.as_str()) {
-            bail!("SEGWLB_BENCH_ONLY={o}: expected offered, bridge or segwlb");
+        let names = [
+            "offered",
+            "bridge",
+            "bridge-napi",
+            "segwlb",
+            "xdp",
+            "xdp-native",
+        ];
+        if !names.contains(&o.as_str()) {
+            bail!(
+                "SEGWLB_BENCH_ONLY={o}: expected one of {}",
+                names.join(", ")
+            );
         }
     }
     Ok(Settings {
         duration: Duration::from_secs(num("SEGWLB_BENCH_SECS", 5)?),
         batch: num("SEGWLB_BENCH_BATCH", 64)?.min(1024) as usize,
         only,
+        step: Duration::from_millis(num("SEGWLB_BENCH_STEP_MS", 1000)?),
+        steps: num("SEGWLB_BENCH_STEPS", 7)? as u32,
+        pings: num("SEGWLB_BENCH_PINGS", 1000)? as u32,
     })
 }
 
@@ -173,9 +242,9 @@ fn bench() -> anyhow::Result<()> {
     let prefix = netns::unique_prefix("tp");
 
     if runs("offered") {
-        let lab = Lab::build(&prefix)?;
+        let lab = Lab::build(&prefix, Layout::Plain)?;
         let frames = tunnel_frames(lab.gen_mac, |_| NOBODY);
-        let sent = blast(&lab, &frames, s.batch, s.duration)?;
+        let sent = blast(&lab, &frames, s.batch, s.duration, None)?;
         println!(
             "{:<26}{:>10.0} frames/s   (into a middle that drops them)",
             "offered (gen, one core)",
@@ -183,36 +252,80 @@ fn bench() -> anyhow::Result<()> {
         );
     }
 
-    let mut bridge_rate = None;
-    if runs("bridge") {
-        let lab = Lab::build(&prefix)?;
-        lab.bridge()?;
-        let macs = lab.segw_macs.clone();
-        let frames = tunnel_frames(lab.gen_mac, |i| macs[i as usize % SEGWS]);
-        let r = measure(&lab, &frames, &s)?;
-        r.print("bridge", None);
-        bridge_rate = Some(r.delivered_rate());
-    }
-
-    if runs("segwlb") {
-        let lab = Lab::build(&prefix)?;
-        let dir = tempfile::Builder::new().prefix("segwlb-bench").tempdir()?;
-        let balancer = lab.start_segwlb(dir.path())?;
-        let uplink = mac_of(&lab.mid, "up0")?;
-        let frames = tunnel_frames(lab.gen_mac, |_| uplink);
-        let r = measure(&lab, &frames, &s)?;
-        let status = balancer.stop()?;
-        r.print("segwlb run", bridge_rate);
-        for (i, d) in r.per_segw.iter().enumerate() {
-            println!(
-                "  segw{}                   {:>10.0} frames/s  {:>5.1}% of delivered",
-                i + 1,
-                d.rx_packets as f64 / r.sent.elapsed.as_secs_f64(),
-                100.0 * d.rx_packets as f64 / r.delivered().max(1) as f64
-            );
+    let mut bridge_rates = Vec::new();
+    let middles = [
+        ("bridge", "bridge", Middle::Bridge, Layout::Plain),
+        (
+            "bridge-napi",
+            "bridge, NAPI threads",
+            Middle::Bridge,
+            Layout::NapiThreads,
+        ),
+        (
+            "segwlb",
+            "segwlb run",
+            Middle::Segwlb("off", "generic"),
+            Layout::Plain,
+        ),
+        (
+            "xdp",
+            "segwlb run + XDP",
+            Middle::Segwlb("xdp", "generic"),
+            Layout::Plain,
+        ),
+        (
+            "xdp-native",
+            "+ native XDP, NAPI thr.",
+            Middle::Segwlb("xdp", "native"),
+            Layout::NapiThreads,
+        ),
+    ];
+    for (key, name, middle, layout) in middles {
+        if !runs(key) {
+            continue;
         }
-        if !status.success() {
-            println!("  (segwlb run exited {status} after SIGTERM)");
+        let lab = Lab::build(&prefix, layout)?;
+        let dir = tempfile::Builder::new().prefix("segwlb-bench").tempdir()?;
+        let (balancer, dst_of) = match middle {
+            Middle::Bridge => {
+                lab.bridge()?;
+                let macs = lab.segw_macs.clone();
+                (
+                    None,
+                    Box::new(move |i: u32| macs[i as usize % SEGWS]) as Box<dyn Fn(u32) -> _>,
+                )
+            }
+            Middle::Segwlb(fast_path, xdp_mode) => {
+                let balancer = lab.start_segwlb(dir.path(), fast_path, xdp_mode)?;
+                let uplink = mac_of(&lab.mid, "up0")?;
+                (
+                    Some(balancer),
+                    Box::new(move |_| uplink) as Box<dyn Fn(u32) -> _>,
+                )
+            }
+        };
+        let frames = tunnel_frames(lab.gen_mac, &dst_of);
+        warm_up(&lab, &frames, s.batch)?;
+        let r = measure(&lab, &frames, s.batch, s.duration, None)?;
+        r.print(name, &bridge_rates);
+        if middle == Middle::Bridge {
+            bridge_rates.push((layout, r.delivered_rate()));
+        } else {
+            r.print_per_segw();
+        }
+        let loss_free = highest_loss_free(&lab, &frames, r.sent.rate(), &s)?;
+        let rtt = lab.rtt(dst_of(0), s.pings)?;
+        println!(
+            "{:<26}loss-free up to {loss_free:>9.0} frames/s   RTT idle {}",
+            "",
+            rtt.summary()
+        );
+        if let Some(balancer) = balancer {
+            println!("{:<26}({})", "", forwarded_line(dir.path()));
+            let status = balancer.stop()?;
+            if !status.success() {
+                println!("  (segwlb run exited {status} after SIGTERM)");
+            }
         }
     }
     Ok(())
@@ -228,7 +341,7 @@ struct Lab {
 }
 
 impl Lab {
-    fn build(prefix: &str) -> anyhow::Result<Lab> {
+    fn build(prefix: &str, layout: Layout) -> anyhow::Result<Lab> {
         stopping()?;
         let gen = Netns::new(&format!("{prefix}gen"))?;
         let mid = Netns::new(&format!("{prefix}mid"))?;
@@ -270,6 +383,20 @@ impl Lab {
             // neighbour fails at once; answering ARP is unaffected.
             netns::sysctl(&segw, "net/ipv4/neigh/eth0/mcast_solicit", "0")?;
             segws.push(segw);
+        }
+        if layout == Layout::NapiThreads {
+            // GRO on a veth gives it NAPI: frames sent into it queue for a
+            // poll instead of being received in the sender's call. The
+            // middle's uplink polls in a kernel thread of its own, which
+            // the scheduler runs off the generator's busy core; the segws
+            // and the generator need NAPI to take native XDP redirects.
+            for (ns, ifname) in std::iter::once((&gen, "eth0"))
+                .chain(std::iter::once((&mid, "up0")))
+                .chain(segws.iter().map(|s| (s, "eth0")))
+            {
+                ns.exec(&["ethtool", "-K", ifname, "gro", "on"])?;
+            }
+            mid.exec(&["sh", "-c", "echo 1 > /sys/class/net/up0/threaded"])?;
         }
         let gen_mac = mac_of(&gen, "eth0")?;
         let segw_macs = segws
@@ -331,6 +458,59 @@ impl Lab {
         Ok(())
     }
 
+    /// Run `f` while a reflector on every segw answers what `answer` says.
+    fn reflecting<T>(
+        &self,
+        answer: rtt::Answer,
+        f: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let segws = self
+            .segws
+            .iter()
+            .map(|s| {
+                let fd = packet_socket(s, "eth0", libc::ETH_P_ALL as u16)?;
+                rtt::set_receive_timeout(&fd, Duration::from_millis(20))?;
+                Ok(fd)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let reflectors: Vec<_> = segws
+                .iter()
+                .zip(&self.segw_macs)
+                .map(|(fd, &mac)| {
+                    let stop = &stop;
+                    scope.spawn(move || rtt::reflector(fd, mac, answer, stop))
+                })
+                .collect();
+            let out = f();
+            stop.store(true, Ordering::Relaxed);
+            for r in reflectors {
+                r.join().expect("reflector thread")?;
+            }
+            out
+        })
+    }
+
+    /// Idle round trips of the ping tunnel through the middle, `dst` its
+    /// first hop's MAC.
+    fn rtt(&self, dst: [u8; 6], count: u32) -> anyhow::Result<rtt::Rtt> {
+        let gen = packet_socket(&self.gen, "eth0", libc::ETH_P_ALL as u16)?;
+        rtt::set_receive_timeout(&gen, Duration::from_millis(20))?;
+        self.reflecting(rtt::Answer::Pings, || {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    set_affinity([GEN_CPU])?;
+                    set_nice(NICE)?;
+                    rtt::ping(&gen, self.gen_mac, dst, VIP, count)
+                })
+                .join()
+                .expect("ping thread")
+            })
+            .map_err(Into::into)
+        })
+    }
+
     fn segw_stats(&self) -> anyhow::Result<Vec<LinkStats>> {
         Ok(self
             .segws
@@ -341,10 +521,15 @@ impl Lab {
 
     /// `segwlb run` in the middle namespace on a config written to `dir`,
     /// once its control socket exists.
-    fn start_segwlb(&self, dir: &Path) -> anyhow::Result<Balancer> {
+    fn start_segwlb(
+        &self,
+        dir: &Path,
+        fast_path: &str,
+        xdp_mode: &str,
+    ) -> anyhow::Result<Balancer> {
         let socket = dir.join("segwlb.sock");
         let config = dir.join("segwlb.toml");
-        std::fs::write(&config, self.config(&socket))?;
+        std::fs::write(&config, self.config(&socket, fast_path, xdp_mode))?;
         let stderr_path = dir.join("segwlb.stderr");
         let stderr = File::create(&stderr_path)?;
         let mut cmd = self.mid.command(env!("CARGO_BIN_EXE_segwlb"));
@@ -397,7 +582,7 @@ impl Lab {
         Ok(balancer)
     }
 
-    fn config(&self, socket: &Path) -> String {
+    fn config(&self, socket: &Path, fast_path: &str, xdp_mode: &str) -> String {
         let mut c = format!(
             r#"[balancer]
 uplink = "up0"
@@ -414,6 +599,10 @@ dir = "{}"
 interval_ms = 500
 down_after = 3
 up_after = 1
+
+[dataplane]
+fast_path = "{fast_path}"
+xdp_mode = "{xdp_mode}"
 "#,
             socket.display(),
             concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"),
@@ -425,6 +614,26 @@ up_after = 1
             ));
         }
         c
+    }
+}
+
+/// What `segwlb ctl status` says it forwarded (and how much of it the
+/// fast path did).
+fn forwarded_line(dir: &Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segwlb"))
+        .arg("ctl")
+        .arg("--socket")
+        .arg(dir.join("segwlb.sock"))
+        .arg("status")
+        .output();
+    match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find(|l| l.starts_with("frames forwarded"))
+            .and_then(|l| l.split(';').next())
+            .unwrap_or("ctl status: no counters")
+            .to_string(),
+        Err(e) => format!("ctl status: {e}"),
     }
 }
 
@@ -521,9 +730,9 @@ impl Sent {
     }
 }
 
-/// An AF_PACKET socket bound to `ifname` in `ns`, for sending only
-/// (protocol 0: it receives nothing), past the qdisc.
-fn packet_socket(ns: &Netns, ifname: &str) -> anyhow::Result<OwnedFd> {
+/// An AF_PACKET socket bound to `ifname` in `ns`, sending past the qdisc
+/// and receiving `protocol` (0: nothing; `ETH_P_ALL`: every frame).
+fn packet_socket(ns: &Netns, ifname: &str, protocol: u16) -> anyhow::Result<OwnedFd> {
     let name = std::ffi::CString::new(ifname)?;
     let fd = ns.enter(|| -> io::Result<OwnedFd> {
         // SAFETY: plain socket calls on a descriptor we own; `addr` is a
@@ -533,13 +742,18 @@ fn packet_socket(ns: &Netns, ifname: &str) -> anyhow::Result<OwnedFd> {
             if index == 0 {
                 return Err(io::Error::last_os_error());
             }
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                i32::from(protocol.to_be()),
+            );
             if fd < 0 {
                 return Err(io::Error::last_os_error());
             }
             let fd = OwnedFd::from_raw_fd(fd);
             let mut addr: libc::sockaddr_ll = std::mem::zeroed();
             addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = protocol.to_be();
             addr.sll_ifindex = index as i32;
             if libc::bind(
                 fd.as_raw_fd(),
@@ -627,13 +841,15 @@ fn set_affinity(cpus: impl IntoIterator<Item = usize>) -> io::Result<()> {
 }
 
 /// Send `frames` round and round from `fd` for `duration` (or just once
-/// through with `once`), `batch` frames per `sendmmsg` (1: `send`).
+/// through with `once`), `batch` frames per `sendmmsg` (1: `send`), as
+/// fast as it goes or at `rate` frames/s.
 fn send_frames(
     fd: RawFd,
     frames: &[Vec<u8>],
     batch: usize,
     duration: Duration,
     once: bool,
+    rate: Option<f64>,
 ) -> Sent {
     let mut iovs: Vec<libc::iovec> = frames
         .iter()
@@ -672,6 +888,14 @@ fn send_frames(
                     break 'outer;
                 }
             }
+            if let Some(rate) = rate {
+                // The generator has its core to itself: spin to the next
+                // batch's time.
+                let due = started + Duration::from_secs_f64(frames_sent as f64 / rate);
+                while Instant::now() < due {
+                    std::hint::spin_loop();
+                }
+            }
         }
         if started.elapsed() >= duration || STOP.load(Ordering::Relaxed) {
             break;
@@ -685,21 +909,31 @@ fn send_frames(
 }
 
 /// Send `frames` from gen for `duration` on the pinned generator thread.
-fn blast(lab: &Lab, frames: &[Vec<u8>], batch: usize, duration: Duration) -> anyhow::Result<Sent> {
-    let fd = packet_socket(&lab.gen, "eth0")?;
+fn blast(
+    lab: &Lab,
+    frames: &[Vec<u8>],
+    batch: usize,
+    duration: Duration,
+    rate: Option<f64>,
+) -> anyhow::Result<Sent> {
+    let fd = packet_socket(&lab.gen, "eth0", 0)?;
     let sent = std::thread::scope(|s| {
         s.spawn(|| {
             set_affinity([GEN_CPU])?;
             set_nice(NICE)?;
-            Ok::<_, io::Error>(send_frames(fd.as_raw_fd(), frames, batch, duration, false))
+            Ok::<_, io::Error>(send_frames(
+                fd.as_raw_fd(),
+                frames,
+                batch,
+                duration,
+                false,
+                rate,
+            ))
         })
         .join()
         .expect("generator thread")
     })?;
     stopping()?;
-    if sent.errors > 0 {
-        println!("  ({} send calls failed)", sent.errors);
-    }
     Ok(sent)
 }
 
@@ -722,17 +956,51 @@ impl Measured {
         self.delivered() as f64 / self.sent.elapsed.as_secs_f64()
     }
 
-    fn print(&self, name: &str, bridge: Option<f64>) {
+    /// The share of what was sent that no segw received.
+    fn loss(&self) -> f64 {
         let (delivered, sent) = (self.delivered(), self.sent.frames);
-        let loss = 100.0 * sent.saturating_sub(delivered) as f64 / sent.max(1) as f64;
-        let ratio = bridge
-            .map(|b| format!("   ratio to bridge {:.2}", self.delivered_rate() / b))
-            .unwrap_or_default();
+        sent.saturating_sub(delivered) as f64 / sent.max(1) as f64
+    }
+
+    fn print_per_segw(&self) {
+        for (i, d) in self.per_segw.iter().enumerate() {
+            println!(
+                "  segw{}                   {:>10.0} frames/s  {:>5.1}% of delivered",
+                i + 1,
+                d.rx_packets as f64 / self.sent.elapsed.as_secs_f64(),
+                100.0 * d.rx_packets as f64 / self.delivered().max(1) as f64
+            );
+        }
+    }
+
+    /// One line of figures, with the ratio to each bridge measured so far.
+    fn print(&self, name: &str, bridges: &[(Layout, f64)]) {
+        let (delivered, sent) = (self.delivered(), self.sent.frames);
+        let loss = 100.0 * self.loss();
+        let ratio = match bridges {
+            [] => String::new(),
+            _ => {
+                let each: Vec<String> = bridges
+                    .iter()
+                    .map(|(layout, b)| {
+                        let which = match layout {
+                            Layout::Plain => "plain",
+                            Layout::NapiThreads => "NAPI thr.",
+                        };
+                        format!("{which} {:.2}", self.delivered_rate() / b)
+                    })
+                    .collect();
+                format!("   to bridge: {}", each.join(", "))
+            }
+        };
         println!(
             "{name:<26}delivered {:>9.0} frames/s  loss {loss:>5.1}%{ratio}",
             self.delivered_rate(),
         );
         let mut notes = vec![format!("gen sent {:.0}/s", self.sent.rate())];
+        if self.sent.errors > 0 {
+            notes.push(format!("{} send calls refused", self.sent.errors));
+        }
         if delivered > sent {
             notes.push(format!(
                 "{} frames more than sent: ARP probes and the like",
@@ -788,20 +1056,45 @@ fn parse_cpu_times(stat: &str) -> Vec<(u64, u64)> {
         .collect()
 }
 
-fn measure(lab: &Lab, frames: &[Vec<u8>], s: &Settings) -> anyhow::Result<Measured> {
-    let fd = packet_socket(&lab.gen, "eth0")?;
-    send_frames(
-        fd.as_raw_fd(),
-        &frames[..TUNNELS as usize],
-        s.batch,
-        Duration::ZERO,
-        true,
-    );
-    nap(Duration::from_millis(500))?;
+/// Every tunnel's first frame, once, answered by its segw, and time for
+/// the middle to place them: what is measured after is established
+/// tunnels, confirmed by their segws (which the fast path waits for).
+fn warm_up(lab: &Lab, frames: &[Vec<u8>], batch: usize) -> anyhow::Result<()> {
+    let fd = packet_socket(&lab.gen, "eth0", 0)?;
+    lab.reflecting(rtt::Answer::AllEsp, || {
+        // Paced: a veth with NAPI queues 256 frames and refuses the rest
+        // of a burst, and every tunnel's first frame must arrive.
+        let sent = send_frames(
+            fd.as_raw_fd(),
+            &frames[..TUNNELS as usize],
+            PACED_BATCH.min(batch),
+            Duration::ZERO,
+            true,
+            Some(50_000.0),
+        );
+        if sent.errors > 0 {
+            bail!(
+                "warm-up: {} of {TUNNELS} first frames not sent",
+                sent.errors
+            );
+        }
+        nap(Duration::from_millis(500))
+    })
+}
+
+/// Send for `duration` (as fast as it goes, or at `rate` frames/s), then
+/// read what each segw received.
+fn measure(
+    lab: &Lab,
+    frames: &[Vec<u8>],
+    batch: usize,
+    duration: Duration,
+    rate: Option<f64>,
+) -> anyhow::Result<Measured> {
     let before = lab.segw_stats()?;
     let gen_before = link_stats(&lab.gen, "eth0")?;
     let cpu_before = cpu_times()?;
-    let sent = blast(lab, frames, s.batch, s.duration)?;
+    let sent = blast(lab, frames, batch, duration, rate)?;
     let cpu_after = cpu_times()?;
     // Let queues drain: what was sent in the window and arrives late counts.
     nap(Duration::from_millis(300))?;
@@ -813,4 +1106,20 @@ fn measure(lab: &Lab, frames: &[Vec<u8>], s: &Settings) -> anyhow::Result<Measur
         gen_tx,
         cpu_busy: busy_shares(&cpu_after, &cpu_before),
     })
+}
+
+/// The highest offered rate (below `top`) at which at most [`LOSS_FREE`]
+/// is lost: a bisection of `s.steps` paced runs of `s.step` each.
+fn highest_loss_free(lab: &Lab, frames: &[Vec<u8>], top: f64, s: &Settings) -> anyhow::Result<f64> {
+    let (mut lo, mut hi) = (0.0, top);
+    for _ in 0..s.steps {
+        let rate = (lo + hi) / 2.0;
+        let r = measure(lab, frames, PACED_BATCH.min(s.batch), s.step, Some(rate))?;
+        if r.loss() <= LOSS_FREE && r.sent.rate() >= 0.95 * rate {
+            lo = rate;
+        } else {
+            hi = rate;
+        }
+    }
+    Ok(lo)
 }
