@@ -249,20 +249,26 @@ impl Worker {
         self.fast = Some(fast);
     }
 
-    /// The fast path's turn: its maps, its counters. A failure ends it.
+    /// The fast path's turn: its maps, its counters.
     fn fast_path_turn(&mut self, now: Timestamp) {
-        if let Some(fast) = &mut self.fast {
-            if let Err(e) = fast.turn(&mut self.lb, now) {
-                tracing::error!("the XDP fast path failed: {e}; running on AF_PACKET alone");
-                self.fast = None;
-            }
-        }
+        self.on_fast_path(|fast, lb| fast.turn(lb, now));
     }
 
     /// The fast path's counters into the core now, before they are read.
     fn fast_path_count(&mut self, now: Timestamp) {
+        self.on_fast_path(|fast, lb| fast.count(lb, now));
+    }
+
+    /// `work` on the fast path, if it runs; a failure ends it.
+    fn on_fast_path(
+        &mut self,
+        work: impl FnOnce(
+            &mut fast::Fast,
+            &mut Balancer<Box<dyn Policy>>,
+        ) -> Result<(), crate::io::xdp::XdpError>,
+    ) {
         if let Some(fast) = &mut self.fast {
-            if let Err(e) = fast.count(&mut self.lb, now) {
+            if let Err(e) = work(fast, &mut self.lb) {
                 tracing::error!("the XDP fast path failed: {e}; running on AF_PACKET alone");
                 self.fast = None;
             }

@@ -236,6 +236,18 @@ mod tests {
 
     const ROUTER: Mac = [2, 0xaa, 0, 0, 0, 1];
 
+    /// Tunnel `n`'s IKE_SA_INIT, or its segw's answer.
+    fn init(n: u8, response: bool) -> IkeHeader {
+        IkeHeader {
+            initiator_spi: u64::from(n),
+            responder_spi: if response { 0x77 } else { 0 },
+            exchange: IKE_SA_INIT,
+            from_initiator: !response,
+            response,
+            message_id: 0,
+        }
+    }
+
     #[test]
     fn traffic_leaves_the_epoch_alone_and_a_segw_going_down_takes_its_entries() {
         let policy = native::shipped("round-robin", &[]).unwrap();
@@ -245,14 +257,7 @@ mod tests {
         let mut on = Vec::new();
         for n in 1..=4u8 {
             let peer = IpAddr::V4(Ipv4Addr::new(10, 1, 0, n));
-            let h = |response: bool| IkeHeader {
-                initiator_spi: u64::from(n),
-                responder_spi: if response { 0x77 } else { 0 },
-                exchange: IKE_SA_INIT,
-                from_initiator: !response,
-                response,
-                message_id: 0,
-            };
+            let h = |response: bool| init(n, response);
             let ip = udp_packet(peer, 500, vip, 500, &ike_body(&h(false), false, 100));
             let mut f = frame(port_mac(UPLINK), ROUTER, None, &ip);
             let Verdict::Forward(gw) = lb.handle(&mut f, UPLINK, now) else {
@@ -317,14 +322,7 @@ mod tests {
             rng ^= rng << 17;
             let n = (rng % 12 + 1) as u8;
             let peer = IpAddr::V4(Ipv4Addr::new(10, 1, 0, n));
-            let h = |response: bool| IkeHeader {
-                initiator_spi: u64::from(n),
-                responder_spi: if response { 0x77 } else { 0 },
-                exchange: IKE_SA_INIT,
-                from_initiator: !response,
-                response,
-                message_id: 0,
-            };
+            let h = |response: bool| init(n, response);
             let router = if rng & 0x100 == 0 { ROUTER } else { ROUTER2 };
             let port = port_of[n as usize];
             // After the IKE_SA_INIT: a message with the SPI pair, which
