@@ -5,91 +5,15 @@
 //! for steering), two more segws beside it.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
 
-use segwlb::balancer::affinity::Timeouts;
 use segwlb::balancer::farm::port_mac;
-use segwlb::balancer::{
-    Balancer, Config, DropReason, GatewaySpec, IkeSpiLabel, PortId, SpiSteering, Verdict, UPLINK,
-};
-use segwlb::packet::{self, Mac};
-use segwlb::policy::native;
+use segwlb::balancer::{Balancer, DropReason, PortId, Verdict, UPLINK};
+use segwlb::packet;
 use segwlb::time::Timestamp;
 
-/// The segw's MAC in every capture.
-const SEGW: Mac = [0x02, 0, 0, 0x99, 0x02, 0x0a];
-const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
-
-struct Captured {
-    at: Timestamp,
-    bytes: Vec<u8>,
-}
-
-fn pcap(name: &str) -> Vec<Captured> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name);
-    let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    packet::pcap::read(&data)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .map(|r| Captured {
-            at: Timestamp::from_duration(r.at),
-            bytes: r.frame,
-        })
-        .collect()
-}
-
-fn steering_of_segw3() -> SpiSteering {
-    // What the steered capture's segw ran with (tests/fixtures/README.md).
-    SpiSteering {
-        ike_label: Some(IkeSpiLabel {
-            mask: 0xff00_0000_0000_0000,
-            label: 0x0300_0000_0000_0000,
-        }),
-        esp_range: Some((0xc300_0000, 0xc3ff_ffff)),
-    }
-}
-
-/// Three segws, round-robin (the first new tunnel goes to segw1); the
-/// captured segw is `captured` (1 or 3), with or without its SPI steering.
-fn balancer(captured: u8, steering: bool) -> Balancer {
-    let config = Config {
-        port_macs: (0..4).map(port_mac).collect(),
-        // The VIP and the initiators' subnet: each side's ARP for the other
-        // is answered by the balancer.
-        proxy: vec!["192.0.2.0/24".parse().unwrap()],
-        proxy_gateways: vec!["192.0.2.0/24".parse().unwrap()],
-        max_tunnels: 1024,
-        timeouts: Timeouts::default(),
-    };
-    let mut lb = Balancer::new(config, native::shipped("round-robin", &[]).unwrap());
-    for n in 1..=3u8 {
-        let spec = GatewaySpec {
-            name: format!("segw{n}"),
-            port: PortId::from(n),
-            mac: Some(if n == captured {
-                SEGW
-            } else {
-                [2, 0x5e, 0, 0, 0, n]
-            }),
-            weight: 1,
-            capacity: 0,
-            steering: if steering && n == 3 {
-                steering_of_segw3()
-            } else {
-                SpiSteering::default()
-            },
-        };
-        lb.add_gateway(spec, Timestamp::ZERO).unwrap();
-    }
-    lb
-}
-
-/// Which way a captured frame went: from the segw, or towards it.
-fn from_segw(frame: &[u8]) -> bool {
-    frame[6..12] == SEGW
-}
+#[path = "common/fixtures.rs"]
+mod fixtures;
+use fixtures::{arriving, balancer, from_segw, pcap, Captured, VIP};
 
 /// Replay `frames` with the segw behind `port`; check every verdict and
 /// every rewrite. Returns the ports IP frames from the initiator went to.
@@ -98,12 +22,7 @@ fn replay(lb: &mut Balancer, frames: &[Captured], port: PortId) -> Vec<PortId> {
     for (i, c) in frames.iter().enumerate() {
         let n = i + 1;
         let back = from_segw(&c.bytes);
-        let ingress = if back { port } else { UPLINK };
-        let mut f = c.bytes.clone();
-        // Each side sends to the balancer's MAC on its link, not the other's.
-        if f[0] & 1 == 0 {
-            f[0..6].copy_from_slice(&port_mac(ingress));
-        }
+        let (ingress, mut f) = arriving(c, port);
         let sent = f.clone();
         let verdict = lb.handle(&mut f, ingress, c.at);
         let arp = c.bytes[12..14] == [0x08, 0x06];
@@ -205,11 +124,7 @@ fn spi_steering_carries_a_tunnel_across_a_balancer_restart() {
 
 #[test]
 fn every_truncation_of_every_captured_frame_is_a_counted_drop_never_a_panic() {
-    for name in [
-        "strongswan-direct.pcap",
-        "strongswan-nat.pcap",
-        "strongswan-steered.pcap",
-    ] {
+    for name in fixtures::ALL {
         let frames = pcap(name);
         let mut lb = balancer(1, true);
         // Learn the tunnel first, so truncations meet a warm table.
