@@ -10,12 +10,12 @@
 //! core's MACs. Without root, or in a build without the program (no clang),
 //! the test says so and passes, unless SEGWLB_REQUIRE_NETNS is set.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use segwlb::balancer::farm::{self, port_mac, segw_mac};
 use segwlb::balancer::{Balancer, PortId, Prefix, Verdict, UPLINK};
-use segwlb::io::xdp::{FastPath, PROGRAM, XDP_PASS, XDP_REDIRECT};
+use segwlb::io::xdp::{FastCounts, FastPath, PROGRAM, XDP_PASS, XDP_REDIRECT};
 use segwlb::lab::netns::{self, Netns};
 use segwlb::packet::craft::{
     esp_body, fragments, frame, icmp_too_big, ike_body, ip_packet, udp_packet,
@@ -478,7 +478,10 @@ fn run(fp: &mut FastPath, ifindex: &[u32]) -> String {
             fast.contains(label)
         );
     }
-    // The per-tunnel counters saw the forwarded frames: one each way.
+    // The per-tunnel counters saw the forwarded frames: one each way, the
+    // same through the lookup syscall and in the mapped array; the worker's
+    // reading takes them once.
+    let taken: BTreeMap<u32, FastCounts> = fp.take_counts().into_iter().collect();
     for t in &tunnels {
         let id = core
             .lb
@@ -489,7 +492,11 @@ fn run(fp: &mut FastPath, ifindex: &[u32]) -> String {
             .unwrap();
         let counts = fp.tunnel_counts(id).unwrap();
         assert_eq!(counts.frames, [1, 1], "{}", t.name);
+        assert_eq!(fp.mapped_counts(id), Some(counts), "{}", t.name);
+        assert_eq!(taken.get(&id), Some(&counts), "{}", t.name);
     }
+    assert_eq!(taken.len(), tunnels.len());
+    assert_eq!(fp.take_counts(), vec![], "read twice");
     format!(
         "{} frames: {} through the fast path, the same as the core's; {passed} passed to the core",
         cases.len(),

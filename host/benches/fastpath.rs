@@ -21,6 +21,11 @@
 //!   AF_PACKET crossings `segwlb run` pays around it (`--bench throughput`
 //!   measures those).
 //!
+//! Then reading every tunnel's counters back, as the worker does every
+//! second, at 1,000 and at 50,000 tunnels: `FastPath::take_counts` (loads
+//! from the mapped counter array) against the baseline of one lookup
+//! syscall per tunnel.
+//!
 //! `SEGWLB_BENCH_REPEAT` (default 1,000,000) runs per figure. Not root, or
 //! no XDP program in this build: says so and exits 0.
 
@@ -40,6 +45,8 @@ use segwlb::time::Timestamp;
 const ROUTER: Mac = [2, 0xaa, 0, 0, 0, 1];
 const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1));
 const TUNNELS: u32 = 1000;
+/// Tunnels for the second counter reading.
+const MANY: u32 = 50_000;
 const SEGWS: u8 = 3;
 
 fn ike(spi: u64, exchange: u8, responder: u64, from_initiator: bool) -> IkeHeader {
@@ -192,4 +199,42 @@ fn bench(repeat: u32) {
             f64::from(xdp) / f64::from(pass.max(1))
         );
     }
+    println!("\nreading every tunnel's counters   mapped array   a syscall each   syscalls/mapped");
+    counters(&mut fp, &lb);
+    for i in TUNNELS..MANY {
+        open(&mut lb, i);
+    }
+    fp.sync(&lb.fast_path()).expect("maps");
+    counters(&mut fp, &lb);
+}
+
+/// One reading of every tunnel's counters both ways: the median of 11.
+fn counters(fp: &mut FastPath, lb: &Balancer) {
+    let ids: Vec<u32> = lb.table().iter().map(|(id, _)| id).collect();
+    let median = |mut f: Box<dyn FnMut() + '_>| {
+        let mut runs: Vec<f64> = (0..11)
+            .map(|_| {
+                let started = Instant::now();
+                f();
+                started.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        runs.sort_by(f64::total_cmp);
+        runs[runs.len() / 2]
+    };
+    let mapped = median(Box::new(|| {
+        fp.take_counts();
+    }));
+    let syscalls = median(Box::new(|| {
+        for &id in &ids {
+            fp.tunnel_counts(id).expect("counters");
+        }
+    }));
+    println!(
+        "{:>7} tunnels {:>20.0} µs {:>14.0} µs {:>17.1}",
+        ids.len(),
+        mapped,
+        syscalls,
+        syscalls / mapped
+    );
 }

@@ -256,7 +256,9 @@ impl Worker {
 
     /// The fast path's counters into the core now, before they are read.
     fn fast_path_count(&mut self, now: Timestamp) {
-        self.on_fast_path(|fast, lb| fast.count(lb, now));
+        if let Some(fast) = &mut self.fast {
+            fast.count(&mut self.lb, now);
+        }
     }
 
     /// `work` on the fast path, if it runs; a failure ends it.

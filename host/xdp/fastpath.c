@@ -16,8 +16,8 @@
 //                    destination address, only from the tunnel's segw
 // IKE, on 500 or 4500, is always the core's: from the initiator it can
 // prove a tunnel and move its next hop, from a segw it teaches SPIs.
-// Per tunnel, per CPU, each way: frames and bytes (IP length, as the core
-// counts); and the last time seen.
+// Per tunnel, each way: frames and bytes (IP length, as the core counts),
+// in an array segwlb maps into its memory and reads without a syscall.
 //
 // Built by host/build.rs: clang -O2 -target bpf.
 
@@ -47,11 +47,13 @@ struct forward {
 	__u8 src[6];    // rewritten source MAC (the egress port's own)
 };
 
-// Per tunnel and CPU; [0] towards the segw, [1] back to the peer.
+// Per tunnel; [0] towards the segw, [1] back to the peer. Shared by the
+// CPUs (atomic adds), a cache line each so that two CPUs counting two
+// tunnels do not contend for one line.
 struct tunnel_stats {
 	__u64 frames[2];
 	__u64 bytes[2];
-	__u64 last_ns;
+	__u64 pad[4];
 };
 
 // Config: [0] the uplink's ifindex.
@@ -100,9 +102,12 @@ struct {
 	__type(value, __u32);
 } tx_ports SEC(".maps");
 
+// Indexed by tunnel slot; mmapable, so that reading every tunnel's
+// counters costs the host memory reads, not a lookup syscall per tunnel.
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1 << 16);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, struct tunnel_stats);
 } stats SEC(".maps");
@@ -133,9 +138,8 @@ static __always_inline int forward(struct xdp_md *ctx, struct ethhdr *eth,
 		return XDP_PASS; // not the tunnel's segw: the core decides
 	struct tunnel_stats *s = bpf_map_lookup_elem(&stats, &f->tunnel);
 	if (s) {
-		s->frames[way] += 1;
-		s->bytes[way] += ip_len;
-		s->last_ns = bpf_ktime_get_ns();
+		__sync_fetch_and_add(&s->frames[way], 1);
+		__sync_fetch_and_add(&s->bytes[way], ip_len);
 	}
 	__builtin_memcpy(eth->h_dest, f->dst, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, f->src, ETH_ALEN);

@@ -81,7 +81,7 @@ impl Fast {
             }
         }
         if now >= self.next_count {
-            self.count(lb, now)?;
+            self.count(lb, now);
             self.next_count = now + COUNT_EVERY.min(lb.idle_timeout() / 4);
         }
         Ok(())
@@ -89,14 +89,9 @@ impl Fast {
 
     /// Fold what the program forwarded since the last time into the core
     /// now.
-    pub fn count<P: Policy>(
-        &mut self,
-        lb: &mut Balancer<P>,
-        now: Timestamp,
-    ) -> Result<(), XdpError> {
-        for (tunnel, c) in self.path.take_counts()? {
+    pub fn count<P: Policy>(&mut self, lb: &mut Balancer<P>, now: Timestamp) {
+        for (tunnel, c) in self.path.take_counts() {
             lb.fast_path_forwarded(tunnel, c.frames, c.bytes, now);
         }
-        Ok(())
     }
 }

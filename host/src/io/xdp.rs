@@ -10,6 +10,9 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use aya::maps::{Array, DevMap, HashMap as BpfHashMap, Map};
 use aya::programs::Xdp;
@@ -127,8 +130,11 @@ pub struct FastPath {
     ports: HashMap<PortId, (u32, Mac)>,
     /// What `up` and `down` hold now, to write only the difference.
     installed: HashMap<(Direction, Endpoint), Forward>,
-    /// Each stats slot's totals when last read.
-    read: HashMap<u32, FastCounts>,
+    /// The `stats` array, mapped into our memory.
+    counters: Counters,
+    /// Each stats slot's totals when last read, up to the highest slot
+    /// ever written.
+    read: Vec<FastCounts>,
 }
 
 /// `union bpf_attr`'s `test` member, for `BPF_PROG_TEST_RUN`.
@@ -163,8 +169,8 @@ pub struct Synced {
 impl FastPath {
     /// Load the program into the kernel (not attached anywhere yet), its
     /// maps sized for `max_tunnels` (each tunnel may hold an entry by
-    /// endpoint and one by address, each way; the per-CPU counters are
-    /// indexed by table slot).
+    /// endpoint and one by address, each way; the counters are indexed by
+    /// table slot), and its counter array mapped into our memory.
     pub fn load(max_tunnels: usize, native: bool) -> Result<Self, XdpError> {
         let bytes = PROGRAM.ok_or(XdpError::NotBuilt)?;
         let tunnels = max_tunnels.clamp(1, u32::MAX as usize / 2) as u32;
@@ -182,12 +188,21 @@ impl FastPath {
         program
             .load()
             .map_err(|e| XdpError::Load(format!("{e}: {:?}", std::error::Error::source(&e))))?;
+        let counters = match ebpf.map("stats") {
+            Some(Map::Array(data)) => Counters::map(data.fd().as_fd(), tunnels),
+            _ => Err(std::io::Error::other("not an array")),
+        }
+        .map_err(|e| XdpError::Map {
+            map: "stats",
+            message: format!("mmap: {e}"),
+        })?;
         Ok(FastPath {
             ebpf,
             native,
             ports: HashMap::new(),
             installed: HashMap::new(),
-            read: HashMap::new(),
+            counters,
+            read: Vec::new(),
         })
     }
 
@@ -326,6 +341,10 @@ impl FastPath {
             Some(f) => {
                 map.insert(key.1, f, 0).map_err(map_err(name))?;
                 self.installed.insert(key, f);
+                let slots = f.tunnel as usize + 1;
+                if self.read.len() < slots {
+                    self.read.resize(slots, FastCounts::default());
+                }
             }
             None => {
                 map.remove(&key.1).map_err(map_err(name))?;
@@ -424,39 +443,115 @@ impl FastPath {
         Ok(attr)
     }
 
-    /// Per tunnel slot: what the program forwarded, summed over the CPUs.
+    /// Per tunnel slot: what the program forwarded, read through the
+    /// lookup syscall (one per call; [`FastPath::take_counts`] reads the
+    /// mapped array instead, and the tests hold one against the other).
     pub fn tunnel_counts(&mut self, tunnel: u32) -> Result<FastCounts, XdpError> {
-        let stats: aya::maps::PerCpuArray<_, [u64; 5]> =
-            aya::maps::PerCpuArray::try_from(self.map("stats")?).map_err(map_err("stats"))?;
-        let per_cpu = stats.get(&tunnel, 0).map_err(map_err("stats"))?;
-        let mut c = FastCounts::default();
-        for v in per_cpu.iter() {
-            c.frames[0] += v[0];
-            c.frames[1] += v[1];
-            c.bytes[0] += v[2];
-            c.bytes[1] += v[3];
-        }
-        Ok(c)
+        let stats: Array<_, [u64; 8]> =
+            Array::try_from(self.map("stats")?).map_err(map_err("stats"))?;
+        let v = stats.get(&tunnel, 0).map_err(map_err("stats"))?;
+        Ok(FastCounts {
+            frames: [v[0], v[1]],
+            bytes: [v[2], v[3]],
+        })
     }
 
-    /// What the program forwarded for each tunnel it holds since the last
-    /// call (tunnels with nothing new left out).
-    pub fn take_counts(&mut self) -> Result<Vec<(u32, FastCounts)>, XdpError> {
-        let mut tunnels: Vec<u32> = self.installed.values().map(|f| f.tunnel).collect();
-        tunnels.sort_unstable();
-        tunnels.dedup();
+    /// Per tunnel slot: what the program forwarded, read from the mapped
+    /// array (no syscall). `None` past the array's end.
+    pub fn mapped_counts(&self, tunnel: u32) -> Option<FastCounts> {
+        self.counters.get(tunnel)
+    }
+
+    /// What the program forwarded for each tunnel slot since the last call
+    /// (slots with nothing new left out). Memory reads only: every slot
+    /// up to the highest one ever written, a few nanoseconds each.
+    pub fn take_counts(&mut self) -> Vec<(u32, FastCounts)> {
         let mut new = Vec::new();
-        for t in tunnels {
-            let now = self.tunnel_counts(t)?;
+        for (slot, before) in (0..).zip(self.read.iter_mut()) {
+            let Some(now) = self.counters.get(slot) else {
+                break;
+            };
             // Slots are reused: the totals since the last reading, whoever
             // held the slot then.
-            let before = self.read.insert(t, now).unwrap_or_default();
-            let delta = now.since(&before);
+            let delta = now.since(before);
             if delta != FastCounts::default() {
-                new.push((t, delta));
+                *before = now;
+                new.push((slot, delta));
             }
         }
-        Ok(new)
+        new
+    }
+}
+
+/// The program's per-tunnel counters (`stats`, a `BPF_F_MMAPABLE` array of
+/// `struct tunnel_stats`, 64 bytes a slot), mapped into our memory: the
+/// kernel adds to them atomically, we load them atomically.
+struct Counters {
+    base: NonNull<u64>,
+    len: usize,
+    slots: u32,
+}
+
+// SAFETY: the mapping is owned by this value alone and only read here,
+// through atomic loads.
+unsafe impl Send for Counters {}
+
+/// `struct tunnel_stats`: frames[2], bytes[2], padding to a cache line.
+const SLOT_WORDS: usize = 8;
+
+impl Counters {
+    fn map(fd: BorrowedFd<'_>, slots: u32) -> std::io::Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .map_err(|_| std::io::Error::last_os_error())?;
+        let bytes = slots as usize * SLOT_WORDS * 8;
+        let len = bytes.div_ceil(page) * page;
+        // SAFETY: a new shared mapping of the map's whole value area (the
+        // kernel checks the length against the map); it stays valid,
+        // whatever happens to the fd, until Drop unmaps it. Writable only
+        // because an AtomicU64 must be; nothing here writes.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Counters {
+            base: NonNull::new(base.cast()).ok_or_else(std::io::Error::last_os_error)?,
+            len,
+            slots,
+        })
+    }
+
+    fn get(&self, slot: u32) -> Option<FastCounts> {
+        if slot >= self.slots {
+            return None;
+        }
+        let word = |i: usize| {
+            // SAFETY: within the mapping (slot < slots), 8-byte aligned
+            // (page-aligned base, 64-byte slots); the kernel writes these
+            // words only with atomic adds.
+            unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(slot as usize * SLOT_WORDS + i)) }
+                .load(Ordering::Relaxed)
+        };
+        Some(FastCounts {
+            frames: [word(0), word(1)],
+            bytes: [word(2), word(3)],
+        })
+    }
+}
+
+impl Drop for Counters {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, not used after this.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
 }
 
