@@ -221,6 +221,8 @@ fn both(
     now: Timestamp,
     label: &str,
 ) -> bool {
+    fp.set_spi_ranges(&lb.fast_path_spi_ranges().unwrap())
+        .unwrap();
     fp.sync(&lb.fast_path()).unwrap();
     let (action, out) = fp.test_run(f, ifindex[usize::from(ingress)]).unwrap();
     let mut core_out = f.to_vec();
@@ -252,7 +254,8 @@ fn the_fast_path_forwards_what_the_core_forwards_the_same_way_and_passes_the_res
 
 /// The strongSwan captures (tests/fixtures/), frame by frame through the
 /// program and the core: a direct tunnel through rekeys, DPD and delete; a
-/// NAT'd one across the float; a steered one.
+/// NAT'd one across the float; a steered one, on the segw its SPIs speak
+/// for and, overruled, on another.
 #[test]
 fn on_the_strongswan_captures_the_fast_path_forwards_only_what_the_core_does() {
     if !can_run() {
@@ -262,35 +265,48 @@ fn on_the_strongswan_captures_the_fast_path_forwards_only_what_the_core_does() {
     // pings, the CHILD_SA rekey, 2 + 2 pings), from the first on: by then
     // the segw has answered (confirmed) and the tunnel has floated to 4500.
     // Everything else is the core's: ARP, IKE on 500 and on 4500 (it proves
-    // tunnels and teaches the rekeyed IKE SPIs), the NAT keepalives. With
-    // SPI steering on a segw, nothing is fast: an SPI may speak for another
-    // segw than the table does.
+    // tunnels and teaches the rekeyed IKE SPIs), the NAT keepalives.
     const ESP: &[usize] = &[7, 8, 9, 10, 11, 12, 17, 18, 19, 20, 25, 26, 27, 28];
+    // Of those, the segw's: its SPIs are the initiator's, never steered.
+    const ESP_DOWN: &[usize] = &[8, 10, 12, 18, 20, 26, 28];
     with_program("fps", |fp, ifindex| {
         let mut report = Vec::new();
-        for (name, port, steering, fast_expected) in [
-            ("strongswan-direct.pcap", 1, false, ESP),
-            ("strongswan-nat.pcap", 1, false, ESP),
-            ("strongswan-steered.pcap", 3, true, &[]),
+        // (capture, the segw it was captured on, segw3 steering, segw1
+        // and segw2 drained, frames fast, of them steered)
+        for (name, port, steering, drained, fast_expected, steered_expected) in [
+            ("strongswan-direct.pcap", 1, false, false, ESP, 0),
+            ("strongswan-nat.pcap", 1, false, false, ESP, 0),
+            // As captured: segw1 and segw2 drained, so the tunnel lands on
+            // segw3, whose strongSwan labels its SPIs; its ESP towards it is
+            // steered, in the program as in the core.
+            ("strongswan-steered.pcap", 3, true, true, ESP, 7),
+            // The same frames with the tunnel placed on segw1 (round-robin,
+            // nothing drained): segw3's SPIs, overruled by the confirmed
+            // placement; the core alone does that.
+            ("strongswan-steered.pcap", 1, true, false, ESP_DOWN, 0),
         ] {
             let frames = fixtures::pcap(name);
             let mut lb: Balancer<Box<dyn Policy>> = fixtures::balancer(port, steering);
-            if steering {
-                // As in the capture: segw1 and segw2 drained, so the
-                // tunnel lands on segw3, whose strongSwan labels its SPIs.
+            if drained {
                 lb.set_draining("segw1", true, Timestamp::ZERO).unwrap();
                 lb.set_draining("segw2", true, Timestamp::ZERO).unwrap();
             }
+            fp.take_counts();
             let mut fast = Vec::new();
             for (i, c) in frames.iter().enumerate() {
                 let (ingress, f) = fixtures::arriving(c, PortId::from(port));
-                let label = format!("{name} frame {}", i + 1);
+                let label = format!("{name} on segw{port} frame {}", i + 1);
                 if both(fp, ifindex, &mut lb, ingress, &f, c.at, &label) {
                     fast.push(i + 1);
                 }
             }
-            report.push(format!("{name}: frames {fast:?} fast of {}", frames.len()));
-            assert_eq!(fast, fast_expected, "{name}");
+            let steered: u64 = fp.take_counts().iter().map(|(_, c)| c.steered).sum();
+            report.push(format!(
+                "{name} on segw{port}: frames {fast:?} fast of {}, {steered} steered",
+                frames.len()
+            ));
+            assert_eq!(fast, fast_expected, "{name} on segw{port}");
+            assert_eq!(steered, steered_expected, "{name} on segw{port}");
         }
         report.join("; ")
     });

@@ -191,6 +191,19 @@ impl Lab {
 
     /// The same, with `extra` (whole TOML sections) in the config.
     fn up_with(tag: &str, policy: &str, health: (u64, u32), family: Family, extra: &str) -> Lab {
+        Lab::up_with_gateways(tag, policy, health, family, extra, &[])
+    }
+
+    /// The same, with more keys for some gateways: (n, keys) adds `keys`
+    /// to segw`n`'s `[[gateway]]` table.
+    fn up_with_gateways(
+        tag: &str,
+        policy: &str,
+        health: (u64, u32),
+        family: Family,
+        extra: &str,
+        gateway: &[(usize, &str)],
+    ) -> Lab {
         let prefix = netns::unique_prefix(tag);
         let ini_ns = Netns::new(&format!("{prefix}-ini")).unwrap();
         let lb_ns = Netns::new(&format!("{prefix}-lb")).unwrap();
@@ -272,6 +285,10 @@ impl Lab {
         }
         for n in 1..=SEGWS {
             text += &format!("[[gateway]]\nname = \"segw{n}\"\ninterface = \"p{n}\"\n");
+            for (_, keys) in gateway.iter().filter(|(g, _)| *g == n) {
+                text += keys;
+                text += "\n";
+            }
         }
         std::fs::write(&config, text).unwrap();
         let lb_uplink_mac = netns::mac_of(&lb_ns, "uplink").unwrap();
@@ -839,17 +856,26 @@ fn stream(
 /// re-places each on its next frame.
 #[test]
 fn the_xdp_fast_path_carries_confirmed_tunnels_and_leaves_moves_to_the_core() {
-    xdp_fast_path_carries_and_leaves_moves("generic");
+    xdp_fast_path_carries_and_leaves_moves("generic", false);
 }
 
 /// The same in native mode, where the veths it redirects into have NAPI
 /// (GRO on), as a native redirect into a veth needs.
 #[test]
 fn native_xdp_carries_confirmed_tunnels_and_leaves_moves_to_the_core() {
-    xdp_fast_path_carries_and_leaves_moves("native");
+    xdp_fast_path_carries_and_leaves_moves("native", false);
 }
 
-fn xdp_fast_path_carries_and_leaves_moves(mode: &str) {
+/// With SPI-range steering: segw3's range holds every tunnel's SPI towards
+/// the segws. Its own tunnels' frames are forwarded and counted steered by
+/// the program; the others' go to the core, which overrules the SPI for the
+/// confirmed placement (counted), while their return frames stay fast.
+#[test]
+fn with_spi_ranges_xdp_forwards_what_a_range_speaks_for_and_the_core_overrules_the_rest() {
+    xdp_fast_path_carries_and_leaves_moves("generic", true);
+}
+
+fn xdp_fast_path_carries_and_leaves_moves(mode: &str, steering: bool) {
     if !can_run() {
         return;
     }
@@ -862,12 +888,19 @@ fn xdp_fast_path_carries_and_leaves_moves(mode: &str) {
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let (interval_ms, down_after) = (100, 3);
-    let mut lab = Lab::up_with(
+    // The tunnels' SPIs towards the segws are 0xe600 + n.
+    let ranges: &[(usize, &str)] = if steering {
+        &[(3, "spi_min = 0xe600\nspi_max = 0xe6ff")]
+    } else {
+        &[]
+    };
+    let mut lab = Lab::up_with_gateways(
         "xdp",
         "round-robin",
         (interval_ms, down_after),
         Family::V4,
         &format!("[dataplane]\nfast_path = \"xdp\"\nxdp_mode = \"{mode}\"\n"),
+        ranges,
     );
     assert!(
         lab.log_text().contains(&format!(
@@ -969,13 +1002,22 @@ fn xdp_fast_path_carries_and_leaves_moves(mode: &str) {
             .all(|f| f[0..6] == lab.ini.mac && f[6..12] == lab.lb_uplink_mac));
     }
     // The counters come back within a second: the fast path carried them.
-    // 3 rounds × 6 tunnels × 2 ways.
+    // 3 rounds × 6 tunnels × 2 ways; with segw3's range, those towards the
+    // other segws the core's (overruled), segw3's counted steered.
+    let on_segw3 = segw_of.values().filter(|&&i| i == 2).count() as u64;
+    let (fast, steered, overruled) = if steering {
+        (36 - 3 * (6 - on_segw3), 3 * on_segw3, 3 * (6 - on_segw3))
+    } else {
+        (36, 0, 0)
+    };
     let counted = wait_for(
         &lab,
-        "36 fast-path frames counted",
+        &format!("{fast} fast-path frames counted"),
         Duration::from_secs(3),
-        |s| s.counters.fast_path == 36,
+        |s| s.counters.fast_path == fast,
     );
+    let c = lab.status().counters;
+    assert_eq!((c.steered, c.spi_overruled), (steered, overruled));
     let status = lab.status();
     eprintln!(
         "fast path: {} of {} frames forwarded (all counted {counted:?} after the last)",

@@ -16,6 +16,10 @@
 //                    destination address, only from the tunnel's segw
 // IKE, on 500 or 4500, is always the core's: from the initiator it can
 // prove a tunnel and move its next hop, from a segw it teaches SPIs.
+// With SPI-range steering, ESP from the uplink whose SPI a segw's range
+// owns is forwarded only if that segw is the tunnel's (and counted as
+// steered); the core decides the rest (it overrules the SPI, and counts
+// that).
 // Per tunnel, each way: frames and bytes (IP length, as the core counts),
 // in an array segwlb maps into its memory and reads without a syscall.
 //
@@ -53,7 +57,8 @@ struct forward {
 struct tunnel_stats {
 	__u64 frames[2];
 	__u64 bytes[2];
-	__u64 pad[4];
+	__u64 steered; // of frames[0]: an SPI range spoke for the segw
+	__u64 pad[3];
 };
 
 // Config: [0] the uplink's ifindex.
@@ -112,6 +117,25 @@ struct {
 	__type(value, struct tunnel_stats);
 } stats SEC(".maps");
 
+// The healthy segws' ESP SPI ranges in the core's order (the first that
+// owns an SPI speaks for it), ended by an unused slot. `port` is the
+// segw's egress port, as `forward.tx`.
+#define MAX_SPI_RANGES 16
+
+struct spi_range {
+	__u32 min;
+	__u32 max;
+	__u32 port;
+	__u32 used;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_SPI_RANGES);
+	__type(key, __u32);
+	__type(value, struct spi_range);
+} spi_ranges SEC(".maps");
+
 #define NON_ESP_MARKER 0
 #define IKE_NAT_T_PORT 4500
 #define PROTO_ESP 50
@@ -131,15 +155,38 @@ static __always_inline int same_mac(const __u8 *a, const __u8 *b)
 	       a[4] == b[4] && a[5] == b[5];
 }
 
+// The port of the segw whose range owns `spi` (host order), plus one; 0
+// for none.
+static __always_inline __u32 spi_owner(__u32 spi)
+{
+#pragma clang loop unroll(full)
+	for (__u32 i = 0; i < MAX_SPI_RANGES; i++) {
+		__u32 k = i;
+		struct spi_range *r = bpf_map_lookup_elem(&spi_ranges, &k);
+		if (!r || !r->used)
+			return 0;
+		if (spi >= r->min && spi <= r->max)
+			return r->port + 1;
+	}
+	return 0;
+}
+
+// `spi` in network order; `way` 0 is towards the segw.
 static __always_inline int forward(struct xdp_md *ctx, struct ethhdr *eth,
-				   struct forward *f, __u32 ip_len, int way)
+				   struct forward *f, __u32 ip_len, int way,
+				   __u32 spi)
 {
 	if (f->from && f->from != ctx->ingress_ifindex)
 		return XDP_PASS; // not the tunnel's segw: the core decides
+	__u32 owner = way == 0 ? spi_owner(bpf_ntohl(spi)) : 0;
+	if (owner && owner - 1 != f->tx)
+		return XDP_PASS; // the SPI speaks for another segw: the core's
 	struct tunnel_stats *s = bpf_map_lookup_elem(&stats, &f->tunnel);
 	if (s) {
 		__sync_fetch_and_add(&s->frames[way], 1);
 		__sync_fetch_and_add(&s->bytes[way], ip_len);
+		if (owner)
+			__sync_fetch_and_add(&s->steered, 1);
 	}
 	__builtin_memcpy(eth->h_dest, f->dst, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, f->src, ETH_ALEN);
@@ -198,8 +245,11 @@ int segwlb_fastpath(struct xdp_md *ctx)
 
 	struct forward *f;
 	if (proto == PROTO_ESP) {
+		__u32 *spi = l4;
+		if ((void *)(spi + 1) > end)
+			return XDP_PASS; // no SPI: the core drops it, counted
 		f = bpf_map_lookup_elem(from_uplink ? (void *)&up : (void *)&down, &key);
-		return f ? forward(ctx, eth, f, ip_len, !from_uplink) : XDP_PASS;
+		return f ? forward(ctx, eth, f, ip_len, !from_uplink, *spi) : XDP_PASS;
 	}
 	if (proto != IPPROTO_UDP)
 		return XDP_PASS;
@@ -217,7 +267,8 @@ int segwlb_fastpath(struct xdp_md *ctx)
 	if (*marker == NON_ESP_MARKER)
 		return XDP_PASS;
 	f = bpf_map_lookup_elem(from_uplink ? (void *)&up : (void *)&down, &key);
-	return f ? forward(ctx, eth, f, ip_len, !from_uplink) : XDP_PASS; // ESP in UDP
+	// ESP in UDP: the SPI is where the marker would be.
+	return f ? forward(ctx, eth, f, ip_len, !from_uplink, *marker) : XDP_PASS;
 }
 
 char LICENSE[] SEC("license") = "GPL";

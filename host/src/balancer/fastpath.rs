@@ -18,8 +18,16 @@
 //!
 //! IKE never: from the initiator it can prove the tunnel (and move its next
 //! hop), from the segw it teaches SPIs. Nor fragments, ICMP errors, NAT
-//! keepalives, VLAN-tagged frames. With SPI-range steering configured on
-//! any segw, nothing: the SPI may speak for another segw than the table.
+//! keepalives, VLAN-tagged frames.
+//!
+//! SPI-range steering: the program also holds the healthy segws' ESP SPI
+//! ranges ([`fast_path_spi_ranges`](Balancer::fast_path_spi_ranges)). From
+//! the uplink, an SPI in a range speaks for that segw; the core sends a
+//! confirmed tunnel's frame to the tunnel's segw all the same, counting it
+//! as steered when the two agree and as overruled when not. The program
+//! forwards only the first kind (and counts it steered), and leaves the
+//! second to the core. With more ranges than it can check
+//! ([`MAX_SPI_RANGES`]), nothing is fast.
 //!
 //! [`AffinityTable::find`]: super::affinity::AffinityTable::find
 
@@ -31,6 +39,19 @@ use super::{Balancer, PortId, UPLINK};
 use crate::packet::Mac;
 use crate::policy::Policy;
 use crate::time::Timestamp;
+
+/// The most segws with an ESP SPI range the kernel program checks (its
+/// `spi_ranges` array); with more, the fast path holds nothing.
+pub const MAX_SPI_RANGES: usize = 16;
+
+/// A healthy segw's ESP SPI range: from the uplink, an SPI in it speaks
+/// for the segw behind `port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpiRange {
+    pub min: u32,
+    pub max: u32,
+    pub port: PortId,
+}
 
 /// Which way a frame goes, and so which of its addresses is the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -67,18 +88,21 @@ impl<P: Policy> Balancer<P> {
     }
 
     /// The fast path forwarded `frames` and `bytes` of tunnel `id` ([0]
-    /// towards its segw, [1] back), last at `now`: counted as the core
-    /// counts what it forwards itself, and the tunnel is not idle.
+    /// towards its segw, [1] back), `steered` of them by their SPI's
+    /// range, last at `now`: counted as the core counts what it forwards
+    /// itself, and the tunnel is not idle.
     pub fn fast_path_forwarded(
         &mut self,
         id: TunnelId,
         frames: [u64; 2],
         bytes: [u64; 2],
+        steered: u64,
         now: Timestamp,
     ) {
         let total = frames[0] + frames[1];
         self.counters.forwarded += total;
         self.counters.fast_path += total;
+        self.counters.steered += steered;
         let Some(t) = self.table.get_mut(id) else {
             return;
         };
@@ -113,15 +137,32 @@ impl<P: Policy> Balancer<P> {
         entries
     }
 
+    /// The ESP SPI ranges of the healthy segws, in the order SPI-range
+    /// steering tries them (the first that owns an SPI speaks for it);
+    /// `None` when there are more than [`MAX_SPI_RANGES`] (the fast path
+    /// then holds nothing).
+    pub fn fast_path_spi_ranges(&self) -> Option<Vec<SpiRange>> {
+        let ranges: Vec<SpiRange> = self.spi_ranges().collect();
+        (ranges.len() <= MAX_SPI_RANGES).then_some(ranges)
+    }
+
+    /// What `spi_owner` checks for ESP, in its order.
+    fn spi_ranges(&self) -> impl Iterator<Item = SpiRange> + '_ {
+        self.gateways.iter().filter(|g| g.healthy).filter_map(|g| {
+            let (min, max) = g.spec.steering.esp_range?;
+            Some(SpiRange {
+                min,
+                max,
+                port: g.spec.port,
+            })
+        })
+    }
+
     /// The fast path's entries for frames whose peer is `addr` (and UDP
     /// `port`; 0 for raw ESP): towards the tunnel's segw and back, or none
     /// (the core takes them).
     pub fn fast_path_at(&self, addr: IpAddr, port: u16) -> Option<[FastEntry; 2]> {
-        let steering = self
-            .gateways
-            .iter()
-            .any(|g| g.spec.steering.esp_range.is_some() || g.spec.steering.ike_label.is_some());
-        if steering {
+        if self.spi_ranges().nth(MAX_SPI_RANGES).is_some() {
             return None;
         }
         // ESP in UDP: the endpoint index, exactly, at the tunnel's own
@@ -246,6 +287,59 @@ mod tests {
             response,
             message_id: 0,
         }
+    }
+
+    #[test]
+    fn the_spi_ranges_are_the_healthy_segws_in_steerings_order_and_too_many_empty_the_fast_path() {
+        use crate::balancer::{GatewaySpec, SpiSteering};
+        let policy = native::shipped("round-robin", &[]).unwrap();
+        // segw1 without a range, segw2 and segw3 with one.
+        let mut lb = farm::balancer(policy, 1, vec![], 64);
+        let ranged = |n: u8| GatewaySpec {
+            name: format!("segw{n}"),
+            port: PortId::from(n),
+            mac: Some(segw_mac(n)),
+            weight: 1,
+            steering: SpiSteering {
+                esp_range: Some((u32::from(n) << 24, (u32::from(n) << 24) | 0xff)),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let now = Timestamp::ZERO;
+        for n in 2..=3 {
+            lb.add_gateway(ranged(n), now).unwrap();
+        }
+        let ports = |lb: &Balancer<_>| -> Option<Vec<PortId>> {
+            Some(lb.fast_path_spi_ranges()?.iter().map(|r| r.port).collect())
+        };
+        assert_eq!(ports(&lb), Some(vec![2, 3]));
+        assert_eq!(lb.fast_path_spi_ranges().unwrap()[0].min, 0x0200_0000);
+        // A segw that is down steers nothing (the core's `spi_owner`).
+        lb.set_healthy("segw2", false, now).unwrap();
+        assert_eq!(ports(&lb), Some(vec![3]));
+        lb.set_healthy("segw2", true, now).unwrap();
+        // One open, confirmed tunnel has entries with up to 16 ranges and
+        // none with 17.
+        let vip = IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1));
+        let peer = IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1));
+        let ip = udp_packet(peer, 500, vip, 500, &ike_body(&init(1, false), false, 100));
+        let mut f = frame(port_mac(UPLINK), ROUTER, None, &ip);
+        let Verdict::Forward(gw) = lb.handle(&mut f, UPLINK, now) else {
+            panic!("not placed")
+        };
+        let ip = udp_packet(vip, 500, peer, 500, &ike_body(&init(1, true), false, 100));
+        let mut f = frame(port_mac(gw), segw_mac(gw as u8), None, &ip);
+        lb.handle(&mut f, gw, now);
+        for n in 4..=17 {
+            lb.add_gateway(ranged(n), now).unwrap();
+        }
+        assert_eq!(lb.fast_path_spi_ranges().map(|r| r.len()), Some(16));
+        assert!(lb.fast_path_at(peer, 500).is_some());
+        lb.add_gateway(ranged(18), now).unwrap();
+        assert_eq!(lb.fast_path_spi_ranges(), None);
+        assert!(lb.fast_path_at(peer, 500).is_none());
+        assert!(lb.fast_path().is_empty());
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! core's lookups changed ([`Balancer::fast_path_changes`]): the entries
 //! at the endpoints of the tunnels that were added, moved, rebound,
 //! confirmed or removed, or all of them when a segw's health or MAC or the
-//! set changed. All of that happens in the worker, and the
+//! set changed (and then the segws' SPI ranges too). All of that happens
+//! in the worker, and the
 //! worker syncs before it takes the next frames, so a moved tunnel's
 //! frames leave the fast path from the next one on (those already inside
 //! the kernel go as frames in a batch do). The counters come back every
@@ -77,6 +78,11 @@ impl Fast {
                     .update(keys.into_iter().map(|k| (k, lb.fast_path_at(k.0, k.1))))?;
             }
             FastChanges::All => {
+                // The ranges first: an entry never meets ranges older
+                // than itself (new ranges with an old entry at worst pass
+                // a frame to the core).
+                let ranges = lb.fast_path_spi_ranges().unwrap_or_default();
+                self.path.set_spi_ranges(&ranges)?;
                 self.path.sync(&lb.fast_path())?;
             }
         }
@@ -91,7 +97,7 @@ impl Fast {
     /// now.
     pub fn count<P: Policy>(&mut self, lb: &mut Balancer<P>, now: Timestamp) {
         for (tunnel, c) in self.path.take_counts() {
-            lb.fast_path_forwarded(tunnel, c.frames, c.bytes, now);
+            lb.fast_path_forwarded(tunnel, c.frames, c.bytes, c.steered, now);
         }
     }
 }

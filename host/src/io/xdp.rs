@@ -18,7 +18,7 @@ use aya::maps::{Array, DevMap, HashMap as BpfHashMap, Map};
 use aya::programs::Xdp;
 use aya::{Ebpf, Pod};
 
-use crate::balancer::fastpath::{Direction, FastEntry};
+use crate::balancer::fastpath::{Direction, FastEntry, SpiRange, MAX_SPI_RANGES};
 use crate::balancer::PortId;
 use crate::packet::Mac;
 
@@ -72,6 +72,16 @@ struct Forward {
     src: Mac,
 }
 
+/// `struct spi_range`: `used` 0 ends the list.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct SpiRangeSlot {
+    min: u32,
+    max: u32,
+    port: u32,
+    used: u32,
+}
+
 /// `struct port_mac`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +95,7 @@ struct PortMac {
 unsafe impl Pod for Endpoint {}
 unsafe impl Pod for Forward {}
 unsafe impl Pod for PortMac {}
+unsafe impl Pod for SpiRangeSlot {}
 
 impl Endpoint {
     fn of(addr: IpAddr, port: u16) -> Self {
@@ -130,6 +141,8 @@ pub struct FastPath {
     ports: HashMap<PortId, (u32, Mac)>,
     /// What `up` and `down` hold now, to write only the difference.
     installed: HashMap<(Direction, Endpoint), Forward>,
+    /// What `spi_ranges` holds now.
+    spi_ranges: Vec<SpiRangeSlot>,
     /// The `stats` array, mapped into our memory.
     counters: Counters,
     /// Each stats slot's totals when last read, up to the highest slot
@@ -201,6 +214,7 @@ impl FastPath {
             native,
             ports: HashMap::new(),
             installed: HashMap::new(),
+            spi_ranges: vec![SpiRangeSlot::default(); MAX_SPI_RANGES],
             counters,
             read: Vec::new(),
         })
@@ -271,6 +285,48 @@ impl FastPath {
             dst: e.dst,
             src: e.src,
         })
+    }
+
+    /// The healthy segws' ESP SPI ranges, in steering's order
+    /// ([`Balancer::fast_path_spi_ranges`](crate::balancer::Balancer::fast_path_spi_ranges)):
+    /// from the uplink, a frame whose SPI one of them owns is forwarded
+    /// only to that segw. Writes only the slots that changed.
+    pub fn set_spi_ranges(&mut self, ranges: &[SpiRange]) -> Result<(), XdpError> {
+        if ranges.len() > MAX_SPI_RANGES {
+            return Err(XdpError::Map {
+                map: "spi_ranges",
+                message: format!("{} ranges, room for {MAX_SPI_RANGES}", ranges.len()),
+            });
+        }
+        let want: Vec<SpiRangeSlot> = (0..MAX_SPI_RANGES)
+            .map(|i| match ranges.get(i) {
+                Some(r) => SpiRangeSlot {
+                    min: r.min,
+                    max: r.max,
+                    port: u32::from(r.port),
+                    used: 1,
+                },
+                None => SpiRangeSlot::default(),
+            })
+            .collect();
+        if want == self.spi_ranges {
+            return Ok(());
+        }
+        // Back to front: a list that only grows or shrinks at its end is
+        // the old or the new one at every moment. Other changes come with
+        // a rewrite of every entry anyway (a segw's health, the set).
+        let changed: Vec<usize> = (0..MAX_SPI_RANGES)
+            .rev()
+            .filter(|&i| want[i] != self.spi_ranges[i])
+            .collect();
+        let mut map: Array<_, SpiRangeSlot> =
+            Array::try_from(self.map("spi_ranges")?).map_err(map_err("spi_ranges"))?;
+        for i in changed {
+            map.set(i as u32, want[i], 0)
+                .map_err(map_err("spi_ranges"))?;
+        }
+        self.spi_ranges = want;
+        Ok(())
     }
 
     /// Make the maps hold exactly `entries`: write what is new or changed,
@@ -453,6 +509,7 @@ impl FastPath {
         Ok(FastCounts {
             frames: [v[0], v[1]],
             bytes: [v[2], v[3]],
+            steered: v[4],
         })
     }
 
@@ -496,7 +553,8 @@ struct Counters {
 // through atomic loads.
 unsafe impl Send for Counters {}
 
-/// `struct tunnel_stats`: frames[2], bytes[2], padding to a cache line.
+/// `struct tunnel_stats`: frames[2], bytes[2], steered, padding to a cache
+/// line.
 const SLOT_WORDS: usize = 8;
 
 impl Counters {
@@ -544,6 +602,7 @@ impl Counters {
         Some(FastCounts {
             frames: [word(0), word(1)],
             bytes: [word(2), word(3)],
+            steered: word(4),
         })
     }
 }
@@ -556,11 +615,13 @@ impl Drop for Counters {
 }
 
 /// Frames and bytes the fast path forwarded for a tunnel: [0] towards its
-/// segw, [1] back to the peer.
+/// segw, [1] back to the peer; how many of those towards it an SPI range
+/// spoke for.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct FastCounts {
     pub frames: [u64; 2],
     pub bytes: [u64; 2],
+    pub steered: u64,
 }
 
 impl FastCounts {
@@ -575,6 +636,7 @@ impl FastCounts {
                 d(self.bytes[0], before.bytes[0]),
                 d(self.bytes[1], before.bytes[1]),
             ],
+            steered: d(self.steered, before.steered),
         }
     }
 
