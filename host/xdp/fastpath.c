@@ -212,9 +212,12 @@ int segwlb_fastpath(struct xdp_md *ctx)
 	if (!mine || !same_mac(eth->h_dest, mine->mac))
 		return XDP_PASS;
 
+	// The IP packet's length, and its payload's: the core parses by
+	// these, not by the frame, which a NIC pads to 60 bytes and more.
 	struct endpoint key = {};
 	__u8 proto;
 	__u32 ip_len;
+	__u32 l4_len;
 	void *l4;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
@@ -226,6 +229,9 @@ int segwlb_fastpath(struct xdp_md *ctx)
 			return XDP_PASS;
 		proto = ip->protocol;
 		ip_len = bpf_ntohs(ip->tot_len);
+		if (ip_len < sizeof(*ip) || (void *)ip + ip_len > end)
+			return XDP_PASS; // cut short or nonsense: the core drops it
+		l4_len = ip_len - sizeof(*ip);
 		map_v4(key.addr, from_uplink ? ip->saddr : ip->daddr);
 		l4 = ip + 1;
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
@@ -234,7 +240,10 @@ int segwlb_fastpath(struct xdp_md *ctx)
 			return XDP_PASS;
 		// Extension headers (a fragment header among them): the core.
 		proto = ip6->nexthdr;
-		ip_len = 40 + bpf_ntohs(ip6->payload_len);
+		l4_len = bpf_ntohs(ip6->payload_len);
+		ip_len = sizeof(*ip6) + l4_len;
+		if ((void *)ip6 + ip_len > end)
+			return XDP_PASS; // cut short: the core drops it
 		__builtin_memcpy(key.addr,
 				 from_uplink ? ip6->saddr.in6_u.u6_addr8 : ip6->daddr.in6_u.u6_addr8,
 				 16);
@@ -246,7 +255,7 @@ int segwlb_fastpath(struct xdp_md *ctx)
 	struct forward *f;
 	if (proto == PROTO_ESP) {
 		__u32 *spi = l4;
-		if ((void *)(spi + 1) > end)
+		if (l4_len < 4 || (void *)(spi + 1) > end)
 			return XDP_PASS; // no SPI: the core drops it, counted
 		f = bpf_map_lookup_elem(from_uplink ? (void *)&up : (void *)&down, &key);
 		return f ? forward(ctx, eth, f, ip_len, !from_uplink, *spi) : XDP_PASS;
@@ -260,9 +269,11 @@ int segwlb_fastpath(struct xdp_md *ctx)
 	if (ours != bpf_htons(IKE_NAT_T_PORT))
 		return XDP_PASS; // IKE on 500 and the rest
 	key.port = from_uplink ? udp->source : udp->dest;
+	// ESP in UDP has an SPI and a sequence number at least; shorter is a
+	// NAT keepalive (one byte) or a runt the core drops.
 	__u32 *marker = (void *)(udp + 1);
-	if ((void *)(marker + 1) > end)
-		return XDP_PASS; // NAT keepalive (one byte) and runts
+	if (l4_len < sizeof(*udp) + 8 || (void *)(marker + 1) > end)
+		return XDP_PASS;
 	// IKE (the non-ESP marker) proves tunnels and teaches SPIs: the core's.
 	if (*marker == NON_ESP_MARKER)
 		return XDP_PASS;
