@@ -1016,9 +1016,11 @@ fn xdp_fast_path_carries_and_leaves_moves(mode: &str, steering: bool) {
         Duration::from_secs(3),
         |s| s.counters.fast_path == fast,
     );
-    let c = lab.status().counters;
-    assert_eq!((c.steered, c.spi_overruled), (steered, overruled));
     let status = lab.status();
+    assert_eq!(
+        (status.counters.steered, status.counters.spi_overruled),
+        (steered, overruled)
+    );
     eprintln!(
         "fast path: {} of {} frames forwarded (all counted {counted:?} after the last)",
         status.counters.fast_path, status.counters.forwarded

@@ -503,14 +503,10 @@ impl FastPath {
     /// lookup syscall (one per call; [`FastPath::take_counts`] reads the
     /// mapped array instead, and the tests hold one against the other).
     pub fn tunnel_counts(&mut self, tunnel: u32) -> Result<FastCounts, XdpError> {
-        let stats: Array<_, [u64; 8]> =
+        let stats: Array<_, [u64; SLOT_WORDS]> =
             Array::try_from(self.map("stats")?).map_err(map_err("stats"))?;
         let v = stats.get(&tunnel, 0).map_err(map_err("stats"))?;
-        Ok(FastCounts {
-            frames: [v[0], v[1]],
-            bytes: [v[2], v[3]],
-            steered: v[4],
-        })
+        Ok(FastCounts::of_slot(|i| v[i]))
     }
 
     /// Per tunnel slot: what the program forwarded, read from the mapped
@@ -592,18 +588,13 @@ impl Counters {
         if slot >= self.slots {
             return None;
         }
-        let word = |i: usize| {
-            // SAFETY: within the mapping (slot < slots), 8-byte aligned
-            // (page-aligned base, 64-byte slots); the kernel writes these
-            // words only with atomic adds.
+        Some(FastCounts::of_slot(|i| {
+            // SAFETY: within the mapping (slot < slots, i < SLOT_WORDS),
+            // 8-byte aligned (page-aligned base, 64-byte slots); the kernel
+            // writes these words only with atomic adds.
             unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(slot as usize * SLOT_WORDS + i)) }
                 .load(Ordering::Relaxed)
-        };
-        Some(FastCounts {
-            frames: [word(0), word(1)],
-            bytes: [word(2), word(3)],
-            steered: word(4),
-        })
+        }))
     }
 }
 
@@ -625,6 +616,15 @@ pub struct FastCounts {
 }
 
 impl FastCounts {
+    /// From the words of one `struct tunnel_stats`, however they are read.
+    fn of_slot(word: impl Fn(usize) -> u64) -> Self {
+        FastCounts {
+            frames: [word(0), word(1)],
+            bytes: [word(2), word(3)],
+            steered: word(4),
+        }
+    }
+
     fn since(&self, before: &FastCounts) -> FastCounts {
         let d = |a: u64, b: u64| a.saturating_sub(b);
         FastCounts {
