@@ -6,6 +6,7 @@ mod common;
 
 use std::net::{IpAddr, Ipv6Addr};
 
+use segwlb::policy::load::{Rates, Sample};
 use segwlb::policy::wasm::{Limits, Runtime};
 use segwlb::policy::{native, Gateway, Load, Policy};
 use segwlb::workload::{self, Mix};
@@ -26,6 +27,12 @@ fn set(weights: &[u32], down: &[u32], draining: &[u32]) -> Vec<Gateway> {
                 // Room for ~1/4 of a phase's tunnels on every third gateway:
                 // load-aware policies take the "full" paths too.
                 capacity: if id.is_multiple_of(3) { 4_000 } else { 0 },
+                // Unequal throughputs, except where a tunnel capacity
+                // stands alone: a traffic-aware policy weighs both kinds.
+                throughput: match id % 3 {
+                    0 => 0,
+                    _ => u64::from(id % 5 + 1) * 250_000_000,
+                },
             }
         })
         .collect()
@@ -45,6 +52,24 @@ fn phases() -> Vec<Vec<Gateway>> {
             &[],
         ),
     ]
+}
+
+/// A measurement of `g` as the balancer would take it: traffic that differs
+/// by gateway, and a reported utilization on some.
+fn traffic_of(g: &Gateway) -> Sample {
+    let id = f64::from(g.id);
+    Sample {
+        rates: Rates {
+            bytes_to: id * 1.5e6,
+            bytes_from: id * 6.1e6,
+            packets_to: id * 1.9e3,
+            packets_from: id * 7.6e3,
+        },
+        tunnels: 100,
+        throughput: g.throughput,
+        capacity: g.capacity,
+        reported: g.id.is_multiple_of(4).then_some(0.37),
+    }
 }
 
 fn compare(name: &str, params: &[(String, String)]) {
@@ -78,6 +103,7 @@ fn compare(name: &str, params: &[(String, String)]) {
         // Each phase starts with a fresh load (as a rebalance would), which
         // each answer then adds to, as the balancer does.
         let mut load = Load::default();
+        load.set_samples(phase.iter().map(|g| (g.id, traffic_of(g))));
         for key in chunk {
             let w = wasm.choose(key, &load).unwrap();
             let n = twin.choose(key, &load).unwrap();
@@ -123,6 +149,11 @@ fn two_choices_matches_its_twin() {
     compare("two-choices", &[]);
 }
 
+#[test]
+fn least_utilization_matches_its_twin() {
+    compare("least-utilization", &[]);
+}
+
 /// A policy built against contract 0.1.0, before `load` and `capacity`
 /// existed (tests/fixtures/policies/round-robin-0.1.0.wasm, the shipped
 /// round-robin as it was built then), loads and decides as the twin of
@@ -143,6 +174,37 @@ fn a_contract_0_1_0_policy_loads_and_serves() {
         twin.set_gateways(&phase).unwrap();
         for key in workload::tunnel_keys(3, 500, Mix::default()) {
             assert_eq!(old.choose(&key, &load), twin.choose(&key, &load));
+        }
+    }
+    assert_eq!(old.restarts(), 0);
+}
+
+/// A policy built against contract 0.2.0, before traffic
+/// (tests/fixtures/policies/least-tunnels-0.2.0.wasm, the shipped
+/// least-tunnels as it was built then): it loads, reads the live tunnel
+/// counts through 0.2.0's `load`, and decides as today's least-tunnels,
+/// with the traffic samples of 0.3.0 in the load it never sees.
+#[test]
+fn a_contract_0_2_0_policy_loads_and_serves() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/policies/least-tunnels-0.2.0.wasm");
+    let runtime = Runtime::new().unwrap();
+    let loaded = runtime.load(&fixture, &[], Limits::default()).unwrap();
+    assert_eq!(loaded.version().package(), "segwlb:policy@0.2.0");
+    assert!(loaded.reads_load());
+    let mut old = loaded.instantiate();
+    let mut twin = native::shipped("least-tunnels", &[]).unwrap();
+    for phase in phases() {
+        old.set_gateways(&phase).unwrap();
+        twin.set_gateways(&phase).unwrap();
+        let mut load = Load::default();
+        load.set_samples(phase.iter().map(|g| (g.id, traffic_of(g))));
+        for key in workload::tunnel_keys(5, 2_000, Mix::default()) {
+            let answer = old.choose(&key, &load).unwrap();
+            assert_eq!(answer, twin.choose(&key, &load).unwrap());
+            if let Some(id) = answer {
+                load.add(id, 1);
+            }
         }
     }
     assert_eq!(old.restarts(), 0);

@@ -31,6 +31,7 @@ fn gateways() -> Vec<Gateway> {
             draining: false,
             tunnels: 0,
             capacity: 0,
+            throughput: 0,
         })
         .collect()
 }
@@ -174,7 +175,7 @@ fn a_trap_mid_stream_does_not_lose_the_good_answers_after_it() {
 fn missing_export_is_named_at_load() {
     let wit = CONTRACT_WIT.replace("choose: func(key: tunnel-key) -> option<u32>;", "");
     let wat = policy_wat(OK, &answers(1)).replace(
-        "(func (export \"segwlb:policy/balancer@0.2.0#choose\")",
+        "(func (export \"segwlb:policy/balancer@0.3.0#choose\")",
         "(func $unexported",
     );
     let err = load(
@@ -195,10 +196,10 @@ fn missing_export_is_named_at_load() {
 #[test]
 fn wrong_contract_version_is_named_at_load() {
     let wit = CONTRACT_WIT.replace(
-        "package segwlb:policy@0.2.0;",
         "package segwlb:policy@0.3.0;",
+        "package segwlb:policy@0.4.0;",
     );
-    let wat = policy_wat(OK, &answers(1)).replace("@0.2.0#", "@0.3.0#");
+    let wat = policy_wat(OK, &answers(1)).replace("@0.3.0#", "@0.4.0#");
     let err = load(
         &Runtime::new().unwrap(),
         "future.wasm",
@@ -210,8 +211,8 @@ fn wrong_contract_version_is_named_at_load() {
     assert!(matches!(err, LoadError::WrongVersion { .. }), "{msg}");
     assert!(
         msg.contains("future.wasm")
-            && msg.contains("segwlb:policy@0.3.0")
-            && msg.contains("segwlb:policy@0.1.0, segwlb:policy@0.2.0"),
+            && msg.contains("segwlb:policy@0.4.0")
+            && msg.contains("segwlb:policy@0.1.0, segwlb:policy@0.2.0, segwlb:policy@0.3.0"),
         "{msg}"
     );
 }
@@ -224,7 +225,7 @@ fn an_import_the_host_does_not_offer_is_refused() {
     );
     let wat = policy_wat(OK, "(drop (call $now)) (call $some (i32.const 1))").replace(
         "(module",
-        "(module\n  (import \"segwlb:policy/clock@0.2.0\" \"now\" (func $now (result i64)))",
+        "(module\n  (import \"segwlb:policy/clock@0.3.0\" \"now\" (func $now (result i64)))",
     );
     let err = load(
         &Runtime::new().unwrap(),
@@ -235,7 +236,7 @@ fn an_import_the_host_does_not_offer_is_refused() {
     .expect("refused");
     let msg = err.to_string();
     assert!(matches!(err, LoadError::ForbiddenImport { .. }), "{msg}");
-    assert!(msg.contains("segwlb:policy/clock@0.2.0"), "{msg}");
+    assert!(msg.contains("segwlb:policy/clock@0.3.0"), "{msg}");
 }
 
 #[test]

@@ -188,6 +188,7 @@ fn predict(policy: &str, report: &Report) -> Vec<String> {
             draining: false,
             tunnels: 0,
             capacity: 0,
+            throughput: 0,
         })
         .collect();
     p.set_gateways(&gateways).unwrap();

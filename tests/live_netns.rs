@@ -1377,7 +1377,7 @@ fn a_segw_at_capacity_takes_no_new_tunnels_and_its_own_keep_flowing() {
     let s = lab.status();
     assert_eq!(s.gateway("segw1").unwrap().tunnels, 2);
     assert!(s.policy.fallbacks_by_reason["gateway_full"] >= 1);
-    assert_eq!(s.policy.contract, "segwlb:policy@0.2.0");
+    assert_eq!(s.policy.contract, "segwlb:policy@0.3.0");
     let (_, text) = lab.ctl(&["status"]);
     assert!(text.contains("tunnels 2/2 FULL"), "{text}");
     // Everyone full: a new tunnel is refused, counted, and sent nowhere.

@@ -87,6 +87,7 @@ fn set(n: u32, down: &[u32], draining: &[u32], zero: &[u32]) -> Vec<Gateway> {
             draining: draining.contains(&id),
             tunnels: 0,
             capacity: 0,
+            throughput: 0,
         })
         .collect()
 }

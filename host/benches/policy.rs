@@ -31,6 +31,7 @@ fn gateways(n: u32) -> Vec<Gateway> {
             draining: false,
             tunnels: 0,
             capacity: 0,
+            throughput: 0,
         })
         .collect()
 }

@@ -63,6 +63,7 @@ fn sample_set(n: u32) -> Vec<Gateway> {
             draining: false,
             tunnels: 0,
             capacity: 0,
+            throughput: 0,
         })
         .collect()
 }

@@ -55,6 +55,9 @@ const REBALANCE_CHUNK: usize = 16;
 /// every 6 s, each tick a small fraction of a millisecond.)
 const SWEEP_BUDGET: usize = 1024;
 const SWEEP_EVERY: Duration = Duration::from_millis(6);
+/// How often the gateways' traffic is measured into rates
+/// (`Balancer::measure`): a pass over the gateways, none over the tunnels.
+pub const MEASURE_EVERY: Duration = Duration::from_secs(1);
 /// How often segws are asked for their MAC when health probing is off.
 const MAC_REFRESH: Duration = Duration::from_secs(1);
 
@@ -91,6 +94,17 @@ pub enum Command {
     Capacity {
         name: String,
         capacity: u64,
+        reply: Sender<Reply>,
+    },
+    Throughput {
+        name: String,
+        throughput: u64,
+        reply: Sender<Reply>,
+    },
+    /// A segw's utilization, reported from outside.
+    Report {
+        name: String,
+        utilization: f64,
         reply: Sender<Reply>,
     },
     AddGateway {
@@ -153,6 +167,7 @@ pub struct Worker {
     health: Option<HealthConfig>,
     next_probe: Timestamp,
     next_sweep: Timestamp,
+    next_measure: Timestamp,
     policy: PolicyRecord,
     last_send_error_log: Option<Instant>,
     pauses: Pauses,
@@ -213,6 +228,7 @@ impl Worker {
             health,
             next_probe: Timestamp::ZERO,
             next_sweep: Timestamp::ZERO,
+            next_measure: Timestamp::ZERO,
             policy,
             last_send_error_log: None,
             pauses: Pauses::default(),
@@ -484,10 +500,10 @@ impl Worker {
     }
 
     fn next_timer(&self) -> Timestamp {
-        self.next_probe.min(self.next_sweep)
+        self.next_probe.min(self.next_sweep).min(self.next_measure)
     }
 
-    /// Health probes and the idle sweep, when due. With health checking
+    /// Health probes, the traffic measurement and the idle sweep, when due. With health checking
     /// off, the probes still go out (every [`MAC_REFRESH`]): they are how
     /// a segw's MAC is learned and kept fresh; nobody is marked down.
     pub fn timers(&mut self, now: Timestamp) {
@@ -515,6 +531,12 @@ impl Worker {
                 }
                 self.next_probe = now + health.interval;
             }
+        }
+        if now >= self.next_measure {
+            // What the fast path forwarded counts too.
+            self.fast_path_count(now);
+            self.lb.measure(now);
+            self.next_measure = now + MEASURE_EVERY;
         }
         if now >= self.next_sweep {
             let gone = self.lb.expire(now, SWEEP_BUDGET);
@@ -604,6 +626,41 @@ impl Worker {
                     .lb
                     .set_weight(&name, weight, now)
                     .map(|()| format!("gateway {name} weight {} -> {weight}", before.unwrap_or(0)))
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+            Command::Throughput {
+                name,
+                throughput,
+                reply,
+            } => {
+                let before = self.lb.gateway(&name).map_or(0, |g| g.spec.throughput);
+                let show = |t: u64| match t {
+                    0 => "none".to_string(),
+                    t => crate::units::show_rate(t as f64),
+                };
+                let r = self
+                    .lb
+                    .set_throughput(&name, throughput, now)
+                    .map(|()| {
+                        format!(
+                            "gateway {name} throughput {} -> {}",
+                            show(before),
+                            show(throughput)
+                        )
+                    })
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+            Command::Report {
+                name,
+                utilization,
+                reply,
+            } => {
+                let r = self
+                    .lb
+                    .report_utilization(&name, utilization, now)
+                    .map(|()| format!("gateway {name} reports utilization {utilization}"))
                     .map_err(|e| e.to_string());
                 let _ = reply.send(r);
             }

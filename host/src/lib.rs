@@ -14,4 +14,5 @@ pub mod policy;
 pub mod run;
 pub mod time;
 mod toml_at;
+pub mod units;
 pub mod workload;

@@ -201,12 +201,46 @@ enum CtlGateway {
         /// The most tunnels it may hold (0: no limit).
         #[arg(long, default_value_t = 0)]
         capacity: u64,
+        /// The traffic it can carry, both ways: "4 Gbps", "500 MB/s".
+        #[arg(long, value_parser = rate)]
+        throughput: Option<u64>,
         /// Its MAC, if it should not be learned.
         #[arg(long)]
         mac: Option<String>,
     },
     /// Remove NAME; its tunnels move on their next packet.
     Remove { name: String },
+    /// Set the traffic NAME can carry, both ways ("4 Gbps"; "0 bps" for
+    /// none): what its utilization is measured against.
+    Throughput {
+        name: String,
+        #[arg(value_parser = rate)]
+        throughput: u64,
+    },
+    /// NAME's utilization as it reports it (its CPU, say), as
+    /// `utilization=0.73`: counted after a 10 s blackout, dropped 3 min
+    /// after the last report.
+    Report {
+        name: String,
+        #[arg(value_parser = utilization)]
+        utilization: f64,
+    },
+}
+
+/// A rate on the command line: "4 Gbps".
+fn rate(text: &str) -> Result<u64, String> {
+    segwlb::units::parse_rate(text)
+}
+
+/// `utilization=0.73` (or just `0.73`).
+fn utilization(text: &str) -> Result<f64, String> {
+    let value = text.strip_prefix("utilization=").unwrap_or(text);
+    match value.parse::<f64>() {
+        Ok(u) if u.is_finite() && u >= 0.0 => Ok(u),
+        _ => Err(format!(
+            "{text:?}: give utilization=U, U from 0.0 (idle) to 1.0 (full)"
+        )),
+    }
 }
 
 #[derive(Subcommand)]
@@ -477,15 +511,23 @@ fn ctl(socket: &Path, command: CtlCommand) -> anyhow::Result<ExitCode> {
                     interface,
                     weight,
                     capacity,
+                    throughput,
                     mac,
                 } => Request::GatewayAdd {
                     name,
                     interface,
                     weight,
                     capacity,
+                    throughput: throughput.unwrap_or(0),
                     mac,
                 },
                 CtlGateway::Remove { name } => Request::GatewayRemove { name },
+                CtlGateway::Throughput { name, throughput } => {
+                    Request::GatewayThroughput { name, throughput }
+                }
+                CtlGateway::Report { name, utilization } => {
+                    Request::GatewayReport { name, utilization }
+                }
             },
             false,
         ),

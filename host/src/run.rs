@@ -113,6 +113,7 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
             mac: g.mac,
             weight: g.weight,
             capacity: g.capacity,
+            throughput: g.throughput,
             steering: g.steering,
         };
         let now = clock.now();

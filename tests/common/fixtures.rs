@@ -75,6 +75,7 @@ pub fn balancer(captured: u8, steering: bool) -> Balancer {
             }),
             weight: 1,
             capacity: 0,
+            throughput: 0,
             steering: if steering && n == 3 {
                 steering_of_segw3()
             } else {

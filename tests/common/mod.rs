@@ -119,12 +119,12 @@ pub fn policy_wat(configure_body: &str, choose_body: &str) -> String {
     (i32.store8 (i32.const 32) (i32.const 1))
     (i32.store (i32.const 36) (local.get $id))
     (i32.const 32))
-  (func (export "segwlb:policy/balancer@0.2.0#configure") (param i32 i32) (result i32)
+  (func (export "segwlb:policy/balancer@0.3.0#configure") (param i32 i32) (result i32)
     {configure_body})
-  (func (export "segwlb:policy/balancer@0.2.0#set-gateways") (param i32 i32)
+  (func (export "segwlb:policy/balancer@0.3.0#set-gateways") (param i32 i32)
     ;; the host allocated the list with cabi_realloc; nothing here keeps it
     (global.set $bump (i32.const 4096)))
-  (func (export "segwlb:policy/balancer@0.2.0#choose")
+  (func (export "segwlb:policy/balancer@0.3.0#choose")
     (param i32 i64 i64 i32 i32 i64 i64 i32 i64 i32) (result i32)
     {choose_body})
 )"#

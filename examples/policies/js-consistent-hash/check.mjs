@@ -8,7 +8,7 @@
 // (Python ints masked to 64 bits) and of the Maglev fill (the textbook
 // `(offset + next·skip) % M`, where policy.js steps incrementally).
 //
-// policy.js imports `segwlb:policy/log@0.2.0`, which only exists inside a
+// policy.js imports `segwlb:policy/log@0.3.0`, which only exists inside a
 // component: here that import is swapped for a stub that records the lines.
 
 import { readFileSync } from 'node:fs';
@@ -20,10 +20,10 @@ globalThis.__logs = [];
 const stub = 'export function log(level, message) { globalThis.__logs.push([level, message]); }';
 const stubUrl = `data:text/javascript,${encodeURIComponent(stub)}`;
 const patched = source.replace(
-  /^import \{ log \} from 'segwlb:policy\/log@0\.2\.0';$/m,
+  /^import \{ log \} from 'segwlb:policy\/log@0\.3\.0';$/m,
   `import { log } from ${JSON.stringify(stubUrl)};`,
 );
-if (patched === source) throw new Error('policy.js no longer imports segwlb:policy/log@0.2.0');
+if (patched === source) throw new Error('policy.js no longer imports segwlb:policy/log@0.3.0');
 const p = await import(`data:text/javascript,${encodeURIComponent(patched)}`);
 
 let passed = 0;

@@ -25,7 +25,7 @@
 //
 // How componentize-js maps the contract (world `policy` in wit/policy.wit):
 // - imports are ES imports from the versioned interface name:
-//   `import { log } from 'segwlb:policy/log@0.2.0'`; an enum is its case
+//   `import { log } from 'segwlb:policy/log@0.3.0'`; an enum is its case
 //   name as a string ('warn');
 // - the exported interface is an exported object named after it
 //   (`balancer`) whose methods are the functions in camelCase
@@ -39,7 +39,7 @@
 //
 // check.mjs (beside this file) checks the arithmetic under plain Node.
 
-import { log } from 'segwlb:policy/log@0.2.0';
+import { log } from 'segwlb:policy/log@0.3.0';
 
 // ---------------------------------------------------------------- hash.rs
 

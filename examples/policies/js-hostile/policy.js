@@ -48,7 +48,7 @@
 // `componentize-js policy.js -w DIR -n hostile -d random clocks http
 // fetch-event -o policies/js-hostile.wasm`).
 
-import { log } from 'segwlb:policy/log@0.2.0';
+import { log } from 'segwlb:policy/log@0.3.0';
 import { getDirectories } from 'wasi:filesystem/preopens@0.2.12';
 import { getEnvironment } from 'wasi:cli/environment@0.2.12';
 import { instanceNetwork } from 'wasi:sockets/instance-network@0.2.12';

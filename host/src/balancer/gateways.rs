@@ -24,6 +24,10 @@ pub struct GatewaySpec {
     /// The most tunnels it may hold (its licence or memory limit); 0 for
     /// no limit. No new tunnel is placed on it when full.
     pub capacity: u64,
+    /// The traffic it can carry, bytes/s both directions together (what it
+    /// can encrypt and decrypt); 0 for not given. What utilization is
+    /// measured against; it never refuses a tunnel.
+    pub throughput: u64,
     /// SPI-range steering, for segws configured to cooperate.
     pub steering: SpiSteering,
 }
@@ -85,6 +89,10 @@ pub struct GatewayState {
     pub draining: bool,
     pub counters: GatewayCounters,
     pub probe: super::health::ProbeState,
+    /// Its traffic as rates (see [`super::rates`]).
+    pub meter: super::rates::Meter,
+    /// Utilization reported from outside.
+    pub reported: super::rates::Reported,
 }
 
 impl GatewayState {
@@ -102,6 +110,7 @@ impl GatewayState {
             draining: self.draining,
             tunnels: self.counters.tunnels,
             capacity: self.spec.capacity,
+            throughput: self.spec.throughput,
         }
     }
 }
@@ -155,6 +164,8 @@ impl Gateways {
             draining: false,
             counters: GatewayCounters::default(),
             probe: Default::default(),
+            meter: Default::default(),
+            reported: Default::default(),
         });
         Ok(id)
     }
@@ -206,6 +217,10 @@ impl Gateways {
 
     pub fn on_port_mut(&mut self, port: PortId) -> Option<&mut GatewayState> {
         self.list.iter_mut().find(|g| g.spec.port == port)
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut GatewayState> {
+        self.list.iter_mut()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &GatewayState> {

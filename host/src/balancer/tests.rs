@@ -74,6 +74,7 @@ impl Lab {
                 mac: static_macs.then(|| segw_mac(n)),
                 weight: 1,
                 capacity: 0,
+                throughput: 0,
                 steering: steering(n),
             };
             lb.add_gateway(spec, Timestamp::ZERO).unwrap();
@@ -1398,6 +1399,7 @@ fn frames_and_bytes_are_counted_each_way_and_a_frame_that_cannot_go_is_not() {
         mac: None,
         weight: 1,
         capacity: 0,
+        throughput: 0,
         steering: SpiSteering::default(),
     };
     lb.add_gateway(spec, Timestamp::ZERO).unwrap();

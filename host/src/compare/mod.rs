@@ -5,6 +5,7 @@
 pub mod report;
 pub mod scenario;
 pub mod sim;
+pub mod traffic;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -81,6 +82,27 @@ pub struct PolicyRun {
     /// Simulated seconds each segw spent at or above 90% of its capacity
     /// (0 for a segw without one).
     pub secs_above_90: Vec<u64>,
+    /// Each segw's throughput capacity, bytes/s (0: not given), in `segws`
+    /// order.
+    pub throughput_capacity_per_segw: Vec<u64>,
+    /// Bytes/s each segw carried, both ways, in every step (in `segws`
+    /// order), as the balancer counted them.
+    pub throughput_over_time: Vec<Vec<f64>>,
+    /// Each segw's highest utilization in any step (see
+    /// `policy::load::utilization`: the fuller of traffic over throughput
+    /// capacity and tunnels over tunnel capacity).
+    pub peak_utilization: BTreeMap<String, f64>,
+    /// Simulated seconds in which some segw was above 80% and above 100%
+    /// utilization, and each segw's own.
+    pub seconds_over_80: u64,
+    pub seconds_over_100: u64,
+    pub seconds_over_80_per_segw: Vec<u64>,
+    pub seconds_over_100_per_segw: Vec<u64>,
+    /// The busy hour: the step in which the segws carried the most, and
+    /// there max / mean of the per-segw throughput (over those carrying
+    /// any), beside `max_over_mean`, the spread of tunnels.
+    pub busy_step: u32,
+    pub throughput_max_over_mean: f64,
     /// Frames through the balancer, both ways.
     pub frames: u64,
     /// Frames the balancer dropped, by reason; and segw frames that did not
@@ -154,6 +176,7 @@ impl PolicyRun {
                 }
             })
             .collect();
+        let load = LoadFigures::of(scenario, &out);
         PolicyRun {
             policy: out.policy,
             scenario: scenario.name.clone(),
@@ -189,6 +212,20 @@ impl PolicyRun {
             full_answers: out.full_answers,
             peak_per_segw,
             secs_above_90,
+            throughput_capacity_per_segw: out.segws.iter().map(|s| s.throughput).collect(),
+            peak_utilization: out
+                .segws
+                .iter()
+                .zip(&load.peak)
+                .map(|(s, &p)| (s.name.clone(), round4(p)))
+                .collect(),
+            seconds_over_80: load.over_80,
+            seconds_over_100: load.over_100,
+            seconds_over_80_per_segw: load.over_80_per_segw,
+            seconds_over_100_per_segw: load.over_100_per_segw,
+            busy_step: load.busy_step,
+            throughput_max_over_mean: round4(load.busy_max_over_mean),
+            throughput_over_time: load.throughput,
             frames: out.frames,
             drops: out
                 .drops
@@ -200,8 +237,82 @@ impl PolicyRun {
     }
 }
 
+fn percent(x: f64) -> i64 {
+    (x * 100.0).round() as i64
+}
+
 fn round4(x: f64) -> f64 {
     (x * 1e4).round() / 1e4
+}
+
+/// Load as a run carried it, step by step.
+struct LoadFigures {
+    throughput: Vec<Vec<f64>>,
+    peak: Vec<f64>,
+    over_80: u64,
+    over_100: u64,
+    over_80_per_segw: Vec<u64>,
+    over_100_per_segw: Vec<u64>,
+    busy_step: u32,
+    busy_max_over_mean: f64,
+}
+
+impl LoadFigures {
+    fn of(scenario: &Scenario, out: &sim::Outcome) -> LoadFigures {
+        let secs = scenario.step_secs;
+        let n = out.segws.len();
+        let throughput: Vec<Vec<f64>> = out
+            .bytes_per_step
+            .iter()
+            .map(|step| step.iter().map(|&b| b as f64 / secs as f64).collect())
+            .collect();
+        let mut f = LoadFigures {
+            peak: vec![0.0; n],
+            over_80: 0,
+            over_100: 0,
+            over_80_per_segw: vec![0; n],
+            over_100_per_segw: vec![0; n],
+            busy_step: 0,
+            busy_max_over_mean: 0.0,
+            throughput: Vec::new(),
+        };
+        for (rates, tunnels) in throughput.iter().zip(&out.per_step) {
+            let (mut any_80, mut any_100) = (false, false);
+            for (g, spec) in out.segws.iter().enumerate() {
+                let u = crate::policy::load::utilization(
+                    rates[g],
+                    spec.throughput,
+                    tunnels[g],
+                    spec.capacity,
+                );
+                f.peak[g] = f.peak[g].max(u);
+                if u > 0.8 {
+                    f.over_80_per_segw[g] += secs;
+                    any_80 = true;
+                }
+                if u > 1.0 {
+                    f.over_100_per_segw[g] += secs;
+                    any_100 = true;
+                }
+            }
+            f.over_80 += if any_80 { secs } else { 0 };
+            f.over_100 += if any_100 { secs } else { 0 };
+        }
+        let total = |step: &Vec<f64>| step.iter().sum::<f64>();
+        if let Some((busy, rates)) = throughput
+            .iter()
+            .enumerate()
+            .max_by(|a, b| total(a.1).total_cmp(&total(b.1)).then(b.0.cmp(&a.0)))
+        {
+            let carrying: Vec<f64> = rates.iter().copied().filter(|&r| r > 0.0).collect();
+            let mean = carrying.iter().sum::<f64>() / carrying.len().max(1) as f64;
+            let max = carrying.iter().copied().fold(0.0, f64::max);
+            f.busy_step = busy as u32;
+            f.busy_max_over_mean = if mean > 0.0 { max / mean } else { 0.0 };
+        }
+        f.throughput = throughput;
+        f
+    }
 }
 
 impl PolicyRun {
@@ -219,6 +330,16 @@ impl PolicyRun {
                 ),
             })
             .collect()
+    }
+
+    /// Does any segw have a throughput capacity (so load is ranked)?
+    pub fn carries_traffic_load(&self) -> bool {
+        self.throughput_capacity_per_segw.iter().any(|&t| t > 0)
+    }
+
+    /// The hottest segw's peak utilization.
+    pub fn peak_utilization_max(&self) -> f64 {
+        self.peak_utilization.values().copied().fold(0.0, f64::max)
     }
 
     /// Moves over all events against the minimum: 1.0 is the least any
@@ -239,8 +360,10 @@ impl PolicyRun {
 }
 
 /// Best first: broken tunnels lose outright, then refused tunnels, then
-/// answers of a full segw (0 for all without capacities), then the spread,
-/// then the disruption.
+/// answers of a full segw (0 for all without capacities), then — where
+/// segws have a throughput capacity — load (seconds over 100%, over 80%,
+/// the hottest segw's peak), then the spread of tunnels, then the
+/// disruption.
 pub fn ranked(runs: &[PolicyRun]) -> Vec<&PolicyRun> {
     let mut ranked: Vec<&PolicyRun> = runs.iter().collect();
     ranked.sort_by(|a, b| {
@@ -248,6 +371,19 @@ pub fn ranked(runs: &[PolicyRun]) -> Vec<&PolicyRun> {
             .cmp(&b.split_tunnels)
             .then(a.refused_tunnels.cmp(&b.refused_tunnels))
             .then(a.full_answers.cmp(&b.full_answers))
+            .then_with(|| match a.carries_traffic_load() {
+                // Where segws have a throughput capacity, load before count.
+                true => a
+                    .seconds_over_100
+                    .cmp(&b.seconds_over_100)
+                    .then(a.seconds_over_80.cmp(&b.seconds_over_80))
+                    // In whole percent, as shown: a tenth of a percent
+                    // is noise, and the spread of tunnels decides then.
+                    .then(
+                        percent(a.peak_utilization_max()).cmp(&percent(b.peak_utilization_max())),
+                    ),
+                false => std::cmp::Ordering::Equal,
+            })
             .then(a.max_over_mean.total_cmp(&b.max_over_mean))
             .then(a.disruption().total_cmp(&b.disruption()))
             .then(a.policy.cmp(&b.policy))
@@ -338,6 +474,11 @@ impl fmt::Display for Table<'_> {
             writeln!(f)?;
             capacity_table(f, &ranked)?;
         }
+        if let Some(traffic) = &self.scenario.traffic {
+            writeln!(f)?;
+            writeln!(f, "{}", traffic.describe())?;
+            load_table(f, self.scenario, &ranked)?;
+        }
         writeln!(f)?;
         writeln!(
             f,
@@ -419,6 +560,77 @@ fn capacity_table(f: &mut fmt::Formatter<'_>, ranked: &[&PolicyRun]) -> fmt::Res
         writeln!(f)?;
     }
     Ok(())
+}
+
+/// Each segw's peak utilization, the seconds over 80% and 100%, and the
+/// spread of bytes at the busy hour beside the spread of tunnels; then who
+/// carried the load best.
+fn load_table(
+    f: &mut fmt::Formatter<'_>,
+    scenario: &Scenario,
+    ranked: &[&PolicyRun],
+) -> fmt::Result {
+    let Some(first) = ranked.first() else {
+        return Ok(());
+    };
+    let clock = |step: u32| {
+        let start = scenario
+            .traffic
+            .as_ref()
+            .map_or(0.0, |t| t.start_hour * 3600.0);
+        let secs = start + f64::from(step) * scenario.step_secs as f64;
+        let minutes = (secs / 60.0).round() as u64 % (24 * 60);
+        format!("{:02}:{:02}", minutes / 60, minutes % 60)
+    };
+    writeln!(
+        f,
+        "load: utilization = the fuller of traffic / throughput capacity and tunnels / tunnel capacity; \
+         busy hour = the step the segws carried most ({} for {})",
+        clock(first.busy_step),
+        first.policy
+    )?;
+    writeln!(
+        f,
+        "  {:<18} {:>6} {:>6}  {:>13} {:>13}  peak utilization per segw",
+        "policy", "s>80%", "s>100%", "bytes max/mean", "tunnels max/fair"
+    )?;
+    for r in ranked {
+        let peaks: Vec<String> = r
+            .segws
+            .iter()
+            .map(|name| format!("{name} {:.0}%", r.peak_utilization[name] * 100.0))
+            .collect();
+        writeln!(
+            f,
+            "  {:<18} {:>6} {:>6}  {:>13.3} {:>13.3}  {}",
+            r.policy,
+            r.seconds_over_80,
+            r.seconds_over_100,
+            r.throughput_max_over_mean,
+            r.max_over_mean,
+            peaks.join("  ")
+        )?;
+    }
+    let best = ranked
+        .iter()
+        .min_by(|a, b| {
+            a.seconds_over_100
+                .cmp(&b.seconds_over_100)
+                .then(a.seconds_over_80.cmp(&b.seconds_over_80))
+                .then(
+                    a.peak_utilization_max()
+                        .total_cmp(&b.peak_utilization_max()),
+                )
+        })
+        .expect("not empty");
+    writeln!(
+        f,
+        "carries the load best: {} ({} s over 100%, {} s over 80%, hottest segw at {:.0}%)",
+        best.policy,
+        best.seconds_over_100,
+        best.seconds_over_80,
+        best.peak_utilization_max() * 100.0
+    )
 }
 
 fn moved_cell(r: &PolicyRun) -> String {

@@ -14,7 +14,9 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::traffic::{RateDist, Shape, Traffic};
 use crate::toml_at::{field_at, line_column};
+use crate::units::parse_rate;
 
 /// The built-in scenario's text.
 pub const BUILTIN: &str = include_str!("../../../config/scenarios/default.toml");
@@ -24,11 +26,15 @@ pub const BUILTIN_LAB: &str = include_str!("../../../config/scenarios/lab.toml")
 pub const BUILTIN_CAPACITY: &str = include_str!("../../../config/scenarios/capacity.toml");
 /// The built-in capacity scenario of `segwlb lab compare`: lab-sized.
 pub const BUILTIN_LAB_CAPACITY: &str = include_str!("../../../config/scenarios/lab-capacity.toml");
+/// A day of traffic (`--scenario diurnal`): cells of mixed daily shapes on
+/// segws of unequal throughput, a failure at the busy hour.
+pub const BUILTIN_DIURNAL: &str = include_str!("../../../config/scenarios/diurnal.toml");
 
 /// `--scenario NAME` for a built-in one (a file of that name wins).
-pub const BUILTINS: [(&str, &str); 4] = [
+pub const BUILTINS: [(&str, &str); 5] = [
     ("default", BUILTIN),
     ("capacity", BUILTIN_CAPACITY),
+    ("diurnal", BUILTIN_DIURNAL),
     ("lab", BUILTIN_LAB),
     ("lab-capacity", BUILTIN_LAB_CAPACITY),
 ];
@@ -43,6 +49,9 @@ pub struct SegwSpec {
     pub weight: u32,
     /// The most tunnels it may hold; 0 for no limit.
     pub capacity: u64,
+    /// The traffic it can carry, bytes/s both directions together (what it
+    /// can encrypt and decrypt); 0 for not given.
+    pub throughput: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +136,9 @@ pub struct Scenario {
     pub steps: u32,
     pub segws: Vec<SegwSpec>,
     pub tunnels: Population,
+    /// What each tunnel carries; without it every tunnel sends
+    /// `packets_per_step` packets of `esp_bytes` each way.
+    pub traffic: Option<Traffic>,
     /// Sorted by step (file order within a step).
     pub events: Vec<TimedEvent>,
 }
@@ -226,6 +238,11 @@ impl Scenario {
         self.all_segws().iter().any(|s| s.capacity > 0)
     }
 
+    /// Does any segw have a throughput capacity?
+    pub fn has_throughputs(&self) -> bool {
+        self.all_segws().iter().any(|s| s.throughput > 0)
+    }
+
     /// Every segw that ever takes part: the initial set, then additions.
     pub fn all_segws(&self) -> Vec<SegwSpec> {
         let mut all = self.segws.clone();
@@ -254,6 +271,9 @@ impl fmt::Display for Scenario {
                 if g.capacity > 0 {
                     tags.push(format!("cap {}", g.capacity));
                 }
+                if g.throughput > 0 {
+                    tags.push(crate::units::show_rate(g.throughput as f64));
+                }
                 match tags.is_empty() {
                     true => g.name.clone(),
                     false => format!("{}({})", g.name, tags.join(", ")),
@@ -266,14 +286,18 @@ impl fmt::Display for Scenario {
         });
         write!(
             f,
-            "{}: {} tunnels{peak} over {}; {:.0}% NAT'd, {:.0}% raw ESP, {:.0}% IPv6; {:.0}% churn per step; {} steps of {} s",
+            "{}: {} tunnels{peak} over {}; {:.0}% NAT'd, {:.0}% raw ESP, {:.0}% IPv6; {}% churn per step; {} steps of {} s",
             self.name,
             t.count,
             segws.join(" "),
             t.nat * 100.0,
             (1.0 - t.nat) * t.raw_esp * 100.0,
             (1.0 - t.nat) * t.ipv6 * 100.0,
-            t.churn * 100.0,
+            // Whole percent, or the first figure that is not zero.
+            match t.churn * 100.0 {
+                c if c == 0.0 || c >= 1.0 => format!("{c:.0}"),
+                c => format!("{c:.1}"),
+            },
             self.steps,
             self.step_secs,
         )
@@ -291,8 +315,44 @@ struct RawScenario {
     #[serde(default)]
     segw: Vec<Spanned<RawSegw>>,
     tunnels: RawPopulation,
+    traffic: Option<Spanned<RawTraffic>>,
     #[serde(default)]
     event: Vec<Spanned<RawEvent>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTraffic {
+    /// `lognormal` (with `median`, `sigma`) or `pareto` (with `min`, `alpha`).
+    distribution: Spanned<String>,
+    median: Option<Spanned<String>>,
+    sigma: Option<Spanned<f64>>,
+    min: Option<Spanned<String>>,
+    alpha: Option<Spanned<f64>>,
+    #[serde(default = "downlink_ratio")]
+    downlink_ratio: Spanned<f64>,
+    #[serde(default = "packet_bytes")]
+    packet_bytes: Spanned<u32>,
+    #[serde(default = "zero")]
+    start_hour: Spanned<f64>,
+    /// Share of tunnels per daily shape, by name (built-in or `[[traffic.shape]]`).
+    shares: Option<Spanned<std::collections::BTreeMap<String, f64>>>,
+    #[serde(default)]
+    shape: Vec<Spanned<RawShape>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShape {
+    name: Spanned<String>,
+    factors: Spanned<Vec<f64>>,
+}
+
+fn downlink_ratio() -> Spanned<f64> {
+    Spanned::new(0..0, 4.0)
+}
+fn packet_bytes() -> Spanned<u32> {
+    Spanned::new(0..0, 800)
 }
 
 #[derive(Deserialize, Clone)]
@@ -304,6 +364,8 @@ struct RawSegw {
     /// Tunnels it may hold; 0 = no limit.
     #[serde(default)]
     capacity: u64,
+    /// Traffic it can carry, e.g. "4 Gbps".
+    throughput: Option<Spanned<String>>,
 }
 
 fn one() -> Spanned<u32> {
@@ -421,6 +483,10 @@ impl RawScenario {
             segws.push(spec);
         }
         let tunnels = self.tunnels.validate(at)?;
+        let traffic = match &self.traffic {
+            Some(t) => Some(t.get_ref().validate(t.span(), at)?),
+            None => None,
+        };
         if let Some(peak) = &self.tunnels.peak {
             let step = peak.get_ref().step.clone();
             if *step.get_ref() >= steps {
@@ -465,7 +531,148 @@ impl RawScenario {
             steps,
             segws,
             tunnels,
+            traffic,
             events,
+        })
+    }
+}
+
+impl RawTraffic {
+    fn validate(&self, span: Range<usize>, at: &At) -> Result<Traffic, ScenarioError> {
+        let rate = |r: &Option<Spanned<String>>, name: &str| -> Result<f64, ScenarioError> {
+            match r {
+                Some(r) => parse_rate(r.get_ref())
+                    .map(|b| b as f64)
+                    .map_err(|m| at(r.span(), format!("traffic.{name}"), m)),
+                None => Err(at(
+                    span.clone(),
+                    format!("traffic.{name}"),
+                    format!("{} needs `{name}`", self.distribution.get_ref()),
+                )),
+            }
+        };
+        let positive =
+            |v: &Option<Spanned<f64>>, name: &str, default: Option<f64>, floor: f64| match (
+                v, default,
+            ) {
+                (Some(v), _) if v.get_ref().is_finite() && *v.get_ref() >= floor => {
+                    Ok(*v.get_ref())
+                }
+                (Some(v), _) => Err(at(
+                    v.span(),
+                    format!("traffic.{name}"),
+                    format!("must be at least {floor}, not {}", v.get_ref()),
+                )),
+                (None, Some(d)) => Ok(d),
+                (None, None) => Err(at(
+                    span.clone(),
+                    format!("traffic.{name}"),
+                    format!("{} needs `{name}`", self.distribution.get_ref()),
+                )),
+            };
+        let dist = match self.distribution.get_ref().as_str() {
+            "lognormal" => RateDist::LogNormal {
+                median: rate(&self.median, "median")?,
+                sigma: positive(&self.sigma, "sigma", Some(1.0), 0.0)?,
+            },
+            "pareto" => RateDist::Pareto {
+                min: rate(&self.min, "min")?,
+                // alpha <= 1 has no mean: a scenario's load would not exist.
+                alpha: positive(&self.alpha, "alpha", None, 1.01)?,
+            },
+            other => {
+                return Err(at(
+                    self.distribution.span(),
+                    "traffic.distribution".into(),
+                    format!("{other:?}: give \"lognormal\" or \"pareto\""),
+                ))
+            }
+        };
+        let ratio = *self.downlink_ratio.get_ref();
+        if !(ratio.is_finite() && ratio >= 0.0) {
+            return Err(at(
+                self.downlink_ratio.span(),
+                "traffic.downlink_ratio".into(),
+                format!("must be >= 0 (downlink bytes per uplink byte), not {ratio}"),
+            ));
+        }
+        let packet = *self.packet_bytes.get_ref();
+        if !(40..=9000).contains(&packet) {
+            return Err(at(
+                self.packet_bytes.span(),
+                "traffic.packet_bytes".into(),
+                format!("must be 40..=9000 (one IP packet), not {packet}"),
+            ));
+        }
+        let hour = *self.start_hour.get_ref();
+        if !(0.0..24.0).contains(&hour) {
+            return Err(at(
+                self.start_hour.span(),
+                "traffic.start_hour".into(),
+                format!("must be 0..24, not {hour}"),
+            ));
+        }
+        let mut custom = Vec::new();
+        for (i, s) in self.shape.iter().enumerate() {
+            let s = s.get_ref();
+            let name = s.name.get_ref().trim();
+            let field = format!("traffic.shape[{}]", i + 1);
+            if Shape::builtin(name).is_some() || custom.iter().any(|c: &Shape| c.name == name) {
+                return Err(at(
+                    s.name.span(),
+                    format!("{field}.name"),
+                    format!("{name:?} is already a shape"),
+                ));
+            }
+            let shape = Shape::new(name, s.factors.get_ref())
+                .map_err(|m| at(s.factors.span(), format!("{field}.factors"), m))?;
+            custom.push(shape);
+        }
+        let shapes = match &self.shares {
+            None => vec![(Shape::builtin("flat").expect("built in"), 1.0)],
+            Some(shares) => {
+                let mut shapes = Vec::new();
+                for (name, &share) in shares.get_ref() {
+                    let shape = Shape::builtin(name)
+                        .or_else(|| custom.iter().find(|c| &c.name == name).cloned())
+                        .ok_or_else(|| {
+                            let mut known: Vec<String> = super::traffic::BUILTIN_SHAPES
+                                .iter()
+                                .map(|(n, _)| n.to_string())
+                                .collect();
+                            known.extend(custom.iter().map(|c| c.name.clone()));
+                            at(
+                                shares.span(),
+                                format!("traffic.shares.{name}"),
+                                format!("no shape {name:?} (shapes: {})", known.join(", ")),
+                            )
+                        })?;
+                    if !(share.is_finite() && share >= 0.0) {
+                        return Err(at(
+                            shares.span(),
+                            format!("traffic.shares.{name}"),
+                            format!("is a share: >= 0, not {share}"),
+                        ));
+                    }
+                    shapes.push((shape, share));
+                }
+                let sum: f64 = shapes.iter().map(|(_, s)| s).sum();
+                if (sum - 1.0).abs() > 1e-6 || shapes.len() > 255 {
+                    return Err(at(
+                        shares.span(),
+                        "traffic.shares".into(),
+                        format!("shares add up to 1, not {sum}"),
+                    ));
+                }
+                shapes
+            }
+        };
+        Ok(Traffic {
+            rate: dist,
+            downlink_ratio: ratio,
+            packet_bytes: packet,
+            start_hour: hour,
+            shapes,
         })
     }
 }
@@ -487,10 +694,17 @@ fn segw_spec(raw: &RawSegw, field: &str, at: &At) -> Result<SegwSpec, ScenarioEr
             "must be at least 1 (drain a segw to stop new tunnels)".into(),
         ));
     }
+    let throughput = match &raw.throughput {
+        Some(t) => {
+            parse_rate(t.get_ref()).map_err(|m| at(t.span(), format!("{field}.throughput"), m))?
+        }
+        None => 0,
+    };
     Ok(SegwSpec {
         name: name.to_string(),
         weight,
         capacity: raw.capacity,
+        throughput,
     })
 }
 
@@ -697,6 +911,7 @@ mod tests {
                 name: "b".into(),
                 weight: 1,
                 capacity: 0,
+                throughput: 0,
             }
         );
         assert_eq!(s.tunnels.esp_bytes, 120);

@@ -14,9 +14,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::scenario::{Event, Scenario, SegwSpec};
+use super::traffic::{Profile, Sent};
 use crate::balancer::affinity::Timeouts;
 use crate::balancer::{
-    farm, Balancer, Config, DropReason, GatewaySpec, PortId, Prefix, Verdict, UPLINK,
+    farm, Balancer, Bulk, Config, DropReason, GatewaySpec, PortId, Prefix, Verdict, UPLINK,
 };
 use crate::packet::craft::{self, EspFrame};
 use crate::packet::{ike, IkeHeader, Mac};
@@ -39,6 +40,9 @@ pub struct Outcome {
     pub segws: Vec<SegwSpec>,
     /// Live tunnels per segw (in `segws` order) at the end of each step.
     pub per_step: Vec<Vec<u64>>,
+    /// IP bytes each segw carried in each step, both directions, as the
+    /// balancer counted them (its gateway counters).
+    pub bytes_per_step: Vec<Vec<u64>>,
     /// Per event: tunnels whose packets reached a different segw in the
     /// event's step, and the fewest any policy could have moved.
     pub moved: Vec<u64>,
@@ -140,6 +144,8 @@ struct Peer {
     refused: bool,
     /// Closed by its initiator (a given tunnel's `ends`): it sends nothing.
     closed: bool,
+    /// What it carries, with the scenario's `[traffic]`.
+    profile: Option<Profile>,
 }
 
 /// Where one segw of a scenario stands as its events move it: what the
@@ -259,6 +265,12 @@ struct Sim<'s> {
     frames: u64,
     returns_lost: u64,
     refused_tunnels: u64,
+    /// Tunnels arrived so far: the next one's number, for its profile.
+    arrived: u64,
+    seed: u64,
+    /// What a tunnel sends this step, by profile (start of the step and
+    /// its length in seconds).
+    step_window: (f64, f64),
     buf: Vec<u8>,
 }
 
@@ -323,6 +335,9 @@ pub fn run_with(
         frames: 0,
         returns_lost: 0,
         refused_tunnels: 0,
+        arrived: 0,
+        seed,
+        step_window: (0.0, scenario.step_secs as f64),
         buf: Vec::with_capacity(1600),
     };
     for i in 0..scenario.segws.len() {
@@ -334,10 +349,15 @@ pub fn run_with(
     let churned = (t.count as f64 * t.churn).round() as usize;
     let (mut moved, mut minimum) = (Vec::new(), Vec::new());
     let mut per_step = Vec::with_capacity(scenario.steps as usize);
+    let mut bytes_per_step = Vec::with_capacity(scenario.steps as usize);
+    let mut carried = vec![0u64; sim.segws.len()];
     let mut refused_per_step = Vec::with_capacity(scenario.steps as usize);
     let mut last_event: Option<usize> = None;
     for step in 0..scenario.steps {
         sim.now = Timestamp::from_secs(u64::from(step) * scenario.step_secs);
+        sim.step_window.0 = (u64::from(step) * scenario.step_secs) as f64;
+        // The last step's traffic, as rates: what load-aware policies see.
+        sim.lb.measure(sim.now);
         sim.moved_this_step = 0;
         sim.rebalancing = false;
         // Tunnels end first, so an event's minimum counts only tunnels that
@@ -393,8 +413,13 @@ pub fn run_with(
                 sim.open(i);
             }
             if sim.peers[i].segw.is_some() {
-                for _ in 0..t.packets_per_step {
-                    sim.esp(i);
+                match sim.peers[i].profile {
+                    Some(profile) => sim.traffic(i, profile),
+                    None => {
+                        for _ in 0..t.packets_per_step {
+                            sim.esp(i, None);
+                        }
+                    }
                 }
             }
         }
@@ -404,6 +429,7 @@ pub fn run_with(
             None => sim.split += sim.moved_this_step,
         }
         per_step.push(sim.counts.clone());
+        bytes_per_step.push(sim.carried_since(&mut carried));
         sim.lb.expire(sim.now, usize::MAX);
         progress(step);
     }
@@ -415,6 +441,7 @@ pub fn run_with(
         fair_weights: sim.state.iter().map(SegwNow::fair_weight).collect(),
         segws: sim.segws,
         per_step,
+        bytes_per_step,
         moved,
         minimum_moved: minimum,
         split: sim.split,
@@ -444,6 +471,7 @@ impl Sim<'_> {
             mac: Some(farm::segw_mac(port as u8)),
             weight: self.segws[i].weight,
             capacity: self.segws[i].capacity,
+            throughput: self.segws[i].throughput,
             ..Default::default()
         };
         self.lb
@@ -526,6 +554,10 @@ impl Sim<'_> {
             let raw = self.rng.chance(t.raw_esp);
             (addr, 500, if raw { None } else { Some(4500) })
         };
+        // Drawn by arrival number: the population's draws above are the
+        // same with traffic or without.
+        let profile = (self.scenario.traffic.as_ref()).map(|t| t.profile(self.seed, self.arrived));
+        self.arrived += 1;
         self.peers.push(Peer {
             addr,
             ike_port,
@@ -538,7 +570,37 @@ impl Sim<'_> {
             segw: None,
             refused: false,
             closed: false,
+            profile,
         });
+    }
+
+    /// What each segw carried since `carried` (both ways, as the balancer
+    /// counted), which becomes the totals now.
+    fn carried_since(&self, carried: &mut [u64]) -> Vec<u64> {
+        self.segws
+            .iter()
+            .zip(carried.iter_mut())
+            .map(|(spec, total)| {
+                let now = self
+                    .lb
+                    .gateway(&spec.name)
+                    .map_or(*total, |g| g.counters.bytes_to + g.counters.bytes_from);
+                now.saturating_sub(std::mem::replace(total, now))
+            })
+            .collect()
+    }
+
+    /// Tunnel `i`'s traffic this step: one ESP frame each way standing for
+    /// all its packets.
+    fn traffic(&mut self, i: usize, profile: Profile) {
+        let traffic = self
+            .scenario
+            .traffic
+            .as_ref()
+            .expect("a profile has traffic");
+        let (start, secs) = self.step_window;
+        let (up, down) = traffic.sent(profile, start, secs);
+        self.esp(i, Some((up, down)));
     }
 
     /// Its initiator closes tunnel `i`: off its segw's count, silent from
@@ -590,8 +652,8 @@ impl Sim<'_> {
         self.segw_answers(i, &craft::udp_packet(vip, dport, addr, port, &body));
     }
 
-    /// One ESP packet each way.
-    fn esp(&mut self, i: usize) {
+    /// One ESP packet each way; with `bulk`, standing for that traffic.
+    fn esp(&mut self, i: usize, bulk: Option<(Sent, Sent)>) {
         let p = &mut self.peers[i];
         p.seq = p.seq.wrapping_add(1);
         let len = self.scenario.tunnels.esp_bytes as usize;
@@ -607,7 +669,7 @@ impl Sim<'_> {
             len,
         }
         .write(&mut self.buf);
-        self.send_in(i);
+        self.send_in_as(i, bulk.map(|(up, _)| up));
         let p = &self.peers[i];
         let Some(g) = p.segw else { return };
         let port = (g + 1) as PortId;
@@ -622,7 +684,7 @@ impl Sim<'_> {
             len,
         }
         .write(&mut self.buf);
-        self.send_back(port);
+        self.send_back_as(port, bulk.map(|(_, down)| down));
     }
 
     fn peer_sends(&mut self, i: usize, ip: &[u8]) {
@@ -641,8 +703,19 @@ impl Sim<'_> {
     /// was refused (every segw full): then the peer has no segw until a
     /// later try is placed.
     fn send_in(&mut self, i: usize) {
+        self.send_in_as(i, None)
+    }
+
+    /// [`send_in`](Self::send_in), standing for `bulk` when it carries any.
+    fn send_in_as(&mut self, i: usize, bulk: Option<Sent>) {
         self.frames += 1;
-        match self.lb.handle(&mut self.buf, UPLINK, self.now) {
+        let verdict = match bulk.filter(|b| b.packets > 0) {
+            Some(b) => self
+                .lb
+                .handle_bulk(&mut self.buf, UPLINK, self.now, bulk_of(b)),
+            None => self.lb.handle(&mut self.buf, UPLINK, self.now),
+        };
+        match verdict {
             Verdict::Drop(DropReason::AtCapacity) => {
                 let peer = &mut self.peers[i];
                 if let Some(old) = peer.segw.take() {
@@ -662,8 +735,18 @@ impl Sim<'_> {
 
     /// `buf` from the segw on `port`; it must reach the initiator side.
     fn send_back(&mut self, port: PortId) {
+        self.send_back_as(port, None)
+    }
+
+    fn send_back_as(&mut self, port: PortId, bulk: Option<Sent>) {
         self.frames += 1;
-        if self.lb.handle(&mut self.buf, port, self.now).forwarded_to() != Some(UPLINK) {
+        let verdict = match bulk.filter(|b| b.packets > 0) {
+            Some(b) => self
+                .lb
+                .handle_bulk(&mut self.buf, port, self.now, bulk_of(b)),
+            None => self.lb.handle(&mut self.buf, port, self.now),
+        };
+        if verdict.forwarded_to() != Some(UPLINK) {
             self.returns_lost += 1;
         }
     }
@@ -685,6 +768,13 @@ impl Sim<'_> {
             Landing::Moved => self.moved_this_step += 1,
             Landing::Split => self.split += 1,
         }
+    }
+}
+
+fn bulk_of(sent: Sent) -> Bulk {
+    Bulk {
+        packets: sent.packets,
+        bytes: sent.bytes,
     }
 }
 

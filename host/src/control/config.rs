@@ -138,6 +138,8 @@ pub struct GatewayConfig {
     pub weight: u32,
     /// The most tunnels it may hold; 0 for no limit.
     pub capacity: u64,
+    /// The traffic it can carry, bytes/s both ways; 0 for not given.
+    pub throughput: u64,
     /// Static MAC; otherwise learned from the segw's ARP answers.
     pub mac: Option<Mac>,
     pub drain: bool,
@@ -495,11 +497,17 @@ impl RunConfig {
                     ))
                 }
             };
+            let throughput = match &g.throughput {
+                Some(t) => crate::units::parse_rate(t.get_ref())
+                    .map_err(|m| at(t.span(), &field("throughput"), m))?,
+                None => 0,
+            };
             gateways.push(GatewayConfig {
                 name: g.name.get_ref().clone(),
                 interface: locate(&g.interface, field("interface")),
                 weight: g.weight,
                 capacity: g.capacity,
+                throughput,
                 mac,
                 drain: g.drain,
                 steering: SpiSteering {
@@ -845,6 +853,8 @@ struct RawGateway {
     /// Tunnels it may hold (a licence or memory limit); 0 = no limit.
     #[serde(default)]
     capacity: u64,
+    /// Traffic it can carry, e.g. "4 Gbps".
+    throughput: Option<Spanned<String>>,
     mac: Option<Spanned<String>>,
     #[serde(default)]
     drain: bool,

@@ -44,7 +44,20 @@ pub enum Request {
         /// 0: no limit. Absent in requests from before capacities.
         #[serde(default)]
         capacity: u64,
+        /// Bytes/s; 0: not given. Absent in requests from before traffic.
+        #[serde(default)]
+        throughput: u64,
         mac: Option<String>,
+    },
+    /// A gateway's throughput capacity, bytes/s (0: none).
+    GatewayThroughput {
+        name: String,
+        throughput: u64,
+    },
+    /// A gateway's utilization, as it reports it (its CPU, say).
+    GatewayReport {
+        name: String,
+        utilization: f64,
     },
     GatewayRemove {
         name: String,
@@ -328,13 +341,20 @@ fn handle(sup: &mut Supervisor, req: Request) -> Response {
             interface,
             weight,
             capacity,
+            throughput,
             mac,
         } => Response::of(sup.add_gateway_by_hand(
             &name,
             &interface,
-            (weight, capacity),
+            (weight, capacity, throughput),
             mac.as_deref(),
         )),
+        Request::GatewayThroughput { name, throughput } => {
+            Response::of(sup.throughput(&name, throughput))
+        }
+        Request::GatewayReport { name, utilization } => {
+            Response::of(sup.report(&name, utilization))
+        }
         Request::GatewayRemove { name } => Response::of(sup.remove_gateway(&name)),
         Request::Save => Response::of(sup.save_state()),
     }

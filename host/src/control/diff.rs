@@ -20,6 +20,7 @@ pub enum Change {
     RemoveGateway(String),
     Weight(String, u32),
     Capacity(String, u64),
+    Throughput(String, u64),
     Drain(String, bool),
     /// A field that only a restart applies (names it).
     NeedsRestart(&'static str),
@@ -99,6 +100,9 @@ pub fn diff(old: &RunConfig, new: &RunConfig) -> Vec<Change> {
                 if n.capacity != g.capacity {
                     changes.push(Change::Capacity(n.name.clone(), n.capacity));
                 }
+                if n.throughput != g.throughput {
+                    changes.push(Change::Throughput(n.name.clone(), n.throughput));
+                }
                 if n.drain != g.drain {
                     changes.push(Change::Drain(n.name.clone(), n.drain));
                 }
@@ -138,6 +142,11 @@ pub fn record(running: &mut RunConfig, change: &Change, new: &RunConfig) {
         Change::Capacity(name, c) => {
             if let Some(g) = running.gateways.iter_mut().find(|g| &g.name == name) {
                 g.capacity = *c;
+            }
+        }
+        Change::Throughput(name, t) => {
+            if let Some(g) = running.gateways.iter_mut().find(|g| &g.name == name) {
+                g.throughput = *t;
             }
         }
         Change::Drain(name, d) => {

@@ -96,6 +96,47 @@ pub fn render(s: &Status) -> String {
         both(&|g| g.bytes_to, &|g| g.bytes_from),
     );
     family(
+        "gateway_bytes_per_second",
+        "gauge",
+        "IP bytes per second, by gateway and direction (smoothed over 5 s).",
+        both(&|g| g.load.bytes_to_per_s as u64, &|g| {
+            g.load.bytes_from_per_s as u64
+        }),
+    );
+    family(
+        "gateway_packets_per_second",
+        "gauge",
+        "Packets per second, by gateway and direction (smoothed over 5 s).",
+        both(&|g| g.load.packets_to_per_s as u64, &|g| {
+            g.load.packets_from_per_s as u64
+        }),
+    );
+    family(
+        "gateway_throughput_bytes_per_second",
+        "gauge",
+        "Throughput capacity, bytes per second both ways (0: not given).",
+        per_gw(&|g| g.load.throughput.to_string()),
+    );
+    family(
+        "gateway_utilization",
+        "gauge",
+        "What policies balance on: the larger of the measured utilization and a live report (1 = full).",
+        per_gw(&|g| g.load.utilization.to_string()),
+    );
+    family(
+        "gateway_reported_utilization",
+        "gauge",
+        "The last utilization the gateway reported, while it counts (after the blackout, before expiry).",
+        s.gateways
+            .iter()
+            .filter(|g| g.load.reported_state == "live")
+            .filter_map(|g| {
+                let r = g.load.reported?;
+                Some((format!("gateway=\"{}\"", g.name), r.to_string()))
+            })
+            .collect(),
+    );
+    family(
         "gateway_moved_in_total",
         "counter",
         "Tunnels moved to the gateway (failure of another, rebalance).",

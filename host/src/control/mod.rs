@@ -299,6 +299,7 @@ impl Supervisor {
                 Change::RemoveGateway(name) => self.remove_gateway(&name),
                 Change::Weight(name, w) => self.weight(&name, w),
                 Change::Capacity(name, c) => self.capacity(&name, c),
+                Change::Throughput(name, t) => self.throughput(&name, t),
                 Change::Drain(name, d) => self.drain(&name, d),
                 Change::NeedsRestart(field) => {
                     Err(format!("{field} changed: takes effect after a restart"))
@@ -344,12 +345,37 @@ impl Supervisor {
         })
     }
 
+    /// A gateway's throughput capacity, bytes/s (0: not given): from a
+    /// config reload or `ctl gateway throughput`.
+    pub fn throughput(&self, name: &str, throughput: u64) -> Reply {
+        self.ask(|reply| Command::Throughput {
+            name: name.into(),
+            throughput,
+            reply,
+        })
+    }
+
+    /// `ctl gateway report NAME utilization=U`: what the segw says of its
+    /// own load (its CPU, say).
+    pub fn report(&self, name: &str, utilization: f64) -> Reply {
+        if !(utilization.is_finite() && (0.0..=100.0).contains(&utilization)) {
+            return Err(format!(
+                "utilization {utilization} is not a load: 0.0 (idle) to 1.0 (full), more for overload"
+            ));
+        }
+        self.ask(|reply| Command::Report {
+            name: name.into(),
+            utilization,
+            reply,
+        })
+    }
+
     /// `ctl gateway add`.
     pub fn add_gateway_by_hand(
         &mut self,
         name: &str,
         interface: &str,
-        (weight, capacity): (u32, u64),
+        (weight, capacity, throughput): (u32, u64, u64),
         mac: Option<&str>,
     ) -> Reply {
         let mac = match mac {
@@ -369,6 +395,7 @@ impl Supervisor {
             },
             weight,
             capacity,
+            throughput,
             mac,
             drain: false,
             steering: Default::default(),
@@ -410,6 +437,7 @@ impl Supervisor {
             mac: g.mac,
             weight: g.weight,
             capacity: g.capacity,
+            throughput: g.throughput,
             steering: g.steering,
         };
         let r = self.ask(|reply| Command::AddGateway {

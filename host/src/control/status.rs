@@ -10,11 +10,13 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::balancer::affinity::{Tunnel, TunnelState};
-use crate::balancer::{Balancer, DropReason, GwId};
+use crate::balancer::rates::ReportState;
+use crate::balancer::{Balancer, DropReason, GatewayState, GwId};
 use crate::control::config::format_mac;
 use crate::packet::Malformed;
 use crate::policy::{FallbackReason, Policy};
 use crate::time::Timestamp;
+use crate::units::show_rate;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -90,8 +92,83 @@ pub struct GatewayStatus {
     pub frames_from: u64,
     pub bytes_from: u64,
     pub moved_in: u64,
+    /// Its traffic as rates and its utilization (absent from a balancer
+    /// from before traffic).
+    #[serde(default)]
+    pub load: LoadStatus,
     /// Its tunnels, oldest first, up to the asked-for limit.
     pub tunnel_list: Vec<TunnelStatus>,
+}
+
+/// A gateway's load as last measured (every second; rates smoothed over
+/// `balancer::rates::WINDOW`). "to" is towards the segw, "from" from it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadStatus {
+    pub bytes_to_per_s: f64,
+    pub bytes_from_per_s: f64,
+    pub packets_to_per_s: f64,
+    pub packets_from_per_s: f64,
+    /// Its throughput capacity, bytes/s both ways; 0 for not given.
+    pub throughput: u64,
+    /// `policy::load::utilization` of what was measured.
+    pub measured: f64,
+    /// The last reported utilization, and whether it counts: `none`,
+    /// `blackout` (reports too recent to count yet), `live`.
+    pub reported: Option<f64>,
+    pub reported_state: String,
+    /// What policies balance on: the larger of measured and a live report.
+    pub utilization: f64,
+}
+
+impl LoadStatus {
+    fn of<P: Policy>(lb: &Balancer<P>, g: &GatewayState, now: Timestamp) -> LoadStatus {
+        let view = lb.load().gateway(g.id);
+        let rates = g.meter.rates;
+        let (reported, reported_state) = match g.reported.state(now, lb.reporting()) {
+            ReportState::None => (None, "none"),
+            ReportState::Blackout { value } => (Some(value), "blackout"),
+            ReportState::Live { value } => (Some(value), "live"),
+        };
+        LoadStatus {
+            bytes_to_per_s: rates.bytes_to.round(),
+            bytes_from_per_s: rates.bytes_from.round(),
+            packets_to_per_s: rates.packets_to.round(),
+            packets_from_per_s: rates.packets_from.round(),
+            throughput: g.spec.throughput,
+            measured: view.measured,
+            reported,
+            reported_state: reported_state.into(),
+            utilization: view.utilization,
+        }
+    }
+
+    /// `load 3.20 Gbit/s (to 640 Mbit/s, from 2.56 Gbit/s; 500 kpps) of
+    /// 4.00 Gbit/s; utilization 80% (reported 75%, live)`.
+    pub fn render(&self) -> String {
+        let total = self.bytes_to_per_s + self.bytes_from_per_s;
+        let pps = self.packets_to_per_s + self.packets_from_per_s;
+        let mut line = format!(
+            "load {} (to {}, from {}; {:.0} pps)",
+            show_rate(total),
+            show_rate(self.bytes_to_per_s),
+            show_rate(self.bytes_from_per_s),
+            pps
+        );
+        if self.throughput > 0 {
+            let _ = write!(line, " of {}", show_rate(self.throughput as f64));
+        }
+        let _ = write!(line, "; utilization {:.0}%", self.utilization * 100.0);
+        if let Some(r) = self.reported {
+            let _ = write!(
+                line,
+                " (measured {:.0}%, reported {:.0}%, {})",
+                self.measured * 100.0,
+                r * 100.0,
+                self.reported_state
+            );
+        }
+        line
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -313,6 +390,7 @@ impl Status {
                     frames_from: g.counters.frames_from,
                     bytes_from: g.counters.bytes_from,
                     moved_in: g.counters.moved_in,
+                    load: LoadStatus::of(lb, g, now),
                     tunnel_list: list,
                 }
             })
@@ -427,6 +505,7 @@ impl Status {
                 g.frames_from,
                 g.bytes_from,
             );
+            let _ = writeln!(out, "  {}", g.load.render());
             if g.tunnel_list.is_empty() {
                 continue;
             }

@@ -378,6 +378,7 @@ fn a_gateway_refused_on_a_taken_port_changes_nothing_of_that_port() {
         mac: Some(segw_mac(9)),
         weight: 1,
         capacity: 0,
+        throughput: 0,
         steering: Default::default(),
     };
     let (drop_tx, _) = unbounded();

@@ -345,9 +345,12 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                 name: s.name.clone(),
                 weight: n.weight,
                 capacity: s.capacity,
+                throughput: s.throughput,
             })
             .collect(),
         per_step,
+        // The lab does not carry the scenario's traffic yet.
+        bytes_per_step: Vec::new(),
         moved,
         minimum_moved: minimum,
         split,

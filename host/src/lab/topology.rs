@@ -444,6 +444,7 @@ impl State {
             interface: port,
             weight,
             capacity,
+            throughput: 0,
             mac: None,
         })?;
         Ok(())

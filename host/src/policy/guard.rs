@@ -350,6 +350,7 @@ mod tests {
             draining,
             tunnels: 0,
             capacity: 0,
+            throughput: 0,
         };
         vec![
             gw(1, true, false),

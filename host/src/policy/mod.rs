@@ -8,7 +8,7 @@
 
 mod breaker;
 mod guard;
-mod load;
+pub mod load;
 pub mod native;
 pub mod wasm;
 
@@ -19,9 +19,9 @@ pub use load::Load;
 pub use segwlb_policy_sdk::{Gateway, Opener, TunnelKey};
 
 /// The contract version of `wit/policy.wit`, what new policies are built against.
-pub const CONTRACT: &str = "segwlb:policy@0.2.0";
+pub const CONTRACT: &str = "segwlb:policy@0.3.0";
 /// Every contract version this host runs (older ones frozen in `wit/vX.Y.Z/`).
-pub const CONTRACTS: [&str; 2] = ["segwlb:policy@0.1.0", CONTRACT];
+pub const CONTRACTS: [&str; 3] = ["segwlb:policy@0.1.0", "segwlb:policy@0.2.0", CONTRACT];
 
 /// Why one call into a policy produced no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,7 +50,7 @@ pub trait Policy: Send {
     fn set_gateways(&mut self, gateways: &[Gateway]) -> Result<(), CallError>;
 
     /// The gateway id for one new tunnel, or `None` for "no answer";
-    /// `load` is the live tunnel count per gateway.
+    /// `load` is the live view: tunnels, traffic and utilization per gateway.
     fn choose(&mut self, key: &TunnelKey, load: &Load) -> Result<Option<u32>, CallError>;
 }
 

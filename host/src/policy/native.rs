@@ -10,12 +10,13 @@ use segwlb_policy_sdk::{Balance, Params};
 use super::{CallError, Gateway, Load, Policy, TunnelKey};
 
 /// The names of the policies that ship with segwlb.
-pub const SHIPPED: [&str; 5] = [
+pub const SHIPPED: [&str; 6] = [
     "round-robin",
     "consistent-hash",
     "weighted",
     "least-tunnels",
     "two-choices",
+    "least-utilization",
 ];
 
 /// A [`Balance`] implementation behind the [`Policy`] trait.
@@ -63,6 +64,7 @@ pub fn shipped(name: &str, params: &[(String, String)]) -> Result<Box<dyn Policy
         "weighted" => boxed::<weighted::Weighted>(name, params),
         "least-tunnels" => boxed::<least_tunnels::LeastTunnels>(name, params),
         "two-choices" => boxed::<two_choices::TwoChoices>(name, params),
+        "least-utilization" => boxed::<least_utilization::LeastUtilization>(name, params),
         _ => Err(format!(
             "no native policy `{name}`; shipped: {}",
             SHIPPED.join(", ")

@@ -16,9 +16,9 @@
 // What to know about JS policies (componentize-js, StarlingMonkey engine):
 // - export an object named `balancer` (the exported interface) with
 //   `configure`, `setGateways` and `choose`; import the host's log as
-//   `import { log } from 'segwlb:policy/log@0.2.0'`; a load-aware policy
+//   `import { log } from 'segwlb:policy/log@0.3.0'`; a load-aware policy
 //   reads the live tunnel count of a gateway inside `choose` with
-//   `import { tunnels } from 'segwlb:policy/load@0.2.0'` (`tunnels(id)`, a
+//   `import { tunnels } from 'segwlb:policy/load@0.3.0'` (`tunnels(id)`, a
 //   BigInt; one call into the host each), and its `capacity` (0: no limit)
 //   comes with the set;
 // - u32 values are Numbers, u64 values BigInts (`tunnels`, `ikeSpi`, IPv6
@@ -33,7 +33,7 @@
 //   Math.random() and Date.now() are fixed at build time. Decide from the
 //   parameters, the gateway set and the key only.
 
-import { log } from 'segwlb:policy/log@0.2.0';
+import { log } from 'segwlb:policy/log@0.3.0';
 
 // ----------------------------------------------------------------- hashing
 

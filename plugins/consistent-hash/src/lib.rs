@@ -122,6 +122,7 @@ mod tests {
                 draining: false,
                 tunnels: 0,
                 capacity: 0,
+                throughput: 0,
             })
             .collect()
     }

@@ -61,6 +61,7 @@ mod tests {
             draining,
             tunnels: 0,
             capacity: 0,
+            throughput: 0,
         }
     }
 

@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::{Balance, Gateway, Load, Opener, Params, TunnelKey};
+use crate::{Balance, Gateway, GatewayLoad, Load, Opener, Params, TunnelKey};
 
 pub mod bindings {
     wit_bindgen::generate!({
@@ -65,6 +65,7 @@ impl<P: Balance> Slot<P> {
                 draining: g.draining,
                 tunnels: g.tunnels,
                 capacity: g.capacity,
+                throughput: g.throughput,
             })
             .collect();
         if let Some(p) = self.0.borrow_mut().as_mut() {
@@ -98,5 +99,27 @@ impl Load for HostLoad {
 
     fn tunnels_of(&self, ids: &[u32], out: &mut Vec<u64>) {
         *out = wit_load::tunnels_of(ids);
+    }
+
+    fn gateway(&self, id: u32) -> GatewayLoad {
+        gateway_load(wit_load::gateway(id))
+    }
+
+    fn gateways_of(&self, ids: &[u32], out: &mut Vec<GatewayLoad>) {
+        out.clear();
+        out.extend(wit_load::gateways_of(ids).into_iter().map(gateway_load));
+    }
+}
+
+fn gateway_load(g: wit_types::GatewayLoad) -> GatewayLoad {
+    GatewayLoad {
+        tunnels: g.tunnels,
+        bytes_to: g.bytes_to,
+        bytes_from: g.bytes_from,
+        packets_to: g.packets_to,
+        packets_from: g.packets_from,
+        measured: g.measured,
+        reported: g.reported,
+        utilization: g.utilization,
     }
 }

@@ -21,7 +21,7 @@ mod params;
 pub mod table;
 mod types;
 
-pub use load::{Empty, Load};
+pub use load::{Empty, GatewayLoad, Load};
 pub use params::Params;
 pub use types::{Balance, Gateway, Opener, TunnelKey};
 

@@ -1,12 +1,54 @@
-//! The live load a policy may read inside `choose` (contract 0.2.0's `load`).
+//! The live load a policy may read inside `choose` (contract 0.2.0's
+//! `load`; from 0.3.0 also traffic and utilization).
 
 use std::cmp::Ordering;
+
+/// One gateway's load now, as the host measures it (contract 0.3.0's
+/// `gateway-load`). Rates are per second, smoothed over the host's window;
+/// "to" is towards the segw (from initiators), "from" is from it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GatewayLoad {
+    /// Tunnels bound to it now (as [`Load::tunnels`]).
+    pub tunnels: u64,
+    pub bytes_to: u64,
+    pub bytes_from: u64,
+    pub packets_to: u64,
+    pub packets_from: u64,
+    /// What the host measured: the larger of its traffic (both ways) over
+    /// its throughput capacity and its tunnels over its tunnel capacity
+    /// (each only where that capacity is set); 1.0 is full. Tunnels placed
+    /// since the last measurement count at the gateway's mean rate per
+    /// tunnel, so a burst of placements sees itself.
+    pub measured: f64,
+    /// What was reported from outside (its CPU, say), while the report is
+    /// live.
+    pub reported: Option<f64>,
+    /// What balancing should use: the larger of `measured` and `reported`.
+    pub utilization: f64,
+}
 
 /// Tunnels per gateway now, as the host counts them (every placement before
 /// this call included). In wasm each read is one call into the host.
 pub trait Load {
     /// Tunnels bound to gateway `id` now; 0 for an id not in the set.
     fn tunnels(&self, id: u32) -> u64;
+
+    /// Gateway `id`'s traffic and utilization now. A load that knows only
+    /// tunnels (contract 0.2.0, or a test's closure) says so: no traffic,
+    /// utilization 0.
+    fn gateway(&self, id: u32) -> GatewayLoad {
+        GatewayLoad {
+            tunnels: self.tunnels(id),
+            ..GatewayLoad::default()
+        }
+    }
+
+    /// [`gateway`](Load::gateway) of each of `ids`, in order, into `out`
+    /// (cleared first): in wasm one call into the host however many ids.
+    fn gateways_of(&self, ids: &[u32], out: &mut Vec<GatewayLoad>) {
+        out.clear();
+        out.extend(ids.iter().map(|&id| self.gateway(id)));
+    }
 
     /// [`tunnels`](Load::tunnels) of each of `ids`, in order, into `out`
     /// (cleared first). In wasm this is one call into the host however

@@ -57,6 +57,9 @@ pub struct Gateway {
     pub tunnels: u64,
     /// The most tunnels it may hold; 0 for no limit.
     pub capacity: u64,
+    /// The traffic it can carry, bytes/s both directions together; 0 when
+    /// not given. (Contract 0.3.0; what utilization is measured against.)
+    pub throughput: u64,
 }
 
 impl Gateway {

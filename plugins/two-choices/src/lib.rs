@@ -149,6 +149,7 @@ mod tests {
             draining: false,
             tunnels: 0,
             capacity,
+            throughput: 0,
         }
     }
 

@@ -298,6 +298,7 @@ mod tests {
                 draining: false,
                 tunnels: 0,
                 capacity: 0,
+                throughput: 0,
             })
             .collect()
     }

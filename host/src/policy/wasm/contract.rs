@@ -142,7 +142,7 @@ pub fn check(engine: &Engine, path: &Path, component: &Component) -> Result<Impo
     for (import, _) in ty.imports(engine) {
         if wasi::is_wasi_import(import) {
             imports.wasi.push(import.to_string());
-        } else if import == LOAD && version.ours().contains(&import) {
+        } else if LOAD.contains(&import) && version.ours().contains(&import) {
             imports.reads_load = true;
         } else if !version.ours().contains(&import) {
             return Err(LoadError::ForbiddenImport {

@@ -24,7 +24,7 @@ pub struct HostState {
     pub log: Arc<Mutex<GuestLog>>,
     pub clock: VirtualClock,
     /// The live load, copied in before each `choose` of a component that
-    /// imports `load` (contract 0.2.0).
+    /// imports `load` (contract 0.2.0 on).
     pub load: Load,
     /// Made on the first WASI call: only a component that imports WASI
     /// ever has one.

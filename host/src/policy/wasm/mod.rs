@@ -7,8 +7,8 @@
 //!   [`Cache`]), check, pre-instantiate, try the parameters;
 //! - `contract.rs`: what a component must export and may import, and the
 //!   errors that name the file and the problem ([`LoadError`]);
-//! - `versions.rs`: the contract versions linked ([`Version`]: 0.1.0 and
-//!   0.2.0), each by its own bindings, and one way to call either;
+//! - `versions.rs`: the contract versions linked ([`Version`]: 0.1.0,
+//!   0.2.0, 0.3.0), each by its own bindings, and one way to call any;
 //! - `instance.rs`: [`Loaded`] and [`WasmPolicy`], limits per call, restarts;
 //! - `host.rs`: the per-instance host state: memory cap, `log`, clock;
 //! - `log.rs`: a guest's log (its `log` import, stdout, stderr), rate-limited;
