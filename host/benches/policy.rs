@@ -15,6 +15,7 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use segwlb::policy::load::{Rates, Sample};
 use segwlb::policy::wasm::{Cache, Compiler, Limits, Runtime};
 use segwlb::policy::{native, Gateway, Load, Policy, TunnelKey};
 use segwlb::workload::{self, Mix};
@@ -31,15 +32,34 @@ fn gateways(n: u32) -> Vec<Gateway> {
             draining: false,
             tunnels: 0,
             capacity: 0,
-            throughput: 0,
+            // Unequal boxes, as traffic-aware policies meet them.
+            throughput: u64::from(1 + id % 4) * 250_000_000,
         })
         .collect()
 }
 
 /// ns per `choose`, best of three passes over the same keys. Each answer
 /// is counted in the live load the next call reads, as the balancer does.
-fn ns_per_decision(policy: &mut dyn Policy, keys: &[TunnelKey]) -> f64 {
+fn ns_per_decision(policy: &mut dyn Policy, set: &[Gateway], keys: &[TunnelKey]) -> f64 {
+    // A measurement of every gateway, as `Balancer::measure` takes one each
+    // second: what traffic-aware policies read.
     let mut load = Load::default();
+    load.set_samples(set.iter().map(|g| {
+        let rates = Rates {
+            bytes_to: f64::from(g.id) * 1e6,
+            bytes_from: f64::from(g.id) * 4e6,
+            packets_to: f64::from(g.id) * 1e3,
+            packets_from: f64::from(g.id) * 4e3,
+        };
+        let sample = Sample {
+            rates,
+            tunnels: 100,
+            throughput: g.throughput,
+            capacity: g.capacity,
+            reported: None,
+        };
+        (g.id, sample)
+    }));
     let mut place = |policy: &mut dyn Policy, key| {
         if let Some(id) = black_box(policy.choose(key, &load).unwrap()) {
             load.add(id, 1);
@@ -98,13 +118,13 @@ fn main() {
             let set = gateways(n);
             let mut twin = native::shipped(name, &[]).unwrap();
             twin.set_gateways(&set).unwrap();
-            let native_ns = ns_per_decision(twin.as_mut(), &keys);
+            let native_ns = ns_per_decision(twin.as_mut(), &set, &keys);
             let mut wasm = fast.instantiate();
             wasm.set_gateways(&set).unwrap();
-            let winch_ns = ns_per_decision(&mut wasm, &keys);
+            let winch_ns = ns_per_decision(&mut wasm, &set, &keys);
             let mut optimised = opt.instantiate();
             optimised.set_gateways(&set).unwrap();
-            let cranelift_ns = ns_per_decision(&mut optimised, &keys);
+            let cranelift_ns = ns_per_decision(&mut optimised, &set, &keys);
             let pushes = 50;
             let (_, push) = time(|| (0..pushes).for_each(|_| wasm.set_gateways(&set).unwrap()));
             println!(
@@ -190,10 +210,10 @@ fn guests(policies: &std::path::Path, keys: &[TunnelKey]) {
             let set = gateways(n);
             let mut g = loaded.instantiate();
             g.set_gateways(&set).unwrap();
-            let guest_ns = ns_per_decision(&mut g, keys);
+            let guest_ns = ns_per_decision(&mut g, &set, keys);
             let mut r = rust.instantiate();
             r.set_gateways(&set).unwrap();
-            let rust_ns = ns_per_decision(&mut r, keys);
+            let rust_ns = ns_per_decision(&mut r, &set, keys);
             println!(
                 "{guest:<20} {:>8.1} {:>11.0} {:>10.1} {:>9.2} {:>8.1} {n:>9} {guest_ns:>11.0} {rust_ns:>11.0} {:>7.0}x{}",
                 bytes.len() as f64 / 1e6,

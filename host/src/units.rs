@@ -32,9 +32,11 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
                 "{text:?} has no unit: bits or bytes? (e.g. \"4 Gbps\" or \"500 MB/s\")"
             ))
         }
-        _ => return Err(format!(
+        _ => {
+            return Err(format!(
             "{text:?}: unknown unit {unit:?} (bps, kbps, Mbps, Gbps, Tbps, B/s, kB/s, MB/s, GB/s)"
-        )),
+        ))
+        }
     };
     let bytes = number * scale / if bits { 8.0 } else { 1.0 };
     if !bytes.is_finite() || bytes >= u64::MAX as f64 {

@@ -4,6 +4,8 @@
 //! utilization — from which [`utilization`] is the one model of how full a
 //! segw is.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 pub use segwlb_policy_sdk::GatewayLoad;
 
 /// Bytes and packets per second, each way ("to" the segw, "from" it).
@@ -66,9 +68,36 @@ pub fn utilization(bytes_per_sec: f64, throughput: u64, tunnels: u64, capacity: 
 pub struct Load {
     by_id: Vec<u64>,
     samples: Vec<Sample>,
+    /// Per sample, what a decision needs of it, worked out once per
+    /// measurement: every policy call reads it for every gateway.
+    quick: Vec<Quick>,
     /// Bytes/s per tunnel over every measured gateway: the rate a tunnel
     /// placed on a gateway that had none when measured is assumed to carry.
     mean_per_tunnel: f64,
+    /// Which samples these are, unique in the process (0: none yet): a
+    /// copy takes them only when they differ (once a second in the live
+    /// balancer, while tunnels change with every placement).
+    samples_epoch: u64,
+}
+
+/// A sample as [`Load::utilization`] uses it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Quick {
+    /// Tunnels when measured, and the utilization measured then.
+    tunnels: u64,
+    at_sample: f64,
+    /// Utilization per tunnel: by traffic (the mean rate per tunnel over
+    /// the throughput), and by count (1 / capacity); 0 where not given.
+    per_tunnel_traffic: f64,
+    per_tunnel_count: f64,
+    /// A live report, else 0 (utilization is never below 0).
+    reported: f64,
+}
+
+/// The next [`Load::samples_epoch`].
+fn next_epoch() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 impl Load {
@@ -105,6 +134,36 @@ impl Load {
         } else {
             0.0
         };
+        self.derive();
+    }
+
+    /// Work out [`Quick`] for every sample, under a new epoch.
+    fn derive(&mut self) {
+        let mean = self.mean_per_tunnel;
+        self.quick = self
+            .samples
+            .iter()
+            .map(|s| {
+                let per_tunnel_rate = match s.tunnels {
+                    0 => mean,
+                    n => s.rates.bytes() / n as f64,
+                };
+                Quick {
+                    tunnels: s.tunnels,
+                    at_sample: utilization(s.rates.bytes(), s.throughput, s.tunnels, s.capacity),
+                    per_tunnel_traffic: match s.throughput {
+                        0 => 0.0,
+                        t => per_tunnel_rate / t as f64,
+                    },
+                    per_tunnel_count: match s.capacity {
+                        0 => 0.0,
+                        c => 1.0 / c as f64,
+                    },
+                    reported: s.reported.unwrap_or(0.0),
+                }
+            })
+            .collect();
+        self.samples_epoch = next_epoch();
     }
 
     /// The same samples as `other`, with no tunnels counted and no traffic
@@ -117,11 +176,13 @@ impl Load {
             s.rates = Rates::default();
             s.tunnels = 0;
         }
-        Load {
-            by_id: Vec::new(),
+        let mut fresh = Load {
             samples,
             mean_per_tunnel: other.mean_per_tunnel,
-        }
+            ..Load::default()
+        };
+        fresh.derive();
+        fresh
     }
 
     /// The last sample of `id`.
@@ -135,17 +196,7 @@ impl Load {
     pub fn gateway(&self, id: u32) -> GatewayLoad {
         let s = self.sample(id);
         let tunnels = self.tunnels(id);
-        let per_tunnel = if s.tunnels > 0 {
-            s.rates.bytes() / s.tunnels as f64
-        } else {
-            self.mean_per_tunnel
-        };
-        let bytes = if tunnels == s.tunnels {
-            s.rates.bytes()
-        } else {
-            per_tunnel * tunnels as f64
-        };
-        let measured = utilization(bytes, s.throughput, tunnels, s.capacity);
+        let measured = self.measured(id, tunnels);
         GatewayLoad {
             tunnels,
             bytes_to: s.rates.bytes_to.round() as u64,
@@ -158,12 +209,38 @@ impl Load {
         }
     }
 
+    /// [`gateway`](Self::gateway)`(id).utilization`, without the rest.
+    #[inline]
+    pub fn utilization(&self, id: u32) -> f64 {
+        let reported = self.quick.get(id as usize).map_or(0.0, |q| q.reported);
+        self.measured(id, self.tunnels(id)).max(reported)
+    }
+
+    /// `id`'s measured utilization with `tunnels` now: as measured, or,
+    /// with tunnels placed or gone since, each at the mean per tunnel.
+    #[inline]
+    fn measured(&self, id: u32, tunnels: u64) -> f64 {
+        let Some(q) = self.quick.get(id as usize) else {
+            return 0.0;
+        };
+        if tunnels == q.tunnels {
+            return q.at_sample;
+        }
+        let n = tunnels as f64;
+        (q.per_tunnel_traffic * n).max(q.per_tunnel_count * n)
+    }
+
     /// Become a copy of `other`, keeping this one's allocations (a wasm
-    /// policy's store takes the live load this way before each call).
+    /// policy's store takes the live load this way before each call): the
+    /// tunnel counts always, the samples when they are not these already.
     pub fn copy_from(&mut self, other: &Load) {
         self.by_id.clone_from(&other.by_id);
-        self.samples.clone_from(&other.samples);
-        self.mean_per_tunnel = other.mean_per_tunnel;
+        if self.samples_epoch != other.samples_epoch {
+            self.samples.clone_from(&other.samples);
+            self.quick.clone_from(&other.quick);
+            self.mean_per_tunnel = other.mean_per_tunnel;
+            self.samples_epoch = other.samples_epoch;
+        }
     }
 }
 
@@ -174,6 +251,13 @@ impl segwlb_policy_sdk::Load for Load {
 
     fn gateway(&self, id: u32) -> GatewayLoad {
         Load::gateway(self, id)
+    }
+
+    fn utilization_of(&self, ids: &[u32], tunnels: &mut Vec<u64>, utilization: &mut Vec<f64>) {
+        tunnels.clear();
+        utilization.clear();
+        tunnels.extend(ids.iter().map(|&id| self.tunnels(id)));
+        utilization.extend(ids.iter().map(|&id| self.utilization(id)));
     }
 }
 

@@ -35,9 +35,7 @@
 
 use std::cmp::Ordering;
 
-use segwlb_policy_sdk::{
-    export_policy, hash, load, Balance, Gateway, GatewayLoad, Load, Params, TunnelKey,
-};
+use segwlb_policy_sdk::{export_policy, hash, load, Balance, Gateway, Load, Params, TunnelKey};
 
 #[derive(Debug, Default)]
 pub struct LeastUtilization {
@@ -47,8 +45,10 @@ pub struct LeastUtilization {
     measurable: bool,
     /// The members' ids, for one read of all their loads.
     ids: Vec<u32>,
-    /// Their loads, read per decision (kept to reuse its allocation).
-    loads: Vec<GatewayLoad>,
+    /// Their tunnels and utilization, read per decision (kept to reuse
+    /// the allocations).
+    tunnels: Vec<u64>,
+    utilization: Vec<f64>,
 }
 
 /// A gateway that takes new tunnels.
@@ -63,22 +63,24 @@ struct Member {
 /// Seeds the tie-break hash of gateway names.
 const NAME_SEED: u64 = 0x1ea5_0003;
 
+/// A member as read for one decision.
+#[derive(Clone, Copy)]
+struct Seen<'a> {
+    member: &'a Member,
+    tunnels: u64,
+    utilization: f64,
+}
+
 /// `a` against `b`, lighter first: utilization (when `measurable`), then
 /// tunnels per weight, then the name hash with the endpoint (higher wins).
-fn lighter(
-    a: (&Member, &GatewayLoad),
-    b: (&Member, &GatewayLoad),
-    endpoint: u64,
-    measurable: bool,
-) -> Ordering {
-    let (am, al) = a;
-    let (bm, bl) = b;
+fn lighter(a: &Seen, b: &Seen, endpoint: u64, measurable: bool) -> Ordering {
+    let (am, bm) = (a.member, b.member);
     let by_utilization = match measurable {
-        true => al.utilization.total_cmp(&bl.utilization),
+        true => a.utilization.total_cmp(&b.utilization),
         false => Ordering::Equal,
     };
     by_utilization
-        .then_with(|| load::per_weight((al.tunnels, am.weight), (bl.tunnels, bm.weight)))
+        .then_with(|| load::per_weight((a.tunnels, am.weight), (b.tunnels, bm.weight)))
         .then_with(|| {
             let score = |m: &Member| hash::mix(endpoint ^ m.name_hash);
             score(bm).cmp(&score(am))
@@ -110,13 +112,20 @@ impl Balance for LeastUtilization {
 
     fn choose(&mut self, key: &TunnelKey, load: &dyn Load) -> Option<u32> {
         let endpoint = key.endpoint_hash();
-        load.gateways_of(&self.ids, &mut self.loads);
-        self.members
+        load.utilization_of(&self.ids, &mut self.tunnels, &mut self.utilization);
+        let seen = self
+            .members
             .iter()
-            .zip(&self.loads)
-            .filter(|(m, l)| m.capacity == 0 || l.tunnels < m.capacity)
-            .min_by(|&a, &b| lighter(a, b, endpoint, self.measurable))
-            .map(|(m, _)| m.id)
+            .zip(&self.tunnels)
+            .zip(&self.utilization)
+            .map(|((member, &tunnels), &utilization)| Seen {
+                member,
+                tunnels,
+                utilization,
+            });
+        seen.filter(|s| s.member.capacity == 0 || s.tunnels < s.member.capacity)
+            .min_by(|a, b| lighter(a, b, endpoint, self.measurable))
+            .map(|s| s.member.id)
     }
 }
 
@@ -125,7 +134,7 @@ export_policy!(LeastUtilization);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use segwlb_policy_sdk::Opener;
+    use segwlb_policy_sdk::{GatewayLoad, Opener};
     use std::cell::RefCell;
     use std::collections::BTreeMap;
     use std::net::{IpAddr, Ipv4Addr};

@@ -109,6 +109,12 @@ impl Load for HostLoad {
         out.clear();
         out.extend(wit_load::gateways_of(ids).into_iter().map(gateway_load));
     }
+
+    fn utilization_of(&self, ids: &[u32], tunnels: &mut Vec<u64>, utilization: &mut Vec<f64>) {
+        let view = wit_load::utilization_of(ids);
+        *tunnels = view.tunnels;
+        *utilization = view.utilization;
+    }
 }
 
 fn gateway_load(g: wit_types::GatewayLoad) -> GatewayLoad {

@@ -50,6 +50,19 @@ pub trait Load {
         out.extend(ids.iter().map(|&id| self.gateway(id)));
     }
 
+    /// The tunnels and the utilization of each of `ids`, in order, into
+    /// `tunnels` and `utilization` (cleared first): in wasm one call into
+    /// the host, and the cheapest way to read every gateway's utilization.
+    fn utilization_of(&self, ids: &[u32], tunnels: &mut Vec<u64>, utilization: &mut Vec<f64>) {
+        tunnels.clear();
+        utilization.clear();
+        for &id in ids {
+            let g = self.gateway(id);
+            tunnels.push(g.tunnels);
+            utilization.push(g.utilization);
+        }
+    }
+
     /// [`tunnels`](Load::tunnels) of each of `ids`, in order, into `out`
     /// (cleared first). In wasm this is one call into the host however
     /// many ids, where `tunnels` is one each: a policy that reads every

@@ -267,6 +267,16 @@ mod imports {
                 .map(|&id| gateway_load(self.load.gateway(id)))
                 .collect()
         }
+
+        fn utilization_of(
+            &mut self,
+            ids: Vec<u32>,
+        ) -> v0_3::segwlb::policy::types::UtilizationView {
+            v0_3::segwlb::policy::types::UtilizationView {
+                tunnels: ids.iter().map(|&id| self.load.tunnels(id)).collect(),
+                utilization: ids.iter().map(|&id| self.load.utilization(id)).collect(),
+            }
+        }
     }
 
     fn gateway_load(
