@@ -2039,3 +2039,79 @@ fn a_state_file_damaged_cut_foreign_or_for_other_gateways_is_refused_or_trimmed(
     let r = small.restore(&saved, Timestamp::ZERO);
     assert_eq!((r.loaded, r.table_full), (4, 2), "{r}");
 }
+
+#[test]
+fn a_bulk_frame_counts_as_the_packets_it_stands_for_and_rates_follow() {
+    let mut lab = Lab::new();
+    let p = peer(7);
+    assert_eq!(lab.up(sa_init(p, 500, 0x77)), Ok(1));
+    let bulk = Bulk {
+        packets: 1_000,
+        bytes: 800_000,
+    };
+    let mut f = frame(
+        port_mac(UPLINK),
+        PEER_SIDE_ROUTER,
+        None,
+        &esp_udp(p, 500, 0xc100_0007),
+    );
+    let len = f.len();
+    let forwarded = lab.lb.counters().forwarded;
+    lab.lb.measure(lab.now);
+    assert_eq!(
+        lab.lb.handle_bulk(&mut f, UPLINK, lab.now, bulk),
+        Verdict::Forward(1)
+    );
+    assert_eq!(f.len(), len, "the frame itself is forwarded as it is");
+    assert_eq!(lab.lb.counters().forwarded, forwarded + 1_000);
+    let g = lab.lb.gateway("segw1").unwrap().counters;
+    let ike = lab.lb.table().iter().next().unwrap().1.bytes - 800_000;
+    assert_eq!((g.frames_to, g.bytes_to), (1_001, 800_000 + ike));
+    // Back from the segw: four times as much.
+    let back = udp_packet(VIP, 500, p, 500, &esp_body(0x00ab_cdef, 1, 120));
+    let mut f = frame(port_mac(1), segw_mac(1), None, &back);
+    let down = Bulk {
+        packets: 4_000,
+        bytes: 3_200_000,
+    };
+    assert_eq!(
+        lab.lb.handle_bulk(&mut f, 1, lab.now, down),
+        Verdict::Forward(UPLINK)
+    );
+    // A second later: the gateway's rates, as its load view shows them.
+    lab.tick(Duration::from_secs(1));
+    lab.lb.measure(lab.now);
+    let rates = lab.lb.gateway("segw1").unwrap().meter.rates;
+    // The measurement before the bulk saw the IKE_SA_INIT: what came since.
+    assert_eq!((rates.packets_to, rates.packets_from), (1_000.0, 4_000.0));
+    assert_eq!(rates.bytes_from, 3_200_000.0);
+    let view = lab.lb.load().gateway(1);
+    assert_eq!((view.bytes_from, view.packets_from), (3_200_000, 4_000));
+    // No throughput given: nothing to be full of.
+    assert_eq!(view.utilization, 0.0);
+    lab.lb.set_throughput("segw1", 8_000_000, lab.now).unwrap();
+    lab.lb.measure(lab.now + Duration::from_millis(1));
+    assert!(lab.lb.load().gateway(1).utilization > 0.0);
+}
+
+#[test]
+fn a_reported_utilization_counts_for_policies_after_the_blackout_only() {
+    let mut lab = Lab::new();
+    lab.lb.set_throughput("segw2", 1_000_000, lab.now).unwrap();
+    lab.lb.report_utilization("segw2", 0.9, lab.now).unwrap();
+    lab.lb.measure(lab.now);
+    assert_eq!(lab.lb.load().gateway(2).reported, None);
+    lab.tick(Duration::from_secs(10));
+    lab.lb.report_utilization("segw2", 0.8, lab.now).unwrap();
+    lab.lb.measure(lab.now);
+    let g = lab.lb.load().gateway(2);
+    assert_eq!((g.reported, g.utilization), (Some(0.8), 0.8));
+    assert_eq!(
+        lab.lb.report_utilization("segw9", 0.1, lab.now),
+        Err(GatewayError::Unknown("segw9".into()))
+    );
+    // Three minutes without a report: dropped.
+    lab.tick(Duration::from_secs(180));
+    lab.lb.measure(lab.now);
+    assert_eq!(lab.lb.load().gateway(2).reported, None);
+}

@@ -18,7 +18,7 @@ pub use scenario::{Event, Scenario, ScenarioError, SegwSpec, TimedEvent};
 
 /// Keys every object of `report.json` has, `segwlb compare`'s and
 /// `segwlb lab compare`'s alike: what tools may rely on.
-pub const REPORT_KEYS: [&str; 9] = [
+pub const REPORT_KEYS: [&str; 13] = [
     "policy",
     "tunnels_per_segw",
     "max_over_mean",
@@ -28,6 +28,10 @@ pub const REPORT_KEYS: [&str; 9] = [
     "split_tunnels",
     "ns_per_decision",
     "fallbacks",
+    "peak_utilization",
+    "seconds_over_80",
+    "seconds_over_100",
+    "throughput_max_over_mean",
 ];
 
 /// One policy's run through a scenario: what `report.json` holds per policy.

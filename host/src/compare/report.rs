@@ -93,7 +93,17 @@ pub fn page(
     for run in ranked(runs) {
         page.push_str(&figure(load_over_time(scenario, run)));
     }
-    page.push_str("</div>\n<h2>Disruption at each event</h2>\n<p class=\"note\">Bars: tunnels each policy moved; black marks: the fewest any policy could move.</p>\n");
+    page.push_str("</div>\n");
+    if scenario.traffic.is_some() {
+        page.push_str("<h2>Traffic per segw over time</h2>\n<p class=\"note\">What each segw carried, both ways, as the balancer counted it; faint lines: each segw's throughput capacity. A good policy keeps every line well under its own faint line, through the busy hour and the events.</p>\n");
+        page.push_str(&segw_legend(runs));
+        page.push_str("<div class=\"grid\">\n");
+        for run in ranked(runs) {
+            page.push_str(&figure(throughput_over_time(scenario, run)));
+        }
+        page.push_str("</div>\n");
+    }
+    page.push_str("<h2>Disruption at each event</h2>\n<p class=\"note\">Bars: tunnels each policy moved; black marks: the fewest any policy could move.</p>\n");
     page.push_str(&figure(disruption(scenario, runs)));
     page.push_str("<h2>Final spread</h2>\n<p class=\"note\">Tunnels on each segw over its fair share by weight: 1.0 everywhere is perfect.</p>\n");
     page.push_str(&segw_legend(runs));
@@ -170,6 +180,36 @@ fn verdict(runs: &[PolicyRun]) -> String {
             );
         }
     }
+    if runs.iter().any(PolicyRun::carries_traffic_load) {
+        let coolest = runs.iter().min_by(|a, b| {
+            (a.seconds_over_100, a.seconds_over_80)
+                .cmp(&(b.seconds_over_100, b.seconds_over_80))
+                .then(
+                    a.peak_utilization_max()
+                        .total_cmp(&b.peak_utilization_max()),
+                )
+                .then(a.policy.cmp(&b.policy))
+        });
+        if let Some(r) = coolest {
+            let _ = writeln!(
+                out,
+                "<div class=\"card\">carries the load best<b>{}</b>{} s over 100%, {} s over 80%; \
+                 hottest segw at {:.0}%</div>",
+                escape(&r.policy),
+                r.seconds_over_100,
+                r.seconds_over_80,
+                r.peak_utilization_max() * 100.0
+            );
+        }
+        for r in runs.iter().filter(|r| r.seconds_over_100 > 0) {
+            let _ = writeln!(
+                out,
+                "<div class=\"card bad\">{}<b>{} s over 100%</b>a segw asked to carry more than it can encrypt</div>",
+                escape(&r.policy),
+                r.seconds_over_100
+            );
+        }
+    }
     for r in runs
         .iter()
         .filter(|r| r.split_tunnels > 0 || r.fallbacks > r.full_answers)
@@ -197,6 +237,13 @@ fn table(runs: &[PolicyRun]) -> String {
     if capacities {
         out.push_str(
             "<th>refused</th><th>answers of a full segw</th><th>peak / capacity (s at ≥ 90%)</th>",
+        );
+    }
+    let load = runs.iter().any(PolicyRun::carries_traffic_load);
+    if load {
+        out.push_str(
+            "<th>s &gt; 80%</th><th>s &gt; 100%</th><th>bytes max/mean (busy hour)</th>\
+             <th>peak utilization per segw</th>",
         );
     }
     out.push_str("</tr>\n");
@@ -227,6 +274,21 @@ fn table(runs: &[PolicyRun]) -> String {
                 escape(&r.peak_cells().join(", "))
             );
         }
+        if load {
+            let peaks: Vec<String> = r
+                .segws
+                .iter()
+                .map(|n| format!("{n} {:.0}%", r.peak_utilization[n] * 100.0))
+                .collect();
+            let _ = write!(
+                out,
+                "<td>{}</td><td>{}</td><td>{:.3}</td><td>{}</td>",
+                r.seconds_over_80,
+                r.seconds_over_100,
+                r.throughput_max_over_mean,
+                escape(&peaks.join(", "))
+            );
+        }
         out.push_str("</tr>\n");
     }
     out.push_str("</table>\n");
@@ -242,23 +304,66 @@ fn figure(svg: Result<String, String>) -> String {
 
 /// One policy: a line per segw, tunnels against simulated time.
 fn load_over_time(scenario: &Scenario, run: &PolicyRun) -> Result<String, String> {
+    let series: Vec<Vec<f64>> = (0..run.segws.len())
+        .map(|g| run.tunnels_over_time.iter().map(|c| c[g] as f64).collect())
+        .collect();
+    over_time(scenario, &run.policy, "tunnels", &series, &[], &|y| {
+        format!("{y:.0}")
+    })
+}
+
+/// One policy: a line per segw, the traffic it carried (Gbit/s, both ways)
+/// against simulated time, and its throughput capacity as a faint line of
+/// its colour.
+fn throughput_over_time(scenario: &Scenario, run: &PolicyRun) -> Result<String, String> {
+    let gbps = |bytes: f64| bytes * 8.0 / 1e9;
+    let series: Vec<Vec<f64>> = (0..run.segws.len())
+        .map(|g| {
+            run.throughput_over_time
+                .iter()
+                .map(|step| gbps(step[g]))
+                .collect()
+        })
+        .collect();
+    let levels: Vec<(usize, f64)> = run
+        .throughput_capacity_per_segw
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t > 0)
+        .map(|(g, &t)| (g, gbps(t as f64)))
+        .collect();
+    over_time(scenario, &run.policy, "Gbit/s", &series, &levels, &|y| {
+        format!("{y:.1}")
+    })
+}
+
+/// A line per segw (`series[g]`, one value per step) against simulated
+/// time, events as grey lines, and `levels` (segw, value) as faint lines
+/// of the segw's colour.
+fn over_time(
+    scenario: &Scenario,
+    caption: &str,
+    y_desc: &str,
+    series: &[Vec<f64>],
+    levels: &[(usize, f64)],
+    y_fmt: &dyn Fn(&f64) -> String,
+) -> Result<String, String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (540, 300)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
         let step = scenario.step_secs as f64;
-        let end = run.tunnels_over_time.len().max(1) as f64 * step;
-        let top = run
-            .tunnels_over_time
+        let steps = series.iter().map(Vec::len).max().unwrap_or(0);
+        let end = steps.max(1) as f64 * step;
+        let highest = series
             .iter()
             .flatten()
+            .chain(levels.iter().map(|(_, l)| l))
             .copied()
-            .max()
-            .unwrap_or(1)
-            .max(1) as f64
-            * 1.15;
+            .fold(0.0, f64::max);
+        let top = if highest > 0.0 { highest * 1.15 } else { 1.0 };
         let mut chart = ChartBuilder::on(&root)
-            .caption(&run.policy, ("sans-serif", 18))
+            .caption(caption, ("sans-serif", 18))
             .margin(8)
             .x_label_area_size(32)
             .y_label_area_size(52)
@@ -267,9 +372,9 @@ fn load_over_time(scenario: &Scenario, run: &PolicyRun) -> Result<String, String
         chart
             .configure_mesh()
             .x_desc("simulated time (s)")
-            .y_desc("tunnels")
+            .y_desc(y_desc)
             .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_label_formatter(&|y| format!("{y:.0}"))
+            .y_label_formatter(y_fmt)
             .light_line_style(WHITE.mix(0.0))
             .draw()
             .map_err(|e| e.to_string())?;
@@ -289,12 +394,19 @@ fn load_over_time(scenario: &Scenario, run: &PolicyRun) -> Result<String, String
                 )))
                 .map_err(|e| e.to_string())?;
         }
-        for g in 0..run.segws.len() {
-            let points = run
-                .tunnels_over_time
+        for &(g, level) in levels {
+            chart
+                .draw_series(std::iter::once(PathElement::new(
+                    vec![(0.0, level), (end, level)],
+                    colour(g).mix(0.35).stroke_width(1),
+                )))
+                .map_err(|e| e.to_string())?;
+        }
+        for (g, values) in series.iter().enumerate() {
+            let points = values
                 .iter()
                 .enumerate()
-                .map(|(s, counts)| ((s + 1) as f64 * step, counts[g] as f64));
+                .map(|(s, &v)| ((s + 1) as f64 * step, v));
             chart
                 .draw_series(LineSeries::new(points, colour(g).stroke_width(2)))
                 .map_err(|e| e.to_string())?;

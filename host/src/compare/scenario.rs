@@ -990,6 +990,70 @@ mod tests {
     }
 
     #[test]
+    fn traffic_and_throughput_are_read_with_their_units() {
+        let text = format!(
+            "{}\n[traffic]\ndistribution = \"pareto\"\nmin = \"500 kbps\"\nalpha = 1.5\n\
+             shares = {{ business = 0.25, evening = 0.75 }}\n\
+             [[traffic.shape]]\nname = \"evening\"\nfactors = [1, 2, 4, 2]\n",
+            BASE.replace("name = \"b\"", "name = \"b\"\nthroughput = \"2.5 Gbps\"")
+        );
+        let s = Scenario::parse(&text, "s.toml").unwrap();
+        assert_eq!(s.segws[1].throughput, 312_500_000);
+        assert_eq!(s.segws[0].throughput, 0);
+        let t = s.traffic.unwrap();
+        assert_eq!(
+            t.rate,
+            RateDist::Pareto {
+                min: 62_500.0,
+                alpha: 1.5
+            }
+        );
+        // Shares in name order; the custom shape scaled to peak at 1.
+        assert_eq!(t.shapes[0].0.name, "business");
+        assert_eq!(t.shapes[1].1, 0.75);
+        assert_eq!(t.shapes[1].0.at(12.0 * 3600.0), 1.0);
+        assert_eq!(t.downlink_ratio, 4.0);
+    }
+
+    #[test]
+    fn bad_traffic_is_refused_naming_the_field() {
+        let with = |traffic: &str| error(&format!("{BASE}[traffic]\n{traffic}\n"));
+        let e = with("distribution = \"lognormal\"\nmedian = \"4 Gbpx\"");
+        assert!(
+            e.contains("traffic.median: \"4 Gbpx\": unknown unit"),
+            "{e}"
+        );
+        let e = with("distribution = \"lognormal\"");
+        assert!(
+            e.contains("traffic.median: lognormal needs `median`"),
+            "{e}"
+        );
+        let e = with("distribution = \"pareto\"\nmin = \"1 Mbps\"\nalpha = 0.9");
+        assert!(
+            e.contains("traffic.alpha: must be at least 1.01, not 0.9"),
+            "{e}"
+        );
+        let e = with("distribution = \"zipf\"");
+        assert!(e.contains("traffic.distribution: \"zipf\""), "{e}");
+        let e = with(
+            "distribution = \"lognormal\"\nmedian = \"1 Mbps\"\nshares = { business = 0.5, night = 0.5 }",
+        );
+        assert!(
+            e.contains("traffic.shares.night: no shape \"night\" (shapes: residential, business, transport, flat)"),
+            "{e}"
+        );
+        let e = with(
+            "distribution = \"lognormal\"\nmedian = \"1 Mbps\"\nshares = { business = 0.5, flat = 0.4 }",
+        );
+        assert!(
+            e.contains("traffic.shares: shares add up to 1, not 0.9"),
+            "{e}"
+        );
+        let e = error(&BASE.replace("name = \"b\"", "name = \"b\"\nthroughput = \"4\""));
+        assert!(e.contains("segw[2].throughput: \"4\" has no unit"), "{e}");
+    }
+
+    #[test]
     fn a_missing_file_is_named() {
         let e = Scenario::load(Path::new("/nonexistent/x.toml")).unwrap_err();
         assert!(e

@@ -426,3 +426,114 @@ fn given_tunnels_close_and_a_returning_peer_finds_its_old_segw() {
     assert_eq!(out.decisions, 3);
     assert_eq!(out.split, 0);
 }
+
+/// `small` with `[traffic]`: every tunnel at exactly `rate` (sigma 0), the
+/// same all day, downlink four times the uplink.
+fn with_traffic(steps: u32, rate: &str, events: &str) -> Scenario {
+    let traffic = format!(
+        "[traffic]\ndistribution = \"lognormal\"\nmedian = \"{rate}\"\nsigma = 0.0\n\
+         downlink_ratio = 4.0\npacket_bytes = 1000\nshares = {{ flat = 1.0 }}\n"
+    );
+    let mut s = small(steps, events);
+    s.traffic = Scenario::parse(
+        &format!(
+            "step_secs = 10\nsteps = 1\n[[segw]]\nname = \"a\"\n[tunnels]\ncount = 1\n{traffic}"
+        ),
+        "t.toml",
+    )
+    .unwrap()
+    .traffic;
+    s
+}
+
+#[test]
+fn the_bytes_each_segw_carried_are_what_its_tunnels_sent_as_the_core_counted_them() {
+    // 12 tunnels at 1 Mbit/s (125,000 B/s, 1,250,000 B a step), 4 a segw.
+    let r = run_native("round-robin", &with_traffic(3, "1 Mbps", ""));
+    clean(&r);
+    assert_eq!(r.tunnels_over_time[1], [4, 4, 4]);
+    // Step 0 also carries the IKE that opened them; from step 1 on only
+    // ESP: exactly 4 × 125,000 B/s on each segw.
+    for step in 1..3 {
+        assert_eq!(r.throughput_over_time[step], [500_000.0; 3], "step {step}");
+    }
+    let ike = r.throughput_over_time[0][0] - 500_000.0;
+    assert!(ike > 0.0 && ike < 1_000.0, "IKE in step 0: {ike} B/s");
+    // Each frame stood for 250 packets up and 1,000 down, not one.
+    assert_eq!(r.frames, 12 * (4 + 2 * 3));
+}
+
+#[test]
+fn a_failure_moves_the_failed_segw_s_traffic_onto_the_others() {
+    let events = "[[event]]\nstep = 1\nfail = \"b\"\n";
+    let mut s = with_traffic(3, "1 Mbps", events);
+    for segw in &mut s.segws {
+        segw.throughput = 1_000_000; // 8 Mbit/s: 4 tunnels are half of it
+    }
+    let r = run_native("round-robin", &s);
+    clean(&r);
+    assert_eq!(r.throughput_over_time[2], [750_000.0, 0.0, 750_000.0]);
+    assert_eq!(r.peak_utilization["a"], 0.75);
+    // b's peak was step 0: its 4 tunnels' ESP and the IKE that opened them.
+    assert_eq!(r.peak_utilization["b"], 0.5005);
+    // Nobody went over 80% (0.75 is not), so no second counts.
+    assert_eq!((r.seconds_over_80, r.seconds_over_100), (0, 0));
+    s.segws[0].throughput = 900_000;
+    let r = run_native("round-robin", &s);
+    // a at 750,000 / 900,000 = 83% in steps 1 and 2: 20 s over 80%.
+    assert_eq!(r.seconds_over_80_per_segw, [20, 0, 0]);
+    assert_eq!((r.seconds_over_80, r.seconds_over_100), (20, 0));
+    // The busy hour is step 0 (the IKE on top); a and c carried the same.
+    assert_eq!(r.busy_step, 0);
+}
+
+/// The built-in day, at 2,000 tunnels: the count-balancing policies put as
+/// many tunnels on the 4 Gbit/s segws as on the 10 Gbit/s ones, which at
+/// the busy hour (and more so with segw4 down) is more than they can
+/// carry; least-utilization fills each to the same share of its own.
+#[test]
+fn on_the_diurnal_day_count_balancing_overloads_the_small_segws_and_least_utilization_does_not() {
+    let mut day = Scenario::resolve(std::path::Path::new("diurnal")).unwrap();
+    day.tunnels.count = 2_000;
+    // The same total traffic as the built-in 10,000 tunnels.
+    if let Some(t) = &mut day.traffic {
+        t.rate = super::traffic::RateDist::LogNormal {
+            median: 1.2e6 / 8.0 * 5.0,
+            sigma: 1.1,
+        };
+    }
+    for policy in ["round-robin", "least-tunnels", "consistent-hash"] {
+        let r = run_native(policy, &day);
+        clean(&r);
+        assert!(
+            r.seconds_over_100 >= 3600,
+            "{policy}: {}",
+            r.seconds_over_100
+        );
+        assert!(
+            r.peak_utilization["segw3"] > 1.0,
+            "{policy}: {:?}",
+            r.peak_utilization
+        );
+        assert!(
+            r.peak_utilization["segw1"] < 0.7,
+            "{policy}: {:?}",
+            r.peak_utilization
+        );
+    }
+    let r = run_native("least-utilization", &day);
+    clean(&r);
+    assert_eq!(
+        (r.seconds_over_80, r.seconds_over_100),
+        (0, 0),
+        "{:?}",
+        r.peak_utilization
+    );
+    let peaks: Vec<f64> = r.peak_utilization.values().copied().collect();
+    let (lo, hi) = peaks
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), &p| (lo.min(p), hi.max(p)));
+    assert!(hi < 0.8 && hi - lo < 0.15, "{peaks:?}");
+    // It did so by putting fewer tunnels on the small segws, on purpose.
+    assert!(r.max_over_mean > 1.2, "{}", r.max_over_mean);
+}
