@@ -1993,3 +1993,143 @@ fn a_restart_with_a_state_file_moves_no_tunnel() {
         lab.log_text()
     );
 }
+
+/// A known load (issue 28): six raw ESP tunnels, two a segw, each sending
+/// 100 packets a second of a known size up and answered with 100 a second
+/// of another size down, for 20 s. `ctl status --json` reports each
+/// gateway's rates within 5% of what was offered (through the core, and
+/// through the XDP fast path once the segws' answers confirmed the
+/// tunnels), its utilization against its throughput capacity, and a
+/// utilization the segw reported once the blackout is over.
+#[test]
+fn a_known_load_is_reported_per_gateway_within_five_percent() {
+    if !can_run() {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::up_with_gateways(
+        "load",
+        "round-robin",
+        (0, 3),
+        Family::V4,
+        "",
+        &[
+            (1, "throughput = \"2 Mbps\""),
+            (2, "throughput = \"1 Mbps\""),
+        ],
+    );
+    let (up_len, down_len) = (120usize, 420usize);
+    let ups: Vec<Vec<u8>> = (1..=6u16)
+        .map(|t| {
+            let body = esp_body(0xb000 + u32::from(t), 1, up_len - 20);
+            lab.to_lb(&ip_packet(peer(500 + t), IpAddr::V4(VIP), 50, &body, 1))
+        })
+        .collect();
+    let captured = lab.send_and_capture(&ups);
+    assert_eq!(captured.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 2]);
+    // Each segw's answers to its own two tunnels.
+    let mut downs: Vec<(usize, Vec<u8>)> = Vec::new();
+    for (s, got) in captured.iter().enumerate() {
+        for f in got {
+            let to = IpAddr::V4(Ipv4Addr::new(f[26], f[27], f[28], f[29]));
+            let body = esp_body(0xd000 + u32::from(f[29]), 1, down_len - 20);
+            let ip = ip_packet(IpAddr::V4(VIP), to, 50, &body, 1);
+            downs.push((s, frame(lab.lb_port_macs[s], lab.segws[s].mac, None, &ip)));
+        }
+    }
+    let (ok, out) = lab.ctl(&["gateway", "report", "segw3", "utilization=0.9"]);
+    assert!(ok, "{out}");
+    let (ok, out) = lab.ctl(&["gateway", "report", "segw3", "0.5x"]);
+    assert!(!ok && out.contains("give utilization=U"), "{out}");
+
+    // 100 rounds a second, each one packet per tunnel each way, on a
+    // schedule (a late round is caught up, not dropped).
+    let start = Instant::now();
+    let rounds = 2_000u32;
+    for round in 0..rounds {
+        if round == 1_000 {
+            // Halfway, segw3 says it again: its report has come for 10 s.
+            let (ok, out) = lab.ctl(&["gateway", "report", "segw3", "utilization=0.9"]);
+            assert!(ok, "{out}");
+        }
+        let due = start + Duration::from_millis(10 * u64::from(round));
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        for f in &ups {
+            lab.ini.send(f);
+        }
+        for (s, f) in &downs {
+            lab.segws[*s].send(f);
+        }
+        if round % 200 == 0 {
+            // Keep the capture sockets from filling.
+            lab.ini.drain(Duration::ZERO);
+            for s in &mut lab.segws {
+                s.drain(Duration::ZERO);
+            }
+        }
+    }
+    let offered = rounds as f64 / start.elapsed().as_secs_f64();
+    assert!(
+        offered > 95.0,
+        "the test could not keep its pace: {offered:.1} rounds/s"
+    );
+    let (ok, json) = lab.ctl(&["status", "--json", "--tunnels", "0"]);
+    assert!(ok, "{json}");
+    let s: Status = serde_json::from_str(&json).unwrap();
+    let near = |got: f64, want: f64, what: &str| {
+        assert!(
+            (got / want - 1.0).abs() < 0.05,
+            "{what}: {got:.0}/s reported, {want:.0}/s offered"
+        );
+    };
+    for g in &s.gateways {
+        let l = &g.load;
+        let name = &g.name;
+        eprintln!(
+            "{name}: to {:.0} B/s ({:+.2}%), from {:.0} B/s ({:+.2}%), offered {offered:.2} rounds/s",
+            l.bytes_to_per_s,
+            (l.bytes_to_per_s / (2.0 * offered * up_len as f64) - 1.0) * 100.0,
+            l.bytes_from_per_s,
+            (l.bytes_from_per_s / (2.0 * offered * down_len as f64) - 1.0) * 100.0,
+        );
+        near(
+            l.packets_to_per_s,
+            2.0 * offered,
+            &format!("{name} packets to"),
+        );
+        near(
+            l.packets_from_per_s,
+            2.0 * offered,
+            &format!("{name} packets from"),
+        );
+        near(
+            l.bytes_to_per_s,
+            2.0 * offered * up_len as f64,
+            &format!("{name} bytes to"),
+        );
+        near(
+            l.bytes_from_per_s,
+            2.0 * offered * down_len as f64,
+            &format!("{name} bytes from"),
+        );
+    }
+    // 2 × 100 × (120 + 420) B/s = 108 kB/s against 250 kB/s and 125 kB/s.
+    let u = |n: &str| s.gateway(n).unwrap().load.utilization;
+    assert!((u("segw1") - 0.432).abs() < 0.03, "{}", u("segw1"));
+    assert!((u("segw2") - 0.864).abs() < 0.05, "{}", u("segw2"));
+    // segw3 has no throughput: only its report counts, now live.
+    let l3 = &s.gateway("segw3").unwrap().load;
+    assert_eq!(
+        (l3.reported, l3.reported_state.as_str()),
+        (Some(0.9), "live")
+    );
+    assert_eq!(l3.utilization, 0.9);
+    let (_, text) = lab.ctl(&["status", "--tunnels", "0"]);
+    assert!(text.contains("of 2.00 Mbit/s; utilization 4"), "{text}");
+    assert!(text.contains("reported 90%, live"), "{text}");
+    if common::fast_path_under_test() == Some("xdp") {
+        assert!(s.counters.fast_path > 0, "the fast path carried none of it");
+    }
+}
