@@ -328,7 +328,7 @@ impl Lab {
             .stderr(log);
         self.balancer = Some(cmd.spawn().unwrap());
         let until = Instant::now() + Duration::from_secs(20);
-        while request(&self.socket, &Request::Status { tunnels: 0 }).is_err() {
+        while request(&self.socket, &Request::Status { tunnels: 0, top: 0 }).is_err() {
             if let Some(status) = self.balancer.as_mut().unwrap().try_wait().unwrap() {
                 panic!("segwlb run exited ({status}):\n{}", self.log_text());
             }
@@ -371,7 +371,14 @@ impl Lab {
     }
 
     fn status(&self) -> Status {
-        let r = request(&self.socket, &Request::Status { tunnels: 1000 }).unwrap();
+        let r = request(
+            &self.socket,
+            &Request::Status {
+                tunnels: 1000,
+                top: 0,
+            },
+        )
+        .unwrap();
         r.status.unwrap_or_else(|| panic!("status: {}", r.message))
     }
 
@@ -1091,7 +1098,7 @@ fn a_flood_of_control_clients_leaves_the_data_path_untouched() {
         if round == 2 {
             // A real client now: told at once that the balancer is busy.
             let t = Instant::now();
-            let r = request(&socket, &Request::Status { tunnels: 0 });
+            let r = request(&socket, &Request::Status { tunnels: 0, top: 0 });
             let waited = t.elapsed();
             match r {
                 Ok(r) if !r.ok && r.message.starts_with("busy:") => busy_answers += 1,
@@ -1517,10 +1524,16 @@ fn policy_swaps_while_frames_are_in_flight_lose_none_and_serve_within_100_ms() {
     let mut lab = Lab::up("fly", "round-robin", (0, 3));
     let (socket, policies) = (lab.socket.clone(), lab.policies.clone());
     let status = || {
-        request(&socket, &Request::Status { tunnels: 1000 })
-            .unwrap()
-            .status
-            .unwrap()
+        request(
+            &socket,
+            &Request::Status {
+                tunnels: 1000,
+                top: 0,
+            },
+        )
+        .unwrap()
+        .status
+        .unwrap()
     };
     let mut swap_ms = 0.0;
     let pause = || std::thread::sleep(Duration::from_millis(400));
@@ -1589,7 +1602,7 @@ fn swaps_between_rust_python_and_javascript_under_a_stream_lose_nothing() {
     let mut lab = Lab::up("pgl", "round-robin", (0, 3));
     let socket = lab.socket.clone();
     let status = || {
-        request(&socket, &Request::Status { tunnels: 0 })
+        request(&socket, &Request::Status { tunnels: 0, top: 0 })
             .unwrap()
             .status
             .unwrap()

@@ -150,7 +150,11 @@ impl Running {
     fn status(&self, tunnels: usize) -> Status {
         let (reply, answer) = bounded(1);
         self.commands
-            .send(Command::Status { tunnels, reply })
+            .send(Command::Status {
+                tunnels,
+                top: 0,
+                reply,
+            })
             .unwrap();
         answer.recv_timeout(Duration::from_secs(120)).unwrap()
     }

@@ -7,8 +7,11 @@
 //! hot swap, a rebalance; 14 steps) with its tunnel count raised to
 //! 1,000,000: every tunnel opens with IKE_SA_INIT and IKE_AUTH and sends
 //! ESP both ways every step, through the real core and the real wasm
-//! policy. Baseline in the same run: the same scenario with the native
-//! twin of each policy, so the ratio is what the wasm boundary costs.
+//! policy. Baselines in the same run: the same scenario with the native
+//! twin of each policy, so the ratio is what the wasm boundary costs; and
+//! the same scenario without its `[traffic]` (one 120-byte ESP packet a
+//! step each way instead of a frame standing for the step's traffic), so
+//! the last column is what carrying traffic as load costs.
 //! Target: under 10 s per policy on one core.
 
 use std::path::Path;
@@ -47,9 +50,19 @@ fn main() {
         timing: true,
     };
     println!("{scenario}");
+    let mut countless = scenario.clone();
+    countless.traffic = None;
     println!(
-        "{:<18} {:>10} {:>10} {:>8} {:>12} {:>10} {:>10}",
-        "policy", "wasm s", "native s", "ratio", "frames/s", "peak MiB", "max/fair"
+        "{:<18} {:>10} {:>10} {:>8} {:>12} {:>10} {:>10} {:>14} {:>9}",
+        "policy",
+        "wasm s",
+        "native s",
+        "ratio",
+        "frames/s",
+        "peak MiB",
+        "max/fair",
+        "no traffic s",
+        "traffic"
     );
     let runtime = Runtime::new().expect("a wasm engine");
     for name in native::SHIPPED {
@@ -82,15 +95,26 @@ fn main() {
             &mut |_| {},
         );
         let native = started.elapsed().as_secs_f64();
+
+        let started = Instant::now();
+        compare::run(
+            &countless,
+            options,
+            &mut || Box::new(loaded.instantiate()) as Box<dyn Policy>,
+            &mut |_| {},
+        );
+        let without = started.elapsed().as_secs_f64();
         println!(
-            "{:<18} {:>10.2} {:>10.2} {:>7.2}x {:>12.0} {:>10.0} {:>10.3}",
+            "{:<18} {:>10.2} {:>10.2} {:>7.2}x {:>12.0} {:>10.0} {:>10.3} {:>14.2} {:>+8.1}%",
             name,
             wasm,
             native,
             wasm / native,
             run.frames as f64 / wasm,
             peak,
-            run.max_over_mean
+            run.max_over_mean,
+            without,
+            (wasm / without - 1.0) * 100.0
         );
     }
 }

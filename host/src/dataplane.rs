@@ -58,6 +58,8 @@ const SWEEP_EVERY: Duration = Duration::from_millis(6);
 /// How often the gateways' traffic is measured into rates
 /// (`Balancer::measure`): a pass over the gateways, none over the tunnels.
 pub const MEASURE_EVERY: Duration = Duration::from_secs(1);
+/// The most tunnel slots one turn updates the rates of (~100 µs).
+const TUNNEL_RATES_MAX: usize = 16_384;
 /// How often segws are asked for their MAC when health probing is off.
 const MAC_REFRESH: Duration = Duration::from_secs(1);
 
@@ -67,7 +69,10 @@ pub type Reply = Result<String, String>;
 /// What the control plane asks of the worker.
 pub enum Command {
     Status {
+        /// The oldest tunnels of each gateway, and the heaviest overall,
+        /// to list.
         tunnels: usize,
+        top: usize,
         reply: Sender<Status>,
     },
     /// Swap the policy. `noticed` is when the change was first seen (a file
@@ -168,6 +173,8 @@ pub struct Worker {
     next_probe: Timestamp,
     next_sweep: Timestamp,
     next_measure: Timestamp,
+    /// When the tunnels' rates were last advanced (see `timers`).
+    tunnel_rates_at: Timestamp,
     policy: PolicyRecord,
     last_send_error_log: Option<Instant>,
     pauses: Pauses,
@@ -229,6 +236,7 @@ impl Worker {
             next_probe: Timestamp::ZERO,
             next_sweep: Timestamp::ZERO,
             next_measure: Timestamp::ZERO,
+            tunnel_rates_at: Timestamp::ZERO,
             policy,
             last_send_error_log: None,
             pauses: Pauses::default(),
@@ -538,6 +546,19 @@ impl Worker {
             self.lb.measure(now);
             self.next_measure = now + MEASURE_EVERY;
         }
+        // The tunnels' rates, a slice per call sized so that a pass over the
+        // table takes about MEASURE_EVERY: every tunnel's rate is at most
+        // about a second old, and no call walks more of the table than the
+        // time since the last one asks for.
+        let elapsed = now.since(self.tunnel_rates_at);
+        if elapsed >= SWEEP_EVERY {
+            let slots = self.lb.table().slots() as f64;
+            let share = elapsed.as_secs_f64() / MEASURE_EVERY.as_secs_f64();
+            let budget = (slots * share).ceil() as usize;
+            self.lb
+                .measure_tunnels(now, budget.clamp(256, TUNNEL_RATES_MAX));
+            self.tunnel_rates_at = now;
+        }
         if now >= self.next_sweep {
             let gone = self.lb.expire(now, SWEEP_BUDGET);
             if gone > 0 {
@@ -552,12 +573,21 @@ impl Worker {
             self.fast_path_count(now);
         }
         match command {
-            Command::Status { tunnels: 0, reply } => {
+            Command::Status {
+                tunnels: 0,
+                top: 0,
+                reply,
+            } => {
                 let _ = reply.send(self.snapshot(TunnelLists::new(0), now));
             }
             // Listing tunnels walks the table: a slice at a time.
-            Command::Status { tunnels, reply } => {
-                self.statuses.push_back((TunnelLists::new(tunnels), reply));
+            Command::Status {
+                tunnels,
+                top,
+                reply,
+            } => {
+                self.statuses
+                    .push_back((TunnelLists::with_top(tunnels, top), reply));
             }
             Command::UsePolicy {
                 policy,

@@ -155,6 +155,9 @@ enum CtlCommand {
         /// List at most this many tunnels per segw.
         #[arg(long, default_value_t = 50)]
         tunnels: usize,
+        /// List the N heaviest tunnels (bytes/s both ways), over every segw.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        top: usize,
     },
     /// Swap the policy.
     Policy {
@@ -490,7 +493,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn ctl(socket: &Path, command: CtlCommand) -> anyhow::Result<ExitCode> {
     use segwlb::control::ctl::{request, Request};
     let (req, json) = match command {
-        CtlCommand::Status { json, tunnels } => (Request::Status { tunnels }, json),
+        CtlCommand::Status { json, tunnels, top } => (Request::Status { tunnels, top }, json),
         CtlCommand::Policy {
             command: CtlPolicy::Use { name, rebalance },
         } => (Request::PolicyUse { name, rebalance }, false),

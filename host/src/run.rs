@@ -239,6 +239,7 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
             commands
                 .send(Command::Status {
                     tunnels: 0,
+                    top: 0,
                     reply: tx,
                 })
                 .ok()?;

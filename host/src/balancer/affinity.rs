@@ -71,8 +71,14 @@ pub struct Tunnel {
     /// that of the last frame that proved the tunnel (IKE with its SPI
     /// pair). A frame anyone could send never changes it.
     pub next_hop: Option<Mac>,
+    /// Packets and IP bytes towards its segw ...
     pub frames: u64,
     pub bytes: u64,
+    /// ... and back from it.
+    pub frames_back: u64,
+    pub bytes_back: u64,
+    /// Its traffic as rates (see `Balancer::measure_tunnels`).
+    pub rates: super::rates::TunnelRates,
 }
 
 impl Tunnel {
@@ -117,6 +123,9 @@ impl Tunnel {
             next_hop: None,
             frames: 0,
             bytes: 0,
+            frames_back: 0,
+            bytes_back: 0,
+            rates: Default::default(),
         }
     }
 }

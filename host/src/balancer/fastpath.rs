@@ -109,6 +109,8 @@ impl<P: Policy> Balancer<P> {
         t.last_seen = t.last_seen.max(now);
         t.frames += frames[0];
         t.bytes += bytes[0];
+        t.frames_back += frames[1];
+        t.bytes_back += bytes[1];
         let gw = t.gateway;
         if let Some(g) = self.gateways.get_mut(gw) {
             g.counters.frames_to += frames[0];

@@ -261,6 +261,8 @@ pub struct Balancer<P: Policy = Box<dyn Policy>> {
     epoch: u64,
     /// When reported utilization counts (see [`rates`]).
     reporting: rates::Reporting,
+    /// The next slot whose tunnel's rates are updated.
+    rate_cursor: usize,
 }
 
 /// A rebalance under way (see [`Balancer::rebalance_step`]).
@@ -360,6 +362,7 @@ impl<P: Policy> Balancer<P> {
             epoch: 0,
             rebalancing: None,
             reporting: rates::Reporting::default(),
+            rate_cursor: 0,
         }
     }
 
@@ -965,8 +968,14 @@ impl<P: Policy> Balancer<P> {
         } else {
             found.map(|(id, _)| id)
         };
-        let dst = tunnel
-            .and_then(|id| self.table.get(id)?.next_hop)
+        let next_hop = tunnel.and_then(|id| {
+            let t = self.table.get_mut(id)?;
+            let Bulk { packets, bytes } = bulk.unwrap_or(Bulk::one(ip.len));
+            t.frames_back += packets;
+            t.bytes_back += bytes;
+            t.next_hop
+        });
+        let dst = next_hop
             .or(self.default_next_hop)
             .ok_or(DropReason::NextHopUnknown)?;
         Ok(Egress::new(UPLINK, dst))

@@ -79,6 +79,63 @@ impl Meter {
     }
 }
 
+/// A tunnel's traffic as rates: packets and bytes per second each way,
+/// smoothed as a gateway's are, updated when the tunnel sweep passes it
+/// ([`Balancer::measure_tunnels`]). 36 bytes: the counters' low 32 bits
+/// at the last visit (a difference of wrapping u32s is exact below 4 GB
+/// between two visits), and rates in f32.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TunnelRates {
+    /// Milliseconds of the balancer's clock at the last visit, wrapping;
+    /// 0 before the first.
+    at_ms: u32,
+    seen: [u32; 4],
+    primed: bool,
+    /// Packets to, bytes to, packets from, bytes from, per second.
+    pub per_sec: [f32; 4],
+}
+
+impl TunnelRates {
+    /// Both ways, bytes/s: what "heaviest" means.
+    pub fn bytes_per_sec(&self) -> f32 {
+        self.per_sec[1] + self.per_sec[3]
+    }
+
+    /// The tunnel's counters (frames to, bytes to, frames back, bytes back)
+    /// at `now`.
+    fn sample(&mut self, counters: [u64; 4], now: Timestamp) {
+        let now_ms = (now.since_epoch().as_millis() as u32).max(1);
+        let low = counters.map(|c| c as u32);
+        if self.at_ms == 0 {
+            (self.at_ms, self.seen) = (now_ms, low);
+            return;
+        }
+        let dt = f64::from(now_ms.wrapping_sub(self.at_ms)) / 1e3;
+        if dt <= 0.0 {
+            return;
+        }
+        let a = if self.primed {
+            1.0 - (-dt / WINDOW.as_secs_f64()).exp()
+        } else {
+            1.0
+        };
+        for i in 0..4 {
+            let rate = f64::from(low[i].wrapping_sub(self.seen[i])) / dt;
+            let old = f64::from(self.per_sec[i]);
+            self.per_sec[i] = (old + a * (rate - old)) as f32;
+        }
+        (self.at_ms, self.seen, self.primed) = (now_ms, low, true);
+    }
+}
+
+/// Rates are for reading: two tunnels are the same whatever their rates.
+impl PartialEq for TunnelRates {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for TunnelRates {}
+
 /// When reported utilization counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reporting {
@@ -186,6 +243,27 @@ impl<P: Policy> Balancer<P> {
             .reported
             .report(value, now, rules);
         Ok(())
+    }
+
+    /// Update the rates of up to `budget` tunnels' slots at `now`, resuming
+    /// where the last call stopped (one pass over the table, a slice at a
+    /// time: the live worker sizes the slices so a pass takes about a
+    /// second). Returns the slots visited.
+    pub fn measure_tunnels(&mut self, now: Timestamp, budget: usize) -> usize {
+        let n = self.table.slots();
+        let visits = budget.min(n);
+        for _ in 0..visits {
+            if self.rate_cursor >= n {
+                self.rate_cursor = 0;
+            }
+            let id = self.rate_cursor as super::affinity::TunnelId;
+            self.rate_cursor += 1;
+            if let Some(t) = self.table.get_mut(id) {
+                let counters = [t.frames, t.bytes, t.frames_back, t.bytes_back];
+                t.rates.sample(counters, now);
+            }
+        }
+        visits
     }
 
     /// When reports count (blackout, expiry).

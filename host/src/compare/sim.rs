@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::scenario::{Event, Scenario, SegwSpec};
-use super::traffic::{Profile, Sent};
+use super::traffic::{Profile, Sent, Step};
 use crate::balancer::affinity::Timeouts;
 use crate::balancer::{
     farm, Balancer, Bulk, Config, DropReason, GatewaySpec, PortId, Prefix, Verdict, UPLINK,
@@ -268,9 +268,8 @@ struct Sim<'s> {
     /// Tunnels arrived so far: the next one's number, for its profile.
     arrived: u64,
     seed: u64,
-    /// What a tunnel sends this step, by profile (start of the step and
-    /// its length in seconds).
-    step_window: (f64, f64),
+    /// This step's traffic, with the scenario's `[traffic]`.
+    step: Option<Step>,
     buf: Vec<u8>,
 }
 
@@ -337,7 +336,7 @@ pub fn run_with(
         refused_tunnels: 0,
         arrived: 0,
         seed,
-        step_window: (0.0, scenario.step_secs as f64),
+        step: None,
         buf: Vec::with_capacity(1600),
     };
     for i in 0..scenario.segws.len() {
@@ -355,7 +354,10 @@ pub fn run_with(
     let mut last_event: Option<usize> = None;
     for step in 0..scenario.steps {
         sim.now = Timestamp::from_secs(u64::from(step) * scenario.step_secs);
-        sim.step_window.0 = (u64::from(step) * scenario.step_secs) as f64;
+        sim.step = scenario.traffic.as_ref().map(|t| {
+            let secs = scenario.step_secs as f64;
+            t.step(f64::from(step) * secs, secs)
+        });
         // The last step's traffic, as rates: what load-aware policies see.
         sim.lb.measure(sim.now);
         sim.moved_this_step = 0;
@@ -593,14 +595,9 @@ impl Sim<'_> {
     /// Tunnel `i`'s traffic this step: one ESP frame each way standing for
     /// all its packets.
     fn traffic(&mut self, i: usize, profile: Profile) {
-        let traffic = self
-            .scenario
-            .traffic
-            .as_ref()
-            .expect("a profile has traffic");
-        let (start, secs) = self.step_window;
-        let (up, down) = traffic.sent(profile, start, secs);
-        self.esp(i, Some((up, down)));
+        let step = self.step.as_ref().expect("a profile has traffic");
+        let sent = step.sent(profile);
+        self.esp(i, Some(sent));
     }
 
     /// Its initiator closes tunnel `i`: off its segw's count, silent from

@@ -155,6 +155,34 @@ pub struct Sent {
     pub bytes: u64,
 }
 
+/// One step of a scenario's traffic, for every tunnel in it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// Per shape: the factor at mid-step times the step's seconds.
+    bytes_per_rate: Vec<f64>,
+    up_share: f64,
+    per_packet: f64,
+}
+
+impl Step {
+    /// What a tunnel of `profile` sends in this step: (uplink, downlink).
+    #[inline]
+    pub fn sent(&self, profile: Profile) -> (Sent, Sent) {
+        let bytes = profile.rate * self.bytes_per_rate[usize::from(profile.shape)];
+        let up = bytes * self.up_share;
+        let split = |b: f64| {
+            let bytes = b.round() as u64;
+            let packets = if bytes == 0 {
+                0
+            } else {
+                (b * self.per_packet).round().max(1.0) as u64
+            };
+            Sent { packets, bytes }
+        };
+        (split(up), split(bytes - up))
+    }
+}
+
 /// Seeds the per-tunnel draws, apart from the population's sequence.
 const PROFILE_SEED: u64 = 0x7a11_c0de_0000_0001;
 
@@ -191,18 +219,18 @@ impl Traffic {
     /// What a tunnel of `profile` sends in the step that starts `start`
     /// seconds into the run and lasts `secs`: (uplink, downlink).
     pub fn sent(&self, profile: Profile, start: f64, secs: f64) -> (Sent, Sent) {
-        let bytes = profile.rate * self.factor(profile, start, secs) * secs;
-        let up = bytes / (1.0 + self.downlink_ratio);
-        let split = |b: f64| {
-            let bytes = b.round() as u64;
-            let packets = if bytes == 0 {
-                0
-            } else {
-                (b / f64::from(self.packet_bytes)).round().max(1.0) as u64
-            };
-            Sent { packets, bytes }
-        };
-        (split(up), split(bytes - up))
+        self.step(start, secs).sent(profile)
+    }
+
+    /// The step that starts `start` seconds into the run and lasts `secs`,
+    /// worked out once for all its tunnels (each shape's factor).
+    pub fn step(&self, start: f64, secs: f64) -> Step {
+        let t = self.start_hour * 3600.0 + start + secs / 2.0;
+        Step {
+            bytes_per_rate: self.shapes.iter().map(|(s, _)| s.at(t) * secs).collect(),
+            up_share: 1.0 / (1.0 + self.downlink_ratio),
+            per_packet: 1.0 / f64::from(self.packet_bytes),
+        }
     }
 
     /// One line: what the traffic is.

@@ -20,9 +20,12 @@ use super::Supervisor;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
-    /// Everything, listing up to `tunnels` tunnels per gateway.
+    /// Everything, listing up to `tunnels` tunnels per gateway and the
+    /// `top` heaviest tunnels (absent: none).
     Status {
         tunnels: usize,
+        #[serde(default)]
+        top: usize,
     },
     /// Swap in policy NAME (in the policy directory) or a path to a .wasm.
     PolicyUse {
@@ -323,7 +326,7 @@ pub fn handler(supervisor: Arc<Mutex<Supervisor>>) -> Handler {
 
 fn handle(sup: &mut Supervisor, req: Request) -> Response {
     match req {
-        Request::Status { tunnels } => match sup.status(tunnels) {
+        Request::Status { tunnels, top } => match sup.status(tunnels, top) {
             Some(status) => Response {
                 ok: true,
                 message: String::new(),

@@ -143,10 +143,16 @@ impl Supervisor {
             .map_err(|_| "the data path did not answer".to_string())?
     }
 
-    pub fn status(&self, tunnels: usize) -> Option<Status> {
+    /// The status, listing the `tunnels` oldest of each gateway and the
+    /// `top` heaviest.
+    pub fn status(&self, tunnels: usize, top: usize) -> Option<Status> {
         let (tx, rx) = bounded(1);
         self.worker
-            .send(Command::Status { tunnels, reply: tx })
+            .send(Command::Status {
+                tunnels,
+                top,
+                reply: tx,
+            })
             .ok()?;
         rx.recv_timeout(ASK_TIMEOUT).ok()
     }

@@ -34,6 +34,10 @@ pub struct Status {
     /// How long the worker kept frames waiting.
     #[serde(default)]
     pub worker: WorkerStatus,
+    /// The heaviest tunnels (bytes/s both ways), heaviest first, as many
+    /// as asked for (`ctl status --top N`).
+    #[serde(default)]
+    pub top: Vec<TunnelStatus>,
 }
 
 /// The worker's turns (see `dataplane::pauses`): busy time per turn of its
@@ -184,8 +188,26 @@ pub struct TunnelStatus {
     /// Seconds since the tunnel was first seen.
     pub age_s: f64,
     pub idle_s: f64,
+    /// Packets and IP bytes towards its segw ...
     pub frames: u64,
     pub bytes: u64,
+    /// ... and back (absent from a balancer from before traffic).
+    #[serde(default)]
+    pub frames_back: u64,
+    #[serde(default)]
+    pub bytes_back: u64,
+    /// Its rates, smoothed over 5 s, updated about every second.
+    #[serde(default)]
+    pub packets_to_per_s: f64,
+    #[serde(default)]
+    pub bytes_to_per_s: f64,
+    #[serde(default)]
+    pub packets_from_per_s: f64,
+    #[serde(default)]
+    pub bytes_from_per_s: f64,
+    /// The segw it is on.
+    #[serde(default)]
+    pub gateway: String,
     pub state: String,
     /// How sure the table is of its segw, and who said so: guessed,
     /// spi-range, opened, moved, confirmed (see `balancer::rules`).
@@ -273,10 +295,49 @@ pub struct PolicyRecord {
 #[derive(Debug)]
 pub struct TunnelLists {
     limit: usize,
+    /// How many of the heaviest tunnels, over every gateway.
+    top: usize,
     cursor: usize,
     /// Per gateway, the `limit` oldest seen so far: a max-heap, so the
     /// newest of them is the one to drop.
     oldest: BTreeMap<GwId, BinaryHeap<Oldest>>,
+    /// The `top` heaviest seen so far: a min-heap (by `Reverse`), so the
+    /// lightest of them is the one to drop.
+    heaviest: BinaryHeap<std::cmp::Reverse<Heavy>>,
+}
+
+/// The most `ctl status --top` lists.
+pub const TOP_MAX: usize = 10_000;
+
+#[derive(Debug)]
+struct Heavy(Tunnel);
+
+impl Heavy {
+    fn key(&self) -> (u32, IpAddr, u16) {
+        // f32 bits order like the value for the non-negative rates here.
+        (
+            self.0.rates.bytes_per_sec().to_bits(),
+            self.0.peer,
+            self.0.peer_port,
+        )
+    }
+}
+
+impl PartialEq for Heavy {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+impl Eq for Heavy {}
+impl PartialOrd for Heavy {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Heavy {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
 }
 
 #[derive(Debug)]
@@ -307,22 +368,51 @@ impl Ord for Oldest {
 
 impl TunnelLists {
     pub fn new(limit: usize) -> Self {
+        Self::with_top(limit, 0)
+    }
+
+    /// The `limit` oldest tunnels of each gateway, and the `top` heaviest
+    /// (at most [`TOP_MAX`]).
+    pub fn with_top(limit: usize, top: usize) -> Self {
         TunnelLists {
             limit,
+            top: top.min(TOP_MAX),
             cursor: 0,
             oldest: BTreeMap::new(),
+            heaviest: BinaryHeap::new(),
         }
+    }
+
+    /// Nothing to walk the table for.
+    pub fn is_empty(&self) -> bool {
+        self.limit == 0 && self.top == 0
     }
 
     /// Visit up to `budget` more slots of the table; `true` once every slot
     /// has been visited.
     pub fn advance<P: Policy>(&mut self, lb: &Balancer<P>, budget: usize) -> bool {
         let table = lb.table();
-        if self.limit == 0 {
+        if self.is_empty() {
             return true;
         }
         let end = table.slots().min(self.cursor.saturating_add(budget));
         for (_, t) in table.slots_in(self.cursor..end) {
+            if self.top > 0 {
+                let rate = t.rates.bytes_per_sec().to_bits();
+                if self.heaviest.len() < self.top {
+                    self.heaviest.push(std::cmp::Reverse(Heavy(t.clone())));
+                } else if self
+                    .heaviest
+                    .peek()
+                    .is_some_and(|lightest| (rate, t.peer, t.peer_port) > lightest.0.key())
+                {
+                    self.heaviest.pop();
+                    self.heaviest.push(std::cmp::Reverse(Heavy(t.clone())));
+                }
+            }
+            if self.limit == 0 {
+                continue;
+            }
             let heap = self.oldest.entry(t.gateway).or_default();
             let candidate = (t.since, t.peer, t.peer_port);
             if heap.len() < self.limit {
@@ -336,19 +426,33 @@ impl TunnelLists {
         self.cursor >= table.slots()
     }
 
-    /// The lists, oldest first, as of `now`.
-    fn finish(self, now: Timestamp) -> BTreeMap<GwId, Vec<TunnelStatus>> {
-        self.oldest
+    /// The lists, oldest first, and the heaviest, heaviest first, as of
+    /// `now`; `name` names a gateway.
+    fn finish(
+        self,
+        now: Timestamp,
+        name: &dyn Fn(GwId) -> String,
+    ) -> (BTreeMap<GwId, Vec<TunnelStatus>>, Vec<TunnelStatus>) {
+        let lists = self
+            .oldest
             .into_iter()
             .map(|(gw, heap)| {
                 let list = heap
                     .into_sorted_vec()
                     .iter()
-                    .map(|o| tunnel_status(&o.0, now))
+                    .map(|o| tunnel_status(&o.0, &name(gw), now))
                     .collect();
                 (gw, list)
             })
-            .collect()
+            .collect();
+        // Sorted ascending by Reverse: heaviest first.
+        let top = self
+            .heaviest
+            .into_sorted_vec()
+            .iter()
+            .map(|h| tunnel_status(&h.0 .0, &name(h.0 .0.gateway), now))
+            .collect();
+        (lists, top)
     }
 }
 
@@ -369,7 +473,10 @@ impl Status {
                 .find(|p| p.port == port)
                 .map_or_else(String::new, |p| p.interface.clone())
         };
-        let mut lists = lists.finish(now);
+        let names: BTreeMap<GwId, String> =
+            lb.gateways().map(|g| (g.id, g.spec.name.clone())).collect();
+        let name = |gw: GwId| names.get(&gw).cloned().unwrap_or_else(|| format!("#{gw}"));
+        let (mut lists, top) = lists.finish(now, &name);
         let gateways = lb
             .gateways()
             .map(|g| {
@@ -451,6 +558,7 @@ impl Status {
             },
             ports,
             worker: WorkerStatus::default(),
+            top,
         }
     }
 
@@ -533,6 +641,25 @@ impl Status {
                 let _ = writeln!(out, "  … and {} more", g.tunnels - listed);
             }
         }
+        if !self.top.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nheaviest tunnels (bytes/s both ways, over the last ~5 s)\n  {:<40} {:<10} {:>14} {:>14} {:>10} {:>10}",
+                "remote endpoint", "segw", "to segw", "from segw", "pps to", "pps from"
+            );
+            for t in &self.top {
+                let _ = writeln!(
+                    out,
+                    "  {:<40} {:<10} {:>14} {:>14} {:>10.0} {:>10.0}",
+                    t.remote,
+                    t.gateway,
+                    show_rate(t.bytes_to_per_s),
+                    show_rate(t.bytes_from_per_s),
+                    t.packets_to_per_s,
+                    t.packets_from_per_s
+                );
+            }
+        }
         let c = &self.counters;
         let _ = writeln!(
             out,
@@ -596,7 +723,7 @@ impl Status {
     }
 }
 
-fn tunnel_status(t: &Tunnel, now: Timestamp) -> TunnelStatus {
+fn tunnel_status(t: &Tunnel, gateway: &str, now: Timestamp) -> TunnelStatus {
     let peer = t.peer.to_string();
     let remote = match t.peer {
         std::net::IpAddr::V6(_) => format!("[{peer}]:{}", t.peer_port),
@@ -611,6 +738,13 @@ fn tunnel_status(t: &Tunnel, now: Timestamp) -> TunnelStatus {
         idle_s: now.since(t.last_seen).as_secs_f64(),
         frames: t.frames,
         bytes: t.bytes,
+        frames_back: t.frames_back,
+        bytes_back: t.bytes_back,
+        packets_to_per_s: f64::from(t.rates.per_sec[0]).round(),
+        bytes_to_per_s: f64::from(t.rates.per_sec[1]).round(),
+        packets_from_per_s: f64::from(t.rates.per_sec[2]).round(),
+        bytes_from_per_s: f64::from(t.rates.per_sec[3]).round(),
+        gateway: gateway.to_string(),
         state: match t.state() {
             TunnelState::HalfOpen => "half-open",
             TunnelState::Established => "established",

@@ -294,6 +294,7 @@ fn a_policy_swap_under_a_stream_loses_no_frame_and_moves_no_tunnel() {
     commands_tx
         .send(Command::Status {
             tunnels: 0,
+            top: 0,
             reply: status_tx,
         })
         .unwrap();
@@ -409,4 +410,73 @@ fn a_gateway_refused_on_a_taken_port_changes_nothing_of_that_port() {
     let on_2: Vec<_> = sent.iter().filter(|(p, _)| *p == 2).collect();
     assert_eq!(on_2.len(), 1);
     assert_eq!(&on_2[0].1[6..12], &port_mac(2));
+}
+
+/// Per-tunnel rates (issue 28): the worker's timers advance every tunnel's
+/// rates about once a second, and `ctl status --top N` lists the N
+/// heaviest over every segw, heaviest first, with their rates each way.
+#[test]
+fn status_top_lists_the_heaviest_tunnels_with_their_rates() {
+    let (mut w, out) = worker(None);
+    let at = Timestamp::from_millis;
+    let send = |w: &mut Worker, peer: u8, times: usize, now: Timestamp| {
+        for _ in 0..times {
+            w.frame(
+                Received {
+                    port: UPLINK,
+                    frame: esp_from(peer, 4500),
+                },
+                now,
+            );
+        }
+    };
+    for peer in 1..=3 {
+        send(&mut w, peer, 1, at(0));
+    }
+    // The first pass sees each tunnel once: no rate yet.
+    w.timers(at(10));
+    send(&mut w, 1, 100, at(500));
+    send(&mut w, 2, 10, at(500));
+    send(&mut w, 3, 1, at(500));
+    // A second later every tunnel has been visited again.
+    w.timers(at(1_010));
+    while out.try_recv().is_ok() {}
+    let (reply, answer) = bounded(1);
+    w.command(
+        Command::Status {
+            tunnels: 0,
+            top: 2,
+            reply,
+        },
+        at(1_010),
+    );
+    let status = loop {
+        if let Ok(s) = answer.try_recv() {
+            break s;
+        }
+        w.background(at(1_010));
+    };
+    let ip_len = esp_from(1, 4500).len() as f64 - 14.0;
+    let top: Vec<(&str, &str, f64, f64)> = status
+        .top
+        .iter()
+        .map(|t| {
+            (
+                t.remote.as_str(),
+                t.gateway.as_str(),
+                t.packets_to_per_s,
+                t.bytes_to_per_s,
+            )
+        })
+        .collect();
+    assert_eq!(
+        top,
+        [
+            ("198.51.100.1:4500", "segw1", 100.0, 100.0 * ip_len),
+            ("198.51.100.2:4500", "segw2", 10.0, 10.0 * ip_len),
+        ]
+    );
+    let text = status.render();
+    assert!(text.contains("heaviest tunnels"), "{text}");
+    assert!(text.contains("198.51.100.1:4500"), "{text}");
 }

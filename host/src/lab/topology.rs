@@ -199,7 +199,7 @@ impl State {
     }
 
     fn status_listing(&self, tunnels: usize) -> Result<Status> {
-        let r = request(&self.socket, &Request::Status { tunnels })
+        let r = request(&self.socket, &Request::Status { tunnels, top: 0 })
             .map_err(|e| step("asking the balancer", e))?;
         r.status
             .ok_or_else(|| step("asking the balancer", r.message))
