@@ -119,10 +119,10 @@ impl TunnelRates {
         } else {
             1.0
         };
-        for i in 0..4 {
-            let rate = f64::from(low[i].wrapping_sub(self.seen[i])) / dt;
-            let old = f64::from(self.per_sec[i]);
-            self.per_sec[i] = (old + a * (rate - old)) as f32;
+        for ((rate, now), seen) in self.per_sec.iter_mut().zip(low).zip(self.seen) {
+            let new = f64::from(now.wrapping_sub(seen)) / dt;
+            let old = f64::from(*rate);
+            *rate = (old + a * (new - old)) as f32;
         }
         (self.at_ms, self.seen, self.primed) = (now_ms, low, true);
     }
