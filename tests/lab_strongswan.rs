@@ -782,6 +782,7 @@ fn lab_compare_is_predicted_exactly_by_the_simulation_for_every_policy() {
     let mut expected = vec![
         "consistent-hash",
         "least-tunnels",
+        "least-utilization",
         "round-robin",
         "two-choices",
         "weighted",

@@ -2145,4 +2145,47 @@ fn a_known_load_is_reported_per_gateway_within_five_percent() {
     if common::fast_path_under_test() == Some("xdp") {
         assert!(s.counters.fast_path > 0, "the fast path carried none of it");
     }
+    // Every tunnel carries the same: the top two are two of the six, each
+    // at its 100 packets a second each way.
+    let (ok, text) = lab.ctl(&["status", "--tunnels", "0", "--top", "2"]);
+    assert!(ok, "{text}");
+    eprintln!("{text}");
+    let (_, json) = lab.ctl(&["status", "--json", "--tunnels", "0", "--top", "2"]);
+    let s: Status = serde_json::from_str(&json).unwrap();
+    assert_eq!(s.top.len(), 2);
+    for t in &s.top {
+        eprintln!(
+            "{}: {} frames to, {} back, age {:.1} s, {} pps to, {} pps from",
+            t.remote, t.frames, t.frames_back, t.age_s, t.packets_to_per_s, t.packets_from_per_s
+        );
+        near(
+            t.packets_to_per_s,
+            offered,
+            &format!("{} packets to", t.remote),
+        );
+        near(
+            t.packets_from_per_s,
+            offered,
+            &format!("{} packets from", t.remote),
+        );
+        near(
+            t.bytes_from_per_s,
+            offered * down_len as f64,
+            &format!("{} bytes from", t.remote),
+        );
+        // peer(501..=506): 10.1.1.245 to 10.1.1.250, raw ESP (port 0).
+        let last: u8 = t
+            .remote
+            .trim_end_matches(":0")
+            .rsplit('.')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            t.remote.starts_with("10.1.1.") && (245..=250).contains(&last),
+            "{}",
+            t.remote
+        );
+    }
 }

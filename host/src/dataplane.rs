@@ -58,8 +58,11 @@ const SWEEP_EVERY: Duration = Duration::from_millis(6);
 /// How often the gateways' traffic is measured into rates
 /// (`Balancer::measure`): a pass over the gateways, none over the tunnels.
 pub const MEASURE_EVERY: Duration = Duration::from_secs(1);
-/// The most tunnel slots one turn updates the rates of (~100 µs).
-const TUNNEL_RATES_MAX: usize = 16_384;
+/// The most tunnel slots one call of the timers updates the rates of: ~0.2
+/// ms at a million tunnels, where a slot is rarely in the cache. At the
+/// timers' 6 ms cadence that is ~340,000 tunnels a second: each tunnel's
+/// rates are updated every second up to there, every ~3 s at a million.
+const TUNNEL_RATES_MAX: usize = 2_048;
 /// How often segws are asked for their MAC when health probing is off.
 const MAC_REFRESH: Duration = Duration::from_secs(1);
 
@@ -173,8 +176,7 @@ pub struct Worker {
     next_probe: Timestamp,
     next_sweep: Timestamp,
     next_measure: Timestamp,
-    /// When the tunnels' rates were last advanced (see `timers`).
-    tunnel_rates_at: Timestamp,
+    next_tunnel_rates: Timestamp,
     policy: PolicyRecord,
     last_send_error_log: Option<Instant>,
     pauses: Pauses,
@@ -236,7 +238,7 @@ impl Worker {
             next_probe: Timestamp::ZERO,
             next_sweep: Timestamp::ZERO,
             next_measure: Timestamp::ZERO,
-            tunnel_rates_at: Timestamp::ZERO,
+            next_tunnel_rates: Timestamp::ZERO,
             policy,
             last_send_error_log: None,
             pauses: Pauses::default(),
@@ -545,19 +547,15 @@ impl Worker {
             self.fast_path_count(now);
             self.lb.measure(now);
             self.next_measure = now + MEASURE_EVERY;
+            // The tunnels' pass starts now, on the same counts.
+            self.next_tunnel_rates = now;
         }
-        // The tunnels' rates, a slice per call sized so that a pass over the
-        // table takes about MEASURE_EVERY: every tunnel's rate is at most
-        // about a second old, and no call walks more of the table than the
-        // time since the last one asks for.
-        let elapsed = now.since(self.tunnel_rates_at);
-        if elapsed >= SWEEP_EVERY {
-            let slots = self.lb.table().slots() as f64;
-            let share = elapsed.as_secs_f64() / MEASURE_EVERY.as_secs_f64();
-            let budget = (slots * share).ceil() as usize;
-            self.lb
-                .measure_tunnels(now, budget.clamp(256, TUNNEL_RATES_MAX));
-            self.tunnel_rates_at = now;
+        // The tunnels' rates: the pass each measurement begins, at most
+        // TUNNEL_RATES_MAX slots every SWEEP_EVERY, so the worker's turns
+        // stay short and a large table's pass takes longer instead.
+        if now >= self.next_tunnel_rates {
+            self.lb.measure_tunnels(now, TUNNEL_RATES_MAX);
+            self.next_tunnel_rates = now + SWEEP_EVERY;
         }
         if now >= self.next_sweep {
             let gone = self.lb.expire(now, SWEEP_BUDGET);

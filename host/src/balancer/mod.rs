@@ -261,8 +261,10 @@ pub struct Balancer<P: Policy = Box<dyn Policy>> {
     epoch: u64,
     /// When reported utilization counts (see [`rates`]).
     reporting: rates::Reporting,
-    /// The next slot whose tunnel's rates are updated.
+    /// The next slot whose tunnel's rates are updated, and how many slots
+    /// the pass under way has yet to visit.
     rate_cursor: usize,
+    rate_pass_left: usize,
 }
 
 /// A rebalance under way (see [`Balancer::rebalance_step`]).
@@ -363,6 +365,7 @@ impl<P: Policy> Balancer<P> {
             rebalancing: None,
             reporting: rates::Reporting::default(),
             rate_cursor: 0,
+            rate_pass_left: 0,
         }
     }
 

@@ -226,6 +226,11 @@ impl<P: Policy> Balancer<P> {
             ));
         }
         self.load.set_samples(samples);
+        // And a pass over the tunnels' rates, from where the last one
+        // stopped, unless one is still under way (a large table).
+        if self.rate_pass_left == 0 {
+            self.rate_pass_left = self.table.slots();
+        }
     }
 
     /// `name` reports its utilization: `value` (0.0 idle, 1.0 full) at
@@ -245,13 +250,17 @@ impl<P: Policy> Balancer<P> {
         Ok(())
     }
 
-    /// Update the rates of up to `budget` tunnels' slots at `now`, resuming
-    /// where the last call stopped (one pass over the table, a slice at a
-    /// time: the live worker sizes the slices so a pass takes about a
-    /// second). Returns the slots visited.
+    /// Update the rates of up to `budget` more tunnels' slots of the pass
+    /// the last [`measure`](Self::measure) began, at `now`. The pass starts
+    /// right where a measurement is taken (the live worker folds the fast
+    /// path's counters in just before), so each tunnel's rate covers the
+    /// same counting periods as its gateway's; on a large table it goes on
+    /// a slice a time over the next turns. Returns the slots visited (0:
+    /// no pass under way).
     pub fn measure_tunnels(&mut self, now: Timestamp, budget: usize) -> usize {
         let n = self.table.slots();
-        let visits = budget.min(n);
+        let visits = budget.min(n).min(self.rate_pass_left);
+        self.rate_pass_left -= visits;
         for _ in 0..visits {
             if self.rate_cursor >= n {
                 self.rate_cursor = 0;

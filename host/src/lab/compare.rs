@@ -109,6 +109,7 @@ pub fn lab_config(
             name: s.name.clone(),
             weight: s.weight,
             capacity: s.capacity,
+            throughput: (s.throughput > 0).then(|| format!("{} B/s", s.throughput)),
         })
         .collect();
     c

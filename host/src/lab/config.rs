@@ -303,6 +303,21 @@ pub struct SegwSection {
     /// own `ikesa_limit`; 0 for no limit.
     #[serde(default)]
     pub capacity: u64,
+    /// The traffic it can carry, both ways (`"4 Gbps"`), in the balancer's
+    /// config: what its utilization is measured against.
+    #[serde(default)]
+    pub throughput: Option<String>,
+}
+
+impl SegwSection {
+    /// Its throughput in bytes/s; 0 when not given. (Checked by
+    /// `validate`.)
+    pub fn throughput_bytes(&self) -> u64 {
+        self.throughput
+            .as_deref()
+            .and_then(|t| crate::units::parse_rate(t).ok())
+            .unwrap_or(0)
+    }
 }
 
 fn default_prefix() -> String {
@@ -335,6 +350,7 @@ fn default_segws() -> Vec<SegwSection> {
             capacity: 0,
             name: format!("segw{n}"),
             weight: 1,
+            throughput: None,
         })
         .collect()
 }
@@ -410,6 +426,10 @@ impl LabConfig {
             }
             if self.segw[..i].iter().any(|o| o.name == s.name) {
                 return Err(format!("two segws named {:?}", s.name));
+            }
+            if let Some(t) = &s.throughput {
+                crate::units::parse_rate(t)
+                    .map_err(|m| format!("segw {:?} throughput: {m}", s.name))?;
             }
         }
         let a = &self.addresses;

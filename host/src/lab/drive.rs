@@ -177,7 +177,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                     wait_health(state, name, true)?;
                 }
                 Event::Add(spec) => {
-                    state.add_segw(&spec.name, spec.weight, spec.capacity)?;
+                    state.add_segw(&spec.name, spec.weight, spec.capacity, spec.throughput)?;
                     wait_health(state, &spec.name, true)?;
                 }
                 Event::Remove(name) => {

@@ -119,6 +119,9 @@ pub struct Segw {
     /// Its capacity: the balancer's and its charon's `ikesa_limit` (0: none).
     #[serde(default)]
     pub capacity: u64,
+    /// What it can carry, bytes/s both ways (0: not given): the balancer's.
+    #[serde(default)]
+    pub throughput: u64,
     /// Its port on the balancer.
     pub port: String,
     pub dir: PathBuf,
@@ -410,7 +413,13 @@ impl State {
 
     /// A new segw joins: its namespace, a new balancer port (`pK`), a
     /// charon with the segws' configuration, then `ctl gateway add`.
-    pub fn add_segw(&mut self, name: &str, weight: u32, capacity: u64) -> Result<()> {
+    pub fn add_segw(
+        &mut self,
+        name: &str,
+        weight: u32,
+        capacity: u64,
+        throughput: u64,
+    ) -> Result<()> {
         if self.segws.iter().any(|s| s.name == name) {
             return Err(Error::State(format!("the lab has a segw {name:?} already")));
         }
@@ -431,6 +440,7 @@ impl State {
             ns: ns.name().to_string(),
             weight,
             capacity,
+            throughput,
             port: port.clone(),
             dir: dir.clone(),
             pid,
@@ -444,7 +454,7 @@ impl State {
             interface: port,
             weight,
             capacity,
-            throughput: 0,
+            throughput,
             mac: None,
         })?;
         Ok(())
@@ -972,6 +982,7 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
             ns: ns.name().to_string(),
             weight: spec.weight,
             capacity: spec.capacity,
+            throughput: spec.throughput_bytes(),
             port,
             dir: work.join(format!("s{}", k + 1)),
             pid: 0,
@@ -1095,6 +1106,9 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
             "\n[[gateway]]\nname = \"{}\"\ninterface = \"{}\"\nweight = {}\ncapacity = {}\n",
             s.name, s.port, s.weight, s.capacity
         );
+        if s.throughput > 0 {
+            text += &format!("throughput = \"{} B/s\"\n", s.throughput);
+        }
     }
     write(&lb_toml, &text)?;
     state.start_balancer(exe)?;
