@@ -42,7 +42,8 @@ enum Command {
         native: bool,
         /// A scenario file (TOML; see config/scenarios/), or a built-in one
         /// by name: `default` (the default), `capacity` (a segw fails at
-        /// peak with capacities set).
+        /// peak with capacities set), `diurnal` (a day of traffic on segws
+        /// of unequal throughput, a failure at the busy hour).
         #[arg(long)]
         scenario: Option<PathBuf>,
         /// Override the scenario's tunnel count.

@@ -341,6 +341,17 @@ impl PolicyRun {
         self.throughput_capacity_per_segw.iter().any(|&t| t > 0)
     }
 
+    /// How well it carried the load, lower is better: seconds over 100%,
+    /// over 80%, and the hottest segw's peak in whole percent (as shown: a
+    /// tenth of a percent is noise, and the spread of tunnels decides then).
+    pub fn load_key(&self) -> (u64, u64, i64) {
+        (
+            self.seconds_over_100,
+            self.seconds_over_80,
+            percent(self.peak_utilization_max()),
+        )
+    }
+
     /// The hottest segw's peak utilization.
     pub fn peak_utilization_max(&self) -> f64 {
         self.peak_utilization.values().copied().fold(0.0, f64::max)
@@ -377,15 +388,7 @@ pub fn ranked(runs: &[PolicyRun]) -> Vec<&PolicyRun> {
             .then(a.full_answers.cmp(&b.full_answers))
             .then_with(|| match a.carries_traffic_load() {
                 // Where segws have a throughput capacity, load before count.
-                true => a
-                    .seconds_over_100
-                    .cmp(&b.seconds_over_100)
-                    .then(a.seconds_over_80.cmp(&b.seconds_over_80))
-                    // In whole percent, as shown: a tenth of a percent
-                    // is noise, and the spread of tunnels decides then.
-                    .then(
-                        percent(a.peak_utilization_max()).cmp(&percent(b.peak_utilization_max())),
-                    ),
+                true => a.load_key().cmp(&b.load_key()),
                 false => std::cmp::Ordering::Equal,
             })
             .then(a.max_over_mean.total_cmp(&b.max_over_mean))
@@ -615,17 +618,11 @@ fn load_table(
             peaks.join("  ")
         )?;
     }
+    // The first in the ranking of those that carried it best (min_by_key
+    // keeps the first of equals).
     let best = ranked
         .iter()
-        .min_by(|a, b| {
-            a.seconds_over_100
-                .cmp(&b.seconds_over_100)
-                .then(a.seconds_over_80.cmp(&b.seconds_over_80))
-                .then(
-                    a.peak_utilization_max()
-                        .total_cmp(&b.peak_utilization_max()),
-                )
-        })
+        .min_by_key(|r| r.load_key())
         .expect("not empty");
     writeln!(
         f,

@@ -181,15 +181,7 @@ fn verdict(runs: &[PolicyRun]) -> String {
         }
     }
     if runs.iter().any(PolicyRun::carries_traffic_load) {
-        let coolest = runs.iter().min_by(|a, b| {
-            (a.seconds_over_100, a.seconds_over_80)
-                .cmp(&(b.seconds_over_100, b.seconds_over_80))
-                .then(
-                    a.peak_utilization_max()
-                        .total_cmp(&b.peak_utilization_max()),
-                )
-                .then(a.policy.cmp(&b.policy))
-        });
+        let coolest = ranked(runs).into_iter().min_by_key(|r| r.load_key());
         if let Some(r) = coolest {
             let _ = writeln!(
                 out,
