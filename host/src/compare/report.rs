@@ -131,7 +131,7 @@ h1{font-size:1.5em;margin-bottom:0}.what{color:#555;margin-top:.3em}\
 table{border-collapse:collapse;margin:1em 0}td,th{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:right}\
 td:nth-child(2),th:nth-child(2){text-align:left}.note{color:#555;font-size:.9em}\
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:.5em}\
-figure{margin:0}svg{max-width:100%;height:auto}\
+figure{margin:0}svg{max-width:100%;height:auto}td.cells{white-space:nowrap;text-align:left;font-size:.85em}\
 .legend span{margin-right:1.2em}.legend i{display:inline-block;width:1.6em;height:.35em;margin-right:.4em;vertical-align:middle}";
 
 fn verdict(runs: &[PolicyRun]) -> String {
@@ -193,12 +193,18 @@ fn verdict(runs: &[PolicyRun]) -> String {
                 r.peak_utilization_max() * 100.0
             );
         }
-        for r in runs.iter().filter(|r| r.seconds_over_100 > 0) {
+        let over: Vec<String> = ranked(runs)
+            .into_iter()
+            .filter(|r| r.seconds_over_100 > 0)
+            .map(|r| format!("{} {} s", escape(&r.policy), r.seconds_over_100))
+            .collect();
+        if !over.is_empty() {
             let _ = writeln!(
                 out,
-                "<div class=\"card bad\">{}<b>{} s over 100%</b>a segw asked to carry more than it can encrypt</div>",
-                escape(&r.policy),
-                r.seconds_over_100
+                "<div class=\"card bad\">a segw asked to carry more than it can encrypt<b>{} of {} policies</b>{}</div>",
+                over.len(),
+                runs.len(),
+                over.join(", ")
             );
         }
     }
@@ -270,15 +276,15 @@ fn table(runs: &[PolicyRun]) -> String {
             let peaks: Vec<String> = r
                 .segws
                 .iter()
-                .map(|n| format!("{n} {:.0}%", r.peak_utilization[n] * 100.0))
+                .map(|n| escape(&format!("{n} {:.0}%", r.peak_utilization[n] * 100.0)))
                 .collect();
             let _ = write!(
                 out,
-                "<td>{}</td><td>{}</td><td>{:.3}</td><td>{}</td>",
+                "<td>{}</td><td>{}</td><td>{:.3}</td><td class=\"cells\">{}</td>",
                 r.seconds_over_80,
                 r.seconds_over_100,
                 r.throughput_max_over_mean,
-                escape(&peaks.join(", "))
+                peaks.join("<br>")
             );
         }
         out.push_str("</tr>\n");
@@ -390,7 +396,7 @@ fn over_time(
             chart
                 .draw_series(std::iter::once(PathElement::new(
                     vec![(0.0, level), (end, level)],
-                    colour(g).mix(0.35).stroke_width(1),
+                    colour(g).mix(0.6).stroke_width(1),
                 )))
                 .map_err(|e| e.to_string())?;
         }
