@@ -27,6 +27,15 @@ pub use types::{Balance, Gateway, Opener, TunnelKey};
 
 pub mod log;
 
+// The starting point `segwlb policy new --lang rust` writes is only text in
+// the host's binary: compiled and tested here, against this SDK, so a
+// change to the contract cannot leave it broken.
+#[cfg(test)]
+extern crate self as segwlb_policy_sdk;
+#[cfg(test)]
+#[path = "../../../host/templates/rust/src/lib.rs"]
+mod template;
+
 #[cfg(target_arch = "wasm32")]
 #[doc(hidden)]
 pub mod guest;

@@ -19,7 +19,7 @@
 //! parameters, the gateway set and the key only; a panic traps, and the host
 //! then counts it and places the tunnel itself.
 
-use segwlb_policy_sdk::{export_policy, Balance, Gateway, Params, TunnelKey};
+use segwlb_policy_sdk::{export_policy, Balance, Gateway, Load, Params, TunnelKey};
 
 #[derive(Debug, Default)]
 pub struct Policy {
@@ -45,7 +45,11 @@ impl Balance for Policy {
             .collect();
     }
 
-    fn choose(&mut self, key: &TunnelKey) -> Option<u32> {
+    /// `load` is the live view: `load.tunnels(id)` now, and from contract
+    /// 0.3.0 `load.gateway(id)` (traffic each way, utilization) and
+    /// `load.utilization_of(ids, ..)` for many gateways in one call. This
+    /// starting point does not read it.
+    fn choose(&mut self, key: &TunnelKey, _load: &dyn Load) -> Option<u32> {
         if self.members.is_empty() {
             return None;
         }
@@ -59,7 +63,7 @@ export_policy!(Policy);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use segwlb_policy_sdk::Opener;
+    use segwlb_policy_sdk::{Empty, Opener};
     use std::net::{IpAddr, Ipv4Addr};
 
     fn gw(id: u32, healthy: bool, draining: bool) -> Gateway {
@@ -70,6 +74,8 @@ mod tests {
             healthy,
             draining,
             tunnels: 0,
+            capacity: 0,
+            throughput: 0,
         }
     }
 
@@ -93,7 +99,7 @@ mod tests {
             gw(4, true, false),
         ]);
         for n in 0..100 {
-            let g = p.choose(&key(n)).unwrap();
+            let g = p.choose(&key(n), &Empty).unwrap();
             assert!(g == 1 || g == 4, "chose {g}");
         }
     }
@@ -103,16 +109,16 @@ mod tests {
         let mut p = Policy::configure(Params::default()).unwrap();
         p.set_gateways(&[gw(1, true, false), gw(2, true, false), gw(3, true, false)]);
         for n in 0..100 {
-            assert_eq!(p.choose(&key(n)), p.choose(&key(n)));
+            assert_eq!(p.choose(&key(n), &Empty), p.choose(&key(n), &Empty));
         }
     }
 
     #[test]
     fn none_when_nobody_takes_tunnels() {
         let mut p = Policy::configure(Params::default()).unwrap();
-        assert_eq!(p.choose(&key(0)), None);
+        assert_eq!(p.choose(&key(0), &Empty), None);
         p.set_gateways(&[gw(1, false, false)]);
-        assert_eq!(p.choose(&key(0)), None);
+        assert_eq!(p.choose(&key(0), &Empty), None);
     }
 
     #[test]
