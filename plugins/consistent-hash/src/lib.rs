@@ -108,33 +108,19 @@ fn maglev_table(members: &[&Gateway], m: usize) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use segwlb_policy_sdk::{Empty, Opener};
+    use segwlb_policy_sdk::Empty;
     use std::collections::HashMap;
     use std::net::{IpAddr, Ipv4Addr};
 
     fn gws(n: u32) -> Vec<Gateway> {
         (1..=n)
-            .map(|id| Gateway {
-                id,
-                name: format!("segw{id}"),
-                weight: 1,
-                healthy: true,
-                draining: false,
-                tunnels: 0,
-                capacity: 0,
-                throughput: 0,
-            })
+            .map(|id| Gateway::new(id, format!("segw{id}"), 1))
             .collect()
     }
 
     fn key(n: u32) -> TunnelKey {
-        TunnelKey {
-            peer: IpAddr::V4(Ipv4Addr::from(0x0a01_0000 + n)),
-            peer_port: 500,
-            vip: IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1)),
-            ike_spi: None,
-            opened_by: Opener::Ike,
-        }
+        let peer = IpAddr::V4(Ipv4Addr::from(0x0a01_0000 + n));
+        TunnelKey::ike(peer, IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1)), None)
     }
 
     fn place(p: &mut ConsistentHash, n: u32) -> Vec<u32> {

@@ -94,32 +94,25 @@ export_policy!(LeastTunnels);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use segwlb_policy_sdk::{Empty, Opener};
+    use segwlb_policy_sdk::Empty;
     use std::cell::RefCell;
     use std::collections::BTreeMap;
     use std::net::{IpAddr, Ipv4Addr};
 
     fn gw(id: u32, weight: u32, capacity: u64) -> Gateway {
         Gateway {
-            id,
-            name: format!("segw{id}"),
-            weight,
-            healthy: true,
-            draining: false,
-            tunnels: 0,
             capacity,
-            throughput: 0,
+            ..Gateway::new(id, format!("segw{id}"), weight)
         }
     }
 
     fn key(n: u32) -> TunnelKey {
-        TunnelKey {
-            peer: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)),
-            peer_port: 500,
-            vip: IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1)),
-            ike_spi: Some(u64::from(n)),
-            opened_by: Opener::Ike,
-        }
+        let peer = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n));
+        TunnelKey::ike(
+            peer,
+            IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1)),
+            Some(u64::from(n)),
+        )
     }
 
     /// A live load the test places into, as the host would.

@@ -49,30 +49,24 @@ export_policy!(RoundRobin);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use segwlb_policy_sdk::{Empty, Opener};
+    use segwlb_policy_sdk::Empty;
     use std::net::{IpAddr, Ipv4Addr};
 
     fn gw(id: u32, healthy: bool, draining: bool) -> Gateway {
         Gateway {
-            id,
-            name: format!("segw{id}"),
-            weight: 1,
             healthy,
             draining,
-            tunnels: 0,
-            capacity: 0,
-            throughput: 0,
+            ..Gateway::new(id, format!("segw{id}"), 1)
         }
     }
 
     fn key(n: u32) -> TunnelKey {
-        TunnelKey {
-            peer: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)),
-            peer_port: 500,
-            vip: IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1)),
-            ike_spi: Some(u64::from(n)),
-            opened_by: Opener::Ike,
-        }
+        let peer = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n));
+        TunnelKey::ike(
+            peer,
+            IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1)),
+            Some(u64::from(n)),
+        )
     }
 
     fn picks(p: &mut RoundRobin, n: u32) -> Vec<u32> {

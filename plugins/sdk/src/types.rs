@@ -28,6 +28,17 @@ pub struct TunnelKey {
 }
 
 impl TunnelKey {
+    /// A tunnel that opened with IKE on UDP 500 from `peer` to `vip`.
+    pub fn ike(peer: IpAddr, vip: IpAddr, ike_spi: Option<u64>) -> TunnelKey {
+        TunnelKey {
+            peer,
+            peer_port: 500,
+            vip,
+            ike_spi,
+            opened_by: Opener::Ike,
+        }
+    }
+
     /// A stable 64-bit hash of where the tunnel comes from: outer address and
     /// UDP port. Deliberately not the SPI, which is new on every
     /// re-establishment: hashing the endpoint sends a tunnel that comes back
@@ -63,6 +74,22 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// A gateway that takes new tunnels: healthy, not draining, holding
+    /// none, no tunnel or throughput capacity given (set those fields
+    /// after, or with `..Gateway::new(…)`): a set for a policy's tests.
+    pub fn new(id: u32, name: impl Into<String>, weight: u32) -> Gateway {
+        Gateway {
+            id,
+            name: name.into(),
+            weight,
+            healthy: true,
+            draining: false,
+            tunnels: 0,
+            capacity: 0,
+            throughput: 0,
+        }
+    }
+
     /// May this gateway take a new tunnel? Healthy, not draining, weight > 0.
     /// (Whether it has room is a question for the live [`Load`](crate::Load):
     /// [`Gateway::has_room`].)

@@ -290,16 +290,7 @@ mod tests {
         weights
             .iter()
             .enumerate()
-            .map(|(i, &weight)| Gateway {
-                id: i as u32 + 1,
-                name: format!("segw{}", i + 1),
-                weight,
-                healthy: true,
-                draining: false,
-                tunnels: 0,
-                capacity: 0,
-                throughput: 0,
-            })
+            .map(|(i, &weight)| Gateway::new(i as u32 + 1, format!("segw{}", i + 1), weight))
             .collect()
     }
 

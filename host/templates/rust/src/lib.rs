@@ -68,14 +68,9 @@ mod tests {
 
     fn gw(id: u32, healthy: bool, draining: bool) -> Gateway {
         Gateway {
-            id,
-            name: format!("segw{id}"),
-            weight: 1,
             healthy,
             draining,
-            tunnels: 0,
-            capacity: 0,
-            throughput: 0,
+            ..Gateway::new(id, format!("segw{id}"), 1)
         }
     }
 
