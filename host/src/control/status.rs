@@ -142,7 +142,12 @@ impl LoadStatus {
             measured: view.measured,
             reported,
             reported_state: reported_state.into(),
-            utilization: view.utilization,
+            // The report as it stands now (the load view takes it at the
+            // next measurement, within a second).
+            utilization: match reported_state {
+                "live" => view.measured.max(reported.unwrap_or(0.0)),
+                _ => view.measured,
+            },
         }
     }
 

@@ -14,6 +14,7 @@ pub mod netns;
 pub mod report;
 pub mod strongswan;
 pub mod topology;
+pub mod traffic;
 
 use std::path::PathBuf;
 

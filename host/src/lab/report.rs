@@ -485,6 +485,8 @@ mod tests {
                 spi_out: "c2".into(),
                 packets_in: 0,
                 packets_out: 0,
+                bytes_in: 0,
+                bytes_out: 0,
                 local_ts: vec!["10.201.0.0/24".into()],
                 remote_ts: vec![format!("{inner}/32")],
             }],

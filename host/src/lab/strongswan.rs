@@ -377,6 +377,11 @@ pub struct ChildSa {
     pub spi_out: String,
     pub packets_in: u64,
     pub packets_out: u64,
+    /// The inner packets' bytes (IP header on) it decrypted and encrypted.
+    #[serde(default)]
+    pub bytes_in: u64,
+    #[serde(default)]
+    pub bytes_out: u64,
     pub local_ts: Vec<String>,
     pub remote_ts: Vec<String>,
 }
@@ -408,6 +413,8 @@ pub fn parse_list_sas(text: &str) -> Result<Vec<IkeSa>, String> {
                         .str("packets-out")
                         .and_then(|v| v.parse().ok())
                         .unwrap_or(0),
+                    bytes_in: c.str("bytes-in").and_then(|v| v.parse().ok()).unwrap_or(0),
+                    bytes_out: c.str("bytes-out").and_then(|v| v.parse().ok()).unwrap_or(0),
                     local_ts: c.list("local-ts"),
                     remote_ts: c.list("remote-ts"),
                 })
@@ -455,6 +462,8 @@ mod tests {
                 spi_out: "dd47eb40".into(),
                 packets_in: 4,
                 packets_out: 4,
+                bytes_in: 336,
+                bytes_out: 336,
                 local_ts: vec!["10.201.0.0/24".into()],
                 remote_ts: vec!["10.200.0.1/32".into()],
             }]
