@@ -81,7 +81,7 @@ impl Meter {
 
 /// A tunnel's traffic as rates: packets and bytes per second each way,
 /// smoothed as a gateway's are, updated when the tunnel sweep passes it
-/// ([`Balancer::measure_tunnels`]). 36 bytes: the counters' low 32 bits
+/// ([`Balancer::measure_tunnels`]). 40 bytes: the counters' low 32 bits
 /// at the last visit (a difference of wrapping u32s is exact below 4 GB
 /// between two visits), and rates in f32.
 #[derive(Debug, Clone, Copy, Default)]
