@@ -934,6 +934,7 @@ impl<P: Policy> Balancer<P> {
         now: Timestamp,
         bulk: Option<Bulk>,
     ) -> Result<Egress, DropReason> {
+        let Bulk { packets, bytes } = bulk.unwrap_or(Bulk::one(ip.len));
         let gw = {
             let g = self
                 .gateways
@@ -944,7 +945,6 @@ impl<P: Policy> Balancer<P> {
                 self.epoch += 1;
             }
             g.probe.heard = true;
-            let Bulk { packets, bytes } = bulk.unwrap_or(Bulk::one(ip.len));
             g.counters.frames_from += packets;
             g.counters.bytes_from += bytes;
             g.id
@@ -973,7 +973,6 @@ impl<P: Policy> Balancer<P> {
         };
         let next_hop = tunnel.and_then(|id| {
             let t = self.table.get_mut(id)?;
-            let Bulk { packets, bytes } = bulk.unwrap_or(Bulk::one(ip.len));
             t.frames_back += packets;
             t.bytes_back += bytes;
             t.next_hop

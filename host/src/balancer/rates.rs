@@ -27,6 +27,16 @@ use super::Balancer;
 /// The rates' time constant.
 pub const WINDOW: Duration = Duration::from_secs(5);
 
+/// How far a rate moves towards the last `dt` seconds' (see the module's
+/// doc): all the way for the first interval, else by `1 - e^(-dt/WINDOW)`.
+fn weight(dt: f64, primed: bool) -> f64 {
+    if primed {
+        1.0 - (-dt / WINDOW.as_secs_f64()).exp()
+    } else {
+        1.0
+    }
+}
+
 /// A gateway's traffic meter.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Meter {
@@ -62,17 +72,13 @@ impl Meter {
             packets_from: per_sec(2),
             bytes_from: per_sec(3),
         };
-        self.rates = if self.primed {
-            let a = 1.0 - (-dt / WINDOW.as_secs_f64()).exp();
-            let ewma = |old: f64, new: f64| old + a * (new - old);
-            Rates {
-                bytes_to: ewma(self.rates.bytes_to, now_rates.bytes_to),
-                bytes_from: ewma(self.rates.bytes_from, now_rates.bytes_from),
-                packets_to: ewma(self.rates.packets_to, now_rates.packets_to),
-                packets_from: ewma(self.rates.packets_from, now_rates.packets_from),
-            }
-        } else {
-            now_rates
+        let a = weight(dt, self.primed);
+        let ewma = |old: f64, new: f64| old + a * (new - old);
+        self.rates = Rates {
+            bytes_to: ewma(self.rates.bytes_to, now_rates.bytes_to),
+            bytes_from: ewma(self.rates.bytes_from, now_rates.bytes_from),
+            packets_to: ewma(self.rates.packets_to, now_rates.packets_to),
+            packets_from: ewma(self.rates.packets_from, now_rates.packets_from),
         };
         self.primed = true;
         self.last = Some((now, c));
@@ -114,11 +120,7 @@ impl TunnelRates {
         if dt <= 0.0 {
             return;
         }
-        let a = if self.primed {
-            1.0 - (-dt / WINDOW.as_secs_f64()).exp()
-        } else {
-            1.0
-        };
+        let a = weight(dt, self.primed);
         for ((rate, now), seen) in self.per_sec.iter_mut().zip(low).zip(self.seen) {
             let new = f64::from(now.wrapping_sub(seen)) / dt;
             let old = f64::from(*rate);

@@ -3,6 +3,7 @@
 //! Prometheus endpoint. Plain data: it crosses threads and the control
 //! socket as JSON.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::fmt::Write;
 use std::net::IpAddr;
@@ -144,10 +145,10 @@ impl LoadStatus {
             reported_state: reported_state.into(),
             // The report as it stands now (the load view takes it at the
             // next measurement, within a second).
-            utilization: match reported_state {
-                "live" => view.measured.max(reported.unwrap_or(0.0)),
-                _ => view.measured,
-            },
+            utilization: crate::policy::load::with_report(
+                view.measured,
+                reported.filter(|_| reported_state == "live"),
+            ),
         }
     }
 
@@ -303,71 +304,52 @@ pub struct TunnelLists {
     /// How many of the heaviest tunnels, over every gateway.
     top: usize,
     cursor: usize,
-    /// Per gateway, the `limit` oldest seen so far: a max-heap, so the
-    /// newest of them is the one to drop.
-    oldest: BTreeMap<GwId, BinaryHeap<Oldest>>,
-    /// The `top` heaviest seen so far: a min-heap (by `Reverse`), so the
-    /// lightest of them is the one to drop.
-    heaviest: BinaryHeap<std::cmp::Reverse<Heavy>>,
+    /// Per gateway, the `limit` oldest seen so far (see [`keep`]).
+    oldest: BTreeMap<GwId, BinaryHeap<Ranked<OldestKey>>>,
+    /// The `top` heaviest seen so far, by a reversed key: the lightest of
+    /// them is the one to drop.
+    heaviest: BinaryHeap<Ranked<Reverse<HeavyKey>>>,
 }
 
 /// The most `ctl status --top` lists.
 pub const TOP_MAX: usize = 10_000;
 
+/// First seen, then the endpoint: oldest first.
+type OldestKey = (Timestamp, IpAddr, u16);
+/// Bytes/s both ways (the bits of a non-negative f32 order as its value),
+/// then the endpoint.
+type HeavyKey = (u32, IpAddr, u16);
+
+/// A tunnel ordered by its key alone.
 #[derive(Debug)]
-struct Heavy(Tunnel);
+struct Ranked<K>(K, Tunnel);
 
-impl Heavy {
-    fn key(&self) -> (u32, IpAddr, u16) {
-        // f32 bits order like the value for the non-negative rates here.
-        (
-            self.0.rates.bytes_per_sec().to_bits(),
-            self.0.peer,
-            self.0.peer_port,
-        )
-    }
-}
-
-impl PartialEq for Heavy {
+impl<K: Ord> PartialEq for Ranked<K> {
     fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
+        self.0 == other.0
     }
 }
-impl Eq for Heavy {}
-impl PartialOrd for Heavy {
+impl<K: Ord> Eq for Ranked<K> {}
+impl<K: Ord> PartialOrd for Ranked<K> {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for Heavy {
+impl<K: Ord> Ord for Ranked<K> {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.key().cmp(&other.key())
+        self.0.cmp(&other.0)
     }
 }
 
-#[derive(Debug)]
-struct Oldest(Tunnel);
-
-impl Oldest {
-    fn key(&self) -> (Timestamp, IpAddr, u16) {
-        (self.0.since, self.0.peer, self.0.peer_port)
-    }
-}
-
-impl PartialEq for Oldest {
-    fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
-    }
-}
-impl Eq for Oldest {}
-impl PartialOrd for Oldest {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Oldest {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.key().cmp(&other.key())
+/// Keep the `limit` tunnels of smallest key in `heap` (a max-heap: the
+/// largest kept is the one to drop), `t` among them if it is one; the
+/// tunnel is cloned only when kept.
+fn keep<K: Ord>(heap: &mut BinaryHeap<Ranked<K>>, limit: usize, key: K, t: &Tunnel) {
+    if heap.len() < limit {
+        heap.push(Ranked(key, t.clone()));
+    } else if heap.peek().is_some_and(|largest| key < largest.0) {
+        heap.pop();
+        heap.push(Ranked(key, t.clone()));
     }
 }
 
@@ -404,27 +386,12 @@ impl TunnelLists {
         for (_, t) in table.slots_in(self.cursor..end) {
             if self.top > 0 {
                 let rate = t.rates.bytes_per_sec().to_bits();
-                if self.heaviest.len() < self.top {
-                    self.heaviest.push(std::cmp::Reverse(Heavy(t.clone())));
-                } else if self
-                    .heaviest
-                    .peek()
-                    .is_some_and(|lightest| (rate, t.peer, t.peer_port) > lightest.0.key())
-                {
-                    self.heaviest.pop();
-                    self.heaviest.push(std::cmp::Reverse(Heavy(t.clone())));
-                }
+                let key = Reverse((rate, t.peer, t.peer_port));
+                keep(&mut self.heaviest, self.top, key, t);
             }
-            if self.limit == 0 {
-                continue;
-            }
-            let heap = self.oldest.entry(t.gateway).or_default();
-            let candidate = (t.since, t.peer, t.peer_port);
-            if heap.len() < self.limit {
-                heap.push(Oldest(t.clone()));
-            } else if heap.peek().is_some_and(|newest| candidate < newest.key()) {
-                heap.pop();
-                heap.push(Oldest(t.clone()));
+            if self.limit > 0 {
+                let heap = self.oldest.entry(t.gateway).or_default();
+                keep(heap, self.limit, (t.since, t.peer, t.peer_port), t);
             }
         }
         self.cursor = end;
@@ -445,17 +412,17 @@ impl TunnelLists {
                 let list = heap
                     .into_sorted_vec()
                     .iter()
-                    .map(|o| tunnel_status(&o.0, &name(gw), now))
+                    .map(|r| tunnel_status(&r.1, &name(gw), now))
                     .collect();
                 (gw, list)
             })
             .collect();
-        // Sorted ascending by Reverse: heaviest first.
+        // Sorted ascending by the reversed key: heaviest first.
         let top = self
             .heaviest
             .into_sorted_vec()
             .iter()
-            .map(|h| tunnel_status(&h.0 .0, &name(h.0 .0.gateway), now))
+            .map(|r| tunnel_status(&r.1, &name(r.1.gateway), now))
             .collect();
         (lists, top)
     }

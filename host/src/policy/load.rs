@@ -60,6 +60,12 @@ pub fn utilization(bytes_per_sec: f64, throughput: u64, tunnels: u64, capacity: 
     by_traffic.max(by_tunnels)
 }
 
+/// What to balance on: the measured utilization, or a live report when it
+/// is the higher (a segw's CPU can be the bottleneck its bytes do not show).
+pub fn with_report(measured: f64, reported: Option<f64>) -> f64 {
+    reported.map_or(measured, |r| r.max(measured))
+}
+
 /// Tunnels per gateway now, and each gateway's last sample, indexed by
 /// gateway id (ids count up from 1 and are never reused, so a flat vector
 /// is both the cheapest lookup and what a wasm policy's store copies before
@@ -90,8 +96,8 @@ struct Quick {
     /// the throughput), and by count (1 / capacity); 0 where not given.
     per_tunnel_traffic: f64,
     per_tunnel_count: f64,
-    /// A live report, else 0 (utilization is never below 0).
-    reported: f64,
+    /// A live report.
+    reported: Option<f64>,
 }
 
 /// The next [`Load::samples_epoch`].
@@ -159,7 +165,7 @@ impl Load {
                         0 => 0.0,
                         c => 1.0 / c as f64,
                     },
-                    reported: s.reported.unwrap_or(0.0),
+                    reported: s.reported,
                 }
             })
             .collect();
@@ -205,15 +211,15 @@ impl Load {
             packets_from: s.rates.packets_from.round() as u64,
             measured,
             reported: s.reported,
-            utilization: s.reported.map_or(measured, |r| r.max(measured)),
+            utilization: with_report(measured, s.reported),
         }
     }
 
     /// [`gateway`](Self::gateway)`(id).utilization`, without the rest.
     #[inline]
     pub fn utilization(&self, id: u32) -> f64 {
-        let reported = self.quick.get(id as usize).map_or(0.0, |q| q.reported);
-        self.measured(id, self.tunnels(id)).max(reported)
+        let reported = self.quick.get(id as usize).and_then(|q| q.reported);
+        with_report(self.measured(id, self.tunnels(id)), reported)
     }
 
     /// `id`'s measured utilization with `tunnels` now: as measured, or,
