@@ -827,6 +827,43 @@ fn lab_compare_is_predicted_exactly_by_the_simulation_for_every_policy() {
             per_segw,
             serde_json::from_value(r["predicted_tunnels_per_segw"].clone()).unwrap()
         );
+        // The scenario's traffic went through the real SAs: per step and
+        // segw, what the segw counted is the simulation's bytes (scaled)
+        // within 2% (a cell further off would be in prediction_differs),
+        // and the balancer counted it with ESP in UDP around it.
+        let t = &r["traffic"];
+        let cells =
+            |key: &str| -> Vec<Vec<u64>> { serde_json::from_value(t[key].clone()).unwrap() };
+        let (predicted, counted, balancer) = (
+            cells("predicted_bytes_per_step"),
+            cells("counted_bytes_per_step"),
+            cells("balancer_bytes_per_step"),
+        );
+        assert_eq!(counted.len(), 10, "{p}");
+        assert!(t["worst_difference"].as_f64().unwrap() <= 0.02, "{p}: {t}");
+        for (step, ((p_, c), b)) in predicted.iter().zip(&counted).zip(&balancer).enumerate() {
+            for (g, ((&p_, &c), &b)) in p_.iter().zip(c).zip(b).enumerate() {
+                assert!(
+                    p_ == 0 || c > 0,
+                    "{p}: step {step} segw {g}: nothing counted"
+                );
+                assert!(b >= c, "{p}: step {step} segw {g}: balancer {b} < segw {c}");
+            }
+        }
+        // Nothing on segw2 while it was down (step 5); segw4 carries its
+        // share after the rebalance.
+        assert_eq!(counted[5][1], 0, "{p}");
+        assert!(counted[9][3] > 0, "{p}");
+        // Each running charon's CPU was reported every step.
+        let cpu: Vec<Vec<Option<f64>>> =
+            serde_json::from_value(t["charon_cpu_per_step"].clone()).unwrap();
+        assert!(
+            cpu[4][..3].iter().all(|c| c.is_some_and(|c| c > 0.0)),
+            "{p}: {cpu:?}"
+        );
+        assert!(cpu[5][1].is_none(), "{p}: the dead segw2 reported {cpu:?}");
+        // The report's load figures are the counted bytes.
+        assert!(r["throughput_max_over_mean"].as_f64().unwrap() > 1.0, "{p}");
     }
     // Round-robin over four segws after the rebalance: 75 each, give or
     // take the closed tunnels the table still holds (the rebalance deals
@@ -935,8 +972,8 @@ fn traffic_through_real_sas_is_what_the_segws_count() {
         .map(|(i, t)| traffic::Flow {
             initiator: i,
             segw: t.segws[0].clone(),
-            up: 100,
-            down: 400,
+            up: 100 * 1_000,
+            down: 400 * 1_000,
         })
         .collect();
     let before = traffic::counted(&state).unwrap();

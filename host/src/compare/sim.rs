@@ -73,6 +73,11 @@ pub struct Outcome {
     pub placements: Vec<Option<usize>>,
 }
 
+/// The seed of a run with [`Arrivals::Given`] tunnels: their traffic
+/// profiles are drawn from it by arrival number, so that the lab sends each
+/// tunnel what the simulation will predict for it.
+pub const GIVEN_SEED: u64 = 0;
+
 /// Where a run's tunnels come from.
 #[derive(Debug, Clone, Copy)]
 pub enum Arrivals<'a> {
@@ -293,7 +298,7 @@ pub fn run_with(
 ) -> Outcome {
     let (seed, given) = match arrivals {
         Arrivals::Seeded(seed) => (seed, None),
-        Arrivals::Given(peers) => (0, Some(peers)),
+        Arrivals::Given(peers) => (GIVEN_SEED, Some(peers)),
     };
     let segws = scenario.all_segws();
     let spent_ns = Arc::new(AtomicU64::new(0));

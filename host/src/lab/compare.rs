@@ -44,11 +44,96 @@ pub struct LabRun {
     /// `step: initiator` of each tunnel that was up but answered none of
     /// its pings in a step: measured, not predicted (see the README).
     pub silent_tunnels: Vec<String>,
+    /// The scenario's traffic through the real SAs beside the simulation's
+    /// (absent without `[traffic]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<LabTraffic>,
     /// Churn on real tunnels: closed by their initiators (IKE DELETE), and
     /// opened afresh by peers that had closed one.
     pub tunnels_closed: usize,
     pub peers_returned: usize,
     pub seconds: f64,
+}
+
+/// How far a segw's counted bytes in a step may be from the simulation's
+/// (scaled) before the report calls it a difference: the packets of a lab
+/// step are sent to the byte, so what is left is loss on the way.
+pub const BYTES_AGREE: f64 = 0.02;
+
+/// A run's traffic per step and segw (the scenario's order of `segws`),
+/// in lab bytes: the simulation's bytes times `scale`, beside what the
+/// segws and the balancer counted of the step's traffic.
+#[derive(Debug, Clone, Serialize)]
+pub struct LabTraffic {
+    /// Lab bytes per simulated byte (the busiest step sends about
+    /// `traffic::DATAGRAMS_PER_TUNNEL` full datagrams per tunnel).
+    pub scale: f64,
+    /// The largest datagram, IP header on.
+    pub datagram_bytes: u32,
+    pub segws: Vec<String>,
+    pub predicted_bytes_per_step: Vec<Vec<u64>>,
+    /// What each segw's child SAs counted: the inner packets, both ways.
+    pub counted_bytes_per_step: Vec<Vec<u64>>,
+    /// What the balancer counted to and from each segw meanwhile: the same
+    /// packets as ESP in UDP, and any IKE or keepalive that passed.
+    pub balancer_bytes_per_step: Vec<Vec<u64>>,
+    /// The largest |counted − predicted| / predicted over steps and segws.
+    pub worst_difference: f64,
+    /// Each segw's charon's CPU over each step, a share of one core, as
+    /// reported to the balancer; null while it was dead.
+    pub charon_cpu_per_step: Vec<Vec<Option<f64>>>,
+}
+
+impl LabTraffic {
+    /// The lab's traffic beside the prediction; the cells further apart
+    /// than [`BYTES_AGREE`], as differences.
+    fn of(
+        carried: &drive::Carried,
+        predicted: &sim::Outcome,
+        segws: &[SegwSpec],
+    ) -> (LabTraffic, Vec<String>) {
+        let scaled: Vec<Vec<u64>> = (predicted.bytes_per_step.iter())
+            .map(|step| {
+                step.iter()
+                    .map(|&b| (b as f64 * carried.scale).round() as u64)
+                    .collect()
+            })
+            .collect();
+        let mut worst: f64 = 0.0;
+        let mut differs = Vec::new();
+        for (step, (p, c)) in scaled.iter().zip(&carried.segws).enumerate() {
+            for (g, (&p, &c)) in p.iter().zip(c).enumerate() {
+                let off = if p == 0 {
+                    if c == 0 {
+                        0.0
+                    } else {
+                        f64::INFINITY
+                    }
+                } else {
+                    c as f64 / p as f64 - 1.0
+                };
+                worst = worst.max(off.abs());
+                if off.abs() > BYTES_AGREE {
+                    differs.push(format!(
+                        "step {step}: {} counted {c} B of the traffic, the simulation predicted {p} B ({:+.1}%)",
+                        segws[g].name,
+                        off * 100.0
+                    ));
+                }
+            }
+        }
+        let traffic = LabTraffic {
+            scale: carried.scale,
+            datagram_bytes: carried.ip_bytes,
+            segws: segws.iter().map(|s| s.name.clone()).collect(),
+            predicted_bytes_per_step: scaled,
+            counted_bytes_per_step: carried.segws.clone(),
+            balancer_bytes_per_step: carried.balancer.clone(),
+            worst_difference: worst,
+            charon_cpu_per_step: carried.cpu.clone(),
+        };
+        (traffic, differs)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -229,6 +314,11 @@ impl LabRun {
                 t.simulation.as_deref().unwrap_or("none")
             ));
         }
+        let traffic = driven.carried.as_ref().map(|carried| {
+            let (traffic, off) = LabTraffic::of(carried, &predicted, &lab.segws);
+            differs.extend(off);
+            traffic
+        });
         let end = |o: &sim::Outcome| -> BTreeMap<String, u64> {
             let last = o.per_step.last().cloned().unwrap_or_default();
             o.segws.iter().map(|s| s.name.clone()).zip(last).collect()
@@ -245,6 +335,7 @@ impl LabRun {
                 .iter()
                 .map(|(step, name)| format!("step {step}: {name}"))
                 .collect(),
+            traffic,
             tunnels_closed: driven.closed,
             peers_returned: driven.returned,
             seconds: (driven.seconds * 10.0).round() / 10.0,
@@ -278,6 +369,9 @@ pub fn render_predictions(runs: &[LabRun]) -> String {
         for d in &r.prediction_differs {
             let _ = writeln!(out, "      {d}");
         }
+        if let Some(t) = &r.traffic {
+            out.push_str(&t.render());
+        }
         for p in &r.problems {
             let _ = writeln!(out, "    ! {p}");
         }
@@ -290,6 +384,96 @@ pub fn render_predictions(runs: &[LabRun]) -> String {
         }
     }
     out
+}
+
+impl LabTraffic {
+    /// Per step and segw: predicted / counted by the segw (by the
+    /// balancer), in kB of the lab; the worst difference; each charon's
+    /// CPU at the busiest step.
+    fn render(&self) -> String {
+        let kb = |b: u64| format!("{:.1}", b as f64 / 1000.0);
+        let mut out = format!(
+            "    traffic through the real SAs, kB: predicted / counted by the segw (by the balancer, ESP in UDP);\n    \
+             the simulation's bytes × {:.3e}, datagrams up to {} B\n      step  {}\n",
+            self.scale,
+            self.datagram_bytes,
+            self.segws
+                .iter()
+                .map(|s| format!("{s:<26}"))
+                .collect::<String>()
+                .trim_end()
+        );
+        for (step, p) in self.predicted_bytes_per_step.iter().enumerate() {
+            let cells: String = (0..self.segws.len())
+                .map(|g| {
+                    let at = |v: &Vec<Vec<u64>>| v.get(step).and_then(|s| s.get(g)).copied();
+                    let cell = format!(
+                        "{}/{} ({})",
+                        kb(p[g]),
+                        at(&self.counted_bytes_per_step).map_or("-".into(), kb),
+                        at(&self.balancer_bytes_per_step).map_or("-".into(), kb),
+                    );
+                    format!("{cell:<26}")
+                })
+                .collect();
+            let _ = writeln!(out, "      {step:<5} {}", cells.trim_end());
+        }
+        let busiest = (self.counted_bytes_per_step.iter().enumerate())
+            .max_by_key(|(i, s)| (s.iter().sum::<u64>(), std::cmp::Reverse(*i)))
+            .map_or(0, |(i, _)| i);
+        let cpu: Vec<String> = (self.segws.iter())
+            .zip(self.charon_cpu_per_step.get(busiest).into_iter().flatten())
+            .map(|(s, c)| match c {
+                Some(c) => format!("{s} {:.0}%", c * 100.0),
+                None => format!("{s} not running"),
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "      worst difference {:.2}% (within {:.0}% agrees); charon CPU over step {busiest}, reported to the balancer: {}",
+            self.worst_difference * 100.0,
+            BYTES_AGREE * 100.0,
+            cpu.join(", ")
+        );
+        out
+    }
+
+    /// The same as a table of `report.html`.
+    fn html(&self) -> String {
+        let kb = |b: u64| format!("{:.1}", b as f64 / 1000.0);
+        let mut out = format!(
+            "<p>Traffic through the real SAs, kB of the lab (the simulation's bytes × {:.3e}): predicted / counted by the segw's child SAs (counted by the balancer, ESP in UDP). Worst difference {:.2}%.</p>\n<table><tr><th>step</th>",
+            self.scale,
+            self.worst_difference * 100.0
+        );
+        for s in &self.segws {
+            let _ = write!(out, "<th>{s}</th>");
+        }
+        out.push_str("</tr>\n");
+        for (step, p) in self.predicted_bytes_per_step.iter().enumerate() {
+            let _ = write!(out, "<tr><td>{step}</td>");
+            for (g, &p) in p.iter().enumerate() {
+                let at = |v: &Vec<Vec<u64>>| v.get(step).and_then(|s| s.get(g)).copied();
+                let c = at(&self.counted_bytes_per_step).unwrap_or(0);
+                let off = if p == 0 {
+                    c != 0
+                } else {
+                    (c as f64 / p as f64 - 1.0).abs() > BYTES_AGREE
+                };
+                let _ = write!(
+                    out,
+                    "<td{}>{} / {} ({})</td>",
+                    if off { " class=\"bad\"" } else { "" },
+                    kb(p),
+                    kb(c),
+                    kb(at(&self.balancer_bytes_per_step).unwrap_or(0))
+                );
+            }
+            out.push_str("</tr>\n");
+        }
+        out.push_str("</table>\n");
+        out
+    }
 }
 
 /// The lab-versus-simulation section of `report.html`.
@@ -320,6 +504,9 @@ pub fn html_section(runs: &[LabRun]) -> String {
             );
         }
         out.push_str("</table>\n");
+        if let Some(t) = &r.traffic {
+            out.push_str(&t.html());
+        }
         if r.prediction_differs.is_empty() {
             out.push_str("<p>Predicted exactly, tunnel by tunnel.</p>\n");
         } else {

@@ -48,6 +48,7 @@ use super::initiate;
 use super::netns::Netns;
 use super::report::{by_inner, ping_each};
 use super::topology::State;
+use super::traffic::{self, Flow, Scaled};
 use super::{Error, Result};
 use crate::balancer::DropReason;
 use crate::compare::sim::{self, GivenPeer, Landing, Outcome, SegwNow};
@@ -91,7 +92,31 @@ pub struct Driven {
     /// `(step, initiator)` of a tunnel that was up but answered none of
     /// its pings in that step (see [`PING_RETRIES`]).
     pub silent: Vec<(u32, String)>,
+    /// The scenario's traffic through the real SAs, when it has some.
+    pub carried: Option<Carried>,
     pub seconds: f64,
+}
+
+/// The scenario's `[traffic]` through the lab: sent at the end of each
+/// step, once its tunnels are settled, each tunnel's through the segw that
+/// holds it. Per step and segw (the scenario's order), in lab bytes.
+#[derive(Debug, Clone)]
+pub struct Carried {
+    /// Lab bytes per simulated byte, and each datagram's IP size.
+    pub scale: f64,
+    pub ip_bytes: u32,
+    /// What the segws' child SAs counted, inner packets both ways (read
+    /// just before and just after the step's traffic: the pings, DPD and
+    /// keepalives of the step are not in it).
+    pub segws: Vec<Vec<u64>>,
+    /// What the balancer counted to and from each segw meanwhile: the same
+    /// packets as ESP in UDP, and whatever IKE and keepalives passed.
+    pub balancer: Vec<Vec<u64>>,
+    /// Inner bytes sent, both ways, per step.
+    pub offered: Vec<u64>,
+    /// Each segw's charon's CPU over the step, a share of one core, as
+    /// reported to the balancer (`ctl gateway report`); `None` while dead.
+    pub cpu: Vec<Vec<Option<f64>>>,
 }
 
 /// Drive `scenario` through the lab `state` (up, with its policy): the
@@ -125,11 +150,21 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
             .unwrap_or(0)
     };
     let mut refused_before = at_capacity(&state.balancer_status()?);
+    let scaled = Scaled::of(scenario, &plan);
+    let mut carried = scaled.as_ref().map(|s| Carried {
+        scale: s.scale,
+        ip_bytes: s.ip_bytes,
+        segws: Vec::new(),
+        balancer: Vec::new(),
+        offered: Vec::new(),
+        cpu: Vec::new(),
+    });
 
     for step in 0..scenario.steps {
         let mut rebalancing = false;
         let mut disrupted = false;
         let mut clock = Phases::start();
+        let cpu_before = (traffic::charon_cpu(state)?, Instant::now());
         // Tunnels close first: an event's minimum counts only tunnels that
         // will send in its step.
         let closing: Vec<usize> = plan.closing(step).collect();
@@ -264,6 +299,14 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         }
         clock.lap("ping");
 
+        if let (Some(scaled), Some(carried)) = (&scaled, &mut carried) {
+            let names: Vec<&str> = segws.iter().map(|s| s.name.as_str()).collect();
+            carry(
+                state, scaled, carried, &names, step, &plan, &up, &held, cpu_before,
+            )?;
+            clock.lap("traffic");
+        }
+
         let mut moved_now = 0;
         for (&l, h) in up.iter().zip(&held) {
             let name = &state.initiators[plan.lives[l].initiator].name;
@@ -349,8 +392,17 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
             })
             .collect(),
         per_step,
-        // The lab does not carry the scenario's traffic yet.
-        bytes_per_step: Vec::new(),
+        // What the segws counted, in the scenario's bytes.
+        bytes_per_step: carried.as_ref().map_or_else(Vec::new, |c| {
+            c.segws
+                .iter()
+                .map(|step| {
+                    step.iter()
+                        .map(|&b| (b as f64 / c.scale).round() as u64)
+                        .collect()
+                })
+                .collect()
+        }),
         moved,
         minimum_moved: minimum,
         split,
@@ -392,8 +444,77 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         returned: plan.returns(),
         problems,
         silent: silent_tunnels,
+        carried,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// One step's traffic through the tunnels `up` (lives) held where `held`
+/// says, counted by the segws and the balancer around it; then each segw's
+/// charon CPU since `cpu_before` reported to the balancer.
+#[allow(clippy::too_many_arguments)]
+fn carry(
+    state: &State,
+    scaled: &Scaled,
+    carried: &mut Carried,
+    names: &[&str],
+    step: u32,
+    plan: &Plan,
+    up: &[usize],
+    held: &[Vec<usize>],
+    cpu_before: (std::collections::BTreeMap<String, f64>, Instant),
+) -> Result<()> {
+    let at = scaled.step(step);
+    let flows: Vec<Flow> = up
+        .iter()
+        .zip(held)
+        .filter_map(|(&l, h)| {
+            let (up, down) = scaled.bytes(&at, l);
+            Some(Flow {
+                initiator: plan.lives[l].initiator,
+                segw: state.segws[*h.first()?].name.clone(),
+                up,
+                down,
+            })
+        })
+        .collect();
+    let balancer = |s: &Status| -> Vec<u64> {
+        names
+            .iter()
+            .map(|n| s.gateway(n).map_or(0, |g| g.bytes_to + g.bytes_from))
+            .collect()
+    };
+    let segws_before = traffic::counted(state)?;
+    let balancer_before = balancer(&state.balancer_counters()?);
+    let (up, down) = traffic::send(state, &flows, scaled.ip_bytes as usize)?;
+    let segws_after = traffic::counted(state)?;
+    let balancer_after = balancer(&state.balancer_counters()?);
+    carried.offered.push(up + down);
+    carried.segws.push(
+        names
+            .iter()
+            .map(|n| {
+                let c = segws_after.get(*n).map_or_else(Default::default, |a| {
+                    a.since(segws_before.get(*n).unwrap_or(&traffic::Reading::default()))
+                });
+                c.bytes_in + c.bytes_out
+            })
+            .collect(),
+    );
+    carried.balancer.push(
+        balancer_after
+            .iter()
+            .zip(&balancer_before)
+            .map(|(a, b)| a.saturating_sub(*b))
+            .collect(),
+    );
+    let (before, since) = cpu_before;
+    let after = traffic::charon_cpu(state)?;
+    let reported = traffic::report_cpu(state, &before, &after, since.elapsed().as_secs_f64())?;
+    carried
+        .cpu
+        .push(names.iter().map(|n| reported.get(*n).copied()).collect());
+    Ok(())
 }
 
 /// Where a step's time went: its phases, in order, with their seconds.
