@@ -2,6 +2,7 @@
 //! frames through the balancer core ([`sim`]), measured the same way, and
 //! reported as a ranked table, `report.json` and `report.html`.
 
+pub mod outage;
 pub mod report;
 pub mod scenario;
 pub mod sim;
@@ -18,7 +19,7 @@ pub use scenario::{Event, Scenario, ScenarioError, SegwSpec, TimedEvent};
 
 /// Keys every object of `report.json` has, `segwlb compare`'s and
 /// `segwlb lab compare`'s alike: what tools may rely on.
-pub const REPORT_KEYS: [&str; 13] = [
+pub const REPORT_KEYS: [&str; 15] = [
     "policy",
     "tunnels_per_segw",
     "max_over_mean",
@@ -32,6 +33,8 @@ pub const REPORT_KEYS: [&str; 13] = [
     "seconds_over_80",
     "seconds_over_100",
     "throughput_max_over_mean",
+    "outage_seconds_per_event",
+    "outage_p95_per_event",
 ];
 
 /// One policy's run through a scenario: what `report.json` holds per policy.
@@ -59,6 +62,16 @@ pub struct PolicyRun {
     /// Tunnels moved at each event, and the fewest any policy could move.
     pub moved_per_event: Vec<u64>,
     pub minimum_moved_per_event: Vec<u64>,
+    /// Per event, the time its moved tunnels spend dark as the peers'
+    /// timers (`[peers]`, `compare::outage`) predict it: tunnel-seconds in
+    /// all, and one tunnel's median, 95th percentile and longest, seconds;
+    /// and the tunnels that never come back (`dpd_action = "clear"`).
+    /// Empty for a lab's measured run (its prediction is beside it).
+    pub outage_seconds_per_event: Vec<f64>,
+    pub outage_p50_per_event: Vec<f64>,
+    pub outage_p95_per_event: Vec<f64>,
+    pub outage_max_per_event: Vec<f64>,
+    pub never_back_per_event: Vec<u64>,
     /// Tunnels whose packets reached a second segw while the first was up
     /// and no rebalance was asked for. Anything but 0 is a broken tunnel.
     pub split_tunnels: u64,
@@ -203,6 +216,11 @@ impl PolicyRun {
                 .collect(),
             moved_per_event: out.moved,
             minimum_moved_per_event: out.minimum_moved,
+            outage_seconds_per_event: out.outage.iter().map(|o| round1(o.seconds)).collect(),
+            outage_p50_per_event: out.outage.iter().map(|o| round1(o.p50)).collect(),
+            outage_p95_per_event: out.outage.iter().map(|o| round1(o.p95)).collect(),
+            outage_max_per_event: out.outage.iter().map(|o| round1(o.max)).collect(),
+            never_back_per_event: out.outage.iter().map(|o| o.never).collect(),
             split_tunnels: out.split,
             decisions: out.decisions,
             ns_per_decision: options
@@ -243,6 +261,10 @@ impl PolicyRun {
 
 fn percent(x: f64) -> i64 {
     (x * 100.0).round() as i64
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
 }
 
 fn round4(x: f64) -> f64 {
@@ -486,6 +508,13 @@ impl fmt::Display for Table<'_> {
             writeln!(f, "{}", traffic.describe())?;
             load_table(f, self.scenario, &ranked)?;
         }
+        if ranked
+            .iter()
+            .any(|r| r.moved_per_event.iter().any(|&m| m > 0))
+        {
+            writeln!(f)?;
+            outage_table(f, self.scenario, &ranked)?;
+        }
         writeln!(f)?;
         writeln!(
             f,
@@ -632,6 +661,65 @@ fn load_table(
         best.seconds_over_80,
         best.peak_utilization_max() * 100.0
     )
+}
+
+/// Per policy and event: the tunnel-minutes its moves cost in the dark,
+/// and one tunnel's p95; then who costs least.
+fn outage_table(
+    f: &mut fmt::Formatter<'_>,
+    scenario: &Scenario,
+    ranked: &[&PolicyRun],
+) -> fmt::Result {
+    writeln!(f, "time in the dark: {}", scenario.peers.describe())?;
+    writeln!(
+        f,
+        "  {:<18} {:>9}  tunnel-minutes dark (p95 of one tunnel) at each event",
+        "policy", "in all"
+    )?;
+    for r in ranked {
+        if r.outage_seconds_per_event.is_empty() {
+            continue;
+        }
+        let cells: Vec<String> = (r.outage_seconds_per_event.iter())
+            .zip(&r.outage_p95_per_event)
+            .zip(&r.never_back_per_event)
+            .enumerate()
+            .filter(|(e, _)| r.moved_per_event[*e] > 0)
+            .map(|(e, ((secs, p95), never))| {
+                let never = match never {
+                    0 => String::new(),
+                    n => format!(", {n} never back"),
+                };
+                format!("[{}]{:.1} ({p95:.1} s{never})", e + 1, secs / 60.0)
+            })
+            .collect();
+        let all: f64 = r.outage_seconds_per_event.iter().sum();
+        writeln!(
+            f,
+            "  {:<18} {:>9.1}  {}",
+            r.policy,
+            all / 60.0,
+            cells.join(" ")
+        )?;
+    }
+    let dark = |r: &&&PolicyRun| {
+        let secs: f64 = r.outage_seconds_per_event.iter().sum();
+        let never: u64 = r.never_back_per_event.iter().sum();
+        (never, (secs * 10.0).round() as u64)
+    };
+    if let Some(best) = ranked
+        .iter()
+        .filter(|r| !r.outage_seconds_per_event.is_empty())
+        .min_by_key(dark)
+    {
+        writeln!(
+            f,
+            "least time in the dark: {} ({:.1} tunnel-minutes)",
+            best.policy,
+            best.outage_seconds_per_event.iter().sum::<f64>() / 60.0
+        )?;
+    }
+    Ok(())
 }
 
 fn moved_cell(r: &PolicyRun) -> String {

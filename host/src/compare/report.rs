@@ -105,6 +105,7 @@ pub fn page(
     }
     page.push_str("<h2>Disruption at each event</h2>\n<p class=\"note\">Bars: tunnels each policy moved; black marks: the fewest any policy could move.</p>\n");
     page.push_str(&figure(disruption(scenario, runs)));
+    page.push_str(&darkness(scenario, runs));
     page.push_str("<h2>Final spread</h2>\n<p class=\"note\">Tunnels on each segw over its fair share by weight: 1.0 everywhere is perfect.</p>\n");
     page.push_str(&segw_legend(runs));
     page.push_str(&figure(final_spread(runs)));
@@ -121,6 +122,40 @@ pub fn page(
     }
     page.push_str("</ol>\n</body></html>\n");
     page
+}
+
+/// Per policy and event: tunnel-minutes in the dark and one tunnel's p95,
+/// as the peers' timers predict them.
+fn darkness(scenario: &Scenario, runs: &[PolicyRun]) -> String {
+    if runs.iter().all(|r| r.outage_seconds_per_event.is_empty()) {
+        return String::new();
+    }
+    let mut out = format!(
+        "<h3>Time in the dark</h3>\n<p class=\"note\">Tunnel-minutes the moved tunnels spend down before their initiators set up again on their new segw, and one tunnel's 95th percentile: {}.</p>\n<table><tr><th></th><th>policy</th>",
+        escape(&scenario.peers.describe())
+    );
+    for (e, ev) in scenario.events.iter().enumerate() {
+        let _ = write!(out, "<th>[{}] {}</th>", e + 1, escape(&ev.event.label()));
+    }
+    out.push_str("</tr>\n");
+    for (i, r) in ranked(runs).iter().enumerate() {
+        let _ = write!(out, "<tr><td>{}</td><td>{}</td>", i + 1, escape(&r.policy));
+        for e in 0..scenario.events.len() {
+            let cell = match (
+                r.outage_seconds_per_event.get(e),
+                r.outage_p95_per_event.get(e),
+            ) {
+                (Some(&s), Some(&p)) if r.moved_per_event.get(e).is_some_and(|&m| m > 0) => {
+                    format!("{:.1} min (p95 {p:.1} s)", s / 60.0)
+                }
+                _ => "–".to_string(),
+            };
+            let _ = write!(out, "<td>{cell}</td>");
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</table>\n");
+    out
 }
 
 const CSS: &str = "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}\

@@ -14,6 +14,7 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::outage::Timers;
 use super::traffic::{RateDist, Shape, Traffic};
 use crate::toml_at::{field_at, line_column};
 use crate::units::parse_rate;
@@ -139,6 +140,8 @@ pub struct Scenario {
     /// What each tunnel carries; without it every tunnel sends
     /// `packets_per_step` packets of `esp_bytes` each way.
     pub traffic: Option<Traffic>,
+    /// The peers' timers: how long a moved tunnel stays dark.
+    pub peers: Timers,
     /// Sorted by step (file order within a step).
     pub events: Vec<TimedEvent>,
 }
@@ -316,8 +319,92 @@ struct RawScenario {
     segw: Vec<Spanned<RawSegw>>,
     tunnels: RawPopulation,
     traffic: Option<Spanned<RawTraffic>>,
+    peers: Option<RawPeers>,
     #[serde(default)]
     event: Vec<Spanned<RawEvent>>,
+}
+
+/// `[peers]`: every field optional, the lab's strongSwan by default.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeers {
+    dpd_delay: Option<Spanned<f64>>,
+    segw_dpd_delay: Option<Spanned<f64>>,
+    retransmit_timeout: Option<Spanned<f64>>,
+    retransmit_base: Option<Spanned<f64>>,
+    retransmit_tries: Option<Spanned<u32>>,
+    rekey_time: Option<Spanned<f64>>,
+    inbound_suppresses_dpd: Option<bool>,
+    /// `restart` or `clear`.
+    dpd_action: Option<Spanned<String>>,
+    setup: Option<Spanned<f64>>,
+}
+
+impl RawPeers {
+    fn validate(&self, at: &At) -> Result<Timers, ScenarioError> {
+        let d = Timers::default();
+        let secs = |v: &Option<Spanned<f64>>, name: &str, default: f64, floor: f64| match v {
+            None => Ok(default),
+            Some(v) if v.get_ref().is_finite() && *v.get_ref() >= floor => Ok(*v.get_ref()),
+            Some(v) => Err(at(
+                v.span(),
+                format!("peers.{name}"),
+                format!("must be a number of at least {floor}, not {}", v.get_ref()),
+            )),
+        };
+        let restart = match &self.dpd_action {
+            None => d.restart,
+            Some(a) => match a.get_ref().as_str() {
+                "restart" => true,
+                "clear" => false,
+                other => {
+                    return Err(at(
+                        a.span(),
+                        "peers.dpd_action".into(),
+                        format!("{other:?} is not `restart` or `clear`"),
+                    ))
+                }
+            },
+        };
+        Ok(Timers {
+            dpd_delay: secs(&self.dpd_delay, "dpd_delay", d.dpd_delay, 0.0)?,
+            segw_dpd_delay: secs(
+                &self.segw_dpd_delay,
+                "segw_dpd_delay",
+                d.segw_dpd_delay,
+                0.0,
+            )?,
+            retransmit_timeout: secs(
+                &self.retransmit_timeout,
+                "retransmit_timeout",
+                d.retransmit_timeout,
+                0.001,
+            )?,
+            retransmit_base: secs(
+                &self.retransmit_base,
+                "retransmit_base",
+                d.retransmit_base,
+                1.0,
+            )?,
+            retransmit_tries: match &self.retransmit_tries {
+                None => d.retransmit_tries,
+                Some(t) if *t.get_ref() <= 20 => *t.get_ref(),
+                Some(t) => {
+                    return Err(at(
+                        t.span(),
+                        "peers.retransmit_tries".into(),
+                        format!("{} is more than 20", t.get_ref()),
+                    ))
+                }
+            },
+            rekey_time: secs(&self.rekey_time, "rekey_time", d.rekey_time, 1.0)?,
+            inbound_suppresses_dpd: self
+                .inbound_suppresses_dpd
+                .unwrap_or(d.inbound_suppresses_dpd),
+            restart,
+            setup: secs(&self.setup, "setup", d.setup, 0.0)?,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -487,6 +574,10 @@ impl RawScenario {
             Some(t) => Some(t.get_ref().validate(t.span(), at)?),
             None => None,
         };
+        let peers = match &self.peers {
+            Some(p) => p.validate(at)?,
+            None => Timers::default(),
+        };
         if let Some(peak) = &self.tunnels.peak {
             let step = peak.get_ref().step.clone();
             if *step.get_ref() >= steps {
@@ -532,6 +623,7 @@ impl RawScenario {
             segws,
             tunnels,
             traffic,
+            peers,
             events,
         })
     }

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::outage::{Dark, Move, Summary};
 use super::scenario::{Event, Scenario, SegwSpec};
 use super::traffic::{Profile, Sent, Step};
 use crate::balancer::affinity::Timeouts;
@@ -47,6 +48,10 @@ pub struct Outcome {
     /// event's step, and the fewest any policy could have moved.
     pub moved: Vec<u64>,
     pub minimum_moved: Vec<u64>,
+    /// Per event: how long its moved tunnels stay dark, as the peers'
+    /// timers ([`super::outage`]) predict. Empty where nobody predicted
+    /// it (a lab's measured outcome).
+    pub outage: Vec<Summary>,
     /// Tunnels whose packets reached a second segw while the first was
     /// still up, with no rebalance asked for.
     pub split: u64,
@@ -266,6 +271,8 @@ struct Sim<'s> {
     now: Timestamp,
     rebalancing: bool,
     moved_this_step: u64,
+    /// How long each tunnel moved this step stays dark.
+    dark_this_step: Vec<Dark>,
     split: u64,
     frames: u64,
     returns_lost: u64,
@@ -335,6 +342,7 @@ pub fn run_with(
         now: Timestamp::ZERO,
         rebalancing: false,
         moved_this_step: 0,
+        dark_this_step: Vec::new(),
         split: 0,
         frames: 0,
         returns_lost: 0,
@@ -352,6 +360,7 @@ pub fn run_with(
     let arrive_over = t.arrive_over.max(1) as usize;
     let churned = (t.count as f64 * t.churn).round() as usize;
     let (mut moved, mut minimum) = (Vec::new(), Vec::new());
+    let mut darks: Vec<Vec<Dark>> = Vec::new();
     let mut per_step = Vec::with_capacity(scenario.steps as usize);
     let mut bytes_per_step = Vec::with_capacity(scenario.steps as usize);
     let mut carried = vec![0u64; sim.segws.len()];
@@ -388,6 +397,7 @@ pub fn run_with(
         for event in scenario.events.iter().filter(|e| e.step == step) {
             minimum.push(sim.apply(&event.event, make));
             moved.push(0);
+            darks.push(Vec::new());
             last_event = Some(moved.len() - 1);
         }
         let arrivals = if let Some(given) = given {
@@ -432,8 +442,14 @@ pub fn run_with(
         }
         refused_per_step.push(sim.lb.counters().dropped(DropReason::AtCapacity) - refused_before);
         match last_event {
-            Some(e) => moved[e] += sim.moved_this_step,
-            None => sim.split += sim.moved_this_step,
+            Some(e) => {
+                moved[e] += sim.moved_this_step;
+                darks[e].append(&mut sim.dark_this_step);
+            }
+            None => {
+                sim.split += sim.moved_this_step;
+                sim.dark_this_step.clear();
+            }
         }
         per_step.push(sim.counts.clone());
         bytes_per_step.push(sim.carried_since(&mut carried));
@@ -451,6 +467,7 @@ pub fn run_with(
         bytes_per_step,
         moved,
         minimum_moved: minimum,
+        outage: darks.iter().map(|d| Summary::of(d)).collect(),
         split: sim.split,
         decisions: stats.decisions,
         policy_ns: sim.spent_ns.load(Ordering::Relaxed),
@@ -767,9 +784,28 @@ impl Sim<'_> {
         let old_up = before.is_some_and(|g| self.state[g].is_live());
         match landing(before, segw, old_up, self.rebalancing) {
             Landing::Stayed | Landing::First => {}
-            Landing::Moved => self.moved_this_step += 1,
+            Landing::Moved => {
+                self.moved_this_step += 1;
+                let dark = self.dark(i, before.is_some_and(|g| self.state[g].up));
+                self.dark_this_step.push(dark);
+            }
             Landing::Split => self.split += 1,
         }
+    }
+
+    /// How long tunnel `i`, just moved off a segw that still answers for
+    /// its SA or not, stays dark: the peers' timers and its downlink.
+    fn dark(&self, i: usize, old_answers: bool) -> Dark {
+        let peer = &self.peers[i];
+        let down_packets = match (peer.profile, &self.step) {
+            (Some(profile), Some(step)) => step.sent(profile).1.packets,
+            _ => u64::from(self.scenario.tunnels.packets_per_step),
+        };
+        self.scenario.peers.dark(Move {
+            old_answers,
+            downlink_every: self.scenario.step_secs as f64 / down_packets as f64,
+            phase: Move::phase_of(peer.ike_spi),
+        })
     }
 }
 

@@ -537,3 +537,70 @@ fn on_the_diurnal_day_count_balancing_overloads_the_small_segws_and_least_utiliz
     // It did so by putting fewer tunnels on the small segws, on purpose.
     assert!(r.max_over_mean > 1.2, "{}", r.max_over_mean);
 }
+
+/// Per event, every moved tunnel's time in the dark as the peers' timers
+/// set it (the lab's strongSwan by default: DPD 5 s, segws' 30 s, a request
+/// given up after 1 + 1.8 + 3.24 s, 0.1 s to set up again).
+#[test]
+fn moved_tunnels_are_dark_as_long_as_the_peers_timers_say() {
+    let events = "[[event]]\nstep = 1\nfail = \"b\"\n[[event]]\nstep = 2\nrecover = \"b\"\n\
+                  [[event]]\nstep = 3\nswap = { rebalance = true }\n";
+    let busy = with_traffic(5, "1 Mbps", events);
+    let r = run_native("round-robin", &busy);
+    clean(&r);
+    let moved = r.moved_per_event.clone();
+    assert_eq!(moved[0], 4);
+    assert!(moved[2] > 0, "{moved:?}");
+    // Off the dead segw: DPD 5 s after the last packet it received, then
+    // 6.04 s of retransmissions, then 0.1 s to set up: 11.14 s each.
+    assert_eq!(r.outage_p50_per_event[0], 11.1);
+    assert_eq!(r.outage_p95_per_event[0], 11.1);
+    assert_eq!(r.outage_seconds_per_event[0], 44.6);
+    // Nothing moved at the recovery: nothing dark.
+    assert_eq!(r.outage_seconds_per_event[1], 0.0);
+    // Rebalanced off a live segw whose downlink keeps the initiator's DPD
+    // quiet until the old segw's own DPD gives up (30 + 6.04 s): 47.18 s.
+    assert_eq!(r.outage_p95_per_event[2], 47.2);
+    let each = r.outage_seconds_per_event[2] / moved[2] as f64;
+    assert!((each - 47.18).abs() < 0.05, "{each}");
+    // Where inbound ESP does not defer DPD, as after a failure.
+    let mut quiet = busy.clone();
+    quiet.peers.inbound_suppresses_dpd = false;
+    let q = run_native("round-robin", &quiet);
+    assert_eq!(q.moved_per_event, moved);
+    assert_eq!(q.outage_p95_per_event[2], 11.1);
+    // With dpd_action = clear nobody comes back.
+    let mut clear = busy.clone();
+    clear.peers.restart = false;
+    let c = run_native("round-robin", &clear);
+    assert_eq!(c.never_back_per_event, [4, 0, moved[2]]);
+    assert_eq!(c.outage_seconds_per_event, [0.0, 0.0, 0.0]);
+    // Idle tunnels (one packet a 10 s step: DPD runs between them) were
+    // somewhere in their DPD cycle: 6.14 to 11.14 s, spread.
+    let idle = run_native("round-robin", &small(5, events));
+    assert_eq!(idle.moved_per_event[0], 4);
+    let (p50, p95) = (idle.outage_p50_per_event[0], idle.outage_p95_per_event[0]);
+    assert!((6.1..=11.2).contains(&p50) && (6.1..=11.2).contains(&p95));
+    assert!(idle.outage_seconds_per_event[0] < 44.6);
+}
+
+#[test]
+fn bad_peer_timers_are_named_in_the_error() {
+    let bad = |peers: &str| {
+        let text = format!(
+            "step_secs = 10\nsteps = 1\n[[segw]]\nname = \"a\"\n[tunnels]\ncount = 1\n[peers]\n{peers}\n"
+        );
+        Scenario::parse(&text, "p.toml").unwrap_err().to_string()
+    };
+    let e = bad("dpd_delay = -1.0");
+    assert!(
+        e.starts_with("p.toml:8:") && e.contains("peers.dpd_delay"),
+        "{e}"
+    );
+    let e = bad("dpd_action = \"hold\"");
+    assert!(e.contains("peers.dpd_action") && e.contains("hold"), "{e}");
+    let e = bad("retransmit_tries = 99");
+    assert!(e.contains("peers.retransmit_tries"), "{e}");
+    let e = bad("dpd = 5.0");
+    assert!(e.contains("dpd"), "{e}");
+}

@@ -33,6 +33,10 @@ pub struct LabRun {
     pub predicted_tunnels_per_segw: BTreeMap<String, u64>,
     pub predicted_tunnels_over_time: Vec<Vec<u64>>,
     pub predicted_moved_per_event: Vec<u64>,
+    /// The simulation's time in the dark per event (tunnel-seconds, and
+    /// one tunnel's p95): measuring it in the lab is still to come.
+    pub predicted_outage_seconds_per_event: Vec<f64>,
+    pub predicted_outage_p95_per_event: Vec<f64>,
     /// Every difference between the lab and its prediction; empty when the
     /// simulation predicted the lab exactly.
     pub prediction_differs: Vec<String>,
@@ -327,6 +331,12 @@ impl LabRun {
             predicted_tunnels_per_segw: end(&predicted),
             predicted_tunnels_over_time: predicted.per_step.clone(),
             predicted_moved_per_event: predicted.moved.clone(),
+            predicted_outage_seconds_per_event: (predicted.outage.iter())
+                .map(|o| (o.seconds * 10.0).round() / 10.0)
+                .collect(),
+            predicted_outage_p95_per_event: (predicted.outage.iter())
+                .map(|o| (o.p95 * 10.0).round() / 10.0)
+                .collect(),
             prediction_differs: differs,
             tunnels,
             problems: driven.problems,
@@ -371,6 +381,19 @@ pub fn render_predictions(runs: &[LabRun]) -> String {
         }
         if let Some(t) = &r.traffic {
             out.push_str(&t.render());
+        }
+        let dark: Vec<String> = (r.predicted_outage_seconds_per_event.iter())
+            .zip(&r.predicted_outage_p95_per_event)
+            .enumerate()
+            .filter(|(_, (s, _))| **s > 0.0)
+            .map(|(e, (s, p))| format!("[{}] {:.1} tunnel-minutes (p95 {p:.1} s)", e + 1, s / 60.0))
+            .collect();
+        if !dark.is_empty() {
+            let _ = writeln!(
+                out,
+                "    predicted time in the dark (not measured yet): {}",
+                dark.join(", ")
+            );
         }
         for p in &r.problems {
             let _ = writeln!(out, "    ! {p}");

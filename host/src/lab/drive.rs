@@ -405,6 +405,9 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         }),
         moved,
         minimum_moved: minimum,
+        // Measured outage is not read from the lab yet: the report shows
+        // the simulation's prediction of these tunnels.
+        outage: Vec::new(),
         split,
         fair_weights: now.iter().map(SegwNow::fair_weight).collect(),
         decisions: status.policy.decisions,
