@@ -864,6 +864,31 @@ fn lab_compare_is_predicted_exactly_by_the_simulation_for_every_policy() {
         assert!(cpu[5][1].is_none(), "{p}: the dead segw2 reported {cpu:?}");
         // The report's load figures are the counted bytes.
         assert!(r["throughput_max_over_mean"].as_f64().unwrap() > 1.0, "{p}");
+        // Time in the dark, measured by per-tunnel probes (5 a second):
+        // every tunnel the failure [1] and the rebalance [5] moved came
+        // back, DPD 5 s + 6.04 s of retransmissions after the event, as the
+        // simulation predicts within 20% at p50 and p95.
+        assert_eq!(r["outage_differs"], serde_json::json!([]), "{p}");
+        let series = |key: &str| -> Vec<f64> { serde_json::from_value(r[key].clone()).unwrap() };
+        let (p50, p95) = (
+            series("outage_p50_per_event"),
+            series("outage_p95_per_event"),
+        );
+        let never: Vec<u64> = serde_json::from_value(r["never_back_per_event"].clone()).unwrap();
+        for e in [0, 4] {
+            assert!(
+                (8.0..14.0).contains(&p50[e]),
+                "{p}: event {}: p50 {p50:?}",
+                e + 1
+            );
+            assert!(p95[e] >= p50[e] && p95[e] < 16.0, "{p}: {p95:?}");
+            assert_eq!(never[e], 0, "{p}: {never:?}");
+        }
+        assert_eq!(
+            series("outage_seconds_per_event")[1..4],
+            [0.0, 0.0, 0.0],
+            "{p}"
+        );
     }
     // Round-robin over four segws after the rebalance: 75 each, give or
     // take the closed tunnels the table still holds (the rebalance deals

@@ -34,9 +34,14 @@ pub struct LabRun {
     pub predicted_tunnels_over_time: Vec<Vec<u64>>,
     pub predicted_moved_per_event: Vec<u64>,
     /// The simulation's time in the dark per event (tunnel-seconds, and
-    /// one tunnel's p95): measuring it in the lab is still to come.
+    /// one tunnel's p50 and p95), beside the lab's measured
+    /// `outage_*_per_event`.
     pub predicted_outage_seconds_per_event: Vec<f64>,
+    pub predicted_outage_p50_per_event: Vec<f64>,
     pub predicted_outage_p95_per_event: Vec<f64>,
+    /// Events whose measured p50 or p95 is more than [`OUTAGE_AGREE`] off
+    /// the prediction.
+    pub outage_differs: Vec<String>,
     /// Every difference between the lab and its prediction; empty when the
     /// simulation predicted the lab exactly.
     pub prediction_differs: Vec<String>,
@@ -58,6 +63,9 @@ pub struct LabRun {
     pub peers_returned: usize,
     pub seconds: f64,
 }
+
+/// How far a measured p50 or p95 outage may be from the predicted one.
+pub const OUTAGE_AGREE: f64 = 0.2;
 
 /// How far a segw's counted bytes in a step may be from the simulation's
 /// (scaled) before the report calls it a difference: the packets of a lab
@@ -334,9 +342,13 @@ impl LabRun {
             predicted_outage_seconds_per_event: (predicted.outage.iter())
                 .map(|o| (o.seconds * 10.0).round() / 10.0)
                 .collect(),
+            predicted_outage_p50_per_event: (predicted.outage.iter())
+                .map(|o| (o.p50 * 10.0).round() / 10.0)
+                .collect(),
             predicted_outage_p95_per_event: (predicted.outage.iter())
                 .map(|o| (o.p95 * 10.0).round() / 10.0)
                 .collect(),
+            outage_differs: outage_differs(&driven.outcome, &predicted),
             prediction_differs: differs,
             tunnels,
             problems: driven.problems,
@@ -353,6 +365,34 @@ impl LabRun {
             run: PolicyRun::of(scenario, options, driven.outcome),
         }
     }
+}
+
+/// The events whose measured p50 or p95 outage is further than
+/// [`OUTAGE_AGREE`] from the prediction, or whose moved tunnels did not all
+/// come back.
+fn outage_differs(lab: &sim::Outcome, predicted: &sim::Outcome) -> Vec<String> {
+    let mut differs = Vec::new();
+    for (e, (l, p)) in lab.outage.iter().zip(&predicted.outage).enumerate() {
+        if l.back + l.never == 0 {
+            continue;
+        }
+        for (what, l, p) in [("p50", l.p50, p.p50), ("p95", l.p95, p.p95)] {
+            if p > 0.0 && (l / p - 1.0).abs() > OUTAGE_AGREE {
+                differs.push(format!(
+                    "event {}: {what} outage {l:.1} s in the lab, {p:.1} s in the simulation",
+                    e + 1
+                ));
+            }
+        }
+        if l.never > p.never {
+            differs.push(format!(
+                "event {}: {} moved tunnels not back in the lab when the step settled",
+                e + 1,
+                l.never
+            ));
+        }
+    }
+    differs
 }
 
 /// The lab-versus-simulation part of the terminal report.
@@ -382,18 +422,28 @@ pub fn render_predictions(runs: &[LabRun]) -> String {
         if let Some(t) = &r.traffic {
             out.push_str(&t.render());
         }
-        let dark: Vec<String> = (r.predicted_outage_seconds_per_event.iter())
-            .zip(&r.predicted_outage_p95_per_event)
-            .enumerate()
-            .filter(|(_, (s, _))| **s > 0.0)
-            .map(|(e, (s, p))| format!("[{}] {:.1} tunnel-minutes (p95 {p:.1} s)", e + 1, s / 60.0))
-            .collect();
-        if !dark.is_empty() {
+        let moved = |e: usize| r.run.moved_per_event.get(e).is_some_and(|&m| m > 0);
+        let at = |v: &Vec<f64>, e: usize| v.get(e).copied().unwrap_or(0.0);
+        for e in (0..r.predicted_outage_seconds_per_event.len()).filter(|&e| moved(e)) {
+            let never = r.run.never_back_per_event.get(e).copied().unwrap_or(0);
             let _ = writeln!(
                 out,
-                "    predicted time in the dark (not measured yet): {}",
-                dark.join(", ")
+                "    time in the dark at [{}], lab / simulation: {:.1} / {:.1} tunnel-minutes, p50 {:.1} / {:.1} s, p95 {:.1} / {:.1} s{}",
+                e + 1,
+                at(&r.run.outage_seconds_per_event, e) / 60.0,
+                at(&r.predicted_outage_seconds_per_event, e) / 60.0,
+                at(&r.run.outage_p50_per_event, e),
+                at(&r.predicted_outage_p50_per_event, e),
+                at(&r.run.outage_p95_per_event, e),
+                at(&r.predicted_outage_p95_per_event, e),
+                match never {
+                    0 => String::new(),
+                    n => format!("; {n} not back when the step settled"),
+                }
             );
+        }
+        for d in &r.outage_differs {
+            let _ = writeln!(out, "    ~ {d}");
         }
         for p in &r.problems {
             let _ = writeln!(out, "    ! {p}");

@@ -29,6 +29,13 @@
 //!   (the initiators' DPD: the segws' is slower,
 //!   [`super::strongswan::SEGW_DPD_SLOWER`]).
 //!
+//! - time in the dark: from a failure, a removal or a rebalance until
+//!   the step settles, every tunnel live at it is probed 5 times a second
+//!   ([`Prober`]); a moved tunnel's first answer ends its outage, which
+//!   goes into the outcome per event as the simulation predicts it;
+//! - traffic: with `[traffic]`, at the end of each step each tunnel sends
+//!   its share through its real SA ([`Scaled`]), counted by the segws and
+//!   the balancer around it;
 //! - capacity: each segw's charon refuses IKE SAs past its capacity
 //!   (`ikesa_limit`) as the balancer does; a tunnel refused (every segw
 //!   full) is one whose initiator is up on no segw at the end of a step.
@@ -46,11 +53,13 @@ use std::time::{Duration, Instant};
 use super::churn::Plan;
 use super::initiate;
 use super::netns::Netns;
+use super::probe::Prober;
 use super::report::{by_inner, ping_each};
 use super::topology::State;
 use super::traffic::{self, Flow, Scaled};
 use super::{Error, Result};
 use crate::balancer::DropReason;
+use crate::compare::outage::{Dark, Found, Summary};
 use crate::compare::sim::{self, GivenPeer, Landing, Outcome, SegwNow};
 use crate::compare::{Event, Scenario, SegwSpec};
 use crate::control::ctl::Request;
@@ -135,6 +144,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
     let mut peers: Vec<GivenPeer> = Vec::with_capacity(lives);
     let mut arrived = 0;
     let (mut moved, mut minimum) = (Vec::new(), Vec::new());
+    let mut darks: Vec<Vec<Dark>> = Vec::new();
     let mut last_event: Option<usize> = None;
     let mut split = 0;
     let mut refused_tunnels = 0;
@@ -183,11 +193,18 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         }
         clock.lap("close");
         let live = |l: usize| plan.lives[l].live_in(step);
+        let lives_now: Vec<usize> = (0..arrived).filter(|&l| live(l)).collect();
+        let initiators_now: Vec<usize> =
+            lives_now.iter().map(|&l| plan.lives[l].initiator).collect();
+        // Probes through every live tunnel from the step's first event
+        // that moves tunnels until its step has settled.
+        let mut probing: Option<(Instant, Prober)> = None;
         for e in scenario.events.iter().filter(|e| e.step == step) {
             say(&format!("step {step}: {}", e.event.label()));
             let counts = counts_of(&holder, segws.len());
             minimum.push(sim::minimum_moved(&e.event, &counts, &now, &segws));
             moved.push(0);
+            darks.push(Vec::new());
             last_event = Some(moved.len() - 1);
             match &e.event {
                 Event::Fail(name) => {
@@ -198,6 +215,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                         .map(|l| plan.lives[l].initiator)
                         .collect();
                     ping_each(state, &live, 1, "1", "1")?;
+                    let t0 = Instant::now();
                     let done = quietly(state, |state| {
                         state.fail_segw(name)?;
                         wait_health(state, name, false)?;
@@ -206,6 +224,9 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                     })?;
                     say(&format!("step {step}: {done}"));
                     disrupted = true;
+                    if probing.is_none() {
+                        probing = Some((t0, Prober::start(state, &initiators_now)?));
+                    }
                 }
                 Event::Recover(name) => {
                     state.recover_segw(name)?;
@@ -216,6 +237,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                     wait_health(state, &spec.name, true)?;
                 }
                 Event::Remove(name) => {
+                    let t0 = Instant::now();
                     let done = quietly(state, |state| {
                         state.remove_segw(name)?;
                         let gone = sim::segw_index(&segws, name);
@@ -223,6 +245,9 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                     })?;
                     say(&format!("step {step}: {done}"));
                     disrupted = true;
+                    if probing.is_none() {
+                        probing = Some((t0, Prober::start(state, &initiators_now)?));
+                    }
                 }
                 Event::Weight(name, weight) => {
                     state.ctl(&Request::GatewayWeight {
@@ -238,12 +263,16 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                     })?;
                 }
                 Event::Swap { rebalance } => {
+                    let t0 = Instant::now();
                     state.ctl(&Request::PolicyUse {
                         name: policy.clone(),
                         rebalance: *rebalance,
                     })?;
                     rebalancing |= *rebalance;
                     disrupted |= *rebalance;
+                    if *rebalance && probing.is_none() {
+                        probing = Some((t0, Prober::start(state, &initiators_now)?));
+                    }
                 }
             }
             SegwNow::apply(&mut now, &segws, &e.event);
@@ -270,6 +299,13 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
             holdings(state, &plan, &up)?
         };
         clock.lap("settle");
+        // When each tunnel live at the event answered its first probe.
+        let mut back: HashMap<usize, Option<Duration>> = HashMap::new();
+        if let Some((t0, prober)) = probing.take() {
+            for (&l, seen) in lives_now.iter().zip(prober.stop()?) {
+                back.insert(l, seen.first.map(|f| f.duration_since(t0)));
+            }
+        }
         let initiators: Vec<usize> = up.iter().map(|&l| plan.lives[l].initiator).collect();
         // Up somewhere (a refused tunnel passes nothing) and silent: asked
         // again (a tunnel DPD just re-established can take a moment to
@@ -328,7 +364,15 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
             let before_up = before.is_some_and(|b| now[b].is_live());
             match sim::landing(before, at, before_up, rebalancing) {
                 Landing::First | Landing::Stayed => {}
-                Landing::Moved => moved_now += 1,
+                Landing::Moved => {
+                    moved_now += 1;
+                    if let (Some(e), Some(first)) = (last_event, back.get(&l)) {
+                        darks[e].push(Dark {
+                            seconds: first.map(|d| d.as_secs_f64()),
+                            found: Found::Dpd,
+                        });
+                    }
+                }
                 Landing::Split => split += 1,
             }
             holder[l] = Some(at);
@@ -405,9 +449,9 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         }),
         moved,
         minimum_moved: minimum,
-        // Measured outage is not read from the lab yet: the report shows
-        // the simulation's prediction of these tunnels.
-        outage: Vec::new(),
+        // Measured by the probes: from the event until a moved tunnel's
+        // first reply (by DPD restarting it on its new segw).
+        outage: darks.iter().map(|d| Summary::of(d)).collect(),
         split,
         fair_weights: now.iter().map(SegwNow::fair_weight).collect(),
         decisions: status.policy.decisions,

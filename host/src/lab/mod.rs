@@ -11,6 +11,7 @@ pub mod config;
 pub mod drive;
 pub mod initiate;
 pub mod netns;
+pub mod probe;
 pub mod report;
 pub mod strongswan;
 pub mod topology;

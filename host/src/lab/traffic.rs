@@ -223,8 +223,8 @@ pub fn send(state: &State, flows: &[Flow], ip_bytes: usize) -> Result<(u64, u64)
     Ok((up, down))
 }
 
-/// A socket bound to `at` inside `ns` that never reads.
-fn listen(ns: &str, at: SocketAddr) -> Result<UdpSocket> {
+/// A UDP socket bound to `at` inside `ns` (usable from any thread after).
+pub(super) fn listen(ns: &str, at: SocketAddr) -> Result<UdpSocket> {
     Netns::adopt(ns)?
         .enter(|| UdpSocket::bind(at))?
         .map_err(|e| step(&format!("listening on {at} in {ns}"), e))
