@@ -4,6 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use super::affinity::{Timeouts, TunnelState};
+use super::rules::Placement;
 use super::farm::{port_mac, segw_mac};
 use super::*;
 use crate::packet::craft::*;

@@ -166,8 +166,9 @@ pub struct LabShares {
 }
 
 /// The scenario as the lab runs it: at most `tunnels` of them, the NAT and
-/// IPv6 shares rounded to whole initiators, one NAT address, no raw ESP;
-/// its churn as [`Plan`] lays it out. Returns the scenario and how many
+/// IPv6 shares rounded to whole initiators, one NAT address, no raw ESP,
+/// no inbound ESP deferring DPD during a move; its churn as [`Plan`] lays
+/// it out. Returns the scenario and how many
 /// initiators sit behind the NAT and come over IPv6.
 ///
 /// [`Plan`]: super::churn::Plan
@@ -179,6 +180,10 @@ pub fn lab_scenario(scenario: &Scenario, tunnels: usize) -> (Scenario, LabShares
     s.tunnels.nat = f64::from(nat) / n as f64;
     s.tunnels.nat_addresses = 1;
     s.tunnels.raw_esp = 0.0;
+    // The lab sends its traffic at the end of a step: while a move
+    // settles, nothing from a tunnel's old segw reaches its initiator that
+    // could defer its DPD, whatever the scenario's peers would do.
+    s.peers.inbound_suppresses_dpd = false;
     // The shares of the initiators the churn adds, too.
     let all = Plan::of(&s).initiators;
     let nat = (all as f64 * s.tunnels.nat).round() as u32;

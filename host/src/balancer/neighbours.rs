@@ -1,0 +1,117 @@
+//! What the balancer says on the links besides forwarding: answers to ARP
+//! and neighbour solicitations for the addresses it proxies, the segws' MACs
+//! learnt from what they send, health probe rounds, and announcements
+//! (gratuitous ARP, unsolicited neighbour advertisements).
+
+use std::net::IpAddr;
+
+use crate::packet::{self, arp::Arp, IpPacket, Kind, Mac, Payload};
+use crate::policy::Policy;
+use crate::time::Timestamp;
+
+use super::gateways::{GwId, PortId, UPLINK};
+use super::health::{self, HealthConfig, ProbeRound};
+use super::Balancer;
+
+impl<P: Policy> Balancer<P> {
+    /// Ours: frames sent to the port's MAC, and the broadcast ARP and
+    /// multicast neighbour solicitations that may be for an address we
+    /// proxy.
+    pub(super) fn addressed_to_us(&self, f: &packet::Frame, ingress: PortId) -> bool {
+        if f.dst == self.port_mac(ingress) {
+            return true;
+        }
+        match &f.kind {
+            Kind::Arp(_) => f.dst == [0xff; 6],
+            Kind::Ip(IpPacket {
+                payload: Payload::NeighborSolicit(_),
+                ..
+            }) => f.dst[0] & 1 == 1,
+            _ => false,
+        }
+    }
+
+    /// Answer ARP requests for proxied addresses, on any port; learn a
+    /// segw's MAC from any ARP it sends.
+    pub(super) fn arp(&mut self, arp: &Arp, ingress: PortId) -> Option<Arp> {
+        self.heard_from_segw(ingress, arp.sender_mac);
+        let proxied = self.proxies(IpAddr::V4(arp.target_ip), ingress);
+        (arp.op == packet::arp::REQUEST && proxied && arp.sender_ip != arp.target_ip)
+            .then(|| arp.reply(self.port_mac(ingress)))
+    }
+
+    /// A segw spoke on its port (ARP, or a neighbour solicitation): it is
+    /// alive, and at `mac` unless its MAC is configured.
+    pub(super) fn heard_from_segw(&mut self, ingress: PortId, mac: Mac) {
+        if ingress == UPLINK {
+            return;
+        }
+        if let Some(gw) = self.gateways.on_port_mut(ingress) {
+            if gw.spec.mac.is_none() && gw.mac != Some(mac) {
+                gw.mac = Some(mac);
+                self.epoch += 1;
+            }
+            gw.probe.heard = true;
+        }
+    }
+
+    pub(super) fn proxies(&self, ip: IpAddr, ingress: PortId) -> bool {
+        let prefixes = if ingress == UPLINK {
+            &self.config.proxy
+        } else {
+            &self.config.proxy_gateways
+        };
+        prefixes.iter().any(|p| p.contains(ip))
+    }
+
+    /// A health probe round (see [`health`]): judge the last round, mark
+    /// gateways down or up, and return the probes for each of `targets`
+    /// (the VIPs: ARP for IPv4, a neighbour solicitation for IPv6) to send
+    /// on every gateway port.
+    pub fn probe(
+        &mut self,
+        targets: &[IpAddr],
+        health: &HealthConfig,
+        now: Timestamp,
+    ) -> ProbeRound {
+        let mut round = ProbeRound::default();
+        let ids: Vec<GwId> = self.gateways.iter().map(|g| g.id).collect();
+        for id in ids {
+            let g = self.gateways.get_mut(id).expect("listed");
+            if let Some(healthy) = g.probe.judge(g.healthy, health) {
+                g.healthy = healthy;
+                round.changes.push((id, g.spec.name.clone(), healthy));
+            }
+            let port = g.spec.port;
+            for &target in targets {
+                round
+                    .frames
+                    .push((port, health::probe_frame(self.port_mac(port), target)));
+            }
+        }
+        if !round.changes.is_empty() {
+            self.push_set(now);
+        }
+        round
+    }
+
+    /// Announce `ip` on every port, from that port's MAC: a gratuitous ARP
+    /// (IPv4) or an unsolicited neighbour advertisement (IPv6).
+    pub fn announce(&self, ip: IpAddr) -> Vec<(PortId, Vec<u8>)> {
+        (0..self.config.port_macs.len() as PortId)
+            .map(|port| {
+                let mac = self.port_mac(port);
+                let frame = match ip {
+                    IpAddr::V4(v4) => Arp::gratuitous(mac, v4).broadcast_frame(mac, None),
+                    IpAddr::V6(v6) => packet::craft::frame(
+                        packet::ndp::multicast_mac(packet::ndp::ALL_NODES),
+                        mac,
+                        None,
+                        &packet::ndp::unsolicited(v6, mac),
+                    ),
+                };
+                (port, frame)
+            })
+            .collect()
+    }
+}
