@@ -587,33 +587,12 @@ fn lab(config: &Path, command: LabCommand) -> anyhow::Result<ExitCode> {
         } => {
             let mut state = topology::State::load(&cfg.work_dir())?;
             if let Some(path) = scenario {
-                let tunnels = state.initiators.len();
-                let (s, _) =
-                    segwlb::lab::compare::lab_scenario(&Scenario::resolve(&path)?, tunnels);
-                let driven =
-                    segwlb::lab::drive::drive(&mut state, &s, &mut |line| eprintln!("{line}"))?;
-                for p in &driven.problems {
-                    eprintln!("! {p}");
-                }
-                for (step, name) in &driven.silent {
-                    eprintln!("! step {step}: {name} was up but answered no ping");
-                }
-                let run = compare::PolicyRun::of(
-                    &s,
-                    compare::Options {
-                        seed: 0,
-                        timing: false,
-                    },
-                    driven.outcome,
-                );
-                eprint!(
-                    "{}",
-                    compare::Table {
-                        scenario: &s,
-                        seed: 0,
-                        runs: std::slice::from_ref(&run),
-                    }
-                );
+                let played = segwlb::lab::compare::play(
+                    &mut state,
+                    &Scenario::resolve(&path)?,
+                    &mut |line| eprintln!("{line}"),
+                )?;
+                eprint!("{played}");
             }
             let r = report::run(&state)?;
             if json {
@@ -638,41 +617,28 @@ fn lab(config: &Path, command: LabCommand) -> anyhow::Result<ExitCode> {
             tunnels,
             out,
         } => {
-            use segwlb::lab::compare as lab_compare;
             let scenario = match scenario {
                 Some(path) => Scenario::resolve(&path)?,
                 None => Scenario::builtin_lab(),
             };
-            if tunnels == 0 || tunnels > segwlb::lab::config::MAX_INITIATORS as usize {
-                bail!(
-                    "--tunnels must be 1..={}",
-                    segwlb::lab::config::MAX_INITIATORS
-                );
-            }
             let policies = if policies.is_empty() {
                 wasm_files_in(&cfg.balancer.policy_dir)?
             } else {
                 policies
             };
             let exe = std::env::current_exe().context("cannot find the segwlb binary")?;
-            let (scenario, shares) = lab_compare::lab_scenario(&scenario, tunnels);
-            let runs = lab_compare::run(&cfg, &scenario, shares, &policies, &exe, &mut |line| {
-                eprintln!("{line}")
-            })?;
-            let plain: Vec<compare::PolicyRun> = runs.iter().map(|r| r.run.clone()).collect();
-            print_out(&compare::Table {
-                scenario: &scenario,
-                seed: 0,
-                runs: &plain,
-            })?;
-            print_out(&lab_compare::render_predictions(&runs).trim_end())?;
-            let (json, html) = lab_compare::write(&out, &scenario, &runs)
-                .with_context(|| format!("{}: cannot write the report", out.display()))?;
-            eprintln!("wrote {} and {}", json.display(), html.display());
-            let exact = runs
-                .iter()
-                .all(|r| r.prediction_differs.is_empty() && r.problems.is_empty());
-            Ok(if exact {
+            let done = segwlb::lab::compare::compare(
+                &cfg,
+                &scenario,
+                tunnels,
+                &policies,
+                &exe,
+                &out,
+                &mut |line| eprintln!("{line}"),
+            )?;
+            print_out(&done.text.trim_end())?;
+            eprintln!("wrote {} and {}", done.json.display(), done.html.display());
+            Ok(if done.exact {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

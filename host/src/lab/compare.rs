@@ -6,14 +6,15 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use super::churn::Plan;
 use super::config::LabConfig;
 use super::drive::{self, Driven};
-use super::{topology, Error, Result};
+use super::topology::{self, State};
+use super::{Error, Result};
 use crate::compare::sim::{self, Arrivals};
 use crate::compare::{Options, PolicyRun, Scenario, SegwSpec};
 use crate::policy::wasm::{Limits, Runtime};
@@ -215,6 +216,84 @@ pub fn lab_config(
         })
         .collect();
     c
+}
+
+/// What `lab compare` did: the terminal report, where the files went, and
+/// whether every run was predicted exactly with no problem.
+pub struct Compared {
+    pub text: String,
+    pub json: PathBuf,
+    pub html: PathBuf,
+    pub exact: bool,
+}
+
+/// `segwlb lab compare`: `scenario` made lab-sized (at most `tunnels`), a
+/// fresh lab per policy from `base`, the report printed and written into
+/// `out`.
+pub fn compare(
+    base: &LabConfig,
+    scenario: &Scenario,
+    tunnels: usize,
+    policies: &[String],
+    exe: &Path,
+    out: &Path,
+    say: &mut dyn FnMut(&str),
+) -> Result<Compared> {
+    if tunnels == 0 || tunnels > super::config::MAX_INITIATORS as usize {
+        return Err(Error::State(format!(
+            "--tunnels must be 1..={}",
+            super::config::MAX_INITIATORS
+        )));
+    }
+    let (scenario, shares) = lab_scenario(scenario, tunnels);
+    let runs = run(base, &scenario, shares, policies, exe, say)?;
+    let plain: Vec<PolicyRun> = runs.iter().map(|r| r.run.clone()).collect();
+    let table = crate::compare::Table {
+        scenario: &scenario,
+        seed: 0,
+        runs: &plain,
+    };
+    let text = format!("{table}\n{}", render_predictions(&runs));
+    let (json, html) = write(out, &scenario, &runs).map_err(|source| Error::Io {
+        what: format!("write the report into {}", out.display()),
+        source,
+    })?;
+    let exact = runs
+        .iter()
+        .all(|r| r.prediction_differs.is_empty() && r.problems.is_empty());
+    Ok(Compared {
+        text,
+        json,
+        html,
+        exact,
+    })
+}
+
+/// `segwlb lab run --scenario`: play `scenario` (made lab-sized for the
+/// lab's initiators) on the lab `state`, which is up with its segws;
+/// returns its problems and the measured run as `compare`'s table.
+pub fn play(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) -> Result<String> {
+    let (s, _) = lab_scenario(scenario, state.initiators.len());
+    let driven = drive::drive(state, &s, say)?;
+    let mut text = String::new();
+    for p in &driven.problems {
+        let _ = writeln!(text, "! {p}");
+    }
+    for (step, name) in &driven.silent {
+        let _ = writeln!(text, "! step {step}: {name} was up but answered no ping");
+    }
+    let options = Options {
+        seed: 0,
+        timing: false,
+    };
+    let run = PolicyRun::of(&s, options, driven.outcome);
+    let table = crate::compare::Table {
+        scenario: &s,
+        seed: 0,
+        runs: std::slice::from_ref(&run),
+    };
+    let _ = write!(text, "{table}");
+    Ok(text)
 }
 
 /// Run `scenario` (already made lab-sized by [`lab_scenario`]) in a fresh
