@@ -889,6 +889,15 @@ fn lab_compare_is_predicted_exactly_by_the_simulation_for_every_policy() {
             [0.0, 0.0, 0.0],
             "{p}"
         );
+        // Each of them came back on a new IKE SA (DPD restarted it), none
+        // on the SA it had before the event.
+        for e in [0, 4] {
+            let c = &r["came_back_per_event"][e];
+            let restarted =
+                c["new_sa"].as_u64().unwrap() + c["new_sa_unanswered"].as_u64().unwrap();
+            assert_eq!(restarted, moved[e], "{p}: event {}: {c}", e + 1);
+            assert_eq!(c["same_sa"], 0, "{p}: {c}");
+        }
     }
     // Round-robin over four segws after the rebalance: 75 each, give or
     // take the closed tunnels the table still holds (the rebalance deals

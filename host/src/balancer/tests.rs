@@ -4,8 +4,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use super::affinity::{Timeouts, TunnelState};
-use super::rules::Placement;
 use super::farm::{port_mac, segw_mac};
+use super::rules::Placement;
 use super::*;
 use crate::packet::craft::*;
 use crate::packet::ike::{IKE_AUTH, IKE_SA_INIT, INFORMATIONAL};

@@ -43,6 +43,8 @@ pub struct LabRun {
     /// Events whose measured p50 or p95 is more than [`OUTAGE_AGREE`] off
     /// the prediction.
     pub outage_differs: Vec<String>,
+    /// Per event: how its moved tunnels came back.
+    pub came_back_per_event: Vec<drive::CameBack>,
     /// Every difference between the lab and its prediction; empty when the
     /// simulation predicted the lab exactly.
     pub prediction_differs: Vec<String>,
@@ -433,6 +435,7 @@ impl LabRun {
                 .map(|o| (o.p95 * 10.0).round() / 10.0)
                 .collect(),
             outage_differs: outage_differs(&driven.outcome, &predicted),
+            came_back_per_event: driven.came_back.clone(),
             prediction_differs: differs,
             tunnels,
             problems: driven.problems,
@@ -525,6 +528,21 @@ pub fn render_predictions(runs: &[LabRun]) -> String {
                     n => format!("; {n} not back when the step settled"),
                 }
             );
+            if let Some(c) = r.came_back_per_event.get(e) {
+                let _ = writeln!(
+                    out,
+                    "      came back: {} on a new IKE SA (DPD restart){}{}",
+                    c.new_sa + c.new_sa_unanswered,
+                    match c.new_sa_unanswered {
+                        0 => String::new(),
+                        n => format!(", {n} of them answering no probe before the step settled (timed by the SA)"),
+                    },
+                    match c.same_sa {
+                        0 => String::new(),
+                        n => format!(", {n} on the IKE SA from before"),
+                    },
+                );
+            }
         }
         for d in &r.outage_differs {
             let _ = writeln!(out, "    ~ {d}");

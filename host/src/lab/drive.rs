@@ -103,7 +103,32 @@ pub struct Driven {
     pub silent: Vec<(u32, String)>,
     /// The scenario's traffic through the real SAs, when it has some.
     pub carried: Option<Carried>,
+    /// Per event: how its moved tunnels came back.
+    pub came_back: Vec<CameBack>,
     pub seconds: f64,
+}
+
+/// How an event's moved tunnels came back, by what the probes and the
+/// initiators' SAs say.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CameBack {
+    /// On a new IKE SA, established after the event (DPD restarted it),
+    /// and answering the probes.
+    pub new_sa: u64,
+    /// On a new IKE SA, but no probe answered before the step settled: its
+    /// time in the dark is the SA's (1 s resolution).
+    pub new_sa_unanswered: u64,
+    /// Answering on an IKE SA from before the event.
+    pub same_sa: u64,
+    /// Neither: still dark when the step settled.
+    pub not_back: u64,
+}
+
+/// When a tunnel live at an event came back, seconds after it: its first
+/// probe answered, and its current IKE SA established (negative: before).
+struct Back {
+    probe: Option<f64>,
+    sa: Option<f64>,
 }
 
 /// The scenario's `[traffic]` through the lab: sent at the end of each
@@ -145,6 +170,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
     let mut arrived = 0;
     let (mut moved, mut minimum) = (Vec::new(), Vec::new());
     let mut darks: Vec<Vec<Dark>> = Vec::new();
+    let mut came_back: Vec<CameBack> = Vec::new();
     let mut last_event: Option<usize> = None;
     let mut split = 0;
     let mut refused_tunnels = 0;
@@ -205,6 +231,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
             minimum.push(sim::minimum_moved(&e.event, &counts, &now, &segws));
             moved.push(0);
             darks.push(Vec::new());
+            came_back.push(CameBack::default());
             last_event = Some(moved.len() - 1);
             match &e.event {
                 Event::Fail(name) => {
@@ -300,10 +327,27 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         };
         clock.lap("settle");
         // When each tunnel live at the event answered its first probe.
-        let mut back: HashMap<usize, Option<Duration>> = HashMap::new();
+        // And when the IKE SA its initiator uses now was established,
+        // from the initiator's own list (1 s resolution): a time after the
+        // event is a new IKE SA, set up again by DPD.
+        let mut back: HashMap<usize, Back> = HashMap::new();
         if let Some((t0, prober)) = probing.take() {
-            for (&l, seen) in lives_now.iter().zip(prober.stop()?) {
-                back.insert(l, seen.first.map(|f| f.duration_since(t0)));
+            let seen = prober.stop()?;
+            let since = t0.elapsed().as_secs_f64();
+            let sas = state.initiator_sas();
+            for (&l, seen) in lives_now.iter().zip(seen) {
+                let current = sas[plan.lives[l].initiator]
+                    .iter()
+                    .filter(|sa| sa.is_up())
+                    .filter_map(|sa| sa.established)
+                    .min();
+                back.insert(
+                    l,
+                    Back {
+                        probe: seen.first.map(|f| f.duration_since(t0).as_secs_f64()),
+                        sa: current.map(|age| since - age as f64),
+                    },
+                );
             }
         }
         let initiators: Vec<usize> = up.iter().map(|&l| plan.lives[l].initiator).collect();
@@ -366,11 +410,21 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                 Landing::First | Landing::Stayed => {}
                 Landing::Moved => {
                     moved_now += 1;
-                    if let (Some(e), Some(first)) = (last_event, back.get(&l)) {
+                    if let (Some(e), Some(b)) = (last_event, back.get(&l)) {
+                        let new_sa = b.sa.filter(|&t| t > -1.0);
                         darks[e].push(Dark {
-                            seconds: first.map(|d| d.as_secs_f64()),
+                            // The probes say; where none was answered
+                            // before the step settled, the new SA does.
+                            seconds: b.probe.or(new_sa),
                             found: Found::Dpd,
                         });
+                        let why = &mut came_back[e];
+                        match (new_sa, b.probe) {
+                            (Some(_), Some(_)) => why.new_sa += 1,
+                            (Some(_), None) => why.new_sa_unanswered += 1,
+                            (None, Some(_)) => why.same_sa += 1,
+                            (None, None) => why.not_back += 1,
+                        }
                     }
                 }
                 Landing::Split => split += 1,
@@ -492,6 +546,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         problems,
         silent: silent_tunnels,
         carried,
+        came_back,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -479,6 +479,7 @@ mod tests {
             remote_port: 4500,
             initiator_spi: spi.into(),
             responder_spi: "1".into(),
+            established: Some(7),
             children: vec![ChildSa {
                 state: child.into(),
                 spi_in: "c1".into(),

@@ -351,6 +351,9 @@ pub struct IkeSa {
     pub remote_port: u16,
     pub initiator_spi: String,
     pub responder_spi: String,
+    /// Seconds since it was established, when it is.
+    #[serde(default)]
+    pub established: Option<u64>,
     pub children: Vec<ChildSa>,
 }
 
@@ -429,6 +432,7 @@ pub fn parse_list_sas(text: &str) -> Result<Vec<IkeSa>, String> {
                     .unwrap_or(0),
                 initiator_spi: s("initiator-spi"),
                 responder_spi: s("responder-spi"),
+                established: sa.str("established").and_then(|v| v.parse().ok()),
                 children,
             });
         }
@@ -454,6 +458,7 @@ mod tests {
         assert_eq!(sa.remote_port, 4500);
         assert_eq!(sa.initiator_spi, "4e4e37654a823acb");
         assert_eq!(sa.responder_spi, "0356c530591cf825");
+        assert_eq!(sa.established, Some(7));
         assert_eq!(
             sa.children,
             vec![ChildSa {
