@@ -194,6 +194,20 @@ pub fn lab_scenario(scenario: &Scenario, tunnels: usize) -> (Scenario, LabShares
     (s, LabShares { nat, ipv6 })
 }
 
+/// `scenario` made lab-sized with as many tunnels as fit `initiators`
+/// with its churn (`lab up --scenario S --tunnels N` brings up N tunnels'
+/// initiators and those its churn adds: the same N is found again).
+fn fitting(scenario: &Scenario, initiators: usize) -> Scenario {
+    let mut n = initiators.max(1);
+    loop {
+        let (s, _) = lab_scenario(scenario, n);
+        if n == 1 || Plan::of(&s).initiators <= initiators {
+            return s;
+        }
+        n -= 1;
+    }
+}
+
 /// The lab file for one policy's run: `base`'s addressing and prefix, the
 /// scenario's segws and tunnels.
 pub fn lab_config(
@@ -275,7 +289,7 @@ pub fn compare(
 /// lab's initiators) on the lab `state`, which is up with its segws;
 /// returns its problems and the measured run as `compare`'s table.
 pub fn play(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) -> Result<String> {
-    let (s, _) = lab_scenario(scenario, state.initiators.len());
+    let s = fitting(scenario, state.initiators.len());
     let driven = drive::drive(state, &s, say)?;
     let mut text = String::new();
     for p in &driven.problems {
@@ -718,4 +732,25 @@ pub fn write(
     );
     std::fs::write(&html_path, page)?;
     Ok((json_path, html_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lab_brought_up_for_n_tunnels_plays_the_scenario_with_n_again() {
+        // `lab up --scenario default --tunnels 2000` brings up the 2,000
+        // tunnels' initiators and those the churn adds; `lab run
+        // --scenario default` on that lab must find the same 2,000.
+        let s = Scenario::builtin();
+        for n in [12, 300, 2000] {
+            let (up, _) = lab_scenario(&s, n);
+            let initiators = Plan::of(&up).initiators;
+            assert!(initiators >= n);
+            let played = fitting(&s, initiators);
+            assert_eq!(played.tunnels.count, n);
+            assert_eq!(Plan::of(&played).initiators, initiators);
+        }
+    }
 }
