@@ -135,7 +135,9 @@ fn probe(sockets: &[UdpSocket], to: SocketAddr, stop: &AtomicBool) -> std::io::R
                     seen[k].sent += 1;
                 }
             }
-            next += PERIOD;
+            // Behind (a busy machine): the next round a period from now,
+            // not a burst of the rounds missed.
+            next = (next + PERIOD).max(Instant::now() + PERIOD / 2);
         }
         let wait = next.saturating_duration_since(Instant::now());
         // SAFETY: `fds` points at `fds.len()` valid pollfd entries whose
