@@ -263,7 +263,8 @@ fn percent(x: f64) -> i64 {
     (x * 100.0).round() as i64
 }
 
-fn round1(x: f64) -> f64 {
+/// `x` to one decimal, as the reports show seconds.
+pub(crate) fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 

@@ -16,7 +16,7 @@ use super::drive::{self, Driven};
 use super::topology::{self, State};
 use super::{Error, Result};
 use crate::compare::sim::{self, Arrivals};
-use crate::compare::{Options, PolicyRun, Scenario, SegwSpec};
+use crate::compare::{round1, Options, PolicyRun, Scenario, SegwSpec};
 use crate::policy::wasm::{Limits, Runtime};
 use crate::policy::Policy;
 
@@ -99,6 +99,16 @@ pub struct LabTraffic {
     pub charon_cpu_per_step: Vec<Vec<Option<f64>>>,
 }
 
+/// How far `counted` bytes are from `predicted`, as a fraction of them
+/// (infinite where nothing was predicted and something counted).
+fn off_by(predicted: u64, counted: u64) -> f64 {
+    match (predicted, counted) {
+        (0, 0) => 0.0,
+        (0, _) => f64::INFINITY,
+        (p, c) => c as f64 / p as f64 - 1.0,
+    }
+}
+
 impl LabTraffic {
     /// The lab's traffic beside the prediction; the cells further apart
     /// than [`BYTES_AGREE`], as differences.
@@ -118,15 +128,7 @@ impl LabTraffic {
         let mut differs = Vec::new();
         for (step, (p, c)) in scaled.iter().zip(&carried.segws).enumerate() {
             for (g, (&p, &c)) in p.iter().zip(c).enumerate() {
-                let off = if p == 0 {
-                    if c == 0 {
-                        0.0
-                    } else {
-                        f64::INFINITY
-                    }
-                } else {
-                    c as f64 / p as f64 - 1.0
-                };
+                let off = off_by(p, c);
                 worst = worst.max(off.abs());
                 if off.abs() > BYTES_AGREE {
                     differs.push(format!(
@@ -440,13 +442,13 @@ impl LabRun {
             predicted_tunnels_over_time: predicted.per_step.clone(),
             predicted_moved_per_event: predicted.moved.clone(),
             predicted_outage_seconds_per_event: (predicted.outage.iter())
-                .map(|o| (o.seconds * 10.0).round() / 10.0)
+                .map(|o| round1(o.seconds))
                 .collect(),
             predicted_outage_p50_per_event: (predicted.outage.iter())
-                .map(|o| (o.p50 * 10.0).round() / 10.0)
+                .map(|o| round1(o.p50))
                 .collect(),
             predicted_outage_p95_per_event: (predicted.outage.iter())
-                .map(|o| (o.p95 * 10.0).round() / 10.0)
+                .map(|o| round1(o.p95))
                 .collect(),
             outage_differs: outage_differs(&driven.outcome, &predicted),
             came_back_per_event: driven.came_back.clone(),
@@ -461,7 +463,7 @@ impl LabRun {
             traffic,
             tunnels_closed: driven.closed,
             peers_returned: driven.returned,
-            seconds: (driven.seconds * 10.0).round() / 10.0,
+            seconds: round1(driven.seconds),
             source: "lab",
             run: PolicyRun::of(scenario, options, driven.outcome),
         }
@@ -644,11 +646,7 @@ impl LabTraffic {
             for (g, &p) in p.iter().enumerate() {
                 let at = |v: &Vec<Vec<u64>>| v.get(step).and_then(|s| s.get(g)).copied();
                 let c = at(&self.counted_bytes_per_step).unwrap_or(0);
-                let off = if p == 0 {
-                    c != 0
-                } else {
-                    (c as f64 / p as f64 - 1.0).abs() > BYTES_AGREE
-                };
+                let off = off_by(p, c).abs() > BYTES_AGREE;
                 let _ = write!(
                     out,
                     "<td{}>{} / {} ({})</td>",
