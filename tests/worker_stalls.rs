@@ -231,6 +231,7 @@ fn a_rebalance_at_a_million_tunnels_moves_them_without_a_long_turn() {
         .send(Command::UsePolicy {
             policy: Box::new(hash.serve().unwrap()),
             rebalance: true,
+            graceful: false,
             noticed: Instant::now(),
             reply,
         })

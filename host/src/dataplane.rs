@@ -28,6 +28,7 @@ use crate::policy::Policy;
 use crate::time::Timestamp;
 
 pub mod fast;
+pub mod hook;
 pub mod pauses;
 #[cfg(test)]
 mod tests;
@@ -66,6 +67,9 @@ const TUNNEL_RATES_MAX: usize = 2_048;
 /// How often segws are asked for their MAC when health probing is off.
 const MAC_REFRESH: Duration = Duration::from_secs(1);
 
+/// Why a graceful move is refused without a hook.
+const NO_HOOK: &str = "graceful moves need [moves] hook in the config: the command that asks a segw to send a peer away (the balancer cannot speak IKE for it)";
+
 /// The answer to a command that changes something: what changed, or why not.
 pub type Reply = Result<String, String>;
 
@@ -84,6 +88,9 @@ pub enum Command {
         /// Started by the control plane, never on the data path.
         policy: Box<WasmPolicy>,
         rebalance: bool,
+        /// With `rebalance`: the tunnels that move do so gracefully
+        /// (`balancer::moves`).
+        graceful: bool,
         noticed: Instant,
         reply: Sender<Reply>,
     },
@@ -92,6 +99,8 @@ pub enum Command {
     Drain {
         name: String,
         draining: bool,
+        /// Also move its tunnels off, gracefully (`balancer::moves`).
+        graceful: bool,
         reply: Sender<Reply>,
     },
     Weight {
@@ -188,11 +197,15 @@ pub struct Worker {
     swap: Option<Swapped>,
     /// The XDP fast path in front of the ports, when it runs.
     fast: Option<fast::Fast>,
+    /// What asks a segw to move a peer (`[moves] hook`); without it no
+    /// graceful move is taken.
+    hook: Option<hook::Hook>,
 }
 
 /// A policy swap, to be answered (with the moves, after a rebalance).
 struct Swapped {
     reply: Sender<Reply>,
+    graceful: bool,
     old: String,
     name: String,
     file: String,
@@ -202,6 +215,9 @@ struct Swapped {
 impl Swapped {
     fn answer(self, moved: Option<u64>) {
         let what = match moved {
+            Some(moved) if self.graceful => {
+                format!("{moved} tunnels to move by the rebalance, gracefully")
+            }
             Some(moved) => format!("{moved} tunnels moved by the rebalance"),
             None => "no tunnel moved".into(),
         };
@@ -246,11 +262,38 @@ impl Worker {
             saves: Default::default(),
             swap: None,
             fast: None,
+            hook: None,
         };
         for (port, interface, tx) in ports {
             w.set_port(port, interface, tx);
         }
         w
+    }
+
+    /// Graceful moves: their pace, and the hook that asks the old segws.
+    pub fn use_moves(
+        &mut self,
+        settings: crate::balancer::moves::Settings,
+        hook: Option<Vec<String>>,
+    ) {
+        self.lb.set_move_settings(settings);
+        self.hook = hook.map(hook::Hook::start);
+    }
+
+    /// The graceful moves the pace allows now, handed to the hook.
+    fn graceful_moves(&mut self, now: Timestamp) {
+        for ask in self.lb.graceful_step(now) {
+            let name = |id| {
+                self.lb
+                    .gateway_by_id(id)
+                    .map_or_else(|| id.to_string(), |g| g.spec.name.clone())
+            };
+            let (from, to) = (name(ask.from), name(ask.to));
+            match &self.hook {
+                Some(hook) => hook.ask(ask, from, to),
+                None => tracing::warn!(%from, %to, peer = %ask.peer, "graceful move with no hook"),
+            }
+        }
     }
 
     /// Put the XDP fast path in front of every port, from now on (ports
@@ -558,6 +601,7 @@ impl Worker {
             self.next_tunnel_rates = now + SWEEP_EVERY;
         }
         if now >= self.next_sweep {
+            self.graceful_moves(now);
             let gone = self.lb.expire(now, SWEEP_BUDGET);
             if gone > 0 {
                 tracing::debug!(tunnels = gone, "idle tunnels expired");
@@ -590,14 +634,23 @@ impl Worker {
             Command::UsePolicy {
                 policy,
                 rebalance,
+                graceful,
                 noticed,
                 reply,
             } => {
+                if graceful && self.hook.is_none() {
+                    let _ = reply.send(Err(NO_HOOK.into()));
+                    return;
+                }
                 let name = policy.loaded().name().to_string();
                 let file = policy.loaded().path().display().to_string();
                 let contract = policy.loaded().version().package();
                 let live: Box<dyn Policy> = policy;
-                let old = self.lb.swap_policy(live, rebalance, now);
+                let old = if rebalance && graceful {
+                    self.lb.swap_policy_gracefully(live, now)
+                } else {
+                    self.lb.swap_policy(live, rebalance, now)
+                };
                 let took = noticed.elapsed();
                 self.policy.reloads += 1;
                 self.policy.name = name.clone();
@@ -607,6 +660,7 @@ impl Worker {
                 self.policy.last_swap_ms = Some(took.as_secs_f64() * 1e3);
                 let swapped = Swapped {
                     reply,
+                    graceful,
                     old: old.name().to_string(),
                     name,
                     file,
@@ -628,8 +682,30 @@ impl Worker {
             Command::PolicyRejected => self.policy.rejected += 1,
             Command::Drain {
                 name,
+                draining: true,
+                graceful: true,
+                reply,
+            } => {
+                let r = if self.hook.is_none() {
+                    Err(NO_HOOK.to_string())
+                } else {
+                    let pace = self.lb.moves().settings.per_second;
+                    self.lb
+                        .drain_gracefully(&name, now)
+                        .map(|n| {
+                            format!(
+                                "gateway {name} draining: no new tunnels; its {n} working tunnels move gracefully, {pace} a second"
+                            )
+                        })
+                        .map_err(|e| e.to_string())
+                };
+                let _ = reply.send(r);
+            }
+            Command::Drain {
+                name,
                 draining,
                 reply,
+                ..
             } => {
                 let r = self
                     .lb
@@ -798,6 +874,12 @@ impl Worker {
             lists,
         );
         status.worker = self.worker_status();
+        if let Some(hook) = &self.hook {
+            use std::sync::atomic::Ordering::Relaxed;
+            let c = &hook.counters;
+            status.moves.hook_ran = c.ran.load(Relaxed);
+            status.moves.hook_failed = c.failed.load(Relaxed) + c.dropped.load(Relaxed);
+        }
         status
     }
 

@@ -184,13 +184,23 @@ enum CtlPolicy {
         /// counted); without it no tunnel moves.
         #[arg(long)]
         rebalance: bool,
+        /// With --rebalance: each tunnel the new policy moves is moved make-
+        /// before-break (its old segw asked, by [moves] hook, to redirect
+        /// the peer), paced by [moves] per_second; none is broken.
+        #[arg(long, requires = "rebalance")]
+        graceful: bool,
     },
 }
 
 #[derive(Subcommand)]
 enum CtlGateway {
-    /// No new tunnels for NAME; its tunnels stay.
-    Drain { name: String },
+    /// No new tunnels for NAME; its tunnels stay (with --graceful: they
+    /// move off, make-before-break, paced by [moves] per_second).
+    Drain {
+        name: String,
+        #[arg(long)]
+        graceful: bool,
+    },
     /// NAME takes new tunnels again.
     Undrain { name: String },
     /// Set NAME's weight.
@@ -496,18 +506,32 @@ fn ctl(socket: &Path, command: CtlCommand) -> anyhow::Result<ExitCode> {
     let (req, json) = match command {
         CtlCommand::Status { json, tunnels, top } => (Request::Status { tunnels, top }, json),
         CtlCommand::Policy {
-            command: CtlPolicy::Use { name, rebalance },
-        } => (Request::PolicyUse { name, rebalance }, false),
+            command:
+                CtlPolicy::Use {
+                    name,
+                    rebalance,
+                    graceful,
+                },
+        } => (
+            Request::PolicyUse {
+                name,
+                rebalance,
+                graceful,
+            },
+            false,
+        ),
         CtlCommand::Save => (Request::Save, false),
         CtlCommand::Gateway { command } => (
             match command {
-                CtlGateway::Drain { name } => Request::GatewayDrain {
+                CtlGateway::Drain { name, graceful } => Request::GatewayDrain {
                     name,
                     draining: true,
+                    graceful,
                 },
                 CtlGateway::Undrain { name } => Request::GatewayDrain {
                     name,
                     draining: false,
+                    graceful: false,
                 },
                 CtlGateway::Weight { name, weight } => Request::GatewayWeight { name, weight },
                 CtlGateway::Add {

@@ -165,6 +165,7 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
         ..Default::default()
     };
     let mut worker = Worker::new(lb, txs, config.vips.clone(), config.health, record, clock);
+    worker.use_moves(config.moves.settings, config.moves.hook.clone());
     match config.fast_path {
         FastPathMode::Off => {}
         mode => match crate::io::xdp::FastPath::load(

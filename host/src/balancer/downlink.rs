@@ -41,7 +41,10 @@ impl<P: Policy> Balancer<P> {
             return Err(DropReason::LinkScoped);
         }
         let rule = Outbound::of(ip);
-        let found = self.table.find(rule.find, &rule.keys);
+        let mut found = self.table.find(rule.find, &rule.keys);
+        if !self.moves.is_idle() {
+            found = self.segw_moving(found, gw, &ip.payload, now);
+        }
         let tunnel = if rule.teaches {
             // The segw's own traffic to the peer: the tunnel works there.
             let key = tunnel_key(ip.dst, ip.src, &rule.keys, &ip.payload);

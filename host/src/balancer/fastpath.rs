@@ -186,6 +186,7 @@ impl<P: Policy> Balancer<P> {
         if (port != 0 && t.peer_port != port)
             || t.placement() != Placement::Confirmed
             || !self.is_up(t.gateway)
+            || self.moves.is_moving(id)
         {
             return None;
         }

@@ -24,6 +24,7 @@ pub mod fastpath;
 pub mod fragments;
 pub mod gateways;
 pub mod health;
+pub mod moves;
 mod neighbours;
 mod operations;
 pub mod prefix;
@@ -262,6 +263,8 @@ pub struct Balancer<P: Policy = Box<dyn Policy>> {
     /// traffic goes for a peer whose own next hop is not known.
     default_next_hop: Option<Mac>,
     rebalancing: Option<Rebalancing>,
+    /// Graceful moves queued and under way (see [`moves`]).
+    moves: moves::Moves,
     /// Moves on with the changes the table's epoch does not see, which
     /// concern every tunnel: the first default next hop, the gateway set
     /// and health, a segw's MAC (see [`Balancer::epoch`]).
@@ -286,6 +289,9 @@ struct Rebalancing {
     /// the policy's view drifts by those until the rebalance ends.)
     fresh: Load,
     moved: u64,
+    /// Working tunnels the policy moves are queued as graceful moves
+    /// (see [`moves`]), not re-pointed.
+    graceful: bool,
 }
 
 /// What one frame handed to [`Balancer::handle_bulk`] stands for: `packets`
@@ -370,6 +376,7 @@ impl<P: Policy> Balancer<P> {
             default_next_hop: None,
             epoch: 0,
             rebalancing: None,
+            moves: moves::Moves::default(),
             reporting: rates::Reporting::default(),
             rate_cursor: 0,
             rate_pass_left: 0,
@@ -541,6 +548,10 @@ impl<P: Policy> Balancer<P> {
 
     pub fn gateway(&self, name: &str) -> Option<&GatewayState> {
         self.gateways.by_name(name)
+    }
+
+    pub fn gateway_by_id(&self, id: GwId) -> Option<&GatewayState> {
+        self.gateways.get(id)
     }
 }
 

@@ -148,6 +148,7 @@ impl<P: Policy> Balancer<P> {
                 began: now,
                 fresh: Load::fresh_from(&self.load),
                 moved: 0,
+                graceful: false,
             });
         }
         old
@@ -173,8 +174,15 @@ impl<P: Policy> Balancer<P> {
             if t.since > r.began {
                 continue;
             }
-            let (key, current) = (key_of(t), t.gateway);
+            let (key, current, t_since) = (key_of(t), t.gateway, t.since);
+            let working = t.state() == super::affinity::TunnelState::Established;
             let placed = match self.policy.choose(&key, &r.fresh, now) {
+                Ok(choice) if r.graceful && working && choice.gateway != current => {
+                    if self.moves.enqueue(id, t_since, Some(choice.gateway)) {
+                        r.moved += 1;
+                    }
+                    choice.gateway
+                }
                 Ok(choice) => {
                     let before = self.counters.moved;
                     self.move_tunnel(id, choice.gateway);

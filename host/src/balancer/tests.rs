@@ -2116,3 +2116,163 @@ fn a_reported_utilization_counts_for_policies_after_the_blackout_only() {
     lab.lb.measure(lab.now);
     assert_eq!(lab.lb.load().gateway(2).reported, None);
 }
+
+// ----- graceful moves (make-before-break) -----------------------------------
+
+/// The segw's IKE_AUTH answer for IKE SA `spi`, to the peer's 4500 endpoint.
+fn auth_answer(p: IpAddr, port: u16, spi: u64) -> Vec<u8> {
+    let h = IkeHeader {
+        from_initiator: false,
+        response: true,
+        ..ike(spi, IKE_AUTH, RESPONDER_SPI)
+    };
+    udp_packet(VIP, 4500, p, port, &ike_body(&h, true, 300))
+}
+
+fn gateway_of_spi(lab: &Lab, spi: u64) -> Option<u8> {
+    let id = lab.lb.table().by_spi(spi)?;
+    Some(lab.lb.table().get(id)?.gateway as u8)
+}
+
+/// A peer behind a NAT (IKE from 40000, NAT-T from 40001) with a working
+/// tunnel on segw1, IKE SA 0x1, sending ESP on SPI 0x1000.
+fn nat_peer_on_segw1(lab: &mut Lab) -> IpAddr {
+    let p = peer(40);
+    assert_eq!(lab.up(sa_init(p, 40000, 0x1)), Ok(1));
+    lab.down(1, sa_init_answer(p, 40000, 0x1, RESPONDER_SPI))
+        .unwrap();
+    assert_eq!(lab.up(auth_4500(p, 40001, 0x1)), Ok(1));
+    lab.down(1, auth_answer(p, 40001, 0x1)).unwrap();
+    assert_eq!(lab.up(esp_udp(p, 40001, 0x1000)), Ok(1));
+    p
+}
+
+#[test]
+fn a_graceful_drain_moves_a_tunnel_make_before_break_with_no_frame_lost() {
+    let mut lab = Lab::new();
+    let p = nat_peer_on_segw1(&mut lab);
+    assert_eq!(lab.lb.drain_gracefully("segw1", lab.now), Ok(1));
+    // Queued, not moved: its traffic still goes to segw1.
+    assert_eq!(lab.up(esp_udp(p, 40001, 0x1000)), Ok(1));
+    let asks = lab.lb.graceful_step(lab.now);
+    assert_eq!(asks.len(), 1, "{asks:?}");
+    let ask = &asks[0];
+    assert_eq!((ask.peer, ask.peer_port, ask.from), (p, 40001, 1));
+    assert_eq!(
+        (ask.ike_spi, ask.responder_spi),
+        (Some(0x1), Some(RESPONDER_SPI))
+    );
+    let to = ask.to as u8;
+    assert_ne!(to, 1);
+    assert_eq!(lab.lb.moves().progress().asked, 1);
+
+    // The old segw redirects the peer; until the new SAs work, every old
+    // frame still reaches segw1.
+    assert_eq!(lab.up(esp_udp(p, 40001, 0x1000)), Ok(1));
+    // The new IKE SA, from the endpoint the tunnel opened from, goes to the
+    // target, decided by the move (no policy call), as a second entry.
+    let decisions = lab.lb.policy_stats().decisions;
+    assert_eq!(lab.up(sa_init(p, 40000, 0x2)), Ok(to));
+    assert_eq!(lab.lb.policy_stats().decisions, decisions);
+    assert_eq!(lab.lb.table().len(), 2);
+    lab.down(to, sa_init_answer(p, 40000, 0x2, RESPONDER_SPI))
+        .unwrap();
+    assert_eq!(lab.up(auth_4500(p, 40001, 0x2)), Ok(to));
+    assert_eq!(lab.up(esp_udp(p, 40001, 0x1000)), Ok(1), "old SA mid-move");
+    assert_eq!(lab.lb.moves().progress().moving, 1);
+    // The old segw keeps talking on the old SAs: to the peer, no conflict.
+    let conflicts = lab.lb.counters().conflicts;
+    lab.down(
+        1,
+        udp_packet(VIP, 4500, p, 40001, &esp_body(0x5000, 9, 100)),
+    )
+    .unwrap();
+    lab.down(1, auth_answer(p, 40001, 0x1)).unwrap();
+    assert_eq!(lab.lb.counters().conflicts, conflicts);
+
+    // The target answers IKE_AUTH: the new CHILD_SA works, the move is over.
+    lab.down(to, auth_answer(p, 40001, 0x2)).unwrap();
+    assert_eq!(lab.lb.moves().counters.moved, 1);
+    assert_eq!(lab.up(esp_udp(p, 40001, 0x3000)), Ok(to), "the new SA");
+    assert_eq!(lab.up(esp_udp(p, 40001, 0x1000)), Ok(1), "old SA in flight");
+    // The peer deletes the old IKE SA on segw1.
+    let delete = udp_packet(
+        p,
+        40001,
+        VIP,
+        4500,
+        &ike_body(&ike(0x1, INFORMATIONAL, RESPONDER_SPI), true, 80),
+    );
+    assert_eq!(lab.up(delete), Ok(1));
+    assert_eq!(gateway_of_spi(&lab, 0x1), Some(1));
+
+    // After the linger the old entry goes; the tunnel is the new one alone.
+    lab.tick(lab.lb.moves().settings.linger + Duration::from_millis(1));
+    assert!(lab.lb.graceful_step(lab.now).is_empty());
+    assert_eq!(lab.lb.table().len(), 1);
+    assert_eq!(gateway_of_spi(&lab, 0x1), None);
+    assert_eq!(gateway_of_spi(&lab, 0x2), Some(to));
+    assert_eq!(lab.up(esp_udp(p, 40001, 0x3000)), Ok(to));
+    assert_eq!(lab.lb.gateway("segw1").unwrap().counters.tunnels, 0);
+    assert_eq!(lab.lb.moves().progress(), moves::Progress::default());
+    assert_eq!(lab.lb.counters().moved, 0, "nothing was re-pointed");
+}
+
+#[test]
+fn a_graceful_move_the_peer_does_not_follow_times_out_and_leaves_the_tunnel_whole() {
+    let mut lab = Lab::new();
+    let p = nat_peer_on_segw1(&mut lab);
+    lab.lb.drain_gracefully("segw1", lab.now).unwrap();
+    assert_eq!(lab.lb.graceful_step(lab.now).len(), 1);
+    lab.tick(Duration::from_secs(5));
+    assert_eq!(lab.up(esp_udp(p, 40001, 0x1000)), Ok(1));
+    lab.tick(lab.lb.moves().settings.timeout);
+    lab.lb.graceful_step(lab.now);
+    assert_eq!(lab.lb.moves().counters.timed_out, 1);
+    assert!(lab.lb.moves().is_empty());
+    assert_eq!(lab.up(esp_udp(p, 40001, 0x1000)), Ok(1));
+    assert_eq!(lab.up(auth_4500(p, 40001, 0x1)), Ok(1));
+    // A new IKE SA from its endpoint now stays on its segw, as ever.
+    assert_eq!(lab.up(sa_init(p, 40000, 0x9)), Ok(1));
+    assert_eq!(lab.lb.table().len(), 1);
+}
+
+#[test]
+fn a_graceful_rebalance_queues_moves_and_asks_them_at_the_set_pace() {
+    let mut lab = Lab::new();
+    for n in 1..=12u8 {
+        lab.open_tunnel(peer(n), u64::from(n));
+        lab.down(
+            lab.lb
+                .table()
+                .get(lab.lb.table().by_spi(u64::from(n)).unwrap())
+                .unwrap()
+                .gateway as u8,
+            auth_answer(peer(n), 4500, u64::from(n)),
+        )
+        .unwrap();
+    }
+    let before: Vec<Option<u8>> = (1..=12).map(|n| gateway_of_spi(&lab, n)).collect();
+    lab.lb.set_move_settings(moves::Settings {
+        per_second: 2.0,
+        ..moves::Settings::default()
+    });
+    lab.lb
+        .swap_policy_gracefully(native::shipped("consistent-hash", &[]).unwrap(), lab.now);
+    let queued = loop {
+        if let Some(moved) = lab.lb.rebalance_step(5, lab.now) {
+            break moved;
+        }
+    };
+    assert!(queued >= 3, "consistent hashing moves some of 12: {queued}");
+    let after: Vec<Option<u8>> = (1..=12).map(|n| gateway_of_spi(&lab, n)).collect();
+    assert_eq!(before, after, "a graceful rebalance re-points nothing");
+    assert_eq!(lab.lb.moves().progress().queued as u64, queued);
+    // Two a second: two now (a second's worth), one half a second later.
+    assert_eq!(lab.lb.graceful_step(lab.now).len(), 2);
+    lab.tick(Duration::from_millis(500));
+    assert_eq!(lab.lb.graceful_step(lab.now).len(), 1);
+    lab.tick(Duration::from_millis(100));
+    assert_eq!(lab.lb.graceful_step(lab.now).len(), 0);
+    assert_eq!(lab.lb.moves().counters.asked, 3);
+}

@@ -176,6 +176,11 @@ impl<P: Policy> Balancer<P> {
     ) -> Result<Steered, DropReason> {
         let rule = Inbound::of(ip).ok_or(DropReason::NotIpsec)?;
         let found = self.table.find(rule.find, &rule.keys);
+        if !self.moves.is_idle() {
+            if let Some(steered) = self.steer_moving(ip, &rule.keys, found, now)? {
+                return Ok(steered);
+            }
+        }
         let (found, proven) = match &ip.payload {
             Payload::Ike { udp, header, .. } => self.ike_found(ip.src, *udp, header, found)?,
             _ => (found.map(|(id, _)| id), false),

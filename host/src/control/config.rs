@@ -17,6 +17,7 @@ use toml::Spanned;
 
 use super::access::{group_id, Groups};
 use crate::balancer::affinity::Timeouts;
+use crate::balancer::moves::Settings as MoveSettings;
 use crate::balancer::{HealthConfig, IkeSpiLabel, Prefix, SpiSteering};
 use crate::packet::Mac;
 use crate::policy::wasm::{Cache, Compiler, Limits};
@@ -52,7 +53,19 @@ pub struct RunConfig {
     pub fast_path: FastPathMode,
     /// ... and how its program is attached.
     pub xdp_mode: XdpMode,
+    /// Graceful moves: their pace and the hook that asks a segw to move a
+    /// peer (`[moves]`).
+    pub moves: MovesConfig,
     pub gateways: Vec<GatewayConfig>,
+}
+
+/// `[moves]`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MovesConfig {
+    pub settings: MoveSettings,
+    /// The command run per move on the old segw's behalf (see
+    /// `dataplane::hook`); without it graceful moves are refused.
+    pub hook: Option<Vec<String>>,
 }
 
 /// `[dataplane] xdp_mode`.
@@ -401,6 +414,7 @@ impl RunConfig {
                 ))
             }
         };
+        let moves = moves_of(&raw.moves, &at)?;
         let h = raw.health;
         let health = (*h.interval_ms.get_ref() > 0).then(|| HealthConfig {
             interval: Duration::from_millis(*h.interval_ms.get_ref()),
@@ -539,6 +553,7 @@ impl RunConfig {
             health,
             fast_path,
             xdp_mode,
+            moves,
             gateways,
         })
     }
@@ -690,7 +705,57 @@ struct RawConfig {
     #[serde(default)]
     dataplane: RawDataplane,
     #[serde(default)]
+    moves: RawMoves,
+    #[serde(default)]
     gateway: Vec<RawGateway>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMoves {
+    per_second: Option<Spanned<f64>>,
+    timeout_s: Option<Spanned<f64>>,
+    linger_s: Option<Spanned<f64>>,
+    hook: Option<Spanned<Vec<String>>>,
+}
+
+fn moves_of(
+    raw: &RawMoves,
+    at: &dyn Fn(std::ops::Range<usize>, &str, String) -> ConfigError,
+) -> Result<MovesConfig, ConfigError> {
+    let d = MoveSettings::default();
+    let positive = |v: &Option<Spanned<f64>>, key: &str, default: f64| match v {
+        None => Ok(default),
+        Some(v) if v.get_ref().is_finite() && *v.get_ref() > 0.0 => Ok(*v.get_ref()),
+        Some(v) => Err(at(
+            v.span(),
+            &format!("moves.{key}"),
+            "must be a number above 0".into(),
+        )),
+    };
+    let settings = MoveSettings {
+        per_second: positive(&raw.per_second, "per_second", d.per_second)?,
+        timeout: Duration::from_secs_f64(positive(
+            &raw.timeout_s,
+            "timeout_s",
+            d.timeout.as_secs_f64(),
+        )?),
+        linger: Duration::from_secs_f64(positive(
+            &raw.linger_s,
+            "linger_s",
+            d.linger.as_secs_f64(),
+        )?),
+        ..d
+    };
+    let hook = match &raw.hook {
+        None => None,
+        Some(h) => {
+            crate::dataplane::hook::check(h.get_ref())
+                .map_err(|e| at(h.span(), "moves.hook", e))?;
+            Some(h.get_ref().clone())
+        }
+    };
+    Ok(MovesConfig { settings, hook })
 }
 
 #[derive(Deserialize)]

@@ -31,10 +31,15 @@ pub enum Request {
     PolicyUse {
         name: String,
         rebalance: bool,
+        /// Absent in requests from before graceful moves.
+        #[serde(default)]
+        graceful: bool,
     },
     GatewayDrain {
         name: String,
         draining: bool,
+        #[serde(default)]
+        graceful: bool,
     },
     GatewayWeight {
         name: String,
@@ -334,10 +339,16 @@ fn handle(sup: &mut Supervisor, req: Request) -> Response {
             },
             None => Response::of(Err("the data path is not answering".into())),
         },
-        Request::PolicyUse { name, rebalance } => {
-            Response::of(sup.use_policy(&name, rebalance, Instant::now()))
-        }
-        Request::GatewayDrain { name, draining } => Response::of(sup.drain(&name, draining)),
+        Request::PolicyUse {
+            name,
+            rebalance,
+            graceful,
+        } => Response::of(sup.use_policy(&name, rebalance, graceful, Instant::now())),
+        Request::GatewayDrain {
+            name,
+            draining,
+            graceful,
+        } => Response::of(sup.drain(&name, draining, graceful)),
         Request::GatewayWeight { name, weight } => Response::of(sup.weight(&name, weight)),
         Request::GatewayAdd {
             name,

@@ -168,13 +168,27 @@ impl Supervisor {
 
     /// Compile and check a policy here, then swap it in on the data path.
     /// A policy that does not load is refused and the old one keeps serving.
-    pub fn use_policy(&mut self, name: &str, rebalance: bool, noticed: Instant) -> Reply {
+    /// With `graceful` (and `rebalance`), the tunnels the new policy moves
+    /// do so gracefully (`balancer::moves`).
+    pub fn use_policy(
+        &mut self,
+        name: &str,
+        rebalance: bool,
+        graceful: bool,
+        noticed: Instant,
+    ) -> Reply {
         let file = self.resolve(name);
         let configured = file == self.config.policy.file();
-        self.swap(&file, configured, rebalance, noticed)
+        self.swap(&file, configured, (rebalance, graceful), noticed)
     }
 
-    fn swap(&mut self, file: &Path, configured: bool, rebalance: bool, noticed: Instant) -> Reply {
+    fn swap(
+        &mut self,
+        file: &Path,
+        configured: bool,
+        (rebalance, graceful): (bool, bool),
+        noticed: Instant,
+    ) -> Reply {
         let compile = Instant::now();
         let loaded = match self.load(file, configured) {
             Ok(l) => l,
@@ -216,6 +230,7 @@ impl Supervisor {
         let r = self.ask_within(timeout, |reply| Command::UsePolicy {
             policy: Box::new(policy),
             rebalance,
+            graceful,
             noticed,
             reply,
         });
@@ -261,7 +276,7 @@ impl Supervisor {
             return None;
         }
         let configured = file == self.config.policy.file();
-        Some(self.swap(file, configured, false, noticed))
+        Some(self.swap(file, configured, (false, false), noticed))
     }
 
     /// The config file changed: validate it, then apply what differs. A
@@ -295,7 +310,7 @@ impl Supervisor {
                 }
                 Change::Policy => {
                     let previous = std::mem::replace(&mut self.config.policy, new.policy.clone());
-                    let r = self.swap(&new.policy.file(), true, false, noticed);
+                    let r = self.swap(&new.policy.file(), true, (false, false), noticed);
                     if r.is_err() {
                         self.config.policy = previous;
                     }
@@ -306,7 +321,7 @@ impl Supervisor {
                 Change::Weight(name, w) => self.weight(&name, w),
                 Change::Capacity(name, c) => self.capacity(&name, c),
                 Change::Throughput(name, t) => self.throughput(&name, t),
-                Change::Drain(name, d) => self.drain(&name, d),
+                Change::Drain(name, d) => self.drain(&name, d, false),
                 Change::NeedsRestart(field) => {
                     Err(format!("{field} changed: takes effect after a restart"))
                 }
@@ -326,10 +341,13 @@ impl Supervisor {
         Ok(done)
     }
 
-    pub fn drain(&self, name: &str, draining: bool) -> Reply {
+    /// With `graceful` (and `draining`), its working tunnels move off it
+    /// gracefully too (`balancer::moves`).
+    pub fn drain(&self, name: &str, draining: bool, graceful: bool) -> Reply {
         self.ask(|reply| Command::Drain {
             name: name.into(),
             draining,
+            graceful,
             reply,
         })
     }

@@ -39,6 +39,61 @@ pub struct Status {
     /// as asked for (`ctl status --top N`).
     #[serde(default)]
     pub top: Vec<TunnelStatus>,
+    /// Graceful moves (`ctl gateway drain --graceful`, `ctl policy use
+    /// --rebalance --graceful`).
+    #[serde(default)]
+    pub moves: MovesStatus,
+}
+
+/// Graceful moves: where those under way are, and how those over ended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MovesStatus {
+    pub per_second: f64,
+    /// Waiting their turn.
+    pub queued: usize,
+    /// The old segw asked (the hook ran); the peer's new IKE SA not seen.
+    pub asked: usize,
+    /// The new IKE SA on its way up on the target.
+    pub moving: usize,
+    /// Over; the old entry kept a little longer for the old SAs' last packets.
+    pub lingering: usize,
+    /// Since start: moved (the target answered the new IKE SA's IKE_AUTH),
+    /// timed out (the peer did not follow: the tunnel stayed, whole),
+    /// skipped (gone, or no longer worth moving when its turn came).
+    pub moved: u64,
+    pub timed_out: u64,
+    pub skipped: u64,
+    /// The hook's runs, and those that failed or found its queue full.
+    pub hook_ran: u64,
+    pub hook_failed: u64,
+}
+
+impl MovesStatus {
+    pub fn of(m: &crate::balancer::moves::Moves) -> Self {
+        let p = m.progress();
+        MovesStatus {
+            per_second: m.settings.per_second,
+            queued: p.queued,
+            asked: p.asked,
+            moving: p.moving,
+            lingering: p.lingering,
+            moved: m.counters.moved,
+            timed_out: m.counters.timed_out,
+            skipped: m.counters.skipped,
+            hook_ran: 0,
+            hook_failed: 0,
+        }
+    }
+
+    fn render(&self) -> Option<String> {
+        let m = self;
+        (m.queued + m.asked + m.moving + m.lingering > 0 || m.moved + m.timed_out > 0).then(|| {
+            format!(
+                "graceful moves ({}/s): {} queued, {} asked, {} moving, {} lingering; {} moved, {} timed out (stayed), {} skipped; hook ran {}, failed {}",
+                m.per_second, m.queued, m.asked, m.moving, m.lingering, m.moved, m.timed_out, m.skipped, m.hook_ran, m.hook_failed
+            )
+        })
+    }
 }
 
 /// The worker's turns (see `dataplane::pauses`): busy time per turn of its
@@ -531,6 +586,7 @@ impl Status {
             ports,
             worker: WorkerStatus::default(),
             top,
+            moves: MovesStatus::of(lb.moves()),
         }
     }
 
@@ -631,6 +687,9 @@ impl Status {
                     t.packets_from_per_s
                 );
             }
+        }
+        if let Some(moves) = self.moves.render() {
+            let _ = writeln!(out, "\n{moves}");
         }
         let c = &self.counters;
         let _ = writeln!(

@@ -257,6 +257,7 @@ fn a_policy_swap_under_a_stream_loses_no_frame_and_moves_no_tunnel() {
                 .send(Command::UsePolicy {
                     policy: Box::new(weighted.serve().unwrap()),
                     rebalance: false,
+                    graceful: false,
                     noticed: Instant::now(),
                     reply: reply_tx.clone(),
                 })

@@ -287,6 +287,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                     state.ctl(&Request::GatewayDrain {
                         name: name.clone(),
                         draining,
+                        graceful: false,
                     })?;
                 }
                 Event::Swap { rebalance } => {
@@ -294,6 +295,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                     state.ctl(&Request::PolicyUse {
                         name: policy.clone(),
                         rebalance: *rebalance,
+                        graceful: false,
                     })?;
                     rebalancing |= *rebalance;
                     disrupted |= *rebalance;
