@@ -79,6 +79,9 @@ pub struct Tunnel {
     pub bytes_back: u64,
     /// Its traffic as rates (see `Balancer::measure_tunnels`).
     pub rates: super::rates::TunnelRates,
+    /// The SPI of the last ESP from the peer the core saw (0: none): which
+    /// of the peer's SAs a graceful move leaves on the old segw.
+    pub esp_spi: u32,
 }
 
 impl Tunnel {
@@ -126,6 +129,7 @@ impl Tunnel {
             frames_back: 0,
             bytes_back: 0,
             rates: Default::default(),
+            esp_spi: 0,
         }
     }
 }

@@ -446,7 +446,13 @@ impl<P: Policy> Balancer<P> {
             from,
             to,
         };
-        self.moves.begin(Move::new(id, since, to, now));
+        let mut m = Move::new(id, since, to, now);
+        // The SA the peer sends on now is the old one, whether or not it
+        // sends again before the move is over.
+        if t.esp_spi != 0 {
+            m.note_old_spi(t.esp_spi);
+        }
+        self.moves.begin(m);
         // Its frames are the core's while it moves.
         self.table.touch(id);
         Some(request)

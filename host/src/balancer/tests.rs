@@ -2276,3 +2276,26 @@ fn a_graceful_rebalance_queues_moves_and_asks_them_at_the_set_pace() {
     assert_eq!(lab.lb.graceful_step(lab.now).len(), 0);
     assert_eq!(lab.lb.moves().counters.asked, 3);
 }
+
+#[test]
+fn an_old_sa_packet_in_flight_when_the_move_ends_still_reaches_the_old_segw() {
+    // The peer sent nothing on its old SA while it moved (a move takes
+    // milliseconds, a probe comes every 200): the SA it used before the
+    // move is known all the same.
+    let mut lab = Lab::new();
+    let p = nat_peer_on_segw1(&mut lab);
+    lab.lb.drain_gracefully("segw1", lab.now).unwrap();
+    let to = lab.lb.graceful_step(lab.now)[0].to as u8;
+    assert_eq!(lab.up(sa_init(p, 40000, 0x2)), Ok(to));
+    lab.down(to, sa_init_answer(p, 40000, 0x2, RESPONDER_SPI))
+        .unwrap();
+    assert_eq!(lab.up(auth_4500(p, 40001, 0x2)), Ok(to));
+    lab.down(to, auth_answer(p, 40001, 0x2)).unwrap();
+    assert_eq!(lab.lb.moves().counters.moved, 1);
+    assert_eq!(
+        lab.up(esp_udp(p, 40001, 0x1000)),
+        Ok(1),
+        "sent before the switch"
+    );
+    assert_eq!(lab.up(esp_udp(p, 40001, 0x3000)), Ok(to));
+}

@@ -25,6 +25,13 @@ impl<P: Policy> Balancer<P> {
         bulk: Option<Bulk>,
     ) -> Result<Egress, DropReason> {
         let steered = self.steer_in(ip, now)?;
+        if let (Payload::Esp { spi } | Payload::EspInUdp { spi, .. }, Some(id)) =
+            (&ip.payload, steered.tunnel)
+        {
+            if let Some(t) = self.table.get_mut(id) {
+                t.esp_spi = *spi;
+            }
+        }
         let Bulk { packets, bytes } = bulk.unwrap_or(Bulk::one(ip.len));
         self.deliver(&steered, packets, bytes, src_mac, now)
     }

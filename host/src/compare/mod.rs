@@ -72,6 +72,12 @@ pub struct PolicyRun {
     pub outage_p95_per_event: Vec<f64>,
     pub outage_max_per_event: Vec<f64>,
     pub never_back_per_event: Vec<u64>,
+    /// Per event, of its moved tunnels those moved gracefully (make-before-
+    /// break, `graceful = true`: never dark), and the most new IKE SAs
+    /// those moves brought one segw in one second (bounded by the
+    /// scenario's `moves_per_second`). 0 where the event is not graceful.
+    pub graceful_moves_per_event: Vec<u64>,
+    pub setups_per_second_peak_per_event: Vec<u64>,
     /// Tunnels whose packets reached a second segw while the first was up
     /// and no rebalance was asked for. Anything but 0 is a broken tunnel.
     pub split_tunnels: u64,
@@ -212,7 +218,7 @@ impl PolicyRun {
             events: scenario
                 .events
                 .iter()
-                .map(|e| format!("step {}: {}", e.step, e.event.label()))
+                .map(|e| format!("step {}: {}", e.step, e.label()))
                 .collect(),
             moved_per_event: out.moved,
             minimum_moved_per_event: out.minimum_moved,
@@ -221,6 +227,8 @@ impl PolicyRun {
             outage_p95_per_event: out.outage.iter().map(|o| round1(o.p95)).collect(),
             outage_max_per_event: out.outage.iter().map(|o| round1(o.max)).collect(),
             never_back_per_event: out.outage.iter().map(|o| o.never).collect(),
+            graceful_moves_per_event: out.graceful,
+            setups_per_second_peak_per_event: out.setups_peak,
             split_tunnels: out.split,
             decisions: out.decisions,
             ns_per_decision: options
@@ -436,7 +444,7 @@ impl fmt::Display for Table<'_> {
             .events
             .iter()
             .enumerate()
-            .map(|(i, e)| format!("[{}] step {}: {}", i + 1, e.step, e.event.label()))
+            .map(|(i, e)| format!("[{}] step {}: {}", i + 1, e.step, e.label()))
             .collect();
         writeln!(f, "events:   {}", events.join("  "))?;
         writeln!(f)?;
@@ -691,7 +699,18 @@ fn outage_table(
                     0 => String::new(),
                     n => format!(", {n} never back"),
                 };
-                format!("[{}]{:.1} ({p95:.1} s{never})", e + 1, secs / 60.0)
+                let graceful = match r.graceful_moves_per_event.get(e) {
+                    Some(&n) if n > 0 => format!(
+                        ", {n} graceful at ≤{}/s a segw",
+                        r.setups_per_second_peak_per_event[e]
+                    ),
+                    _ => String::new(),
+                };
+                format!(
+                    "[{}]{:.1} ({p95:.1} s{never}{graceful})",
+                    e + 1,
+                    secs / 60.0
+                )
             })
             .collect();
         let all: f64 = r.outage_seconds_per_event.iter().sum();

@@ -117,7 +117,7 @@ pub fn page(
             "<li>step {} (t = {} s): {}</li>",
             e.step,
             u64::from(e.step) * scenario.step_secs,
-            escape(&e.event.label())
+            escape(&e.label())
         );
     }
     page.push_str("</ol>\n</body></html>\n");
@@ -135,7 +135,7 @@ fn darkness(scenario: &Scenario, runs: &[PolicyRun]) -> String {
         escape(&scenario.peers.describe())
     );
     for (e, ev) in scenario.events.iter().enumerate() {
-        let _ = write!(out, "<th>[{}] {}</th>", e + 1, escape(&ev.event.label()));
+        let _ = write!(out, "<th>[{}] {}</th>", e + 1, escape(&ev.label()));
     }
     out.push_str("</tr>\n");
     for (i, r) in ranked(runs).iter().enumerate() {
@@ -491,7 +491,7 @@ fn disruption(scenario: &Scenario, runs: &[PolicyRun]) -> Result<String, String>
             .events
             .iter()
             .enumerate()
-            .map(|(i, e)| format!("[{}] {}", i + 1, e.event.label()))
+            .map(|(i, e)| format!("[{}] {}", i + 1, e.label()))
             .collect();
         chart
             .configure_mesh()

@@ -96,6 +96,20 @@ impl Event {
 pub struct TimedEvent {
     pub step: u32,
     pub event: Event,
+    /// A drain or a rebalance whose moves are make-before-break
+    /// (`balancer::moves`): the old segw redirects each peer, paced by the
+    /// scenario's `moves_per_second`; nobody is dark.
+    pub graceful: bool,
+}
+
+impl TimedEvent {
+    pub fn label(&self) -> String {
+        match (&self.event, self.graceful) {
+            (Event::Drain(n), true) => format!("{n} drains gracefully"),
+            (Event::Swap { rebalance: true }, true) => "graceful rebalance".into(),
+            (e, _) => e.label(),
+        }
+    }
 }
 
 /// The tunnel population.
@@ -144,6 +158,9 @@ pub struct Scenario {
     pub peers: Timers,
     /// Sorted by step (file order within a step).
     pub events: Vec<TimedEvent>,
+    /// Graceful moves asked per second, at most (`[moves] per_second` of
+    /// `segwlb run`).
+    pub moves_per_second: f64,
 }
 
 /// A scenario file that cannot be used.
@@ -320,6 +337,7 @@ struct RawScenario {
     tunnels: RawPopulation,
     traffic: Option<Spanned<RawTraffic>>,
     peers: Option<RawPeers>,
+    moves_per_second: Option<Spanned<f64>>,
     #[serde(default)]
     event: Vec<Spanned<RawEvent>>,
 }
@@ -514,6 +532,9 @@ struct RawEvent {
     drain: Option<Spanned<String>>,
     undrain: Option<Spanned<String>>,
     swap: Option<Spanned<RawSwap>>,
+    /// With drain, or swap with rebalance: make-before-break moves.
+    #[serde(default)]
+    graceful: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -614,8 +635,36 @@ impl RawScenario {
                 }
                 _ => {}
             }
-            events.push(TimedEvent { step, event });
+            let graceful = match &raw.graceful {
+                Some(g) if *g.get_ref() => {
+                    if !matches!(event, Event::Drain(_) | Event::Swap { rebalance: true }) {
+                        return Err(at(
+                            g.span(),
+                            format!("{field}.graceful"),
+                            "only a drain or a swap with rebalance moves tunnels gracefully".into(),
+                        ));
+                    }
+                    true
+                }
+                _ => false,
+            };
+            events.push(TimedEvent {
+                step,
+                event,
+                graceful,
+            });
         }
+        let moves_per_second = match &self.moves_per_second {
+            None => crate::balancer::moves::Settings::default().per_second,
+            Some(m) if m.get_ref().is_finite() && *m.get_ref() > 0.0 => *m.get_ref(),
+            Some(m) => {
+                return Err(at(
+                    m.span(),
+                    "moves_per_second".into(),
+                    "must be a number above 0".into(),
+                ))
+            }
+        };
         Ok(Scenario {
             name: self.name.unwrap_or_else(|| "scenario".into()),
             step_secs: *self.step_secs.get_ref(),
@@ -625,6 +674,7 @@ impl RawScenario {
             traffic,
             peers,
             events,
+            moves_per_second,
         })
     }
 }

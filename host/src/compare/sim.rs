@@ -11,7 +11,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::outage::{Dark, Move, Summary};
 use super::scenario::{Event, Scenario, SegwSpec};
@@ -52,6 +52,11 @@ pub struct Outcome {
     /// timers ([`super::outage`]) predict. Empty where nobody predicted
     /// it (a lab's measured outcome).
     pub outage: Vec<Summary>,
+    /// Per event: of its moved tunnels, those moved gracefully (make-before-
+    /// break: never dark), and the most new IKE SAs those moves brought one
+    /// segw in one second (what the pace, `moves_per_second`, holds down).
+    pub graceful: Vec<u64>,
+    pub setups_peak: Vec<u64>,
     /// Tunnels whose packets reached a second segw while the first was
     /// still up, with no rebalance asked for.
     pub split: u64,
@@ -236,12 +241,14 @@ pub(crate) fn segw_index(segws: &[SegwSpec], name: &str) -> usize {
 /// share; nothing otherwise.
 pub(crate) fn minimum_moved(
     event: &Event,
+    graceful: bool,
     counts: &[u64],
     now: &[SegwNow],
     segws: &[SegwSpec],
 ) -> u64 {
     match event {
         Event::Fail(n) | Event::Remove(n) => counts[segw_index(segws, n)],
+        Event::Drain(n) if graceful => counts[segw_index(segws, n)],
         Event::Swap { rebalance: true } => {
             let weights: Vec<u32> = now.iter().map(SegwNow::fair_weight).collect();
             counts
@@ -273,6 +280,12 @@ struct Sim<'s> {
     moved_this_step: u64,
     /// How long each tunnel moved this step stays dark.
     dark_this_step: Vec<Dark>,
+    /// A peer is following a graceful move (its new IKE SA lands on the
+    /// target): not a move that darkens it, not a split.
+    following: bool,
+    graceful_this_step: u64,
+    /// New IKE SAs of graceful moves by (second of the run, segw).
+    setups_this_step: std::collections::HashMap<(u64, usize), u64>,
     split: u64,
     frames: u64,
     returns_lost: u64,
@@ -343,6 +356,9 @@ pub fn run_with(
         rebalancing: false,
         moved_this_step: 0,
         dark_this_step: Vec::new(),
+        following: false,
+        graceful_this_step: 0,
+        setups_this_step: Default::default(),
         split: 0,
         frames: 0,
         returns_lost: 0,
@@ -355,12 +371,17 @@ pub fn run_with(
     for i in 0..scenario.segws.len() {
         sim.add_gateway(i);
     }
+    sim.lb.set_move_settings(crate::balancer::moves::Settings {
+        per_second: scenario.moves_per_second,
+        ..Default::default()
+    });
 
     let t = &scenario.tunnels;
     let arrive_over = t.arrive_over.max(1) as usize;
     let churned = (t.count as f64 * t.churn).round() as usize;
     let (mut moved, mut minimum) = (Vec::new(), Vec::new());
     let mut darks: Vec<Vec<Dark>> = Vec::new();
+    let (mut graceful, mut setups_peak) = (Vec::new(), Vec::new());
     let mut per_step = Vec::with_capacity(scenario.steps as usize);
     let mut bytes_per_step = Vec::with_capacity(scenario.steps as usize);
     let mut carried = vec![0u64; sim.segws.len()];
@@ -395,9 +416,11 @@ pub fn run_with(
             }
         }
         for event in scenario.events.iter().filter(|e| e.step == step) {
-            minimum.push(sim.apply(&event.event, make));
+            minimum.push(sim.apply(&event.event, event.graceful, make));
             moved.push(0);
             darks.push(Vec::new());
+            graceful.push(0);
+            setups_peak.push(0);
             last_event = Some(moved.len() - 1);
         }
         let arrivals = if let Some(given) = given {
@@ -441,10 +464,14 @@ pub fn run_with(
             }
         }
         refused_per_step.push(sim.lb.counters().dropped(DropReason::AtCapacity) - refused_before);
+        sim.play_moves();
         match last_event {
             Some(e) => {
-                moved[e] += sim.moved_this_step;
+                moved[e] += sim.moved_this_step + sim.graceful_this_step;
                 darks[e].append(&mut sim.dark_this_step);
+                graceful[e] += sim.graceful_this_step;
+                let peak = sim.setups_this_step.values().max().copied().unwrap_or(0);
+                setups_peak[e] = setups_peak[e].max(peak);
             }
             None => {
                 sim.split += sim.moved_this_step;
@@ -468,6 +495,8 @@ pub fn run_with(
         moved,
         minimum_moved: minimum,
         outage: darks.iter().map(|d| Summary::of(d)).collect(),
+        graceful,
+        setups_peak,
         split: sim.split,
         decisions: stats.decisions,
         policy_ns: sim.spent_ns.load(Ordering::Relaxed),
@@ -503,12 +532,35 @@ impl Sim<'_> {
             .expect("the scenario was validated: names are unique");
     }
 
-    /// Apply one event; returns the fewest tunnels any policy must move.
-    fn apply(&mut self, event: &Event, make: &mut dyn FnMut() -> Box<dyn Policy>) -> u64 {
+    /// Apply one event (`graceful`: its moves make-before-break); returns
+    /// the fewest tunnels any policy must move.
+    fn apply(
+        &mut self,
+        event: &Event,
+        graceful: bool,
+        make: &mut dyn FnMut() -> Box<dyn Policy>,
+    ) -> u64 {
         let now = self.now;
-        let minimum = minimum_moved(event, &self.counts, &self.state, &self.segws);
-        SegwNow::apply(&mut self.state, &self.segws, event);
+        let minimum = minimum_moved(event, graceful, &self.counts, &self.state, &self.segws);
         let checked = "the scenario was validated: events name segws present then";
+        match event {
+            Event::Drain(n) if graceful => {
+                SegwNow::apply(&mut self.state, &self.segws, event);
+                self.lb.drain_gracefully(n, now).expect(checked);
+                return minimum;
+            }
+            Event::Swap { rebalance: true } if graceful => {
+                let next = Timed {
+                    inner: make(),
+                    spent_ns: self.spent_ns.clone(),
+                };
+                self.lb.swap_policy_gracefully(next, now);
+                while self.lb.rebalance_step(usize::MAX, now).is_none() {}
+                return minimum;
+            }
+            _ => {}
+        }
+        SegwNow::apply(&mut self.state, &self.segws, event);
         match event {
             Event::Fail(n) | Event::Recover(n) => {
                 let up = matches!(event, Event::Recover(_));
@@ -781,6 +833,14 @@ impl Sim<'_> {
         if before != Some(segw) {
             self.counts[segw] += 1;
         }
+        if self.following {
+            if before != Some(segw) {
+                self.graceful_this_step += 1;
+                let second = self.now.since_epoch().as_secs();
+                *self.setups_this_step.entry((second, segw)).or_default() += 1;
+            }
+            return;
+        }
         let old_up = before.is_some_and(|g| self.state[g].is_live());
         match landing(before, segw, old_up, self.rebalancing) {
             Landing::Stayed | Landing::First => {}
@@ -791,6 +851,48 @@ impl Sim<'_> {
             }
             Landing::Split => self.split += 1,
         }
+    }
+
+    /// The graceful moves under way, over this step's seconds: the
+    /// balancer asks them at its pace, and each peer asked follows at once,
+    /// as strongSwan does a redirect (a new IKE SA and CHILD_SA from the
+    /// same endpoint, new SPIs; the old SAs end when the new ones work).
+    fn play_moves(&mut self) {
+        self.graceful_this_step = 0;
+        self.setups_this_step.clear();
+        if self.lb.moves().is_empty() {
+            return;
+        }
+        let start = self.now;
+        let end = start + Duration::from_secs(self.scenario.step_secs);
+        let mut at: std::collections::HashMap<(IpAddr, u16), usize> = self
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !p.closed && p.segw.is_some())
+            .map(|(i, p)| ((p.addr, p.natt_port.unwrap_or(p.ike_port)), i))
+            .collect();
+        while self.now < end && !self.lb.moves().is_empty() {
+            for ask in self.lb.graceful_step(self.now) {
+                if let Some(i) = at.remove(&(ask.peer, ask.peer_port)) {
+                    self.follow(i);
+                }
+            }
+            self.now = self.now + MOVES_TICK;
+        }
+        self.now = start;
+    }
+
+    /// Peer `i` follows a redirect: a new IKE SA, new SPIs.
+    fn follow(&mut self, i: usize) {
+        let p = &mut self.peers[i];
+        p.ike_spi = self.rng.next_u64() | 1;
+        p.responder_spi = self.rng.next_u64() | 1;
+        p.spi_in = (self.rng.next_u64() as u32) | 0x100;
+        p.spi_out = (self.rng.next_u64() as u32) | 0x100;
+        self.following = true;
+        self.open(i);
+        self.following = false;
     }
 
     /// How long tunnel `i`, just moved off a segw that still answers for
@@ -808,6 +910,9 @@ impl Sim<'_> {
         })
     }
 }
+
+/// How often the simulation lets the balancer ask graceful moves.
+const MOVES_TICK: Duration = Duration::from_millis(100);
 
 fn bulk_of(sent: Sent) -> Bulk {
     Bulk {

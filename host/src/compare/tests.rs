@@ -604,3 +604,75 @@ fn bad_peer_timers_are_named_in_the_error() {
     let e = bad("dpd = 5.0");
     assert!(e.contains("dpd"), "{e}");
 }
+
+#[test]
+fn graceful_moves_are_never_dark_and_cost_setups_at_the_pace() {
+    // A graceful drain of a at step 1, a graceful rebalance at step 3; the
+    // same without `graceful` beside it.
+    let events = |graceful: bool| {
+        format!(
+            "[[event]]\nstep = 1\ndrain = \"a\"\ngraceful = {graceful}\n\
+             [[event]]\nstep = 2\nundrain = \"a\"\n\
+             [[event]]\nstep = 3\nweight = {{ segw = \"a\", to = 4 }}\n\
+             [[event]]\nstep = 4\nswap = {{ rebalance = true }}\ngraceful = {graceful}\n"
+        )
+    };
+    let scenario = |graceful: bool| {
+        let mut s = small(6, &events(graceful));
+        s.moves_per_second = 2.0;
+        s
+    };
+    let graceful = run_native("weighted", &scenario(true));
+    clean(&graceful);
+    // a's 4 tunnels leave it, 2 a second: the step's first 2 seconds.
+    assert_eq!(graceful.tunnels_over_time[0], [4, 4, 4]);
+    assert_eq!(graceful.tunnels_over_time[1][0], 0);
+    assert_eq!(graceful.moved_per_event[0], 4);
+    assert_eq!(graceful.minimum_moved_per_event[0], 4);
+    assert_eq!(graceful.graceful_moves_per_event[0], 4);
+    assert_eq!(graceful.outage_seconds_per_event[0], 0.0);
+    assert_eq!(graceful.outage_p95_per_event[0], 0.0);
+    // Two a second, and a second's worth at the start: never more than
+    // 2 new IKE SAs on one segw in a second.
+    assert!(
+        (1..=2).contains(&graceful.setups_per_second_peak_per_event[0]),
+        "{:?}",
+        graceful.setups_per_second_peak_per_event
+    );
+    // The rebalance onto a, now of weight 4: moved without a dark second.
+    let rebalanced = graceful.moved_per_event[3];
+    assert!(rebalanced > 0);
+    assert_eq!(graceful.graceful_moves_per_event[3], rebalanced);
+    assert_eq!(graceful.outage_seconds_per_event[3], 0.0);
+
+    let broken = run_native("weighted", &scenario(false));
+    clean(&broken);
+    // A plain drain moves nothing; a plain rebalance darkens what it moves.
+    assert_eq!(broken.moved_per_event[0], 0);
+    assert_eq!(broken.graceful_moves_per_event, [0, 0, 0, 0]);
+    assert!(broken.moved_per_event[3] > 0);
+    assert!(
+        broken.outage_p95_per_event[3] > 5.0,
+        "{:?}",
+        broken.outage_p95_per_event
+    );
+}
+
+#[test]
+fn graceful_is_refused_where_nothing_moves_gracefully() {
+    for event in [
+        "fail = \"a\"",
+        "swap = { rebalance = false }",
+        "undrain = \"a\"",
+    ] {
+        let t = format!(
+            "name = \"x\"\nstep_secs = 10\nsteps = 3\n[[segw]]\nname = \"a\"\n[[segw]]\nname = \"b\"\n\
+             [tunnels]\ncount = 4\n[[event]]\nstep = 1\n{event}\ngraceful = true\n"
+        );
+        let e = Scenario::parse(&t, "x.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("event[1].graceful") && e.contains("only a drain or a swap with rebalance"),
+            "{e}"
+        );
+    }
+}

@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 use super::churn::Plan;
 use super::initiate;
 use super::netns::Netns;
-use super::probe::Prober;
+use super::probe::{Prober, PERIOD};
 use super::report::{by_inner, ping_each};
 use super::topology::State;
 use super::traffic::{self, Flow, Scaled};
@@ -129,6 +129,8 @@ pub struct CameBack {
 struct Back {
     probe: Option<f64>,
     sa: Option<f64>,
+    /// Probes that got no answer.
+    lost: u32,
 }
 
 /// The scenario's `[traffic]` through the lab: sent at the end of each
@@ -170,6 +172,8 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
     let mut arrived = 0;
     let (mut moved, mut minimum) = (Vec::new(), Vec::new());
     let mut darks: Vec<Vec<Dark>> = Vec::new();
+    // Per event: tunnels moved gracefully.
+    let mut graceful: Vec<u64> = Vec::new();
     let mut came_back: Vec<CameBack> = Vec::new();
     let mut last_event: Option<usize> = None;
     let mut split = 0;
@@ -198,6 +202,10 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
 
     for step in 0..scenario.steps {
         let mut rebalancing = false;
+        // A graceful drain or rebalance this step: its moves are over when
+        // the events are, and a tunnel that moved was never dark but for
+        // the probes it lost.
+        let mut graceful_event = false;
         let mut disrupted = false;
         let mut clock = Phases::start();
         let cpu_before = (traffic::charon_cpu(state)?, Instant::now());
@@ -226,11 +234,14 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         // that moves tunnels until its step has settled.
         let mut probing: Option<(Instant, Prober)> = None;
         for e in scenario.events.iter().filter(|e| e.step == step) {
-            say(&format!("step {step}: {}", e.event.label()));
+            say(&format!("step {step}: {}", e.label()));
             let counts = counts_of(&holder, segws.len());
-            minimum.push(sim::minimum_moved(&e.event, &counts, &now, &segws));
+            minimum.push(sim::minimum_moved(
+                &e.event, e.graceful, &counts, &now, &segws,
+            ));
             moved.push(0);
             darks.push(Vec::new());
+            graceful.push(0);
             came_back.push(CameBack::default());
             last_event = Some(moved.len() - 1);
             match &e.event {
@@ -284,23 +295,35 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                 }
                 Event::Drain(name) | Event::Undrain(name) => {
                     let draining = matches!(e.event, Event::Drain(_));
+                    if e.graceful && probing.is_none() {
+                        probing = Some((Instant::now(), Prober::start(state, &initiators_now)?));
+                    }
                     state.ctl(&Request::GatewayDrain {
                         name: name.clone(),
                         draining,
-                        graceful: false,
+                        graceful: e.graceful,
                     })?;
+                    if e.graceful {
+                        graceful_event = true;
+                        say(&format!("step {step}: {}", moves_settled(state)?));
+                    }
                 }
                 Event::Swap { rebalance } => {
                     let t0 = Instant::now();
+                    if *rebalance && probing.is_none() {
+                        probing = Some((t0, Prober::start(state, &initiators_now)?));
+                    }
                     state.ctl(&Request::PolicyUse {
                         name: policy.clone(),
                         rebalance: *rebalance,
-                        graceful: false,
+                        graceful: e.graceful,
                     })?;
-                    rebalancing |= *rebalance;
-                    disrupted |= *rebalance;
-                    if *rebalance && probing.is_none() {
-                        probing = Some((t0, Prober::start(state, &initiators_now)?));
+                    if e.graceful {
+                        graceful_event = true;
+                        say(&format!("step {step}: {}", moves_settled(state)?));
+                    } else {
+                        rebalancing |= *rebalance;
+                        disrupted |= *rebalance;
                     }
                 }
             }
@@ -348,6 +371,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                     Back {
                         probe: seen.first.map(|f| f.duration_since(t0).as_secs_f64()),
                         sa: current.map(|age| since - age as f64),
+                        lost: seen.sent.saturating_sub(seen.replies),
                     },
                 );
             }
@@ -408,6 +432,20 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
             }
             let before = holder[l];
             let before_up = before.is_some_and(|b| now[b].is_live());
+            if graceful_event && before.is_some_and(|b| b != at) {
+                // Moved make-before-break: dark only for the probes lost.
+                moved_now += 1;
+                if let Some(e) = last_event {
+                    graceful[e] += 1;
+                    let lost = back.get(&l).map_or(0, |b| b.lost);
+                    darks[e].push(Dark {
+                        seconds: Some(f64::from(lost) * PERIOD.as_secs_f64()),
+                        found: Found::Dpd,
+                    });
+                }
+                holder[l] = Some(at);
+                continue;
+            }
             match sim::landing(before, at, before_up, rebalancing) {
                 Landing::First | Landing::Stayed => {}
                 Landing::Moved => {
@@ -508,6 +546,9 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         // Measured by the probes: from the event until a moved tunnel's
         // first reply (by DPD restarting it on its new segw).
         outage: darks.iter().map(|d| Summary::of(d)).collect(),
+        // Setups per second are the balancer's pace here: not measured.
+        setups_peak: vec![0; graceful.len()],
+        graceful,
         split,
         fair_weights: now.iter().map(SegwNow::fair_weight).collect(),
         decisions: status.policy.decisions,
@@ -695,6 +736,33 @@ fn counts_of(holder: &[Option<usize>], segws: usize) -> Vec<u64> {
 
 /// Wait until the balancer sees `name` healthy (with its MAC learned) or
 /// down.
+/// Until the balancer's graceful moves are over (at most
+/// [`MOVES_SETTLE`]); what they did.
+fn moves_settled(state: &State) -> Result<String> {
+    let started = Instant::now();
+    loop {
+        let m = state.balancer_status()?.moves;
+        if m.queued + m.asked + m.moving + m.lingering == 0 {
+            return Ok(format!(
+                "graceful moves over in {:.1} s: {} moved, {} timed out in all",
+                started.elapsed().as_secs_f64(),
+                m.moved,
+                m.timed_out
+            ));
+        }
+        if started.elapsed() > MOVES_SETTLE {
+            return Err(Error::State(format!(
+                "graceful moves not over after {MOVES_SETTLE:?}: {} queued, {} asked, {} moving",
+                m.queued, m.asked, m.moving
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// How long a step's graceful moves may take.
+const MOVES_SETTLE: Duration = Duration::from_secs(600);
+
 fn wait_health(state: &State, name: &str, healthy: bool) -> Result<()> {
     let until = Instant::now() + HEALTH;
     loop {

@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::topology::{alive, State};
 use super::traffic::listen;
@@ -22,6 +22,9 @@ use super::{Error, Result};
 
 /// One probe per tunnel this often.
 pub const PERIOD: Duration = Duration::from_millis(200);
+/// After the stop, replies are still collected this long (none is sent):
+/// the last round's answers are not counted lost.
+const LAST_REPLIES: Duration = Duration::from_millis(400);
 /// The port of the echo sockets on the segws' service address.
 const ECHO: u16 = 7;
 
@@ -35,7 +38,12 @@ pub struct Seen {
     pub first: Option<Instant>,
     pub longest_gap: Duration,
     last: Option<Instant>,
+    /// When the first [`LOST_KEPT`] probes that got no answer were sent.
+    pub lost_at: [Option<SystemTime>; LOST_KEPT],
 }
+
+/// Unanswered probes whose send time a [`Seen`] keeps.
+pub const LOST_KEPT: usize = 4;
 
 /// Probes running: [`Prober::stop`] ends them and says what each tunnel saw.
 pub struct Prober {
@@ -81,7 +89,8 @@ impl Prober {
         })
     }
 
-    /// Stop probing; what each tunnel (in the order given) saw.
+    /// Stop probing (the last round's replies still come in); what each
+    /// tunnel (in the order given) saw.
     pub fn stop(self) -> Result<Vec<Seen>> {
         self.stop.store(true, Ordering::Relaxed);
         for e in self.echoes {
@@ -126,13 +135,34 @@ fn probe(sockets: &[UdpSocket], to: SocketAddr, stop: &AtomicBool) -> std::io::R
         .collect();
     let mut next = Instant::now();
     let mut buf = [0u8; 64];
-    while !stop.load(Ordering::Relaxed) {
-        if Instant::now() >= next {
+    let mut until = None;
+    // When each round went out, and per tunnel which of its probes (by
+    // round) were answered: a probe that failed to send has no entry.
+    let mut rounds: Vec<SystemTime> = Vec::new();
+    let mut answered: Vec<Vec<bool>> = vec![Vec::new(); sockets.len()];
+    let mut round_of: Vec<Vec<u32>> = vec![Vec::new(); sockets.len()];
+    loop {
+        match until {
+            None if stop.load(Ordering::Relaxed) => {
+                until = Some(Instant::now() + LAST_REPLIES);
+                next = Instant::now() + LAST_REPLIES;
+            }
+            Some(end) if Instant::now() >= end => break,
+            _ => {}
+        }
+        if until.is_none() && Instant::now() >= next {
+            let round = rounds.len() as u32;
+            rounds.push(SystemTime::now());
             for (k, s) in sockets.iter().enumerate() {
                 // A send can fail while a route or SA is being replaced:
                 // that probe is lost, as a packet would be.
-                if s.send_to(&(k as u32).to_be_bytes(), to).is_ok() {
+                let mut probe = [0u8; 8];
+                probe[..4].copy_from_slice(&(k as u32).to_be_bytes());
+                probe[4..].copy_from_slice(&round.to_be_bytes());
+                if s.send_to(&probe, to).is_ok() {
                     seen[k].sent += 1;
+                    answered[k].push(false);
+                    round_of[k].push(round);
                 }
             }
             // Behind (a busy machine): the next round a period from now,
@@ -159,14 +189,21 @@ fn probe(sockets: &[UdpSocket], to: SocketAddr, stop: &AtomicBool) -> std::io::R
             }
             fd.revents = 0;
             while let Ok(n) = s.recv(&mut buf) {
-                let Some(k) = buf[..n]
+                let Some((k, round)) = buf[..n]
                     .try_into()
                     .ok()
-                    .map(|b: [u8; 4]| u32::from_be_bytes(b) as usize)
-                    .filter(|&k| k < seen.len())
+                    .map(|b: [u8; 8]| {
+                        let word =
+                            |at: usize| u32::from_be_bytes(b[at..at + 4].try_into().expect("4"));
+                        (word(0) as usize, word(4))
+                    })
+                    .filter(|&(k, _)| k < seen.len())
                 else {
                     continue;
                 };
+                if let Ok(at) = round_of[k].binary_search(&round) {
+                    answered[k][at] = true;
+                }
                 let t = &mut seen[k];
                 t.replies += 1;
                 t.first.get_or_insert(now);
@@ -174,6 +211,16 @@ fn probe(sockets: &[UdpSocket], to: SocketAddr, stop: &AtomicBool) -> std::io::R
                 t.longest_gap = t.longest_gap.max(gap);
                 t.last = Some(now);
             }
+        }
+    }
+    for (k, t) in seen.iter_mut().enumerate() {
+        let lost = round_of[k]
+            .iter()
+            .zip(&answered[k])
+            .filter(|(_, &a)| !a)
+            .map(|(&r, _)| rounds[r as usize]);
+        for (slot, at) in t.lost_at.iter_mut().zip(lost) {
+            *slot = Some(at);
         }
     }
     Ok(seen)

@@ -67,6 +67,7 @@ pub fn strongswan_conf(dir: &Path, extra: &str) -> String {
         log {{
             path = {d}/charon.log
             time_format = %H:%M:%S
+            ike_name = yes
             flush_line = yes
             default = 1
             ike = 2
@@ -224,6 +225,31 @@ pub fn swanctl(swanctl_conf: &Path, dir: &Path, args: &[&str]) -> Command {
         .arg("--uri")
         .arg(format!("unix://{}/charon.vici", dir.display()));
     cmd
+}
+
+/// The balancer's `[moves] hook` in the lab: `move-hook SEGW SPI VIP` asks
+/// segw SEGW's charon (its directory is `by_name/SEGW`) to redirect the
+/// peer of the IKE SA whose initiator SPI is SPI to VIP, i.e. to itself
+/// through the balancer (RFC 5685; strongSwan builds the new IKE SA and its
+/// CHILD_SAs before it deletes the old ones). The IKE SA is found by its
+/// SPI, not the peer's address: behind a NAT one address holds many.
+pub fn move_hook(swanctl_conf: &Path, by_name: &Path) -> String {
+    format!(
+        r#"#!/bin/sh
+# Written by `segwlb lab up`: segwlb run's [moves] hook.
+set -eu
+[ $# -eq 3 ] || {{ echo "usage: $0 SEGW IKE_SPI VIP" >&2; exit 2; }}
+export STRONGSWAN_CONF="{conf}"
+uri="unix://{by_name}/$1/charon.vici"
+id=$(swanctl --list-sas --uri "$uri" 2>/dev/null |
+     awk -v spi="$2_i" '{{ for (f = 3; f <= NF; f++) if ($f == spi || $f == spi "*") {{
+         sub(/^#/, "", $2); sub(/,$/, "", $2); print $2; exit }} }}')
+[ -n "$id" ] || {{ echo "$1 holds no IKE SA with initiator SPI $2" >&2; exit 1; }}
+swanctl --redirect --ike-id "$id" --gateway "$3" --uri "$uri" >/dev/null
+"#,
+        conf = swanctl_conf.display(),
+        by_name = by_name.display(),
+    )
 }
 
 /// A value of the vici tree as `--raw` prints it.

@@ -34,6 +34,28 @@ const STATE: &str = "state.json";
 const BALANCER_STATE: &str = "balancer.state";
 /// ... at SIGTERM, and every this many seconds.
 const STATE_INTERVAL_S: u32 = 2;
+/// The graceful-move hook, and the segws' directories by name it finds
+/// their charons by.
+const MOVE_HOOK: &str = "move-hook";
+const SEGW_BY_NAME: &str = "segw-by-name";
+/// Graceful moves per second in the lab: what two shared cores' charons
+/// set up beside everything else.
+const MOVES_PER_SECOND: u32 = 25;
+
+/// `work/segw-by-name/NAME` → the segw's directory, for the move hook.
+fn name_segw(work: &Path, name: &str, dir: &Path) -> Result<()> {
+    let by_name = work.join(SEGW_BY_NAME);
+    std::fs::create_dir_all(&by_name).map_err(|e| Error::Io {
+        what: format!("creating {}", by_name.display()),
+        source: e,
+    })?;
+    let link = by_name.join(name);
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(dir, &link).map_err(|e| Error::Io {
+        what: format!("linking {}", link.display()),
+        source: e,
+    })
+}
 
 /// An initiator as the state file records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -433,6 +455,7 @@ impl State {
             &self.segw_side(),
         )?;
         let dir = self.work.join(format!("s{k}"));
+        name_segw(&self.work, name, &dir)?;
         let pid = start_charon(&dir, ns.name(), &self.segw_conf()?, capacity)?;
         self.namespaces.push(ns.name().to_string());
         self.segws.push(Segw {
@@ -977,6 +1000,7 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
     for (k, (ns, spec)) in segw_ns.iter().zip(&config.segw).enumerate() {
         let port = format!("p{}", k + 1);
         link_segw(&lb_ns, &port, ns, &side)?;
+        name_segw(work, &spec.name, &work.join(format!("s{}", k + 1)))?;
         segws.push(Segw {
             name: spec.name.clone(),
             ns: ns.name().to_string(),
@@ -1101,6 +1125,22 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
     if let Some(mode) = config.balancer.fast_path {
         text += &format!("[dataplane]\nfast_path = \"{}\"\n", mode.name());
     }
+    // Graceful moves ask the old segw's charon to redirect the peer.
+    let hook = work.join(MOVE_HOOK);
+    write(
+        &hook,
+        &sw::move_hook(&state.swanctl_conf, &work.join(SEGW_BY_NAME)),
+    )?;
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).map_err(
+        |e| Error::Io {
+            what: format!("making {} executable", hook.display()),
+            source: e,
+        },
+    )?;
+    text += &format!(
+        "[moves]\nper_second = {MOVES_PER_SECOND}\nhook = [\"{}\", \"{{from}}\", \"{{ike_spi}}\", \"{{vip}}\"]\n",
+        hook.display()
+    );
     for s in &state.segws {
         text += &format!(
             "\n[[gateway]]\nname = \"{}\"\ninterface = \"{}\"\nweight = {}\ncapacity = {}\n",
