@@ -1138,8 +1138,15 @@ fn graceful_drain_and_rebalance_move_real_tunnels_losing_no_probe() {
             std::thread::sleep(Duration::from_millis(250));
         }
     };
-    // Probes lost per tunnel (its index), listed when any.
+    // Probes lost per tunnel (its index), listed when any; and when they
+    // went out.
+    let lost_times = std::cell::RefCell::new(Vec::new());
     let lost = |what: &str, seen: Vec<segwlb::lab::probe::Seen>| {
+        for (k, t) in seen.iter().enumerate() {
+            lost_times
+                .borrow_mut()
+                .extend(t.lost_at.iter().flatten().map(|&at| (k, at)));
+        }
         let lost: Vec<(usize, u32)> = seen
             .iter()
             .enumerate()
@@ -1265,6 +1272,7 @@ fn graceful_drain_and_rebalance_move_real_tunnels_losing_no_probe() {
         moved_in(&lost_draining, &before.tunnels, &drained.tunnels),
         moved_in(&lost_rebalancing, &drained.tunnels, &after.tunnels),
     );
+    let probes_lost_at = lost_times.borrow().clone();
     if !(lost_draining.is_empty() && lost_rebalancing.is_empty()) {
         for &(k, _) in lost_draining.iter().chain(&lost_rebalancing) {
             let init = &state.initiators[k];
@@ -1275,9 +1283,20 @@ fn graceful_drain_and_rebalance_move_real_tunnels_losing_no_probe() {
                 init.dir.display()
             );
             let log = std::fs::read_to_string(init.dir.join("charon.log")).unwrap_or_default();
+            // Its lines in the seconds around its lost probes.
+            let seconds: Vec<String> = probes_lost_at
+                .iter()
+                .filter(|(kk, _)| *kk == k)
+                .flat_map(|(_, at)| {
+                    let s = at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+                    [s - 1, s, s + 1]
+                        .map(|s| format!("{:02}:{:02}:{:02} ", s / 3600 % 24, s / 60 % 60, s % 60))
+                })
+                .collect();
             let ours: Vec<&str> = log
                 .lines()
                 .filter(|l| l.contains(&format!("<{}|", init.name)))
+                .filter(|l| seconds.iter().any(|s| l.starts_with(s.as_str())))
                 .collect();
             eprintln!("{}", ours[ours.len().saturating_sub(60)..].join("\n"));
         }

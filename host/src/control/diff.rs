@@ -31,7 +31,7 @@ pub enum Change {
 /// another), the policy after the gateway set.
 pub fn diff(old: &RunConfig, new: &RunConfig) -> Vec<Change> {
     let mut changes = Vec::new();
-    let restart: [(&'static str, bool); 9] = [
+    let restart: [(&'static str, bool); 10] = [
         ("balancer.uplink", old.uplink.value != new.uplink.value),
         ("balancer.vip", old.vips != new.vips),
         ("balancer.max_tunnels", old.max_tunnels != new.max_tunnels),
@@ -56,6 +56,7 @@ pub fn diff(old: &RunConfig, new: &RunConfig) -> Vec<Change> {
             "dataplane.fast_path / xdp_mode",
             old.fast_path != new.fast_path || old.xdp_mode != new.xdp_mode,
         ),
+        ("moves", old.moves != new.moves),
     ];
     changes.extend(
         restart

@@ -382,3 +382,38 @@ fn the_xdp_mode_is_generic_unless_native_is_asked_for() {
         "{e}"
     );
 }
+
+#[test]
+fn moves_take_a_pace_and_a_hook_whose_placeholders_are_checked() {
+    let dir = policies();
+    let base = good(dir.path());
+    let c = parse(&base).unwrap();
+    assert_eq!(c.moves, MovesConfig::default());
+    assert!(c.moves.hook.is_none());
+    let with = |moves: &str| format!("{base}\n[moves]\n{moves}\n");
+    let c = parse(&with(
+        "per_second = 5\ntimeout_s = 12\nhook = [\"/bin/redirect\", \"{from}\", \"{ike_spi}\"]",
+    ))
+    .unwrap();
+    assert_eq!(c.moves.settings.per_second, 5.0);
+    assert_eq!(c.moves.settings.timeout, Duration::from_secs(12));
+    assert_eq!(
+        c.moves.hook.as_deref(),
+        Some(
+            &[
+                "/bin/redirect".to_string(),
+                "{from}".into(),
+                "{ike_spi}".into()
+            ][..]
+        )
+    );
+    for (moves, field) in [
+        ("per_second = 0", "moves.per_second"),
+        ("linger_s = -1", "moves.linger_s"),
+        ("hook = []", "moves.hook"),
+        ("hook = [\"x\", \"{segw}\"]", "moves.hook"),
+    ] {
+        let e = error(&with(moves));
+        assert!(e.contains(&format!(": {field}: ")), "{moves}: {e}");
+    }
+}
