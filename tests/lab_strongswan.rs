@@ -1295,7 +1295,10 @@ fn graceful_drain_and_rebalance_move_real_tunnels_losing_no_probe() {
                 .collect();
             let ours: Vec<&str> = log
                 .lines()
-                .filter(|l| l.contains(&format!("<{}|", init.name)))
+                .filter(|l| {
+                    l.contains(&format!("<{}|", init.name))
+                        || l.contains("does not belong to an installed SA")
+                })
                 .filter(|l| seconds.iter().any(|s| l.starts_with(s.as_str())))
                 .collect();
             eprintln!("{}", ours[ours.len().saturating_sub(60)..].join("\n"));

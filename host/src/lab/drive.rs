@@ -346,7 +346,13 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
 
         let up: Vec<usize> = (0..arrived).filter(|&l| live(l)).collect();
         let held = if disrupted {
-            converge(state, &plan, &up, &peers, capacities)?
+            let (held, again) = converge(state, &plan, &up, &peers, capacities)?;
+            if again > 0 {
+                say(&format!(
+                    "step {step}: {again} initiators whose DPD restart gave up (the segws' setup queue outlasted its retransmits) initiated again"
+                ));
+            }
+            held
         } else {
             holdings(state, &plan, &up)?
         };
@@ -936,8 +942,13 @@ fn converge(
     up: &[usize],
     peers: &[GivenPeer],
     capacities: bool,
-) -> Result<Vec<Vec<usize>>> {
-    let until = Instant::now() + CONVERGE + CONVERGE_PER_TUNNEL * up.len() as u32;
+) -> Result<(Vec<Vec<usize>>, usize)> {
+    let started = Instant::now();
+    let until = started + CONVERGE + CONVERGE_PER_TUNNEL * up.len() as u32;
+    // Initiators seen with no IKE SA at all at the last look, and when that
+    // was: their DPD restart gave up (see [`GAVE_UP`]).
+    let (mut bare, mut looked): (Vec<usize>, Option<Instant>) = (Vec::new(), None);
+    let mut again = 0;
     loop {
         let held = holdings(state, plan, up)?;
         let placed = balancer_placement(state, peers)?;
@@ -949,11 +960,52 @@ fn converge(
             _ => h.len() == 1,
         });
         if settled || Instant::now() > until {
-            return Ok(held);
+            return Ok((held, again));
+        }
+        // Where capacities refuse tunnels, a tunnel with no SA may be a
+        // refusal: the next step tries it again, as the simulation does.
+        let due = looked.is_none_or(|t| t.elapsed() >= GAVE_UP_LOOK);
+        if !capacities && started.elapsed() >= GAVE_UP && due {
+            let sas = state.initiator_sas_known();
+            let now_bare: Vec<usize> = up
+                .iter()
+                .zip(&held)
+                .filter(|(_, h)| h.is_empty())
+                .map(|(&l, _)| plan.lives[l].initiator)
+                .filter(|&i| sas[i].as_ref().is_some_and(Vec::is_empty))
+                .collect();
+            // Bare at two looks in a row: not between a delete and its
+            // restart.
+            for &i in now_bare.iter().filter(|i| bare.contains(i)) {
+                let init = &state.initiators[i];
+                if state
+                    .swanctl_spawn(&init.dir, &init.initiate_args())
+                    .is_ok()
+                {
+                    again += 1;
+                }
+            }
+            bare = now_bare;
+            looked = Some(Instant::now());
         }
         std::thread::sleep(Duration::from_millis(250));
     }
 }
+
+/// A DPD restart is one attempt: an initiator whose new IKE_SA_INIT or
+/// IKE_AUTH goes unanswered through its retransmits (~6 s with the lab's
+/// timers) gives up, and with `keyingtries = 1` tries no more. At 2,000
+/// tunnels a rebalance restarts ~1,600 at once, and the segws' charons
+/// (every setup a 2048-bit DH, five charons and forty initiator charons on
+/// two cores) queued some answers longer than that: those tunnels stayed
+/// down for good, and the step never settled. A base station tries again;
+/// so does the drive, for an initiator with no IKE SA at all at two looks
+/// [`GAVE_UP_LOOK`] apart, from this long after the event (past DPD and
+/// its retransmits) on. (`keyingtries = 0` on the initiators would have
+/// charon retry by itself, but also a tunnel the balancer refused at
+/// capacity, at its own pace, not the simulation's.)
+const GAVE_UP: Duration = Duration::from_secs(15);
+const GAVE_UP_LOOK: Duration = Duration::from_secs(3);
 
 /// Whether the balancer has each lab segw up.
 fn healthy(state: &State) -> Result<Vec<bool>> {
