@@ -223,7 +223,14 @@ enum CtlGateway {
         mac: Option<String>,
     },
     /// Remove NAME; its tunnels move on their next packet.
-    Remove { name: String },
+    /// Remove NAME (with --graceful: drain it gracefully first, wait for
+    /// the moves to end, then remove it; what did not follow moves the
+    /// plain way then).
+    Remove {
+        name: String,
+        #[arg(long)]
+        graceful: bool,
+    },
     /// Set the traffic NAME can carry, both ways ("4 Gbps"; "0 bps" for
     /// none): what its utilization is measured against.
     Throughput {
@@ -549,7 +556,17 @@ fn ctl(socket: &Path, command: CtlCommand) -> anyhow::Result<ExitCode> {
                     throughput: throughput.unwrap_or(0),
                     mac,
                 },
-                CtlGateway::Remove { name } => Request::GatewayRemove { name },
+                CtlGateway::Remove {
+                    name,
+                    graceful: true,
+                } => {
+                    let done = segwlb::control::ctl::remove_gracefully(socket, &name, &mut |m| {
+                        eprintln!("{m}")
+                    })?;
+                    print_out(&done.map_err(|e| anyhow::anyhow!(e))?)?;
+                    return Ok(ExitCode::SUCCESS);
+                }
+                CtlGateway::Remove { name, .. } => Request::GatewayRemove { name },
                 CtlGateway::Throughput { name, throughput } => {
                     Request::GatewayThroughput { name, throughput }
                 }

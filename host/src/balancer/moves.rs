@@ -108,8 +108,10 @@ pub(super) struct Move {
     pub old_since: Timestamp,
     pub to: GwId,
     pub asked: Timestamp,
-    /// The peer's new IKE SA, on `to`.
+    /// The peer's new IKE SA, on `to`, and when it was first seen (a slot
+    /// is reused once its tunnel goes: the time says it is still this one).
     pub new: Option<TunnelId>,
+    pub new_since: Option<Timestamp>,
     /// When `to` answered the new IKE SA's IKE_AUTH.
     pub done: Option<Timestamp>,
     /// ESP SPIs the peer sent on its old SAs while the move was under way.
@@ -246,9 +248,10 @@ impl Moves {
         self.active.get_mut(&old)
     }
 
-    pub(super) fn set_successor(&mut self, old: TunnelId, new: TunnelId) {
+    pub(super) fn set_successor(&mut self, old: TunnelId, new: TunnelId, since: Timestamp) {
         if let Some(m) = self.active.get_mut(&old) {
             m.new = Some(new);
+            m.new_since = Some(since);
             self.successors.insert(new, old);
         }
     }
@@ -290,6 +293,7 @@ impl Move {
             to,
             asked,
             new: None,
+            new_since: None,
             done: None,
             old_spis: [0; OLD_SPIS],
             old_spi_count: 0,
@@ -458,6 +462,21 @@ impl<P: Policy> Balancer<P> {
         Some(request)
     }
 
+    /// The move tunnel `id` is the old or the new entry of, if the entry in
+    /// that slot is still the one the move began with (a slot whose tunnel
+    /// went, evicted or expired, may hold another tunnel by now).
+    #[inline]
+    fn moving(&mut self, id: TunnelId) -> Option<&mut Move> {
+        let since = self.table.get(id)?.since;
+        let m = self.moves.of(id)?;
+        let same = if m.old == id {
+            m.old_since == since
+        } else {
+            m.new_since == Some(since)
+        };
+        same.then_some(m)
+    }
+
     /// An initiator's frame of a tunnel that is moving (see the module's
     /// table), or `None`: the usual rules decide.
     pub(super) fn steer_moving(
@@ -472,7 +491,7 @@ impl<P: Policy> Balancer<P> {
         };
         let pick = match &ip.payload {
             Payload::Ike { header, .. } if header.is_sa_init_request() && how == Find::Endpoint => {
-                let Some(m) = self.moves.of(id) else {
+                let Some(m) = self.moving(id) else {
                     return Ok(None);
                 };
                 if m.old != id || m.new.is_some() {
@@ -485,12 +504,12 @@ impl<P: Policy> Balancer<P> {
                 // The peer's new IKE SA: on the target, decided, not guessed.
                 let key = tunnel_key(ip.src, ip.dst, keys, &ip.payload);
                 let new = self.insert(Tunnel::new(&key, to, Placement::Opened, now))?;
-                self.moves.set_successor(old, new);
+                self.moves.set_successor(old, new, now);
                 self.table.touch(old);
                 new
             }
             Payload::Esp { spi } | Payload::EspInUdp { spi, .. } => {
-                let Some(m) = self.moves.of(id) else {
+                let Some(m) = self.moving(id) else {
                     return Ok(None);
                 };
                 match (m.new, m.done) {
@@ -521,20 +540,22 @@ impl<P: Policy> Balancer<P> {
         now: Timestamp,
     ) -> Option<(TunnelId, Find)> {
         let (id, how) = found?;
-        let Some(m) = self.moves.of(id) else {
+        let Some(m) = self.moving(id) else {
             return found;
         };
-        let (old, new, to) = (m.old, m.new, m.to);
+        let (old, new, to, over) = (m.old, m.new, m.to, m.done.is_some());
         let Some(new) = new else { return found };
         let member = if gw == to { new } else { old };
-        let finished = m.done.is_none()
+        let finished = !over
             && gw == to
             && matches!(payload, Payload::Ike { header, .. }
                 if header.exchange == IKE_AUTH
                     && header.response
                     && self.table.get(new).and_then(|t| t.ike_spi) == Some(header.initiator_spi));
         if finished {
-            m.done = Some(now);
+            if let Some(m) = self.moves.of(id) {
+                m.done = Some(now);
+            }
             self.moves.counters.moved += 1;
             self.table.touch(old);
             self.table.touch(new);

@@ -2299,3 +2299,27 @@ fn an_old_sa_packet_in_flight_when_the_move_ends_still_reaches_the_old_segw() {
     );
     assert_eq!(lab.up(esp_udp(p, 40001, 0x3000)), Ok(to));
 }
+
+#[test]
+fn a_successors_slot_taken_by_another_tunnel_is_not_moving() {
+    // Room for two: the moving tunnel and its successor. A third peer's
+    // IKE_SA_INIT evicts the half-open successor and gets its slot: its
+    // frames are its own, not the move's.
+    let mut lab = Lab::with_capacity(2);
+    let p = nat_peer_on_segw1(&mut lab);
+    lab.lb.drain_gracefully("segw1", lab.now).unwrap();
+    let to = lab.lb.graceful_step(lab.now)[0].to as u8;
+    assert_eq!(lab.up(sa_init(p, 40000, 0x2)), Ok(to));
+    lab.tick(Duration::from_millis(5));
+    let other = peer(41);
+    let placed = lab.up(sa_init(other, 500, 0x77)).unwrap();
+    assert_eq!(lab.lb.table().counters.evicted_half_open, 1);
+    lab.down(placed, sa_init_answer(other, 500, 0x77, RESPONDER_SPI))
+        .unwrap();
+    assert_eq!(
+        lab.up(udp_packet(other, 500, VIP, 4500, &esp_body(0x4242, 1, 100))),
+        Ok(placed),
+        "the other peer's ESP went where the move would send it"
+    );
+    assert_ne!(placed, 1, "round-robin skips the draining segw1");
+}

@@ -115,6 +115,61 @@ pub enum CtlError {
     Garbled { path: PathBuf, reason: String },
 }
 
+/// `ctl gateway remove NAME --graceful`: drain `name` gracefully (its
+/// tunnels move make-before-break, at the balancer's pace), wait until
+/// every graceful move is over, then remove it: what timed out (a peer that
+/// did not follow) moves the plain way then, on its next packet. `say`
+/// hears the drain's answer and the progress every few seconds. The
+/// orchestration is the client's: the balancer's worker never waits, and
+/// a port is closed by the control plane that opened it.
+pub fn remove_gracefully(
+    socket: &Path,
+    name: &str,
+    say: &mut dyn FnMut(&str),
+) -> Result<Result<String, String>, CtlError> {
+    let drained = request(
+        socket,
+        &Request::GatewayDrain {
+            name: name.into(),
+            draining: true,
+            graceful: true,
+        },
+    )?;
+    if !drained.ok {
+        return Ok(Err(drained.message));
+    }
+    say(&drained.message);
+    let (started, mut told) = (Instant::now(), Instant::now());
+    loop {
+        let status = request(socket, &Request::Status { tunnels: 0, top: 0 })?;
+        let Some(m) = status.status.map(|s| s.moves) else {
+            return Ok(Err(status.message));
+        };
+        let left = m.queued + m.asked + m.moving + m.lingering;
+        if left == 0 {
+            break;
+        }
+        if told.elapsed() >= Duration::from_secs(5) {
+            say(&format!(
+                "{:.0} s: {} queued, {} asked, {} moving, {} lingering",
+                started.elapsed().as_secs_f64(),
+                m.queued,
+                m.asked,
+                m.moving,
+                m.lingering
+            ));
+            told = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let removed = request(socket, &Request::GatewayRemove { name: name.into() })?;
+    Ok(if removed.ok {
+        Ok(removed.message)
+    } else {
+        Err(removed.message)
+    })
+}
+
 /// Send one request and read the answer.
 pub fn request(socket: &Path, req: &Request) -> Result<Response, CtlError> {
     let path = socket.to_path_buf();

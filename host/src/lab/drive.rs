@@ -310,7 +310,11 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                 }
                 Event::Swap { rebalance } => {
                     let t0 = Instant::now();
-                    if *rebalance && probing.is_none() {
+                    // Graceful: probes from before the moves, whose cost is
+                    // the probes lost. Else from after the swap: a moved
+                    // tunnel's first answer is when it came back (a probe
+                    // sent before would be answered by its old segw).
+                    if e.graceful && probing.is_none() {
                         probing = Some((t0, Prober::start(state, &initiators_now)?));
                     }
                     state.ctl(&Request::PolicyUse {
@@ -318,6 +322,9 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                         rebalance: *rebalance,
                         graceful: e.graceful,
                     })?;
+                    if *rebalance && probing.is_none() {
+                        probing = Some((t0, Prober::start(state, &initiators_now)?));
+                    }
                     if e.graceful {
                         graceful_event = true;
                         say(&format!("step {step}: {}", moves_settled(state)?));
