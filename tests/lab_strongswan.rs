@@ -1139,13 +1139,37 @@ fn graceful_drain_and_rebalance_move_real_tunnels_losing_no_probe() {
         }
     };
     // Probes lost per tunnel (its index), listed when any; and when they
-    // went out.
+    // went out. Only what went out from the command on counts (`since`):
+    // a window's first round can find an echo socket not reading yet.
     let lost_times = std::cell::RefCell::new(Vec::new());
+    let since = std::cell::Cell::new(std::time::UNIX_EPOCH);
     let lost = |what: &str, seen: Vec<segwlb::lab::probe::Seen>| {
+        let early = |t: &segwlb::lab::probe::Seen| {
+            t.lost_at
+                .iter()
+                .flatten()
+                .filter(|&&at| at < since.get())
+                .count() as u32
+        };
+        let before: u32 = seen.iter().map(early).sum();
+        if before > 0 {
+            eprintln!("{what}: {before} probes lost before the command, not counted");
+        }
+        let seen: Vec<segwlb::lab::probe::Seen> = seen
+            .into_iter()
+            .map(|mut t| {
+                t.sent -= early(&t);
+                t
+            })
+            .collect();
         for (k, t) in seen.iter().enumerate() {
-            lost_times
-                .borrow_mut()
-                .extend(t.lost_at.iter().flatten().map(|&at| (k, at)));
+            lost_times.borrow_mut().extend(
+                t.lost_at
+                    .iter()
+                    .flatten()
+                    .filter(|&&at| at >= since.get())
+                    .map(|&at| (k, at)),
+            );
         }
         let lost: Vec<(usize, u32)> = seen
             .iter()
@@ -1192,12 +1216,15 @@ fn graceful_drain_and_rebalance_move_real_tunnels_losing_no_probe() {
 
     // The same probes with nothing moving: what the lab loses anyway.
     let probes = Prober::start(&state, &everyone).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    since.set(std::time::SystemTime::now());
     std::thread::sleep(Duration::from_secs(15));
     let baseline = lost("no move", probes.stop().unwrap());
 
     // A graceful drain of segw3: its 100 tunnels move, one by one.
     let probes = Prober::start(&state, &everyone).unwrap();
     std::thread::sleep(Duration::from_secs(1));
+    since.set(std::time::SystemTime::now());
     ctl(&["gateway", "drain", "segw3", "--graceful"]);
     let m = settle("drain");
     assert_eq!((m.moved, m.timed_out, m.hook_failed), (100, 0, 0));
@@ -1221,6 +1248,7 @@ fn graceful_drain_and_rebalance_move_real_tunnels_losing_no_probe() {
     ctl(&["gateway", "undrain", "segw3"]);
     let probes = Prober::start(&state, &everyone).unwrap();
     std::thread::sleep(Duration::from_secs(1));
+    since.set(std::time::SystemTime::now());
     ctl(&[
         "policy",
         "use",
@@ -1258,6 +1286,7 @@ fn graceful_drain_and_rebalance_move_real_tunnels_losing_no_probe() {
     assert!(on_segw3 > 0);
     let probes = Prober::start(&state, &everyone).unwrap();
     std::thread::sleep(Duration::from_secs(1));
+    since.set(std::time::SystemTime::now());
     ctl(&["gateway", "remove", "segw3", "--graceful"]);
     std::thread::sleep(Duration::from_secs(1));
     let lost_removing = lost("graceful removal", probes.stop().unwrap());

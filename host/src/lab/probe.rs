@@ -50,13 +50,17 @@ pub struct Prober {
     stop: Arc<AtomicBool>,
     probing: JoinHandle<std::io::Result<Vec<Seen>>>,
     echoes: Vec<JoinHandle<()>>,
+    echoes_stop: Arc<AtomicBool>,
 }
 
 impl Prober {
     /// Probe `initiators` (indexes into `state.initiators`), each through
     /// its tunnel, until stopped; echo on every segw whose charon runs.
     pub fn start(state: &State, initiators: &[usize]) -> Result<Prober> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let (stop, echoes_stop) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
         let service = SocketAddr::new(IpAddr::V4(state.service), ECHO);
         let mut echoes = Vec::new();
         for s in state.segws.iter().filter(|s| s.present && alive(s.pid)) {
@@ -64,7 +68,7 @@ impl Prober {
             socket
                 .set_read_timeout(Some(Duration::from_millis(50)))
                 .map_err(|e| io("a read timeout", e))?;
-            let stop = stop.clone();
+            let stop = echoes_stop.clone();
             echoes.push(std::thread::spawn(move || echo(&socket, &stop)));
         }
         let sockets = initiators
@@ -86,6 +90,7 @@ impl Prober {
             stop,
             probing,
             echoes,
+            echoes_stop,
         })
     }
 
@@ -93,12 +98,15 @@ impl Prober {
     /// tunnel (in the order given) saw.
     pub fn stop(self) -> Result<Vec<Seen>> {
         self.stop.store(true, Ordering::Relaxed);
+        // The prober waits for its last round's answers: the echoes answer
+        // until it is done (stopped with it, they left the last round
+        // unanswered, and it counted as lost).
+        let seen = self.probing.join();
+        self.echoes_stop.store(true, Ordering::Relaxed);
         for e in self.echoes {
             let _ = e.join();
         }
-        self.probing
-            .join()
-            .map_err(|_| Error::State("the prober panicked".into()))?
+        seen.map_err(|_| Error::State("the prober panicked".into()))?
             .map_err(|e| io("probing the tunnels", e))
     }
 }
