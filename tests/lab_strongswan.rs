@@ -1362,11 +1362,18 @@ fn graceful_drain_and_rebalance_move_real_tunnels_losing_no_probe() {
             eprintln!("{}", ours[ours.len().saturating_sub(60)..].join("\n"));
         }
     }
-    // Measured here: 0 to 3 of the 300 moved tunnels lost one probe (a
-    // gap under 200 ms), never more; nothing is lost with no move. See
+    // Measured here: 0 to 5 of ~370 moved tunnels lost one probe (a gap
+    // under 200 ms: the initiator's libipsec dropping the old segw's last
+    // answer after deleting the old SA), never more; nothing is lost with
+    // no move. A move that breaks loses 50 probes (DPD's 11 s). See
     // README, "Graceful moves".
     assert!(
-        lost_draining.iter().chain(&lost_rebalancing).all(|&(_, n)| n == 1) && lossy * 50 <= moves,
+        lost_draining
+            .iter()
+            .chain(&lost_rebalancing)
+            .chain(&lost_removing)
+            .all(|&(_, n)| n == 1)
+            && lossy * 20 <= moves,
         "probes lost while tunnels moved gracefully: {lossy} of {moves} moves lost one or more (see above)"
     );
     lab.down_and_check();
