@@ -35,8 +35,13 @@ use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use super::affinity::TunnelId;
-use super::gateways::GwId;
+use super::affinity::{Tunnel, TunnelId, TunnelState};
+use super::gateways::{GatewayError, GwId};
+use super::rules::{Find, Keys, Placement};
+use super::{key_of, tunnel_key, Balancer, DropReason, Steered};
+use crate::packet::ike::IKE_AUTH;
+use crate::packet::{IpPacket, Payload};
+use crate::policy::Policy;
 use crate::time::Timestamp;
 
 /// How graceful moves are paced and timed.
@@ -300,14 +305,6 @@ impl Move {
         }
     }
 }
-
-use super::affinity::{Tunnel, TunnelState};
-use super::gateways::GatewayError;
-use super::rules::{Find, Keys, Placement};
-use super::{key_of, tunnel_key, Balancer, DropReason, Steered};
-use crate::packet::ike::IKE_AUTH;
-use crate::packet::{IpPacket, Payload};
-use crate::policy::Policy;
 
 impl<P: Policy> Balancer<P> {
     /// Graceful moves: their settings, counters and progress.
