@@ -424,20 +424,10 @@ fn policy_hot_swap_under_traffic_loses_no_ping_and_reestablishes_nothing() {
     let state = State::load(&lab.config.work_dir()).unwrap();
     // 30 pings at 100 ms through every tunnel while the policy changes twice.
     let pings = ping_every_tunnel(&state, 30);
-    let ctl = |policy: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_segwlb"))
-            .arg("ctl")
-            .arg("--socket")
-            .arg(&state.socket)
-            .args(["policy", "use", policy])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-    };
     std::thread::sleep(Duration::from_millis(800));
-    ctl("consistent-hash");
+    ctl(&state, &["policy", "use", "consistent-hash"]);
     std::thread::sleep(Duration::from_millis(800));
-    ctl("weighted");
+    ctl(&state, &["policy", "use", "weighted"]);
     for (sent, received) in ping_counts(pings) {
         assert_eq!((sent, received), (30, 30), "pings lost across the swap");
     }
@@ -449,6 +439,20 @@ fn policy_hot_swap_under_traffic_loses_no_ping_and_reestablishes_nothing() {
     }
     assert_eq!(after.balancer_moved, 0);
     lab.down_and_check();
+}
+
+/// `segwlb ctl ARGS` against the lab's balancer; it must succeed. What it
+/// printed is shown.
+fn ctl(state: &State, args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_segwlb"))
+        .arg("ctl")
+        .arg("--socket")
+        .arg(&state.socket)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim_end());
 }
 
 /// `count` pings, 10 a second, through every tunnel of `state`, started now.
@@ -1099,18 +1103,7 @@ fn graceful_drain_and_rebalance_move_real_tunnels_losing_no_probe() {
     assert_eq!(before.summary.agree, 300, "{:?}", before.summary.disagree);
     let state = State::load(&lab.config.work_dir()).unwrap();
     let everyone: Vec<usize> = (0..state.initiators.len()).collect();
-    let ctl = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_segwlb"))
-            .arg("ctl")
-            .arg("--socket")
-            .arg(&state.socket)
-            .args(args)
-            .output()
-            .unwrap();
-        let said = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(out.status.success(), "{args:?}: {out:?}");
-        eprintln!("{}", said.trim_end());
-    };
+    let ctl = |args: &[&str]| ctl(&state, args);
     // Until every queued move is over (the old entries gone too).
     let settle = |what: &str| {
         let started = std::time::Instant::now();

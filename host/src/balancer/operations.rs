@@ -7,7 +7,7 @@ use crate::packet::Mac;
 use crate::policy::{Load, Policy};
 use crate::time::Timestamp;
 
-use super::affinity::TunnelId;
+use super::affinity::{TunnelId, TunnelState};
 use super::gateways::{GatewayError, GatewaySpec, GatewayState, GwId, PortId};
 use super::prefix::Prefix;
 use super::{key_of, Balancer, DropReason, Rebalancing};
@@ -174,11 +174,11 @@ impl<P: Policy> Balancer<P> {
             if t.since > r.began {
                 continue;
             }
-            let (key, current, t_since) = (key_of(t), t.gateway, t.since);
-            let working = t.state() == super::affinity::TunnelState::Established;
+            let (key, current, since) = (key_of(t), t.gateway, t.since);
+            let working = t.state() == TunnelState::Established;
             let placed = match self.policy.choose(&key, &r.fresh, now) {
                 Ok(choice) if r.graceful && working && choice.gateway != current => {
-                    if self.moves.enqueue(id, t_since, Some(choice.gateway)) {
+                    if self.moves.enqueue(id, since, Some(choice.gateway)) {
                         r.moved += 1;
                     }
                     choice.gateway

@@ -25,15 +25,12 @@ impl<P: Policy> Balancer<P> {
         bulk: Option<Bulk>,
     ) -> Result<Egress, DropReason> {
         let steered = self.steer_in(ip, now)?;
-        if let (Payload::Esp { spi } | Payload::EspInUdp { spi, .. }, Some(id)) =
-            (&ip.payload, steered.tunnel)
-        {
-            if let Some(t) = self.table.get_mut(id) {
-                t.esp_spi = *spi;
-            }
-        }
+        let esp_spi = match ip.payload {
+            Payload::Esp { spi } | Payload::EspInUdp { spi, .. } => Some(spi),
+            _ => None,
+        };
         let Bulk { packets, bytes } = bulk.unwrap_or(Bulk::one(ip.len));
-        self.deliver(&steered, packets, bytes, src_mac, now)
+        self.deliver(&steered, packets, bytes, src_mac, esp_spi, now)
     }
 
     /// A piece of a fragmented packet from an initiator. The first piece
@@ -78,7 +75,7 @@ impl<P: Policy> Balancer<P> {
             Ok(steered) => {
                 self.fragments.decide(key, steered.gw, now);
                 let (frames, bytes) = (1 + more as u64, ip.len as u64 + more_bytes);
-                self.deliver(&steered, frames, bytes, src_mac, now)
+                self.deliver(&steered, frames, bytes, src_mac, None, now)
             }
             Err(reason) => Err(reason),
         };
@@ -130,6 +127,9 @@ impl<P: Policy> Balancer<P> {
     /// then of the last frame that proved the tunnel; the default next hop
     /// (for peers with none yet, after a restart) the first frame's, then
     /// the last proof's. Anyone on the segment can send any other frame.
+    ///
+    /// `esp_spi`: the packet's ESP SPI, kept on its tunnel (which of the
+    /// peer's SAs a graceful move leaves on the old segw).
     #[inline]
     pub(super) fn deliver(
         &mut self,
@@ -137,6 +137,7 @@ impl<P: Policy> Balancer<P> {
         frames: u64,
         bytes: u64,
         src_mac: Mac,
+        esp_spi: Option<u32>,
         now: Timestamp,
     ) -> Result<Egress, DropReason> {
         let gateway = self
@@ -157,6 +158,9 @@ impl<P: Policy> Balancer<P> {
             t.last_seen = now;
             t.frames += frames;
             t.bytes += bytes;
+            if let Some(spi) = esp_spi {
+                t.esp_spi = spi;
+            }
             if (s.proven || t.next_hop.is_none()) && t.next_hop != Some(src_mac) {
                 t.next_hop = Some(src_mac);
                 self.table.touch(id);

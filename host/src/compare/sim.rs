@@ -542,25 +542,8 @@ impl Sim<'_> {
     ) -> u64 {
         let now = self.now;
         let minimum = minimum_moved(event, graceful, &self.counts, &self.state, &self.segws);
-        let checked = "the scenario was validated: events name segws present then";
-        match event {
-            Event::Drain(n) if graceful => {
-                SegwNow::apply(&mut self.state, &self.segws, event);
-                self.lb.drain_gracefully(n, now).expect(checked);
-                return minimum;
-            }
-            Event::Swap { rebalance: true } if graceful => {
-                let next = Timed {
-                    inner: make(),
-                    spent_ns: self.spent_ns.clone(),
-                };
-                self.lb.swap_policy_gracefully(next, now);
-                while self.lb.rebalance_step(usize::MAX, now).is_none() {}
-                return minimum;
-            }
-            _ => {}
-        }
         SegwNow::apply(&mut self.state, &self.segws, event);
+        let checked = "the scenario was validated: events name segws present then";
         match event {
             Event::Fail(n) | Event::Recover(n) => {
                 let up = matches!(event, Event::Recover(_));
@@ -573,6 +556,9 @@ impl Sim<'_> {
             }
             Event::Remove(n) => self.lb.remove_gateway(n, now).expect(checked),
             Event::Weight(n, w) => self.lb.set_weight(n, *w, now).expect(checked),
+            Event::Drain(n) if graceful => {
+                self.lb.drain_gracefully(n, now).expect(checked);
+            }
             Event::Drain(n) | Event::Undrain(n) => {
                 let draining = matches!(event, Event::Drain(_));
                 self.lb.set_draining(n, draining, now).expect(checked);
@@ -582,8 +568,14 @@ impl Sim<'_> {
                     inner: make(),
                     spent_ns: self.spent_ns.clone(),
                 };
-                self.lb.replace_policy(next, *rebalance, now);
-                self.rebalancing = *rebalance;
+                if *rebalance && graceful {
+                    // Its moves are queued; the peers follow in `play_moves`.
+                    self.lb.swap_policy_gracefully(next, now);
+                    while self.lb.rebalance_step(usize::MAX, now).is_none() {}
+                } else {
+                    self.lb.replace_policy(next, *rebalance, now);
+                    self.rebalancing = *rebalance;
+                }
             }
         }
         minimum
