@@ -156,13 +156,21 @@ struct Port {
     errors: u64,
 }
 
-/// A monotonic clock turned into the core's `Timestamp`s.
+/// A monotonic clock turned into the core's `Timestamp`s. It starts at
+/// [`Clock::HISTORY`], not at 0: a table restored from a state file sets
+/// each tunnel's first and last seen times back by their saved ages, and
+/// a clock at 0 would cut those to 0 — every dead tunnel would get a fresh
+/// idle timeout at every restart, and keep holding its segw's capacity.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     start: Instant,
 }
 
 impl Clock {
+    /// How far back a restored age reaches: ten years (ages beyond it are
+    /// cut to it, which no timeout can tell apart).
+    pub const HISTORY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
     pub fn start() -> Self {
         Clock {
             start: Instant::now(),
@@ -170,7 +178,12 @@ impl Clock {
     }
 
     pub fn now(&self) -> Timestamp {
-        Timestamp::from_duration(self.start.elapsed())
+        Timestamp::from_duration(Self::HISTORY + self.start.elapsed())
+    }
+
+    /// Time since the clock started.
+    pub fn uptime(&self) -> Duration {
+        self.start.elapsed()
     }
 }
 
@@ -870,7 +883,7 @@ impl Worker {
             &self.policy,
             ports,
             now,
-            now.since_epoch().as_secs_f64(),
+            self.clock.uptime().as_secs_f64(),
             lists,
         );
         status.worker = self.worker_status();

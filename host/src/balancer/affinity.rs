@@ -82,6 +82,9 @@ pub struct Tunnel {
     /// The SPI of the last ESP from the peer the core saw (0: none): which
     /// of the peer's SAs a graceful move leaves on the old segw.
     pub esp_spi: u32,
+    /// Half-open past the handshake window (see [`Timeouts::handshake`]):
+    /// it no longer holds a place on its segw. Set by the table only.
+    stale: bool,
 }
 
 impl Tunnel {
@@ -95,6 +98,17 @@ impl Tunnel {
 
     pub fn placement(&self) -> Placement {
         self.placement
+    }
+
+    /// Whether it counts on its segw, for the policy's load and against
+    /// the segw's capacity: established, or half-open for no longer than
+    /// a handshake takes. A spoofed IKE_SA_INIT looks like a real one until
+    /// then; past it, the initiator's IKE_AUTH (which only a peer that got
+    /// the segw's answer can send) would have confirmed a real one, so a
+    /// flood of spoofs holds places for one window, not for the half-open
+    /// timeout.
+    pub fn holds_place(&self) -> bool {
+        !self.stale
     }
 
     /// Still at the address it opened from (see the field).
@@ -130,6 +144,7 @@ impl Tunnel {
             bytes_back: 0,
             rates: Default::default(),
             esp_spi: 0,
+            stale: false,
         }
     }
 }
@@ -140,6 +155,11 @@ pub struct Timeouts {
     pub idle: Duration,
     /// Half-open tunnels idle this long are forgotten.
     pub half_open: Duration,
+    /// A half-open tunnel holds a place on its segw this long after it
+    /// opened (see [`Tunnel::holds_place`]): long enough for a real
+    /// initiator's IKE_SA_INIT and IKE_AUTH, retransmits of a slow segw
+    /// included, and short against the half-open timeout.
+    pub handshake: Duration,
     /// Where a first fragment went is remembered this long, for the
     /// pieces after it.
     pub fragment: Duration,
@@ -152,6 +172,7 @@ impl Default for Timeouts {
         Timeouts {
             idle: Duration::from_secs(600),
             half_open: Duration::from_secs(30),
+            handshake: Duration::from_secs(5),
             fragment: Duration::from_secs(5),
             // Reordering on the way is microseconds to milliseconds; a first
             // fragment a second late is lost.
@@ -354,8 +375,17 @@ pub struct AffinityTable {
     /// Every tunnel at each address: behind a NAT one address holds many,
     /// and when one goes the address still finds the others.
     by_addr: HashMap<AddrKey, AtAddr>,
-    /// The half-open tunnels, oldest first: what a full table evicts.
-    half_open: Chain,
+    /// The half-open tunnels, in two lists: those no segw answered
+    /// ([`UNANSWERED`], oldest first), which a full table evicts first, and
+    /// those their segw answered ([`ANSWERED`], in the order answered),
+    /// evicted only when no unanswered one is left: a flood from spoofed
+    /// sources that no segw answers never evicts a real initiator between
+    /// its segw's answer and its IKE_AUTH.
+    half_open: [Chain; 2],
+    /// In each half-open list, the oldest entry not yet looked at by
+    /// [`age`](Self::age) (END: none); the entries before it have outlived
+    /// the handshake window.
+    young: [TunnelId; 2],
     timeouts: Timeouts,
     sweep_cursor: usize,
     pub counters: TableCounters,
@@ -369,6 +399,20 @@ pub struct AffinityTable {
     /// a copy of the lookups is brought up to date by looking at these
     /// again. `None` once more than [`TOUCHED_MAX`] piled up: look at all.
     touched: Option<Vec<(IpAddr, u16)>>,
+}
+
+/// The half-open list of entries no segw answered ...
+const UNANSWERED: usize = 0;
+/// ... and of those it answered.
+const ANSWERED: usize = 1;
+
+/// The half-open list a placement is on; `None`: established.
+fn half_open_list(p: Placement) -> Option<usize> {
+    match p {
+        _ if p.is_established() => None,
+        Placement::Answered => Some(ANSWERED),
+        _ => Some(UNANSWERED),
+    }
 }
 
 /// Touched endpoints kept before the table gives up and says "all".
@@ -386,7 +430,8 @@ impl AffinityTable {
             by_spi: HashMap::default(),
             by_endpoint: EndpointIndex::default(),
             by_addr: HashMap::default(),
-            half_open: Chain::EMPTY,
+            half_open: [Chain::EMPTY; 2],
+            young: [END; 2],
             timeouts,
             sweep_cursor: 0,
             counters: TableCounters::default(),
@@ -549,7 +594,7 @@ impl AffinityTable {
                 return None;
             }
         }
-        let is_half_open = !tunnel.placement.is_established();
+        let list = half_open_list(tunnel.placement);
         let id = match self.free.pop() {
             Some(id) => {
                 self.slots[id as usize] = Some(tunnel);
@@ -563,8 +608,8 @@ impl AffinityTable {
         };
         self.len += 1;
         self.counters.inserted += 1;
-        if is_half_open {
-            self.half_open.push_back(&mut self.links, id, half_open);
+        if let Some(list) = list {
+            self.link_half_open(id, list);
         }
         self.index(id);
         self.touch(id);
@@ -620,8 +665,8 @@ impl AffinityTable {
     pub fn remove(&mut self, id: TunnelId) -> Option<Tunnel> {
         self.get(id)?;
         self.touch(id);
-        if !self.get(id)?.placement.is_established() {
-            self.half_open.unlink(&mut self.links, id, half_open);
+        if let Some(list) = half_open_list(self.get(id)?.placement) {
+            self.unlink_half_open(id, list);
         }
         self.unindex(id);
         let t = self.slots[id as usize].take();
@@ -713,15 +758,20 @@ impl AffinityTable {
         self.touch(id);
         let t = self.slots[id as usize].as_mut().expect("looked up above");
         let (was, now) = (t.placement.is_established(), placement.is_established());
+        let lists = (half_open_list(t.placement), half_open_list(placement));
         t.placement = placement;
+        t.stale &= !now;
+        let addr = AddrKey::from(t.peer);
+        if lists.0 != lists.1 {
+            if let Some(list) = lists.0 {
+                self.unlink_half_open(id, list);
+            }
+            if let Some(list) = lists.1 {
+                self.link_half_open(id, list);
+            }
+        }
         if was == now {
             return;
-        }
-        let addr = AddrKey::from(t.peer);
-        if now {
-            self.half_open.unlink(&mut self.links, id, half_open);
-        } else {
-            self.half_open.push_back(&mut self.links, id, half_open);
         }
         let at = self
             .by_addr
@@ -734,16 +784,57 @@ impl AffinityTable {
     /// Half-open tunnels now; also the length of the eviction order, which
     /// lives in the slots and so is bounded by the table.
     pub fn half_open_len(&self) -> usize {
-        self.half_open.len as usize
+        self.half_open.iter().map(|c| c.len as usize).sum()
     }
 
+    /// The oldest unanswered half-open entry, else the oldest answered one.
     fn evict_one_half_open(&mut self) -> Option<Tunnel> {
-        let oldest = self.half_open.first;
-        if oldest == END {
-            return None;
-        }
+        let oldest = self
+            .half_open
+            .iter()
+            .map(|c| c.first)
+            .find(|&id| id != END)?;
         self.counters.evicted_half_open += 1;
         self.remove(oldest)
+    }
+
+    fn link_half_open(&mut self, id: TunnelId, list: usize) {
+        self.half_open[list].push_back(&mut self.links, id, half_open);
+        if self.young[list] == END {
+            self.young[list] = id;
+        }
+    }
+
+    fn unlink_half_open(&mut self, id: TunnelId, list: usize) {
+        if self.young[list] == id {
+            self.young[list] = self.links[id as usize].half_open.next;
+        }
+        self.half_open[list].unlink(&mut self.links, id, half_open);
+    }
+
+    /// Half-open entries opened more than the handshake window before `now`
+    /// stop holding a place on their segw (see [`Tunnel::holds_place`]):
+    /// `on_stale` hears each one's gateway. Looks at up to `budget` entries,
+    /// each once in its life on a list (from where the last call stopped).
+    pub fn age(&mut self, now: Timestamp, budget: usize, mut on_stale: impl FnMut(GwId)) {
+        let mut budget = budget;
+        for list in [UNANSWERED, ANSWERED] {
+            while budget > 0 && self.young[list] != END {
+                let id = self.young[list];
+                let t = self.slots[id as usize]
+                    .as_mut()
+                    .expect("a half-open list holds live entries");
+                if now.since(t.since) < self.timeouts.handshake {
+                    break;
+                }
+                if !t.stale {
+                    t.stale = true;
+                    on_stale(t.gateway);
+                }
+                self.young[list] = self.links[id as usize].half_open.next;
+                budget -= 1;
+            }
+        }
     }
 
     /// Forget up to `budget` slots' worth of idle tunnels, resuming where the

@@ -45,10 +45,10 @@ impl<P: Policy> Balancer<P> {
         if !self.moves.is_idle() {
             found = self.segw_moving(found, gw, &ip.payload, now);
         }
-        let tunnel = if rule.teaches {
-            // The segw's own traffic to the peer: the tunnel works there.
+        let tunnel = if let Some(evidence) = rule.teaches {
+            // The segw's own traffic to the peer: the tunnel is there.
             let key = tunnel_key(ip.dst, ip.src, &rule.keys, &ip.payload);
-            let id = self.teach(found.map(|(id, _)| id), key, gw, Evidence::SegwSpoke, now)?;
+            let id = self.teach(found.map(|(id, _)| id), key, gw, evidence, now)?;
             if let Payload::Ike { header, .. } = &ip.payload {
                 if let Some((_, Find::Endpoint)) = found {
                     self.segw_names_ike_sa(id, gw, header);
@@ -143,7 +143,7 @@ impl<P: Policy> Balancer<P> {
         let t = self.table.get_mut(id).expect("found above");
         t.last_seen = now;
         let placement = t.placement().confirmed_by(evidence);
-        self.table.set_placement(id, placement);
+        self.set_placement(id, placement);
         Ok(id)
     }
 }

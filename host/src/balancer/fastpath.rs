@@ -281,6 +281,18 @@ mod tests {
     const ROUTER: Mac = [2, 0xaa, 0, 0, 0, 1];
 
     /// Tunnel `n`'s IKE_SA_INIT, or its segw's answer.
+    /// The segw's answers that confirm tunnel `n`: to its IKE_SA_INIT and
+    /// its IKE_AUTH.
+    fn answers(n: u8) -> [IkeHeader; 2] {
+        let sa_init = init(n, true);
+        let auth = IkeHeader {
+            exchange: IKE_AUTH,
+            message_id: 1,
+            ..sa_init
+        };
+        [sa_init, auth]
+    }
+
     fn init(n: u8, response: bool) -> IkeHeader {
         IkeHeader {
             initiator_spi: u64::from(n),
@@ -331,9 +343,11 @@ mod tests {
         let Verdict::Forward(gw) = lb.handle(&mut f, UPLINK, now) else {
             panic!("not placed")
         };
-        let ip = udp_packet(vip, 500, peer, 500, &ike_body(&init(1, true), false, 100));
-        let mut f = frame(port_mac(gw), segw_mac(gw as u8), None, &ip);
-        lb.handle(&mut f, gw, now);
+        for h in answers(1) {
+            let ip = udp_packet(vip, 500, peer, 500, &ike_body(&h, false, 100));
+            let mut f = frame(port_mac(gw), segw_mac(gw as u8), None, &ip);
+            lb.handle(&mut f, gw, now);
+        }
         for n in 4..=17 {
             lb.add_gateway(ranged(n), now).unwrap();
         }
@@ -360,9 +374,11 @@ mod tests {
             let Verdict::Forward(gw) = lb.handle(&mut f, UPLINK, now) else {
                 panic!()
             };
-            let ip = udp_packet(vip, 500, peer, 500, &ike_body(&h(true), false, 100));
-            let mut f = frame(port_mac(gw), segw_mac(gw as u8), None, &ip);
-            lb.handle(&mut f, gw, now);
+            for h in answers(n) {
+                let ip = udp_packet(vip, 500, peer, 500, &ike_body(&h, false, 100));
+                let mut f = frame(port_mac(gw), segw_mac(gw as u8), None, &ip);
+                lb.handle(&mut f, gw, now);
+            }
             on.push((peer, gw));
         }
         // Per tunnel both ways: by endpoint (ESP in UDP from its IKE port,

@@ -254,9 +254,11 @@ pub struct Balancer<P: Policy = Box<dyn Policy>> {
     table: AffinityTable,
     fragments: Fragments,
     policy: Guarded<P>,
-    /// Live tunnels per gateway id, as the policy reads it (kept with
-    /// `GatewayCounters::tunnels` by `gateway_tunnels`, the one place
-    /// either changes).
+    /// The tunnels holding a place on each gateway id (established, or
+    /// half-open within the handshake window: see `Tunnel::holds_place`):
+    /// what the policy reads and capacity counts. Kept with
+    /// `GatewayCounters::tunnels` (every tunnel) by `gateway_tunnels`, and
+    /// as entries age or are confirmed.
     load: Load,
     counters: Counters,
     /// The last initiator-side next hop seen on the uplink: where return

@@ -218,6 +218,8 @@ impl<P: Policy> Balancer<P> {
         for t in &gone {
             self.forget(t);
         }
+        let load = &mut self.load;
+        self.table.age(now, budget, |gw| load.add(gw, -1));
         gone.len()
     }
 }

@@ -27,14 +27,15 @@
 //! may name the segw, and evidence may move the tunnel: see
 //! [`Placement::is_tentative`].
 
+use crate::packet::ike::IKE_SA_INIT;
 use crate::packet::{IpPacket, Payload};
 
 use super::DropReason;
 
 /// How sure the table is of a tunnel's segw, and who said so: weakest
-/// first. The first three are *half-open* (no segw has spoken for the
-/// tunnel yet: evicted first when the table is full, forgotten sooner), the
-/// last two *established*.
+/// first. The first four are *half-open* (no segw has spoken for a tunnel
+/// that works yet: evicted first when the table is full, forgotten sooner),
+/// the last two *established*.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Placement {
     /// Placed by the policy from traffic that does not open a tunnel (ESP,
@@ -47,6 +48,13 @@ pub enum Placement {
     /// Placed by the policy for an IKE_SA_INIT: the balancer's decision,
     /// waiting for its segw's answer.
     Opened,
+    /// Its segw answered the IKE_SA_INIT with an IKE SA of its own (a
+    /// responder SPI). That answer goes to whatever address the request
+    /// came from, so a spoofed source gets one too: still half-open, but
+    /// evicted after the entries no segw answered. The initiator's next
+    /// exchange, which only a peer that received the answer can make,
+    /// brings the segw's word that confirms it.
+    Answered,
     /// A working tunnel the balancer moved (its segw failed or left, a
     /// rebalance); its new segw has not spoken yet.
     Moved,
@@ -57,8 +65,12 @@ pub enum Placement {
 /// What says a tunnel is on a segw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Evidence {
-    /// The segw sent to the peer: it holds the tunnel.
+    /// The segw sent the peer IKE past IKE_SA_INIT, or ESP: it holds a
+    /// tunnel that works.
     SegwSpoke,
+    /// The segw answered an IKE_SA_INIT with a responder SPI: it opened
+    /// an IKE SA for whoever the request named as its source.
+    SegwAnswered,
     /// A packet from the initiator side carried an SPI from the segw's
     /// configured range.
     SpiRange,
@@ -91,6 +103,7 @@ impl Placement {
     pub fn confirmed_by(self, evidence: Evidence) -> Placement {
         match evidence {
             Evidence::SegwSpoke => Placement::Confirmed,
+            Evidence::SegwAnswered => self.max(Placement::Answered),
             Evidence::SpiRange => self.max(Placement::SpiRange),
         }
     }
@@ -110,6 +123,7 @@ impl Placement {
             Placement::Guessed => "guessed",
             Placement::SpiRange => "spi-range",
             Placement::Opened => "opened",
+            Placement::Answered => "answered",
             Placement::Moved => "moved",
             Placement::Confirmed => "confirmed",
         }
@@ -213,28 +227,34 @@ impl Inbound {
 }
 
 /// The rule for a packet from a segw to a peer: where its tunnel is found,
-/// and whether the packet is evidence (`teaches`) or only finds the next
-/// hop.
+/// and what the packet is evidence of (`teaches`), if anything, beyond the
+/// next hop it finds.
 #[derive(Debug, Clone, Copy)]
 pub struct Outbound {
     pub find: &'static [Find],
     pub keys: Keys,
-    pub teaches: bool,
+    pub teaches: Option<Evidence>,
 }
 
 impl Outbound {
     pub fn of(ip: &IpPacket) -> Outbound {
+        let spoke = Some(Evidence::SegwSpoke);
         let (find, spi, port, teaches) = match &ip.payload {
             Payload::Ike { udp, header, .. } => {
-                (IKE, Some(header.initiator_spi), Some(udp.dst), true)
+                let teaches = match (header.exchange, header.responder_spi) {
+                    (IKE_SA_INIT, 0) => None, // a COOKIE or an error: no IKE SA
+                    (IKE_SA_INIT, _) => Some(Evidence::SegwAnswered),
+                    _ => spoke,
+                };
+                (IKE, Some(header.initiator_spi), Some(udp.dst), teaches)
             }
             // Exact endpoint only: behind a NAT, the address holds many.
             Payload::EspInUdp { udp, .. } | Payload::NatKeepalive { udp } => {
-                (ENDPOINT, None, Some(udp.dst), true)
+                (ENDPOINT, None, Some(udp.dst), spoke)
             }
-            Payload::Esp { .. } => (ADDRESS, None, None, true),
+            Payload::Esp { .. } => (ADDRESS, None, None, spoke),
             // Fragments, ICMP and the rest: the next hop, nothing taught.
-            _ => (ADDRESS, None, None, false),
+            _ => (ADDRESS, None, None, None),
         };
         Outbound {
             find,
@@ -258,14 +278,18 @@ mod tests {
         for p in [Guessed, SpiRange] {
             assert!(p.is_tentative() && !p.is_established());
         }
-        for p in [Opened, Moved, Confirmed] {
+        for p in [Opened, Answered, Moved, Confirmed] {
             assert!(!p.is_tentative());
         }
-        assert!(!Opened.is_established());
+        assert!(!Opened.is_established() && !Answered.is_established());
         assert!(Moved.is_established() && Confirmed.is_established());
         assert_eq!(Guessed.confirmed_by(Evidence::SpiRange), SpiRange);
         assert_eq!(Opened.confirmed_by(Evidence::SpiRange), Opened);
         assert_eq!(Guessed.confirmed_by(Evidence::SegwSpoke), Confirmed);
+        assert_eq!(Guessed.confirmed_by(Evidence::SegwAnswered), Answered);
+        assert_eq!(Opened.confirmed_by(Evidence::SegwAnswered), Answered);
+        assert_eq!(Moved.confirmed_by(Evidence::SegwAnswered), Moved);
+        assert_eq!(Answered.confirmed_by(Evidence::SegwSpoke), Confirmed);
         assert_eq!(Confirmed.moved(), Moved);
         assert_eq!(Opened.moved(), Opened);
     }

@@ -49,7 +49,7 @@ pub struct SavedTunnel {
     /// The segw, by name (ids are not stable across restarts).
     pub gateway: String,
     pub at_opening_address: bool,
-    /// `guessed`, `spi-range`, `opened`, `moved` or `confirmed`.
+    /// `guessed`, `spi-range`, `opened`, `answered`, `moved` or `confirmed`.
     pub placement: String,
     pub age_ms: u64,
     pub idle_ms: u64,
@@ -257,6 +257,7 @@ fn saved(t: &Tunnel, gateway: &str, now: Timestamp) -> SavedTunnel {
             Placement::Guessed => "guessed",
             Placement::SpiRange => "spi-range",
             Placement::Opened => "opened",
+            Placement::Answered => "answered",
             Placement::Moved => "moved",
             Placement::Confirmed => "confirmed",
         }
@@ -286,6 +287,7 @@ fn tunnel(s: &SavedTunnel, gw: GwId, now: Timestamp) -> Option<Tunnel> {
         "guessed" => Placement::Guessed,
         "spi-range" => Placement::SpiRange,
         "opened" => Placement::Opened,
+        "answered" => Placement::Answered,
         "moved" => Placement::Moved,
         "confirmed" => Placement::Confirmed,
         _ => return None,

@@ -155,13 +155,15 @@ impl Lab {
         self.lb.counters().placed
     }
 
-    /// A working tunnel from `p`: IKE_SA_INIT, its segw's answer (which
-    /// establishes it), IKE_AUTH on 4500. Returns the segw.
+    /// A working tunnel from `p`: IKE_SA_INIT, its segw's answer, IKE_AUTH
+    /// on 4500 and the segw's answer to that (which establishes it).
+    /// Returns the segw.
     fn open_tunnel(&mut self, p: IpAddr, spi: u64) -> u8 {
         let gw = self.up(sa_init(p, 500, spi)).unwrap();
         self.down(gw, sa_init_answer(p, 500, spi, RESPONDER_SPI))
             .unwrap();
         assert_eq!(self.up(auth_4500(p, 4500, spi)), Ok(gw));
+        self.down(gw, auth_answer(p, 4500, spi)).unwrap();
         gw
     }
 
@@ -1054,7 +1056,8 @@ fn a_spoofed_esp_flood_cannot_lock_new_tunnels_out() {
     };
     flood(&mut lab, 0, 10_000);
     assert_eq!(lab.lb.table().len(), 100);
-    // A new tunnel still gets in, and stays once its segw has answered.
+    // A new tunnel still gets in, and stays once its segw has answered:
+    // the flood evicts the entries no segw answered first.
     let newcomer = peer(200);
     let gw_new = lab
         .up(sa_init(newcomer, 500, 0x200))
@@ -1063,6 +1066,8 @@ fn a_spoofed_esp_flood_cannot_lock_new_tunnels_out() {
         .unwrap();
     flood(&mut lab, 10_000, 1_000);
     assert_eq!(lab.up(auth_4500(newcomer, 4500, 0x200)), Ok(gw_new));
+    lab.down(gw_new, auth_answer(newcomer, 4500, 0x200))
+        .unwrap();
     for (n, gw) in established {
         assert_eq!(lab.up(esp_udp(peer(n), 4500, 1)), Ok(gw), "tunnel {n}");
     }
@@ -1833,6 +1838,8 @@ fn a_spoofed_ike_sa_init_from_a_peers_address_does_not_take_its_raw_esp() {
     lab.down(gw, sa_init_answer(victim, 500, 5, RESPONDER_SPI))
         .unwrap();
     assert_eq!(lab.up(raw_esp(victim, 0x55)), Ok(gw));
+    lab.down(gw, ip_packet(VIP, victim, 50, &esp_body(0x5555, 1, 80), 1))
+        .unwrap();
     // An IKE_SA_INIT spoofed from the victim's address (another port, a
     // new SPI): a new half-open tunnel, on another segw.
     let spoofed = lab.up(sa_init(victim, 501, 0xdead)).unwrap();
@@ -2322,4 +2329,177 @@ fn a_successors_slot_taken_by_another_tunnel_is_not_moving() {
         "the other peer's ESP went where the move would send it"
     );
     assert_ne!(placed, 1, "round-robin skips the draining segw1");
+}
+
+// ----- capacity under spoofing (issue 30) ------------------------------------
+
+/// The segw's COOKIE answer to an IKE_SA_INIT: no IKE SA (responder SPI 0).
+fn cookie_answer(p: IpAddr, port: u16, spi: u64) -> Vec<u8> {
+    sa_init_answer(p, port, spi, 0)
+}
+
+fn spoofed(i: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(0xcb00_7100 + i))
+}
+
+#[test]
+fn a_spoofed_ike_sa_init_flood_cannot_refuse_a_real_initiator() {
+    // 30 places in all. The flood the issue names: a new spoofed source
+    // every second, 30 per half-open timeout, for a minute; its segw
+    // answers a third with an IKE SA (as strongSwan does), a third with a
+    // COOKIE, and a third not at all. A real initiator every 3 s.
+    let mut lab = Lab::new();
+    for n in 1..=3 {
+        lab.lb
+            .set_capacity(&format!("segw{n}"), 10, lab.now)
+            .unwrap();
+    }
+    let mut real = Vec::new();
+    for second in 0..60u32 {
+        let spi = 0xf00d_0000 + u64::from(second);
+        if let Ok(gw) = lab.up(sa_init(spoofed(second), 500, spi)) {
+            let answer = match second % 3 {
+                0 => Some(sa_init_answer(spoofed(second), 500, spi, 0x5f00 + spi)),
+                1 => Some(cookie_answer(spoofed(second), 500, spi)),
+                _ => None,
+            };
+            if let Some(answer) = answer {
+                lab.down(gw, answer).unwrap();
+            }
+        }
+        if second % 3 == 0 {
+            let n = (second / 3) as u8 + 1;
+            let spi = u64::from(n);
+            let gw = lab.up(sa_init(peer(n), 500, spi));
+            assert!(gw.is_ok(), "real initiator {n} at {second} s: {gw:?}");
+            let gw = gw.unwrap();
+            lab.down(gw, sa_init_answer(peer(n), 500, spi, RESPONDER_SPI))
+                .unwrap();
+            assert_eq!(lab.up(auth_4500(peer(n), 4500, spi)), Ok(gw));
+            lab.down(gw, auth_answer(peer(n), 4500, spi)).unwrap();
+            real.push((n, gw));
+        }
+        lab.tick(Duration::from_secs(1));
+        lab.lb.expire(lab.now, usize::MAX);
+    }
+    assert_eq!(real.len(), 20);
+    assert_eq!(lab.lb.counters().dropped(DropReason::AtCapacity), 0);
+    for (n, gw) in real {
+        assert_eq!(lab.up(esp_udp(peer(n), 4500, 1)), Ok(gw), "tunnel {n}");
+    }
+    // What a segw answered for a spoof is not a working tunnel: it goes on
+    // the half-open timeout, not the idle one.
+    lab.tick(Duration::from_secs(31));
+    lab.lb.expire(lab.now, usize::MAX);
+    assert_eq!(lab.lb.table().len(), 20);
+}
+
+#[test]
+fn a_flood_faster_than_a_handshake_refuses_only_for_one_handshake_window() {
+    // The limit, stated: a spoof looks like a real IKE_SA_INIT until the
+    // real one would have been confirmed, so a flood that fills every
+    // place within one handshake window refuses while it lasts. It holds
+    // those places for that window (5 s), not for the half-open timeout.
+    let mut lab = Lab::new();
+    for n in 1..=3 {
+        lab.lb
+            .set_capacity(&format!("segw{n}"), 2, lab.now)
+            .unwrap();
+    }
+    for i in 0..6 {
+        lab.up(sa_init(spoofed(i), 500, 0xbad0 + u64::from(i)))
+            .unwrap();
+    }
+    assert_eq!(
+        lab.up(sa_init(peer(1), 500, 1)),
+        Err(DropReason::AtCapacity)
+    );
+    lab.tick(Duration::from_secs(6));
+    lab.lb.expire(lab.now, usize::MAX);
+    assert!(lab.up(sa_init(peer(1), 500, 1)).is_ok());
+    assert_eq!(lab.lb.table().len(), 7, "the spoofs stay, half-open");
+}
+
+#[test]
+fn an_spi_steered_tunnel_reaches_its_full_segw_and_spoofed_spis_hold_no_place() {
+    // segw2 (ESP SPIs 0xc2……) holds one place, taken.
+    let mut lab = Lab::new();
+    for (n, capacity) in [(1, 1), (2, 2), (3, 1)] {
+        lab.lb
+            .set_capacity(&format!("segw{n}"), capacity, lab.now)
+            .unwrap();
+    }
+    for n in 1..=3 {
+        lab.open_tunnel(peer(n), u64::from(n));
+    }
+    // A tunnel the table does not know (a restart) whose SA is on segw2:
+    // it goes there, full or not. Its SA is there; nowhere else works.
+    assert_eq!(lab.up(esp_udp(peer(40), 4500, 0xc200_0040)), Ok(2));
+    lab.down(
+        2,
+        udp_packet(VIP, 4500, peer(40), 4500, &esp_body(0x4000, 1, 80)),
+    )
+    .unwrap();
+    lab.lb.set_capacity("segw2", 3, lab.now).unwrap();
+    // ESP from spoofed sources with SPIs from segw2's range: steered
+    // there, and for one handshake window they hold places ...
+    for i in 0..50 {
+        let _ = lab.up(esp_udp(spoofed(i), 4500, 0xc200_1000 + i));
+    }
+    assert_eq!(
+        lab.up(sa_init(peer(50), 500, 50)),
+        Err(DropReason::AtCapacity)
+    );
+    // ... and then none: the real initiator gets segw2's last place.
+    lab.tick(Duration::from_secs(6));
+    lab.lb.expire(lab.now, usize::MAX);
+    assert_eq!(lab.up(sa_init(peer(50), 500, 50)), Ok(2));
+}
+
+#[test]
+fn tunnels_opened_during_a_rebalance_and_the_rebalance_share_each_capacity() {
+    // 12 tunnels, 4 a segw; then a policy that wants segw2 above all,
+    // which has 6 places. New tunnels arrive while the rebalance is under
+    // way: between them and the rebalance, segw2 gets 6, not more.
+    let mut lab = Lab::new();
+    for n in 1..=12 {
+        lab.open_tunnel(peer(n), u64::from(n));
+    }
+    lab.lb.set_capacity("segw2", 6, lab.now).unwrap();
+    lab.lb.set_weight("segw2", 100, lab.now).unwrap();
+    let policy = native::shipped("weighted", &[]).unwrap();
+    lab.lb.swap_policy(policy, true, lab.now);
+    lab.tick(Duration::from_secs(1));
+    for n in 20..30 {
+        lab.up(sa_init(peer(n), 500, u64::from(n))).unwrap();
+    }
+    while lab.lb.rebalance_step(4, lab.now).is_none() {}
+    let on = |n: u8| {
+        lab.lb
+            .gateway(&format!("segw{n}"))
+            .unwrap()
+            .counters
+            .tunnels
+    };
+    assert_eq!(on(1) + on(2) + on(3), 22);
+    assert_eq!(on(2), 6, "segw2 holds {}", on(2));
+}
+
+#[test]
+fn restored_ages_survive_a_live_clock_that_just_started() {
+    use super::saved::{decode, encode};
+    use crate::dataplane::Clock;
+    // A tunnel idle 590 s of its 600 s timeout when the table was saved.
+    let mut a = Lab::new();
+    a.open_tunnel(peer(1), 1);
+    a.tick(Duration::from_secs(590));
+    let file = encode(&a.lb.save(a.now));
+    // The restarted process: its live clock has just started.
+    let clock = Clock::start();
+    let mut b = Lab::new();
+    b.now = clock.now();
+    assert_eq!(b.lb.restore(&decode(&file).unwrap(), b.now).loaded, 1);
+    b.tick(Duration::from_secs(20));
+    assert_eq!(b.lb.expire(b.now, usize::MAX), 1, "a dead tunnel lived on");
+    assert_eq!(b.lb.gateway("segw1").unwrap().counters.tunnels, 0);
 }

@@ -330,7 +330,7 @@ impl<P: Policy> Balancer<P> {
 
     /// A new tunnel: the only place the policy is asked. Half-open: only
     /// the initiator side has spoken, and anyone can send that from any
-    /// address; its segw's answer establishes it.
+    /// address; its segw's word past IKE_SA_INIT establishes it.
     pub(super) fn open(
         &mut self,
         key: TunnelKey,
@@ -340,24 +340,41 @@ impl<P: Policy> Balancer<P> {
         let gw = self.place(&key, now)?;
         let id = self.insert(Tunnel::new(&key, gw, placement, now))?;
         self.counters.placed += 1;
+        if let Some(r) = &mut self.rebalancing {
+            // Placed by the new policy, and not visited by the rebalance:
+            // the load it places the rest on counts it, or the two fill a
+            // gateway past its capacity between them.
+            r.fresh.add(gw, 1);
+        }
         Ok(id)
     }
 
     /// Into the table, counted on its gateway (and the half-open tunnel it
     /// evicted, if any, off its own).
     pub(super) fn insert(&mut self, tunnel: Tunnel) -> Result<TunnelId, DropReason> {
-        let gw = tunnel.gateway;
+        let (gw, holds) = (tunnel.gateway, tunnel.holds_place());
         let (id, evicted) = self.table.insert(tunnel).ok_or(DropReason::TableFull)?;
         if let Some(gone) = evicted {
             self.forget(&gone);
         }
-        self.gateway_tunnels(gw, 1);
+        self.gateway_tunnels(gw, 1, holds);
         Ok(id)
     }
 
     /// A tunnel the table let go of (evicted or expired): off its gateway.
     pub(super) fn forget(&mut self, gone: &Tunnel) {
-        self.gateway_tunnels(gone.gateway, -1);
+        self.gateway_tunnels(gone.gateway, -1, gone.holds_place());
+    }
+
+    /// How sure the table is of a tunnel now; a half-open tunnel past the
+    /// handshake window that its segw confirms holds a place again.
+    pub(super) fn set_placement(&mut self, id: TunnelId, placement: Placement) {
+        let Some(t) = self.table.get(id) else { return };
+        let (gw, held) = (t.gateway, t.holds_place());
+        self.table.set_placement(id, placement);
+        if !held && self.table.get(id).is_some_and(Tunnel::holds_place) {
+            self.load.add(gw, 1);
+        }
     }
 
     /// The tunnel's gateway, re-placing the tunnel first if that gateway is
@@ -379,9 +396,16 @@ impl<P: Policy> Balancer<P> {
         Ok(gw)
     }
 
-    /// Ask the (guarded) policy where a tunnel goes, on the live load.
+    /// Ask the (guarded) policy where a tunnel goes, on the live load; while
+    /// a rebalance is under way, on the load it is placing every tunnel on
+    /// (where the tunnels will be when it ends: a gateway it has filled is
+    /// full for a newcomer too).
     pub(super) fn place(&mut self, key: &TunnelKey, now: Timestamp) -> Result<GwId, DropReason> {
-        match self.policy.choose(key, &self.load, now) {
+        let load = match &self.rebalancing {
+            Some(r) => &r.fresh,
+            None => &self.load,
+        };
+        match self.policy.choose(key, load, now) {
             Ok(choice) => Ok(choice.gateway),
             Err(Refusal::NoGateway) => Err(DropReason::NoGateway),
             Err(Refusal::Full) => Err(DropReason::AtCapacity),
@@ -393,11 +417,11 @@ impl<P: Policy> Balancer<P> {
     pub(super) fn move_tunnel(&mut self, id: TunnelId, to: GwId) {
         let t = self.table.get_mut(id).expect("live tunnel");
         let from = std::mem::replace(&mut t.gateway, to);
-        let placement = t.placement().moved();
+        let (placement, holds) = (t.placement().moved(), t.holds_place());
         self.table.set_placement(id, placement);
         if from != to {
-            self.gateway_tunnels(from, -1);
-            self.gateway_tunnels(to, 1);
+            self.gateway_tunnels(from, -1, holds);
+            self.gateway_tunnels(to, 1, holds);
             if let Some(g) = self.gateways.get_mut(to) {
                 g.counters.moved_in += 1;
             }
@@ -405,8 +429,12 @@ impl<P: Policy> Balancer<P> {
         }
     }
 
-    pub(super) fn gateway_tunnels(&mut self, gw: GwId, delta: i64) {
-        self.load.add(gw, delta);
+    /// One more or one fewer tunnel on `gw`; in the policy's load (and
+    /// against capacity) only if it `holds` a place there.
+    pub(super) fn gateway_tunnels(&mut self, gw: GwId, delta: i64, holds: bool) {
+        if holds {
+            self.load.add(gw, delta);
+        }
         if let Some(g) = self.gateways.get_mut(gw) {
             g.counters.tunnels = g.counters.tunnels.saturating_add_signed(delta);
         }
