@@ -30,7 +30,7 @@ impl<P: Policy> Balancer<P> {
                 .ok_or(DropReason::UnknownPort)?;
             if g.spec.mac.is_none() && g.mac != Some(src_mac) {
                 g.mac = Some(src_mac);
-                self.epoch += 1;
+                self.epoch += 1; // the fast path's entries carry the MAC
             }
             g.probe.heard = true;
             g.counters.frames_from += packets;

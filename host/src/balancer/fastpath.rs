@@ -392,6 +392,17 @@ mod tests {
             assert_eq!(lb.handle(&mut f, UPLINK, now), Verdict::Forward(gw));
         }
         assert_eq!(lb.epoch(), epoch, "ESP of known tunnels changes no entry");
+        // What only the policy reads changes no entry either: at a million
+        // tunnels a weight change must not cost a full resync.
+        let mut mark = FastPathMark::default();
+        assert_eq!(lb.fast_path_changes(&mut mark), FastChanges::All);
+        lb.set_weight("segw1", 5, now).unwrap();
+        lb.set_capacity("segw1", 100, now).unwrap();
+        lb.set_throughput("segw1", 1 << 30, now).unwrap();
+        lb.set_draining("segw2", true, now).unwrap();
+        lb.set_healthy("segw2", true, now).unwrap(); // already up
+        assert_eq!(lb.epoch(), epoch);
+        assert_eq!(lb.fast_path_changes(&mut mark), FastChanges::None);
         lb.set_healthy("segw1", false, now).unwrap();
         assert_ne!(lb.epoch(), epoch);
         let left = lb.fast_path();

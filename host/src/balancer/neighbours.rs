@@ -49,7 +49,7 @@ impl<P: Policy> Balancer<P> {
         if let Some(gw) = self.gateways.on_port_mut(ingress) {
             if gw.spec.mac.is_none() && gw.mac != Some(mac) {
                 gw.mac = Some(mac);
-                self.epoch += 1;
+                self.epoch += 1; // the fast path's entries carry the MAC
             }
             gw.probe.heard = true;
         }
@@ -90,6 +90,7 @@ impl<P: Policy> Balancer<P> {
             }
         }
         if !round.changes.is_empty() {
+            self.fast_path_changed();
             self.push_set(now);
         }
         round

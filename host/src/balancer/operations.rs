@@ -15,6 +15,7 @@ use super::{key_of, Balancer, DropReason, Rebalancing};
 impl<P: Policy> Balancer<P> {
     pub fn add_gateway(&mut self, spec: GatewaySpec, now: Timestamp) -> Result<GwId, GatewayError> {
         let id = self.gateways.add(spec)?;
+        self.fast_path_changed();
         self.push_set(now);
         Ok(id)
     }
@@ -22,6 +23,7 @@ impl<P: Policy> Balancer<P> {
     /// Remove a gateway; its tunnels are re-placed on their next packet.
     pub fn remove_gateway(&mut self, name: &str, now: Timestamp) -> Result<(), GatewayError> {
         self.gateways.remove(name)?;
+        self.fast_path_changed();
         self.push_set(now);
         Ok(())
     }
@@ -75,6 +77,13 @@ impl<P: Policy> Balancer<P> {
         healthy: bool,
         now: Timestamp,
     ) -> Result<(), GatewayError> {
+        if self
+            .gateways
+            .by_name(name)
+            .is_some_and(|g| g.healthy != healthy)
+        {
+            self.fast_path_changed();
+        }
         self.update(name, now, |g| g.healthy = healthy)
     }
 
@@ -90,9 +99,19 @@ impl<P: Policy> Balancer<P> {
         Ok(())
     }
 
+    /// Tell the policy the gateway set. Weights, capacities, throughputs
+    /// and draining are the policy's business only: a change of those
+    /// leaves the fast path's entries as they are (at a million tunnels a
+    /// full resync is millions of lookups); whoever changes what the fast
+    /// path reads says so with [`fast_path_changed`](Self::fast_path_changed).
     pub(super) fn push_set(&mut self, now: Timestamp) {
-        self.epoch += 1;
         self.policy.set_gateways(self.gateways.views(), now);
+    }
+
+    /// Something every fast-path entry may depend on changed: a segw's
+    /// health or MAC, the set, a port's MAC, the first next hop.
+    pub(super) fn fast_path_changed(&mut self) {
+        self.epoch += 1;
     }
 
     /// Our MAC on `port` (a port added at runtime, or a NIC replaced).
@@ -101,7 +120,10 @@ impl<P: Policy> Balancer<P> {
         if self.config.port_macs.len() <= i {
             self.config.port_macs.resize(i + 1, [0; 6]);
         }
-        self.config.port_macs[i] = mac;
+        if self.config.port_macs[i] != mac {
+            self.config.port_macs[i] = mac;
+            self.fast_path_changed();
+        }
     }
 
     /// Replace the proxied prefixes (a config reload).

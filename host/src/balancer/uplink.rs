@@ -169,7 +169,7 @@ impl<P: Policy> Balancer<P> {
         if (s.proven || self.default_next_hop.is_none()) && self.default_next_hop != Some(src_mac) {
             // Only whether there is one is the fast path's business.
             if self.default_next_hop.is_none() {
-                self.epoch += 1;
+                self.fast_path_changed();
             }
             self.default_next_hop = Some(src_mac);
         }
