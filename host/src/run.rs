@@ -76,6 +76,7 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
         RunError::Start(format!("{}: could not start: {e}", policy_file.display()))
     })?);
     let mut lb = Balancer::new(core, policy);
+    lb.set_uplink_next_hop(config.next_hop);
     // The whole table now, so that it never grows (rehashing every tunnel
     // in one go) under traffic.
     let reserving = std::time::Instant::now();

@@ -44,6 +44,7 @@ pub use gateways::{
     SpiSteering, UPLINK,
 };
 pub use health::{HealthConfig, ProbeRound};
+pub use neighbours::UplinkNextHop;
 pub use prefix::Prefix;
 use rules::Keys;
 
@@ -264,6 +265,8 @@ pub struct Balancer<P: Policy = Box<dyn Policy>> {
     /// The last initiator-side next hop seen on the uplink: where return
     /// traffic goes for a peer whose own next hop is not known.
     default_next_hop: Option<Mac>,
+    /// The default next hop as configured, if it is.
+    uplink_next_hop: Option<neighbours::UplinkNextHop>,
     rebalancing: Option<Rebalancing>,
     /// Graceful moves queued and under way (see [`moves`]).
     moves: moves::Moves,
@@ -376,6 +379,7 @@ impl<P: Policy> Balancer<P> {
             load: Load::default(),
             counters: Counters::default(),
             default_next_hop: None,
+            uplink_next_hop: None,
             epoch: 0,
             rebalancing: None,
             moves: moves::Moves::default(),
@@ -471,6 +475,14 @@ impl<P: Policy> Balancer<P> {
                     self.counters.replies += 1;
                     return Verdict::Reply;
                 }
+                Err(DropReason::NeighborIgnored)
+            }
+            Kind::Ip(IpPacket {
+                src,
+                payload: Payload::Other { protocol: 58 },
+                ..
+            }) if ingress == UPLINK && self.heard_from_next_hop(*src, parsed.src) => {
+                // The configured next hop's answer to our solicitation.
                 Err(DropReason::NeighborIgnored)
             }
             Kind::Ip(ip) if ingress == UPLINK => match ip.fragment {

@@ -1,7 +1,8 @@
 //! What the balancer says on the links besides forwarding: answers to ARP
 //! and neighbour solicitations for the addresses it proxies, the segws' MACs
-//! learnt from what they send, health probe rounds, and announcements
-//! (gratuitous ARP, unsolicited neighbour advertisements).
+//! learnt from what they send, the uplink's configured next hop (resolved
+//! like a segw's MAC), health probe rounds, and announcements (gratuitous
+//! ARP, unsolicited neighbour advertisements).
 
 use std::net::IpAddr;
 
@@ -13,7 +14,59 @@ use super::gateways::{GwId, PortId, UPLINK};
 use super::health::{self, HealthConfig, ProbeRound};
 use super::Balancer;
 
+/// Where return traffic goes when a tunnel's own next hop is not known yet
+/// (a restart without a state file: until each initiator speaks again),
+/// as configured, instead of the last next hop an initiator's frame came
+/// from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UplinkNextHop {
+    /// This MAC, always: nothing on the segment can change it.
+    Mac(Mac),
+    /// The MAC of this address, asked for on the uplink with every probe
+    /// round (ARP, or a neighbour solicitation) and taken from its answer
+    /// (an ARP from it, or ICMPv6 from it), as segws' MACs are.
+    Address(IpAddr),
+}
+
 impl<P: Policy> Balancer<P> {
+    /// Configure the uplink's next hop (`None`: learned from initiators'
+    /// frames, as without it).
+    pub fn set_uplink_next_hop(&mut self, hop: Option<UplinkNextHop>) {
+        self.uplink_next_hop = hop;
+        let mac = match hop {
+            Some(UplinkNextHop::Mac(mac)) => Some(mac),
+            Some(UplinkNextHop::Address(_)) => None,
+            None => return,
+        };
+        self.set_default_next_hop(mac);
+    }
+
+    pub(super) fn set_default_next_hop(&mut self, mac: Option<Mac>) {
+        if self.default_next_hop.is_some() != mac.is_some() {
+            // Only whether there is one is the fast path's business.
+            self.fast_path_changed();
+        }
+        self.default_next_hop = mac;
+    }
+
+    /// Whether the default next hop is configured (frames from initiators
+    /// do not set it then).
+    pub(super) fn next_hop_configured(&self) -> bool {
+        self.uplink_next_hop.is_some()
+    }
+
+    /// `from` on the uplink, at `mac`, is the configured next hop's
+    /// address: its MAC is the next hop now.
+    pub(super) fn heard_from_next_hop(&mut self, from: IpAddr, mac: Mac) -> bool {
+        if self.uplink_next_hop != Some(UplinkNextHop::Address(from)) {
+            return false;
+        }
+        if self.default_next_hop != Some(mac) {
+            self.set_default_next_hop(Some(mac));
+        }
+        true
+    }
+
     /// Ours: frames sent to the port's MAC, and the broadcast ARP and
     /// multicast neighbour solicitations that may be for an address we
     /// proxy.
@@ -35,6 +88,9 @@ impl<P: Policy> Balancer<P> {
     /// segw's MAC from any ARP it sends.
     pub(super) fn arp(&mut self, arp: &Arp, ingress: PortId) -> Option<Arp> {
         self.heard_from_segw(ingress, arp.sender_mac);
+        if ingress == UPLINK {
+            self.heard_from_next_hop(IpAddr::V4(arp.sender_ip), arp.sender_mac);
+        }
         let proxied = self.proxies(IpAddr::V4(arp.target_ip), ingress);
         (arp.op == packet::arp::REQUEST && proxied && arp.sender_ip != arp.target_ip)
             .then(|| arp.reply(self.port_mac(ingress)))
@@ -88,6 +144,10 @@ impl<P: Policy> Balancer<P> {
                     .frames
                     .push((port, health::probe_frame(self.port_mac(port), target)));
             }
+        }
+        if let Some(UplinkNextHop::Address(hop)) = self.uplink_next_hop {
+            let probe = health::probe_frame(self.port_mac(UPLINK), hop);
+            round.frames.push((UPLINK, probe));
         }
         if !round.changes.is_empty() {
             self.fast_path_changed();

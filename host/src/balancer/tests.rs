@@ -2503,3 +2503,100 @@ fn restored_ages_survive_a_live_clock_that_just_started() {
     assert_eq!(b.lb.expire(b.now, usize::MAX), 1, "a dead tunnel lived on");
     assert_eq!(b.lb.gateway("segw1").unwrap().counters.tunnels, 0);
 }
+
+// ----- restarts without a state file (issue 30) ------------------------------
+
+/// Segw `n`'s DPD to `p`'s 4500 endpoint, for an IKE SA the table never saw.
+fn segw_dpd(p: IpAddr) -> Vec<u8> {
+    let h = IkeHeader {
+        initiator_spi: 0x0d0d,
+        responder_spi: 0x0e0e,
+        exchange: INFORMATIONAL,
+        from_initiator: false,
+        response: false,
+        message_id: 7,
+    };
+    udp_packet(VIP, 4500, p, 4500, &ike_body(&h, true, 60))
+}
+
+#[test]
+fn after_a_cold_restart_a_segw_that_speaks_first_reaches_a_configured_next_hop() {
+    // A restart without a state file: an empty table, no initiator has
+    // spoken yet, and segw1's DPD to a peer comes first.
+    let mut lab = Lab::new();
+    assert_eq!(
+        lab.down(1, segw_dpd(peer(1))),
+        Err(DropReason::NextHopUnknown),
+        "without configuration the way back is learned from initiators"
+    );
+    lab.lb
+        .set_uplink_next_hop(Some(UplinkNextHop::Mac(PEER_SIDE_ROUTER)));
+    assert_eq!(lab.down(1, segw_dpd(peer(1))), Ok(PEER_SIDE_ROUTER));
+    // A frame from another MAC on the segment (one that proves its tunnel)
+    // gives that tunnel its own next hop, never the default.
+    let other: Mac = [2, 0xbb, 0, 0, 0, 9];
+    let gw = lab.up_from(other, sa_init(peer(2), 500, 2)).unwrap();
+    lab.down(gw, sa_init_answer(peer(2), 500, 2, RESPONDER_SPI))
+        .unwrap();
+    lab.up_from(other, auth_4500(peer(2), 4500, 2)).unwrap();
+    assert_eq!(lab.down(gw, auth_answer(peer(2), 4500, 2)), Ok(other));
+    assert_eq!(lab.down(1, segw_dpd(peer(3))), Ok(PEER_SIDE_ROUTER));
+}
+
+#[test]
+fn a_next_hop_configured_by_address_is_asked_for_and_taken_from_its_answer() {
+    let router = Ipv4Addr::new(192, 0, 2, 254);
+    let router6: Ipv6Addr = "fe80::1".parse().unwrap();
+    let (mac4, mac6): (Mac, Mac) = ([2, 0xcc, 0, 0, 0, 4], [2, 0xcc, 0, 0, 0, 6]);
+    for (hop, mac) in [(IpAddr::V4(router), mac4), (IpAddr::V6(router6), mac6)] {
+        let mut lab = Lab::new();
+        lab.lb
+            .set_uplink_next_hop(Some(UplinkNextHop::Address(hop)));
+        assert_eq!(
+            lab.down(1, segw_dpd(peer(1))),
+            Err(DropReason::NextHopUnknown),
+            "{hop}: not resolved yet"
+        );
+        // Every probe round asks for it on the uplink.
+        let health = HealthConfig {
+            interval: Duration::from_secs(1),
+            down_after: u32::MAX,
+            up_after: 1,
+        };
+        let round = lab.lb.probe(&[VIP], &health, lab.now);
+        let asked: Vec<&Vec<u8>> = round
+            .frames
+            .iter()
+            .filter(|(port, _)| *port == UPLINK)
+            .map(|(_, f)| f)
+            .collect();
+        assert_eq!(asked.len(), 1, "{hop}");
+        assert_eq!(&asked[0][6..12], &port_mac(UPLINK));
+        // Its answer teaches the MAC.
+        let mut answer = match hop {
+            // The answer to our probe (sent from 0.0.0.0, RFC 5227).
+            IpAddr::V4(v4) => {
+                packet::arp::Arp::request(port_mac(UPLINK), Ipv4Addr::UNSPECIFIED, v4)
+                    .reply(mac)
+                    .to_frame(port_mac(UPLINK), mac, None)
+            }
+            IpAddr::V6(v6) => frame(
+                port_mac(UPLINK),
+                mac,
+                None,
+                &packet::ndp::advertisement(
+                    v6,
+                    mac,
+                    packet::ndp::link_local(port_mac(UPLINK)),
+                    true,
+                ),
+            ),
+        };
+        lab.lb.handle(&mut answer, UPLINK, lab.now);
+        assert_eq!(lab.down(1, segw_dpd(peer(1))), Ok(mac), "{hop}");
+        // Initiators' frames from elsewhere leave it alone.
+        lab.up_from([2, 0xdd, 0, 0, 0, 1], sa_init(peer(5), 500, 5))
+            .unwrap();
+        assert_eq!(lab.down(1, segw_dpd(peer(6))), Ok(mac), "{hop}");
+    }
+}

@@ -166,12 +166,11 @@ impl<P: Policy> Balancer<P> {
                 self.table.touch(id);
             }
         }
-        if (s.proven || self.default_next_hop.is_none()) && self.default_next_hop != Some(src_mac) {
-            // Only whether there is one is the fast path's business.
-            if self.default_next_hop.is_none() {
-                self.fast_path_changed();
-            }
-            self.default_next_hop = Some(src_mac);
+        if (s.proven || self.default_next_hop.is_none())
+            && self.default_next_hop != Some(src_mac)
+            && !self.next_hop_configured()
+        {
+            self.set_default_next_hop(Some(src_mac));
         }
         Ok(to)
     }

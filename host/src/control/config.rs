@@ -18,7 +18,7 @@ use toml::Spanned;
 use super::access::{group_id, Groups};
 use crate::balancer::affinity::Timeouts;
 use crate::balancer::moves::Settings as MoveSettings;
-use crate::balancer::{HealthConfig, IkeSpiLabel, Prefix, SpiSteering};
+use crate::balancer::{HealthConfig, IkeSpiLabel, Prefix, SpiSteering, UplinkNextHop};
 use crate::packet::Mac;
 use crate::policy::wasm::{Cache, Compiler, Limits};
 use crate::toml_at::{field_at, line_column};
@@ -36,6 +36,9 @@ pub struct RunConfig {
     pub proxy_gateways: Vec<Prefix>,
     pub max_tunnels: usize,
     pub timeouts: Timeouts,
+    /// Where return traffic goes before a tunnel's own next hop is known
+    /// (`balancer.next_hop`); `None`: the last initiator's next hop.
+    pub next_hop: Option<UplinkNextHop>,
     pub control_socket: PathBuf,
     /// Who besides root and the balancer's user may use the socket.
     pub control_groups: Groups,
@@ -276,6 +279,26 @@ impl RunConfig {
                 "must be at least 1".into(),
             ));
         }
+        let next_hop = match &b.next_hop {
+            None => None,
+            Some(hop) => {
+                let text = hop.get_ref().trim();
+                let parsed = match parse_mac(text) {
+                    Some(mac) => Some(UplinkNextHop::Mac(mac)),
+                    None => text.parse().ok().map(UplinkNextHop::Address),
+                };
+                Some(parsed.ok_or_else(|| {
+                    at(
+                        hop.span(),
+                        "balancer.next_hop",
+                        format!(
+                            "`{text}` is neither a MAC (02:aa:00:00:00:01) nor an address \
+                             (192.0.2.1, fe80::1): the router initiators' traffic comes through"
+                        ),
+                    )
+                })?)
+            }
+        };
         let idle = Duration::from_secs(*b.idle_timeout_s.get_ref());
         let half_open = Duration::from_secs(*b.half_open_timeout_s.get_ref());
         if half_open > idle || half_open.is_zero() {
@@ -543,6 +566,7 @@ impl RunConfig {
                 half_open,
                 ..Timeouts::default()
             },
+            next_hop,
             control_socket: base.join(&b.control_socket),
             control_groups,
             state_file: b.state_file.as_ref().map(|f| base.join(f)),
@@ -772,6 +796,8 @@ struct RawBalancer {
     idle_timeout_s: Spanned<u64>,
     #[serde(default = "half_open_timeout_s")]
     half_open_timeout_s: Spanned<u64>,
+    /// The uplink's next hop: a MAC, or an address resolved on the uplink.
+    next_hop: Option<Spanned<String>>,
     #[serde(default = "control_socket")]
     control_socket: PathBuf,
     /// Members may do anything on the control socket (name or gid).

@@ -31,8 +31,9 @@ pub enum Change {
 /// another), the policy after the gateway set.
 pub fn diff(old: &RunConfig, new: &RunConfig) -> Vec<Change> {
     let mut changes = Vec::new();
-    let restart: [(&'static str, bool); 10] = [
+    let restart: [(&'static str, bool); 11] = [
         ("balancer.uplink", old.uplink.value != new.uplink.value),
+        ("balancer.next_hop", old.next_hop != new.next_hop),
         ("balancer.vip", old.vips != new.vips),
         ("balancer.max_tunnels", old.max_tunnels != new.max_tunnels),
         (

@@ -417,3 +417,32 @@ fn moves_take_a_pace_and_a_hook_whose_placeholders_are_checked() {
         assert!(e.contains(&format!(": {field}: ")), "{moves}: {e}");
     }
 }
+
+#[test]
+fn the_uplink_next_hop_is_a_mac_or_an_address_and_nonsense_is_named() {
+    let dir = policies();
+    let with = |hop: &str| {
+        good(dir.path()).replace(
+            "uplink = \"up0\"",
+            &format!("uplink = \"up0\"\nnext_hop = \"{hop}\""),
+        )
+    };
+    assert_eq!(parse(&good(dir.path())).unwrap().next_hop, None);
+    assert_eq!(
+        parse(&with("02:aa:00:00:00:01")).unwrap().next_hop,
+        Some(UplinkNextHop::Mac([2, 0xaa, 0, 0, 0, 1]))
+    );
+    assert_eq!(
+        parse(&with("192.0.2.1")).unwrap().next_hop,
+        Some(UplinkNextHop::Address("192.0.2.1".parse().unwrap()))
+    );
+    assert_eq!(
+        parse(&with("fe80::1")).unwrap().next_hop,
+        Some(UplinkNextHop::Address("fe80::1".parse().unwrap()))
+    );
+    let e = error(&with("router"));
+    assert!(
+        e.starts_with("lb.toml:4:12: balancer.next_hop: `router` is neither a MAC"),
+        "{e}"
+    );
+}
