@@ -906,6 +906,7 @@ impl Worker {
             longest_pause_wall_us: us(p.longest_wall()),
             p999_pause_us: us(p.quantile(0.999)),
             pauses_over_1ms: p.at_least(Duration::from_millis(1)),
+            wall_pauses_over_1ms: p.wall_at_least(Duration::from_millis(1)),
             histogram: p.cumulative().map(|(b, n)| (b.map(us), n)).collect(),
         }
     }

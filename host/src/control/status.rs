@@ -106,8 +106,11 @@ pub struct WorkerStatus {
     pub longest_pause_wall_us: f64,
     /// 99.9% of turns were shorter than this (a power of two µs).
     pub p999_pause_us: f64,
-    /// Turns of 1.024 ms or more.
+    /// Turns of 1.024 ms or more of work ...
     pub pauses_over_1ms: u64,
+    /// ... and on the wall clock (preemption and blocked calls too).
+    #[serde(default)]
+    pub wall_pauses_over_1ms: u64,
     /// Cumulative: (upper bound in µs, turns shorter); the last bound is
     /// infinite (`None`).
     pub histogram: Vec<(Option<f64>, u64)>,
@@ -738,8 +741,13 @@ impl Status {
         let w = &self.worker;
         let _ = writeln!(
             out,
-            "worker: {} turns, longest {:.0} µs of work ({:.0} µs on the wall clock), 99.9% under {:.0} µs, {} over 1 ms",
-            w.turns, w.longest_pause_us, w.longest_pause_wall_us, w.p999_pause_us, w.pauses_over_1ms
+            "worker: {} turns, longest {:.0} µs of work ({:.0} µs on the wall clock), 99.9% under {:.0} µs, {} over 1 ms ({} on the wall clock)",
+            w.turns,
+            w.longest_pause_us,
+            w.longest_pause_wall_us,
+            w.p999_pause_us,
+            w.pauses_over_1ms,
+            w.wall_pauses_over_1ms
         );
         let _ = writeln!(
             out,

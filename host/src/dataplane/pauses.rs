@@ -2,10 +2,12 @@
 //! loop (a batch of frames, a command, the timers, a slice of background
 //! work such as a status or a rebalance), kept in a log₂ histogram.
 //!
-//! A turn is timed twice. On the thread's CPU clock: the work itself, what
-//! the worker is answerable for; this is the histogram. On the wall clock:
-//! what a frame that came in at the start of the turn waited, including
-//! the time the OS gave the core to someone else; only its longest is kept.
+//! A turn is timed twice, each in a histogram of its own. On the thread's
+//! CPU clock: the work itself, what the worker is answerable for. On the
+//! wall clock: what a frame that came in at the start of the turn waited,
+//! including the time the OS gave the core to someone else, and a call
+//! that blocked (a full socket buffer, a lock), which the CPU clock does
+//! not see at all.
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,7 @@ pub const BUCKETS: usize = 25;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pauses {
     buckets: [u64; BUCKETS],
+    wall_buckets: [u64; BUCKETS],
     turns: u64,
     total: Duration,
     longest: Duration,
@@ -26,6 +29,7 @@ impl Default for Pauses {
     fn default() -> Self {
         Pauses {
             buckets: [0; BUCKETS],
+            wall_buckets: [0; BUCKETS],
             turns: 0,
             total: Duration::ZERO,
             longest: Duration::ZERO,
@@ -36,13 +40,8 @@ impl Default for Pauses {
 
 impl Pauses {
     pub fn record(&mut self, busy: Duration, wall: Duration) {
-        let micros = busy.as_micros();
-        let bucket = if micros == 0 {
-            0
-        } else {
-            (u128::BITS - micros.leading_zeros()) as usize
-        };
-        self.buckets[bucket.min(BUCKETS - 1)] += 1;
+        self.buckets[bucket(busy)] += 1;
+        self.wall_buckets[bucket(wall)] += 1;
         self.turns += 1;
         self.total += busy;
         self.longest = self.longest.max(busy);
@@ -90,14 +89,34 @@ impl Pauses {
             .min(self.longest)
     }
 
-    /// Turns of at least `at_least`, counted by bucket: `at_least` is
-    /// rounded up to a power of two µs (1 ms counts turns from 1.024 ms).
+    /// Turns of at least `at_least` of work, counted by bucket: `at_least`
+    /// is rounded up to a power of two µs (1 ms counts turns from 1.024 ms).
     pub fn at_least(&self, at_least: Duration) -> u64 {
-        let micros = at_least.as_micros().max(1);
-        // The first bucket whose lower bound, 2^(i-1) µs, is at least that.
-        let first = (u128::BITS - (micros - 1).leading_zeros()) as usize + 1;
-        self.buckets[first.min(BUCKETS - 1)..].iter().sum()
+        at_least_in(&self.buckets, at_least)
     }
+
+    /// Turns of at least `at_least` on the wall clock, likewise.
+    pub fn wall_at_least(&self, at_least: Duration) -> u64 {
+        at_least_in(&self.wall_buckets, at_least)
+    }
+}
+
+/// The bucket of a turn of `d`.
+fn bucket(d: Duration) -> usize {
+    let micros = d.as_micros();
+    let bucket = if micros == 0 {
+        0
+    } else {
+        (u128::BITS - micros.leading_zeros()) as usize
+    };
+    bucket.min(BUCKETS - 1)
+}
+
+fn at_least_in(buckets: &[u64; BUCKETS], at_least: Duration) -> u64 {
+    let micros = at_least.as_micros().max(1);
+    // The first bucket whose lower bound, 2^(i-1) µs, is at least that.
+    let first = (u128::BITS - (micros - 1).leading_zeros()) as usize + 1;
+    buckets[first.min(BUCKETS - 1)..].iter().sum()
 }
 
 /// A turn being timed.
@@ -157,6 +176,8 @@ mod tests {
         let under_1024: Vec<_> = p.cumulative().collect();
         assert_eq!(under_1024[10], (Some(us(1024)), 5));
         assert_eq!(p.at_least(Duration::from_millis(1)), 2);
+        // On the wall clock the 1 µs turn took 9 ms: a blocked call.
+        assert_eq!(p.wall_at_least(Duration::from_millis(1)), 3);
         assert_eq!(p.quantile(0.5), us(4));
         assert_eq!(p.quantile(1.0), us(20_000));
         assert_eq!(p.cumulative().last(), Some((None, 7)));

@@ -481,3 +481,66 @@ fn status_top_lists_the_heaviest_tunnels_with_their_rates() {
     assert!(text.contains("heaviest tunnels"), "{text}");
     assert!(text.contains("198.51.100.1:4500"), "{text}");
 }
+
+/// A port whose send blocks (a full socket buffer, say) for 40 ms.
+struct Blocking(MemoryTx);
+
+impl crate::io::Tx for Blocking {
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        std::thread::sleep(Duration::from_millis(40));
+        self.0.send(frame)
+    }
+}
+
+/// A blocked call costs the worker no CPU, so its CPU clock does not see
+/// it; frames wait all the same, and the wall clock's histogram counts it.
+#[test]
+fn a_send_that_blocks_shows_as_a_wall_clock_pause_not_as_work() {
+    let lb = crate::balancer::farm::balancer(
+        native::shipped("round-robin", &[]).unwrap(),
+        3,
+        vec!["10.2.2.1/32".parse().unwrap()],
+        1 << 16,
+    );
+    let (out_tx, out) = unbounded();
+    let mut ports = crate::io::memory::ports(3, &out_tx);
+    ports[1].2 = Box::new(Blocking(MemoryTx::new(1, out_tx.clone())));
+    let w = Worker::new(
+        lb,
+        ports,
+        vec![VIP.into()],
+        None,
+        PolicyRecord::default(),
+        Clock::start(),
+    );
+    let (frames_tx, frames_rx) = bounded(64);
+    let (commands_tx, commands_rx) = unbounded();
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || w.run(frames_rx, commands_rx, &stop))
+    };
+    // Round-robin: the first new tunnel goes to port 1.
+    frames_tx
+        .send(Received {
+            port: UPLINK,
+            frame: esp_from(1, 4500),
+        })
+        .unwrap();
+    while out.recv_timeout(Duration::from_secs(5)).unwrap().0 != 1 {}
+    let (status_tx, status_rx) = bounded(1);
+    commands_tx
+        .send(Command::Status {
+            tunnels: 0,
+            top: 0,
+            reply: status_tx,
+        })
+        .unwrap();
+    let s = status_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    thread.join().unwrap();
+    let w = &s.worker;
+    assert!(w.wall_pauses_over_1ms >= 1, "{w:?}");
+    assert!(w.longest_pause_wall_us >= 40_000.0, "{w:?}");
+    assert!(w.longest_pause_us < 20_000.0, "{w:?}");
+}
