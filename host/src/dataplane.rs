@@ -467,7 +467,10 @@ impl Worker {
 
     /// Status requests and a rebalance are worked on a slice at a time.
     fn has_background(&self) -> bool {
-        self.lb.is_rebalancing() || !self.statuses.is_empty() || !self.saves.is_empty()
+        self.lb.is_rebalancing()
+            || !self.statuses.is_empty()
+            || !self.saves.is_empty()
+            || self.fast.as_ref().is_some_and(fast::Fast::resyncing)
     }
 
     /// About a [`SLICE`] of background work: the rebalance first (new

@@ -139,6 +139,28 @@ impl<P: Policy> Balancer<P> {
         entries
     }
 
+    /// The endpoints at which the tunnels in `budget` slots from `from` may
+    /// have entries (each tunnel's UDP endpoint, and its address for raw
+    /// ESP), into `out`: a full resync ([`fast_path`](Self::fast_path) a
+    /// slice at a time) looks at each with
+    /// [`fast_path_at`](Self::fast_path_at). The slot to go on from, or
+    /// `None` once past the last.
+    pub fn fast_path_keys(
+        &self,
+        from: usize,
+        budget: usize,
+        out: &mut Vec<(IpAddr, u16)>,
+    ) -> Option<usize> {
+        let end = self.table.slots().min(from.saturating_add(budget));
+        for (_, t) in self.table.slots_in(from..end) {
+            if t.peer_port != 0 {
+                out.push((t.peer, t.peer_port));
+            }
+            out.push((t.peer, 0));
+        }
+        (end < self.table.slots()).then_some(end)
+    }
+
     /// The ESP SPI ranges of the healthy segws, in the order SPI-range
     /// steering tries them (the first that owns an SPI speaks for it);
     /// `None` when there are more than [`MAX_SPI_RANGES`] (the fast path

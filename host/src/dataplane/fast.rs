@@ -5,12 +5,17 @@
 //! The maps are brought up to date at the end of every turn in which the
 //! core's lookups changed ([`Balancer::fast_path_changes`]): the entries
 //! at the endpoints of the tunnels that were added, moved, rebound,
-//! confirmed or removed, or all of them when a segw's health or MAC or the
-//! set changed (and then the segws' SPI ranges too). All of that happens
-//! in the worker, and the
-//! worker syncs before it takes the next frames, so a moved tunnel's
-//! frames leave the fast path from the next one on (those already inside
-//! the kernel go as frames in a batch do). The counters come back every
+//! confirmed or removed, at once, before the worker takes the next frames,
+//! so a moved tunnel's frames leave the fast path from the next one on
+//! (those already inside the kernel go as frames in a batch do).
+//!
+//! When every entry may have changed (a segw's health or MAC, the set, too
+//! many endpoints at once), the whole table is looked at again: at a
+//! million tunnels that is millions of lookups and map writes, so it goes
+//! a slice of at most [`RESYNC_SLICE`] per turn. Meanwhile the egress
+//! ports are closed (the program passes every frame to the core, which
+//! handles it as it always can), and they open again once every endpoint
+//! has been looked at and the entries nobody confirmed are swept. The counters come back every
 //! [`COUNT_EVERY`] (a quarter of the idle timeout if that is shorter: a
 //! tunnel the fast path carries is never idle to the sweep), and before a
 //! status or a save, which show them at once.
@@ -27,11 +32,29 @@ use crate::time::Timestamp;
 /// How often the fast path's counters are folded into the core.
 pub const COUNT_EVERY: Duration = Duration::from_secs(1);
 
+/// The longest a turn spends on a full resync.
+pub const RESYNC_SLICE: Duration = Duration::from_micros(500);
+
+/// Table slots looked at between two looks at the clock.
+const SLOTS_PER_LOOK: usize = 64;
+
+/// A full resync under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resync {
+    /// Looking at the endpoints of the tunnels from this slot on.
+    Walking(usize),
+    /// Every endpoint looked at: removing the entries none confirmed.
+    Sweeping,
+}
+
 pub struct Fast {
     path: FastPath,
     /// Where the maps were last brought up to date.
     mark: FastPathMark,
     next_count: Timestamp,
+    resync: Option<Resync>,
+    /// Endpoints of the slice in hand (kept to reuse its memory).
+    keys: Vec<(std::net::IpAddr, u16)>,
 }
 
 impl Fast {
@@ -40,6 +63,8 @@ impl Fast {
             path,
             mark: FastPathMark::default(),
             next_count: Timestamp::ZERO,
+            resync: None,
+            keys: Vec::new(),
         }
     }
 
@@ -64,8 +89,8 @@ impl Fast {
         Ok(())
     }
 
-    /// After a turn: the maps again if the core's lookups changed, and
-    /// the counters when due.
+    /// After a turn: the maps again if the core's lookups changed (a slice
+    /// of a full resync), and the counters when due.
     pub fn turn<P: Policy>(
         &mut self,
         lb: &mut Balancer<P>,
@@ -78,17 +103,55 @@ impl Fast {
                     .update(keys.into_iter().map(|k| (k, lb.fast_path_at(k.0, k.1))))?;
             }
             FastChanges::All => {
+                self.path.close_ports()?;
                 // The ranges first: an entry never meets ranges older
                 // than itself (new ranges with an old entry at worst pass
                 // a frame to the core).
                 let ranges = lb.fast_path_spi_ranges().unwrap_or_default();
                 self.path.set_spi_ranges(&ranges)?;
-                self.path.sync(&lb.fast_path())?;
+                self.path.begin_resync();
+                self.resync = Some(Resync::Walking(0));
             }
+        }
+        if self.resync.is_some() {
+            self.resync_slice(lb)?;
         }
         if now >= self.next_count {
             self.count(lb, now);
             self.next_count = now + COUNT_EVERY.min(lb.idle_timeout() / 4);
+        }
+        Ok(())
+    }
+
+    /// The program and its maps (a test runs frames through them).
+    pub fn path(&mut self) -> &mut FastPath {
+        &mut self.path
+    }
+
+    /// A full resync is under way: the worker has work without input.
+    pub fn resyncing(&self) -> bool {
+        self.resync.is_some()
+    }
+
+    /// Up to [`RESYNC_SLICE`] of the resync under way.
+    fn resync_slice<P: Policy>(&mut self, lb: &Balancer<P>) -> Result<(), XdpError> {
+        let deadline = std::time::Instant::now() + RESYNC_SLICE;
+        while let Some(Resync::Walking(from)) = self.resync {
+            self.keys.clear();
+            let next = lb.fast_path_keys(from, SLOTS_PER_LOOK, &mut self.keys);
+            self.path.update(
+                self.keys
+                    .iter()
+                    .map(|&(addr, port)| ((addr, port), lb.fast_path_at(addr, port))),
+            )?;
+            self.resync = Some(next.map_or(Resync::Sweeping, Resync::Walking));
+            if std::time::Instant::now() >= deadline {
+                return Ok(());
+            }
+        }
+        if self.path.sweep(Some(deadline))? {
+            self.path.open_ports()?;
+            self.resync = None;
         }
         Ok(())
     }

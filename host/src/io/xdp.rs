@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use aya::maps::{Array, DevMap, HashMap as BpfHashMap, Map};
 use aya::programs::Xdp;
 use aya::{Ebpf, Pod};
+use indexmap::IndexMap;
 
 use crate::balancer::fastpath::{Direction, FastEntry, SpiRange, MAX_SPI_RANGES};
 use crate::balancer::PortId;
@@ -125,6 +126,17 @@ pub enum XdpError {
     Attach { interface: String, message: String },
 }
 
+/// bpf(2)'s command to delete a map element.
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+
+/// The map that holds entries for frames going `d`.
+fn map_name(d: Direction) -> &'static str {
+    match d {
+        Direction::Up => "up",
+        Direction::Down => "down",
+    }
+}
+
 fn map_err<E: std::fmt::Display>(map: &'static str) -> impl Fn(E) -> XdpError {
     move |e| XdpError::Map {
         map,
@@ -139,8 +151,17 @@ pub struct FastPath {
     native: bool,
     /// Port id → (ifindex, the port's MAC).
     ports: HashMap<PortId, (u32, Mac)>,
-    /// What `up` and `down` hold now, to write only the difference.
-    installed: HashMap<(Direction, Endpoint), Forward>,
+    /// What `up` and `down` hold now, to write only the difference; each
+    /// with the resync it was last confirmed in. `None`: removed from the
+    /// map while a sweep walks this list (its slot goes in the sweep, so
+    /// that no entry moves behind the sweep's back).
+    installed: IndexMap<(Direction, Endpoint), (Option<Forward>, u32)>,
+    /// The current resync: entries not confirmed in it are stale.
+    generation: u32,
+    /// Where a sweep of stale entries is (`None`: none under way).
+    sweep_at: Option<usize>,
+    /// The egress ports are closed (see [`close_ports`](Self::close_ports)).
+    closed: bool,
     /// What `spi_ranges` holds now.
     spi_ranges: Vec<SpiRangeSlot>,
     /// The `stats` array, mapped into our memory.
@@ -213,7 +234,10 @@ impl FastPath {
             ebpf,
             native,
             ports: HashMap::new(),
-            installed: HashMap::new(),
+            installed: IndexMap::new(),
+            generation: 0,
+            sweep_at: None,
+            closed: false,
             spi_ranges: vec![SpiRangeSlot::default(); MAX_SPI_RANGES],
             counters,
             read: Vec::new(),
@@ -239,12 +263,118 @@ impl FastPath {
             BpfHashMap::try_from(self.map("port_macs")?).map_err(map_err("port_macs"))?;
         macs.insert(ifindex, PortMac { mac, pad: 0 }, 0)
             .map_err(map_err("port_macs"))?;
-        let mut tx: DevMap<_> =
-            DevMap::try_from(self.map("tx_ports")?).map_err(map_err("tx_ports"))?;
-        tx.set(u32::from(port), ifindex, None, 0)
-            .map_err(map_err("tx_ports"))?;
+        if !self.closed {
+            let mut tx: DevMap<_> =
+                DevMap::try_from(self.map("tx_ports")?).map_err(map_err("tx_ports"))?;
+            tx.set(u32::from(port), ifindex, None, 0)
+                .map_err(map_err("tx_ports"))?;
+        }
         self.ports.insert(port, (ifindex, mac));
         Ok(())
+    }
+
+    /// Stop every redirect: with no egress port in `tx_ports`, the program
+    /// passes every frame to the core unchanged. While a full resync walks
+    /// the table a slice at a time, the entries it has not reached yet may
+    /// be stale (a segw down, a MAC changed, tunnels moved): closed ports
+    /// keep the fast path from acting on them.
+    pub fn close_ports(&mut self) -> Result<(), XdpError> {
+        let ports: Vec<u32> = self.ports.keys().map(|&p| u32::from(p)).collect();
+        let Map::DevMap(tx) = self.map("tx_ports")? else {
+            return Err(XdpError::Map {
+                map: "tx_ports",
+                message: "not a device map".into(),
+            });
+        };
+        let fd = tx.fd().as_fd().as_raw_fd();
+        for port in ports {
+            // aya has no delete for a device map: bpf(2) itself. A port
+            // that is not there (ENOENT) is closed already.
+            #[repr(C)]
+            struct Delete {
+                map_fd: u32,
+                pad: u32,
+                key: u64,
+            }
+            let attr = Delete {
+                map_fd: fd as u32,
+                pad: 0,
+                key: &port as *const u32 as u64,
+            };
+            // SAFETY: BPF_MAP_DELETE_ELEM reads `attr` and the 4-byte key
+            // it points to, both alive for the call.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_DELETE_ELEM,
+                    &attr as *const Delete,
+                    std::mem::size_of::<Delete>() as u32,
+                )
+            };
+            let e = std::io::Error::last_os_error();
+            if r < 0 && e.raw_os_error() != Some(libc::ENOENT) {
+                return Err(XdpError::Map {
+                    map: "tx_ports",
+                    message: format!("closing port {port}: {e}"),
+                });
+            }
+        }
+        self.closed = true;
+        Ok(())
+    }
+
+    /// Redirect again (see [`close_ports`](Self::close_ports)).
+    pub fn open_ports(&mut self) -> Result<(), XdpError> {
+        let ports: Vec<(PortId, u32)> = self.ports.iter().map(|(&p, &(i, _))| (p, i)).collect();
+        let mut tx: DevMap<_> =
+            DevMap::try_from(self.map("tx_ports")?).map_err(map_err("tx_ports"))?;
+        for (port, ifindex) in ports {
+            tx.set(u32::from(port), ifindex, None, 0)
+                .map_err(map_err("tx_ports"))?;
+        }
+        self.closed = false;
+        Ok(())
+    }
+
+    /// A full resync begins: from now on an entry is current once
+    /// [`update`](Self::update) confirms it, and the ones left unconfirmed
+    /// when the caller has looked at every endpoint go in
+    /// [`sweep`](Self::sweep).
+    pub fn begin_resync(&mut self) {
+        self.generation = self.generation.wrapping_add(1);
+        self.sweep_at = None;
+    }
+
+    /// Remove entries no endpoint confirmed since [`begin_resync`]
+    /// (Self::begin_resync), until `deadline` (`None`: all): `Ok(true)`
+    /// once none is left.
+    pub fn sweep(&mut self, deadline: Option<std::time::Instant>) -> Result<bool, XdpError> {
+        let mut i = self.sweep_at.unwrap_or(0);
+        self.sweep_at = Some(i);
+        let mut looked = 0u32;
+        while let Some((&key, &(f, gen))) = self.installed.get_index(i) {
+            looked += 1;
+            if looked % 256 == 0 && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                self.sweep_at = Some(i);
+                return Ok(false);
+            }
+            if gen == self.generation && f.is_some() {
+                i += 1;
+                continue;
+            }
+            if f.is_some() {
+                self.remove_from_map(key)?;
+            }
+            // The last entry takes this index: looked at next.
+            self.installed.swap_remove_index(i);
+        }
+        self.sweep_at = None;
+        Ok(true)
+    }
+
+    /// How many entries the maps hold (both ways).
+    pub fn entries(&self) -> usize {
+        self.installed.values().filter(|(f, _)| f.is_some()).count()
     }
 
     pub fn is_native(&self) -> bool {
@@ -332,27 +462,15 @@ impl FastPath {
     /// Make the maps hold exactly `entries`: write what is new or changed,
     /// remove what is gone.
     pub fn sync(&mut self, entries: &[FastEntry]) -> Result<Synced, XdpError> {
-        let mut want: HashMap<(Direction, Endpoint), Forward> =
-            HashMap::with_capacity(entries.len());
-        for e in entries {
-            want.insert(
-                (e.direction, Endpoint::of(e.addr, e.port)),
-                self.forward(e)?,
-            );
-        }
-        let gone: Vec<(Direction, Endpoint)> = self
-            .installed
-            .keys()
-            .filter(|key| !want.contains_key(key))
-            .copied()
-            .collect();
+        self.begin_resync();
         let mut synced = Synced::default();
-        for key in gone {
-            synced.removed += self.write(key, None)?;
+        for e in entries {
+            let f = self.forward(e)?;
+            synced.written += self.write((e.direction, Endpoint::of(e.addr, e.port)), Some(f))?;
         }
-        for (key, f) in want {
-            synced.written += self.write(key, Some(f))?;
-        }
+        let before = self.entries();
+        self.sweep(None)?;
+        synced.removed = before - self.entries();
         Ok(synced)
     }
 
@@ -384,30 +502,44 @@ impl FastPath {
     /// One map entry as `f` says (`None`: none), unless it already is: 1
     /// if the map was written.
     fn write(&mut self, key: (Direction, Endpoint), f: Option<Forward>) -> Result<usize, XdpError> {
-        if self.installed.get(&key) == f.as_ref() {
+        let generation = self.generation;
+        let now = self.installed.get_mut(&key);
+        if now.as_ref().map_or(f.is_none(), |(was, _)| *was == f) {
+            // As it is: current in this resync.
+            if let Some((_, gen)) = now {
+                *gen = generation;
+            }
             return Ok(0);
         }
-        let name = match key.0 {
-            Direction::Up => "up",
-            Direction::Down => "down",
-        };
-        let mut map: BpfHashMap<_, Endpoint, Forward> =
-            BpfHashMap::try_from(self.map(name)?).map_err(map_err(name))?;
         match f {
             Some(f) => {
+                let name = map_name(key.0);
+                let mut map: BpfHashMap<_, Endpoint, Forward> =
+                    BpfHashMap::try_from(self.map(name)?).map_err(map_err(name))?;
                 map.insert(key.1, f, 0).map_err(map_err(name))?;
-                self.installed.insert(key, f);
+                self.installed.insert(key, (Some(f), generation));
                 let slots = f.tunnel as usize + 1;
                 if self.read.len() < slots {
                     self.read.resize(slots, FastCounts::default());
                 }
             }
             None => {
-                map.remove(&key.1).map_err(map_err(name))?;
-                self.installed.remove(&key);
+                self.remove_from_map(key)?;
+                if self.sweep_at.is_some() {
+                    self.installed.insert(key, (None, generation));
+                } else {
+                    self.installed.swap_remove(&key);
+                }
             }
         }
         Ok(1)
+    }
+
+    fn remove_from_map(&mut self, key: (Direction, Endpoint)) -> Result<(), XdpError> {
+        let name = map_name(key.0);
+        let mut map: BpfHashMap<_, Endpoint, Forward> =
+            BpfHashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        map.remove(&key.1).map_err(map_err(name))
     }
 
     /// Run the program once on `frame` as if it came in on interface
