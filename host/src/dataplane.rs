@@ -20,7 +20,9 @@ use crossbeam_channel::{select, Receiver, Sender};
 
 use crate::balancer::saved::SavedTunnel;
 use crate::balancer::{Balancer, GatewaySpec, HealthConfig, PortId, Prefix, Verdict, UPLINK};
-use crate::control::status::{PolicyRecord, PortStatus, Status, TunnelLists, WorkerStatus};
+use crate::control::status::{
+    Gathered, PolicyRecord, PortStatus, Status, TunnelLists, WorkerStatus,
+};
 use crate::io::{Received, Tx};
 use crate::packet::Mac;
 use crate::policy::wasm::WasmPolicy;
@@ -77,10 +79,11 @@ pub type Reply = Result<String, String>;
 pub enum Command {
     Status {
         /// The oldest tunnels of each gateway, and the heaviest overall,
-        /// to list.
+        /// to list (gathered here; sorted and formatted by whoever asked:
+        /// [`Gathered::finish`]).
         tunnels: usize,
         top: usize,
-        reply: Sender<Status>,
+        reply: Sender<Gathered>,
     },
     /// Swap the policy. `noticed` is when the change was first seen (a file
     /// event, a ctl request): the swap latency runs from there.
@@ -190,7 +193,7 @@ pub struct Worker {
     last_send_error_log: Option<Instant>,
     pauses: Pauses,
     /// `ctl status` requests that list tunnels, gathered a slice at a time.
-    statuses: std::collections::VecDeque<(TunnelLists, Sender<Status>)>,
+    statuses: std::collections::VecDeque<(TunnelLists, Sender<Gathered>)>,
     /// Saves under way: the next slot, what is saved so far, who asked.
     saves: std::collections::VecDeque<(usize, Vec<SavedTunnel>, Sender<Vec<SavedTunnel>>)>,
     /// The swap whose rebalance is under way, answered when it ends.
@@ -847,10 +850,10 @@ impl Worker {
     pub fn status(&self, tunnels: usize, now: Timestamp) -> Status {
         let mut lists = TunnelLists::new(tunnels);
         while !lists.advance(&self.lb, usize::MAX) {}
-        self.snapshot(lists, now)
+        self.snapshot(lists, now).finish()
     }
 
-    fn snapshot(&self, lists: TunnelLists, now: Timestamp) -> Status {
+    fn snapshot(&self, lists: TunnelLists, now: Timestamp) -> Gathered {
         let ports = self
             .ports
             .iter()
@@ -865,7 +868,7 @@ impl Worker {
                 })
             })
             .collect();
-        let mut status = Status::of(
+        let mut gathered = Gathered::of(
             &self.lb,
             &self.policy,
             ports,
@@ -873,6 +876,7 @@ impl Worker {
             now.since_epoch().as_secs_f64(),
             lists,
         );
+        let status = gathered.status_mut();
         status.worker = self.worker_status();
         if let Some(hook) = &self.hook {
             use std::sync::atomic::Ordering::Relaxed;
@@ -880,7 +884,7 @@ impl Worker {
             status.moves.hook_ran = c.ran.load(Relaxed);
             status.moves.hook_failed = c.failed.load(Relaxed) + c.dropped.load(Relaxed);
         }
-        status
+        gathered
     }
 
     fn worker_status(&self) -> WorkerStatus {

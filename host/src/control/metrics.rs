@@ -525,7 +525,7 @@ mod tests {
 
     /// A balancer's status with three segws and no tunnels.
     fn a_status() -> Status {
-        use crate::control::status::{PolicyRecord, TunnelLists};
+        use crate::control::status::{Gathered, PolicyRecord, TunnelLists};
         let lb = crate::balancer::farm::balancer(
             crate::policy::native::shipped("round-robin", &[]).unwrap(),
             3,
@@ -533,7 +533,7 @@ mod tests {
             64,
         );
         let now = crate::time::Timestamp::ZERO;
-        Status::of(
+        Gathered::of(
             &lb,
             &PolicyRecord::default(),
             vec![],
@@ -541,6 +541,7 @@ mod tests {
             0.0,
             TunnelLists::new(0),
         )
+        .finish()
     }
 
     fn free_addr() -> SocketAddr {

@@ -299,7 +299,10 @@ fn a_policy_swap_under_a_stream_loses_no_frame_and_moves_no_tunnel() {
             reply: status_tx,
         })
         .unwrap();
-    let s = status_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let s = status_rx
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .finish();
     assert_eq!(s.policy.name, "weighted");
     assert_eq!(s.policy.reloads, 1);
     assert_eq!(s.counters.moved, 0);
@@ -453,7 +456,7 @@ fn status_top_lists_the_heaviest_tunnels_with_their_rates() {
     );
     let status = loop {
         if let Ok(s) = answer.try_recv() {
-            break s;
+            break s.finish();
         }
         w.background(at(1_010));
     };
@@ -480,4 +483,66 @@ fn status_top_lists_the_heaviest_tunnels_with_their_rates() {
     let text = status.render();
     assert!(text.contains("heaviest tunnels"), "{text}");
     assert!(text.contains("198.51.100.1:4500"), "{text}");
+}
+
+/// `ctl status --tunnels N` with N as large as a status-only user may ask:
+/// the worker gathers a bounded list a slice at a time; sorting and
+/// formatting it is not the worker's (it was: one turn of the whole list).
+#[test]
+fn a_status_listing_every_tunnel_is_capped_and_finished_off_the_worker() {
+    const TUNNELS: u32 = 60_000;
+    let lb = crate::balancer::farm::balancer(
+        native::shipped("round-robin", &[]).unwrap(),
+        3,
+        vec!["10.2.2.1/32".parse().unwrap()],
+        1 << 17,
+    );
+    let (out_tx, _out) = unbounded();
+    let ports = crate::io::memory::ports(3, &out_tx);
+    let mut w = Worker::new(
+        lb,
+        ports,
+        vec![VIP.into()],
+        None,
+        PolicyRecord::default(),
+        Clock::start(),
+    );
+    for i in 0..TUNNELS {
+        let from = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+        let ip = udp_packet(from, 4500, IpAddr::V4(VIP), 4500, &esp_body(i + 1, 1, 100));
+        let mut f = frame(port_mac(UPLINK), ROUTER, None, &ip);
+        w.lb.handle(&mut f, UPLINK, Timestamp::ZERO);
+    }
+    assert_eq!(w.lb.table().len(), TUNNELS as usize);
+    let (reply, answer) = bounded(1);
+    w.command(
+        Command::Status {
+            tunnels: usize::MAX,
+            top: 0,
+            reply,
+        },
+        Timestamp::ZERO,
+    );
+    let mut longest = Duration::ZERO;
+    let gathered = loop {
+        if let Ok(g) = answer.try_recv() {
+            break g;
+        }
+        let turn = Instant::now();
+        w.background(Timestamp::ZERO);
+        longest = longest.max(turn.elapsed());
+    };
+    let status = crate::control::status::Gathered::finish(gathered);
+    eprintln!("longest turn of the listing: {longest:?}");
+    for g in &status.gateways {
+        assert_eq!(
+            g.tunnel_list.len(),
+            crate::control::status::TUNNELS_MAX,
+            "{}",
+            g.name
+        );
+    }
+    // A slice is about SLICE (300 µs) plus a chunk; a debug build on a
+    // shared machine, some milliseconds. The whole listing was ~10 times that.
+    assert!(longest < Duration::from_millis(25), "a turn of {longest:?}");
 }
