@@ -66,6 +66,9 @@ pub const MEASURE_EVERY: Duration = Duration::from_secs(1);
 /// timers' 6 ms cadence that is ~340,000 tunnels a second: each tunnel's
 /// rates are updated every second up to there, every ~3 s at a million.
 const TUNNEL_RATES_MAX: usize = 2_048;
+/// How old the fast path's counters in a status or a save may be (the
+/// measurement folds them every second too).
+const FOLD_FRESH: Duration = Duration::from_secs(1);
 /// How often segws are asked for their MAC when health probing is off.
 const MAC_REFRESH: Duration = Duration::from_secs(1);
 
@@ -200,6 +203,10 @@ pub struct Worker {
     swap: Option<Swapped>,
     /// The XDP fast path in front of the ports, when it runs.
     fast: Option<fast::Fast>,
+    /// Folds of the fast path's counters into the core: when the last
+    /// was, and how many so far.
+    folded: Option<Timestamp>,
+    folds: u64,
     /// What asks a segw to move a peer (`[moves] hook`); without it no
     /// graceful move is taken.
     hook: Option<hook::Hook>,
@@ -265,6 +272,8 @@ impl Worker {
             saves: Default::default(),
             swap: None,
             fast: None,
+            folded: None,
+            folds: 0,
             hook: None,
         };
         for (port, interface, tx) in ports {
@@ -330,6 +339,8 @@ impl Worker {
     fn fast_path_count(&mut self, now: Timestamp) {
         if let Some(fast) = &mut self.fast {
             fast.count(&mut self.lb, now);
+            self.folded = Some(now);
+            self.folds += 1;
         }
     }
 
@@ -614,7 +625,10 @@ impl Worker {
     }
 
     pub fn command(&mut self, command: Command, now: Timestamp) {
-        if matches!(command, Command::Status { .. } | Command::Save { .. }) {
+        // A fold reads every tunnel slot the fast path has written: for a
+        // status or a save, at most one a FOLD_FRESH, whoever asks how often.
+        let stale = self.folded.is_none_or(|at| now.since(at) >= FOLD_FRESH);
+        if stale && matches!(command, Command::Status { .. } | Command::Save { .. }) {
             self.fast_path_count(now);
         }
         match command {

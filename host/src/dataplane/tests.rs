@@ -546,3 +546,47 @@ fn a_status_listing_every_tunnel_is_capped_and_finished_off_the_worker() {
     // shared machine, some milliseconds. The whole listing was ~10 times that.
     assert!(longest < Duration::from_millis(25), "a turn of {longest:?}");
 }
+
+/// Statuses and saves as fast as clients can ask (a status-only user in a
+/// loop): the fast path's counters, a walk of every tunnel slot it has
+/// written (64 MB at a million), are folded at most once a second for
+/// them, not once each.
+#[test]
+fn a_storm_of_statuses_folds_the_fast_paths_counters_at_most_once_a_second() {
+    let path = match crate::io::xdp::FastPath::load(1 << 16, false) {
+        Ok(path) => path,
+        Err(e) if std::env::var_os("SEGWLB_REQUIRE_NETNS").is_none() => {
+            eprintln!("skipped: no XDP fast path here ({e})");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let (mut w, _out) = worker(None);
+    // The program on no port: its counters are there to fold all the same.
+    w.fast = Some(fast::Fast::new(path));
+    let at = |ms: u64| Timestamp::from_duration(Duration::from_millis(ms));
+    for i in 0..50u64 {
+        let (reply, _answer) = bounded(1);
+        w.command(
+            Command::Status {
+                tunnels: 0,
+                top: 0,
+                reply,
+            },
+            at(i * 10),
+        );
+        let (reply, _answer) = bounded(1);
+        w.command(Command::Save { reply }, at(i * 10 + 5));
+    }
+    assert_eq!(w.folds, 1, "folds for 100 requests in half a second");
+    let (reply, _answer) = bounded(1);
+    w.command(
+        Command::Status {
+            tunnels: 0,
+            top: 0,
+            reply,
+        },
+        at(1_100),
+    );
+    assert_eq!(w.folds, 2, "a second later, the next status folds again");
+}
