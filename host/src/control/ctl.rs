@@ -234,7 +234,7 @@ struct Slot {
 }
 
 impl Slots {
-    /// A slot for `peer` granted `grant`, or why not (`privileged`: root
+    /// A slot for a client of user `uid` granted `grant`, or why not (`privileged`: root
     /// or the balancer's own user, bound only by [`MAX_CLIENTS`]).
     fn take(
         slots: &Arc<Mutex<Slots>>,
