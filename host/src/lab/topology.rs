@@ -668,6 +668,11 @@ pub fn down(config: &LabConfig) -> Result<Removed> {
     let work = config.work_dir();
     let mut removed = Removed::default();
     let mut pids = Vec::new();
+    if fs::symlink_metadata(&work).is_ok() {
+        if let Err(e) = super::check_private(&work) {
+            eprintln!("warning: {e}; its processes are found by namespace only");
+        }
+    }
     if let Ok(state) = State::load(&work) {
         pids.push(state.balancer_pid);
         pids.extend(state.initiators.iter().map(|i| i.pid));
