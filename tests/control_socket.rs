@@ -1,6 +1,7 @@
 //! The control socket against other users and bad clients: its file mode,
-//! the peer's credentials (`segwlb ctl` run as `nobody`), clients served
-//! concurrently and bounded, silent and slow ones cut. The server is
+//! the peer's credentials (`segwlb ctl` run as `nobody`; a thread of
+//! another user connecting), clients served concurrently and bounded (in
+//! all and per user), silent and slow ones cut. The server is
 //! `ctl::serve` with a stand-in handler that counts what reaches it.
 //!
 //! Switching users needs root: without it these tests say so and pass,
@@ -246,4 +247,145 @@ fn silent_slow_and_flooding_clients_hold_up_no_one() {
         "{long:?}"
     );
     assert_eq!(s.reached.load(Ordering::SeqCst), before);
+}
+
+/// Run `f` on a thread of its own whose credentials alone are `uid`/`gid`
+/// with no supplementary groups (raw system calls change the calling
+/// thread only; glibc's wrappers would change the whole process). What
+/// such a thread connects is, to the kernel, a connection of that user.
+fn on_thread_as<T: Send + 'static>(
+    uid: u32,
+    gid: u32,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: plain system calls on this thread's own credentials.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()),
+                0
+            );
+            assert_eq!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+        }
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// The process's supplementary groups, for the duration of a test.
+struct ProcessGroups(Vec<libc::gid_t>);
+
+impl ProcessGroups {
+    fn add(gid: u32) -> Self {
+        // SAFETY: buffers sized by the first call; setgroups as root.
+        unsafe {
+            let n = libc::getgroups(0, std::ptr::null_mut());
+            let mut old = vec![0; n.max(0) as usize];
+            libc::getgroups(n, old.as_mut_ptr());
+            let mut new = old.clone();
+            new.push(gid);
+            assert_eq!(libc::setgroups(new.len(), new.as_ptr()), 0);
+            ProcessGroups(old)
+        }
+    }
+}
+
+impl Drop for ProcessGroups {
+    fn drop(&mut self) {
+        // SAFETY: as root, the groups the process had.
+        unsafe { libc::setgroups(self.0.len(), self.0.as_ptr()) };
+    }
+}
+
+const DRAIN: &str = "{\"cmd\":\"gateway_drain\",\"name\":\"segw1\",\"draining\":true}\n";
+
+#[test]
+fn the_groups_that_count_are_the_connecting_clients_not_its_process_leaders() {
+    if !can_run() {
+        return;
+    }
+    // The control group is one the process's main thread has; the thread
+    // that connects has dropped it (as a reused PID's new owner, or any
+    // process whose leader differs from the caller, would show in
+    // /proc/PID/status).
+    const CONTROL: u32 = 65_531;
+    let groups = Groups {
+        control: Some(CONTROL),
+        status: Some(65_530),
+    };
+    let s = Server::start("peergroups", groups);
+    let _leader = ProcessGroups::add(CONTROL);
+    let path = s.path.clone();
+    let answer = on_thread_as(STRANGER, STRANGER, move || ask(&path, DRAIN));
+    assert!(
+        !answer.ok && answer.message.contains("permission denied: uid 65533"),
+        "{answer:?}"
+    );
+    assert_eq!(
+        s.reached.load(Ordering::SeqCst),
+        0,
+        "the drain never reached it"
+    );
+}
+
+#[test]
+fn status_only_users_and_strangers_cannot_take_every_client_slot() {
+    if !can_run() {
+        return;
+    }
+    let groups = Groups {
+        control: Some(65_530),
+        status: Some(NOBODY),
+    };
+    let s = Server::start("slots", groups);
+    // A stranger and a status-only user each open more connections than
+    // there are slots, and say nothing.
+    let open = |uid: u32| {
+        let path = s.path.clone();
+        on_thread_as(uid, uid, move || {
+            (0..MAX_CLIENTS + 2)
+                .map(|_| UnixStream::connect(&path).unwrap())
+                .collect::<Vec<_>>()
+        })
+    };
+    let strangers = open(STRANGER);
+    let status_only = open(NOBODY);
+    std::thread::sleep(Duration::from_millis(200));
+    // Root is still served, at once.
+    let t = Instant::now();
+    let answer = ask(&s.path, STATUS);
+    assert!(answer.ok, "{answer:?}");
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    // The stranger was told no at once, without a slot; the status-only
+    // user got a few slots and was told the rest were busy for it.
+    let told = |conns: Vec<UnixStream>| {
+        conns
+            .into_iter()
+            .filter_map(|c| {
+                c.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                let mut line = String::new();
+                BufReader::new(c).read_line(&mut line).ok()?;
+                Some(
+                    serde_json::from_str::<Response>(line.trim_end())
+                        .ok()?
+                        .message,
+                )
+            })
+            .collect::<Vec<String>>()
+    };
+    let refused = told(strangers);
+    assert_eq!(refused.len(), MAX_CLIENTS + 2, "{refused:?}");
+    assert!(
+        refused.iter().all(|m| m.contains("permission denied")),
+        "{refused:?}"
+    );
+    let busy = told(status_only);
+    assert!(busy.len() >= MAX_CLIENTS + 2 - ctl::PER_USER, "{busy:?}");
+    assert!(busy.iter().all(|m| m.starts_with("busy:")), "{busy:?}");
 }

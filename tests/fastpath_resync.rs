@@ -87,18 +87,49 @@ fn core() -> (Balancer<Box<dyn Policy>>, Vec<PortId>) {
     let mut on = Vec::new();
     for i in 0..TUNNELS {
         let spi = u64::from(i) + 1;
-        let init = udp_packet(peer(i), 500, VIP, 500, &ike_body(&ike(spi, IKE_SA_INIT, false), false, 100));
+        let init = udp_packet(
+            peer(i),
+            500,
+            VIP,
+            500,
+            &ike_body(&ike(spi, IKE_SA_INIT, false), false, 100),
+        );
         let mut f = frame(port_mac(UPLINK), ROUTER, None, &init);
         let Verdict::Forward(gw) = lb.handle(&mut f, UPLINK, now) else {
             panic!("tunnel {i} not placed")
         };
         let to = |ip: &[u8]| frame(port_mac(gw), segw_mac(gw as u8), None, ip);
-        let answer = udp_packet(VIP, 500, peer(i), 500, &ike_body(&ike(spi, IKE_SA_INIT, true), false, 100));
+        let answer = udp_packet(
+            VIP,
+            500,
+            peer(i),
+            500,
+            &ike_body(&ike(spi, IKE_SA_INIT, true), false, 100),
+        );
         lb.handle(&mut to(&answer), gw, now);
-        let auth = udp_packet(peer(i), port_of(i), VIP, 4500, &ike_body(&ike(spi, IKE_AUTH, false), true, 100));
-        lb.handle(&mut frame(port_mac(UPLINK), ROUTER, None, &auth), UPLINK, now);
-        let answer = udp_packet(VIP, 4500, peer(i), port_of(i), &ike_body(&ike(spi, IKE_AUTH, true), true, 100));
-        assert_eq!(lb.handle(&mut to(&answer), gw, now), Verdict::Forward(UPLINK));
+        let auth = udp_packet(
+            peer(i),
+            port_of(i),
+            VIP,
+            4500,
+            &ike_body(&ike(spi, IKE_AUTH, false), true, 100),
+        );
+        lb.handle(
+            &mut frame(port_mac(UPLINK), ROUTER, None, &auth),
+            UPLINK,
+            now,
+        );
+        let answer = udp_packet(
+            VIP,
+            4500,
+            peer(i),
+            port_of(i),
+            &ike_body(&ike(spi, IKE_AUTH, true), true, 100),
+        );
+        assert_eq!(
+            lb.handle(&mut to(&answer), gw, now),
+            Verdict::Forward(UPLINK)
+        );
         on.push(gw);
     }
     (lb, on)
@@ -124,7 +155,8 @@ fn a_full_resync_goes_a_slice_a_turn_and_meanwhile_every_frame_goes_to_the_core(
             let mut fast = Fast::new(FastPath::load(1 << 17, false).unwrap());
             for n in 0..=SEGWS {
                 let port = PortId::from(n);
-                fast.add_port(port, &format!("p{n}"), port_mac(port)).unwrap();
+                fast.add_port(port, &format!("p{n}"), port_mac(port))
+                    .unwrap();
             }
             let uplink = {
                 let name = std::ffi::CString::new("p0").unwrap();
@@ -153,7 +185,8 @@ fn a_full_resync_goes_a_slice_a_turn_and_meanwhile_every_frame_goes_to_the_core(
                 }
             };
             let (turns, longest) = resync(&mut fast, &mut lb);
-            let first = format!("first sync of {TUNNELS} tunnels: {turns} turns, longest {longest:?}");
+            let first =
+                format!("first sync of {TUNNELS} tunnels: {turns} turns, longest {longest:?}");
             assert!(turns > 10, "{first}");
             assert_eq!(fast.path().entries(), lb.fast_path().len(), "{first}");
             // Every tunnel's ESP takes the fast path now.
@@ -170,7 +203,11 @@ fn a_full_resync_goes_a_slice_a_turn_and_meanwhile_every_frame_goes_to_the_core(
             assert_eq!(fast.path().entries(), lb.fast_path().len(), "{failure}");
             for i in (0..TUNNELS).step_by(997) {
                 let (action, _) = fast.path().test_run(&esp_up(i), uplink).unwrap();
-                let want = if on[i as usize] == 1 { XDP_PASS } else { XDP_REDIRECT };
+                let want = if on[i as usize] == 1 {
+                    XDP_PASS
+                } else {
+                    XDP_REDIRECT
+                };
                 assert_eq!(action, want, "tunnel {i} on segw{}", on[i as usize]);
             }
             // A weight change is the policy's alone: no resync.

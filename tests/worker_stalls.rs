@@ -160,7 +160,10 @@ impl Running {
                 reply,
             })
             .unwrap();
-        answer.recv_timeout(Duration::from_secs(120)).unwrap()
+        answer
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap()
+            .finish()
     }
 }
 

@@ -20,7 +20,9 @@ use crossbeam_channel::{select, Receiver, Sender};
 
 use crate::balancer::saved::SavedTunnel;
 use crate::balancer::{Balancer, GatewaySpec, HealthConfig, PortId, Prefix, Verdict, UPLINK};
-use crate::control::status::{PolicyRecord, PortStatus, Status, TunnelLists, WorkerStatus};
+use crate::control::status::{
+    Gathered, PolicyRecord, PortStatus, Status, TunnelLists, WorkerStatus,
+};
 use crate::io::{Received, Tx};
 use crate::packet::Mac;
 use crate::policy::wasm::WasmPolicy;
@@ -64,6 +66,9 @@ pub const MEASURE_EVERY: Duration = Duration::from_secs(1);
 /// timers' 6 ms cadence that is ~340,000 tunnels a second: each tunnel's
 /// rates are updated every second up to there, every ~3 s at a million.
 const TUNNEL_RATES_MAX: usize = 2_048;
+/// How old the fast path's counters in a status or a save may be (the
+/// measurement folds them every second too).
+const FOLD_FRESH: Duration = Duration::from_secs(1);
 /// How often segws are asked for their MAC when health probing is off.
 const MAC_REFRESH: Duration = Duration::from_secs(1);
 
@@ -77,10 +82,11 @@ pub type Reply = Result<String, String>;
 pub enum Command {
     Status {
         /// The oldest tunnels of each gateway, and the heaviest overall,
-        /// to list.
+        /// to list (gathered here; sorted and formatted by whoever asked:
+        /// [`Gathered::finish`]).
         tunnels: usize,
         top: usize,
-        reply: Sender<Status>,
+        reply: Sender<Gathered>,
     },
     /// Swap the policy. `noticed` is when the change was first seen (a file
     /// event, a ctl request): the swap latency runs from there.
@@ -203,13 +209,17 @@ pub struct Worker {
     last_send_error_log: Option<Instant>,
     pauses: Pauses,
     /// `ctl status` requests that list tunnels, gathered a slice at a time.
-    statuses: std::collections::VecDeque<(TunnelLists, Sender<Status>)>,
+    statuses: std::collections::VecDeque<(TunnelLists, Sender<Gathered>)>,
     /// Saves under way: the next slot, what is saved so far, who asked.
     saves: std::collections::VecDeque<(usize, Vec<SavedTunnel>, Sender<Vec<SavedTunnel>>)>,
     /// The swap whose rebalance is under way, answered when it ends.
     swap: Option<Swapped>,
     /// The XDP fast path in front of the ports, when it runs.
     fast: Option<fast::Fast>,
+    /// Folds of the fast path's counters into the core: when the last
+    /// was, and how many so far.
+    folded: Option<Timestamp>,
+    folds: u64,
     /// What asks a segw to move a peer (`[moves] hook`); without it no
     /// graceful move is taken.
     hook: Option<hook::Hook>,
@@ -275,6 +285,8 @@ impl Worker {
             saves: Default::default(),
             swap: None,
             fast: None,
+            folded: None,
+            folds: 0,
             hook: None,
         };
         for (port, interface, tx) in ports {
@@ -340,6 +352,8 @@ impl Worker {
     fn fast_path_count(&mut self, now: Timestamp) {
         if let Some(fast) = &mut self.fast {
             fast.count(&mut self.lb, now);
+            self.folded = Some(now);
+            self.folds += 1;
         }
     }
 
@@ -627,7 +641,10 @@ impl Worker {
     }
 
     pub fn command(&mut self, command: Command, now: Timestamp) {
-        if matches!(command, Command::Status { .. } | Command::Save { .. }) {
+        // A fold reads every tunnel slot the fast path has written: for a
+        // status or a save, at most one a FOLD_FRESH, whoever asks how often.
+        let stale = self.folded.is_none_or(|at| now.since(at) >= FOLD_FRESH);
+        if stale && matches!(command, Command::Status { .. } | Command::Save { .. }) {
             self.fast_path_count(now);
         }
         match command {
@@ -863,10 +880,10 @@ impl Worker {
     pub fn status(&self, tunnels: usize, now: Timestamp) -> Status {
         let mut lists = TunnelLists::new(tunnels);
         while !lists.advance(&self.lb, usize::MAX) {}
-        self.snapshot(lists, now)
+        self.snapshot(lists, now).finish()
     }
 
-    fn snapshot(&self, lists: TunnelLists, now: Timestamp) -> Status {
+    fn snapshot(&self, lists: TunnelLists, now: Timestamp) -> Gathered {
         let ports = self
             .ports
             .iter()
@@ -881,7 +898,7 @@ impl Worker {
                 })
             })
             .collect();
-        let mut status = Status::of(
+        let mut gathered = Gathered::of(
             &self.lb,
             &self.policy,
             ports,
@@ -889,6 +906,7 @@ impl Worker {
             self.clock.uptime().as_secs_f64(),
             lists,
         );
+        let status = gathered.status_mut();
         status.worker = self.worker_status();
         if let Some(hook) = &self.hook {
             use std::sync::atomic::Ordering::Relaxed;
@@ -896,7 +914,7 @@ impl Worker {
             status.moves.hook_ran = c.ran.load(Relaxed);
             status.moves.hook_failed = c.failed.load(Relaxed) + c.dropped.load(Relaxed);
         }
-        status
+        gathered
     }
 
     fn worker_status(&self) -> WorkerStatus {

@@ -153,7 +153,7 @@ enum CtlCommand {
         /// The whole status as JSON, for tools.
         #[arg(long)]
         json: bool,
-        /// List at most this many tunnels per segw.
+        /// List at most this many tunnels per segw (at most 10,000).
         #[arg(long, default_value_t = 50)]
         tunnels: usize,
         /// List the N heaviest tunnels (bytes/s both ways), over every segw.

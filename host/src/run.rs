@@ -13,7 +13,7 @@ use crossbeam_channel::{bounded, unbounded};
 
 use crate::balancer::{self, Balancer, GatewaySpec, UPLINK};
 use crate::control::config::{ConfigError, FastPathMode, RunConfig};
-use crate::control::status::PolicyRecord;
+use crate::control::status::{Gathered, PolicyRecord};
 use crate::control::{ctl, metrics, reload, state, PortHandle, Supervisor};
 use crate::dataplane::{unix_now, Clock, Command, Worker};
 use crate::io::{afpacket, Tx};
@@ -245,7 +245,9 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
                     reply: tx,
                 })
                 .ok()?;
-            rx.recv_timeout(Duration::from_secs(5)).ok()
+            rx.recv_timeout(Duration::from_secs(5))
+                .ok()
+                .map(Gathered::finish)
         };
         threads.push(
             metrics::serve(addr, snapshot, stop.clone())

@@ -3,7 +3,10 @@
 //! Two gates. The socket file's mode: 0600 (the balancer's user only),
 //! 0660 and owned by a group when one is named, 0666 when two different
 //! groups are (a file has one group; the second gate then decides alone).
-//! And on every connection the peer's credentials (`SO_PEERCRED`):
+//! And on every connection the peer's credentials as the kernel took them
+//! when it connected (`SO_PEERCRED`, `SO_PEERGROUPS`; never
+//! `/proc/PID/status`, which shows whoever holds that PID now, and only
+//! its main thread):
 //! - root and the balancer's own user may do anything;
 //! - members of `balancer.control_group` may do anything;
 //! - members of `balancer.status_group` may ask for status only;
@@ -39,7 +42,7 @@ pub struct Peer {
     pub pid: i32,
     pub uid: u32,
     pub gid: u32,
-    /// Supplementary groups (from `/proc/PID/status`; empty if unreadable).
+    /// Supplementary groups, as of its `connect` (`SO_PEERGROUPS`).
     pub groups: Vec<u32>,
 }
 
@@ -105,28 +108,44 @@ pub fn peer_of(conn: &UnixStream) -> io::Result<Peer> {
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
-    let groups = std::fs::read_to_string(format!("/proc/{}/status", cred.pid))
-        .map(|s| supplementary_groups(&s))
-        .unwrap_or_default();
     Ok(Peer {
         pid: cred.pid,
         uid: cred.uid,
         gid: cred.gid,
-        groups,
+        groups: peer_groups(conn)?,
     })
 }
 
-/// The `Groups:` line of a `/proc/PID/status`.
-fn supplementary_groups(status: &str) -> Vec<u32> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|n| n.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+/// The supplementary groups of the process at the other end of `conn` when
+/// it connected (`SO_PEERGROUPS`, Linux 4.13).
+fn peer_groups(conn: &UnixStream) -> io::Result<Vec<u32>> {
+    const GID: usize = std::mem::size_of::<libc::gid_t>();
+    let mut groups: Vec<libc::gid_t> = vec![0; 32];
+    loop {
+        let mut len = (groups.len() * GID) as libc::socklen_t;
+        // SAFETY: `groups` is valid for writes of `len` bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                conn.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = len as usize / GID;
+        if r == 0 {
+            groups.truncate(needed);
+            return Ok(groups);
+        }
+        let e = io::Error::last_os_error();
+        // Too small: the kernel said how many there are.
+        if e.raw_os_error() == Some(libc::ERANGE) && needed > groups.len() {
+            groups.resize(needed, 0);
+            continue;
+        }
+        return Err(e);
+    }
 }
 
 /// The gid of group `name` (a name in the group database, or a number).
@@ -211,20 +230,23 @@ mod tests {
     }
 
     #[test]
-    fn groups_by_name_or_number_and_from_proc() {
+    fn groups_by_name_or_number_and_the_peers_from_the_kernel() {
         assert_eq!(group_id("0"), Ok(0));
         assert_eq!(group_id("root"), Ok(0));
         assert!(group_id("no-such-group-segwlb")
             .unwrap_err()
             .contains("no group"));
-        assert_eq!(
-            supplementary_groups("Name:\tx\nGroups:\t4 24 27 \nNSpid:\t1\n"),
-            vec![4, 24, 27]
-        );
-        assert_eq!(supplementary_groups("Groups:\n"), Vec::<u32>::new());
         let (a, _b) = UnixStream::pair().unwrap();
         let me = peer_of(&a).unwrap();
         assert_eq!(me.uid, own_uid());
         assert_eq!(me.pid as u32, std::process::id());
+        // SAFETY: buffers sized by the first call.
+        let mine = unsafe {
+            let n = libc::getgroups(0, std::ptr::null_mut());
+            let mut g = vec![0; n.max(0) as usize];
+            libc::getgroups(n, g.as_mut_ptr());
+            g
+        };
+        assert_eq!(me.groups, mine);
     }
 }

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -204,12 +204,86 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, CtlError> {
 
 /// Clients served at once; one more is answered "busy" and closed.
 pub const MAX_CLIENTS: usize = 16;
+/// Clients of one user served at once (root and the balancer's own user
+/// aside: the lab asks 8 at a time), so one user cannot take every slot.
+pub const PER_USER: usize = 4;
+/// Clients that may ask for status only, served at once: the other half
+/// of the slots is always there for those who may change things.
+pub const STATUS_ONLY: usize = MAX_CLIENTS / 2;
 /// A client has this long to send its request line, however it sends it.
 pub const REQUEST_WITHIN: Duration = Duration::from_secs(2);
 /// The longest request line.
 const MAX_REQUEST: usize = 64 * 1024;
 /// How long an answer may take to write before the client is dropped.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+/// The clients being served: in all, of each user, and those with
+/// status only.
+#[derive(Debug, Default)]
+struct Slots {
+    total: usize,
+    status_only: usize,
+    per_user: std::collections::HashMap<u32, usize>,
+}
+
+/// A client's place among those served, given back when it is dropped.
+struct Slot {
+    slots: Arc<Mutex<Slots>>,
+    uid: u32,
+    status_only: bool,
+}
+
+impl Slots {
+    /// A slot for a client of user `uid` granted `grant`, or why not (`privileged`: root
+    /// or the balancer's own user, bound only by [`MAX_CLIENTS`]).
+    fn take(
+        slots: &Arc<Mutex<Slots>>,
+        uid: u32,
+        grant: Grant,
+        privileged: bool,
+    ) -> Result<Slot, String> {
+        let mut s = slots.lock().unwrap_or_else(|p| p.into_inner());
+        let status_only = grant == Grant::Status;
+        let mine = s.per_user.get(&uid).copied().unwrap_or(0);
+        if s.total >= MAX_CLIENTS {
+            return Err(format!(
+                "busy: {MAX_CLIENTS} control clients are being served; try again"
+            ));
+        }
+        if !privileged && mine >= PER_USER {
+            return Err(format!(
+                "busy: uid {uid} has {PER_USER} control requests in progress; try again"
+            ));
+        }
+        if status_only && s.status_only >= STATUS_ONLY {
+            return Err(format!(
+                "busy: {STATUS_ONLY} status-only clients are being served; try again"
+            ));
+        }
+        s.total += 1;
+        s.status_only += usize::from(status_only);
+        *s.per_user.entry(uid).or_default() += 1;
+        Ok(Slot {
+            slots: slots.clone(),
+            uid,
+            status_only,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        s.total -= 1;
+        s.status_only -= usize::from(self.status_only);
+        if let Some(n) = s.per_user.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                s.per_user.remove(&self.uid);
+            }
+        }
+    }
+}
 
 /// What answers a request (the supervisor, in `segwlb run`).
 pub type Handler = Arc<dyn Fn(Request) -> Response + Send + Sync>;
@@ -223,8 +297,10 @@ impl Request {
 
 /// Listen on `path` (replacing a stale socket file, refusing a live one),
 /// its mode and group as `groups` says ([`access`]), and answer requests
-/// with `handler` until `stop` is set: each client on its own thread, up
-/// to [`MAX_CLIENTS`], each with [`REQUEST_WITHIN`] to send its request,
+/// with `handler` until `stop` is set: each client its credentials checked
+/// as it is accepted ([`admit`]), then on its own thread, up to
+/// [`MAX_CLIENTS`] ([`PER_USER`] of one user, [`STATUS_ONLY`] that may
+/// only ask for status), each with [`REQUEST_WITHIN`] to send its request,
 /// so a silent or slow client holds up nobody else.
 pub fn serve(
     path: &Path,
@@ -250,31 +326,13 @@ pub fn serve(
     listener.set_nonblocking(true)?;
     let owned = path.to_path_buf();
     let owner = access::own_uid();
-    let clients = Arc::new(AtomicUsize::new(0));
+    let slots = Arc::new(Mutex::new(Slots::default()));
     std::thread::Builder::new()
         .name("ctl".into())
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((conn, _)) if clients.load(Ordering::Relaxed) >= MAX_CLIENTS => {
-                        refuse_busy(conn);
-                    }
-                    Ok((conn, _)) => {
-                        clients.fetch_add(1, Ordering::Relaxed);
-                        let (done, handler) = (clients.clone(), handler.clone());
-                        let spawned = std::thread::Builder::new().name("ctl-client".into()).spawn(
-                            move || {
-                                if let Err(e) = answer(conn, groups, owner, &*handler) {
-                                    tracing::debug!("control request: {e}");
-                                }
-                                done.fetch_sub(1, Ordering::Relaxed);
-                            },
-                        );
-                        if let Err(e) = spawned {
-                            tracing::warn!("control socket: no thread for a client: {e}");
-                            clients.fetch_sub(1, Ordering::Relaxed);
-                        }
-                    }
+                    Ok((conn, _)) => admit(conn, groups, owner, &slots, &handler),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         wait_for_client(&listener, STOP_CHECK);
                     }
@@ -285,13 +343,60 @@ pub fn serve(
         })
 }
 
-/// A client past [`MAX_CLIENTS`]: told so, at once, and closed.
-fn refuse_busy(conn: UnixStream) {
-    tracing::debug!("control socket: {MAX_CLIENTS} clients already, one refused");
-    let busy = Response::of(Err(format!(
-        "busy: {MAX_CLIENTS} control clients are being served; try again"
-    )));
-    let _ = send(conn, &busy, Duration::from_millis(100));
+/// A client just connected: who it is and what it may do first (a
+/// stranger is told no at once and takes no slot), then a slot (within
+/// [`MAX_CLIENTS`], [`PER_USER`], [`STATUS_ONLY`]; past them it is told
+/// it is busy, at once) and a thread of its own.
+fn admit(
+    conn: UnixStream,
+    groups: Groups,
+    owner: u32,
+    slots: &Arc<Mutex<Slots>>,
+    handler: &Handler,
+) {
+    let peer = match access::peer_of(&conn) {
+        Ok(peer) => peer,
+        Err(e) => {
+            tracing::warn!("control socket: a client's credentials: {e}");
+            return;
+        }
+    };
+    let grant = groups.grant(owner, &peer);
+    if grant == Grant::Nothing {
+        let no = format!(
+            "permission denied: uid {} may not use this socket (root, its owner uid {owner}, \
+             and members of balancer.control_group may; balancer.status_group may ask for status)",
+            peer.uid
+        );
+        refuse(conn, no);
+        return;
+    }
+    let privileged = peer.uid == 0 || peer.uid == owner;
+    let slot = match Slots::take(slots, peer.uid, grant, privileged) {
+        Ok(slot) => slot,
+        Err(busy) => {
+            tracing::debug!("control socket: {busy}");
+            refuse(conn, busy);
+            return;
+        }
+    };
+    let handler = handler.clone();
+    let spawned = std::thread::Builder::new()
+        .name("ctl-client".into())
+        .spawn(move || {
+            let _slot = slot;
+            if let Err(e) = answer(conn, grant, peer.uid, &*handler) {
+                tracing::debug!("control request: {e}");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("control socket: no thread for a client: {e}");
+    }
+}
+
+/// A client refused before its request: told why, at once, and closed.
+fn refuse(conn: UnixStream, why: String) {
+    let _ = send(conn, &Response::of(Err(why)), Duration::from_millis(100));
 }
 
 /// How often the control thread looks at its stop flag while no client
@@ -314,37 +419,26 @@ fn wait_for_client(listener: &UnixListener, most: Duration) {
     unsafe { libc::poll(&mut fd, 1, most.as_millis() as libc::c_int) };
 }
 
-/// One client: who it is, its request within [`REQUEST_WITHIN`], what it
-/// may do, the answer.
+/// One client admitted with `grant`: its request within
+/// [`REQUEST_WITHIN`], whether the grant covers it, the answer.
 fn answer(
     conn: UnixStream,
-    groups: Groups,
-    owner: u32,
+    grant: Grant,
+    uid: u32,
     handler: &(dyn Fn(Request) -> Response + Send + Sync),
 ) -> std::io::Result<()> {
     conn.set_nonblocking(false)?;
-    let peer = access::peer_of(&conn)?;
-    let grant = groups.grant(owner, &peer);
-    if grant == Grant::Nothing {
-        let no = format!(
-            "permission denied: uid {} may not use this socket (root, its owner uid {owner}, \
-             and members of balancer.control_group may; balancer.status_group may ask for status)",
-            peer.uid
-        );
-        return send(conn, &Response::of(Err(no)), ANSWER_WITHIN);
-    }
     let mut reader = conn.try_clone()?;
     let response = match bounded::read_until(&mut reader, b"\n", MAX_REQUEST, REQUEST_WITHIN) {
         Err(e) => Response::of(Err(format!("no request: {e}"))),
         Ok(line) => match serde_json::from_slice::<Request>(first_line(&line)) {
             Err(e) => Response::of(Err(format!("not a request: {e}"))),
             Ok(req) if req.changes() && grant != Grant::Change => Response::of(Err(format!(
-                "permission denied: uid {} may ask for status only (balancer.status_group); \
-                 changing the balancer takes root or balancer.control_group",
-                peer.uid
+                "permission denied: uid {uid} may ask for status only (balancer.status_group); \
+                 changing the balancer takes root or balancer.control_group"
             ))),
             Ok(req) => {
-                tracing::debug!(?req, uid = peer.uid, "control request");
+                tracing::debug!(?req, uid, "control request");
                 handler(req)
             }
         },

@@ -1,14 +1,15 @@
 //! Prometheus text exposition of a [`Status`], and the small HTTP listener
 //! that serves it at `/metrics` (one request per connection; scrapes are
-//! rare and tiny, so no HTTP library).
+//! rare and tiny, so no HTTP library), from a status at most a second old,
+//! a few clients at once.
 
 use std::fmt::Write as _;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::bounded::{self, Cut};
 use super::status::Status;
@@ -306,26 +307,55 @@ pub fn render(s: &Status) -> String {
     out
 }
 
-/// Serve `GET /metrics` on `addr`, asking `snapshot` for each scrape.
+/// Scrapes served at once, each on its own thread; one more is answered
+/// `503` at once. Scrapers are few (a Prometheus or two): this only stops
+/// clients that connect and dawdle from holding up the rest, or piling up.
+pub const MAX_SCRAPES: usize = 4;
+/// The status a scrape is served from is at most this old: scrapes at
+/// any rate ask the worker (which folds every tunnel's fast-path counters
+/// for a status) at most once in it.
+pub const SNAPSHOT_FRESH: Duration = Duration::from_secs(1);
+
+/// Serve `GET /metrics` on `addr`, from what `snapshot` gave at most
+/// [`SNAPSHOT_FRESH`] ago, up to [`MAX_SCRAPES`] clients at once.
 pub fn serve(
     addr: SocketAddr,
-    snapshot: impl Fn() -> Option<Status> + Send + 'static,
+    snapshot: impl Fn() -> Option<Status> + Send + Sync + 'static,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<JoinHandle<()>> {
     let listener = TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
+    let exposition = Arc::new(Exposition {
+        snapshot,
+        last: Mutex::new(None),
+    });
+    let serving = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
+                    Ok((conn, _)) if serving.load(Ordering::Relaxed) >= MAX_SCRAPES => {
+                        refuse_busy(conn);
+                    }
                     Ok((conn, _)) => {
-                        if let Err(e) = answer(conn, &snapshot) {
-                            tracing::debug!("metrics request: {e}");
+                        serving.fetch_add(1, Ordering::Relaxed);
+                        let (done, exposition) = (serving.clone(), exposition.clone());
+                        let spawned = std::thread::Builder::new()
+                            .name("metrics-client".into())
+                            .spawn(move || {
+                                if let Err(e) = answer(conn, &*exposition) {
+                                    tracing::debug!("metrics request: {e}");
+                                }
+                                done.fetch_sub(1, Ordering::Relaxed);
+                            });
+                        if let Err(e) = spawned {
+                            tracing::warn!("metrics listener: no thread for a client: {e}");
+                            serving.fetch_sub(1, Ordering::Relaxed);
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(50));
+                        wait_for_client(&listener, STOP_CHECK);
                     }
                     Err(e) => tracing::warn!("metrics listener: {e}"),
                 }
@@ -333,24 +363,88 @@ pub fn serve(
         })
 }
 
+/// How often the listener looks at its stop flag while no client connects.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// Sleep until a client connects to `listener` or `most` has passed (a
+/// scrape is answered at once, not at the next look).
+fn wait_for_client(listener: &TcpListener, most: Duration) {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call. An error
+    // (EINTR) only ends the wait early: the caller tries accept again.
+    unsafe { libc::poll(&mut fd, 1, most.as_millis() as libc::c_int) };
+}
+
+/// The exposition text, rendered from a status at most [`SNAPSHOT_FRESH`]
+/// old.
+struct Exposition<F> {
+    snapshot: F,
+    /// When the last status was taken, and its text.
+    last: Mutex<Option<(Instant, Arc<String>)>>,
+}
+
+impl<F: Fn() -> Option<Status>> Exposition<F> {
+    /// The text to serve; `None` when there is no status (stopping). Scrapes
+    /// that come while a status is being taken wait for that one.
+    fn text(&self) -> Option<Arc<String>> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, text)) = last.as_ref() {
+            if at.elapsed() < SNAPSHOT_FRESH {
+                return Some(text.clone());
+            }
+        }
+        let text = Arc::new(render(&(self.snapshot)()?));
+        *last = Some((Instant::now(), text.clone()));
+        Some(text)
+    }
+}
+
+/// A client past [`MAX_SCRAPES`]: told so, at once, and closed.
+fn refuse_busy(mut conn: TcpStream) {
+    let body = format!("busy: {MAX_SCRAPES} scrapes are being served; try again\n");
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_write_timeout(Some(Duration::from_millis(100)));
+    let _ = write!(
+        conn,
+        "HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // What it sent and was not read: closing over it would reset the
+    // connection, and the client could lose the answer.
+    let _ = conn.set_nonblocking(true);
+    let mut sink = [0u8; 4096];
+    for _ in 0..4 {
+        if !matches!(std::io::Read::read(&mut conn, &mut sink), Ok(n) if n > 0) {
+            break;
+        }
+    }
+}
+
 /// The most a request's head (request line and headers) may take.
 const HEAD_MAX: usize = 8 * 1024;
-/// How long a client has to send it: while it dawdles, scrapes wait (one
-/// client at a time).
+/// How long a client has to send it.
 pub const HEAD_WITHIN: Duration = Duration::from_secs(1);
 
-fn answer(mut conn: TcpStream, snapshot: &impl Fn() -> Option<Status>) -> std::io::Result<()> {
+fn answer<F: Fn() -> Option<Status>>(
+    mut conn: TcpStream,
+    exposition: &Exposition<F>,
+) -> std::io::Result<()> {
     conn.set_nonblocking(false)?;
     conn.set_write_timeout(Some(Duration::from_secs(2)))?;
     let (code, body) = match bounded::read_until(&mut conn, b"\n\r\n", HEAD_MAX, HEAD_WITHIN) {
-        Ok(head) => respond(&head, snapshot),
+        Ok(head) => respond(&head, exposition),
         Err(Cut::TooLong(n)) => (
             "431 Request Header Fields Too Large",
-            format!("a request head is at most {n} bytes\n"),
+            Arc::new(format!("a request head is at most {n} bytes\n")),
         ),
         Err(Cut::TooSlow(t)) => (
             "408 Request Timeout",
-            format!("send the request within {t:?}\n"),
+            Arc::new(format!("send the request within {t:?}\n")),
         ),
         Err(Cut::Closed) => return Ok(()),
         Err(Cut::Io(e)) => return Err(e),
@@ -364,26 +458,27 @@ fn answer(mut conn: TcpStream, snapshot: &impl Fn() -> Option<Status>) -> std::i
 }
 
 /// The status and body for a request whose head is `head`.
-fn respond(head: &[u8], snapshot: &impl Fn() -> Option<Status>) -> (&'static str, String) {
+fn respond<F: Fn() -> Option<Status>>(
+    head: &[u8],
+    exposition: &Exposition<F>,
+) -> (&'static str, Arc<String>) {
+    let said = |code, text: &str| (code, Arc::new(text.to_string()));
     let line = head.split(|&b| b == b'\n').next().unwrap_or(head);
     let line = String::from_utf8_lossy(line);
     let parts: Vec<&str> = line.trim_end().split(' ').collect();
     let [method, path, version] = parts[..] else {
-        return ("400 Bad Request", "not an HTTP request line\n".into());
+        return said("400 Bad Request", "not an HTTP request line\n");
     };
     if !version.starts_with("HTTP/1.") {
-        return ("400 Bad Request", "not an HTTP request line\n".into());
+        return said("400 Bad Request", "not an HTTP request line\n");
     }
     match (method, path) {
-        ("GET", "/metrics") => match snapshot() {
-            Some(s) => ("200 OK", render(&s)),
-            None => (
-                "503 Service Unavailable",
-                "the balancer is stopping\n".into(),
-            ),
+        ("GET", "/metrics") => match exposition.text() {
+            Some(text) => ("200 OK", text),
+            None => said("503 Service Unavailable", "the balancer is stopping\n"),
         },
-        ("GET", _) => ("404 Not Found", "try /metrics\n".into()),
-        _ => ("405 Method Not Allowed", "GET only\n".into()),
+        ("GET", _) => said("404 Not Found", "try /metrics\n"),
+        _ => said("405 Method Not Allowed", "GET only\n"),
     }
 }
 
@@ -441,6 +536,92 @@ mod tests {
         assert!(a.starts_with("HTTP/1.0 408 Request Timeout\r\n"), "{a:?}");
         assert!(took < HEAD_WITHIN + Duration::from_millis(500), "{took:?}");
 
+        stop.store(true, Ordering::Relaxed);
+        server.join().unwrap();
+    }
+
+    /// A balancer's status with three segws and no tunnels.
+    fn a_status() -> Status {
+        use crate::control::status::{Gathered, PolicyRecord, TunnelLists};
+        let lb = crate::balancer::farm::balancer(
+            crate::policy::native::shipped("round-robin", &[]).unwrap(),
+            3,
+            vec!["10.2.2.1/32".parse().unwrap()],
+            64,
+        );
+        let now = crate::time::Timestamp::ZERO;
+        Gathered::of(
+            &lb,
+            &PolicyRecord::default(),
+            vec![],
+            now,
+            0.0,
+            TunnelLists::new(0),
+        )
+        .finish()
+    }
+
+    fn free_addr() -> SocketAddr {
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    }
+
+    #[test]
+    fn silent_clients_hold_up_no_scrape_and_a_flood_is_refused_at_once() {
+        let addr = free_addr();
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = serve(addr, || None, stop.clone()).unwrap();
+
+        // Three clients that connect and say nothing: a scrape beside
+        // them is answered at once, not after each one's HEAD_WITHIN.
+        let silent: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let (a, took) = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert!(a.starts_with("HTTP/1.0 503 "), "{a:?}");
+        assert!(took < Duration::from_millis(500), "answered after {took:?}");
+        drop(silent);
+
+        // As many as are served at once, then one more: told so, at once.
+        let flood: Vec<TcpStream> = (0..MAX_SCRAPES)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let (a, took) = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert!(a.contains("busy"), "{a:?}");
+        assert!(took < Duration::from_millis(500), "answered after {took:?}");
+        drop(flood);
+
+        stop.store(true, Ordering::Relaxed);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn scrapes_are_served_from_a_snapshot_at_most_a_second_old() {
+        use std::sync::atomic::AtomicUsize;
+        let addr = free_addr();
+        let stop = Arc::new(AtomicBool::new(false));
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counted = asked.clone();
+        let server = serve(
+            addr,
+            move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Some(a_status())
+            },
+            stop.clone(),
+        )
+        .unwrap();
+        // A scraper storm: the worker is asked once, not once a scrape.
+        for _ in 0..10 {
+            let (a, _) = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+            assert!(a.starts_with("HTTP/1.0 200 "), "{a:?}");
+        }
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
+        // A second later the next scrape asks again.
+        std::thread::sleep(SNAPSHOT_FRESH + Duration::from_millis(50));
+        let (a, _) = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert!(a.starts_with("HTTP/1.0 200 "), "{a:?}");
+        assert_eq!(asked.load(Ordering::SeqCst), 2);
         stop.store(true, Ordering::Relaxed);
         server.join().unwrap();
     }

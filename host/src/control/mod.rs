@@ -35,7 +35,7 @@ use crate::io::{afpacket, Received};
 use crate::policy::wasm::{Loaded, Runtime, WasmPolicy};
 use config::{GatewayConfig, RunConfig};
 use diff::Change;
-use status::Status;
+use status::{Gathered, Status};
 
 /// How long the control plane waits for the data path to answer.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -154,7 +154,8 @@ impl Supervisor {
                 reply: tx,
             })
             .ok()?;
-        rx.recv_timeout(ASK_TIMEOUT).ok()
+        // Sorted and formatted here, off the data path.
+        rx.recv_timeout(ASK_TIMEOUT).ok().map(Gathered::finish)
     }
 
     /// Where policy `name` lives: a name in the policy directory, or a path.

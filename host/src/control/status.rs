@@ -371,6 +371,11 @@ pub struct TunnelLists {
 
 /// The most `ctl status --top` lists.
 pub const TOP_MAX: usize = 10_000;
+/// The most tunnels `ctl status --tunnels` lists of each gateway: what a
+/// person reads, and more than the lab's largest table. Anyone who may
+/// ask for status may ask for this many; the whole table is the state
+/// file's (`ctl save`).
+pub const TUNNELS_MAX: usize = 10_000;
 
 /// First seen, then the endpoint: oldest first.
 type OldestKey = (Timestamp, IpAddr, u16);
@@ -416,11 +421,11 @@ impl TunnelLists {
         Self::with_top(limit, 0)
     }
 
-    /// The `limit` oldest tunnels of each gateway, and the `top` heaviest
-    /// (at most [`TOP_MAX`]).
+    /// The `limit` oldest tunnels of each gateway (at most
+    /// [`TUNNELS_MAX`]), and the `top` heaviest (at most [`TOP_MAX`]).
     pub fn with_top(limit: usize, top: usize) -> Self {
         TunnelLists {
-            limit,
+            limit: limit.min(TUNNELS_MAX),
             top: top.min(TOP_MAX),
             cursor: 0,
             oldest: BTreeMap::new(),
@@ -486,9 +491,20 @@ impl TunnelLists {
     }
 }
 
-impl Status {
-    /// A snapshot of `lb`, listing the tunnels `lists` gathered (see
-    /// [`TunnelLists`]; `TunnelLists::new(0)` lists none).
+/// A status as the worker hands it over: everything but the tunnel lists,
+/// which are gathered (bounded, unsorted) but not yet sorted or formatted:
+/// that is [`Gathered::finish`]'s work, on the thread that asked, never
+/// the worker's.
+#[derive(Debug)]
+pub struct Gathered {
+    status: Status,
+    lists: TunnelLists,
+    now: Timestamp,
+}
+
+impl Gathered {
+    /// A snapshot of `lb`, with the tunnels `lists` gathered (see
+    /// [`TunnelLists`]; `TunnelLists::new(0)` lists none) to list.
     pub fn of<P: Policy>(
         lb: &Balancer<P>,
         policy: &PolicyRecord,
@@ -496,6 +512,53 @@ impl Status {
         now: Timestamp,
         uptime_s: f64,
         lists: TunnelLists,
+    ) -> Gathered {
+        Gathered {
+            status: Status::of(lb, policy, ports, now, uptime_s),
+            lists,
+            now,
+        }
+    }
+
+    /// The status, to be completed by the worker before it hands it over.
+    pub fn status_mut(&mut self) -> &mut Status {
+        &mut self.status
+    }
+
+    /// The status with its tunnel lists: oldest first per gateway, the
+    /// heaviest first.
+    pub fn finish(self) -> Status {
+        let Gathered {
+            mut status,
+            lists,
+            now,
+        } = self;
+        if lists.is_empty() {
+            return status;
+        }
+        let names: BTreeMap<GwId, String> = status
+            .gateways
+            .iter()
+            .map(|g| (g.id, g.name.clone()))
+            .collect();
+        let name = |gw: GwId| names.get(&gw).cloned().unwrap_or_else(|| format!("#{gw}"));
+        let (mut lists, top) = lists.finish(now, &name);
+        for g in &mut status.gateways {
+            g.tunnel_list = lists.remove(&g.id).unwrap_or_default();
+        }
+        status.top = top;
+        status
+    }
+}
+
+impl Status {
+    /// A snapshot of `lb`, listing no tunnels.
+    fn of<P: Policy>(
+        lb: &Balancer<P>,
+        policy: &PolicyRecord,
+        ports: Vec<PortStatus>,
+        now: Timestamp,
+        uptime_s: f64,
     ) -> Status {
         let interface_of = |port: u16| {
             ports
@@ -503,33 +566,26 @@ impl Status {
                 .find(|p| p.port == port)
                 .map_or_else(String::new, |p| p.interface.clone())
         };
-        let names: BTreeMap<GwId, String> =
-            lb.gateways().map(|g| (g.id, g.spec.name.clone())).collect();
-        let name = |gw: GwId| names.get(&gw).cloned().unwrap_or_else(|| format!("#{gw}"));
-        let (mut lists, top) = lists.finish(now, &name);
         let gateways = lb
             .gateways()
-            .map(|g| {
-                let list = lists.remove(&g.id).unwrap_or_default();
-                GatewayStatus {
-                    name: g.spec.name.clone(),
-                    id: g.id,
-                    interface: interface_of(g.spec.port),
-                    port: g.spec.port,
-                    mac: g.mac.as_ref().map(format_mac),
-                    healthy: g.healthy,
-                    draining: g.draining,
-                    weight: g.spec.weight,
-                    tunnels: g.counters.tunnels,
-                    capacity: g.spec.capacity,
-                    frames_to: g.counters.frames_to,
-                    bytes_to: g.counters.bytes_to,
-                    frames_from: g.counters.frames_from,
-                    bytes_from: g.counters.bytes_from,
-                    moved_in: g.counters.moved_in,
-                    load: LoadStatus::of(lb, g, now),
-                    tunnel_list: list,
-                }
+            .map(|g| GatewayStatus {
+                name: g.spec.name.clone(),
+                id: g.id,
+                interface: interface_of(g.spec.port),
+                port: g.spec.port,
+                mac: g.mac.as_ref().map(format_mac),
+                healthy: g.healthy,
+                draining: g.draining,
+                weight: g.spec.weight,
+                tunnels: g.counters.tunnels,
+                capacity: g.spec.capacity,
+                frames_to: g.counters.frames_to,
+                bytes_to: g.counters.bytes_to,
+                frames_from: g.counters.frames_from,
+                bytes_from: g.counters.bytes_from,
+                moved_in: g.counters.moved_in,
+                load: LoadStatus::of(lb, g, now),
+                tunnel_list: Vec::new(),
             })
             .collect();
         let c = lb.counters();
@@ -588,7 +644,7 @@ impl Status {
             },
             ports,
             worker: WorkerStatus::default(),
-            top,
+            top: Vec::new(),
             moves: MovesStatus::of(lb.moves()),
         }
     }

@@ -18,7 +18,8 @@
 //! has been looked at and the entries nobody confirmed are swept. The counters come back every
 //! [`COUNT_EVERY`] (a quarter of the idle timeout if that is shorter: a
 //! tunnel the fast path carries is never idle to the sweep), and before a
-//! status or a save, which show them at once.
+//! status or a save if the last fold is a second old (a fold reads every
+//! slot: a storm of statuses must not make the worker do it each time).
 
 use std::time::Duration;
 

@@ -299,7 +299,10 @@ fn a_policy_swap_under_a_stream_loses_no_frame_and_moves_no_tunnel() {
             reply: status_tx,
         })
         .unwrap();
-    let s = status_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let s = status_rx
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .finish();
     assert_eq!(s.policy.name, "weighted");
     assert_eq!(s.policy.reloads, 1);
     assert_eq!(s.counters.moved, 0);
@@ -453,7 +456,7 @@ fn status_top_lists_the_heaviest_tunnels_with_their_rates() {
     );
     let status = loop {
         if let Ok(s) = answer.try_recv() {
-            break s;
+            break s.finish();
         }
         w.background(at(1_010));
     };
@@ -536,11 +539,121 @@ fn a_send_that_blocks_shows_as_a_wall_clock_pause_not_as_work() {
             reply: status_tx,
         })
         .unwrap();
-    let s = status_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let s = status_rx
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .finish();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     thread.join().unwrap();
     let w = &s.worker;
     assert!(w.wall_pauses_over_1ms >= 1, "{w:?}");
     assert!(w.longest_pause_wall_us >= 40_000.0, "{w:?}");
     assert!(w.longest_pause_us < 20_000.0, "{w:?}");
+}
+
+/// `ctl status --tunnels N` with N as large as a status-only user may ask:
+/// the worker gathers a bounded list a slice at a time; sorting and
+/// formatting it is not the worker's (it was: one turn of the whole list).
+#[test]
+fn a_status_listing_every_tunnel_is_capped_and_finished_off_the_worker() {
+    const TUNNELS: u32 = 60_000;
+    let lb = crate::balancer::farm::balancer(
+        native::shipped("round-robin", &[]).unwrap(),
+        3,
+        vec!["10.2.2.1/32".parse().unwrap()],
+        1 << 17,
+    );
+    let (out_tx, _out) = unbounded();
+    let ports = crate::io::memory::ports(3, &out_tx);
+    let mut w = Worker::new(
+        lb,
+        ports,
+        vec![VIP.into()],
+        None,
+        PolicyRecord::default(),
+        Clock::start(),
+    );
+    for i in 0..TUNNELS {
+        let from = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+        let ip = udp_packet(from, 4500, IpAddr::V4(VIP), 4500, &esp_body(i + 1, 1, 100));
+        let mut f = frame(port_mac(UPLINK), ROUTER, None, &ip);
+        w.lb.handle(&mut f, UPLINK, Timestamp::ZERO);
+    }
+    assert_eq!(w.lb.table().len(), TUNNELS as usize);
+    let (reply, answer) = bounded(1);
+    w.command(
+        Command::Status {
+            tunnels: usize::MAX,
+            top: 0,
+            reply,
+        },
+        Timestamp::ZERO,
+    );
+    let mut longest = Duration::ZERO;
+    let gathered = loop {
+        if let Ok(g) = answer.try_recv() {
+            break g;
+        }
+        // The worker's own measure of a turn: its thread's CPU time.
+        let turn = Turn::start();
+        w.background(Timestamp::ZERO);
+        longest = longest.max(turn.elapsed().0);
+    };
+    let status = crate::control::status::Gathered::finish(gathered);
+    eprintln!("longest turn of the listing: {longest:?}");
+    for g in &status.gateways {
+        assert_eq!(
+            g.tunnel_list.len(),
+            crate::control::status::TUNNELS_MAX,
+            "{}",
+            g.name
+        );
+    }
+    // A slice is about SLICE (300 µs) plus a chunk; a debug build on a
+    // shared machine, some milliseconds. The whole listing was ~10 times that.
+    assert!(longest < Duration::from_millis(25), "a turn of {longest:?}");
+}
+
+/// Statuses and saves as fast as clients can ask (a status-only user in a
+/// loop): the fast path's counters, a walk of every tunnel slot it has
+/// written (64 MB at a million), are folded at most once a second for
+/// them, not once each.
+#[test]
+fn a_storm_of_statuses_folds_the_fast_paths_counters_at_most_once_a_second() {
+    let path = match crate::io::xdp::FastPath::load(1 << 16, false) {
+        Ok(path) => path,
+        Err(e) if std::env::var_os("SEGWLB_REQUIRE_NETNS").is_none() => {
+            eprintln!("skipped: no XDP fast path here ({e})");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let (mut w, _out) = worker(None);
+    // The program on no port: its counters are there to fold all the same.
+    w.fast = Some(fast::Fast::new(path));
+    let at = |ms: u64| Timestamp::from_duration(Duration::from_millis(ms));
+    for i in 0..50u64 {
+        let (reply, _answer) = bounded(1);
+        w.command(
+            Command::Status {
+                tunnels: 0,
+                top: 0,
+                reply,
+            },
+            at(i * 10),
+        );
+        let (reply, _answer) = bounded(1);
+        w.command(Command::Save { reply }, at(i * 10 + 5));
+    }
+    assert_eq!(w.folds, 1, "folds for 100 requests in half a second");
+    let (reply, _answer) = bounded(1);
+    w.command(
+        Command::Status {
+            tunnels: 0,
+            top: 0,
+            reply,
+        },
+        at(1_100),
+    );
+    assert_eq!(w.folds, 2, "a second later, the next status folds again");
 }

@@ -286,7 +286,10 @@ fn socket(ifindex: u32) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// The sending half: `send` for one frame, `sendmmsg` for a batch.
+/// The sending half: `send` for one frame, `sendmmsg` for a batch. Never
+/// waits: with the socket's send buffer full (the interface's queue is
+/// slower than what we send) a frame fails with `WouldBlock` at once, and
+/// the worker counts it (`send_errors`) instead of stopping every port.
 pub struct AfPacketTx {
     fd: Arc<OwnedFd>,
 }
@@ -294,7 +297,14 @@ pub struct AfPacketTx {
 impl Tx for AfPacketTx {
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
         // SAFETY: send(2) on our bound socket with a live buffer.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        let n = unsafe {
+            libc::send(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -318,13 +328,17 @@ impl Tx for AfPacketTx {
                     self.fd.as_raw_fd(),
                     msgs[sent..].as_mut_ptr(),
                     (msgs.len() - sent) as libc::c_uint,
-                    0,
+                    libc::MSG_DONTWAIT,
                 )
             };
             if n <= 0 {
+                let e = io::Error::last_os_error();
+                // No room: none of the rest would fit either.
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    return (sent, Some(e));
+                }
                 // The frame at `sent` failed; say why, and go on with the
                 // rest (one bad frame must not cost the batch).
-                let e = io::Error::last_os_error();
                 let (more, _) = self.send_batch(&frames[sent + 1..]);
                 return (sent + more, Some(e));
             }
@@ -378,4 +392,69 @@ pub fn spawn_reader(
                 }
             }
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::netns::{self, Netns};
+
+    /// A port whose interface lets a frame out a second (a token bucket
+    /// queue: each frame it holds stays charged to our socket's send
+    /// buffer until it leaves): the worker's sends must not wait for room.
+    #[test]
+    fn a_full_send_buffer_is_a_counted_drop_not_a_wait() {
+        if let Err(why) = netns::prerequisites() {
+            if std::env::var_os("SEGWLB_REQUIRE_NETNS").is_some() {
+                panic!("{why}");
+            }
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let prefix = netns::unique_prefix("afp");
+        let a = Netns::new(&format!("{prefix}-a")).unwrap();
+        let b = Netns::new(&format!("{prefix}-b")).unwrap();
+        netns::veth(&a, "tx0", &b, "rx0").unwrap();
+        a.exec(&[
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "tx0",
+            "root",
+            "tbf",
+            "rate",
+            "8kbit",
+            "burst",
+            "1600",
+            "limit",
+            "100000000",
+        ])
+        .unwrap();
+        let mut port = a.enter(|| open("tx0")).unwrap().unwrap();
+        let (done, finished) = crossbeam_channel::bounded(1);
+        // On its own thread: a send that blocks would block it for good.
+        std::thread::spawn(move || {
+            let mut frame = vec![0u8; 1500];
+            frame[..6].copy_from_slice(&[0xff; 6]);
+            frame[6..12].copy_from_slice(&port.mac);
+            frame[12..14].copy_from_slice(&[0x88, 0xb5]); // local experimental
+            let batch = vec![frame.as_slice(); BATCH];
+            let (mut sent, mut dropped, mut error) = (0, 0, None);
+            // 12 MB: more than any send buffer the kernel allows us.
+            for _ in 0..128 {
+                let (n, e) = port.tx.send_batch(&batch);
+                sent += n;
+                dropped += BATCH - n;
+                error = error.or(e);
+            }
+            let _ = done.send((sent, dropped, error));
+        });
+        let (sent, dropped, error) = finished
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a send waited for room in a full send buffer");
+        eprintln!("sent {sent}, dropped {dropped}: {error:?}");
+        assert!(sent > 0 && dropped > 0, "sent {sent}, dropped {dropped}");
+        assert_eq!(error.map(|e| e.kind()), Some(io::ErrorKind::WouldBlock));
+    }
 }

@@ -354,7 +354,9 @@ impl FastPath {
         let mut looked = 0u32;
         while let Some((&key, &(f, gen))) = self.installed.get_index(i) {
             looked += 1;
-            if looked.is_multiple_of(256) && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            if looked.is_multiple_of(256)
+                && deadline.is_some_and(|d| std::time::Instant::now() >= d)
+            {
                 self.sweep_at = Some(i);
                 return Ok(false);
             }

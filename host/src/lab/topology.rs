@@ -197,6 +197,11 @@ pub struct State {
 
 impl State {
     pub fn load(work: &Path) -> Result<State> {
+        // A work dir others could write is not read (a planted state file
+        // names the processes `down` stops); none at all: no lab is up.
+        if fs::symlink_metadata(work).is_ok() {
+            super::check_private(work)?;
+        }
         let path = work.join(STATE);
         let text = fs::read_to_string(&path).map_err(|_| {
             Error::State(format!(
@@ -663,6 +668,11 @@ pub fn down(config: &LabConfig) -> Result<Removed> {
     let work = config.work_dir();
     let mut removed = Removed::default();
     let mut pids = Vec::new();
+    if fs::symlink_metadata(&work).is_ok() {
+        if let Err(e) = super::check_private(&work) {
+            eprintln!("warning: {e}; its processes are found by namespace only");
+        }
+    }
     if let Ok(state) = State::load(&work) {
         pids.push(state.balancer_pid);
         pids.extend(state.initiators.iter().map(|i| i.pid));
@@ -868,7 +878,7 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
     let t0 = Instant::now();
     let prefix = &config.lab.prefix;
     let a = &config.addresses;
-    fs::create_dir_all(work).map_err(io(format!("create {}", work.display())))?;
+    super::private_work_dir(work)?;
     let swanctl_conf = work.join("swanctl-strongswan.conf");
     write(&swanctl_conf, sw::SWANCTL_CONF)?;
 
