@@ -402,3 +402,69 @@ fn a_wasi_interface_the_host_does_not_link_is_refused_by_name() {
     assert!(matches!(err, LoadError::ForbiddenImport { .. }), "{msg}");
     assert!(msg.contains("wasi:http/outgoing-handler@0.2.0"), "{msg}");
 }
+
+/// What the host's log shows while `f` runs on this thread (tracing's
+/// default formatter, no colours), as one string.
+fn host_log_during(f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let text = buffer.0.lock().unwrap().clone();
+    String::from_utf8(text).unwrap()
+}
+
+#[test]
+fn a_guest_that_logs_then_traps_is_rate_limited_per_policy_and_cannot_forge_lines() {
+    // Each call logs one line (with a newline and an escape sequence in
+    // it) and traps: every call then runs on a fresh instance. The rate
+    // limit is the policy's, not each instance's, and the line stays one
+    // line of the host's log.
+    let forged = "hello\\0aERROR segwlb: forged line\\1b[2J";
+    let wat = policy_wat(
+        OK,
+        "(call $log (i32.const 2) (i32.const 128) (i32.const 35)) (unreachable)",
+    )
+    .replace(
+        "(module",
+        "(module\n  (import \"segwlb:policy/log@0.3.0\" \"log\" (func $log (param i32 i32 i32)))",
+    )
+    .replace(
+        "(data (i32.const 64)",
+        &format!("(data (i32.const 128) \"{forged}\")\n  (data (i32.const 64)"),
+    );
+    let runtime = Runtime::new().unwrap();
+    let loaded = load(&runtime, "chatty.wasm", &component(CONTRACT_WIT, &wat)).unwrap();
+    let mut policy = loaded.instantiate();
+    policy.set_gateways(&gateways()).unwrap();
+    let shown = host_log_during(|| {
+        for i in 0..200 {
+            assert!(policy.choose(&key(i), &Load::default()).is_err());
+        }
+    });
+    assert_eq!(policy.restarts(), 200);
+    assert!(
+        !shown.lines().any(|l| l.starts_with("ERROR")) && !shown.contains('\x1b'),
+        "the guest forged a log line or sent an escape sequence:\n{shown}"
+    );
+    let hellos = shown.matches("hello").count();
+    assert!(
+        (1..=20).contains(&hellos),
+        "{hellos} of 200 lines reached the host's log"
+    );
+}

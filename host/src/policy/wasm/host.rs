@@ -33,12 +33,14 @@ pub struct HostState {
 }
 
 impl HostState {
-    pub fn new(policy: &str, memory_cap: usize, seed: u64) -> Self {
+    /// `log` is the loaded policy's, shared by all its instances (one rate
+    /// limit per policy, not per instance).
+    pub fn new(log: Arc<Mutex<GuestLog>>, memory_cap: usize, seed: u64) -> Self {
         HostState {
             memory_cap,
             memory_denied: false,
             memory_peak: 0,
-            log: Arc::new(Mutex::new(GuestLog::new(policy))),
+            log,
             clock: VirtualClock::default(),
             load: Load::default(),
             wasi: None,

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use wasmtime::{Engine, Store, Trap};
 
 use super::host::HostState;
+use super::log::GuestLog;
 use super::versions::{Bindings, Pre, Version};
 use super::{Limits, TICK};
 use crate::policy::{CallError, Gateway, Load, Policy, TunnelKey};
@@ -47,6 +48,8 @@ pub(super) struct LoadedInner {
     pub wasi: Vec<String>,
     /// Seeds its deterministic randomness: from its name and parameters.
     pub seed: u64,
+    /// Its log, shared by every instance (one rate limit for the policy).
+    pub log: Arc<Mutex<GuestLog>>,
     /// The instance started at load to try the parameters, handed to the
     /// first taker instead of starting another.
     pub warm: Mutex<Option<Live>>,
@@ -120,7 +123,7 @@ impl Loaded {
 
     pub(super) fn start(&self) -> Result<Live, StartError> {
         let inner = &self.0;
-        let state = HostState::new(&inner.name, inner.limits.memory, inner.seed);
+        let state = HostState::new(inner.log.clone(), inner.limits.memory, inner.seed);
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|s| s);
         arm(&mut store, inner.limits.setup);
@@ -213,19 +216,14 @@ impl WasmPolicy {
         self.live.as_ref().map_or(0, |l| l.store.data().memory_peak)
     }
 
-    /// Lines the live instance wrote to its log, stdout and stderr, and
-    /// how many of them the rate limit let through to the host's log.
+    /// Lines the policy's instances wrote to its log, stdout and stderr,
+    /// and how many of them the rate limit let through to the host's log.
     pub fn log_lines(&self) -> (u64, u64) {
-        self.live
-            .as_ref()
-            .and_then(|l| {
-                l.store
-                    .data()
-                    .log
-                    .lock()
-                    .ok()
-                    .map(|g| (g.lines(), g.shown()))
-            })
+        self.loaded
+            .0
+            .log
+            .lock()
+            .map(|g| (g.lines(), g.shown()))
             .unwrap_or((0, 0))
     }
 
