@@ -468,3 +468,213 @@ fn a_guest_that_logs_then_traps_is_rate_limited_per_policy_and_cannot_forge_line
         "{hellos} of 200 lines reached the host's log"
     );
 }
+
+// The compiled-policy cache: deserializing an entry maps native code into
+// the balancer, so where another user could put an entry, none is used.
+
+/// Another user's id, for directories "someone else" owns (the tests that
+/// need it run as root, as the network tests do; elsewhere they say so).
+const NOBODY: u32 = 65_534;
+
+fn chown(path: &Path, uid: u32) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path; chown has no other precondition.
+    unsafe { libc::chown(c.as_ptr(), uid, uid) == 0 }
+}
+
+fn cached_runtime(dir: &Path) -> Runtime {
+    let mut runtime = Runtime::new().unwrap();
+    runtime.set_cache(Some(segwlb::policy::wasm::Cache::at(dir)));
+    runtime
+}
+
+/// What the first tunnel gets from the policy, and where its code came from.
+fn first_answer(runtime: &Runtime, bytes: &[u8]) -> (Option<u32>, segwlb::policy::wasm::Origin) {
+    let (loaded, times) = runtime
+        .load_timed(Path::new("cached.wasm"), bytes, &[], limits())
+        .unwrap();
+    let mut p = loaded.instantiate();
+    p.set_gateways(&gateways()).unwrap();
+    (p.choose(&key(1), &Load::default()).unwrap(), times.origin)
+}
+
+#[test]
+fn a_cache_in_a_directory_of_ours_is_used_even_under_a_sticky_tmp() {
+    use segwlb::policy::wasm::Origin;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = cached_runtime(&dir.path().join("a/b/cache"));
+    let bytes = component(CONTRACT_WIT, &policy_wat(OK, &answers(1)));
+    assert_eq!(first_answer(&runtime, &bytes), (Some(1), Origin::Compiled));
+    assert_eq!(first_answer(&runtime, &bytes), (Some(1), Origin::Cache));
+}
+
+#[test]
+fn a_cache_under_a_directory_another_user_can_write_is_not_used() {
+    use segwlb::policy::wasm::Origin;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    if !chown(&shared, NOBODY) {
+        eprintln!("skipped: needs root to give a directory to another user");
+        return;
+    }
+    // Ours and only ours, but its parent is another user's: they can move
+    // it aside and put theirs in its place.
+    let runtime = cached_runtime(&shared.join("cache"));
+    let bytes = component(CONTRACT_WIT, &policy_wat(OK, &answers(1)));
+    assert_eq!(first_answer(&runtime, &bytes).1, Origin::Compiled);
+    assert_eq!(
+        first_answer(&runtime, &bytes).1,
+        Origin::Compiled,
+        "an entry under another user's directory was deserialized"
+    );
+}
+
+/// How another user who owns the cache directory's parent swaps in their
+/// own directory while the balancer loads.
+#[derive(Clone, Copy, Debug)]
+enum Swap {
+    /// `rename(2)` with RENAME_EXCHANGE, ours and theirs, again and again.
+    ExchangeDirectories,
+    /// The cache path is a symlink, pointed at ours, then at theirs.
+    FlipSymlink,
+}
+
+/// The planted entry: another policy's machine code (answers 3) under the
+/// name of the real one's (answers 1), with a checksum that matches.
+fn planted_race(swap: Swap) {
+    use std::os::unix::ffi::OsStrExt;
+    let real = component(CONTRACT_WIT, &policy_wat(OK, &answers(1)));
+    let evil = component(CONTRACT_WIT, &policy_wat(OK, &answers(3)));
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    let (ours, theirs) = (shared.join("ours"), shared.join("theirs"));
+    std::fs::create_dir_all(&theirs).unwrap();
+    // Our entry, then theirs: the other policy compiled by the same
+    // segwlb, renamed to the real one's key.
+    let cache = match swap {
+        Swap::ExchangeDirectories => ours.clone(),
+        Swap::FlipSymlink => shared.join("cache"),
+    };
+    first_answer(&cached_runtime(&ours), &real);
+    let elsewhere = dir.path().join("elsewhere");
+    first_answer(&cached_runtime(&elsewhere), &evil);
+    for entry in std::fs::read_dir(&ours).unwrap().flatten() {
+        let name = entry.file_name();
+        let ext = Path::new(&name).extension().unwrap().to_owned();
+        let from = std::fs::read_dir(&elsewhere)
+            .unwrap()
+            .flatten()
+            .find(|e| e.path().extension() == Some(&ext))
+            .unwrap()
+            .path();
+        std::fs::copy(from, theirs.join(&name)).unwrap();
+    }
+    if let Swap::FlipSymlink = swap {
+        std::os::unix::fs::symlink("ours", &cache).unwrap();
+    }
+    for p in [&shared, &theirs] {
+        if !chown(p, NOBODY) {
+            eprintln!("skipped: needs root to give a directory to another user");
+            return;
+        }
+    }
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attacker = {
+        let stop = stop.clone();
+        let (a, b, link, tmp) = (
+            c(&ours),
+            c(&theirs),
+            c(&shared.join("cache")),
+            c(&shared.join("cache.tmp")),
+        );
+        let (ours, theirs) = (c(Path::new("ours")), c(Path::new("theirs")));
+        std::thread::spawn(move || {
+            let mut flip = false;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: NUL-terminated paths; the calls have no other
+                // precondition, and a failure is just a missed swap.
+                unsafe {
+                    match swap {
+                        Swap::ExchangeDirectories => {
+                            libc::renameat2(
+                                libc::AT_FDCWD,
+                                a.as_ptr(),
+                                libc::AT_FDCWD,
+                                b.as_ptr(),
+                                libc::RENAME_EXCHANGE,
+                            );
+                        }
+                        Swap::FlipSymlink => {
+                            let target = if flip { &theirs } else { &ours };
+                            libc::unlink(tmp.as_ptr());
+                            libc::symlink(target.as_ptr(), tmp.as_ptr());
+                            libc::rename(tmp.as_ptr(), link.as_ptr());
+                        }
+                    }
+                }
+                flip = !flip;
+            }
+        })
+    };
+    let runtime = cached_runtime(&cache);
+    let mut planted = 0;
+    let t = Instant::now();
+    let tries = (0..300)
+        .take_while(|_| {
+            if first_answer(&runtime, &real).0 == Some(3) {
+                planted += 1;
+            }
+            planted == 0 && t.elapsed() < Duration::from_secs(20)
+        })
+        .count();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    attacker.join().unwrap();
+    assert_eq!(
+        planted, 0,
+        "{swap:?}: the planted machine code ran after {tries} loads"
+    );
+}
+
+#[test]
+fn a_planted_entry_swapped_in_by_directory_exchange_never_runs() {
+    planted_race(Swap::ExchangeDirectories);
+}
+
+#[test]
+fn a_planted_entry_swapped_in_by_symlink_never_runs() {
+    planted_race(Swap::FlipSymlink);
+}
+
+#[test]
+fn a_corrupt_truncated_or_linked_cache_entry_is_rebuilt_not_used() {
+    use segwlb::policy::wasm::Origin;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = cached_runtime(dir.path());
+    let bytes = component(CONTRACT_WIT, &policy_wat(OK, &answers(1)));
+    assert_eq!(first_answer(&runtime, &bytes).1, Origin::Compiled);
+    let entry = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .unwrap();
+    let good = std::fs::read(&entry).unwrap();
+    let mut flipped = good.clone();
+    flipped[good.len() / 2] ^= 0x40;
+    std::fs::write(&entry, &flipped).unwrap();
+    assert_eq!(first_answer(&runtime, &bytes), (Some(1), Origin::Rebuilt));
+    assert_eq!(first_answer(&runtime, &bytes).1, Origin::Cache);
+    std::fs::write(&entry, &good[..100]).unwrap();
+    assert_eq!(first_answer(&runtime, &bytes), (Some(1), Origin::Rebuilt));
+    // An entry that is a link (to a copy of itself elsewhere): not opened.
+    let elsewhere = dir.path().join("../elsewhere.cwasm");
+    std::fs::copy(&entry, &elsewhere).unwrap();
+    std::fs::remove_file(&entry).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &entry).unwrap();
+    assert_eq!(first_answer(&runtime, &bytes), (Some(1), Origin::Rebuilt));
+    assert!(!entry.is_symlink(), "the link was replaced by an entry");
+    std::fs::remove_file(elsewhere).unwrap();
+}
