@@ -114,14 +114,18 @@ fn memory_bomb_hits_the_cap() {
     let runtime = Runtime::new().unwrap();
     let bomb = "(loop $grow (br_if $grow (i32.ne (memory.grow (i32.const 1)) (i32.const -1)))) (unreachable)";
     let g = place(&runtime, "bomb.wasm", bomb, 4);
-    assert_eq!(g.stats().fallbacks_for(FallbackReason::MemoryCap), 4);
+    // Three failures in a row open the breaker: the fourth is not asked.
+    assert_eq!(g.stats().fallbacks_for(FallbackReason::MemoryCap), 3);
+    assert_eq!(g.stats().fallbacks_for(FallbackReason::BreakerOpen), 1);
 }
 
 #[test]
 fn trap_falls_back_and_the_next_call_gets_a_fresh_instance() {
     let runtime = Runtime::new().unwrap();
     let g = place(&runtime, "trap.wasm", "(unreachable)", 5);
-    assert_eq!(g.stats().fallbacks_for(FallbackReason::Trap), 5);
+    // Each of the first three on a fresh instance; then the breaker opens.
+    assert_eq!(g.stats().fallbacks_for(FallbackReason::Trap), 3);
+    assert_eq!(g.stats().fallbacks_for(FallbackReason::BreakerOpen), 2);
     assert_eq!(g.stats().failed_pushes, 0);
 }
 
@@ -777,4 +781,147 @@ fn a_guest_hoarding_pollables_is_stopped_at_a_small_bound() {
     // wraps): far past the bound, so each fails at once, and its instance
     // (with its table) is dropped.
     assert_eq!(failed, 12, "calls hoarding 50,000 pollables succeeded");
+}
+
+// The worker's time: a guest may cost it its deadline once in a while,
+// never a steady share of it, in `choose` or in `set-gateways`.
+
+/// WAT that counts `$spin` down from `n`: busy work of a fixed length.
+fn spin(n: u32) -> String {
+    format!(
+        "(global.set $spin (i32.const {n}))
+         (loop $s (global.set $spin (i32.sub (global.get $spin) (i32.const 1))) (br_if $s (global.get $spin)))"
+    )
+}
+
+/// A policy whose `choose` runs `choose_body` and whose `set-gateways`
+/// runs `set_body` first (both may use `spin`).
+fn spinning_policy(choose_body: &str, set_body: &str) -> Vec<u8> {
+    let wat = policy_wat(OK, choose_body)
+        .replace(
+            "  (global $bump",
+            "  (global $spin (mut i32) (i32.const 0))\n  (global $bump",
+        )
+        .replace(
+            ";; the host allocated the list with cabi_realloc; nothing here keeps it",
+            set_body,
+        );
+    component(CONTRACT_WIT, &wat)
+}
+
+/// Limits under which busy work of some milliseconds is never a timeout.
+fn roomy() -> Limits {
+    Limits {
+        call: Duration::from_millis(500),
+        setup: Duration::from_secs(2),
+        memory: 1 << 20,
+    }
+}
+
+/// Busy work of ~10 ms here (0.8 ns an iteration, measured).
+const SPIN: u32 = 12_000_000;
+
+#[test]
+fn a_guest_spending_milliseconds_per_call_is_kept_to_a_share_of_the_worker() {
+    // Never a deadline: ~10 ms of busy work, then an answer. A hundred new
+    // tunnels in a tenth of a second would take the worker a whole second.
+    let bytes = spinning_policy(&format!("{} {}", spin(SPIN), answers(1)), "");
+    let runtime = Runtime::new().unwrap();
+    let loaded = runtime
+        .load_bytes(Path::new("busy.wasm"), &bytes, &[], roomy())
+        .unwrap();
+    let mut g: Guarded = Guarded::new(Box::new(loaded.serve().unwrap()));
+    g.set_gateways(gateways(), Timestamp::ZERO);
+    let t = Instant::now();
+    for i in 0..100 {
+        let now = Timestamp::from_millis(u64::from(i));
+        g.choose(&key(i), &Load::default(), now).unwrap();
+    }
+    let took = t.elapsed();
+    let asked = g.stats().decisions - g.stats().fallbacks_for(FallbackReason::BreakerOpen);
+    eprintln!("the guest was asked {asked} times of 100 ({took:?})");
+    assert!(g.stats().breaker_trips >= 1, "{:?}", g.stats());
+    assert!(asked <= 50, "asked {asked} times of 100 ({took:?})");
+}
+
+#[test]
+fn a_guest_that_traps_on_every_call_is_not_asked_on_every_call() {
+    let runtime = Runtime::new().unwrap();
+    let g = place(&runtime, "trap.wasm", "(unreachable)", 100);
+    let s = g.stats();
+    assert!(s.breaker_trips >= 1, "{s:?}");
+    assert!(
+        s.fallbacks_for(FallbackReason::Trap) <= 5,
+        "asked {} times of 100, trapping every time",
+        s.fallbacks_for(FallbackReason::Trap)
+    );
+}
+
+#[test]
+fn after_a_trap_the_spare_takes_over_with_the_set_already_pushed() {
+    // `set-gateways` takes ~10 ms; `choose` traps. On the data path the
+    // spare instance takes over after each trap, and must already have
+    // the set: replaying it is not the worker's job.
+    let bytes = spinning_policy("(unreachable)", &spin(SPIN));
+    let runtime = Runtime::new().unwrap();
+    let loaded = runtime
+        .load_bytes(Path::new("trap-slow-set.wasm"), &bytes, &[], roomy())
+        .unwrap();
+    let mut p = loaded.serve().unwrap();
+    let t = Instant::now();
+    p.set_gateways(&gateways()).unwrap();
+    let push = t.elapsed();
+    let mut slowest = Duration::ZERO;
+    let mut traps = 0;
+    for i in 0..12 {
+        // Time for the spare to start and take the set.
+        std::thread::sleep(push * 3 + Duration::from_millis(30));
+        let t = Instant::now();
+        let r = p.choose(&key(i), &Load::default());
+        slowest = slowest.max(t.elapsed());
+        traps += u32::from(matches!(r, Err(segwlb::policy::CallError::Trap(_))));
+    }
+    eprintln!("a push takes {push:?}; the slowest trapping call {slowest:?}; {traps} traps");
+    assert!(traps >= 8, "the spare rarely served: {traps} traps of 12");
+    assert!(
+        slowest < push / 2,
+        "a call took {slowest:?}: the set ({push:?}) was replayed on the worker"
+    );
+}
+
+#[test]
+fn an_instance_holding_much_memory_is_dropped_off_the_worker() {
+    // 128 MiB written in `configure` (off the worker), then every call
+    // traps: the trapping call must not pay for unmapping it.
+    let configure = "(drop (memory.grow (i32.const 2048)))
+         (memory.fill (i32.const 0) (i32.const 1) (i32.const 134217728))
+         (call $ok)";
+    let bytes = component(CONTRACT_WIT, &policy_wat(configure, "(unreachable)"));
+    let limits = Limits {
+        memory: 256 << 20,
+        ..roomy()
+    };
+    let runtime = Runtime::new().unwrap();
+    let loaded = runtime
+        .load_bytes(Path::new("heavy.wasm"), &bytes, &[], limits)
+        .unwrap();
+    let mut slowest = Duration::ZERO;
+    for i in 0..4 {
+        let mut p = loaded.serve().unwrap();
+        p.set_gateways(&gateways()).unwrap();
+        // Its spare ready too (it holds as much).
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        assert!(p.choose(&key(i), &Load::default()).is_err());
+        slowest = slowest.max(t.elapsed());
+        // The old policy goes when a swap replaces it: on the worker too.
+        let t = Instant::now();
+        drop(p);
+        slowest = slowest.max(t.elapsed());
+    }
+    eprintln!("slowest trap or drop: {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(8),
+        "the worker spent {slowest:?} dropping an instance"
+    );
 }
