@@ -194,12 +194,14 @@ impl<P: Policy> Guarded<P> {
                 self.burst.reset(now);
             }
         }
-        self.record(outcome, now);
+        self.record(outcome, now, true);
     }
 
-    /// Feed the breaker how a call ended and the worker time it took.
-    fn record(&mut self, outcome: Outcome, now: Timestamp) {
+    /// Feed the breaker how a call ended and (when `timed`) the worker
+    /// time it took.
+    fn record(&mut self, outcome: Outcome, now: Timestamp, timed: bool) {
         let spent = self.policy.spent();
+        let spent = if timed { spent } else { Duration::ZERO };
         if let Some((period, why)) = self.breaker.record(outcome, spent, now) {
             self.stats.breaker_trips += 1;
             tracing::warn!(
@@ -220,6 +222,30 @@ impl<P: Policy> Guarded<P> {
         load: &Load,
         now: Timestamp,
     ) -> Result<Choice, Refusal> {
+        self.choose_timed(key, load, now, true)
+    }
+
+    /// As [`choose`](Self::choose), for background work the caller already
+    /// paces (a rebalance, a slice at a time): the guest's time on it does
+    /// not count against its share of the worker (a rebalance of 10,000
+    /// tunnels by a Python policy takes a second of it, by design), while
+    /// deadlines and failures still open the breaker.
+    pub fn choose_in_background(
+        &mut self,
+        key: &TunnelKey,
+        load: &Load,
+        now: Timestamp,
+    ) -> Result<Choice, Refusal> {
+        self.choose_timed(key, load, now, false)
+    }
+
+    fn choose_timed(
+        &mut self,
+        key: &TunnelKey,
+        load: &Load,
+        now: Timestamp,
+        timed: bool,
+    ) -> Result<Choice, Refusal> {
         self.stats.decisions += 1;
         let mut gate = self.breaker.gate(now);
         if gate == Gate::Call && self.unpushed {
@@ -230,7 +256,7 @@ impl<P: Policy> Guarded<P> {
             Gate::Open => Err(FallbackReason::BreakerOpen),
             Gate::Call => {
                 let answer = self.policy.choose(key, load);
-                self.record(outcome(&answer), now);
+                self.record(outcome(&answer), now, timed);
                 Ok(answer)
             }
         };
@@ -502,6 +528,22 @@ mod tests {
         fn spent(&mut self) -> Duration {
             std::mem::take(&mut self.spent)
         }
+    }
+
+    #[test]
+    fn a_rebalance_paced_by_the_caller_is_not_cut_short_by_the_guests_time() {
+        let mut g = Guarded::new(Slow {
+            pushes: 0,
+            spent: Duration::ZERO,
+        });
+        g.set_gateways(set(), Timestamp::ZERO);
+        // 100 placements of 100 ms each within a second: all the policy's.
+        for n in 0..100 {
+            let now = Timestamp::from_millis(u64::from(n));
+            let c = g.choose_in_background(&key(n), &Load::default(), now);
+            assert_eq!(c.unwrap().fallback, None, "placement {n}");
+        }
+        assert_eq!(g.stats().breaker_trips, 0);
     }
 
     #[test]
