@@ -108,7 +108,7 @@ impl ResourceLimiter for HostState {
             // the guest); nothing is granted, so nothing is counted.
             return Ok(false);
         }
-        let total = self.memory_peak - current + desired;
+        let total = self.memory_peak.saturating_sub(current) + desired;
         if total > self.memory_cap {
             self.memory_denied = true;
             wasmtime::bail!(
@@ -126,7 +126,7 @@ impl ResourceLimiter for HostState {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let total = self.table_elements - current + desired;
+        let total = self.table_elements.saturating_sub(current) + desired;
         if maximum.is_some_and(|max| desired > max) || total > MAX_TABLE_ELEMENTS {
             return Ok(false);
         }
