@@ -114,14 +114,18 @@ fn memory_bomb_hits_the_cap() {
     let runtime = Runtime::new().unwrap();
     let bomb = "(loop $grow (br_if $grow (i32.ne (memory.grow (i32.const 1)) (i32.const -1)))) (unreachable)";
     let g = place(&runtime, "bomb.wasm", bomb, 4);
-    assert_eq!(g.stats().fallbacks_for(FallbackReason::MemoryCap), 4);
+    // Three failures in a row open the breaker: the fourth is not asked.
+    assert_eq!(g.stats().fallbacks_for(FallbackReason::MemoryCap), 3);
+    assert_eq!(g.stats().fallbacks_for(FallbackReason::BreakerOpen), 1);
 }
 
 #[test]
 fn trap_falls_back_and_the_next_call_gets_a_fresh_instance() {
     let runtime = Runtime::new().unwrap();
     let g = place(&runtime, "trap.wasm", "(unreachable)", 5);
-    assert_eq!(g.stats().fallbacks_for(FallbackReason::Trap), 5);
+    // Each of the first three on a fresh instance; then the breaker opens.
+    assert_eq!(g.stats().fallbacks_for(FallbackReason::Trap), 3);
+    assert_eq!(g.stats().fallbacks_for(FallbackReason::BreakerOpen), 2);
     assert_eq!(g.stats().failed_pushes, 0);
 }
 
@@ -401,4 +405,535 @@ fn a_wasi_interface_the_host_does_not_link_is_refused_by_name() {
     let msg = err.to_string();
     assert!(matches!(err, LoadError::ForbiddenImport { .. }), "{msg}");
     assert!(msg.contains("wasi:http/outgoing-handler@0.2.0"), "{msg}");
+}
+
+/// What the host's log shows while `f` runs on this thread (tracing's
+/// default formatter, no colours), as one string.
+fn host_log_during(f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let text = buffer.0.lock().unwrap().clone();
+    String::from_utf8(text).unwrap()
+}
+
+#[test]
+fn a_guest_that_logs_then_traps_is_rate_limited_per_policy_and_cannot_forge_lines() {
+    // Each call logs one line (with a newline and an escape sequence in
+    // it) and traps: every call then runs on a fresh instance. The rate
+    // limit is the policy's, not each instance's, and the line stays one
+    // line of the host's log.
+    let forged = "hello\\0aERROR segwlb: forged line\\1b[2J";
+    let wat = policy_wat(
+        OK,
+        "(call $log (i32.const 2) (i32.const 128) (i32.const 35)) (unreachable)",
+    )
+    .replace(
+        "(module",
+        "(module\n  (import \"segwlb:policy/log@0.3.0\" \"log\" (func $log (param i32 i32 i32)))",
+    )
+    .replace(
+        "(data (i32.const 64)",
+        &format!("(data (i32.const 128) \"{forged}\")\n  (data (i32.const 64)"),
+    );
+    let runtime = Runtime::new().unwrap();
+    let loaded = load(&runtime, "chatty.wasm", &component(CONTRACT_WIT, &wat)).unwrap();
+    let mut policy = loaded.instantiate();
+    policy.set_gateways(&gateways()).unwrap();
+    let shown = host_log_during(|| {
+        for i in 0..200 {
+            assert!(policy.choose(&key(i), &Load::default()).is_err());
+        }
+    });
+    assert_eq!(policy.restarts(), 200);
+    assert!(
+        !shown.lines().any(|l| l.starts_with("ERROR")) && !shown.contains('\x1b'),
+        "the guest forged a log line or sent an escape sequence:\n{shown}"
+    );
+    let hellos = shown.matches("hello").count();
+    assert!(
+        (1..=20).contains(&hellos),
+        "{hellos} of 200 lines reached the host's log"
+    );
+}
+
+// The compiled-policy cache: deserializing an entry maps native code into
+// the balancer, so where another user could put an entry, none is used.
+
+/// Another user's id, for directories "someone else" owns (the tests that
+/// need it run as root, as the network tests do; elsewhere they say so).
+const NOBODY: u32 = 65_534;
+
+fn chown(path: &Path, uid: u32) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path; chown has no other precondition.
+    unsafe { libc::chown(c.as_ptr(), uid, uid) == 0 }
+}
+
+fn cached_runtime(dir: &Path) -> Runtime {
+    let mut runtime = Runtime::new().unwrap();
+    runtime.set_cache(Some(segwlb::policy::wasm::Cache::at(dir)));
+    runtime
+}
+
+/// What the first tunnel gets from the policy, and where its code came from.
+fn first_answer(runtime: &Runtime, bytes: &[u8]) -> (Option<u32>, segwlb::policy::wasm::Origin) {
+    let (loaded, times) = runtime
+        .load_timed(Path::new("cached.wasm"), bytes, &[], limits())
+        .unwrap();
+    let mut p = loaded.instantiate();
+    p.set_gateways(&gateways()).unwrap();
+    (p.choose(&key(1), &Load::default()).unwrap(), times.origin)
+}
+
+#[test]
+fn a_cache_in_a_directory_of_ours_is_used_even_under_a_sticky_tmp() {
+    use segwlb::policy::wasm::Origin;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = cached_runtime(&dir.path().join("a/b/cache"));
+    let bytes = component(CONTRACT_WIT, &policy_wat(OK, &answers(1)));
+    assert_eq!(first_answer(&runtime, &bytes), (Some(1), Origin::Compiled));
+    assert_eq!(first_answer(&runtime, &bytes), (Some(1), Origin::Cache));
+}
+
+#[test]
+fn a_cache_under_a_directory_another_user_can_write_is_not_used() {
+    use segwlb::policy::wasm::Origin;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    if !chown(&shared, NOBODY) {
+        eprintln!("skipped: needs root to give a directory to another user");
+        return;
+    }
+    // Ours and only ours, but its parent is another user's: they can move
+    // it aside and put theirs in its place.
+    let runtime = cached_runtime(&shared.join("cache"));
+    let bytes = component(CONTRACT_WIT, &policy_wat(OK, &answers(1)));
+    assert_eq!(first_answer(&runtime, &bytes).1, Origin::Compiled);
+    assert_eq!(
+        first_answer(&runtime, &bytes).1,
+        Origin::Compiled,
+        "an entry under another user's directory was deserialized"
+    );
+}
+
+/// How another user who owns the cache directory's parent swaps in their
+/// own directory while the balancer loads.
+#[derive(Clone, Copy, Debug)]
+enum Swap {
+    /// `rename(2)` with RENAME_EXCHANGE, ours and theirs, again and again.
+    ExchangeDirectories,
+    /// The cache path is a symlink, pointed at ours, then at theirs.
+    FlipSymlink,
+}
+
+/// The planted entry: another policy's machine code (answers 3) under the
+/// name of the real one's (answers 1), with a checksum that matches.
+fn planted_race(swap: Swap) {
+    use std::os::unix::ffi::OsStrExt;
+    let real = component(CONTRACT_WIT, &policy_wat(OK, &answers(1)));
+    let evil = component(CONTRACT_WIT, &policy_wat(OK, &answers(3)));
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    let (ours, theirs) = (shared.join("ours"), shared.join("theirs"));
+    std::fs::create_dir_all(&theirs).unwrap();
+    // Our entry, then theirs: the other policy compiled by the same
+    // segwlb, renamed to the real one's key.
+    let cache = match swap {
+        Swap::ExchangeDirectories => ours.clone(),
+        Swap::FlipSymlink => shared.join("cache"),
+    };
+    first_answer(&cached_runtime(&ours), &real);
+    let elsewhere = dir.path().join("elsewhere");
+    first_answer(&cached_runtime(&elsewhere), &evil);
+    for entry in std::fs::read_dir(&ours).unwrap().flatten() {
+        let name = entry.file_name();
+        let ext = Path::new(&name).extension().unwrap().to_owned();
+        let from = std::fs::read_dir(&elsewhere)
+            .unwrap()
+            .flatten()
+            .find(|e| e.path().extension() == Some(&ext))
+            .unwrap()
+            .path();
+        std::fs::copy(from, theirs.join(&name)).unwrap();
+    }
+    if let Swap::FlipSymlink = swap {
+        std::os::unix::fs::symlink("ours", &cache).unwrap();
+    }
+    for p in [&shared, &theirs] {
+        if !chown(p, NOBODY) {
+            eprintln!("skipped: needs root to give a directory to another user");
+            return;
+        }
+    }
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attacker = {
+        let stop = stop.clone();
+        let (a, b, link, tmp) = (
+            c(&ours),
+            c(&theirs),
+            c(&shared.join("cache")),
+            c(&shared.join("cache.tmp")),
+        );
+        let (ours, theirs) = (c(Path::new("ours")), c(Path::new("theirs")));
+        std::thread::spawn(move || {
+            let mut flip = false;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: NUL-terminated paths; the calls have no other
+                // precondition, and a failure is just a missed swap.
+                unsafe {
+                    match swap {
+                        Swap::ExchangeDirectories => {
+                            libc::renameat2(
+                                libc::AT_FDCWD,
+                                a.as_ptr(),
+                                libc::AT_FDCWD,
+                                b.as_ptr(),
+                                libc::RENAME_EXCHANGE,
+                            );
+                        }
+                        Swap::FlipSymlink => {
+                            let target = if flip { &theirs } else { &ours };
+                            libc::unlink(tmp.as_ptr());
+                            libc::symlink(target.as_ptr(), tmp.as_ptr());
+                            libc::rename(tmp.as_ptr(), link.as_ptr());
+                        }
+                    }
+                }
+                flip = !flip;
+            }
+        })
+    };
+    let runtime = cached_runtime(&cache);
+    let mut planted = 0;
+    let t = Instant::now();
+    let tries = (0..300)
+        .take_while(|_| {
+            if first_answer(&runtime, &real).0 == Some(3) {
+                planted += 1;
+            }
+            planted == 0 && t.elapsed() < Duration::from_secs(20)
+        })
+        .count();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    attacker.join().unwrap();
+    assert_eq!(
+        planted, 0,
+        "{swap:?}: the planted machine code ran after {tries} loads"
+    );
+}
+
+#[test]
+fn a_planted_entry_swapped_in_by_directory_exchange_never_runs() {
+    planted_race(Swap::ExchangeDirectories);
+}
+
+#[test]
+fn a_planted_entry_swapped_in_by_symlink_never_runs() {
+    planted_race(Swap::FlipSymlink);
+}
+
+#[test]
+fn a_corrupt_truncated_or_linked_cache_entry_is_rebuilt_not_used() {
+    use segwlb::policy::wasm::Origin;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = cached_runtime(dir.path());
+    let bytes = component(CONTRACT_WIT, &policy_wat(OK, &answers(1)));
+    assert_eq!(first_answer(&runtime, &bytes).1, Origin::Compiled);
+    let entry = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .unwrap();
+    let good = std::fs::read(&entry).unwrap();
+    let mut flipped = good.clone();
+    flipped[good.len() / 2] ^= 0x40;
+    std::fs::write(&entry, &flipped).unwrap();
+    assert_eq!(first_answer(&runtime, &bytes), (Some(1), Origin::Rebuilt));
+    assert_eq!(first_answer(&runtime, &bytes).1, Origin::Cache);
+    std::fs::write(&entry, &good[..100]).unwrap();
+    assert_eq!(first_answer(&runtime, &bytes), (Some(1), Origin::Rebuilt));
+    // An entry that is a link (to a copy of itself elsewhere): not opened.
+    let elsewhere = dir.path().join("../elsewhere.cwasm");
+    std::fs::copy(&entry, &elsewhere).unwrap();
+    std::fs::remove_file(&entry).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &entry).unwrap();
+    assert_eq!(first_answer(&runtime, &bytes), (Some(1), Origin::Rebuilt));
+    assert!(!entry.is_symlink(), "the link was replaced by an entry");
+    std::fs::remove_file(elsewhere).unwrap();
+}
+
+/// `policy_wat` with `extra` more memories of no pages, `$m1`…, beside
+/// the one the contract's calls use.
+fn with_memories(extra: usize, choose_body: &str) -> Vec<u8> {
+    let memories: String = (1..=extra)
+        .map(|i| format!("  (memory $m{i} 0)\n"))
+        .collect();
+    let wat = policy_wat(OK, choose_body)
+        .replace("  (global $bump", &format!("{memories}  (global $bump"));
+    component(CONTRACT_WIT, &wat)
+}
+
+#[test]
+fn the_memory_cap_is_for_all_of_a_guests_memories_together() {
+    // Seven more memories (eight is the most), each grown to 15/16 of the
+    // 1 MiB cap: 6.6 MiB in all. Gateway 1 if every growth was granted.
+    let grows: String = (1..=7)
+        .map(|i| format!("(if (i32.eq (memory.grow $m{i} (i32.const 15)) (i32.const -1)) (then (return (call $some (i32.const 3))))) "))
+        .collect();
+    let bytes = with_memories(7, &format!("{grows} (call $some (i32.const 1))"));
+    let runtime = Runtime::new().unwrap();
+    let loaded = load(&runtime, "many-memories.wasm", &bytes).expect("loads");
+    let mut g: Guarded = Guarded::new(Box::new(loaded.instantiate()));
+    g.set_gateways(gateways(), Timestamp::ZERO);
+    let c = g
+        .choose(&key(1), &Load::default(), Timestamp::ZERO)
+        .unwrap();
+    assert_eq!(
+        c.fallback,
+        Some(FallbackReason::MemoryCap),
+        "the guest held 6.6 MiB under a cap of 1 MiB (answered {})",
+        c.gateway
+    );
+}
+
+#[test]
+fn a_guest_with_sixty_memories_is_refused_at_start() {
+    let bytes = with_memories(60, &answers(1));
+    let err = load(&Runtime::new().unwrap(), "hydra.wasm", &bytes)
+        .err()
+        .expect("refused");
+    assert!(matches!(err, LoadError::Start { .. }), "{err}");
+    assert!(err.to_string().contains("memory count"), "{err}");
+}
+
+/// The host's resident memory, in bytes.
+fn resident() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+#[test]
+fn a_guest_hoarding_pollables_is_stopped_at_a_small_bound() {
+    // 50,000 sleeps of a nanosecond per call, none of them dropped: each
+    // is an entry in the host's WASI resource table, outside the cap on
+    // the guest's own memory.
+    let bytes = wasi_guest(
+        &[WASI_IO, WASI_CLOCKS],
+        &["wasi:clocks/monotonic-clock@0.2.0"],
+        r#"(import "wasi:clocks/monotonic-clock@0.2.0" "subscribe-duration" (func $sub (param i64) (result i32)))
+  (global $n (mut i32) (i32.const 0))"#,
+        "(global.set $n (i32.const 50000))
+         (loop $hoard
+           (drop (call $sub (i64.const 1)))
+           (global.set $n (i32.sub (global.get $n) (i32.const 1)))
+           (br_if $hoard (global.get $n)))
+         (call $some (i32.const 1))",
+    );
+    let runtime = Runtime::new().unwrap();
+    let generous = Limits {
+        call: Duration::from_secs(5),
+        ..limits()
+    };
+    let loaded = runtime
+        .load_bytes(Path::new("hoarder.wasm"), &bytes, &[], generous)
+        .expect("loads");
+    let mut p = loaded.instantiate();
+    p.set_gateways(&gateways()).unwrap();
+    let before = resident();
+    let mut failed = 0;
+    for i in 0..12 {
+        if p.choose(&key(i), &Load::default()).is_err() {
+            failed += 1;
+        }
+    }
+    // What the host paid, for the record: resident memory is the whole
+    // test process's, so it is shown, not asserted (alone: ~21 MiB held
+    // when the table's bound was wasmtime's 1,000,000 entries, ~1 MiB at
+    // ours).
+    let grew = resident().saturating_sub(before);
+    eprintln!(
+        "host memory grew {:.1} MiB; {failed} of 12 calls failed",
+        grew as f64 / f64::from(1 << 20)
+    );
+    // Each call hoards 100,000 table entries (a pollable and what it
+    // wraps): far past the bound, so each fails at once, and its instance
+    // (with its table) is dropped.
+    assert_eq!(failed, 12, "calls hoarding 50,000 pollables succeeded");
+}
+
+// The worker's time: a guest may cost it its deadline once in a while,
+// never a steady share of it, in `choose` or in `set-gateways`.
+
+/// WAT that counts `$spin` down from `n`: busy work of a fixed length.
+fn spin(n: u32) -> String {
+    format!(
+        "(global.set $spin (i32.const {n}))
+         (loop $s (global.set $spin (i32.sub (global.get $spin) (i32.const 1))) (br_if $s (global.get $spin)))"
+    )
+}
+
+/// A policy whose `choose` runs `choose_body` and whose `set-gateways`
+/// runs `set_body` first (both may use `spin`).
+fn spinning_policy(choose_body: &str, set_body: &str) -> Vec<u8> {
+    let wat = policy_wat(OK, choose_body)
+        .replace(
+            "  (global $bump",
+            "  (global $spin (mut i32) (i32.const 0))\n  (global $bump",
+        )
+        .replace(
+            ";; the host allocated the list with cabi_realloc; nothing here keeps it",
+            set_body,
+        );
+    component(CONTRACT_WIT, &wat)
+}
+
+/// Limits under which busy work of some milliseconds is never a timeout.
+fn roomy() -> Limits {
+    Limits {
+        call: Duration::from_millis(500),
+        setup: Duration::from_secs(2),
+        memory: 1 << 20,
+    }
+}
+
+/// Busy work of ~10 ms here (0.8 ns an iteration, measured).
+const SPIN: u32 = 12_000_000;
+
+#[test]
+fn a_guest_spending_milliseconds_per_call_is_kept_to_a_share_of_the_worker() {
+    // Never a deadline: ~10 ms of busy work, then an answer. A hundred new
+    // tunnels in a tenth of a second would take the worker a whole second.
+    let bytes = spinning_policy(&format!("{} {}", spin(SPIN), answers(1)), "");
+    let runtime = Runtime::new().unwrap();
+    let loaded = runtime
+        .load_bytes(Path::new("busy.wasm"), &bytes, &[], roomy())
+        .unwrap();
+    let mut g: Guarded = Guarded::new(Box::new(loaded.serve().unwrap()));
+    g.set_gateways(gateways(), Timestamp::ZERO);
+    let t = Instant::now();
+    for i in 0..100 {
+        let now = Timestamp::from_millis(u64::from(i));
+        g.choose(&key(i), &Load::default(), now).unwrap();
+    }
+    let took = t.elapsed();
+    let asked = g.stats().decisions - g.stats().fallbacks_for(FallbackReason::BreakerOpen);
+    eprintln!("the guest was asked {asked} times of 100 ({took:?})");
+    assert!(g.stats().breaker_trips >= 1, "{:?}", g.stats());
+    assert!(asked <= 50, "asked {asked} times of 100 ({took:?})");
+}
+
+#[test]
+fn a_guest_that_traps_on_every_call_is_not_asked_on_every_call() {
+    let runtime = Runtime::new().unwrap();
+    let g = place(&runtime, "trap.wasm", "(unreachable)", 100);
+    let s = g.stats();
+    assert!(s.breaker_trips >= 1, "{s:?}");
+    assert!(
+        s.fallbacks_for(FallbackReason::Trap) <= 5,
+        "asked {} times of 100, trapping every time",
+        s.fallbacks_for(FallbackReason::Trap)
+    );
+}
+
+#[test]
+fn after_a_trap_the_spare_takes_over_with_the_set_already_pushed() {
+    // `set-gateways` takes ~10 ms; `choose` traps. On the data path the
+    // spare instance takes over after each trap, and must already have
+    // the set: replaying it is not the worker's job.
+    let bytes = spinning_policy("(unreachable)", &spin(SPIN));
+    let runtime = Runtime::new().unwrap();
+    let loaded = runtime
+        .load_bytes(Path::new("trap-slow-set.wasm"), &bytes, &[], roomy())
+        .unwrap();
+    let mut p = loaded.serve().unwrap();
+    let t = Instant::now();
+    p.set_gateways(&gateways()).unwrap();
+    let push = t.elapsed();
+    let mut took = Vec::new();
+    let mut traps = 0;
+    for i in 0..12 {
+        // Time for the spare to start and take the set.
+        std::thread::sleep(push * 3 + Duration::from_millis(30));
+        let t = Instant::now();
+        let r = p.choose(&key(i), &Load::default());
+        took.push(t.elapsed());
+        traps += u32::from(matches!(r, Err(segwlb::policy::CallError::Trap(_))));
+    }
+    let typical = median(took);
+    eprintln!("a push takes {push:?}; a trapping call typically {typical:?}; {traps} traps");
+    assert!(traps >= 8, "the spare rarely served: {traps} traps of 12");
+    // Each call after the first is on a spare: had it to be told the set
+    // here, every one would take as long as a push.
+    assert!(
+        typical < push / 2,
+        "a call typically took {typical:?}: the set ({push:?}) was replayed on the worker"
+    );
+}
+
+/// The middle of `times`: what a call typically costs, whatever a busy
+/// machine does to one of them.
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+#[test]
+fn an_instance_holding_much_memory_is_dropped_off_the_worker() {
+    // 128 MiB written in `configure` (off the worker), then every call
+    // traps: the trapping call must not pay for unmapping it.
+    let configure = "(drop (memory.grow (i32.const 2048)))
+         (memory.fill (i32.const 0) (i32.const 1) (i32.const 134217728))
+         (call $ok)";
+    let bytes = component(CONTRACT_WIT, &policy_wat(configure, "(unreachable)"));
+    let limits = Limits {
+        memory: 256 << 20,
+        ..roomy()
+    };
+    let runtime = Runtime::new().unwrap();
+    let loaded = runtime
+        .load_bytes(Path::new("heavy.wasm"), &bytes, &[], limits)
+        .unwrap();
+    let mut took = Vec::new();
+    for i in 0..4 {
+        let mut p = loaded.serve().unwrap();
+        p.set_gateways(&gateways()).unwrap();
+        // Its spare ready too (it holds as much).
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        assert!(p.choose(&key(i), &Load::default()).is_err());
+        took.push(t.elapsed());
+        // The old policy goes when a swap replaces it: on the worker too.
+        let t = Instant::now();
+        drop(p);
+        took.push(t.elapsed());
+    }
+    let typical = median(took);
+    eprintln!("a trap or a drop typically takes {typical:?}");
+    // Unmapping 128 MiB here took the worker ~25 ms a time.
+    assert!(
+        typical < Duration::from_millis(8),
+        "the worker typically spent {typical:?} dropping an instance"
+    );
 }

@@ -2,7 +2,10 @@
 //! componentize-js) run as the Rust ones do: they place the same tunnels as
 //! their Rust twins, and a hostile one is contained — no file read, no
 //! connection made, no environment seen, its output rate-limited, its
-//! loops, allocations and exceptions a counted fallback.
+//! loops, allocations and exceptions a counted fallback. Each refused act
+//! has a positive control: the same guest in a host of the tests' own that
+//! grants the act must succeed at it (`permissive`), so a probe broken for
+//! another reason cannot pass for a refusal.
 //!
 //! The components are built by `scripts/build-polyglot.sh` (CI runs it; it
 //! needs `scripts/setup.sh --polyglot`). Without them these tests say so
@@ -299,18 +302,6 @@ fn refused_with(lang: &str, mode: &str, extra: &[(&str, &str)], limits: Limits) 
 }
 
 #[test]
-fn a_guest_cannot_read_a_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "root:x:0:0").unwrap();
-    let path = secret.to_str().unwrap();
-    for lang in LANGS {
-        refused(lang, "open", &[("path", path)]);
-        refused(lang, "open", &[("path", "/etc/passwd")]);
-    }
-}
-
-#[test]
 fn a_guest_cannot_connect_anywhere() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
@@ -329,15 +320,6 @@ fn a_guest_cannot_connect_anywhere() {
         "a guest connected to the host: {:?}",
         accepted.as_mut().map(|b| b.len())
     );
-}
-
-#[test]
-fn a_guest_sees_no_environment() {
-    // Set in the host: a guest must not see it (nor anything else).
-    std::env::set_var("SEGWLB_SECRET_FOR_GUESTS", "1");
-    for lang in LANGS {
-        refused(lang, "env", &[]);
-    }
 }
 
 #[test]
@@ -615,4 +597,236 @@ fn a_guest_whose_memory_grows_is_recycled_before_its_cap_not_failed() {
             p.memory_bytes() as f64 / f64::from(1 << 20)
         );
     }
+}
+
+/// Positive controls for the hostile guests' probes: a host of the tests'
+/// own, outside segwlb, that grants the one act a probe attempts (a
+/// directory preopened, a variable passed, the network open). The same
+/// component and the same probe must then answer the breach (gateway 2):
+/// so when segwlb's runtime has them answer gateway 1, the sandbox refused
+/// the act, and the probe was not merely broken (a probe that fails for any
+/// reason answers 1 too).
+mod permissive {
+    use std::path::{Path, PathBuf};
+
+    use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+    use wasmtime::{Config, Engine, Store, Strategy};
+    use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
+
+    wasmtime::component::bindgen!({ world: "policy", path: "../wit/policy.wit" });
+
+    use self::segwlb::policy::types::{
+        Gateway, GatewayLoad, IpAddress, Opener, TunnelKey, UtilizationView,
+    };
+
+    /// What the control grants.
+    #[derive(Default)]
+    pub struct Grants {
+        /// A host directory, preopened read-only at the same path.
+        pub preopen: Option<PathBuf>,
+        pub env: Vec<(String, String)>,
+        /// TCP and name lookup, to any address.
+        pub network: bool,
+    }
+
+    struct State {
+        ctx: WasiCtx,
+        table: ResourceTable,
+    }
+
+    impl WasiView for State {
+        fn ctx(&mut self) -> WasiCtxView<'_> {
+            WasiCtxView {
+                ctx: &mut self.ctx,
+                table: &mut self.table,
+            }
+        }
+    }
+
+    impl self::segwlb::policy::log::Host for State {
+        fn log(&mut self, _: self::segwlb::policy::log::Level, message: String) {
+            eprintln!("control guest: {message}");
+        }
+    }
+
+    impl self::segwlb::policy::types::Host for State {}
+
+    impl self::segwlb::policy::load::Host for State {
+        fn tunnels(&mut self, _: u32) -> u64 {
+            0
+        }
+        fn tunnels_of(&mut self, ids: Vec<u32>) -> Vec<u64> {
+            vec![0; ids.len()]
+        }
+        fn gateway(&mut self, _: u32) -> GatewayLoad {
+            idle()
+        }
+        fn gateways_of(&mut self, ids: Vec<u32>) -> Vec<GatewayLoad> {
+            ids.iter().map(|_| idle()).collect()
+        }
+        fn utilization_of(&mut self, ids: Vec<u32>) -> UtilizationView {
+            UtilizationView {
+                tunnels: vec![0; ids.len()],
+                utilization: vec![0.0; ids.len()],
+            }
+        }
+    }
+
+    fn idle() -> GatewayLoad {
+        GatewayLoad {
+            tunnels: 0,
+            bytes_to: 0,
+            bytes_from: 0,
+            packets_to: 0,
+            packets_from: 0,
+            measured: 0.0,
+            reported: None,
+            utilization: 0.0,
+        }
+    }
+
+    /// A compiled guest, for several controls.
+    pub struct Guest {
+        engine: Engine,
+        component: Component,
+    }
+
+    impl Guest {
+        pub fn compile(path: &Path) -> Guest {
+            let mut config = Config::new();
+            config.wasm_component_model(true).strategy(Strategy::Winch);
+            let engine = Engine::new(&config).unwrap();
+            let component = Component::from_file(&engine, path).unwrap();
+            Guest { engine, component }
+        }
+
+        /// The guest's answer for one tunnel, configured with `params`,
+        /// told three gateways, under `grants`.
+        pub fn answer(&self, params: &[(&str, &str)], grants: &Grants) -> Option<u32> {
+            let mut linker = Linker::new(&self.engine);
+            wasmtime_wasi::p2::add_to_linker_sync(&mut linker).unwrap();
+            Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).unwrap();
+            let mut ctx = WasiCtx::builder();
+            if let Some(dir) = &grants.preopen {
+                ctx.preopened_dir(dir, dir.to_str().unwrap(), FsPerms::ReadOnly)
+                    .unwrap();
+            }
+            for (k, v) in &grants.env {
+                ctx.env(k, v);
+            }
+            if grants.network {
+                ctx.inherit_network()
+                    .allow_ip_name_lookup(true)
+                    .allow_tcp(true);
+            }
+            let state = State {
+                ctx: ctx.build(),
+                table: ResourceTable::new(),
+            };
+            let mut store = Store::new(&self.engine, state);
+            let policy = Policy::instantiate(&mut store, &self.component, &linker).unwrap();
+            let balancer = policy.segwlb_policy_balancer();
+            let params: Vec<(String, String)> = params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            balancer
+                .call_configure(&mut store, &params)
+                .unwrap()
+                .unwrap();
+            let gateways: Vec<Gateway> = (1..=3)
+                .map(|id| Gateway {
+                    id,
+                    name: format!("segw{id}"),
+                    weight: 1,
+                    healthy: true,
+                    draining: false,
+                    tunnels: 0,
+                    capacity: 0,
+                    throughput: 0,
+                })
+                .collect();
+            balancer.call_set_gateways(&mut store, &gateways).unwrap();
+            let key = TunnelKey {
+                peer: IpAddress::V4(0xc633_6401),
+                peer_port: 500,
+                vip: IpAddress::V4(0x0a02_0201),
+                ike_spi: Some(7),
+                opened_by: Opener::Ike,
+            };
+            balancer.call_choose(&mut store, key).unwrap()
+        }
+    }
+}
+
+/// A probe refused by segwlb's sandbox, and the same probe, the act
+/// granted by the control host, succeeding: both, or the test proves
+/// nothing.
+fn refused_and_controlled(
+    lang: &str,
+    mode: &str,
+    params: &[(&str, &str)],
+    grants: &permissive::Grants,
+) {
+    if !refused(lang, mode, params) {
+        return;
+    }
+    let guest = permissive::Guest::compile(&built(&format!("{lang}-hostile")).unwrap());
+    let mut with_mode = vec![("mode", mode)];
+    with_mode.extend_from_slice(params);
+    assert_eq!(
+        guest.answer(&with_mode, &permissive::Grants::default()),
+        Some(1),
+        "{lang} {mode}: the control host granting nothing must refuse too"
+    );
+    assert_eq!(
+        guest.answer(&with_mode, grants),
+        Some(2),
+        "{lang} {mode}: the probe failed even with the act granted: it proves nothing"
+    );
+}
+
+#[test]
+fn reading_a_file_is_refused_and_succeeds_where_it_is_granted() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "root:x:0:0").unwrap();
+    let grants = permissive::Grants {
+        preopen: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    };
+    for lang in LANGS {
+        refused_and_controlled(lang, "open", &[("path", secret.to_str().unwrap())], &grants);
+        refused(lang, "open", &[("path", "/etc/passwd")]);
+    }
+}
+
+#[test]
+fn the_environment_is_refused_and_seen_where_it_is_granted() {
+    // Set in the host: a guest must not see it (nor anything else).
+    std::env::set_var("SEGWLB_SECRET_FOR_GUESTS", "1");
+    let grants = permissive::Grants {
+        env: vec![("SEGWLB_CONTROL".into(), "1".into())],
+        ..Default::default()
+    };
+    for lang in LANGS {
+        refused_and_controlled(lang, "env", &[], &grants);
+    }
+}
+
+#[test]
+fn connecting_is_refused_and_succeeds_where_it_is_granted() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let grants = permissive::Grants {
+        network: true,
+        ..Default::default()
+    };
+    // Python only: see a_guest_cannot_connect_anywhere.
+    refused_and_controlled(
+        "py",
+        "connect",
+        &[("host", "127.0.0.1"), ("port", &port)],
+        &grants,
+    );
 }

@@ -38,6 +38,9 @@
 //
 // So against a host that grants nothing, `open`, `connect` and `env` answer
 // the first gateway of the set, and the second means the sandbox leaked.
+// Any failure answers the first, a probe's own bug too: tests/polyglot.rs
+// runs `open` and `env` again in a host of its own that grants the act,
+// where they must answer the second (`connect` cannot, see above).
 //
 // Built against the world in wit/hostile.wit (the contract plus those WASI
 // imports), with every componentize-js feature but `stdio` disabled:

@@ -25,6 +25,10 @@ path. `set_gateways` stores the set; `choose` misbehaves by mode:
 
 So against a host that grants nothing, `open`, `connect` and `env` answer
 the first gateway of the set, and the second means the sandbox leaked.
+Any failure answers the first, a probe's own bug too: so tests/polyglot.rs
+runs each probe again in a host of its own that grants the act (a
+directory preopened, a variable passed, the network open), where it must
+answer the second. That is what shows the first answer was a refusal.
 
 Built WITHOUT `--stub-wasi`, unlike the other Python examples: the component
 then imports the WASI 0.2 interfaces CPython uses (filesystem, sockets,

@@ -198,7 +198,7 @@ impl<P: Policy> Balancer<P> {
             }
             let (key, current, since) = (key_of(t), t.gateway, t.since);
             let working = t.state() == TunnelState::Established;
-            let placed = match self.policy.choose(&key, &r.fresh, now) {
+            let placed = match self.policy.choose_in_background(&key, &r.fresh, now) {
                 Ok(choice) if r.graceful && working && choice.gateway != current => {
                     if self.moves.enqueue(id, since, Some(choice.gateway)) {
                         r.moved += 1;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::breaker::{Breaker, Gate};
+use super::breaker::{Breaker, Gate, Outcome};
 use super::{CallError, Gateway, Load, Policy, TunnelKey};
 use crate::time::Timestamp;
 
@@ -26,8 +26,9 @@ pub enum FallbackReason {
     GatewayFull,
     /// It answered `none` although some gateway takes tunnels.
     NoAnswer,
-    /// Not asked: it ran to its deadline recently, and the breaker keeps
-    /// it off the data path for a while (see [`super::breaker`]).
+    /// Not asked: it ran to its deadline, failed again and again or took
+    /// too much of the worker recently, and the breaker keeps it off the
+    /// data path for a while (see [`super::breaker`]).
     BreakerOpen,
 }
 
@@ -98,7 +99,8 @@ pub struct PolicyStats {
     /// Failed `set-gateways` pushes (the policy then answers from a fresh
     /// instance or falls back).
     pub failed_pushes: u64,
-    /// Times the breaker opened (a call ran to its deadline).
+    /// Times the breaker opened (a call ran to its deadline, calls failed
+    /// in a row, or the policy took too much of the worker).
     pub breaker_trips: u64,
 }
 
@@ -125,6 +127,9 @@ pub struct Guarded<P = Box<dyn Policy>> {
     stats: PolicyStats,
     burst: BurstLog,
     breaker: Breaker,
+    /// The set changed while the breaker was open (or a policy was put in
+    /// place): it is pushed before the policy is next asked.
+    unpushed: bool,
 }
 
 impl<P: Policy> Guarded<P> {
@@ -136,6 +141,7 @@ impl<P: Policy> Guarded<P> {
             stats: PolicyStats::default(),
             burst: BurstLog::new(Duration::from_secs(10)),
             breaker: Breaker::default(),
+            unpushed: false,
         }
     }
 
@@ -151,32 +157,58 @@ impl<P: Policy> Guarded<P> {
         &self.gateways
     }
 
-    /// Tell the policy (and the fallback) the new gateway set.
+    /// Tell the policy (and the fallback) the new gateway set. While the
+    /// breaker is open the push waits for the next call let through.
     pub fn set_gateways(&mut self, gateways: Vec<Gateway>, now: Timestamp) {
         self.fallback = weighted::Rendezvous::new(&gateways);
-        if let Err(err) = self.policy.set_gateways(&gateways) {
-            self.stats.failed_pushes += 1;
-            tracing::warn!(
-                policy = self.policy.name(),
-                "policy failed to take the gateway set: {err}"
-            );
-            self.burst.reset(now);
-        }
         self.gateways = gateways;
+        self.unpushed = true;
+        if !self.breaker.is_open(now) {
+            self.push(now);
+        }
     }
 
-    /// Put another policy in place, already told the current set. Returns
-    /// the old one. Existing tunnels are the caller's; nothing moves here.
-    pub fn replace(&mut self, mut policy: P) -> P {
-        if let Err(err) = policy.set_gateways(&self.gateways) {
-            self.stats.failed_pushes += 1;
+    /// Put another policy in place; it is told the current set before it
+    /// is first asked. Returns the old one. Existing tunnels are the
+    /// caller's; nothing moves here.
+    pub fn replace(&mut self, policy: P) -> P {
+        self.breaker.reset();
+        self.unpushed = true;
+        std::mem::replace(&mut self.policy, policy)
+    }
+
+    /// Push the set to the policy, through the breaker's accounts.
+    fn push(&mut self, now: Timestamp) {
+        self.unpushed = false;
+        let pushed = self.policy.set_gateways(&self.gateways);
+        let outcome = outcome(&pushed);
+        match pushed {
+            // Not a failure: the fresh instance starting takes the set.
+            Ok(()) | Err(CallError::Restarting) => {}
+            Err(err) => {
+                self.stats.failed_pushes += 1;
+                tracing::warn!(
+                    policy = self.policy.name(),
+                    "policy failed to take the gateway set: {err}"
+                );
+                self.burst.reset(now);
+            }
+        }
+        self.record(outcome, now, true);
+    }
+
+    /// Feed the breaker how a call ended and (when `timed`) the worker
+    /// time it took.
+    fn record(&mut self, outcome: Outcome, now: Timestamp, timed: bool) {
+        let spent = self.policy.spent();
+        let spent = if timed { spent } else { Duration::ZERO };
+        if let Some((period, why)) = self.breaker.record(outcome, spent, now) {
+            self.stats.breaker_trips += 1;
             tracing::warn!(
-                policy = policy.name(),
-                "new policy failed to take the gateway set: {err}"
+                policy = self.policy.name(),
+                "{why}: the policy is not asked for {period:?}, the built-in fallback answers (breaker_open)"
             );
         }
-        self.breaker.reset();
-        std::mem::replace(&mut self.policy, policy)
     }
 
     /// The gateway for a new tunnel, given the live `load`: the policy's
@@ -190,19 +222,41 @@ impl<P: Policy> Guarded<P> {
         load: &Load,
         now: Timestamp,
     ) -> Result<Choice, Refusal> {
+        self.choose_timed(key, load, now, true)
+    }
+
+    /// As [`choose`](Self::choose), for background work the caller already
+    /// paces (a rebalance, a slice at a time): the guest's time on it does
+    /// not count against its share of the worker (a rebalance of 10,000
+    /// tunnels by a Python policy takes a second of it, by design), while
+    /// deadlines and failures still open the breaker.
+    pub fn choose_in_background(
+        &mut self,
+        key: &TunnelKey,
+        load: &Load,
+        now: Timestamp,
+    ) -> Result<Choice, Refusal> {
+        self.choose_timed(key, load, now, false)
+    }
+
+    fn choose_timed(
+        &mut self,
+        key: &TunnelKey,
+        load: &Load,
+        now: Timestamp,
+        timed: bool,
+    ) -> Result<Choice, Refusal> {
         self.stats.decisions += 1;
-        let answer = match self.breaker.gate(now) {
+        let mut gate = self.breaker.gate(now);
+        if gate == Gate::Call && self.unpushed {
+            self.push(now);
+            gate = self.breaker.gate(now);
+        }
+        let answer = match gate {
             Gate::Open => Err(FallbackReason::BreakerOpen),
             Gate::Call => {
                 let answer = self.policy.choose(key, load);
-                let timed_out = matches!(answer, Err(CallError::Timeout(_)));
-                if let Some(period) = self.breaker.record(timed_out, now) {
-                    self.stats.breaker_trips += 1;
-                    tracing::warn!(
-                        policy = self.policy.name(),
-                        "policy ran to its deadline: not asked for {period:?}, the built-in fallback answers (breaker_open)"
-                    );
-                }
+                self.record(outcome(&answer), now, timed);
                 Ok(answer)
             }
         };
@@ -277,6 +331,18 @@ impl<P: Policy> Guarded<P> {
             gateway,
             fallback: Some(reason),
         })
+    }
+}
+
+/// What the breaker makes of a call's result.
+fn outcome<T>(result: &Result<T, CallError>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Returned,
+        Err(CallError::Timeout(_)) => Outcome::TimedOut,
+        Err(CallError::Restarting) => Outcome::NotRun,
+        Err(CallError::Trap(_) | CallError::MemoryCap(_) | CallError::Unavailable(_)) => {
+            Outcome::Failed
+        }
     }
 }
 
@@ -420,11 +486,92 @@ mod tests {
                     "{reason:?} chose {}",
                     choice.gateway
                 );
-                assert_eq!(choice.fallback, Some(reason));
+                let failure = matches!(reason, FallbackReason::Trap | FallbackReason::MemoryCap);
+                assert!(
+                    choice.fallback == Some(reason)
+                        || (failure && choice.fallback == Some(FallbackReason::BreakerOpen)),
+                    "{reason:?}: {:?}",
+                    choice.fallback
+                );
             }
-            assert_eq!(g.stats().fallbacks_for(reason), 50);
+            // A call that fails opens the breaker at the third in a row:
+            // asked at 0, 1, 2 s, then once per period (3, 5, 9, 17, 33 s).
+            let asked = if matches!(reason, FallbackReason::Trap | FallbackReason::MemoryCap) {
+                8
+            } else {
+                50
+            };
+            assert_eq!(g.stats().fallbacks_for(reason), asked, "{reason:?}");
             assert_eq!(g.stats().fallbacks_total(), 50);
         }
+    }
+
+    /// Answers 4, taking 100 ms of the worker a call; counts its pushes.
+    struct Slow {
+        pushes: u32,
+        spent: Duration,
+    }
+
+    impl Policy for Slow {
+        fn name(&self) -> &str {
+            "slow"
+        }
+        fn set_gateways(&mut self, _: &[Gateway]) -> Result<(), CallError> {
+            self.pushes += 1;
+            self.spent += Duration::from_millis(100);
+            Ok(())
+        }
+        fn choose(&mut self, _: &TunnelKey, _: &Load) -> Result<Option<u32>, CallError> {
+            self.spent += Duration::from_millis(100);
+            Ok(Some(4))
+        }
+        fn spent(&mut self) -> Duration {
+            std::mem::take(&mut self.spent)
+        }
+    }
+
+    #[test]
+    fn a_rebalance_paced_by_the_caller_is_not_cut_short_by_the_guests_time() {
+        let mut g = Guarded::new(Slow {
+            pushes: 0,
+            spent: Duration::ZERO,
+        });
+        g.set_gateways(set(), Timestamp::ZERO);
+        // 100 placements of 100 ms each within a second: all the policy's.
+        for n in 0..100 {
+            let now = Timestamp::from_millis(u64::from(n));
+            let c = g.choose_in_background(&key(n), &Load::default(), now);
+            assert_eq!(c.unwrap().fallback, None, "placement {n}");
+        }
+        assert_eq!(g.stats().breaker_trips, 0);
+    }
+
+    #[test]
+    fn a_policy_taking_the_workers_time_is_not_asked_nor_pushed_sets_until_the_probe() {
+        let mut g = Guarded::new(Slow {
+            pushes: 0,
+            spent: Duration::ZERO,
+        });
+        let at = Timestamp::from_millis;
+        g.set_gateways(set(), at(0));
+        // 100 ms each: the push and two answers take 300 ms in a second.
+        assert_eq!(
+            g.choose(&key(1), &Load::default(), at(1)).unwrap().fallback,
+            None
+        );
+        assert_eq!(
+            g.choose(&key(2), &Load::default(), at(2)).unwrap().fallback,
+            None
+        );
+        assert_eq!(g.stats().breaker_trips, 1);
+        let open = g.choose(&key(3), &Load::default(), at(3)).unwrap();
+        assert_eq!(open.fallback, Some(FallbackReason::BreakerOpen));
+        // A set change while open waits for the probe.
+        g.set_gateways(set(), at(10));
+        assert_eq!(g.policy().pushes, 1);
+        let probe = g.choose(&key(4), &Load::default(), at(1002)).unwrap();
+        assert_eq!((probe.gateway, probe.fallback), (4, None));
+        assert_eq!(g.policy().pushes, 2);
     }
 
     #[test]

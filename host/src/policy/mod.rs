@@ -52,6 +52,14 @@ pub trait Policy: Send {
     /// The gateway id for one new tunnel, or `None` for "no answer";
     /// `load` is the live view: tunnels, traffic and utilization per gateway.
     fn choose(&mut self, key: &TunnelKey, load: &Load) -> Result<Option<u32>, CallError>;
+
+    /// The worker's time its calls took since this was last asked, for the
+    /// breaker. Zero unless measured: a wasm policy on the data path
+    /// measures; native policies and simulations (which must stay a
+    /// function of their seed) do not.
+    fn spent(&mut self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 impl Policy for Box<dyn Policy> {
@@ -63,5 +71,8 @@ impl Policy for Box<dyn Policy> {
     }
     fn choose(&mut self, key: &TunnelKey, load: &Load) -> Result<Option<u32>, CallError> {
         (**self).choose(key, load)
+    }
+    fn spent(&mut self) -> Duration {
+        (**self).spent()
     }
 }

@@ -1,5 +1,11 @@
 //! A guest's log: what its `log` import, its stdout and its stderr write,
 //! tagged with the policy's name and kept from flooding the host's log.
+//!
+//! One [`GuestLog`] per loaded policy, shared by all its instances: a guest
+//! that traps after each line gets a fresh instance per call, and a limit
+//! per instance would start over every time. A line is one line of the
+//! host's log: control characters (a newline that would start a forged
+//! line, a terminal escape) are shown escaped.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,7 +71,7 @@ impl GuestLog {
             return;
         }
         self.shown += 1;
-        let mut message = std::borrow::Cow::Borrowed(message);
+        let mut message = escape_controls(message);
         if message.len() > LINE_MAX {
             let cut = (0..=LINE_MAX)
                 .rev()
@@ -81,6 +87,25 @@ impl GuestLog {
             _ => tracing::debug!(policy, "{message}"),
         }
     }
+}
+
+/// `message` with its control characters (C0, DEL, C1, and the Unicode
+/// line and paragraph separators) written as Rust escapes, `\n`,
+/// `\u{1b}`: what a guest writes can never end the host's log line.
+fn escape_controls(message: &str) -> std::borrow::Cow<'_, str> {
+    let is_control = |c: char| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
+    if !message.contains(is_control) {
+        return message.into();
+    }
+    let mut escaped = String::with_capacity(message.len() + 8);
+    for c in message.chars() {
+        if is_control(c) {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped.into()
 }
 
 #[cfg(test)]
@@ -99,5 +124,14 @@ mod tests {
         assert_eq!(log.lines(), 1000);
         // Within one second: the first LINES_PER_SEC, no more.
         assert_eq!(log.shown(), u64::from(LINES_PER_SEC));
+    }
+
+    #[test]
+    fn control_characters_are_escaped_and_the_rest_kept() {
+        assert_eq!(escape_controls("plain é"), "plain é");
+        assert_eq!(
+            escape_controls("a\nERROR b\r\t\x1b[2J\0\u{85}\u{2028}"),
+            "a\\nERROR b\\r\\t\\u{1b}[2J\\u{0}\\u{85}\\u{2028}"
+        );
     }
 }

@@ -262,6 +262,7 @@ impl Runtime {
             .file_stem()
             .map_or_else(|| "policy".into(), |s| s.to_string_lossy().into_owned());
         let seed = seed_of(&name, params);
+        let log = Arc::new(Mutex::new(log::GuestLog::new(&name)));
         let loaded = Loaded(Arc::new(LoadedInner {
             name,
             path,
@@ -273,6 +274,7 @@ impl Runtime {
             reads_load: imports.reads_load,
             wasi: imports.wasi,
             seed,
+            log,
             warm: Mutex::new(None),
         }));
         // Start once now, so bad parameters are a load error, not a
