@@ -36,8 +36,10 @@ use segwlb::balancer::{Balancer, Config, GatewaySpec, PortId, UPLINK};
 use segwlb::control::status::{PolicyRecord, Status};
 use segwlb::dataplane::{Clock, Command, Worker};
 use segwlb::io::memory;
+use segwlb::io::xdp::{FastPath, PROGRAM};
+use segwlb::lab::netns::{self, Netns};
 use segwlb::io::Received;
-use segwlb::packet::craft::{esp_body, frame, ike_body, udp_packet};
+use segwlb::packet::craft::{esp_body, frame, ike_body, ip_packet, udp_packet};
 use segwlb::packet::ike::IKE_SA_INIT;
 use segwlb::packet::{IkeHeader, Mac};
 use segwlb::policy::wasm::{Limits, Runtime};
@@ -126,13 +128,22 @@ struct Running {
 
 impl Running {
     fn start(lb: Balancer) -> Self {
+        Self::start_with(lb, None)
+    }
+
+    /// With the XDP fast path on the interfaces named as the memory ports
+    /// (if0 .. if3), which the caller's namespace must have.
+    fn start_with(lb: Balancer, fast: Option<FastPath>) -> Self {
         let (out_tx, out) = unbounded();
         let ports = memory::ports(3, &out_tx);
         let record = PolicyRecord {
             name: "test".into(),
             ..Default::default()
         };
-        let worker = Worker::new(lb, ports, vec![VIP.into()], None, record, Clock::start());
+        let mut worker = Worker::new(lb, ports, vec![VIP.into()], None, record, Clock::start());
+        if let Some(path) = fast {
+            worker.use_fast_path(path);
+        }
         let (frames, frames_rx) = bounded(4096);
         let (commands, commands_rx) = unbounded();
         let stop = Arc::new(AtomicBool::new(false));
@@ -432,4 +443,159 @@ fn a_flood_of_new_sources_does_not_hold_the_worker() {
     );
     assert_eq!(s.counters.placed, u64::from(MILLION + n));
     calm(&s);
+}
+
+/// Each of `tunnels` tunnels confirmed too: its segw's ESP to the peer
+/// (the fast path carries only what a segw confirmed).
+fn confirmed(tunnels: u32) -> Balancer {
+    let mut lb = balancer(native::shipped("round-robin", &[]).unwrap(), tunnels);
+    for i in 0..tunnels {
+        // Round-robin placed tunnel i on segw (i mod 3) + 1.
+        let gw = (i % 3 + 1) as u8;
+        let ip = ip_packet(IpAddr::V4(VIP), peer(i), 50, &esp_body(i + 1, 1, 60), 1);
+        let mut f = frame(port_mac(PortId::from(gw)), segw_mac(gw), None, &ip);
+        lb.handle(&mut f, PortId::from(gw), START);
+    }
+    lb
+}
+
+fn xdp_can_run() -> bool {
+    let missing = if PROGRAM.is_none() {
+        Some("this build has no XDP program (clang, libbpf-dev)".to_string())
+    } else if !netns::is_root() {
+        Some("not root".to_string())
+    } else {
+        netns::prerequisites().err()
+    };
+    match missing {
+        None => true,
+        Some(why) if std::env::var_os("SEGWLB_REQUIRE_NETNS").is_some() => {
+            panic!("the fast-path stall test cannot run: {why}")
+        }
+        Some(why) => {
+            eprintln!("skipped: {why}");
+            false
+        }
+    }
+}
+
+impl Running {
+    /// Status once no full resync of the fast path is under way.
+    fn settled(&self) -> Status {
+        let started = Instant::now();
+        loop {
+            let s = self.status(0);
+            if !s.worker.fast_path_resyncing {
+                return s;
+            }
+            assert!(started.elapsed() < Duration::from_secs(600), "never settled");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn ask(&self, command: impl FnOnce(Sender<segwlb::dataplane::Reply>) -> Command) -> String {
+        let (reply, answer) = bounded(1);
+        self.commands.send(command(reply)).unwrap();
+        answer
+            .recv_timeout(Duration::from_secs(300))
+            .unwrap()
+            .unwrap()
+    }
+}
+
+/// With the XDP fast path on (its program on veths of a namespace of this
+/// test's own), a million confirmed tunnels: its first sync (4M map
+/// entries), a weight change, a segw removed, `status --tunnels 1000000`,
+/// a metrics scrape and a rebalance each leave every turn that is not a
+/// single policy call short, on the CPU and on the wall clock. A full
+/// resync was one turn of seconds at this size.
+#[test]
+fn with_the_fast_path_a_million_tunnels_change_without_a_long_turn() {
+    if !xdp_can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let lb = confirmed(MILLION);
+    let ns = Netns::new(&netns::unique_prefix("ws")).unwrap();
+    for n in 0..=3 {
+        netns::veth(&ns, &format!("if{n}"), &ns, &format!("jf{n}")).unwrap();
+        for name in [format!("if{n}"), format!("jf{n}")] {
+            ns.ip(&["link", "set", &name, "up"]).unwrap();
+        }
+    }
+    let report = ns
+        .enter(move || {
+            let path = FastPath::load(1_300_000, false).unwrap();
+            let w = Running::start_with(lb, Some(path));
+            let mut report = Vec::new();
+            let mut step = |w: &Running, what: &str, started: Instant| {
+                let s = w.settled();
+                report.push(format!(
+                    "{what}: {:?}, {} entries, {} turns so far, longest {:.0} µs ({:.0} µs wall)",
+                    started.elapsed(),
+                    s.worker.fast_path_entries,
+                    s.worker.turns,
+                    s.worker.longest_pause_us,
+                    s.worker.longest_pause_wall_us
+                ));
+                s
+            };
+            let s = step(&w, "first sync", Instant::now());
+            // Each tunnel: its endpoint (port 500) and its address, each way.
+            assert_eq!(s.worker.fast_path_entries, 4 * u64::from(MILLION));
+            let t = Instant::now();
+            w.ask(|reply| Command::Weight {
+                name: "segw2".into(),
+                weight: 3,
+                reply,
+            });
+            let s = step(&w, "weight change", t);
+            assert_eq!(s.worker.fast_path_entries, 4 * u64::from(MILLION));
+            let t = Instant::now();
+            w.ask(|reply| Command::RemoveGateway {
+                name: "segw1".into(),
+                reply,
+            });
+            let s = step(&w, "segw1 removed", t);
+            let left = 4 * u64::from(MILLION - MILLION.div_ceil(3));
+            assert_eq!(s.worker.fast_path_entries, left);
+            let t = Instant::now();
+            let listed = w.status(1_000_000);
+            assert!(listed.gateways.iter().all(|g| !g.tunnel_list.is_empty()));
+            step(&w, "status --tunnels 1000000", t);
+            let t = Instant::now();
+            for _ in 0..5 {
+                w.status(0); // what a metrics scrape asks
+            }
+            step(&w, "5 scrapes", t);
+            let runtime = Runtime::new().unwrap();
+            let hash = runtime
+                .load(&common::shipped("consistent-hash"), &[], Limits::default())
+                .unwrap();
+            let t = Instant::now();
+            w.ask(|reply| Command::UsePolicy {
+                policy: Box::new(hash.serve().unwrap()),
+                rebalance: true,
+                graceful: false,
+                noticed: Instant::now(),
+                reply,
+            });
+            let s = step(&w, "rebalance", t);
+            // The first sync, the removal and the rebalance each push the
+            // set to a policy (single calls; consistent-hash builds its
+            // table in them): a few long turns, the rest calm.
+            let c = &s.worker;
+            assert!(
+                c.pauses_over_1ms <= (c.turns / 100).max(1) + 4,
+                "{} of {} turns of a millisecond or more\n{}",
+                c.pauses_over_1ms,
+                c.turns,
+                report.join("\n")
+            );
+            assert!(longest(&s) < Duration::from_millis(50), "{}", report.join("\n"));
+            wall_calm(&s, 4);
+            report.join("\n")
+        })
+        .unwrap();
+    eprintln!("{report}");
 }

@@ -928,6 +928,8 @@ impl Worker {
             p999_pause_us: us(p.quantile(0.999)),
             pauses_over_1ms: p.at_least(Duration::from_millis(1)),
             wall_pauses_over_1ms: p.wall_at_least(Duration::from_millis(1)),
+            fast_path_entries: self.fast.as_ref().map_or(0, |f| f.entries() as u64),
+            fast_path_resyncing: self.fast.as_ref().is_some_and(fast::Fast::resyncing),
             histogram: p.cumulative().map(|(b, n)| (b.map(us), n)).collect(),
         }
     }

@@ -111,6 +111,13 @@ pub struct WorkerStatus {
     /// ... and on the wall clock (preemption and blocked calls too).
     #[serde(default)]
     pub wall_pauses_over_1ms: u64,
+    /// Entries in the XDP fast path's maps (both ways; 0 without it) ...
+    #[serde(default)]
+    pub fast_path_entries: u64,
+    /// ... and whether a full resync of them is under way (the fast path
+    /// passes every frame to the core meanwhile).
+    #[serde(default)]
+    pub fast_path_resyncing: bool,
     /// Cumulative: (upper bound in µs, turns shorter); the last bound is
     /// infinite (`None`).
     pub histogram: Vec<(Option<f64>, u64)>,

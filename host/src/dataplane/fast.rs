@@ -129,6 +129,11 @@ impl Fast {
         &mut self.path
     }
 
+    /// Entries in the maps (both ways).
+    pub fn entries(&self) -> usize {
+        self.path.entries()
+    }
+
     /// A full resync is under way: the worker has work without input.
     pub fn resyncing(&self) -> bool {
         self.resync.is_some()

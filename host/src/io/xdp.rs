@@ -160,6 +160,8 @@ pub struct FastPath {
     generation: u32,
     /// Where a sweep of stale entries is (`None`: none under way).
     sweep_at: Option<usize>,
+    /// Slots of `installed` that are `None`.
+    tombstones: usize,
     /// The egress ports are closed (see [`close_ports`](Self::close_ports)).
     closed: bool,
     /// What `spi_ranges` holds now.
@@ -237,6 +239,7 @@ impl FastPath {
             installed: IndexMap::new(),
             generation: 0,
             sweep_at: None,
+            tombstones: 0,
             closed: false,
             spi_ranges: vec![SpiRangeSlot::default(); MAX_SPI_RANGES],
             counters,
@@ -366,6 +369,8 @@ impl FastPath {
             }
             if f.is_some() {
                 self.remove_from_map(key)?;
+            } else {
+                self.tombstones -= 1;
             }
             // The last entry takes this index: looked at next.
             self.installed.swap_remove_index(i);
@@ -376,7 +381,12 @@ impl FastPath {
 
     /// How many entries the maps hold (both ways).
     pub fn entries(&self) -> usize {
-        self.installed.values().filter(|(f, _)| f.is_some()).count()
+        self.installed.len() - self.tombstones
+    }
+
+    /// A resync's sweep is under way.
+    pub fn sweeping(&self) -> bool {
+        self.sweep_at.is_some()
     }
 
     pub fn is_native(&self) -> bool {
@@ -513,6 +523,7 @@ impl FastPath {
             }
             return Ok(0);
         }
+        let tombstone = matches!(now, Some((None, _)));
         match f {
             Some(f) => {
                 let name = map_name(key.0);
@@ -520,6 +531,7 @@ impl FastPath {
                     BpfHashMap::try_from(self.map(name)?).map_err(map_err(name))?;
                 map.insert(key.1, f, 0).map_err(map_err(name))?;
                 self.installed.insert(key, (Some(f), generation));
+                self.tombstones -= usize::from(tombstone);
                 let slots = f.tunnel as usize + 1;
                 if self.read.len() < slots {
                     self.read.resize(slots, FastCounts::default());
@@ -529,6 +541,7 @@ impl FastPath {
                 self.remove_from_map(key)?;
                 if self.sweep_at.is_some() {
                     self.installed.insert(key, (None, generation));
+                    self.tombstones += 1;
                 } else {
                     self.installed.swap_remove(&key);
                 }
