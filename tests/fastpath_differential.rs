@@ -178,7 +178,7 @@ fn esp(t: &Tunnel, towards_segw: bool, len: usize) -> Vec<u8> {
 /// Ports p0 (uplink) .. p3 in a namespace of their own, each a veth end
 /// with the core's MAC (their peers are only there to give them a link);
 /// `f` runs inside it with the program loaded and the ports set.
-fn with_program(tag: &str, f: impl FnOnce(&mut FastPath, &[u32]) -> String + Send) {
+fn with_program(tag: &str, f: impl FnOnce(&mut FastPath, &[u32], &Netns) -> String + Send) {
     let ns = Netns::new(&netns::unique_prefix(tag)).unwrap();
     for n in 0..=SEGWS {
         netns::veth(&ns, &format!("p{n}"), &ns, &format!("q{n}")).unwrap();
@@ -196,22 +196,73 @@ fn with_program(tag: &str, f: impl FnOnce(&mut FastPath, &[u32]) -> String + Sen
                 })
                 .collect();
             assert!(ifindex.iter().all(|&i| i > 0), "{ifindex:?}");
-            let mut fp = FastPath::load(1024, false).unwrap();
+            let mut fp = FastPath::load_traced(1024).unwrap();
             for n in 0..=SEGWS {
                 let port = PortId::from(n);
                 fp.set_port(port, ifindex[usize::from(n)], port_mac(port))
                     .unwrap();
             }
-            f(&mut fp, &ifindex)
+            f(&mut fp, &ifindex, &ns)
         })
         .unwrap();
     eprintln!("{report}");
 }
 
 /// One frame through the program (its maps as the core's entries are now)
-/// and through the core. A redirect must be the core's forward, to the
-/// same port with the same bytes; a pass must leave the frame as it was.
-/// Whether the fast path took it.
+/// and through the core. A redirect must be the core's forward, with the
+/// same bytes, into the interface of the core's port (where the devmap
+/// entry the program redirects by points: the traced program records
+/// it); a pass must leave the frame as it was. Whether the fast path took
+/// it, or the disagreement.
+fn compare(
+    fp: &mut FastPath,
+    ifindex: &[u32],
+    lb: &mut Balancer<Box<dyn Policy>>,
+    ingress: PortId,
+    f: &[u8],
+    now: Timestamp,
+) -> Result<bool, String> {
+    let (action, out) = fp
+        .test_run(f, ifindex[usize::from(ingress)])
+        .map_err(|e| format!("BPF_PROG_TEST_RUN: {e}"))?;
+    let to = fp
+        .redirected_to()
+        .map_err(|e| format!("reading the redirect's target: {e}"))?;
+    let mut core_out = f.to_vec();
+    let verdict = lb.handle(&mut core_out, ingress, now);
+    match action {
+        XDP_REDIRECT => {
+            let Verdict::Forward(port) = verdict else {
+                return Err(format!(
+                    "the fast path forwarded what the core answered {verdict:?}"
+                ));
+            };
+            if out != core_out {
+                return Err("other bytes than the core's".into());
+            }
+            let want = ifindex[usize::from(port)];
+            if to != Some(want) {
+                return Err(format!(
+                    "redirected into ifindex {to:?}, the core's port {port} is {want}"
+                ));
+            }
+            Ok(true)
+        }
+        XDP_PASS if out != f => Err("passed, but changed".into()),
+        XDP_PASS => Ok(false),
+        other => Err(format!("XDP action {other}")),
+    }
+}
+
+/// The program's maps as the core's fast-path entries and SPI ranges are
+/// now.
+fn mirror(fp: &mut FastPath, lb: &Balancer<Box<dyn Policy>>) {
+    fp.set_spi_ranges(&lb.fast_path_spi_ranges().unwrap())
+        .unwrap();
+    fp.sync(&lb.fast_path()).unwrap();
+}
+
+/// [`compare`], the maps mirrored first, a disagreement a failure.
 fn both(
     fp: &mut FastPath,
     ifindex: &[u32],
@@ -221,27 +272,8 @@ fn both(
     now: Timestamp,
     label: &str,
 ) -> bool {
-    fp.set_spi_ranges(&lb.fast_path_spi_ranges().unwrap())
-        .unwrap();
-    fp.sync(&lb.fast_path()).unwrap();
-    let (action, out) = fp.test_run(f, ifindex[usize::from(ingress)]).unwrap();
-    let mut core_out = f.to_vec();
-    let verdict = lb.handle(&mut core_out, ingress, now);
-    match action {
-        XDP_REDIRECT => {
-            let Verdict::Forward(port) = verdict else {
-                panic!("{label}: the fast path forwarded what the core answered {verdict:?}")
-            };
-            assert_eq!(out, core_out, "{label}: other bytes than the core's");
-            assert_eq!(&out[6..12], &port_mac(port), "{label}: another egress port");
-            true
-        }
-        XDP_PASS => {
-            assert_eq!(&out, f, "{label}: passed, but changed");
-            false
-        }
-        other => panic!("{label}: XDP action {other}"),
-    }
+    mirror(fp, lb);
+    compare(fp, ifindex, lb, ingress, f, now).unwrap_or_else(|e| panic!("{label}: {e}"))
 }
 
 #[test]
@@ -249,7 +281,7 @@ fn the_fast_path_forwards_what_the_core_forwards_the_same_way_and_passes_the_res
     if !can_run() {
         return;
     }
-    with_program("fpd", run);
+    with_program("fpd", |fp, ifindex, _| run(fp, ifindex));
 }
 
 /// The strongSwan captures (tests/fixtures/), frame by frame through the
@@ -269,7 +301,7 @@ fn on_the_strongswan_captures_the_fast_path_forwards_only_what_the_core_does() {
     const ESP: &[usize] = &[7, 8, 9, 10, 11, 12, 17, 18, 19, 20, 25, 26, 27, 28];
     // Of those, the segw's: its SPIs are the initiator's, never steered.
     const ESP_DOWN: &[usize] = &[8, 10, 12, 18, 20, 26, 28];
-    with_program("fps", |fp, ifindex| {
+    with_program("fps", |fp, ifindex, _| {
         let mut report = Vec::new();
         // (capture, the segw it was captured on, segw3 steering, segw1
         // and segw2 drained, frames fast, of them steered)
@@ -312,7 +344,83 @@ fn on_the_strongswan_captures_the_fast_path_forwards_only_what_the_core_does() {
     });
 }
 
-fn run(fp: &mut FastPath, ifindex: &[u32]) -> String {
+/// A segw's interface goes away (its devmap entry with it) while the maps
+/// still send a tunnel there: the program must leave the frame to the core
+/// as it came, not pass it on with the segw's MACs already written in
+/// (which the core would drop as not for us) and counted as forwarded.
+#[test]
+fn a_frame_for_a_port_that_went_away_reaches_the_core_unchanged_and_uncounted() {
+    if !can_run() {
+        return;
+    }
+    with_program("fpg", |fp, ifindex, ns| {
+        let (mut core, tunnels) = battery();
+        let t = &tunnels[0];
+        mirror(fp, &core.lb);
+        ns.ip(&["link", "del", &format!("p{}", t.segw)]).unwrap();
+        let f = up(&esp(t, true, 120));
+        let (action, out) = fp.test_run(&f, ifindex[usize::from(UPLINK)]).unwrap();
+        assert_eq!(action, XDP_PASS, "{}", t.name);
+        assert_eq!(out, f, "{}: passed, but changed", t.name);
+        assert_eq!(fp.take_counts(), vec![], "{}: counted", t.name);
+        // The core, which has not heard yet, still forwards it: it is the
+        // one to tell the segw is gone.
+        assert_eq!(core.handle(UPLINK, &f).0, Verdict::Forward(t.segw));
+        format!("{}: passed unchanged to the core", t.name)
+    });
+}
+
+/// The check itself: a redirect that carries the core's bytes but goes
+/// into another port's interface (segw1's devmap entry pointing at
+/// segw2's) is a disagreement.
+#[test]
+fn the_differential_check_sees_where_a_redirect_goes_not_only_its_macs() {
+    if !can_run() {
+        return;
+    }
+    with_program("fpt", |fp, ifindex, _| {
+        let (mut core, tunnels) = battery();
+        let t = tunnels.iter().find(|t| t.segw == 1).unwrap();
+        fp.set_port(1, ifindex[2], port_mac(1)).unwrap();
+        mirror(fp, &core.lb);
+        let f = up(&esp(t, true, 120));
+        let seen = compare(fp, ifindex, &mut core.lb, UPLINK, &f, core.now);
+        assert!(
+            seen.as_ref().is_err_and(|e| e.contains("ifindex")),
+            "{}: {seen:?}",
+            t.name
+        );
+        format!("{}: {}", t.name, seen.unwrap_err())
+    });
+}
+
+/// The recording is the traced program's alone: loaded as `segwlb run`
+/// loads it, the program forwards the same and records nothing.
+#[test]
+fn the_production_program_forwards_alike_and_records_no_redirect() {
+    if !can_run() {
+        return;
+    }
+    with_program("fpr", |_, ifindex, _| {
+        let (core, tunnels) = battery();
+        let mut fp = FastPath::load(1024, false).unwrap();
+        for n in 0..=SEGWS {
+            let port = PortId::from(n);
+            fp.set_port(port, ifindex[usize::from(n)], port_mac(port))
+                .unwrap();
+        }
+        mirror(&mut fp, &core.lb);
+        let f = up(&esp(&tunnels[0], true, 120));
+        let (action, _) = fp.test_run(&f, ifindex[usize::from(UPLINK)]).unwrap();
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(fp.redirected_to().unwrap(), None);
+        "redirected, nothing recorded".into()
+    });
+}
+
+/// A round-robin balancer over three segws with four confirmed tunnels:
+/// v4 NAT'd ESP in UDP, v4 raw ESP, v6 ESP in UDP, v6 raw ESP.
+fn battery() -> (Core, [Tunnel; 4]) {
     let proxy: Vec<Prefix> = vec![
         "10.2.2.1/32".parse().unwrap(),
         "2001:db8:2::1/128".parse().unwrap(),
@@ -322,7 +430,6 @@ fn run(fp: &mut FastPath, ifindex: &[u32]) -> String {
         lb: farm::balancer(policy, SEGWS, proxy, 1024),
         now: Timestamp::ZERO,
     };
-    let v6 = |n: u16| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, n));
     let tunnels = [
         core.open(
             "v4 NAT'd, ESP in UDP",
@@ -339,6 +446,15 @@ fn run(fp: &mut FastPath, ifindex: &[u32]) -> String {
         core.open("v6 ESP in UDP", v6(3), 4500, 0x33),
         core.open("v6 raw ESP", v6(4), 0, 0x44),
     ];
+    (core, tunnels)
+}
+
+fn v6(n: u16) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, n))
+}
+
+fn run(fp: &mut FastPath, ifindex: &[u32]) -> String {
+    let (mut core, tunnels) = battery();
     // Tunnels no segw has confirmed: a half-open one, and a guess.
     let half_open = IpAddr::V4(Ipv4Addr::new(10, 1, 0, 5));
     let init = udp_packet(
@@ -474,6 +590,31 @@ fn run(fp: &mut FastPath, ifindex: &[u32]) -> String {
                 format!("{}: NAT keepalive, padded", t.name),
                 UPLINK,
                 padded(up(&keepalive)),
+                false,
+            ));
+        }
+        // The EtherType says IPv4 (IPv6), the header another version: the
+        // core's parser refuses it (malformed, dropped).
+        for version in [0u8, if t.peer.is_ipv6() { 4 } else { 6 }] {
+            let mut f = up(&esp(t, true, 120));
+            f[14] = version << 4 | (f[14] & 0x0f);
+            cases.push((
+                format!("{}: ESP up, IP version {version}", t.name),
+                UPLINK,
+                f,
+                false,
+            ));
+        }
+        if t.port == 0 {
+            // The tunnel opened on 500, so the core also keys it by
+            // (peer, 500). From its segw, 4500 → peer:500 is IKE on 500 to
+            // the core (the first of destination and source that is 500
+            // or 4500), and too short for an IKE header: dropped.
+            let f = udp_packet(vip, 4500, t.peer, 500, &esp_body(0xe500_0000, 1, 16));
+            cases.push((
+                format!("{}: segw 4500 → peer:500, short", t.name),
+                t.segw,
+                down(t.segw, &f),
                 false,
             ));
         }

@@ -137,8 +137,23 @@ struct {
 } spi_ranges SEC(".maps");
 
 #define NON_ESP_MARKER 0
+#define IKE_PORT 500
 #define IKE_NAT_T_PORT 4500
 #define PROTO_ESP 50
+
+// Set by a test's loader (`FastPath::load_traced`), before the verifier
+// sees the program: record where each redirect goes, which
+// BPF_PROG_TEST_RUN does not say. 0 in production, where the verifier,
+// reading it from the frozen .rodata, drops the recording altogether.
+const volatile __u32 trace_redirects = 0;
+
+// [0]: the ifindex of the last redirect's devmap entry (traced only).
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} redirected SEC(".maps");
 
 static __always_inline void map_v4(__u8 out[16], __u32 addr)
 {
@@ -181,6 +196,19 @@ static __always_inline int forward(struct xdp_md *ctx, struct ethhdr *eth,
 	__u32 owner = way == 0 ? spi_owner(bpf_ntohl(spi)) : 0;
 	if (owner && owner - 1 != f->tx)
 		return XDP_PASS; // the SPI speaks for another segw: the core's
+	// Resolved before anything is touched: with no devmap entry (its
+	// interface went away) the helper falls back to XDP_PASS, and the
+	// frame must then reach the core as it came, uncounted.
+	long action = bpf_redirect_map(&tx_ports, f->tx, XDP_PASS);
+	if (action != XDP_REDIRECT)
+		return XDP_PASS;
+	if (trace_redirects) {
+		__u32 zero = 0;
+		__u32 *to = bpf_map_lookup_elem(&tx_ports, &f->tx);
+		__u32 *slot = bpf_map_lookup_elem(&redirected, &zero);
+		if (slot)
+			*slot = to ? *to : 0;
+	}
 	struct tunnel_stats *s = bpf_map_lookup_elem(&stats, &f->tunnel);
 	if (s) {
 		__sync_fetch_and_add(&s->frames[way], 1);
@@ -190,7 +218,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct ethhdr *eth,
 	}
 	__builtin_memcpy(eth->h_dest, f->dst, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, f->src, ETH_ALEN);
-	return bpf_redirect_map(&tx_ports, f->tx, XDP_PASS);
+	return action;
 }
 
 SEC("xdp")
@@ -223,9 +251,11 @@ int segwlb_fastpath(struct xdp_md *ctx)
 		struct iphdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > end)
 			return XDP_PASS;
-		// No options, no fragments (a piece goes where its first went:
-		// the core's fragment table decides).
-		if (ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
+		// Version 4 only (the core's parser refuses another as
+		// malformed); no options, no fragments (a piece goes where its
+		// first went: the core's fragment table decides).
+		if (ip->version != 4 || ip->ihl != 5 ||
+		    (ip->frag_off & bpf_htons(0x3fff)))
 			return XDP_PASS;
 		proto = ip->protocol;
 		ip_len = bpf_ntohs(ip->tot_len);
@@ -236,7 +266,7 @@ int segwlb_fastpath(struct xdp_md *ctx)
 		l4 = ip + 1;
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
-		if ((void *)(ip6 + 1) > end)
+		if ((void *)(ip6 + 1) > end || ip6->version != 6)
 			return XDP_PASS;
 		// Extension headers (a fragment header among them): the core.
 		proto = ip6->nexthdr;
@@ -265,9 +295,16 @@ int segwlb_fastpath(struct xdp_md *ctx)
 	struct udphdr *udp = l4;
 	if ((void *)(udp + 1) > end)
 		return XDP_PASS;
-	__u16 ours = from_uplink ? udp->dest : udp->source;
-	if (ours != bpf_htons(IKE_NAT_T_PORT))
-		return XDP_PASS; // IKE on 500 and the rest
+	// The core's reading (packet::classify_udp), whichever way the
+	// frame goes: the first of the destination and source ports that is
+	// 500 or 4500 says what the datagram is. Only 4500 can be ESP; IKE
+	// on 500 and the rest are the core's (a segw's 4500 → peer:500 is
+	// IKE on 500 to it).
+	__u16 ike = udp->dest == bpf_htons(IKE_PORT) || udp->dest == bpf_htons(IKE_NAT_T_PORT) ?
+			    udp->dest :
+			    udp->source;
+	if (ike != bpf_htons(IKE_NAT_T_PORT))
+		return XDP_PASS;
 	key.port = from_uplink ? udp->source : udp->dest;
 	// ESP in UDP has an SPI and a sequence number at least; shorter is a
 	// NAT keepalive (one byte) or a runt the core drops.
