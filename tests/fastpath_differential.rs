@@ -21,7 +21,7 @@ use segwlb::packet::craft::{
     esp_body, fragments, frame, icmp_too_big, ike_body, ip_packet, udp_packet,
 };
 use segwlb::packet::ike::{IKE_AUTH, IKE_SA_INIT, INFORMATIONAL};
-use segwlb::packet::{IkeHeader, Mac};
+use segwlb::packet::{self, Frame, IkeHeader, Kind, Mac};
 use segwlb::policy::{native, Policy};
 use segwlb::time::Timestamp;
 
@@ -222,6 +222,12 @@ fn compare(
     f: &[u8],
     now: Timestamp,
 ) -> Result<bool, String> {
+    if f.len() < packet::ETH_HEADER {
+        // No XDP program sees it (BPF_PROG_TEST_RUN refuses it, a NIC
+        // delivers no such frame): the core's alone.
+        lb.handle(&mut f.to_vec(), ingress, now);
+        return Ok(false);
+    }
     let (action, out) = fp
         .test_run(f, ifindex[usize::from(ingress)])
         .map_err(|e| format!("BPF_PROG_TEST_RUN: {e}"))?;
@@ -453,8 +459,61 @@ fn v6(n: u16) -> IpAddr {
     IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, n))
 }
 
+/// One frame of the battery: its label, ingress port and bytes, and
+/// whether the fast path should take it.
+type Case = (String, PortId, Vec<u8>, bool);
+
 fn run(fp: &mut FastPath, ifindex: &[u32]) -> String {
     let (mut core, tunnels) = battery();
+    let cases = battery_cases(&mut core, &tunnels);
+
+    let mut fast = BTreeSet::new();
+    let mut passed = 0;
+    for (label, ingress, f, expect_fast) in &cases {
+        if both(fp, ifindex, &mut core.lb, *ingress, f, core.now, label) {
+            fast.insert(label.clone());
+        } else {
+            passed += 1;
+        }
+        assert_eq!(
+            fast.contains(label),
+            *expect_fast,
+            "{label}: fast path {}",
+            fast.contains(label)
+        );
+    }
+    // The per-tunnel counters saw the forwarded frames: two up (one
+    // padded: its IP length counted, as the core counts), one down; the
+    // same through the lookup syscall and in the mapped array; the worker's
+    // reading takes them once.
+    let taken: BTreeMap<u32, FastCounts> = fp.take_counts().into_iter().collect();
+    for t in &tunnels {
+        let id = core
+            .lb
+            .table()
+            .iter()
+            .find(|(_, x)| x.peer == t.peer)
+            .map(|(id, _)| id)
+            .unwrap();
+        let counts = fp.tunnel_counts(id).unwrap();
+        assert_eq!(counts.frames, [2, 1], "{}", t.name);
+        let ip_len = esp(t, true, 120).len() as u64;
+        assert_eq!(counts.bytes[0], 2 * ip_len, "{}", t.name);
+        assert_eq!(fp.mapped_counts(id), Some(counts), "{}", t.name);
+        assert_eq!(taken.get(&id), Some(&counts), "{}", t.name);
+    }
+    assert_eq!(taken.len(), tunnels.len());
+    assert_eq!(fp.take_counts(), vec![], "read twice");
+    format!(
+        "{} frames: {} through the fast path, the same as the core's; {passed} passed to the core",
+        cases.len(),
+        fast.len()
+    )
+}
+
+/// The battery's frames of every kind for `tunnels`, after opening a
+/// half-open tunnel and a guessed one in `core` beside them.
+fn battery_cases(core: &mut Core, tunnels: &[Tunnel]) -> Vec<Case> {
     // Tunnels no segw has confirmed: a half-open one, and a guess.
     let half_open = IpAddr::V4(Ipv4Addr::new(10, 1, 0, 5));
     let init = udp_packet(
@@ -481,9 +540,8 @@ fn run(fp: &mut FastPath, ifindex: &[u32]) -> String {
     };
     core.handle(UPLINK, &up(&esp(&guessed, true, 100)));
 
-    // (label, ingress port, frame), and whether the fast path should take it.
-    let mut cases: Vec<(String, PortId, Vec<u8>, bool)> = Vec::new();
-    for t in &tunnels {
+    let mut cases: Vec<Case> = Vec::new();
+    for t in tunnels {
         let other = t.segw % PortId::from(SEGWS) + 1;
         let vip = vip_of(t.peer);
         cases.push((
@@ -655,47 +713,518 @@ fn run(fp: &mut FastPath, ifindex: &[u32]) -> String {
     let arp = segwlb::packet::arp::Arp::request(ROUTER, Ipv4Addr::new(10, 1, 0, 2), VIP)
         .broadcast_frame(ROUTER, None);
     cases.push(("ARP for the VIP".into(), UPLINK, arp, false));
+    cases
+}
 
-    let mut fast = BTreeSet::new();
-    let mut passed = 0;
-    for (label, ingress, f, expect_fast) in &cases {
-        if both(fp, ifindex, &mut core.lb, *ingress, f, core.now, label) {
-            fast.insert(label.clone());
-        } else {
-            passed += 1;
-        }
-        assert_eq!(
-            fast.contains(label),
-            *expect_fast,
-            "{label}: fast path {}",
-            fast.contains(label)
+/// The differential fuzz: random frames, and the battery's and the
+/// captures' frames mutated, through the program and the core; every
+/// disagreement in egress or bytes (see [`compare`]) is a failure, and so
+/// is a frame the program forwards that would have taught the core
+/// something (its lookups changed: in production the core never sees
+/// that frame). A fixed
+/// seed, `SEGWLB_FASTPATH_FUZZ_FRAMES` frames (20,000 unless set; the
+/// 1M run: `SEGWLB_FASTPATH_FUZZ_FRAMES=1000000 cargo test --release
+/// --test fastpath_differential fuzz -- --nocapture`), another seed with
+/// `SEGWLB_FASTPATH_FUZZ_SEED`. Prints frames/s and what it found.
+#[test]
+fn fuzz_on_random_and_mutated_frames_the_fast_path_never_disagrees_with_the_core() {
+    if !can_run() {
+        return;
+    }
+    let env = |name: &str, default: u64| {
+        std::env::var(name).map_or(default, |v| {
+            v.parse()
+                .unwrap_or_else(|e| panic!("{name}={v}: not a number: {e}"))
+        })
+    };
+    let frames = env("SEGWLB_FASTPATH_FUZZ_FRAMES", 20_000) as usize;
+    let seed = env("SEGWLB_FASTPATH_FUZZ_SEED", 1);
+    with_program("fpf", |fp, ifindex, _| {
+        let report = fuzz(fp, ifindex, frames, seed);
+        let summary = report.summary(seed);
+        assert!(report.disagreements == 0 && report.hidden == 0, "{summary}");
+        summary
+    });
+}
+
+/// SplitMix64: the fuzz's frames are a function of its seed, so a
+/// disagreement it finds is found again by running that seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+
+    /// One of `xs`, where the last may be drawn from `self` itself.
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len())]
+    }
+
+    /// Up to `max` random bytes.
+    fn bytes(&mut self, max: usize) -> Vec<u8> {
+        let n = self.below(max + 1);
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Frames from one fresh balancer before the next is built: long enough
+/// for mutations to open, move and confirm tunnels, short enough that the
+/// table stays small and the seeds' tunnels stay the ones hit.
+const EPISODE: usize = 2_000;
+
+/// What a run found.
+#[derive(Default)]
+struct FuzzReport {
+    frames: usize,
+    fast: usize,
+    disagreements: usize,
+    /// Frames the program forwarded after which the core's lookups
+    /// changed: evidence the fast path would hide from the core.
+    hidden: usize,
+    examples: Vec<String>,
+    elapsed: std::time::Duration,
+}
+
+impl FuzzReport {
+    fn summary(&self, seed: u64) -> String {
+        let per_s = self.frames as f64 / self.elapsed.as_secs_f64().max(1e-9);
+        let mut s = format!(
+            "fuzz seed {seed}: {} frames in {:.1} s ({per_s:.0} frames/s), {} through the \
+             fast path, {} disagreements, {} forwarded frames that taught the core",
+            self.frames,
+            self.elapsed.as_secs_f64(),
+            self.fast,
+            self.disagreements,
+            self.hidden,
         );
+        for e in &self.examples {
+            s.push_str("\n  ");
+            s.push_str(e);
+        }
+        s
     }
-    // The per-tunnel counters saw the forwarded frames: two up (one
-    // padded: its IP length counted, as the core counts), one down; the
-    // same through the lookup syscall and in the mapped array; the worker's
-    // reading takes them once.
-    let taken: BTreeMap<u32, FastCounts> = fp.take_counts().into_iter().collect();
-    for t in &tunnels {
-        let id = core
-            .lb
-            .table()
-            .iter()
-            .find(|(_, x)| x.peer == t.peer)
-            .map(|(id, _)| id)
+
+    fn record(&mut self, label: &str, outcome: Result<bool, String>, hidden: bool, f: &[u8]) {
+        self.frames += 1;
+        match outcome {
+            Ok(fast) => {
+                self.fast += usize::from(fast);
+                if fast && hidden {
+                    self.hidden += 1;
+                    self.example(format!("{label}: forwarded, but it taught the core"), f);
+                }
+            }
+            Err(e) => {
+                self.disagreements += 1;
+                self.example(format!("{label}: {e}"), f);
+            }
+        }
+    }
+
+    fn example(&mut self, what: String, f: &[u8]) {
+        if self.examples.len() < 10 {
+            let hex: String = f.iter().map(|b| format!("{b:02x}")).collect();
+            self.examples.push(format!("{what}\n    {hex}"));
+        }
+    }
+}
+
+/// A balancer in some state, the frames its state was made from (the
+/// seeds), and where the program's maps were last written from it.
+struct World {
+    name: String,
+    core: Core,
+    seeds: Vec<(PortId, Vec<u8>)>,
+    addrs: Vec<IpAddr>,
+    mirrored: Option<u64>,
+}
+
+impl World {
+    /// The battery's balancer and frames, or (1..=4) a capture's as the
+    /// captures test replays it, its frames checked on the way.
+    fn new(scenario: usize, fp: &mut FastPath, ifindex: &[u32], report: &mut FuzzReport) -> World {
+        let mut world = if scenario == 0 {
+            let (mut core, tunnels) = battery();
+            let seeds = battery_cases(&mut core, &tunnels)
+                .into_iter()
+                .map(|(_, ingress, f, _)| (ingress, f))
+                .collect();
+            World {
+                name: "battery".into(),
+                core,
+                seeds,
+                addrs: Vec::new(),
+                mirrored: None,
+            }
+        } else {
+            let (name, port, steering, drained) = [
+                ("strongswan-direct.pcap", 1, false, false),
+                ("strongswan-nat.pcap", 1, false, false),
+                ("strongswan-steered.pcap", 3, true, true),
+                ("strongswan-steered.pcap", 1, true, false),
+            ][scenario - 1];
+            let mut lb: Balancer<Box<dyn Policy>> = fixtures::balancer(port, steering);
+            if drained {
+                lb.set_draining("segw1", true, Timestamp::ZERO).unwrap();
+                lb.set_draining("segw2", true, Timestamp::ZERO).unwrap();
+            }
+            let mut world = World {
+                name: format!("{name} on segw{port}"),
+                core: Core {
+                    lb,
+                    now: Timestamp::ZERO,
+                },
+                seeds: Vec::new(),
+                addrs: Vec::new(),
+                mirrored: None,
+            };
+            for (i, c) in fixtures::pcap(name).iter().enumerate() {
+                let (ingress, f) = fixtures::arriving(c, PortId::from(port));
+                world.core.now = world.core.now.max(c.at);
+                let label = format!("{} frame {}", world.name, i + 1);
+                world.check(fp, ifindex, ingress, &f, &label, report);
+                world.seeds.push((ingress, f));
+            }
+            world
+        };
+        for (_, f) in &world.seeds {
+            if let Ok(Frame {
+                kind: Kind::Ip(ip), ..
+            }) = packet::parse(f)
+            {
+                world.addrs.extend([ip.src, ip.dst]);
+            }
+        }
+        world.addrs.sort();
+        world.addrs.dedup();
+        world
+    }
+
+    /// [`compare`], the program's maps brought up to date first when the
+    /// core's lookups may have changed (as the worker does).
+    fn check(
+        &mut self,
+        fp: &mut FastPath,
+        ifindex: &[u32],
+        ingress: PortId,
+        f: &[u8],
+        label: &str,
+        report: &mut FuzzReport,
+    ) {
+        let lb = &mut self.core.lb;
+        fp.set_spi_ranges(&lb.fast_path_spi_ranges().unwrap())
             .unwrap();
-        let counts = fp.tunnel_counts(id).unwrap();
-        assert_eq!(counts.frames, [2, 1], "{}", t.name);
-        let ip_len = esp(t, true, 120).len() as u64;
-        assert_eq!(counts.bytes[0], 2 * ip_len, "{}", t.name);
-        assert_eq!(fp.mapped_counts(id), Some(counts), "{}", t.name);
-        assert_eq!(taken.get(&id), Some(&counts), "{}", t.name);
+        if self.mirrored != Some(lb.epoch()) {
+            fp.sync(&lb.fast_path()).unwrap();
+            self.mirrored = Some(lb.epoch());
+        }
+        let before = lb.epoch();
+        let outcome = compare(fp, ifindex, lb, ingress, f, self.core.now);
+        report.record(label, outcome, lb.epoch() != before, f);
     }
-    assert_eq!(taken.len(), tunnels.len());
-    assert_eq!(fp.take_counts(), vec![], "read twice");
-    format!(
-        "{} frames: {} through the fast path, the same as the core's; {passed} passed to the core",
-        cases.len(),
-        fast.len()
-    )
+}
+
+fn fuzz(fp: &mut FastPath, ifindex: &[u32], frames: usize, seed: u64) -> FuzzReport {
+    let mut rng = Rng(seed);
+    let mut report = FuzzReport::default();
+    let started = std::time::Instant::now();
+    for episode in 0.. {
+        if report.frames >= frames {
+            break;
+        }
+        let mut world = World::new(episode % 5, fp, ifindex, &mut report);
+        for i in 0..EPISODE.min(frames.saturating_sub(report.frames)) {
+            let (ingress, f, what) = if rng.chance(10) {
+                random_frame(&mut rng, &world.addrs)
+            } else {
+                let (ingress, f) = world.seeds[rng.below(world.seeds.len())].clone();
+                mutated(&mut rng, ingress, f)
+            };
+            world.core.now = world.core.now + std::time::Duration::from_millis(1);
+            let label = format!("{} #{i} from p{ingress}: {what}", world.name);
+            world.check(fp, ifindex, ingress, &f, &label, &mut report);
+        }
+    }
+    report.elapsed = started.elapsed();
+    report
+}
+
+/// A frame of any kind to a port's MAC: IP from and to the world's
+/// addresses (and strangers), on IKE's ports and others, or bytes.
+fn random_frame(rng: &mut Rng, addrs: &[IpAddr]) -> (PortId, Vec<u8>, String) {
+    let ingress = rng.below(usize::from(SEGWS) + 1) as PortId;
+    let src_mac = if ingress == UPLINK {
+        ROUTER
+    } else {
+        segw_mac(ingress as u8)
+    };
+    if rng.chance(15) {
+        let mut f = rng.bytes(119);
+        if f.len() >= 12 {
+            f[0..6].copy_from_slice(&port_mac(ingress));
+        }
+        return (ingress, f, "random bytes".into());
+    }
+    // Mostly the world's addresses (its peers and VIP: the tunnels' own
+    // keys), of the family drawn; else a stranger.
+    let v6 = rng.chance(40);
+    let family: Vec<IpAddr> = addrs
+        .iter()
+        .copied()
+        .filter(|a| a.is_ipv6() == v6)
+        .collect();
+    let addr = |rng: &mut Rng| match (rng.chance(80) && !family.is_empty(), v6) {
+        (true, _) => family[rng.below(family.len())],
+        (false, false) => IpAddr::V4(Ipv4Addr::from(rng.next() as u32)),
+        (false, true) => IpAddr::V6(Ipv6Addr::from(u128::from(rng.next()))),
+    };
+    let (src, dst) = (addr(rng), addr(rng));
+    let mut body = match rng.below(4) {
+        0 => esp_body(rng.next() as u32, 1, rng.below(160)),
+        1 => vec![0xff],
+        2 => {
+            let mut b = vec![0; 4];
+            b.extend(rng.bytes(80));
+            b
+        }
+        _ => rng.bytes(160),
+    };
+    let port = |rng: &mut Rng| {
+        let any = rng.next() as u16;
+        rng.pick(&[500, 4500, 4500, 40_001, any])
+    };
+    let ip = if rng.chance(30) {
+        body.truncate(body.len().max(4));
+        ip_packet(src, dst, 50, &body, rng.next() as u16)
+    } else {
+        let (sport, dport) = (port(rng), port(rng));
+        udp_packet(src, sport, dst, dport, &body)
+    };
+    let f = frame(port_mac(ingress), src_mac, None, &ip);
+    (ingress, f, "random IP".into())
+}
+
+/// Where a frame's IP header and what follows it start.
+struct Layout {
+    l3: usize,
+    v6: bool,
+    l4: usize,
+}
+
+fn layout(f: &[u8]) -> Option<Layout> {
+    let u16_at = |at: usize| Some(u16::from_be_bytes([*f.get(at)?, *f.get(at + 1)?]));
+    let (mut ether_type, mut l3) = (u16_at(12)?, 14);
+    if ether_type == 0x8100 {
+        (ether_type, l3) = (u16_at(16)?, 18);
+    }
+    match ether_type {
+        0x0800 => Some(Layout {
+            l3,
+            v6: false,
+            l4: l3 + (usize::from(f.get(l3)? & 0x0f) * 4).max(20),
+        }),
+        0x86dd => Some(Layout {
+            l3,
+            v6: true,
+            l4: l3 + 40,
+        }),
+        _ => None,
+    }
+}
+
+/// Write `bytes` at `at`, as far as the frame goes.
+fn put(f: &mut [u8], at: usize, bytes: &[u8]) {
+    for (i, b) in bytes.iter().enumerate() {
+        if let Some(slot) = f.get_mut(at + i) {
+            *slot = *b;
+        }
+    }
+}
+
+/// `f` from `ingress` with one to three mutations, and what they were.
+fn mutated(rng: &mut Rng, mut ingress: PortId, mut f: Vec<u8>) -> (PortId, Vec<u8>, String) {
+    let mut done = Vec::new();
+    for _ in 0..=rng.below(3) {
+        done.push(mutate(rng, &mut ingress, &mut f));
+    }
+    (ingress, f, done.join(", "))
+}
+
+/// One mutation of `f` (or of where it comes in): bits and lengths, and
+/// the header fields the two sides read, with the values that matter to
+/// them (IKE's ports, the SPI ranges, the non-ESP marker). Its name.
+fn mutate(rng: &mut Rng, ingress: &mut PortId, f: &mut Vec<u8>) -> &'static str {
+    let l = layout(f);
+    let len = f.len();
+    let port = |rng: &mut Rng| {
+        let any = rng.next() as u16;
+        rng.pick(&[500u16, 4500, 40_001, any])
+    };
+    let any = rng.next();
+    match (rng.below(15), l) {
+        (0, _) | (3..=10 | 13, None) => {
+            if len > 0 {
+                let at = if rng.chance(70) {
+                    rng.below(len.min(80))
+                } else {
+                    rng.below(len)
+                };
+                f[at] ^= 1 << rng.below(8);
+            }
+            "bit flip"
+        }
+        (1, _) => {
+            f.truncate(rng.below(len));
+            "truncated"
+        }
+        (2, _) => {
+            let n = 1 + rng.below(48);
+            if rng.chance(50) {
+                f.resize(len + n, 0);
+            } else {
+                f.extend(rng.bytes(n));
+            }
+            "padded"
+        }
+        (3, Some(l)) => {
+            let v = rng.below(16) as u8;
+            if let Some(b) = f.get_mut(l.l3) {
+                *b = v << 4 | (*b & 0x0f);
+            }
+            "IP version"
+        }
+        (4, Some(l)) => {
+            let v = rng.pick(&[5u8, 6, 4, 0, 15, any as u8 & 0x0f]);
+            if let Some(b) = f.get_mut(l.l3) {
+                *b = (*b & 0xf0) | v;
+            }
+            "IHL"
+        }
+        (5, Some(l)) => {
+            let p = rng.pick(&[17u8, 50, 17, 50, 1, 58, 6, 0, 43, 44, 51, 60, any as u8]);
+            put(f, l.l3 + if l.v6 { 6 } else { 9 }, &[p]);
+            "protocol"
+        }
+        (6, Some(l)) => {
+            let (src, dst) = (f.get(l.l4..l.l4 + 2), f.get(l.l4 + 2..l.l4 + 4));
+            if let (Some(src), Some(dst)) = (src.map(<[u8]>::to_vec), dst.map(<[u8]>::to_vec)) {
+                match rng.below(3) {
+                    0 => {
+                        put(f, l.l4, &dst);
+                        put(f, l.l4 + 2, &src);
+                    }
+                    1 => put(f, l.l4, &port(rng).to_be_bytes()),
+                    _ => put(f, l.l4 + 2, &port(rng).to_be_bytes()),
+                }
+            }
+            "UDP ports"
+        }
+        (7, Some(l)) => {
+            let raw = f.get(l.l3 + if l.v6 { 6 } else { 9 }) == Some(&50);
+            let spi: u32 = rng.pick(&[
+                0,
+                any as u32,
+                0xc300_0000 | (any as u32 & 0x00ff_ffff),
+                0xe500_0011,
+                0xe500_0022,
+                0xe500_0044,
+            ]);
+            put(f, if raw { l.l4 } else { l.l4 + 8 }, &spi.to_be_bytes());
+            "SPI"
+        }
+        (8, Some(l)) => {
+            if rng.chance(60) {
+                put(f, l.l4 + 8, &[0; 4]);
+                "non-ESP marker"
+            } else {
+                // A keepalive: one 0xFF after the UDP header, the IP
+                // length saying so.
+                put(f, l.l4 + 8, &[0xff]);
+                if l.v6 {
+                    put(f, l.l3 + 4, &((l.l4 + 9 - l.l3 - 40) as u16).to_be_bytes());
+                } else {
+                    put(f, l.l3 + 2, &((l.l4 + 9 - l.l3) as u16).to_be_bytes());
+                }
+                f.truncate(l.l4 + 9);
+                "keepalive"
+            }
+        }
+        (9, Some(l)) => {
+            let field = match rng.below(3) {
+                0 => l.l4 + 4, // UDP length
+                _ if l.v6 => l.l3 + 4,
+                _ => l.l3 + 2,
+            };
+            let now = f
+                .get(field..field + 2)
+                .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+            let v = rng.pick(&[
+                0,
+                now.wrapping_add(1 + (any % 8) as u16),
+                now.wrapping_sub(1 + (any % 8) as u16),
+                (any >> 8) as u16,
+            ]);
+            put(f, field, &v.to_be_bytes());
+            "length"
+        }
+        (10, Some(l)) => {
+            if l.v6 {
+                put(f, l.l3 + 6, &[44]);
+            } else {
+                let frag: u16 = rng.pick(&[0x2000, 0x0001, 0x2001, any as u16 & 0x3fff]);
+                put(f, l.l3 + 6, &frag.to_be_bytes());
+            }
+            "fragment"
+        }
+        (11, _) => {
+            let t: u16 = rng.pick(&[0x0800, 0x86dd, 0x0806, 0x8100, any as u16]);
+            if t == 0x8100 && len >= 14 {
+                f.splice(12..12, [0x81, 0, 0, 7]);
+            } else {
+                put(f, 12, &t.to_be_bytes());
+            }
+            "EtherType"
+        }
+        (12, _) => {
+            let other = rng.below(usize::from(SEGWS) + 1) as PortId;
+            let mac = rng.pick(&[
+                port_mac(other),
+                [0xff; 6],
+                segw_mac(1),
+                [2, 0xde, 0xad, 0, 0, 1],
+            ]);
+            put(f, 0, &mac);
+            "destination MAC"
+        }
+        (13, Some(l)) => {
+            let (src, dst) = if l.v6 { (8, 24) } else { (12, 16) };
+            let width = if l.v6 { 16 } else { 4 };
+            let at = l.l3 + rng.pick(&[src, dst]) + width - 1 - rng.below(2);
+            put(f, at, &[rng.next() as u8]);
+            "address"
+        }
+        _ => {
+            // The same frame on another port: its destination MAC the
+            // new port's, as a sender there would write it.
+            let to = rng.below(usize::from(SEGWS) + 1) as PortId;
+            if f.get(0..6) == Some(&port_mac(*ingress)[..]) {
+                put(f, 0, &port_mac(to));
+            }
+            *ingress = to;
+            "ingress port"
+        }
+    }
 }
