@@ -34,6 +34,10 @@ pub const PROGRAM: Option<&[u8]> = None;
 
 const PROGRAM_NAME: &str = "segwlb_fastpath";
 
+// The program's `spi_ranges` is sized from the shared rules; the core's
+// limit must be the same number.
+const _: () = assert!(crate::packet::wire::MAX_SPI_RANGES == MAX_SPI_RANGES);
+
 /// Generic (skb) XDP unless asked for native (`[dataplane] xdp_mode`).
 /// Native XDP skips the socket buffer, but a redirect into a veth in
 /// native mode is dropped unless the veth's peer has NAPI (GRO on, or an
