@@ -6,10 +6,13 @@
 // (ARP, NDP, IKE on 500, fragments, ICMP, VLAN tags, IP options, misses,
 // anything unrecognised) is passed to the stack unchanged, where segwlb's
 // AF_PACKET sockets give it to the core. The host writes the maps from the
-// core's own lookups (host/src/fastpath/), so a hit here is the core's
-// answer for that frame.
+// core's own lookups (host/src/balancer/fastpath.rs), so a hit here is the
+// core's answer for that frame, provided the program reads the frame as
+// the core does: the numbers come from the core's (segwlb_rules.h), and
+// tests/fastpath_differential.rs fuzzes the two against each other.
 //
-// Lookups, by direction (the port a frame came in on says which):
+// Lookups, by direction (the port a frame came in on says which; the
+// UDP ports are read as the core reads them, whichever way):
 //   from the uplink  ESP in UDP by source (address, port), raw ESP by
 //                    source address
 //   from a segw      ESP in UDP by destination (address, port), raw ESP by
@@ -23,7 +26,8 @@
 // Per tunnel, each way: frames and bytes (IP length, as the core counts),
 // in an array segwlb maps into its memory and reads without a syscall.
 //
-// Built by host/build.rs: clang -O2 -target bpf.
+// Built by host/build.rs: clang -O2 -target bpf, with segwlb_rules.h
+// generated from host/src/packet/wire.rs.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
