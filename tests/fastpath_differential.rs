@@ -20,8 +20,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use segwlb::balancer::farm::{self, port_mac, segw_mac};
-use segwlb::balancer::{Balancer, PortId, Prefix, Verdict, UPLINK};
+use segwlb::balancer::affinity::Timeouts;
+use segwlb::balancer::farm::{port_mac, segw_mac};
+use segwlb::balancer::{
+    Balancer, Config, GatewaySpec, PortId, Prefix, SpiSteering, Verdict, UPLINK,
+};
 use segwlb::io::xdp::{FastCounts, FastPath, PROGRAM, XDP_PASS, XDP_REDIRECT};
 use segwlb::lab::netns::{self, Netns};
 use segwlb::packet::craft::{
@@ -434,13 +437,45 @@ fn the_production_program_forwards_alike_and_records_no_redirect() {
 /// A round-robin balancer over three segws with four confirmed tunnels:
 /// v4 NAT'd ESP in UDP, v4 raw ESP, v6 ESP in UDP, v6 raw ESP.
 fn battery() -> (Core, [Tunnel; 4]) {
+    battery_with(&[])
+}
+
+/// [`battery`], the segws given ESP SPI ranges: (port, min, max).
+fn battery_with(ranges: &[(PortId, u32, u32)]) -> (Core, [Tunnel; 4]) {
     let proxy: Vec<Prefix> = vec![
         "10.2.2.1/32".parse().unwrap(),
         "2001:db8:2::1/128".parse().unwrap(),
     ];
+    let config = Config {
+        port_macs: (0..=PortId::from(SEGWS)).map(port_mac).collect(),
+        proxy_gateways: proxy.clone(),
+        proxy,
+        max_tunnels: 1024,
+        timeouts: Timeouts::default(),
+    };
     let policy = native::shipped("round-robin", &[]).unwrap();
+    let mut lb: Balancer<Box<dyn Policy>> = Balancer::new(config, policy);
+    for n in 1..=SEGWS {
+        let port = PortId::from(n);
+        let esp_range = ranges
+            .iter()
+            .find(|r| r.0 == port)
+            .map(|&(_, min, max)| (min, max));
+        let spec = GatewaySpec {
+            name: format!("segw{n}"),
+            port,
+            mac: Some(segw_mac(n)),
+            weight: 1,
+            steering: SpiSteering {
+                ike_label: None,
+                esp_range,
+            },
+            ..Default::default()
+        };
+        lb.add_gateway(spec, Timestamp::ZERO).unwrap();
+    }
     let mut core = Core {
-        lb: farm::balancer(policy, SEGWS, proxy, 1024),
+        lb,
         now: Timestamp::ZERO,
     };
     let tunnels = [
@@ -879,17 +914,31 @@ struct World {
 }
 
 impl World {
-    /// The battery's balancer and frames, or (1..=4) a capture's as the
-    /// captures test replays it, its frames checked on the way.
+    /// The battery's balancer and frames (0; 5 with SPI ranges), or
+    /// (1..=4) a capture's as the captures test replays it, its frames
+    /// checked on the way.
     fn new(scenario: usize, fp: &mut FastPath, ifindex: &[u32], report: &mut FuzzReport) -> World {
-        let mut world = if scenario == 0 {
-            let (mut core, tunnels) = battery();
+        let mut world = if scenario == 0 || scenario == 5 {
+            // 5: segw1's and segw2's ESP SPI ranges overlap on the
+            // battery's SPIs (0xe5000011 segw1's alone, 0xe5000022 both:
+            // the first, segw1, speaks for it, and the table overrules it
+            // for the tunnel on segw2).
+            let ranges: &[(PortId, u32, u32)] = if scenario == 5 {
+                &[(1, 0xe500_0000, 0xe500_002f), (2, 0xe500_0020, 0xe500_00ff)]
+            } else {
+                &[]
+            };
+            let (mut core, tunnels) = battery_with(ranges);
             let seeds = battery_cases(&mut core, &tunnels)
                 .into_iter()
                 .map(|(_, ingress, f, _)| (ingress, f))
                 .collect();
             World {
-                name: "battery".into(),
+                name: if scenario == 5 {
+                    "battery, overlapping SPI ranges".into()
+                } else {
+                    "battery".into()
+                },
                 core,
                 seeds,
                 addrs: Vec::new(),
@@ -958,9 +1007,37 @@ impl World {
             self.mirrored = Some(lb.epoch());
         }
         let before = lb.epoch();
-        let outcome = compare(fp, ifindex, lb, ingress, f, self.core.now);
+        let steered = lb.counters().steered;
+        let outcome = compare(fp, ifindex, lb, ingress, f, self.core.now)
+            .and_then(|fast| counted_alike(fp, lb, fast, steered));
         report.record(&self.name, label, outcome, lb.epoch() != before, f);
     }
+}
+
+/// What the program counted for the frame it just took (`fast`) or
+/// passed, against the core: one frame if it took it, none if not; and
+/// steered by one side only if by the other (where the SPI-owner rule
+/// shows: for a tunnel a segw confirmed, the owner changes the count, not
+/// the egress). `steered` is the core's count before the frame.
+fn counted_alike(
+    fp: &mut FastPath,
+    lb: &Balancer<Box<dyn Policy>>,
+    fast: bool,
+    steered: u64,
+) -> Result<bool, String> {
+    let counted = fp.take_counts();
+    let frames: u64 = counted.iter().map(|(_, c)| c.total_frames()).sum();
+    if frames != u64::from(fast) {
+        return Err(format!("the program counted {frames} frames"));
+    }
+    let by_program: u64 = counted.iter().map(|(_, c)| c.steered).sum();
+    let by_core = lb.counters().steered - steered;
+    if fast && by_program != by_core {
+        return Err(format!(
+            "steered: {by_program} by the program, {by_core} by the core"
+        ));
+    }
+    Ok(fast)
 }
 
 fn fuzz(fp: &mut FastPath, ifindex: &[u32], frames: usize, seed: u64) -> FuzzReport {
@@ -971,7 +1048,7 @@ fn fuzz(fp: &mut FastPath, ifindex: &[u32], frames: usize, seed: u64) -> FuzzRep
         if report.frames >= frames {
             break;
         }
-        let mut world = World::new(episode % 5, fp, ifindex, &mut report);
+        let mut world = World::new(episode % 6, fp, ifindex, &mut report);
         for i in 0..EPISODE.min(frames.saturating_sub(report.frames)) {
             let (ingress, f, what) = if rng.chance(10) {
                 random_frame(&mut rng, &world.addrs)
