@@ -127,8 +127,7 @@ struct {
 
 // The healthy segws' ESP SPI ranges in the core's order (the first that
 // owns an SPI speaks for it), ended by an unused slot. `port` is the
-// segw's egress port, as `forward.tx`.
-
+// segw's egress port, as `forward.tx`. MAX_SPI_RANGES: segwlb_rules.h.
 struct spi_range {
 	__u32 min;
 	__u32 max;
