@@ -25,6 +25,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+// The numbers the core's parser and the XDP program share, from the one
+// place that states them: rendered as the program's `segwlb_rules.h`.
+#[path = "src/packet/wire.rs"]
+mod wire;
+
 const TARGET: &str = "wasm32-unknown-unknown";
 const INSTALL_HINT: &str =
     "install a wasm32 toolchain: `rustup target add wasm32-unknown-unknown`, \
@@ -235,7 +240,8 @@ fn componentize_all(out: &Path, policies: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// `xdp/fastpath.c` → `$OUT_DIR/fastpath.o`, and `cfg(segwlb_xdp)` for the
+/// `xdp/fastpath.c` → `$OUT_DIR/fastpath.o` (with `segwlb_rules.h`, the
+/// shared rules of `src/packet/wire.rs`), and `cfg(segwlb_xdp)` for the
 /// code that embeds it. Without clang or the libbpf headers: a warning, and
 /// a host that runs on AF_PACKET alone. A program that does not compile
 /// fails the build: it is ours.
@@ -243,6 +249,10 @@ fn build_fast_path(manifest: &Path) {
     println!("cargo::rustc-check-cfg=cfg(segwlb_xdp)");
     let source = manifest.join("xdp").join("fastpath.c");
     println!("cargo:rerun-if-changed={}", source.display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest.join("src/packet/wire.rs").display()
+    );
     let have_clang = Command::new("clang")
         .arg("--version")
         .output()
@@ -254,7 +264,11 @@ fn build_fast_path(manifest: &Path) {
         );
         return;
     }
-    let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("fastpath.o");
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
+    let rules = out_dir.join("segwlb_rules.h");
+    fs::write(&rules, wire::c_header())
+        .unwrap_or_else(|e| panic!("segwlb: writing {}: {e}", rules.display()));
+    let out = out_dir.join("fastpath.o");
     // <linux/bpf.h> includes <asm/types.h>, which Debian keeps under the
     // host's multiarch directory; the BPF target has none of its own.
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
@@ -262,6 +276,7 @@ fn build_fast_path(manifest: &Path) {
     let status = Command::new("clang")
         .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf"])
         .arg(format!("-I{multiarch}"))
+        .arg(format!("-I{}", out_dir.display()))
         .arg("-c")
         .arg(&source)
         .arg("-o")

@@ -37,8 +37,8 @@ use segwlb::control::status::{PolicyRecord, Status};
 use segwlb::dataplane::{Clock, Command, Worker};
 use segwlb::io::memory;
 use segwlb::io::xdp::{FastPath, PROGRAM};
-use segwlb::lab::netns::{self, Netns};
 use segwlb::io::Received;
+use segwlb::lab::netns::{self, Netns};
 use segwlb::packet::craft::{esp_body, frame, ike_body, ip_packet, udp_packet};
 use segwlb::packet::ike::IKE_SA_INIT;
 use segwlb::packet::{IkeHeader, Mac};
@@ -488,7 +488,10 @@ impl Running {
             if !s.worker.fast_path_resyncing {
                 return s;
             }
-            assert!(started.elapsed() < Duration::from_secs(600), "never settled");
+            assert!(
+                started.elapsed() < Duration::from_secs(600),
+                "never settled"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -592,7 +595,11 @@ fn with_the_fast_path_a_million_tunnels_change_without_a_long_turn() {
                 c.turns,
                 report.join("\n")
             );
-            assert!(longest(&s) < Duration::from_millis(50), "{}", report.join("\n"));
+            assert!(
+                longest(&s) < Duration::from_millis(50),
+                "{}",
+                report.join("\n")
+            );
             wall_calm(&s, 4);
             report.join("\n")
         })

@@ -35,6 +35,10 @@ pub const PROGRAM: Option<&[u8]> = None;
 
 const PROGRAM_NAME: &str = "segwlb_fastpath";
 
+// The program's `spi_ranges` is sized from the shared rules; the core's
+// limit must be the same number.
+const _: () = assert!(crate::packet::wire::MAX_SPI_RANGES == MAX_SPI_RANGES);
+
 /// Generic (skb) XDP unless asked for native (`[dataplane] xdp_mode`).
 /// Native XDP skips the socket buffer, but a redirect into a veth in
 /// native mode is dropped unless the veth's peer has NAPI (GRO on, or an
@@ -137,6 +141,10 @@ fn map_name(d: Direction) -> &'static str {
     }
 }
 
+fn io_err<E: std::fmt::Display>(e: E) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
 fn map_err<E: std::fmt::Display>(map: &'static str) -> impl Fn(E) -> XdpError {
     move |e| XdpError::Map {
         map,
@@ -149,6 +157,8 @@ pub struct FastPath {
     ebpf: Ebpf,
     /// Attached in native (driver) mode, else generic.
     native: bool,
+    /// Loaded by [`FastPath::load_traced`].
+    traced: bool,
     /// Port id → (ifindex, the port's MAC).
     ports: HashMap<PortId, (u32, Mac)>,
     /// What `up` and `down` hold now, to write only the difference; each
@@ -208,9 +218,22 @@ impl FastPath {
     /// endpoint and one by address, each way; the counters are indexed by
     /// table slot), and its counter array mapped into our memory.
     pub fn load(max_tunnels: usize, native: bool) -> Result<Self, XdpError> {
+        Self::load_with(max_tunnels, native, false)
+    }
+
+    /// [`FastPath::load`] for the differential tests: the program also
+    /// records where each redirect goes ([`FastPath::redirected_to`]),
+    /// which `BPF_PROG_TEST_RUN` does not tell. A production load leaves
+    /// that out (the verifier drops the code).
+    pub fn load_traced(max_tunnels: usize) -> Result<Self, XdpError> {
+        Self::load_with(max_tunnels, false, true)
+    }
+
+    fn load_with(max_tunnels: usize, native: bool, traced: bool) -> Result<Self, XdpError> {
         let bytes = PROGRAM.ok_or(XdpError::NotBuilt)?;
         let tunnels = max_tunnels.clamp(1, u32::MAX as usize / 2) as u32;
         let mut ebpf = aya::EbpfLoader::new()
+            .set_global("trace_redirects", &u32::from(traced), true)
             .set_max_entries("up", 2 * tunnels)
             .set_max_entries("down", 2 * tunnels)
             .set_max_entries("stats", tunnels)
@@ -235,6 +258,7 @@ impl FastPath {
         Ok(FastPath {
             ebpf,
             native,
+            traced,
             ports: HashMap::new(),
             installed: IndexMap::new(),
             generation: 0,
@@ -561,10 +585,29 @@ impl FastPath {
     /// `ingress` (`BPF_PROG_TEST_RUN`; nothing is sent): its answer, and
     /// the frame as it left the program.
     pub fn test_run(&mut self, frame: &[u8], ingress: u32) -> std::io::Result<(u32, Vec<u8>)> {
+        if self.traced {
+            self.set_redirected(0)?;
+        }
         let mut out = vec![0u8; frame.len() + 256];
         let run = self.prog_test_run(PROGRAM_NAME, frame, ingress, Some(&mut out), 1, 0)?;
         out.truncate(run.size_out as usize);
         Ok((run.retval, out))
+    }
+
+    /// Where the last [`FastPath::test_run`]'s redirect went: the ifindex
+    /// its devmap entry held (a program loaded with
+    /// [`FastPath::load_traced`]; `None` when it did not redirect).
+    pub fn redirected_to(&mut self) -> std::io::Result<Option<u32>> {
+        let map: Array<_, u32> =
+            Array::try_from(self.map("redirected").map_err(io_err)?).map_err(io_err)?;
+        let ifindex = map.get(&0, 0).map_err(io_err)?;
+        Ok((ifindex != 0).then_some(ifindex))
+    }
+
+    fn set_redirected(&mut self, ifindex: u32) -> std::io::Result<()> {
+        let mut map: Array<_, u32> =
+            Array::try_from(self.map("redirected").map_err(io_err)?).map_err(io_err)?;
+        map.set(0, ifindex, 0).map_err(io_err)
     }
 
     /// Run the program `repeat` times on `frame` from interface `ingress`

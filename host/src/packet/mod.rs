@@ -16,6 +16,7 @@ pub mod ike;
 pub mod ndp;
 pub mod pcap;
 pub mod rewrite;
+pub mod wire;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -34,12 +35,10 @@ const ETHERTYPE_VLAN: u16 = 0x8100;
 const ETHERTYPE_QINQ: u16 = 0x88a8;
 
 const PROTO_ICMP: u8 = 1;
-const PROTO_UDP: u8 = 17;
-const PROTO_ESP: u8 = 50;
 const PROTO_ICMPV6: u8 = 58;
 
-pub const PORT_IKE: u16 = 500;
-pub const PORT_NATT: u16 = 4500;
+use wire::{ESP_HEADER_LEN, ESP_SPI_LEN, NON_ESP_MARKER, PROTO_ESP, PROTO_UDP};
+pub use wire::{PORT_IKE, PORT_NATT};
 
 /// Why a frame could not be used. Each is a drop counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
@@ -270,10 +269,10 @@ fn classify(
     }
     match protocol {
         PROTO_UDP => classify_udp(data),
-        PROTO_ESP => {
-            let spi = u32_at_checked(data, 0).ok_or(Malformed::Esp)?;
-            Ok(Payload::Esp { spi })
-        }
+        PROTO_ESP if data.len() >= ESP_SPI_LEN => Ok(Payload::Esp {
+            spi: u32_at(data, 0),
+        }),
+        PROTO_ESP => Err(Malformed::Esp),
         PROTO_ICMP if !v6 => Ok(classify_icmp(data, &[3, 11], false)),
         PROTO_ICMPV6 if v6 => Ok(classify_icmp(data, &[1, 2, 3], true)),
         _ => Ok(Payload::Other { protocol }),
@@ -290,7 +289,9 @@ fn classify_udp(data: &[u8]) -> Result<Payload, Malformed> {
     };
     let body = &data[8..];
     // The IKE side's port: the destination on the way to a segw, the
-    // source on the way back.
+    // source on the way back; read without knowing the way, so a peer on
+    // 500 or 4500 can decide it (`wire`'s table: the XDP program reads it
+    // alike).
     let ike_port = [udp.dst, udp.src]
         .into_iter()
         .find(|p| matches!(*p, PORT_IKE | PORT_NATT));
@@ -302,13 +303,12 @@ fn classify_udp(data: &[u8]) -> Result<Payload, Malformed> {
         },
         Some(_) => match body {
             [0xff] => Payload::NatKeepalive { udp },
-            [0, 0, 0, 0, ike @ ..] => Payload::Ike {
+            _ if u32_at_checked(body, 0) == Some(NON_ESP_MARKER) => Payload::Ike {
                 udp,
-                header: IkeHeader::parse(ike).ok_or(Malformed::Ike)?,
+                header: IkeHeader::parse(&body[4..]).ok_or(Malformed::Ike)?,
                 nat_t: true,
             },
-            // ESP header: SPI and sequence number.
-            _ if body.len() >= 8 => Payload::EspInUdp {
+            _ if body.len() >= ESP_HEADER_LEN => Payload::EspInUdp {
                 udp,
                 spi: u32_at(body, 0),
             },
