@@ -114,7 +114,8 @@ impl Core {
     }
 
     /// Open a tunnel as strongSwan does: IKE_SA_INIT on 500 and its answer,
-    /// then (unless raw ESP) IKE_AUTH from `port` on 4500 and its answer.
+    /// then IKE_AUTH (from `port` on 4500; raw ESP: on 500) and its answer,
+    /// which confirms it.
     fn open(&mut self, name: &'static str, peer: IpAddr, port: u16, spi: u64) -> Tunnel {
         let vip = vip_of(peer);
         let init = udp_packet(
@@ -138,27 +139,31 @@ impl Core {
             self.handle(segw, &down(segw, &answer)).0,
             Verdict::Forward(UPLINK)
         );
-        if port != 0 {
-            let auth = udp_packet(
-                peer,
-                port,
-                vip,
-                4500,
-                &ike_body(&ike(spi, IKE_AUTH, 0x77, true), true, 300),
-            );
-            assert_eq!(self.handle(UPLINK, &up(&auth)).0, Verdict::Forward(segw));
-            let answer = udp_packet(
-                vip,
-                4500,
-                peer,
-                port,
-                &ike_body(&ike(spi, IKE_AUTH, 0x77, false), true, 300),
-            );
-            assert_eq!(
-                self.handle(segw, &down(segw, &answer)).0,
-                Verdict::Forward(UPLINK)
-            );
-        }
+        // IKE_AUTH: from `port` on 4500, or (raw ESP: no NAT) on 500.
+        let (from, to, nat_t) = if port != 0 {
+            (port, 4500, true)
+        } else {
+            (500, 500, false)
+        };
+        let auth = udp_packet(
+            peer,
+            from,
+            vip,
+            to,
+            &ike_body(&ike(spi, IKE_AUTH, 0x77, true), nat_t, 300),
+        );
+        assert_eq!(self.handle(UPLINK, &up(&auth)).0, Verdict::Forward(segw));
+        let answer = udp_packet(
+            vip,
+            to,
+            peer,
+            from,
+            &ike_body(&ike(spi, IKE_AUTH, 0x77, false), nat_t, 300),
+        );
+        assert_eq!(
+            self.handle(segw, &down(segw, &answer)).0,
+            Verdict::Forward(UPLINK)
+        );
         Tunnel {
             name,
             peer,

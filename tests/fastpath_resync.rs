@@ -66,7 +66,8 @@ fn ike(spi: u64, exchange: u8, response: bool) -> IkeHeader {
 
 /// ESP in UDP from tunnel `i` (it floated to port 4500 + its number).
 fn esp_up(i: u32) -> Vec<u8> {
-    let ip = udp_packet(peer(i), port_of(i), VIP, 4500, &esp_body(i, 1, 100));
+    // SPI 0 would be the non-ESP marker: IKE.
+    let ip = udp_packet(peer(i), port_of(i), VIP, 4500, &esp_body(i + 1, 1, 100));
     frame(port_mac(UPLINK), ROUTER, None, &ip)
 }
 

@@ -260,7 +260,9 @@ impl FastPath {
             native,
             traced,
             ports: HashMap::new(),
-            installed: IndexMap::new(),
+            // Reserved whole, as the tunnel table is: grown by doubling,
+            // it would rehash millions of entries in one worker turn.
+            installed: IndexMap::with_capacity(4 * tunnels as usize),
             generation: 0,
             sweep_at: None,
             tombstones: 0,
