@@ -6,7 +6,7 @@
 //! program it says so and passes, unless SEGWLB_REQUIRE_NETNS is set.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use segwlb::balancer::farm::{self, port_mac, segw_mac};
 use segwlb::balancer::{Balancer, PortId, Verdict, UPLINK};
@@ -171,7 +171,7 @@ fn a_full_resync_goes_a_slice_a_turn_and_meanwhile_every_frame_goes_to_the_core(
                 let mut longest = std::time::Duration::ZERO;
                 loop {
                     let t = Instant::now();
-                    fast.turn(lb, now).unwrap();
+                    fast.turn(lb, now, Duration::ZERO).unwrap();
                     longest = longest.max(t.elapsed());
                     turns += 1;
                     if !fast.resyncing() {
@@ -213,7 +213,7 @@ fn a_full_resync_goes_a_slice_a_turn_and_meanwhile_every_frame_goes_to_the_core(
             }
             // A weight change is the policy's alone: no resync.
             lb.set_weight("segw2", 7, now).unwrap();
-            fast.turn(&mut lb, now).unwrap();
+            fast.turn(&mut lb, now, Duration::ZERO).unwrap();
             assert!(!fast.resyncing());
             format!("{first}; {failure}")
         })

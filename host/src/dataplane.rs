@@ -344,8 +344,8 @@ impl Worker {
     }
 
     /// The fast path's turn: its maps, its counters.
-    fn fast_path_turn(&mut self, now: Timestamp) {
-        self.on_fast_path(|fast, lb| fast.turn(lb, now));
+    fn fast_path_turn(&mut self, now: Timestamp, spent: Duration) {
+        self.on_fast_path(|fast, lb| fast.turn(lb, now, spent));
     }
 
     /// The fast path's counters into the core now, before they are read.
@@ -449,7 +449,7 @@ impl Worker {
             }
             if self.fast.is_some() {
                 let turn = Turn::start();
-                self.fast_path_turn(self.clock.now());
+                self.fast_path_turn(self.clock.now(), busy);
                 let (cpu, w) = turn.elapsed();
                 (busy, wall) = (busy + cpu, wall + w);
             }

@@ -2600,3 +2600,28 @@ fn a_next_hop_configured_by_address_is_asked_for_and_taken_from_its_answer() {
         assert_eq!(lab.down(1, segw_dpd(peer(6))), Ok(mac), "{hop}");
     }
 }
+
+#[test]
+fn a_rebalance_leaves_the_tunnels_it_does_not_move_confirmed() {
+    // A rebalance visits every tunnel; the ones it leaves where they are
+    // keep their segw's word (and their place on the fast path).
+    let mut lab = Lab::new();
+    for n in 1..=12 {
+        lab.open_tunnel(peer(n), u64::from(n));
+    }
+    let before = lab.lb.fast_path().len();
+    let policy = native::shipped("consistent-hash", &[]).unwrap();
+    let (_, moved) = lab.lb.replace_policy(policy, true, lab.now);
+    assert!(moved > 0 && moved < 12, "{moved}");
+    let confirmed = lab
+        .lb
+        .table()
+        .iter()
+        .filter(|(_, t)| t.placement() == Placement::Confirmed)
+        .count() as u64;
+    assert_eq!(confirmed, 12 - moved);
+    assert_eq!(
+        lab.lb.fast_path().len() as u64,
+        before as u64 * (12 - moved) / 12
+    );
+}

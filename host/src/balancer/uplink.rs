@@ -417,8 +417,12 @@ impl<P: Policy> Balancer<P> {
         let t = self.table.get_mut(id).expect("live tunnel");
         let from = std::mem::replace(&mut t.gateway, to);
         let (placement, holds) = (t.placement().moved(), t.holds_place());
-        self.table.set_placement(id, placement);
         if from != to {
+            // A tunnel that stays where it is keeps what its segw said
+            // (a rebalance visits every tunnel: the ones it leaves in
+            // place stay confirmed, and on the fast path).
+            self.table.set_placement(id, placement);
+            self.table.touch(id);
             self.gateway_tunnels(from, -1, holds);
             self.gateway_tunnels(to, 1, holds);
             if let Some(g) = self.gateways.get_mut(to) {

@@ -15,11 +15,14 @@
 //! a slice of at most [`RESYNC_SLICE`] per turn. Meanwhile the egress
 //! ports are closed (the program passes every frame to the core, which
 //! handles it as it always can), and they open again once every endpoint
-//! has been looked at and the entries nobody confirmed are swept. The counters come back every
-//! [`COUNT_EVERY`] (a quarter of the idle timeout if that is shorter: a
-//! tunnel the fast path carries is never idle to the sweep), and before a
-//! status or a save if the last fold is a second old (a fold reads every
-//! slot: a storm of statuses must not make the worker do it each time).
+//! //! has been looked at and the entries nobody confirmed are swept.
+//!
+//! The counters come back in passes over the tunnel slots, [`FOLD_SLICE`]
+//! slots every [`FOLD_EVERY`] (and before a status, a save or the
+//! measurement, if the last slice is a second old): a pass over a million
+//! slots reads 64 MB, a long turn taken whole. A pass over a million
+//! slots takes ~2 s, well inside a quarter of any idle timeout: a tunnel
+//! the fast path carries is never idle to the sweep.
 
 use std::time::Duration;
 
@@ -30,14 +33,18 @@ use crate::packet::Mac;
 use crate::policy::Policy;
 use crate::time::Timestamp;
 
-/// How often the fast path's counters are folded into the core.
-pub const COUNT_EVERY: Duration = Duration::from_secs(1);
+/// How often a slice of the fast path's counters is folded into the core ...
+pub const FOLD_EVERY: Duration = Duration::from_millis(2);
+/// ... and how many tunnel slots a slice reads.
+pub const FOLD_SLICE: usize = 1_024;
 
-/// The longest a turn spends on a full resync.
+/// The longest a turn spends on a full resync, less what the turn has
+/// already spent on other work (see [`Fast::turn`]); at least one step,
+/// unless the turn has spent all of it.
 pub const RESYNC_SLICE: Duration = Duration::from_micros(500);
 
 /// Table slots looked at between two looks at the clock.
-const SLOTS_PER_LOOK: usize = 64;
+const SLOTS_PER_LOOK: usize = 8;
 
 /// A full resync under way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +60,8 @@ pub struct Fast {
     /// Where the maps were last brought up to date.
     mark: FastPathMark,
     next_count: Timestamp,
+    /// The tunnel slot the next fold begins at.
+    fold_at: usize,
     resync: Option<Resync>,
     /// Endpoints of the slice in hand (kept to reuse its memory).
     keys: Vec<(std::net::IpAddr, u16)>,
@@ -64,6 +73,7 @@ impl Fast {
             path,
             mark: FastPathMark::default(),
             next_count: Timestamp::ZERO,
+            fold_at: 0,
             resync: None,
             keys: Vec::new(),
         }
@@ -91,12 +101,18 @@ impl Fast {
     }
 
     /// After a turn: the maps again if the core's lookups changed (a slice
-    /// of a full resync), and the counters when due.
+    /// of a full resync: [`RESYNC_SLICE`] less `spent`, the work the turn
+    /// has done already), and the counters when due.
     pub fn turn<P: Policy>(
         &mut self,
         lb: &mut Balancer<P>,
         now: Timestamp,
+        spent: Duration,
     ) -> Result<(), XdpError> {
+        if now >= self.next_count {
+            self.count(lb, now);
+            self.next_count = now + FOLD_EVERY;
+        }
         match lb.fast_path_changes(&mut self.mark) {
             FastChanges::None => {}
             FastChanges::At(keys) => {
@@ -114,12 +130,10 @@ impl Fast {
                 self.resync = Some(Resync::Walking(0));
             }
         }
-        if self.resync.is_some() {
-            self.resync_slice(lb)?;
-        }
-        if now >= self.next_count {
-            self.count(lb, now);
-            self.next_count = now + COUNT_EVERY.min(lb.idle_timeout() / 4);
+        // A turn that has done its share already (the timers', say) leaves
+        // the resync to the next: turns without timers come between.
+        if self.resync.is_some() && spent < RESYNC_SLICE {
+            self.resync_slice(lb, RESYNC_SLICE - spent)?;
         }
         Ok(())
     }
@@ -139,9 +153,13 @@ impl Fast {
         self.resync.is_some()
     }
 
-    /// Up to [`RESYNC_SLICE`] of the resync under way.
-    fn resync_slice<P: Policy>(&mut self, lb: &Balancer<P>) -> Result<(), XdpError> {
-        let deadline = std::time::Instant::now() + RESYNC_SLICE;
+    /// Up to `budget` of the resync under way (at least one step).
+    fn resync_slice<P: Policy>(
+        &mut self,
+        lb: &Balancer<P>,
+        budget: Duration,
+    ) -> Result<(), XdpError> {
+        let deadline = std::time::Instant::now() + budget;
         while let Some(Resync::Walking(from)) = self.resync {
             self.keys.clear();
             let next = lb.fast_path_keys(from, SLOTS_PER_LOOK, &mut self.keys);
@@ -165,7 +183,12 @@ impl Fast {
     /// Fold what the program forwarded since the last time into the core
     /// now.
     pub fn count<P: Policy>(&mut self, lb: &mut Balancer<P>, now: Timestamp) {
-        for (tunnel, c) in self.path.take_counts() {
+        let mut taken = Vec::new();
+        let next = self
+            .path
+            .take_counts_in(self.fold_at, FOLD_SLICE, &mut taken);
+        self.fold_at = next.unwrap_or(0);
+        for (tunnel, c) in taken {
             lb.fast_path_forwarded(tunnel, c.frames, c.bytes, c.steered, now);
         }
     }

@@ -383,8 +383,7 @@ impl FastPath {
         let mut looked = 0u32;
         while let Some((&key, &(f, gen))) = self.installed.get_index(i) {
             looked += 1;
-            if looked.is_multiple_of(256)
-                && deadline.is_some_and(|d| std::time::Instant::now() >= d)
+            if looked.is_multiple_of(16) && deadline.is_some_and(|d| std::time::Instant::now() >= d)
             {
                 self.sweep_at = Some(i);
                 return Ok(false);
@@ -712,19 +711,33 @@ impl FastPath {
     /// up to the highest one ever written, a few nanoseconds each.
     pub fn take_counts(&mut self) -> Vec<(u32, FastCounts)> {
         let mut new = Vec::new();
-        for (slot, before) in (0..).zip(self.read.iter_mut()) {
-            let Some(now) = self.counters.get(slot) else {
-                break;
-            };
+        self.take_counts_in(0, usize::MAX, &mut new);
+        new
+    }
+
+    /// [`take_counts`](Self::take_counts) of up to `budget` slots from
+    /// `from`, into `out`: the slot to go on from, or `None` once past the
+    /// last (a pass over a million slots is tens of milliseconds: the
+    /// worker takes it a slice at a time).
+    pub fn take_counts_in(
+        &mut self,
+        from: usize,
+        budget: usize,
+        out: &mut Vec<(u32, FastCounts)>,
+    ) -> Option<usize> {
+        let end = self.read.len().min(from.saturating_add(budget));
+        for slot in from..end {
+            let now = self.counters.get(slot as u32)?;
             // Slots are reused: the totals since the last reading, whoever
             // held the slot then.
+            let before = &mut self.read[slot];
             let delta = now.since(before);
             if delta != FastCounts::default() {
                 *before = now;
-                new.push((slot, delta));
+                out.push((slot as u32, delta));
             }
         }
-        new
+        (end < self.read.len()).then_some(end)
     }
 }
 
