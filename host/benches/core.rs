@@ -2,7 +2,7 @@
 //!
 //!     cargo bench -p segwlb --bench core
 //!
-//! Opens T tunnels (IKE_SA_INIT, the segw's answer, IKE_AUTH on 4500),
+//! Opens T tunnels (IKE_SA_INIT, IKE_AUTH on 4500, each answered),
 //! then times `Balancer::handle` on 150-byte frames of established
 //! tunnels: ESP in UDP, raw ESP, and IKE (the SPI lookup). Baseline in the same run:
 //! `packet::parse` alone on the same frames, so the ratio shows what
@@ -84,8 +84,8 @@ fn ike(spi: u64, exchange: u8) -> IkeHeader {
     }
 }
 
-/// Open `tunnels` tunnels as peers do, one address each: IKE_SA_INIT, the
-/// segw's answer (which establishes the tunnel), IKE_AUTH on 4500.
+/// Open `tunnels` tunnels as peers do, one address each: IKE_SA_INIT and
+/// IKE_AUTH on 4500, each answered by the segw (which establishes it).
 fn open_tunnels(lb: &mut Balancer, tunnels: u32, now: Timestamp) {
     let mut f = Vec::with_capacity(256);
     for i in 0..tunnels {
@@ -130,6 +130,24 @@ fn open_tunnels(lb: &mut Balancer, tunnels: u32, now: Timestamp) {
         f.clear();
         f.extend_from_slice(&up(&auth));
         assert_eq!(lb.handle(&mut f, UPLINK, now), Verdict::Forward(port));
+        let answer = IkeHeader {
+            responder_spi: 0x77,
+            from_initiator: false,
+            response: true,
+            ..ike(spi, IKE_AUTH)
+        };
+        let back = udp_packet(VIP, 4500, peer(i), 4500, &ike_body(&answer, true, 0));
+        f.clear();
+        f.extend_from_slice(&frame(
+            farm::port_mac(port),
+            farm::segw_mac(port as u8),
+            None,
+            &back,
+        ));
+        assert!(matches!(
+            lb.handle(&mut f, port, now),
+            Verdict::Forward(UPLINK)
+        ));
     }
     assert_eq!(lb.table().half_open_len(), 0);
 }
@@ -180,7 +198,7 @@ fn main() {
 }
 
 /// A new balancer, `tunnels` tunnels opened through `handle` (IKE_SA_INIT
-/// from a new address each, its segw's answer, IKE_AUTH on 4500): the heap
+/// from a new address each and IKE_AUTH on 4500, each answered): the heap
 /// the balancer grew by for them, per tunnel. Tables grow by doubling, so
 /// the figure depends on where `tunnels` falls between two sizes.
 fn memory(tunnels: u32) {

@@ -3,7 +3,7 @@
 //!     cargo bench -p segwlb --bench state
 //!
 //! Opens the tunnels through `Balancer::handle` (IKE_SA_INIT and the
-//! segw's answer: established, SPI pair known), then times each part of a
+//! segw's answers to it and to IKE_AUTH: established, SPI pair known), then times each part of a
 //! SIGTERM + start: the table saved, encoded and written (synced, renamed),
 //! read back, decoded and restored into a fresh balancer. Prints the file's
 //! size, and as a baseline the time to open the same tunnels through
@@ -16,7 +16,7 @@ use segwlb::balancer::saved::{decode, encode};
 use segwlb::balancer::{farm, Balancer, Verdict, UPLINK};
 use segwlb::control::state;
 use segwlb::packet::craft::{frame, ike_body, udp_packet};
-use segwlb::packet::ike::IKE_SA_INIT;
+use segwlb::packet::ike::{IKE_AUTH, IKE_SA_INIT};
 use segwlb::packet::IkeHeader;
 use segwlb::policy::native;
 use segwlb::time::Timestamp;
@@ -59,6 +59,21 @@ fn open(lb: &mut Balancer, now: Timestamp) {
         h.responder_spi = 0x77;
         h.from_initiator = false;
         h.response = true;
+        let back = udp_packet(VIP, 500, peer, 500, &ike_body(&h, false, 0));
+        f.clear();
+        f.extend_from_slice(&frame(
+            farm::port_mac(port),
+            farm::segw_mac(port as u8),
+            None,
+            &back,
+        ));
+        assert!(matches!(
+            lb.handle(&mut f, port, now),
+            Verdict::Forward(UPLINK)
+        ));
+        // Its IKE_AUTH answer: what establishes it.
+        h.exchange = IKE_AUTH;
+        h.message_id = 1;
         let back = udp_packet(VIP, 500, peer, 500, &ike_body(&h, false, 0));
         f.clear();
         f.extend_from_slice(&frame(

@@ -2625,3 +2625,29 @@ fn a_rebalance_leaves_the_tunnels_it_does_not_move_confirmed() {
         before as u64 * (12 - moved) / 12
     );
 }
+
+#[test]
+fn a_restored_table_is_not_refused_at_capacity_and_then_new_tunnels_are() {
+    // Decided: a restore puts back tunnels whose SAs live on their segws.
+    // Refusing one at capacity would send it nowhere that works; its segw
+    // is over its limit until tunnels leave, and new ones go elsewhere.
+    use super::saved::{decode, encode};
+    let mut a = Lab::new();
+    for n in 1..=6 {
+        a.open_tunnel(peer(n), u64::from(n));
+    }
+    let file = encode(&a.lb.save(a.now));
+    let mut b = Lab::new();
+    b.lb.set_capacity("segw1", 1, b.now).unwrap();
+    let restored = b.lb.restore(&decode(&file).unwrap(), b.now);
+    assert_eq!(restored.loaded, 6, "{restored}");
+    assert_eq!(b.lb.gateway("segw1").unwrap().counters.tunnels, 2);
+    for _ in 0..4 {
+        let n = 20 + b.lb.table().len() as u8;
+        assert_ne!(
+            b.open_tunnel(peer(n), u64::from(n)),
+            1,
+            "a new tunnel on full segw1"
+        );
+    }
+}
