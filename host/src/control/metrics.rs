@@ -304,6 +304,21 @@ pub fn render(s: &Status) -> String {
         "# HELP segwlb_worker_longest_pause_seconds The longest turn of the worker's loop, on the wall clock.\n# TYPE segwlb_worker_longest_pause_seconds gauge\nsegwlb_worker_longest_pause_seconds {}",
         w.longest_pause_wall_us / 1e6
     );
+    let _ = writeln!(
+        out,
+        "# HELP segwlb_worker_wall_pauses_over_1ms_total Turns of the worker's loop of a millisecond or more on the wall clock.\n# TYPE segwlb_worker_wall_pauses_over_1ms_total counter\nsegwlb_worker_wall_pauses_over_1ms_total {}",
+        w.wall_pauses_over_1ms
+    );
+    let _ = writeln!(
+        out,
+        "# HELP segwlb_fast_path_entries Entries in the XDP fast path's maps, both ways.\n# TYPE segwlb_fast_path_entries gauge\nsegwlb_fast_path_entries {}",
+        w.fast_path_entries
+    );
+    let _ = writeln!(
+        out,
+        "# HELP segwlb_fast_path_resyncing 1 while a full resync of the fast path is under way (every frame goes to the core).\n# TYPE segwlb_fast_path_resyncing gauge\nsegwlb_fast_path_resyncing {}",
+        u8::from(w.fast_path_resyncing)
+    );
     out
 }
 

@@ -812,6 +812,18 @@ impl Status {
             w.pauses_over_1ms,
             w.wall_pauses_over_1ms
         );
+        if w.fast_path_entries > 0 || w.fast_path_resyncing {
+            let _ = writeln!(
+                out,
+                "fast path: {} entries{}",
+                w.fast_path_entries,
+                if w.fast_path_resyncing {
+                    " (a full resync under way: every frame goes to the core meanwhile)"
+                } else {
+                    ""
+                }
+            );
+        }
         let _ = writeln!(
             out,
             "drops: {}",
