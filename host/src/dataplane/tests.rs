@@ -530,19 +530,34 @@ fn a_send_that_blocks_shows_as_a_wall_clock_pause_not_as_work() {
             frame: esp_from(1, 4500),
         })
         .unwrap();
-    while out.recv_timeout(Duration::from_secs(5)).unwrap().0 != 1 {}
-    let (status_tx, status_rx) = bounded(1);
-    commands_tx
-        .send(Command::Status {
-            tunnels: 0,
-            top: 0,
-            reply: status_tx,
-        })
-        .unwrap();
-    let s = status_rx
-        .recv_timeout(Duration::from_secs(5))
-        .unwrap()
-        .finish();
+    // The ESP on port 1 (not a probe: those go there too, and block too).
+    loop {
+        let (port, f) = out.recv_timeout(Duration::from_secs(5)).unwrap();
+        if port == 1 && f[12..14] == [0x08, 0x00] {
+            break;
+        }
+    }
+    // A status is answered inside a turn, before that turn is recorded:
+    // ask until the turns that blocked are in.
+    let asked = Instant::now();
+    let s = loop {
+        let (status_tx, status_rx) = bounded(1);
+        commands_tx
+            .send(Command::Status {
+                tunnels: 0,
+                top: 0,
+                reply: status_tx,
+            })
+            .unwrap();
+        let s = status_rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .finish();
+        if s.worker.longest_pause_wall_us >= 40_000.0 || asked.elapsed() > Duration::from_secs(10) {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     thread.join().unwrap();
     let w = &s.worker;
