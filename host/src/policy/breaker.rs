@@ -11,7 +11,8 @@
 //!   instance that would not start), or
 //! - brought the guest's time on the worker past [`GUEST_TIME_PER_SEC`] in
 //!   a second: calls that each end in time (or trap) before their deadline
-//!   but together take the worker's time. `set-gateways` counts too.
+//!   but together take the worker's time. A `set-gateways` push counts by
+//!   its failures and its deadline, not its time (see `Guarded::push`).
 //!
 //! While open, for a period no call reaches the policy and the guard's
 //! fallback answers (counted as `breaker_open`). Then one call is let
