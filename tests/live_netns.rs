@@ -922,8 +922,8 @@ fn xdp_fast_path_carries_and_leaves_moves(mode: &str, steering: bool) {
         }
     }
     let vip = IpAddr::V4(VIP);
-    // Six tunnels, IKE on 500 answered by their segws (confirmed), then
-    // raw ESP.
+    // Six tunnels, IKE on 500 answered by their segws (confirmed by the
+    // IKE_AUTH answer), then raw ESP.
     let tunnels: Vec<u16> = (1..=6).map(|t| 60 + t).collect();
     let inits: Vec<Vec<u8>> = tunnels
         .iter()
@@ -946,17 +946,21 @@ fn xdp_fast_path_carries_and_leaves_moves(mode: &str, steering: bool) {
         }
     }
     assert_eq!(segw_of.len(), 6, "{segw_of:?}");
+    // Each segw answers the IKE_SA_INIT and then the IKE_AUTH (on 500: no
+    // NAT), which confirms the tunnel.
     for (&n, &i) in &segw_of {
         let t = peer(n);
-        let h = IkeHeader {
-            from_initiator: false,
-            response: true,
-            responder_spi: 0x77,
-            ..ike(0x600 + u64::from(n), IKE_SA_INIT)
-        };
-        let answer = udp_packet(vip, 500, t, 500, &ike_body(&h, false, 200));
-        let f = frame(lab.lb_port_macs[i], lab.segws[i].mac, None, &answer);
-        lab.segws[i].send(&f);
+        for exchange in [IKE_SA_INIT, IKE_AUTH] {
+            let h = IkeHeader {
+                from_initiator: false,
+                response: true,
+                responder_spi: 0x77,
+                ..ike(0x600 + u64::from(n), exchange)
+            };
+            let answer = udp_packet(vip, 500, t, 500, &ike_body(&h, false, 200));
+            let f = frame(lab.lb_port_macs[i], lab.segws[i].mac, None, &answer);
+            lab.segws[i].send(&f);
+        }
     }
     let _ = lab.ini.frames_of([0x08, 0x00], Duration::from_millis(200));
     // ESP both ways, three rounds.
