@@ -17,6 +17,8 @@
 //! core's MACs. Without root, or in a build without the program (no clang),
 //! the test says so and passes, unless SEGWLB_REQUIRE_NETNS is set.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -25,7 +27,7 @@ use segwlb::balancer::farm::{port_mac, segw_mac};
 use segwlb::balancer::{
     Balancer, Config, GatewaySpec, PortId, Prefix, SpiSteering, Verdict, UPLINK,
 };
-use segwlb::io::xdp::{FastCounts, FastPath, PROGRAM, XDP_PASS, XDP_REDIRECT};
+use segwlb::io::xdp::{FastCounts, FastPath, XDP_PASS, XDP_REDIRECT};
 use segwlb::lab::netns::{self, Netns};
 use segwlb::packet::craft::{
     esp_body, fragments, frame, icmp_too_big, ike_body, ip_packet, udp_packet,
@@ -42,26 +44,6 @@ const ROUTER: Mac = [2, 0xaa, 0, 0, 0, 1];
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 2, 2, 1);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
 const SEGWS: u8 = 3;
-
-fn can_run() -> bool {
-    let missing = if PROGRAM.is_none() {
-        Some("this build has no XDP program (clang, libbpf-dev)".to_string())
-    } else if !netns::is_root() {
-        Some("not root".to_string())
-    } else {
-        netns::prerequisites().err()
-    };
-    match missing {
-        None => true,
-        Some(why) if std::env::var_os("SEGWLB_REQUIRE_NETNS").is_some() => {
-            panic!("the fast-path differential test cannot run: {why}")
-        }
-        Some(why) => {
-            eprintln!("skipped: {why}");
-            false
-        }
-    }
-}
 
 fn vip_of(peer: IpAddr) -> IpAddr {
     if peer.is_ipv6() {
@@ -299,7 +281,7 @@ fn both(
 
 #[test]
 fn the_fast_path_forwards_what_the_core_forwards_the_same_way_and_passes_the_rest() {
-    if !can_run() {
+    if !common::xdp_can_run("the fast-path differential test") {
         return;
     }
     with_program("fpd", |fp, ifindex, _| run(fp, ifindex));
@@ -311,7 +293,7 @@ fn the_fast_path_forwards_what_the_core_forwards_the_same_way_and_passes_the_res
 /// for and, overruled, on another.
 #[test]
 fn on_the_strongswan_captures_the_fast_path_forwards_only_what_the_core_does() {
-    if !can_run() {
+    if !common::xdp_can_run("the fast-path differential test") {
         return;
     }
     // The 14 ESP-in-UDP frames of a capture (tests/fixtures/README.md: 3
@@ -371,7 +353,7 @@ fn on_the_strongswan_captures_the_fast_path_forwards_only_what_the_core_does() {
 /// (which the core would drop as not for us) and counted as forwarded.
 #[test]
 fn a_frame_for_a_port_that_went_away_reaches_the_core_unchanged_and_uncounted() {
-    if !can_run() {
+    if !common::xdp_can_run("the fast-path differential test") {
         return;
     }
     with_program("fpg", |fp, ifindex, ns| {
@@ -396,7 +378,7 @@ fn a_frame_for_a_port_that_went_away_reaches_the_core_unchanged_and_uncounted() 
 /// segw2's) is a disagreement.
 #[test]
 fn the_differential_check_sees_where_a_redirect_goes_not_only_its_macs() {
-    if !can_run() {
+    if !common::xdp_can_run("the fast-path differential test") {
         return;
     }
     with_program("fpt", |fp, ifindex, _| {
@@ -419,7 +401,7 @@ fn the_differential_check_sees_where_a_redirect_goes_not_only_its_macs() {
 /// loads it, the program forwards the same and records nothing.
 #[test]
 fn the_production_program_forwards_alike_and_records_no_redirect() {
-    if !can_run() {
+    if !common::xdp_can_run("the fast-path differential test") {
         return;
     }
     with_program("fpr", |_, ifindex, _| {
@@ -779,7 +761,7 @@ fn battery_cases(core: &mut Core, tunnels: &[Tunnel]) -> Vec<Case> {
 /// ```
 #[test]
 fn fuzz_on_random_and_mutated_frames_the_fast_path_never_disagrees_with_the_core() {
-    if !can_run() {
+    if !common::xdp_can_run("the fast-path differential test") {
         return;
     }
     let env = |name: &str, default: u64| {

@@ -5,13 +5,15 @@
 //! its own (as tests/fastpath_differential.rs); without root or the
 //! program it says so and passes, unless SEGWLB_REQUIRE_NETNS is set.
 
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use segwlb::balancer::farm::{self, port_mac, segw_mac};
 use segwlb::balancer::{Balancer, PortId, Verdict, UPLINK};
 use segwlb::dataplane::fast::Fast;
-use segwlb::io::xdp::{FastPath, PROGRAM, XDP_PASS, XDP_REDIRECT};
+use segwlb::io::xdp::{FastPath, XDP_PASS, XDP_REDIRECT};
 use segwlb::lab::netns::{self, Netns};
 use segwlb::packet::craft::{esp_body, frame, ike_body, udp_packet};
 use segwlb::packet::ike::{IKE_AUTH, IKE_SA_INIT};
@@ -24,26 +26,6 @@ const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 2, 2, 1));
 const SEGWS: u8 = 3;
 /// Enough tunnels that a resync takes many turns, even in a release build.
 const TUNNELS: u32 = 30_000;
-
-fn can_run() -> bool {
-    let missing = if PROGRAM.is_none() {
-        Some("this build has no XDP program (clang, libbpf-dev)".to_string())
-    } else if !netns::is_root() {
-        Some("not root".to_string())
-    } else {
-        netns::prerequisites().err()
-    };
-    match missing {
-        None => true,
-        Some(why) if std::env::var_os("SEGWLB_REQUIRE_NETNS").is_some() => {
-            panic!("the fast-path resync test cannot run: {why}")
-        }
-        Some(why) => {
-            eprintln!("skipped: {why}");
-            false
-        }
-    }
-}
 
 fn peer(i: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))
@@ -138,7 +120,7 @@ fn core() -> (Balancer<Box<dyn Policy>>, Vec<PortId>) {
 
 #[test]
 fn a_full_resync_goes_a_slice_a_turn_and_meanwhile_every_frame_goes_to_the_core() {
-    if !can_run() {
+    if !common::xdp_can_run("the fast-path resync test") {
         return;
     }
     let (mut lb, on) = core();

@@ -36,7 +36,7 @@ use segwlb::balancer::{Balancer, Config, GatewaySpec, PortId, UPLINK};
 use segwlb::control::status::{PolicyRecord, Status};
 use segwlb::dataplane::{Clock, Command, Worker};
 use segwlb::io::memory;
-use segwlb::io::xdp::{FastPath, PROGRAM};
+use segwlb::io::xdp::FastPath;
 use segwlb::io::Received;
 use segwlb::lab::netns::{self, Netns};
 use segwlb::packet::craft::{esp_body, frame, ike_body, ip_packet, udp_packet};
@@ -459,26 +459,6 @@ fn confirmed(tunnels: u32) -> Balancer {
     lb
 }
 
-fn xdp_can_run() -> bool {
-    let missing = if PROGRAM.is_none() {
-        Some("this build has no XDP program (clang, libbpf-dev)".to_string())
-    } else if !netns::is_root() {
-        Some("not root".to_string())
-    } else {
-        netns::prerequisites().err()
-    };
-    match missing {
-        None => true,
-        Some(why) if std::env::var_os("SEGWLB_REQUIRE_NETNS").is_some() => {
-            panic!("the fast-path stall test cannot run: {why}")
-        }
-        Some(why) => {
-            eprintln!("skipped: {why}");
-            false
-        }
-    }
-}
-
 impl Running {
     /// Status once no full resync of the fast path is under way: twice in
     /// a row (a status is answered before the turn's fast-path work, which
@@ -520,7 +500,7 @@ impl Running {
 /// resync was one turn of seconds at this size.
 #[test]
 fn with_the_fast_path_a_million_tunnels_change_without_a_long_turn() {
-    if !xdp_can_run() {
+    if !common::xdp_can_run("the fast-path stall test") {
         return;
     }
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
 use segwlb::balancer::affinity::AffinityTable;
-use segwlb::balancer::{farm, Balancer, Verdict, UPLINK};
+use segwlb::balancer::{farm, Balancer, PortId, Verdict, UPLINK};
 use segwlb::packet::craft::{esp_body, frame, ike_body, ip_packet, udp_packet};
 use segwlb::packet::ike::{IKE_AUTH, IKE_SA_INIT};
 use segwlb::packet::{self, IkeHeader};
@@ -102,24 +102,7 @@ fn open_tunnels(lb: &mut Balancer, tunnels: u32, now: Timestamp) {
         let Verdict::Forward(port) = lb.handle(&mut f, UPLINK, now) else {
             panic!("IKE_SA_INIT {i} not forwarded")
         };
-        let answer = IkeHeader {
-            responder_spi: 0x77,
-            from_initiator: false,
-            response: true,
-            ..ike(spi, IKE_SA_INIT)
-        };
-        let back = udp_packet(VIP, 500, peer(i), 500, &ike_body(&answer, false, 0));
-        f.clear();
-        f.extend_from_slice(&frame(
-            farm::port_mac(port),
-            farm::segw_mac(port as u8),
-            None,
-            &back,
-        ));
-        assert!(matches!(
-            lb.handle(&mut f, port, now),
-            Verdict::Forward(UPLINK)
-        ));
+        segw_answers(lb, &mut f, (port, i, spi), IKE_SA_INIT, now);
         let auth = udp_packet(
             peer(i),
             4500,
@@ -130,26 +113,41 @@ fn open_tunnels(lb: &mut Balancer, tunnels: u32, now: Timestamp) {
         f.clear();
         f.extend_from_slice(&up(&auth));
         assert_eq!(lb.handle(&mut f, UPLINK, now), Verdict::Forward(port));
-        let answer = IkeHeader {
-            responder_spi: 0x77,
-            from_initiator: false,
-            response: true,
-            ..ike(spi, IKE_AUTH)
-        };
-        let back = udp_packet(VIP, 4500, peer(i), 4500, &ike_body(&answer, true, 0));
-        f.clear();
-        f.extend_from_slice(&frame(
-            farm::port_mac(port),
-            farm::segw_mac(port as u8),
-            None,
-            &back,
-        ));
-        assert!(matches!(
-            lb.handle(&mut f, port, now),
-            Verdict::Forward(UPLINK)
-        ));
+        segw_answers(lb, &mut f, (port, i, spi), IKE_AUTH, now);
     }
     assert_eq!(lb.table().half_open_len(), 0);
+}
+
+/// Segw `port`'s answer to tunnel `i`'s (IKE SA `spi`) `exchange`
+/// (IKE_SA_INIT on 500, IKE_AUTH on 4500), through the balancer back to
+/// the peer.
+fn segw_answers(
+    lb: &mut Balancer,
+    f: &mut Vec<u8>,
+    (port, i, spi): (PortId, u32, u64),
+    exchange: u8,
+    now: Timestamp,
+) {
+    let answer = IkeHeader {
+        responder_spi: 0x77,
+        from_initiator: false,
+        response: true,
+        ..ike(spi, exchange)
+    };
+    let (udp, nat_t) = if exchange == IKE_SA_INIT {
+        (500, false)
+    } else {
+        (4500, true)
+    };
+    let back = udp_packet(VIP, udp, peer(i), udp, &ike_body(&answer, nat_t, 0));
+    f.clear();
+    f.extend_from_slice(&frame(
+        farm::port_mac(port),
+        farm::segw_mac(port as u8),
+        None,
+        &back,
+    ));
+    assert!(matches!(lb.handle(f, port, now), Verdict::Forward(UPLINK)));
 }
 
 fn up(ip: &[u8]) -> Vec<u8> {

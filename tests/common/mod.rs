@@ -24,6 +24,30 @@ pub fn fast_path_under_test() -> Option<&'static str> {
     Some(mode)
 }
 
+/// Whether a test of the XDP program itself (`what`) can run here: a
+/// build with the program, root, and what namespaces need. Without them
+/// it says so and skips, unless SEGWLB_REQUIRE_NETNS is set: then it fails.
+pub fn xdp_can_run(what: &str) -> bool {
+    use segwlb::lab::netns;
+    let missing = if segwlb::io::xdp::PROGRAM.is_none() {
+        Some("this build has no XDP program (clang, libbpf-dev)".to_string())
+    } else if !netns::is_root() {
+        Some("not root".to_string())
+    } else {
+        netns::prerequisites().err()
+    };
+    match missing {
+        None => true,
+        Some(why) if std::env::var_os("SEGWLB_REQUIRE_NETNS").is_some() => {
+            panic!("{what} cannot run: {why}")
+        }
+        Some(why) => {
+            eprintln!("skipped: {why}");
+            false
+        }
+    }
+}
+
 /// Run `cmd` to the end: whether it succeeded, its stdout, its stderr.
 pub fn run(cmd: &mut Command) -> (bool, String, String) {
     let out = cmd

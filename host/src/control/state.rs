@@ -198,23 +198,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state/segwlb.state");
         assert!(read(&path).unwrap().is_none(), "no file: a first start");
-        let t = SavedTunnel {
-            peer: "10.1.0.1".parse().unwrap(),
-            peer_port: 4500,
-            opened_port: 500,
-            vip: "10.2.2.1".parse().unwrap(),
-            ike_spi: Some(0x1234),
-            responder_spi: Some(0x5678),
-            opened_by: "ike".into(),
-            gateway: "segw1".into(),
-            at_opening_address: true,
-            placement: "confirmed".into(),
-            age_ms: 1000,
-            idle_ms: 10,
-            next_hop: Some("02:aa:00:00:00:01".into()),
-            frames: 3,
-            bytes: 300,
-        };
+        let t = tunnel(1);
         write(&path, &[t.clone(), t.clone()]).unwrap();
         write(&path, std::slice::from_ref(&t)).unwrap();
         assert_eq!(read(&path).unwrap(), Some(vec![t]));
