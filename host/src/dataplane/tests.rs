@@ -50,6 +50,22 @@ fn esp_from(peer: u8, port: u16) -> Vec<u8> {
     frame(port_mac(UPLINK), ROUTER, None, &ip)
 }
 
+/// The status of the worker running behind `commands` (no tunnels listed).
+fn status_of(commands: &crossbeam_channel::Sender<Command>) -> crate::control::status::Status {
+    let (reply, answer) = bounded(1);
+    commands
+        .send(Command::Status {
+            tunnels: 0,
+            top: 0,
+            reply,
+        })
+        .unwrap();
+    answer
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .finish()
+}
+
 fn policies() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies")
 }
@@ -291,18 +307,7 @@ fn a_policy_swap_under_a_stream_loses_no_frame_and_moves_no_tunnel() {
         .unwrap();
     assert!(reply.contains("round-robin -> weighted"), "{reply}");
     assert!(reply.contains("no tunnel moved"), "{reply}");
-    let (status_tx, status_rx) = bounded(1);
-    commands_tx
-        .send(Command::Status {
-            tunnels: 0,
-            top: 0,
-            reply: status_tx,
-        })
-        .unwrap();
-    let s = status_rx
-        .recv_timeout(Duration::from_secs(5))
-        .unwrap()
-        .finish();
+    let s = status_of(&commands_tx);
     assert_eq!(s.policy.name, "weighted");
     assert_eq!(s.policy.reloads, 1);
     assert_eq!(s.counters.moved, 0);
@@ -541,18 +546,7 @@ fn a_send_that_blocks_shows_as_a_wall_clock_pause_not_as_work() {
     // ask until the turns that blocked are in.
     let asked = Instant::now();
     let s = loop {
-        let (status_tx, status_rx) = bounded(1);
-        commands_tx
-            .send(Command::Status {
-                tunnels: 0,
-                top: 0,
-                reply: status_tx,
-            })
-            .unwrap();
-        let s = status_rx
-            .recv_timeout(Duration::from_secs(5))
-            .unwrap()
-            .finish();
+        let s = status_of(&commands_tx);
         if s.worker.longest_pause_wall_us >= 40_000.0 || asked.elapsed() > Duration::from_secs(10) {
             break s;
         }
