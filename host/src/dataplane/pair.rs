@@ -31,7 +31,6 @@ pub struct Pair {
     /// (Standby) the last snapshot came whole.
     in_sync: bool,
     snapshots: u64,
-    dropped_slow: u64,
     role_changes: u64,
 }
 
@@ -53,7 +52,6 @@ impl Pair {
             replica: Replica::default(),
             in_sync: false,
             snapshots: 0,
-            dropped_slow: 0,
             role_changes: 0,
         }
     }
@@ -258,7 +256,10 @@ impl Worker {
         let Some(s) = pair.serving.take() else { return };
         self.lb.replicate(false);
         if s.out.is_full() {
-            pair.dropped_slow += 1;
+            pair.link
+                .shared
+                .dropped_slow
+                .fetch_add(1, Ordering::Relaxed);
         }
         tracing::warn!(peer = %pair.peer, "pair: standby dropped: {why}");
     }
@@ -282,7 +283,7 @@ impl Worker {
             lag_ms: Duration::from_micros(shared.lag_us.load(Ordering::Relaxed)).as_secs_f64()
                 * 1e3,
             snapshots: pair.snapshots,
-            dropped_slow: pair.dropped_slow,
+            dropped_slow: shared.dropped_slow.load(Ordering::Relaxed),
             refused: shared.refused.load(Ordering::Relaxed),
             applied: pair.replica.counters,
             role_changes: pair.role_changes,

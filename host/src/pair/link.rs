@@ -76,6 +76,9 @@ pub struct Shared {
     /// The lag in µs, as `PairStatus::lag_ms` says.
     pub lag_us: AtomicU64,
     pub refused: AtomicU64,
+    /// (Active) standbys dropped for not keeping up: the worker's queue
+    /// full, or a write that took nothing for [`WRITE_TIMEOUT`].
+    pub dropped_slow: AtomicU64,
     last_error: Mutex<Option<String>>,
     /// When each recent frame was written (active), by seq % SENT_TIMES.
     sent_at: Vec<AtomicU64>,
@@ -90,6 +93,7 @@ impl Shared {
             done: AtomicU64::new(0),
             lag_us: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            dropped_slow: AtomicU64::new(0),
             last_error: Mutex::new(None),
             sent_at: (0..SENT_TIMES).map(|_| AtomicU64::new(0)).collect(),
         }
@@ -307,9 +311,16 @@ fn serve(stream: TcpStream, session: [u8; TAG], queued: &Receiver<Outgoing>, sha
                 &message.message,
             );
             if let Err(e) = stream.write_all(&frame) {
-                break Some(format!(
-                    "the standby took nothing for {WRITE_TIMEOUT:?} or went ({e}): dropped; it will take a new snapshot"
-                ));
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) {
+                    shared.dropped_slow.fetch_add(1, Ordering::Relaxed);
+                    break Some(format!(
+                        "the standby took nothing for {WRITE_TIMEOUT:?}: dropped; it will take a new snapshot"
+                    ));
+                }
+                break Some(format!("the standby went ({e})"));
             }
             shared.sent_at[seq as usize % SENT_TIMES].store(now_us(), Ordering::Relaxed);
             shared.seq.store(seq, Ordering::Relaxed);
@@ -338,7 +349,7 @@ fn read_acks(mut stream: TcpStream, session: [u8; TAG], shared: &Shared) {
             }
             Ok(Some(_)) => expected += 1,
             Ok(None) => {}
-            Err(Ended::Closed) => return,
+            Err(Ended::Closed | Ended::Silent) => return,
             Err(Ended::Refused(e)) => {
                 shared.error(format!("the standby's acknowledgement: {e}"), true);
                 let _ = stream.shutdown(Shutdown::Both);
@@ -370,11 +381,15 @@ fn connect(config: &PairConfig, shared: &Shared, stop: &AtomicBool, commands: &S
                 shared.connected.store(false, Ordering::Relaxed);
                 match why {
                     Ended::Closed => {}
+                    Ended::Silent => shared.error(
+                        format!("nothing from the active for {SILENT:?}: connecting again"),
+                        false,
+                    ),
                     Ended::Refused(e) => shared.error(format!("the active's stream: {e}"), true),
                 }
             }
             // A standby peer closes at once: not an error worth a count.
-            Err(Ended::Closed) => {}
+            Err(Ended::Closed | Ended::Silent) => {}
             Err(Ended::Refused(e)) => shared.error(format!("active {}: {e}", config.peer), true),
         }
         std::thread::sleep(RETRY);
@@ -417,10 +432,7 @@ fn follow(
             return Ended::Closed;
         }
         if heard.elapsed() > SILENT {
-            return Ended::Refused(WireError::Payload {
-                seq: expected,
-                why: format!("nothing from the active for {SILENT:?}"),
-            });
+            return Ended::Silent;
         }
         let applied = shared.done.load(Ordering::Relaxed);
         if applied != acked {
@@ -468,6 +480,8 @@ fn follow(
 enum Ended {
     /// Closed, timed out, or the peer went: connect again.
     Closed,
+    /// No heartbeat for [`SILENT`]: connect again.
+    Silent,
     /// The peer sent something refused.
     Refused(WireError),
 }
