@@ -289,6 +289,10 @@ pub struct Balancer<P: Policy = Box<dyn Policy>> {
     rate_pass_left: usize,
     /// The standby of a pair: every frame is dropped (see [`replica`]).
     standby: bool,
+    /// Proxied addresses the segws asked for (ARP, neighbour solicitation),
+    /// answered or, by a standby, overheard: what a takeover announces to
+    /// them (bounded, see `neighbours::ASKED_MAX`).
+    asked: std::collections::HashSet<IpAddr>,
 }
 
 /// A rebalance under way (see [`Balancer::rebalance_step`]).
@@ -396,6 +400,7 @@ impl<P: Policy> Balancer<P> {
             rate_cursor: 0,
             rate_pass_left: 0,
             standby: false,
+            asked: Default::default(),
         }
     }
 
@@ -454,6 +459,7 @@ impl<P: Policy> Balancer<P> {
         // copied it in wide loads over parse's narrow stores, which stall
         // (see `Egress`); a fifth of `handle`'s samples at 1,000 tunnels.
         if self.standby {
+            self.overhear(frame, ingress);
             return self.count_drop(DropReason::Standby, 1);
         }
         let parsed = packet::parse(frame);
@@ -481,6 +487,9 @@ impl<P: Policy> Balancer<P> {
                 self.heard_from_segw(ingress, parsed.src);
                 let ours = ns.target == packet::ndp::link_local(self.port_mac(ingress));
                 if ours || self.proxies(IpAddr::V6(ns.target), ingress) {
+                    if !ours {
+                        self.note_asked(IpAddr::V6(ns.target), ingress);
+                    }
                     let our_mac = self.port_mac(ingress);
                     let solicitor_mac = ns.source_mac.unwrap_or(parsed.src);
                     let (to_mac, reply) = packet::ndp::answer(ns, *from, solicitor_mac, our_mac);

@@ -17,6 +17,8 @@ use super::Balancer;
 /// The largest proxied prefix whose every address is announced at a
 /// takeover (a /24).
 pub const ANNOUNCED_PREFIX: u128 = 256;
+/// The most addresses the segws asked for that are remembered.
+pub const ASKED_MAX: usize = 4_096;
 
 /// Where return traffic goes when a tunnel's own next hop is not known yet
 /// (a restart without a state file: until each initiator speaks again),
@@ -96,8 +98,43 @@ impl<P: Policy> Balancer<P> {
             self.heard_from_next_hop(IpAddr::V4(arp.sender_ip), arp.sender_mac);
         }
         let proxied = self.proxies(IpAddr::V4(arp.target_ip), ingress);
-        (arp.op == packet::arp::REQUEST && proxied && arp.sender_ip != arp.target_ip)
-            .then(|| arp.reply(self.port_mac(ingress)))
+        let answer = arp.op == packet::arp::REQUEST && proxied && arp.sender_ip != arp.target_ip;
+        if answer {
+            self.note_asked(IpAddr::V4(arp.target_ip), ingress);
+        }
+        answer.then(|| arp.reply(self.port_mac(ingress)))
+    }
+
+    /// A segw asked for proxied address `ip`: its neighbour cache holds
+    /// our MAC for it, which a takeover must say again.
+    pub(super) fn note_asked(&mut self, ip: IpAddr, ingress: PortId) {
+        if ingress != UPLINK && self.asked.len() < ASKED_MAX {
+            self.asked.insert(ip);
+        }
+    }
+
+    /// What a standby learns from a frame it drops: the proxied addresses
+    /// the segws ask the active for (their requests are broadcast).
+    pub(super) fn overhear(&mut self, frame: &[u8], ingress: PortId) {
+        if ingress == UPLINK {
+            return;
+        }
+        let Ok(parsed) = packet::parse(frame) else {
+            return;
+        };
+        let asked = match &parsed.kind {
+            Kind::Arp(arp) if arp.op == packet::arp::REQUEST && arp.sender_ip != arp.target_ip => {
+                IpAddr::V4(arp.target_ip)
+            }
+            Kind::Ip(IpPacket {
+                payload: Payload::NeighborSolicit(ns),
+                ..
+            }) => IpAddr::V6(ns.target),
+            _ => return,
+        };
+        if self.proxies(asked, ingress) {
+            self.note_asked(asked, ingress);
+        }
     }
 
     /// A segw spoke on its port (ARP, or a neighbour solicitation): it is
@@ -162,11 +199,12 @@ impl<P: Policy> Balancer<P> {
 
     /// What a standby that takes over says on its links, so that every
     /// neighbour cache pointing at the failed balancer points here now: the
-    /// VIPs on the uplink; on every segw port, each address in a small
-    /// proxied prefix (≤ [`ANNOUNCED_PREFIX`] addresses) and the address of
-    /// each tunnel's peer that is proxied there (what a segw's cache holds
-    /// when the initiators are on-link to it), at most `cap` addresses in
-    /// all. A cache entry not announced to goes stale and is asked for
+    /// VIPs on the uplink; on every segw port, the proxied addresses the
+    /// segws asked for (a next hop they route the initiators through, say:
+    /// overheard while standby), each address in a small proxied prefix
+    /// (≤ [`ANNOUNCED_PREFIX`] addresses) and the address of each tunnel's
+    /// peer that is proxied there (what a segw's cache holds when the
+    /// initiators are on-link to it), at most `cap` addresses in all. A cache entry not announced to goes stale and is asked for
     /// again (broadcast, after its unicast probes to the old MAC fail).
     pub fn takeover_announcements(&self, vips: &[IpAddr], cap: usize) -> Vec<(PortId, Vec<u8>)> {
         let mut out: Vec<(PortId, Vec<u8>)> = vips
@@ -186,7 +224,7 @@ impl<P: Policy> Balancer<P> {
             .map(|(_, t)| t.peer)
             .filter(|&ip| self.config.proxy_gateways.iter().any(|p| p.contains(ip)));
         let mut seen = std::collections::HashSet::new();
-        for ip in small.chain(peers) {
+        for ip in self.asked.iter().copied().chain(small).chain(peers) {
             if seen.len() >= cap {
                 break;
             }

@@ -266,3 +266,34 @@ fn a_takeover_announces_the_vip_upstream_and_the_proxied_peers_to_the_segws() {
         );
     }
 }
+
+#[test]
+fn a_standby_overhears_what_the_segws_ask_for_and_announces_it_first_at_takeover() {
+    let mut lab = standby();
+    // segw2 asks (broadcast) for the proxied next hop it routes through.
+    let hop = Ipv4Addr::new(198, 51, 100, 200);
+    let ask = packet::arp::Arp::request(segw_mac(2), Ipv4Addr::new(10, 2, 2, 1), hop)
+        .broadcast_frame(segw_mac(2), None);
+    let mut f = ask.clone();
+    assert_eq!(
+        lab.lb.handle(&mut f, 2, lab.now),
+        Verdict::Drop(DropReason::Standby),
+        "unanswered"
+    );
+    lab.lb.take_over(&mut Replica::default(), lab.now);
+    let said: Vec<Ipv4Addr> = lab
+        .lb
+        .takeover_announcements(&[VIP], 1)
+        .iter()
+        .filter(|(port, _)| *port != UPLINK)
+        .map(|(_, f)| match packet::parse(f).unwrap().kind {
+            Kind::Arp(a) => a.sender_ip,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        said,
+        vec![hop; 3],
+        "the asked-for address, on every segw port"
+    );
+}
