@@ -3,7 +3,8 @@
 //! themselves, and running code inside a namespace ([`netns`]); and the lab
 //! itself: real strongSwan initiators and segws in namespaces with
 //! `segwlb run` balancing between them ([`topology`] builds and removes it,
-//! [`report`] drives the tunnels and says where they landed).
+//! [`report`] drives the tunnels and says where they landed), or a pair of
+//! them with keepalived deciding which one is active ([`vrrp`]).
 
 pub mod churn;
 pub mod compare;
@@ -16,6 +17,7 @@ pub mod report;
 pub mod strongswan;
 pub mod topology;
 pub mod traffic;
+pub mod vrrp;
 
 use std::path::{Path, PathBuf};
 
