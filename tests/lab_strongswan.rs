@@ -100,7 +100,10 @@ impl Lab {
         assert!(ok, "lab up failed:\n{out}\n{err}");
         eprintln!("{}", out.trim_end());
         let state = State::load(&self.config.work_dir()).unwrap();
-        self.pids = std::iter::once(state.balancer_pid)
+        self.pids = state
+            .balancers
+            .iter()
+            .map(|b| b.pid)
             .chain(state.segws.iter().map(|s| s.pid))
             .chain(state.initiators.iter().map(|i| i.pid))
             .collect();
@@ -447,7 +450,7 @@ fn ctl(state: &State, args: &[&str]) {
     let out = Command::new(env!("CARGO_BIN_EXE_segwlb"))
         .arg("ctl")
         .arg("--socket")
-        .arg(&state.socket)
+        .arg(&state.balancer().unwrap().socket)
         .args(args)
         .output()
         .unwrap();
@@ -1108,10 +1111,13 @@ fn graceful_drain_and_rebalance_move_real_tunnels_losing_no_probe() {
     let settle = |what: &str| {
         let started = std::time::Instant::now();
         loop {
-            let status = request(&state.socket, &Request::Status { tunnels: 0, top: 0 })
-                .unwrap()
-                .status
-                .unwrap();
+            let status = request(
+                &state.balancer().unwrap().socket,
+                &Request::Status { tunnels: 0, top: 0 },
+            )
+            .unwrap()
+            .status
+            .unwrap();
             let m = status.moves;
             if m.queued + m.asked + m.moving + m.lingering == 0 {
                 eprintln!(
@@ -1283,10 +1289,13 @@ fn graceful_drain_and_rebalance_move_real_tunnels_losing_no_probe() {
     ctl(&["gateway", "remove", "segw3", "--graceful"]);
     std::thread::sleep(Duration::from_secs(1));
     let lost_removing = lost("graceful removal", probes.stop().unwrap());
-    let removed = request(&state.socket, &Request::Status { tunnels: 0, top: 0 })
-        .unwrap()
-        .status
-        .unwrap();
+    let removed = request(
+        &state.balancer().unwrap().socket,
+        &Request::Status { tunnels: 0, top: 0 },
+    )
+    .unwrap()
+    .status
+    .unwrap();
     assert!(removed.gateway("segw3").is_none(), "segw3 still in the set");
     assert_eq!(removed.moves.moved, m.moved + on_segw3);
     assert_eq!(removed.moves.timed_out, 0);

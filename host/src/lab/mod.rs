@@ -117,8 +117,11 @@ mod tests {
         let state = serde_json::json!({
             "prefix": "x", "work": dir, "vip": "10.2.2.1", "service": "10.201.0.1",
             "pings": 1, "policy": "round-robin", "namespaces": [], "initiators": [],
-            "segws": [], "balancer_ns": "x-lb", "balancer_pid": victim,
-            "socket": dir.join("s"), "swanctl_conf": dir.join("c"),
+            "segws": [], "swanctl_conf": dir.join("c"),
+            "balancers": [{
+                "name": "lb", "ns": "x-lb", "pid": victim, "config": dir.join("lb.toml"),
+                "socket": dir.join("s"), "log": dir.join("l"), "state_file": dir.join("t"),
+            }],
         });
         std::fs::write(dir.join("state.json"), state.to_string()).unwrap();
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();

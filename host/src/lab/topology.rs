@@ -30,9 +30,8 @@ use crate::control::status::Status;
 /// Where `ip netns` keeps namespaces.
 const NETNS_DIR: &str = "/run/netns";
 const STATE: &str = "state.json";
-/// The balancer's table, saved for a warm restart (in the work dir) ...
-const BALANCER_STATE: &str = "balancer.state";
-/// ... at SIGTERM, and every this many seconds.
+/// The balancer's table is saved for a warm restart at SIGTERM, and every
+/// this many seconds.
 const STATE_INTERVAL_S: u32 = 2;
 /// The graceful-move hook, and the segws' directories by name it finds
 /// their charons by.
@@ -162,6 +161,53 @@ fn yes() -> bool {
     true
 }
 
+/// A `segwlb run` of the lab: the only one, or one of a pair.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Balancer {
+    /// `lb`, and `lb2` for a pair's second: its namespace is
+    /// `PREFIX-NAME`.
+    pub name: String,
+    pub ns: String,
+    pub pid: i32,
+    /// Its configuration, control socket, log and saved table, in the
+    /// work dir.
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub state_file: PathBuf,
+}
+
+impl Balancer {
+    /// The lab's `k`-th balancer (from 0). The first has the names a lab
+    /// of one always had (`lb.toml`, `segwlb.sock`, `balancer.log`); the
+    /// second's carry a 2.
+    fn new(prefix: &str, work: &Path, k: usize) -> Balancer {
+        let n = if k == 0 {
+            String::new()
+        } else {
+            (k + 1).to_string()
+        };
+        let name = format!("lb{n}");
+        Balancer {
+            ns: format!("{prefix}-{name}"),
+            pid: 0,
+            config: work.join(format!("{name}.toml")),
+            socket: work.join(format!("segwlb{n}.sock")),
+            log: work.join(format!("balancer{n}.log")),
+            state_file: work.join(format!("balancer{n}.state")),
+            name,
+        }
+    }
+
+    /// Its status, listing `tunnels` tunnels at most.
+    fn status(&self, tunnels: usize) -> Result<Status> {
+        let r = request(&self.socket, &Request::Status { tunnels, top: 0 })
+            .map_err(|e| step(&format!("asking balancer {}", self.name), e))?;
+        r.status
+            .ok_or_else(|| step(&format!("asking balancer {}", self.name), r.message))
+    }
+}
+
 /// What `lab up` built: read by `run`, `status` and `down`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct State {
@@ -174,9 +220,8 @@ pub struct State {
     pub namespaces: Vec<String>,
     pub initiators: Vec<Initiator>,
     pub segws: Vec<Segw>,
-    pub balancer_ns: String,
-    pub balancer_pid: i32,
-    pub socket: PathBuf,
+    /// One, or a pair.
+    pub balancers: Vec<Balancer>,
     pub swanctl_conf: PathBuf,
     /// The NAT's outside address, when some initiators are behind it.
     #[serde(default)]
@@ -221,22 +266,22 @@ impl State {
         })
     }
 
+    /// The balancer that serves: the only one.
+    pub fn balancer(&self) -> Result<&Balancer> {
+        self.balancers
+            .first()
+            .ok_or_else(|| Error::State("the lab has no balancer".into()))
+    }
+
     /// The balancer's status, listing every tunnel.
     pub fn balancer_status(&self) -> Result<Status> {
-        self.status_listing(usize::MAX)
+        self.balancer()?.status(usize::MAX)
     }
 
     /// The balancer's status without its tunnel lists: its counters, cheap
     /// to ask for many times a second.
     pub fn balancer_counters(&self) -> Result<Status> {
-        self.status_listing(0)
-    }
-
-    fn status_listing(&self, tunnels: usize) -> Result<Status> {
-        let r = request(&self.socket, &Request::Status { tunnels, top: 0 })
-            .map_err(|e| step("asking the balancer", e))?;
-        r.status
-            .ok_or_else(|| step("asking the balancer", r.message))
+        self.balancer()?.status(0)
     }
 
     /// `swanctl ARGS` against the charon whose files are in `dir`.
@@ -333,7 +378,7 @@ impl State {
     /// Ask the balancer `req`; its answer, or an error with its message.
     pub fn ctl(&self, req: &Request) -> Result<String> {
         let what = format!("segwlb ctl {req:?}");
-        let r = request(&self.socket, req).map_err(|e| step(&what, e))?;
+        let r = request(&self.balancer()?.socket, req).map_err(|e| step(&what, e))?;
         if r.ok {
             Ok(r.message)
         } else {
@@ -375,53 +420,36 @@ impl State {
         self.load_charon(&self.segws[k].dir.clone(), pid)
     }
 
-    /// Start `segwlb run` (`exe`) on the lab's `lb.toml`, its log appended
-    /// to `balancer.log`, and wait until it serves with every segw healthy
-    /// and its MAC known.
-    fn start_balancer(&mut self, exe: &Path) -> Result<()> {
-        let lb_ns = Netns::adopt(&self.balancer_ns)?;
-        let mut cmd = lb_ns.command(&exe.to_string_lossy());
-        cmd.arg("run").arg("-c").arg(self.work.join("lb.toml")).env(
+    /// Start balancer `k`'s `segwlb run` (`exe`) on its configuration, its
+    /// log appended to, and wait until it is `ready`.
+    fn start_balancer(&mut self, k: usize, exe: &Path, ready: Ready) -> Result<()> {
+        let b = &self.balancers[k];
+        let mut cmd = Netns::adopt(&b.ns)?.command(&exe.to_string_lossy());
+        cmd.arg("run").arg("-c").arg(&b.config).env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "segwlb=info".into()),
         );
-        // Ahead of the charons: at a few thousand initiators a hundred
-        // charons share the cores, and a balancer that waits its turn
-        // behind them holds every tunnel's packets (its worker paused
-        // 808 ms at 5,000). Every thread of it inherits this.
-        // SAFETY: setpriority is async-signal-safe; nothing else runs
-        // between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setpriority(libc::PRIO_PROCESS, 0, BALANCER_NICE) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let log = self.work.join("balancer.log");
+        let log = b.log.clone();
         let out = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .map_err(io(format!("open {}", log.display())))?;
-        let mut child = spawn_detached(cmd, out)?;
-        self.balancer_pid = child.id() as i32;
+        let mut child = spawn_detached(ahead_of_the_charons(cmd), out)?;
+        self.balancers[k].pid = child.id() as i32;
         self.save()?;
         let until = Instant::now() + Duration::from_secs(60);
         loop {
-            let ready = self
-                .balancer_status()
-                .is_ok_and(|s| s.gateways.iter().all(|g| g.healthy && g.mac.is_some()));
-            if ready {
+            let status = self.balancers[k].status(0);
+            if status.is_ok_and(|s| ready.is(&s)) {
                 return Ok(());
             }
             let exited = child.try_wait().ok().flatten();
             if exited.is_some() || Instant::now() > until {
                 let log = fs::read_to_string(&log).unwrap_or_default();
                 return Err(step(
-                    "starting segwlb run",
-                    format!("not up with every segw healthy ({exited:?}); its log:\n{log}"),
+                    &format!("starting segwlb run ({})", self.balancers[k].name),
+                    format!("not {ready} ({exited:?}); its log:\n{log}"),
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -434,23 +462,19 @@ impl State {
     /// again.
     pub fn restart_balancer(&mut self, exe: &Path, signal: i32) -> Result<Duration> {
         let started = Instant::now();
-        kill(self.balancer_pid, signal);
-        while alive(self.balancer_pid) {
+        let pid = self.balancer()?.pid;
+        kill(pid, signal);
+        while alive(pid) {
             if started.elapsed() > Duration::from_secs(10) {
                 return Err(step(
                     "stopping segwlb run",
-                    format!("pid {} ignored signal {signal}", self.balancer_pid),
+                    format!("pid {pid} ignored signal {signal}"),
                 ));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        self.start_balancer(exe)?;
+        self.start_balancer(0, exe, Ready::Serving)?;
         Ok(started.elapsed())
-    }
-
-    /// The balancer's state file (warm restart).
-    pub fn balancer_state_file(&self) -> PathBuf {
-        self.work.join(BALANCER_STATE)
     }
 
     fn segw_side(&self) -> SegwSide<'_> {
@@ -485,7 +509,7 @@ impl State {
         let ns = Netns::new(&format!("{}-s{k}", self.prefix))?;
         let port = format!("p{k}");
         link_segw(
-            &Netns::adopt(&self.balancer_ns)?,
+            &Netns::adopt(&self.balancers[0].ns)?,
             &port,
             &ns,
             &self.segw_side(),
@@ -674,7 +698,7 @@ pub fn down(config: &LabConfig) -> Result<Removed> {
         }
     }
     if let Ok(state) = State::load(&work) {
-        pids.push(state.balancer_pid);
+        pids.extend(state.balancers.iter().map(|b| b.pid));
         pids.extend(state.initiators.iter().map(|i| i.pid));
         pids.extend(state.segws.iter().map(|s| s.pid));
     }
@@ -764,6 +788,48 @@ fn nat_rules(natted: u32, inside: super::config::Prefix, outside: Ipv4Addr) -> S
 
 fn write(path: &Path, text: &str) -> Result<()> {
     fs::write(path, text).map_err(io(format!("write {}", path.display())))
+}
+
+/// `cmd` at [`BALANCER_NICE`]: ahead of the charons. At a few thousand
+/// initiators a hundred charons share the cores, and a balancer that waits
+/// its turn behind them holds every tunnel's packets (its worker paused
+/// 808 ms at 5,000); a pair's keepalived that waits misses adverts and
+/// takes over from a live master. Every thread and child inherits it.
+fn ahead_of_the_charons(mut cmd: Command) -> Command {
+    // SAFETY: setpriority is async-signal-safe; nothing else runs between
+    // fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setpriority(libc::PRIO_PROCESS, 0, BALANCER_NICE) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// When a balancer that was started is ready.
+#[derive(Debug, Clone, Copy)]
+enum Ready {
+    /// Every segw healthy, its MAC known: an active balancer (probing).
+    Serving,
+}
+
+impl Ready {
+    fn is(self, s: &Status) -> bool {
+        match self {
+            Ready::Serving => s.gateways.iter().all(|g| g.healthy && g.mac.is_some()),
+        }
+    }
+}
+
+impl std::fmt::Display for Ready {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Ready::Serving => "up with every segw healthy",
+        })
+    }
 }
 
 /// Spawn `cmd` detached from us (own process group, no stdin), its output
@@ -1112,9 +1178,7 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
             .collect(),
         initiators,
         segws,
-        balancer_ns: lb_ns.name().to_string(),
-        balancer_pid: 0,
-        socket: work.join("segwlb.sock"),
+        balancers: vec![Balancer::new(prefix, work, 0)],
         swanctl_conf,
         nat_outside: nat.as_ref().map(|n| n.2),
         outer_prefix: a.outer_prefix.to_string(),
@@ -1130,7 +1194,6 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
 
     // The balancer.
     let t2 = Instant::now();
-    let lb_toml = work.join("lb.toml");
     // A dual-stack lab's balancer serves both VIPs.
     let (vips, proxy_uplink, proxy_gateways) = if dual {
         (
@@ -1156,8 +1219,8 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
         vips,
         proxy_uplink,
         proxy_gateways,
-        state.socket.display(),
-        work.join(BALANCER_STATE).display(),
+        state.balancers[0].socket.display(),
+        state.balancers[0].state_file.display(),
         config.balancer.policy,
         config.balancer.policy_dir.display(),
         config.balancer.health_interval_ms,
@@ -1191,8 +1254,8 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
             text += &format!("throughput = \"{} B/s\"\n", s.throughput);
         }
     }
-    write(&lb_toml, &text)?;
-    state.start_balancer(exe)?;
+    write(&state.balancers[0].config, &text)?;
+    state.start_balancer(0, exe, Ready::Serving)?;
     let balancer = t2.elapsed();
     // Up: the namespaces stay (`down` removes them).
     for ns in std::iter::once(sw_ns)
@@ -1242,13 +1305,9 @@ pub fn status(config: &LabConfig) -> Result<String> {
         namespaces.len(),
         state.work.display()
     );
-    let _ = writeln!(
-        out,
-        "balancer  {:<12} pid {:<8} {}",
-        state.balancer_ns,
-        state.balancer_pid,
-        up(state.balancer_pid)
-    );
+    for b in &state.balancers {
+        let _ = writeln!(out, "balancer  {:<12} pid {:<8} {}", b.ns, b.pid, up(b.pid));
+    }
     for s in &state.segws {
         let sas = state
             .list_sas(&s.dir)
