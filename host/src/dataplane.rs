@@ -31,6 +31,7 @@ use crate::time::Timestamp;
 
 pub mod fast;
 pub mod hook;
+mod pair;
 pub mod pauses;
 #[cfg(test)]
 mod tests;
@@ -151,6 +152,13 @@ pub enum Command {
     Save {
         reply: Sender<Vec<SavedTunnel>>,
     },
+    /// `ctl role`: become active or standby (`None`: say which).
+    Role {
+        role: Option<crate::pair::Role>,
+        reply: Sender<Reply>,
+    },
+    /// The pair's sync link (see `crate::pair::link`).
+    Pair(crate::pair::link::PairEvent),
 }
 
 struct Port {
@@ -223,6 +231,8 @@ pub struct Worker {
     /// What asks a segw to move a peer (`[moves] hook`); without it no
     /// graceful move is taken.
     hook: Option<hook::Hook>,
+    /// One of a pair of balancers (`[pair]`), if it is.
+    pair: Option<pair::Pair>,
 }
 
 /// A policy swap, to be answered (with the moves, after a rebalance).
@@ -288,6 +298,7 @@ impl Worker {
             folded: None,
             folds: 0,
             hook: None,
+            pair: None,
         };
         for (port, interface, tx) in ports {
             w.set_port(port, interface, tx);
@@ -397,6 +408,9 @@ impl Worker {
     /// neighbour advertisement), so initiators' neighbour caches point at
     /// us from the start.
     pub fn announce(&mut self) {
+        if self.lb.is_standby() {
+            return;
+        }
         for vip in self.vips.clone() {
             for (port, frame) in self.lb.announce(vip) {
                 if port == UPLINK {
@@ -447,6 +461,12 @@ impl Worker {
                 }
                 default(wait) => {}
             }
+            if self.pair.is_some() {
+                let turn = Turn::start();
+                self.pair_turn(self.clock.now());
+                let (cpu, w) = turn.elapsed();
+                (busy, wall) = (busy + cpu, wall + w);
+            }
             if self.fast.is_some() {
                 let turn = Turn::start();
                 self.fast_path_turn(self.clock.now(), busy);
@@ -482,6 +502,7 @@ impl Worker {
     /// Status requests and a rebalance are worked on a slice at a time.
     fn has_background(&self) -> bool {
         self.lb.is_rebalancing()
+            || self.pair_has_background()
             || !self.statuses.is_empty()
             || !self.saves.is_empty()
             || self.fast.as_ref().is_some_and(fast::Fast::resyncing)
@@ -499,6 +520,9 @@ impl Worker {
                         swap.answer(Some(moved));
                     }
                 }
+                continue;
+            }
+            if self.pair_background(now) {
                 continue;
             }
             if let Some((lists, _)) = self.statuses.front_mut() {
@@ -595,25 +619,25 @@ impl Worker {
             down_after: u32::MAX,
             up_after: 1,
         });
-        {
-            if now >= self.next_probe {
-                let round = self.lb.probe(&self.vips, &health, now);
-                for (id, name, healthy) in &round.changes {
-                    if *healthy {
-                        tracing::info!(gateway = %name, id, "segw answers again: marked up");
-                    } else {
-                        tracing::warn!(
-                            gateway = %name, id,
-                            "segw stopped answering probes for {}: marked down; its tunnels move on their next packet",
-                            self.vips.iter().map(ToString::to_string).collect::<Vec<_>>().join(" and ")
-                        );
-                    }
+        // A standby is silent: it probes nobody (the active's MACs come
+        // with its stream).
+        if !self.lb.is_standby() && now >= self.next_probe {
+            let round = self.lb.probe(&self.vips, &health, now);
+            for (id, name, healthy) in &round.changes {
+                if *healthy {
+                    tracing::info!(gateway = %name, id, "segw answers again: marked up");
+                } else {
+                    tracing::warn!(
+                        gateway = %name, id,
+                        "segw stopped answering probes for {}: marked down; its tunnels move on their next packet",
+                        self.vips.iter().map(ToString::to_string).collect::<Vec<_>>().join(" and ")
+                    );
                 }
-                for (port, frame) in round.frames {
-                    self.send(port, &frame);
-                }
-                self.next_probe = now + health.interval;
             }
+            for (port, frame) in round.frames {
+                self.send(port, &frame);
+            }
+            self.next_probe = now + health.interval;
         }
         if now >= self.next_measure {
             // What the fast path forwarded counts too.
@@ -629,6 +653,12 @@ impl Worker {
         if now >= self.next_tunnel_rates {
             self.lb.measure_tunnels(now, TUNNEL_RATES_MAX);
             self.next_tunnel_rates = now + SWEEP_EVERY;
+        }
+        if now >= self.next_sweep && self.lb.is_standby() {
+            // The active's expiries come with its stream; the handshake
+            // window still closes here.
+            self.lb.age(now, SWEEP_BUDGET);
+            self.next_sweep = now + SWEEP_EVERY;
         }
         if now >= self.next_sweep {
             self.graceful_moves(now);
@@ -872,6 +902,10 @@ impl Worker {
                 let room = self.lb.table().len();
                 self.saves.push_back((0, Vec::with_capacity(room), reply));
             }
+            Command::Role { role, reply } => {
+                let _ = reply.send(self.set_role(role, now));
+            }
+            Command::Pair(event) => self.pair_event(event, now),
         }
     }
 
@@ -908,6 +942,7 @@ impl Worker {
         );
         let status = gathered.status_mut();
         status.worker = self.worker_status();
+        status.pair = self.pair_status();
         if let Some(hook) = &self.hook {
             use std::sync::atomic::Ordering::Relaxed;
             let c = &hook.counters;

@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod io;
 pub mod lab;
 pub mod packet;
+pub mod pair;
 pub mod policy;
 pub mod run;
 pub mod time;

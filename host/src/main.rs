@@ -173,6 +173,12 @@ enum CtlCommand {
     /// Write the tunnel table to the config's balancer.state_file now (a
     /// restart then moves no tunnel).
     Save,
+    /// One of a pair ([pair]): become active or standby (what keepalived's
+    /// notify scripts run), or, without ROLE, say which it is.
+    Role {
+        #[arg(value_parser = ["active", "standby"])]
+        role: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -222,10 +228,9 @@ enum CtlGateway {
         #[arg(long)]
         mac: Option<String>,
     },
-    /// Remove NAME; its tunnels move on their next packet.
-    /// Remove NAME (with --graceful: drain it gracefully first, wait for
-    /// the moves to end, then remove it; what did not follow moves the
-    /// plain way then).
+    /// Remove NAME; its tunnels move on their next packet (with --graceful:
+    /// drain it gracefully first, wait for the moves to end, then remove
+    /// it; what did not follow moves the plain way then).
     Remove {
         name: String,
         #[arg(long)]
@@ -528,6 +533,7 @@ fn ctl(socket: &Path, command: CtlCommand) -> anyhow::Result<ExitCode> {
             false,
         ),
         CtlCommand::Save => (Request::Save, false),
+        CtlCommand::Role { role } => (Request::Role { role }, false),
         CtlCommand::Gateway { command } => (
             match command {
                 CtlGateway::Drain { name, graceful } => Request::GatewayDrain {

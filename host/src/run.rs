@@ -182,6 +182,11 @@ pub fn run(config_file: &Path, stop: Arc<AtomicBool>) -> Result<(), RunError> {
             Err(e) => tracing::warn!("no XDP fast path ({e}): running on AF_PACKET alone"),
         },
     }
+    if let Some(pair) = &config.pair {
+        let link = crate::pair::link::Link::start(pair, commands_tx.clone())
+            .map_err(|e| RunError::Start(e.to_string()))?;
+        worker.use_pair(link, pair);
+    }
     worker.announce();
     let worker_stop = stop.clone();
     let worker = std::thread::Builder::new()

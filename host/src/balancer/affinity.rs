@@ -198,6 +198,10 @@ pub struct TableCounters {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RebindRefused;
 
+/// The change log overflowed (see [`AffinityTable::take_changes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overflowed;
+
 /// Seeded per map (per process run), so spoofed keys cannot be chosen to
 /// collide; several times faster than std's SipHash on these small keys.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
@@ -399,6 +403,31 @@ pub struct AffinityTable {
     /// a copy of the lookups is brought up to date by looking at these
     /// again. `None` once more than [`TOUCHED_MAX`] piled up: look at all.
     touched: Option<Vec<(IpAddr, u16)>>,
+    /// What changed, slot by slot and in order, for a replica of the table
+    /// (a standby balancer: see `balancer::replica`); off unless asked for.
+    changes: ChangeLog,
+}
+
+/// A change to one slot, as a replica learns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The slot's tunnel changed (or is about to): read it again.
+    Touched(TunnelId),
+    /// The slot is empty now.
+    Removed(TunnelId),
+}
+
+/// Changes kept before the log gives up and says "read everything".
+pub const CHANGES_MAX: usize = 1 << 20;
+
+/// [`AffinityTable`]'s record of changes for a replica.
+#[derive(Debug, Default)]
+enum ChangeLog {
+    #[default]
+    Off,
+    On(Vec<Change>),
+    /// More than [`CHANGES_MAX`] piled up before they were taken.
+    Overflowed,
 }
 
 /// The half-open list of entries no segw answered ...
@@ -437,7 +466,47 @@ impl AffinityTable {
             counters: TableCounters::default(),
             epoch: 0,
             touched: None,
+            changes: ChangeLog::Off,
         }
+    }
+
+    /// Keep a log of changes for a replica from now on (`false`: stop).
+    pub fn log_changes(&mut self, on: bool) {
+        self.changes = if on {
+            ChangeLog::On(Vec::new())
+        } else {
+            ChangeLog::Off
+        };
+    }
+
+    /// The changes since the last call, in order; `Err` when more than
+    /// [`CHANGES_MAX`] piled up (the log starts again, empty: a replica must
+    /// then read the whole table).
+    pub fn take_changes(&mut self) -> Result<Vec<Change>, Overflowed> {
+        match &mut self.changes {
+            ChangeLog::Off => Ok(Vec::new()),
+            ChangeLog::On(log) => Ok(std::mem::take(log)),
+            ChangeLog::Overflowed => {
+                self.changes = ChangeLog::On(Vec::new());
+                Err(Overflowed)
+            }
+        }
+    }
+
+    fn log(&mut self, change: Change) {
+        if let ChangeLog::On(log) = &mut self.changes {
+            if log.len() >= CHANGES_MAX {
+                self.changes = ChangeLog::Overflowed;
+            } else {
+                log.push(change);
+            }
+        }
+    }
+
+    /// Tunnel `id` changed in a way no lookup depends on (its responder
+    /// SPI): only a replica needs to know.
+    pub fn note(&mut self, id: TunnelId) {
+        self.log(Change::Touched(id));
     }
 
     /// See the field: compare two readings to know whether anything a
@@ -450,6 +519,7 @@ impl AffinityTable {
     /// the epoch moves and its endpoints are touched.
     pub(super) fn touch(&mut self, id: TunnelId) {
         self.epoch += 1;
+        self.log(Change::Touched(id));
         let Some(t) = self.slots.get(id as usize).and_then(Option::as_ref) else {
             return;
         };
@@ -672,6 +742,7 @@ impl AffinityTable {
         let t = self.slots[id as usize].take();
         self.free.push(id);
         self.len -= 1;
+        self.log(Change::Removed(id));
         t
     }
 
@@ -737,6 +808,7 @@ impl AffinityTable {
         }
         t.responder_spi = None;
         self.epoch += 1;
+        self.log(Change::Touched(id));
         if let Some(old) = old {
             if self.by_spi.get(&old) == Some(&id) {
                 self.by_spi.remove(&old);

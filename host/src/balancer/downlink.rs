@@ -91,8 +91,13 @@ impl<P: Policy> Balancer<P> {
         let Some(t) = self.table.get_mut(id) else {
             return;
         };
-        if t.gateway == gw && t.ike_spi == Some(h.initiator_spi) && h.responder_spi != 0 {
+        if t.gateway == gw
+            && t.ike_spi == Some(h.initiator_spi)
+            && h.responder_spi != 0
+            && t.responder_spi != Some(h.responder_spi)
+        {
             t.responder_spi = Some(h.responder_spi);
+            self.table.note(id);
         }
     }
 

@@ -166,6 +166,9 @@ impl<P: Policy> Balancer<P> {
     /// `None` when there are more than [`MAX_SPI_RANGES`] (the fast path
     /// then holds nothing).
     pub fn fast_path_spi_ranges(&self) -> Option<Vec<SpiRange>> {
+        if self.standby {
+            return Some(Vec::new());
+        }
         let ranges: Vec<SpiRange> = self.spi_ranges().collect();
         (ranges.len() <= MAX_SPI_RANGES).then_some(ranges)
     }
@@ -186,7 +189,9 @@ impl<P: Policy> Balancer<P> {
     /// `port`; 0 for raw ESP): towards the tunnel's segw and back, or none
     /// (the core takes them).
     pub fn fast_path_at(&self, addr: IpAddr, port: u16) -> Option<[FastEntry; 2]> {
-        if self.spi_ranges().nth(MAX_SPI_RANGES).is_some() {
+        // A standby carries nothing; with too many ranges the program
+        // cannot apply the core's SPI rule.
+        if self.standby || self.spi_ranges().nth(MAX_SPI_RANGES).is_some() {
             return None;
         }
         // ESP in UDP: the endpoint index, exactly, at the tunnel's own

@@ -29,6 +29,7 @@ mod neighbours;
 mod operations;
 pub mod prefix;
 pub mod rates;
+pub mod replica;
 pub mod rules;
 pub mod saved;
 #[cfg(test)]
@@ -126,10 +127,13 @@ pub enum DropReason {
     /// (its answers to our IPv6 probes, router solicitations, multicast
     /// listener reports): it belongs to the segw's link and never crosses.
     LinkScoped,
+    /// This balancer is the standby of a pair: its peer carries the
+    /// traffic, and it answers and forwards nothing (see `crate::pair`).
+    Standby,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::Malformed,
         DropReason::NotIpsec,
         DropReason::ArpIgnored,
@@ -147,6 +151,7 @@ impl DropReason {
         DropReason::FragmentHoldFull,
         DropReason::FragmentTimeout,
         DropReason::LinkScoped,
+        DropReason::Standby,
     ];
 
     /// Traffic that is not the balancer's to carry (ARP and neighbour
@@ -162,6 +167,7 @@ impl DropReason {
                 | DropReason::OtherEtherType
                 | DropReason::NotForUs
                 | DropReason::LinkScoped
+                | DropReason::Standby
         )
     }
 
@@ -184,6 +190,7 @@ impl DropReason {
             DropReason::FragmentHoldFull => "fragment_hold_full",
             DropReason::FragmentTimeout => "fragment_timeout",
             DropReason::LinkScoped => "link_scoped",
+            DropReason::Standby => "standby",
         }
     }
 }
@@ -280,6 +287,8 @@ pub struct Balancer<P: Policy = Box<dyn Policy>> {
     /// the pass under way has yet to visit.
     rate_cursor: usize,
     rate_pass_left: usize,
+    /// The standby of a pair: every frame is dropped (see [`replica`]).
+    standby: bool,
 }
 
 /// A rebalance under way (see [`Balancer::rebalance_step`]).
@@ -386,6 +395,7 @@ impl<P: Policy> Balancer<P> {
             reporting: rates::Reporting::default(),
             rate_cursor: 0,
             rate_pass_left: 0,
+            standby: false,
         }
     }
 
@@ -443,6 +453,9 @@ impl<P: Policy> Balancer<P> {
         // Borrowed where `parse` wrote it: moving it out of the `Result`
         // copied it in wide loads over parse's narrow stores, which stall
         // (see `Egress`); a fifth of `handle`'s samples at 1,000 tunnels.
+        if self.standby {
+            return self.count_drop(DropReason::Standby, 1);
+        }
         let parsed = packet::parse(frame);
         let parsed = match &parsed {
             Ok(p) => p,

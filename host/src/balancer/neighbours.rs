@@ -14,6 +14,10 @@ use super::gateways::{GwId, PortId, UPLINK};
 use super::health::{self, HealthConfig, ProbeRound};
 use super::Balancer;
 
+/// The largest proxied prefix whose every address is announced at a
+/// takeover (a /24).
+pub const ANNOUNCED_PREFIX: u128 = 256;
+
 /// Where return traffic goes when a tunnel's own next hop is not known yet
 /// (a restart without a state file: until each initiator speaks again),
 /// as configured, instead of the last next hop an initiator's frame came
@@ -154,6 +158,43 @@ impl<P: Policy> Balancer<P> {
             self.push_set(now);
         }
         round
+    }
+
+    /// What a standby that takes over says on its links, so that every
+    /// neighbour cache pointing at the failed balancer points here now: the
+    /// VIPs on the uplink; on every segw port, each address in a small
+    /// proxied prefix (≤ [`ANNOUNCED_PREFIX`] addresses) and the address of
+    /// each tunnel's peer that is proxied there (what a segw's cache holds
+    /// when the initiators are on-link to it), at most `cap` addresses in
+    /// all. A cache entry not announced to goes stale and is asked for
+    /// again (broadcast, after its unicast probes to the old MAC fail).
+    pub fn takeover_announcements(&self, vips: &[IpAddr], cap: usize) -> Vec<(PortId, Vec<u8>)> {
+        let mut out: Vec<(PortId, Vec<u8>)> = vips
+            .iter()
+            .flat_map(|&vip| self.announce(vip))
+            .filter(|(port, _)| *port == UPLINK)
+            .collect();
+        let small = self
+            .config
+            .proxy_gateways
+            .iter()
+            .filter(|p| p.size() <= ANNOUNCED_PREFIX)
+            .flat_map(|p| p.addresses());
+        let peers = self
+            .table
+            .iter()
+            .map(|(_, t)| t.peer)
+            .filter(|&ip| self.config.proxy_gateways.iter().any(|p| p.contains(ip)));
+        let mut seen = std::collections::HashSet::new();
+        for ip in small.chain(peers) {
+            if seen.len() >= cap {
+                break;
+            }
+            if seen.insert(ip) {
+                out.extend(self.announce(ip).into_iter().filter(|(p, _)| *p != UPLINK));
+            }
+        }
+        out
     }
 
     /// Announce `ip` on every port, from that port's MAC: a gratuitous ARP

@@ -240,8 +240,14 @@ impl<P: Policy> Balancer<P> {
         for t in &gone {
             self.forget(t);
         }
+        self.age(now, budget);
+        gone.len()
+    }
+
+    /// Half-open tunnels past the handshake window stop holding a place
+    /// (at most `budget` looked at).
+    pub fn age(&mut self, now: Timestamp, budget: usize) {
         let load = &mut self.load;
         self.table.age(now, budget, |gw| load.add(gw, -1));
-        gone.len()
     }
 }

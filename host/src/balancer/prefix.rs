@@ -19,6 +19,31 @@ impl Prefix {
         Ok(Prefix { addr, len })
     }
 
+    /// How many addresses it holds (saturating at `u128::MAX`).
+    pub fn size(&self) -> u128 {
+        let bits = if self.addr.is_ipv4() { 32 } else { 128 } - u32::from(self.len);
+        1u128.checked_shl(bits).unwrap_or(u128::MAX)
+    }
+
+    /// Its addresses, lowest first (meant for small prefixes: see
+    /// [`size`](Self::size)).
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> {
+        let (first, v4) = match self.addr {
+            IpAddr::V4(a) => (u128::from(u32::from(a)), true),
+            IpAddr::V6(a) => (u128::from(a), false),
+        };
+        let size = self.size();
+        let first = first & !(size.wrapping_sub(1));
+        (0..size).map(move |i| {
+            let a = first.wrapping_add(i);
+            if v4 {
+                IpAddr::V4((a as u32).into())
+            } else {
+                IpAddr::V6(a.into())
+            }
+        })
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         let keep = |bits: u32| -> u128 {
             if bits == 0 {

@@ -237,7 +237,7 @@ impl<P: Policy> Balancer<P> {
     }
 }
 
-fn saved(t: &Tunnel, gateway: &str, now: Timestamp) -> SavedTunnel {
+pub(super) fn saved(t: &Tunnel, gateway: &str, now: Timestamp) -> SavedTunnel {
     SavedTunnel {
         peer: t.peer,
         peer_port: t.peer_port,
@@ -276,7 +276,7 @@ fn millis(d: Duration) -> u64 {
 
 /// The live tunnel `s` describes, on `gw`, ages counted back from `now`;
 /// `None` if a field is not one this build knows.
-fn tunnel(s: &SavedTunnel, gw: GwId, now: Timestamp) -> Option<Tunnel> {
+pub(super) fn tunnel(s: &SavedTunnel, gw: GwId, now: Timestamp) -> Option<Tunnel> {
     let opened_by = match s.opened_by.as_str() {
         "ike" => Opener::Ike,
         "nat-t" => Opener::NatT,

@@ -2651,3 +2651,5 @@ fn a_restored_table_is_not_refused_at_capacity_and_then_new_tunnels_are() {
         );
     }
 }
+
+mod replica;

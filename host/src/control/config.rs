@@ -20,6 +20,7 @@ use crate::balancer::affinity::Timeouts;
 use crate::balancer::moves::Settings as MoveSettings;
 use crate::balancer::{HealthConfig, IkeSpiLabel, Prefix, SpiSteering, UplinkNextHop};
 use crate::packet::Mac;
+use crate::pair::{wire::MIN_KEY, PairConfig, Role};
 use crate::policy::wasm::{Cache, Compiler, Limits};
 use crate::toml_at::{field_at, line_column};
 
@@ -59,6 +60,8 @@ pub struct RunConfig {
     /// Graceful moves: their pace and the hook that asks a segw to move a
     /// peer (`[moves]`).
     pub moves: MovesConfig,
+    /// One of a pair of balancers (`[pair]`), if it is.
+    pub pair: Option<PairConfig>,
     pub gateways: Vec<GatewayConfig>,
 }
 
@@ -438,6 +441,7 @@ impl RunConfig {
             }
         };
         let moves = moves_of(&raw.moves, &at)?;
+        let pair = raw.pair.as_ref().map(|p| pair_of(p, &at)).transpose()?;
         let h = raw.health;
         let health = (*h.interval_ms.get_ref() > 0).then(|| HealthConfig {
             interval: Duration::from_millis(*h.interval_ms.get_ref()),
@@ -578,6 +582,7 @@ impl RunConfig {
             fast_path,
             xdp_mode,
             moves,
+            pair,
             gateways,
         })
     }
@@ -730,8 +735,74 @@ struct RawConfig {
     dataplane: RawDataplane,
     #[serde(default)]
     moves: RawMoves,
+    pair: Option<RawPair>,
     #[serde(default)]
     gateway: Vec<RawGateway>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPair {
+    role: Spanned<String>,
+    listen: Spanned<String>,
+    peer: Spanned<String>,
+    key: Spanned<String>,
+}
+
+fn pair_of(
+    raw: &RawPair,
+    at: &dyn Fn(std::ops::Range<usize>, &str, String) -> ConfigError,
+) -> Result<PairConfig, ConfigError> {
+    let role = Role::parse(raw.role.get_ref()).ok_or_else(|| {
+        at(
+            raw.role.span(),
+            "pair.role",
+            format!("`{}`: \"active\" or \"standby\"", raw.role.get_ref()),
+        )
+    })?;
+    let address = |v: &Spanned<String>, key: &str| {
+        v.get_ref().parse::<std::net::SocketAddr>().map_err(|_| {
+            at(
+                v.span(),
+                key,
+                format!(
+                    "`{}`: an address and a port (10.255.0.1:7400, [fd00::1]:7400)",
+                    v.get_ref()
+                ),
+            )
+        })
+    };
+    let (listen, peer) = (
+        address(&raw.listen, "pair.listen")?,
+        address(&raw.peer, "pair.peer")?,
+    );
+    if listen.ip() == peer.ip() {
+        return Err(at(
+            raw.peer.span(),
+            "pair.peer",
+            format!(
+                "the peer's address is this balancer's ({}): give the other balancer's",
+                listen.ip()
+            ),
+        ));
+    }
+    let key = raw.key.get_ref().as_bytes().to_vec();
+    if key.len() < MIN_KEY {
+        return Err(at(
+            raw.key.span(),
+            "pair.key",
+            format!(
+                "{} bytes: the pair's shared key needs at least {MIN_KEY}",
+                key.len()
+            ),
+        ));
+    }
+    Ok(PairConfig {
+        role,
+        listen,
+        peer,
+        key,
+    })
 }
 
 #[derive(Deserialize, Default)]

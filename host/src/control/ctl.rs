@@ -72,6 +72,11 @@ pub enum Request {
     },
     /// Write the table to the state file now.
     Save,
+    /// Become "active" or "standby" (one of a pair: keepalived's notify
+    /// scripts say it); absent: say which it is.
+    Role {
+        role: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -520,5 +525,6 @@ fn handle(sup: &mut Supervisor, req: Request) -> Response {
         }
         Request::GatewayRemove { name } => Response::of(sup.remove_gateway(&name)),
         Request::Save => Response::of(sup.save_state()),
+        Request::Role { role } => Response::of(sup.role(role.as_deref())),
     }
 }

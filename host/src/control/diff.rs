@@ -31,7 +31,7 @@ pub enum Change {
 /// another), the policy after the gateway set.
 pub fn diff(old: &RunConfig, new: &RunConfig) -> Vec<Change> {
     let mut changes = Vec::new();
-    let restart: [(&'static str, bool); 11] = [
+    let restart: [(&'static str, bool); 12] = [
         ("balancer.uplink", old.uplink.value != new.uplink.value),
         ("balancer.next_hop", old.next_hop != new.next_hop),
         ("balancer.vip", old.vips != new.vips),
@@ -58,6 +58,12 @@ pub fn diff(old: &RunConfig, new: &RunConfig) -> Vec<Change> {
             old.fast_path != new.fast_path || old.xdp_mode != new.xdp_mode,
         ),
         ("moves", old.moves != new.moves),
+        // The role in the file is the one at start: keepalived changes it.
+        (
+            "pair.listen / peer / key",
+            old.pair.as_ref().map(|p| (p.listen, p.peer, &p.key))
+                != new.pair.as_ref().map(|p| (p.listen, p.peer, &p.key)),
+        ),
     ];
     changes.extend(
         restart

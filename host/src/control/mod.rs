@@ -353,6 +353,18 @@ impl Supervisor {
         })
     }
 
+    /// `ctl role`: become `role` ("active" or "standby"), or say which.
+    pub fn role(&self, role: Option<&str>) -> Reply {
+        let role = match role {
+            None => None,
+            Some(r) => Some(
+                crate::pair::Role::parse(r)
+                    .ok_or_else(|| format!("role `{r}`: \"active\" or \"standby\""))?,
+            ),
+        };
+        self.ask(|reply| Command::Role { role, reply })
+    }
+
     pub fn weight(&self, name: &str, weight: u32) -> Reply {
         self.ask(|reply| Command::Weight {
             name: name.into(),

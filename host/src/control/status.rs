@@ -43,6 +43,9 @@ pub struct Status {
     /// --rebalance --graceful`).
     #[serde(default)]
     pub moves: MovesStatus,
+    /// One of a pair of balancers (`[pair]`): its role and its sync link.
+    #[serde(default)]
+    pub pair: Option<crate::pair::PairStatus>,
 }
 
 /// Graceful moves: where those under way are, and how those over ended.
@@ -653,6 +656,7 @@ impl Status {
             worker: WorkerStatus::default(),
             top: Vec::new(),
             moves: MovesStatus::of(lb.moves()),
+            pair: None,
         }
     }
 
@@ -756,6 +760,9 @@ impl Status {
         }
         if let Some(moves) = self.moves.render() {
             let _ = writeln!(out, "\n{moves}");
+        }
+        if let Some(p) = &self.pair {
+            let _ = writeln!(out, "\n{}", p.render());
         }
         let c = &self.counters;
         let _ = writeln!(
