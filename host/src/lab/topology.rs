@@ -5,6 +5,18 @@
 //!   PREFIX-iN (eth0) ── (iN) PREFIX-sw br0 (lb) ── (uplink) PREFIX-lb (pK) ── (eth0) PREFIX-sK
 //! ```
 //!
+//! With a pair (`lab.balancers = 2`) both balancers sit on the same
+//! segments, and each segw's `eth0` is a bridge with a port to each:
+//!
+//! ```text
+//!                        ┌ (lb)  ── (uplink) PREFIX-lb  (pK) ── (lb)  ┐
+//!   PREFIX-iN ── PREFIX-sw br0          (sync)│                      eth0 (bridge) PREFIX-sK
+//!                        └ (lb2) ── (uplink) PREFIX-lb2 (pK) ── (lb2) ┘
+//! ```
+//!
+//! keepalived in each balancer's namespace (`vrrp`) decides which one is
+//! active; the state file keeps both balancers and their keepalived.
+//!
 //! Processes started by `up` outlive it (they run in their namespaces in
 //! their own process groups); their pids go into the state file. `down`
 //! ends every process in every namespace named `PREFIX-*` and deletes
