@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use lab::{can_run, Lab, SERIAL};
 use segwlb::lab::netns::{self, Netns};
 use segwlb::lab::probe::{Prober, Seen, PERIOD};
-use segwlb::lab::topology::State;
+use segwlb::lab::topology::{BalancerFailure, State};
 use segwlb::lab::vrrp::{self, Role};
 use segwlb::lab::{initiate, report};
 
@@ -343,7 +343,10 @@ fn a_pair_fails_over_and_back_under_probes_and_reestablishes_no_tunnel() {
     let opened_within = opening.elapsed();
     let following = state.balancers[1].status(0).unwrap().pair.expect("a pair");
     let (kill_at, kill_wall) = (Instant::now(), SystemTime::now());
-    state.kill_balancer(0).unwrap();
+    assert_eq!(
+        state.fail_active_balancer(BalancerFailure::Killed).unwrap(),
+        0
+    );
     // As they were: nothing re-establishes within a second.
     let before = held(&state);
     state.wait_active(1).unwrap();
@@ -385,7 +388,7 @@ fn a_pair_fails_over_and_back_under_probes_and_reestablishes_no_tunnel() {
     );
 
     // (b) lb starts again and follows lb2; then lb2's uplink goes down.
-    let following = state.start_balancer_again(0, exe).unwrap();
+    let following = state.recover_balancer(0, exe).unwrap();
     eprintln!(
         "(b) lb started again: a standby holding lb2's table after {}",
         ms(following)
@@ -395,7 +398,12 @@ fn a_pair_fails_over_and_back_under_probes_and_reestablishes_no_tunnel() {
     let since = SystemTime::now();
     std::thread::sleep(Duration::from_secs(2));
     let (down_at, down_wall) = (Instant::now(), SystemTime::now());
-    state.set_uplink(1, false).unwrap();
+    assert_eq!(
+        state
+            .fail_active_balancer(BalancerFailure::UplinkDown)
+            .unwrap(),
+        1
+    );
     state.wait_active(0).unwrap();
     let serving = down_at.elapsed();
     std::thread::sleep(Duration::from_secs(5).saturating_sub(down_at.elapsed()));
@@ -406,8 +414,7 @@ fn a_pair_fails_over_and_back_under_probes_and_reestablishes_no_tunnel() {
         ms(serving)
     );
     let worst_b = print_failover("(b) lb2's uplink down", &seen, since, down_at);
-    state.set_uplink(1, true).unwrap();
-    state.wait_following(1).unwrap();
+    state.recover_balancer(1, exe).unwrap();
     let back = report::run(&state).unwrap();
     assert_eq!(held(&state), before, "(b): tunnels re-established");
     let s = &back.summary;

@@ -217,6 +217,20 @@ pub struct Balancer {
     /// A pair's: its keepalived.
     #[serde(default)]
     pub vrrp: Option<Vrrp>,
+    /// A pair's balancer failed by [`State::fail_active_balancer`], until
+    /// [`State::recover_balancer`].
+    #[serde(default)]
+    pub failed: Option<BalancerFailure>,
+}
+
+/// How a pair's active balancer fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BalancerFailure {
+    /// `segwlb run` SIGKILLed, its table with it: its keepalived faults
+    /// the node at its next check (within a second).
+    Killed,
+    /// Its uplink down: its keepalived faults the node at once.
+    UplinkDown,
 }
 
 /// A pair's balancer's keepalived.
@@ -245,6 +259,7 @@ impl Balancer {
             socket: work.join(format!("segwlb{n}.sock")),
             log: work.join(format!("balancer{n}.log")),
             vrrp: None,
+            failed: None,
             name,
         }
     }
@@ -359,10 +374,52 @@ impl State {
         Ok(&self.balancers[self.active()?])
     }
 
-    /// Balancer `k` dies: SIGKILL, its table with it. A pair's keepalived
-    /// on that node lives on: its next check (within a second) faults the
-    /// node, and the peer takes over.
-    pub fn kill_balancer(&mut self, k: usize) -> Result<()> {
+    /// The pair's active balancer fails `how`; which one it was. The other
+    /// takes over once keepalived notices ([`State::wait_active`] waits for
+    /// it). What a scenario's balancer failure plays.
+    pub fn fail_active_balancer(&mut self, how: BalancerFailure) -> Result<usize> {
+        if !self.pair() {
+            return Err(Error::State(
+                "a lab of one balancer has no standby to take over: `lab.balancers = 2`".into(),
+            ));
+        }
+        let k = self.active()?;
+        match how {
+            BalancerFailure::Killed => self.kill_balancer(k)?,
+            BalancerFailure::UplinkDown => self.set_uplink(k, false)?,
+        }
+        self.balancers[k].failed = Some(how);
+        self.save()?;
+        Ok(k)
+    }
+
+    /// A pair's balancer `k` failed by [`State::fail_active_balancer`]
+    /// comes back: started again (`exe`), or its uplink up. Either way it
+    /// is a standby (keepalived's `nopreempt`: no second failover) holding
+    /// the active's table when this returns; how long that took. What a
+    /// scenario's balancer recovery plays.
+    pub fn recover_balancer(&mut self, k: usize, exe: &Path) -> Result<Duration> {
+        let started = Instant::now();
+        match self.balancers[k].failed {
+            Some(BalancerFailure::Killed) => self.start_balancer(k, exe, Ready::Following)?,
+            Some(BalancerFailure::UplinkDown) => {
+                self.set_uplink(k, true)?;
+                self.wait_until(k, Ready::Following)?;
+            }
+            None => {
+                return Err(Error::State(format!(
+                    "balancer {} has not failed",
+                    self.balancers[k].name
+                )))
+            }
+        }
+        self.balancers[k].failed = None;
+        self.save()?;
+        Ok(started.elapsed())
+    }
+
+    /// Balancer `k` dies: SIGKILL, its table with it.
+    fn kill_balancer(&mut self, k: usize) -> Result<()> {
         let pid = self.balancers[k].pid;
         kill(pid, libc::SIGKILL);
         let until = Instant::now() + Duration::from_secs(5);
@@ -375,42 +432,17 @@ impl State {
         Ok(())
     }
 
-    /// Balancer `k`'s uplink goes down, or up again. Down, a pair's
-    /// keepalived faults the node at once (`track_interface`) and the peer
-    /// takes over; up again, the node is a backup (`nopreempt`).
-    pub fn set_uplink(&self, k: usize, up: bool) -> Result<()> {
+    /// Balancer `k`'s uplink goes down, or up again.
+    fn set_uplink(&self, k: usize, up: bool) -> Result<()> {
         let state = if up { "up" } else { "down" };
         Netns::adopt(&self.balancers[k].ns)?.ip(&["link", "set", UPLINK, state])?;
         Ok(())
-    }
-
-    /// Start a pair's balancer `k` again (after [`State::kill_balancer`]):
-    /// it comes back a standby, takes the active's table, and its
-    /// keepalived, whose check passes again, makes it a backup. Returns
-    /// how long until it held the active's table.
-    pub fn start_balancer_again(&mut self, k: usize, exe: &Path) -> Result<Duration> {
-        let b = &self.balancers[k];
-        if !self.pair() || alive(b.pid) {
-            return Err(Error::State(format!(
-                "balancer {} runs, or is not one of a pair (`restart_balancer` restarts a lab's only one)",
-                b.name
-            )));
-        }
-        let started = Instant::now();
-        self.start_balancer(k, exe, Ready::Following)?;
-        Ok(started.elapsed())
     }
 
     /// Wait until a pair's balancer `k` is active and serves: after the
     /// other one failed, its takeover.
     pub fn wait_active(&self, k: usize) -> Result<()> {
         self.wait_until(k, Ready::Active)
-    }
-
-    /// Wait until a pair's balancer `k` is a standby holding the active's
-    /// table.
-    pub fn wait_following(&self, k: usize) -> Result<()> {
-        self.wait_until(k, Ready::Following)
     }
 
     /// The balancer's status, listing every tunnel.
@@ -658,8 +690,8 @@ impl State {
     pub fn restart_balancer(&mut self, exe: &Path, signal: i32) -> Result<Duration> {
         if self.pair() {
             return Err(Error::State(
-                "a pair's balancers are killed and started again one at a time \
-                 (kill_balancer, start_balancer_again): the other serves meanwhile"
+                "a pair's balancers fail and come back one at a time \
+                 (fail_active_balancer, recover_balancer): the other serves meanwhile"
                     .into(),
             ));
         }
