@@ -98,13 +98,16 @@ if [ "$(id -u)" -eq 0 ]; then
     missing=()
     command -v ip >/dev/null || missing+=(iproute2)
     command -v ethtool >/dev/null || missing+=(ethtool)
-    # `segwlb lab` and its test: strongSwan charons (kernel-libipsec is in
+    # `segwlb lab` and its tests: strongSwan charons (kernel-libipsec is in
     # libcharon-extra-plugins), swanctl, nft for the NAT namespace, ping.
     [ -x /usr/lib/ipsec/charon ] || missing+=(strongswan-charon)
     command -v swanctl >/dev/null || missing+=(strongswan-swanctl)
     [ -e /usr/lib/ipsec/plugins/libstrongswan-kernel-libipsec.so ] || missing+=(libcharon-extra-plugins)
     command -v nft >/dev/null || missing+=(nftables)
     command -v ping >/dev/null || missing+=(iputils-ping)
+    # A pair of balancers in the lab (`lab.balancers = 2`): keepalived's
+    # VRRP decides which one is active.
+    [ -x /usr/sbin/keepalived ] || missing+=(keepalived)
     if [ ${#missing[@]} -gt 0 ]; then
         if can_apt; then
             apt_install "${missing[@]}"

@@ -10,166 +10,19 @@
 //! SEGWLB_REQUIRE_NETNS is set (CI sets it): then they fail.
 
 mod common;
+#[path = "common/lab.rs"]
+mod lab;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use segwlb::lab::topology::{self, State};
-use segwlb::lab::{netns, traffic, LabConfig, Report};
+use lab::{assert_nothing_left, can_run, Lab, SERIAL};
+use segwlb::lab::topology::State;
+use segwlb::lab::{netns, traffic, Report};
 use segwlb::policy::native;
 use segwlb::policy::{Gateway, Load, Opener, TunnelKey};
-
-/// One lab at a time: 2 cores, and 15 charons each.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn can_run() -> bool {
-    let missing = if !netns::is_root() {
-        Some("not root".to_string())
-    } else {
-        topology::prerequisites().err().map(|e| e.to_string())
-    };
-    match missing {
-        None => true,
-        Some(why) if std::env::var_os("SEGWLB_REQUIRE_NETNS").is_some() => {
-            panic!("the strongSwan lab cannot run: {why}")
-        }
-        Some(why) => {
-            eprintln!(
-                "skipped: the strongSwan lab needs root, iproute2, ethtool and strongSwan ({why})"
-            );
-            false
-        }
-    }
-}
-
-/// A lab file of the test's own (own prefix and work dir); `lab down` on
-/// drop, pass or fail.
-struct Lab {
-    _dir: tempfile::TempDir,
-    file: PathBuf,
-    config: LabConfig,
-    /// Charon and balancer pids, read from the state file while up.
-    pids: Vec<i32>,
-}
-
-impl Lab {
-    /// A lab file: `initiators` tunnels, the last `nat` behind the NAT, the
-    /// first `ipv6` over IPv6 (dual-stack when any).
-    fn new(tag: &str, policy: &str, weights: &[u32], initiators: u32, nat: u32, ipv6: u32) -> Lab {
-        let dir = tempfile::tempdir().unwrap();
-        // At most 8 characters: "sl" + tag + pid.
-        let prefix = format!("sl{tag}{}", std::process::id() % 10_000);
-        let mut text = format!(
-            "[lab]\nprefix = \"{prefix}\"\nwork_dir = \"{}\"\ninitiators = {initiators}\nnat = {nat}\nipv6 = {ipv6}\npings = 3\n\
-             [balancer]\npolicy = \"{policy}\"\npolicy_dir = \"{}\"\n",
-            dir.path().join("work").display(),
-            common::policies_dir().display()
-        );
-        if let Some(mode) = common::fast_path_under_test() {
-            text += &format!("fast_path = \"{mode}\"\n");
-        }
-        for (n, w) in weights.iter().enumerate() {
-            text += &format!("[[segw]]\nname = \"segw{}\"\nweight = {w}\n", n + 1);
-        }
-        let file = dir.path().join("lab.toml");
-        std::fs::write(&file, text).unwrap();
-        let config = LabConfig::load(&file).unwrap();
-        Lab {
-            _dir: dir,
-            file,
-            config,
-            pids: Vec::new(),
-        }
-    }
-
-    fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        common::run(
-            Command::new(env!("CARGO_BIN_EXE_segwlb"))
-                .arg("lab")
-                .arg("-c")
-                .arg(&self.file)
-                .args(args),
-        )
-    }
-
-    fn up(&mut self) {
-        let (ok, out, err) = self.cli(&["up"]);
-        assert!(ok, "lab up failed:\n{out}\n{err}");
-        eprintln!("{}", out.trim_end());
-        let state = State::load(&self.config.work_dir()).unwrap();
-        self.pids = std::iter::once(state.balancer_pid)
-            .chain(state.segws.iter().map(|s| s.pid))
-            .chain(state.initiators.iter().map(|i| i.pid))
-            .collect();
-        assert!(self.pids.iter().all(|&p| topology::alive(p)));
-    }
-
-    fn run(&self) -> Report {
-        let (_, text, err) = self.cli(&["run"]);
-        eprintln!("{}", text.trim_end());
-        let (ok, json, err2) = self.cli(&["run", "--json"]);
-        let report: Report = serde_json::from_str(&json).unwrap_or_else(|e| {
-            panic!(
-                "lab run --json: {e}:\n{json}\n{err}\n{err2}\n{}",
-                self.logs()
-            )
-        });
-        assert!(
-            ok && report.summary.ok,
-            "lab run failed:\n{text}\n{err2}\n{}",
-            self.logs()
-        );
-        report
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(self.config.work_dir().join("balancer.log")).unwrap_or_default()
-    }
-
-    /// `lab down`, then nothing of the lab is left.
-    fn down_and_check(&mut self) {
-        let (ok, out, err) = self.cli(&["down"]);
-        assert!(ok, "lab down failed:\n{out}\n{err}");
-        assert_nothing_left(&self.config, &self.pids);
-        self.pids.clear();
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- balancer log ---\n{}", self.logs());
-        }
-        if let Err(e) = topology::down(&self.config) {
-            eprintln!("warning: lab down: {e}");
-        }
-    }
-}
-
-fn assert_nothing_left(config: &LabConfig, pids: &[i32]) {
-    let left = topology::lab_namespaces(&config.lab.prefix);
-    assert!(left.is_empty(), "namespaces left: {left:?}");
-    let running: Vec<i32> = pids
-        .iter()
-        .copied()
-        .filter(|&p| topology::alive(p))
-        .collect();
-    assert!(running.is_empty(), "processes left: {running:?}");
-    // The veths lived only in the lab's namespaces; none may have leaked
-    // into ours under the lab's interface names.
-    let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
-    let links = String::from_utf8_lossy(&links.stdout);
-    for name in ["uplink@", " p1@", " i1@", " lb@", " br0:"] {
-        assert!(
-            !links.contains(name),
-            "{name} in the host namespace:\n{links}"
-        );
-    }
-    assert!(!config.work_dir().exists());
-}
 
 /// Where the policy's native twin puts the lab's tunnels: the balancer's
 /// gateway set, then one `choose` per tunnel in arrival order with the key
@@ -276,7 +129,7 @@ fn three_by_twelve(tag: &str, policy: &str, weights: &[u32]) -> BTreeMap<String,
 
 #[test]
 fn round_robin_spreads_twelve_tunnels_four_four_four() {
-    if !can_run() {
+    if !can_run(false) {
         return;
     }
     let s = three_by_twelve("r", "round-robin", &[1, 1, 1]);
@@ -285,7 +138,7 @@ fn round_robin_spreads_twelve_tunnels_four_four_four() {
 
 #[test]
 fn consistent_hash_places_real_tunnels_as_predicted() {
-    if !can_run() {
+    if !can_run(false) {
         return;
     }
     three_by_twelve("c", "consistent-hash", &[1, 1, 1]);
@@ -293,7 +146,7 @@ fn consistent_hash_places_real_tunnels_as_predicted() {
 
 #[test]
 fn weighted_two_one_one_spreads_twelve_tunnels_six_three_three() {
-    if !can_run() {
+    if !can_run(false) {
         return;
     }
     // Bounded loads make the shares exact at every step: 6/3/3. (Weighted
@@ -304,7 +157,7 @@ fn weighted_two_one_one_spreads_twelve_tunnels_six_three_three() {
 
 #[test]
 fn down_cleans_up_after_a_failed_up() {
-    if !can_run() {
+    if !can_run(false) {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -327,7 +180,7 @@ fn down_cleans_up_after_a_failed_up() {
 
 #[test]
 fn natted_tunnels_keep_one_segw_across_the_float() {
-    if !can_run() {
+    if !can_run(false) {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -370,7 +223,7 @@ fn natted_tunnels_keep_one_segw_across_the_float() {
 /// all passing traffic, balancer and segws agreeing tunnel by tunnel.
 #[test]
 fn three_hundred_packed_tunnels_come_up_pass_traffic_and_agree() {
-    if !can_run() {
+    if !can_run(false) {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -414,7 +267,7 @@ fn three_hundred_packed_tunnels_come_up_pass_traffic_and_agree() {
 
 #[test]
 fn policy_hot_swap_under_traffic_loses_no_ping_and_reestablishes_nothing() {
-    if !can_run() {
+    if !can_run(false) {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -447,7 +300,7 @@ fn ctl(state: &State, args: &[&str]) {
     let out = Command::new(env!("CARGO_BIN_EXE_segwlb"))
         .arg("ctl")
         .arg("--socket")
-        .arg(&state.socket)
+        .arg(&state.balancer().unwrap().socket)
         .args(args)
         .output()
         .unwrap();
@@ -509,7 +362,7 @@ fn ping_counts(pings: Vec<std::process::Child>) -> Vec<(u32, u32)> {
 /// that sends its frames, and how long until it passes again, is measured.
 #[test]
 fn a_balancer_restart_under_pings_reestablishes_no_tunnel_and_moves_none() {
-    if !can_run() {
+    if !can_run(false) {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -616,7 +469,7 @@ fn a_balancer_restart_under_pings_reestablishes_no_tunnel_and_moves_none() {
 
 #[test]
 fn a_dead_segw_loses_its_tunnels_to_the_others_and_disturbs_no_other() {
-    if !can_run() {
+    if !can_run(false) {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -684,7 +537,7 @@ fn a_dead_segw_loses_its_tunnels_to_the_others_and_disturbs_no_other() {
 
 #[test]
 fn an_initiator_that_moves_with_mobike_keeps_its_ike_sa_and_its_segw() {
-    if !can_run() {
+    if !can_run(false) {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -761,14 +614,14 @@ fn an_initiator_that_moves_with_mobike_keeps_its_ike_sa_and_its_segw() {
 /// same order predicts every step exactly, and the lab leaves nothing.
 #[test]
 fn lab_compare_is_predicted_exactly_by_the_simulation_for_every_policy() {
-    if !can_run() {
+    if !can_run(false) {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     // The lab file gives the prefix, work dir and policy directory; lab
     // compare brings up its own segws and tunnels from the scenario.
     let lab = Lab::new("q", "round-robin", &[1, 1, 1], 1, 0, 0);
-    let out_dir = lab._dir.path().join("report");
+    let out_dir = lab.dir.path().join("report");
     let started = std::time::Instant::now();
     let (ok, out, err) = lab.cli(&["compare", "--out", &out_dir.to_string_lossy()]);
     eprintln!(
@@ -943,12 +796,12 @@ fn lab_compare_is_predicted_exactly_by_the_simulation_for_every_policy() {
 /// never does.
 #[test]
 fn lab_compare_on_a_capacity_scenario_refuses_what_the_simulation_predicts() {
-    if !can_run() {
+    if !can_run(false) {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let lab = Lab::new("k", "round-robin", &[1, 1, 1], 1, 0, 0);
-    let out_dir = lab._dir.path().join("report");
+    let out_dir = lab.dir.path().join("report");
     let (ok, out, err) = lab.cli(&[
         "compare",
         "--scenario",
@@ -995,7 +848,7 @@ fn lab_compare_on_a_capacity_scenario_refuses_what_the_simulation_predicts() {
 /// their ESP (in UDP) around them.
 #[test]
 fn traffic_through_real_sas_is_what_the_segws_count() {
-    if !can_run() {
+    if !can_run(false) {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -1093,7 +946,7 @@ fn traffic_through_real_sas_is_what_the_segws_count() {
 fn graceful_drain_and_rebalance_move_real_tunnels_losing_no_probe() {
     use segwlb::control::ctl::{request, Request};
     use segwlb::lab::probe::Prober;
-    if !can_run() {
+    if !can_run(false) {
         return;
     }
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -1108,10 +961,13 @@ fn graceful_drain_and_rebalance_move_real_tunnels_losing_no_probe() {
     let settle = |what: &str| {
         let started = std::time::Instant::now();
         loop {
-            let status = request(&state.socket, &Request::Status { tunnels: 0, top: 0 })
-                .unwrap()
-                .status
-                .unwrap();
+            let status = request(
+                &state.balancer().unwrap().socket,
+                &Request::Status { tunnels: 0, top: 0 },
+            )
+            .unwrap()
+            .status
+            .unwrap();
             let m = status.moves;
             if m.queued + m.asked + m.moving + m.lingering == 0 {
                 eprintln!(
@@ -1283,10 +1139,13 @@ fn graceful_drain_and_rebalance_move_real_tunnels_losing_no_probe() {
     ctl(&["gateway", "remove", "segw3", "--graceful"]);
     std::thread::sleep(Duration::from_secs(1));
     let lost_removing = lost("graceful removal", probes.stop().unwrap());
-    let removed = request(&state.socket, &Request::Status { tunnels: 0, top: 0 })
-        .unwrap()
-        .status
-        .unwrap();
+    let removed = request(
+        &state.balancer().unwrap().socket,
+        &Request::Status { tunnels: 0, top: 0 },
+    )
+    .unwrap()
+    .status
+    .unwrap();
     assert!(removed.gateway("segw3").is_none(), "segw3 still in the set");
     assert_eq!(removed.moves.moved, m.moved + on_segw3);
     assert_eq!(removed.moves.timed_out, 0);

@@ -183,9 +183,19 @@ pub struct LabSection {
     /// own both VIPs, the balancer serves both. Not behind the NAT.
     #[serde(default)]
     pub ipv6: u32,
+    /// `segwlb run` instances in front of the segws: 1, or 2 for an
+    /// active/standby pair on the same segments (keepalived's VRRP decides
+    /// which one is active; see `topology`).
+    #[serde(default = "one")]
+    pub balancers: u32,
 }
 
 impl LabSection {
+    /// Whether the lab runs an active/standby pair of balancers.
+    pub fn pair(&self) -> bool {
+        self.balancers == 2
+    }
+
     /// Initiators per charon: `per_charon`, else one each for a small lab
     /// and [`PACKED`] for a large one.
     pub fn packing(&self) -> u32 {
@@ -226,6 +236,11 @@ pub struct Addresses {
     /// host [`NEXT_HOP6`].
     #[serde(default = "default_outer6_prefix")]
     pub outer6_prefix: Prefix6,
+    /// A pair's sync link between the two balancers: host 1 and 2 are
+    /// theirs (replication listens there), host 3 is keepalived's address
+    /// on the active one.
+    #[serde(default = "default_sync_prefix")]
+    pub sync_prefix: Prefix,
 }
 
 /// Host number of the segws' IPv6 next hop towards the initiators (past
@@ -246,6 +261,10 @@ fn default_nat_prefix() -> Prefix {
     Prefix::try_from("100.64.0.0/16".to_string()).expect("valid default")
 }
 
+fn default_sync_prefix() -> Prefix {
+    Prefix::try_from("10.255.0.0/29".to_string()).expect("valid default")
+}
+
 impl Default for Addresses {
     fn default() -> Self {
         let p = |s: &str| Prefix::try_from(s.to_string()).expect("valid default");
@@ -259,6 +278,7 @@ impl Default for Addresses {
             nat_prefix: default_nat_prefix(),
             vip6: default_vip6(),
             outer6_prefix: default_outer6_prefix(),
+            sync_prefix: default_sync_prefix(),
         }
     }
 }
@@ -344,6 +364,9 @@ fn default_down_after() -> u32 {
 fn default_weight() -> u32 {
     1
 }
+fn one() -> u32 {
+    1
+}
 fn default_segws() -> Vec<SegwSection> {
     (1..=3)
         .map(|n| SegwSection {
@@ -366,6 +389,9 @@ pub const MAX_PER_CHARON: u32 = 1_000;
 /// initiation past a few hundred).
 pub const OWN_CHARON_UP_TO: u32 = 50;
 pub const PACKED: u32 = 50;
+/// Host number of keepalived's address in `sync_prefix` (the balancers
+/// are hosts 1 and 2).
+pub const SYNC_VRRP: u32 = 3;
 /// Most segws (one balancer port each).
 pub const MAX_SEGWS: usize = 16;
 
@@ -413,6 +439,12 @@ impl LabConfig {
         {
             return Err(format!("lab.per_charon must be 1..={MAX_PER_CHARON}"));
         }
+        if !(1..=2).contains(&self.lab.balancers) {
+            return Err(format!(
+                "lab.balancers = {}: a lab runs 1 balancer, or 2 as an active/standby pair",
+                self.lab.balancers
+            ));
+        }
         if self.segw.is_empty() || self.segw.len() > MAX_SEGWS {
             return Err(format!("1..={MAX_SEGWS} [[segw]] sections"));
         }
@@ -451,6 +483,7 @@ impl LabConfig {
             ("inner_prefix", a.inner_prefix),
             ("service_prefix", a.service_prefix),
             ("nat_prefix", a.nat_prefix),
+            ("sync_prefix", a.sync_prefix),
         ];
         for (i, (n1, p1)) in named.iter().enumerate() {
             for (n2, p2) in &named[i + 1..] {
@@ -460,6 +493,12 @@ impl LabConfig {
                     return Err(format!("{n1} {p1} overlaps {n2} {p2}"));
                 }
             }
+        }
+        if self.lab.pair() && a.sync_prefix.host(SYNC_VRRP).is_none() {
+            return Err(format!(
+                "sync_prefix {} has no room for the two balancers and keepalived's address (a /29 has)",
+                a.sync_prefix
+            ));
         }
         if self.lab.nat > self.lab.initiators {
             return Err("lab.nat is more than lab.initiators".into());
@@ -582,5 +621,38 @@ mod tests {
         assert!(e.contains("overlaps"), "{e}");
         let e = LabConfig::parse("[lab]\ninitiators = 0\n").unwrap_err();
         assert!(e.contains("initiators"), "{e}");
+    }
+
+    #[test]
+    fn a_lab_runs_one_balancer_or_a_pair() {
+        let one = LabConfig::parse("[lab]\ninitiators = 4\n").unwrap();
+        assert!(!one.lab.pair());
+        let pair = LabConfig::parse("[lab]\ninitiators = 4\nbalancers = 2\n").unwrap();
+        assert!(pair.lab.pair());
+        assert_eq!(
+            pair.addresses.sync_prefix.host(SYNC_VRRP),
+            Some(Ipv4Addr::new(10, 255, 0, 3))
+        );
+        for n in [0, 3] {
+            let e =
+                LabConfig::parse(&format!("[lab]\ninitiators = 4\nbalancers = {n}\n")).unwrap_err();
+            assert!(
+                e.contains(&format!("lab.balancers = {n}: a lab runs 1 balancer, or 2")),
+                "{e}"
+            );
+        }
+        let addresses = "[addresses]\nvip = \"10.2.2.1\"\nvip_prefix = \"10.2.2.0/24\"\n\
+             outer_prefix = \"10.1.0.0/16\"\ninner_prefix = \"10.200.0.0/16\"\n\
+             service = \"10.201.0.1\"\nservice_prefix = \"10.201.0.0/24\"\n";
+        let e = LabConfig::parse(&format!(
+            "[lab]\ninitiators = 4\nbalancers = 2\n{addresses}sync_prefix = \"10.255.0.0/30\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("sync_prefix 10.255.0.0/30 has no room"), "{e}");
+        let e = LabConfig::parse(&format!(
+            "[lab]\ninitiators = 4\n{addresses}sync_prefix = \"10.1.255.0/29\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("overlaps sync_prefix"), "{e}");
     }
 }

@@ -3,7 +3,8 @@
 //! themselves, and running code inside a namespace ([`netns`]); and the lab
 //! itself: real strongSwan initiators and segws in namespaces with
 //! `segwlb run` balancing between them ([`topology`] builds and removes it,
-//! [`report`] drives the tunnels and says where they landed).
+//! [`report`] drives the tunnels and says where they landed), or a pair of
+//! them with keepalived deciding which one is active ([`vrrp`]).
 
 pub mod churn;
 pub mod compare;
@@ -16,6 +17,7 @@ pub mod report;
 pub mod strongswan;
 pub mod topology;
 pub mod traffic;
+pub mod vrrp;
 
 use std::path::{Path, PathBuf};
 
@@ -115,8 +117,11 @@ mod tests {
         let state = serde_json::json!({
             "prefix": "x", "work": dir, "vip": "10.2.2.1", "service": "10.201.0.1",
             "pings": 1, "policy": "round-robin", "namespaces": [], "initiators": [],
-            "segws": [], "balancer_ns": "x-lb", "balancer_pid": victim,
-            "socket": dir.join("s"), "swanctl_conf": dir.join("c"),
+            "segws": [], "swanctl_conf": dir.join("c"),
+            "balancers": [{
+                "name": "lb", "ns": "x-lb", "pid": victim, "config": dir.join("lb.toml"),
+                "socket": dir.join("s"), "log": dir.join("l"), "state_file": dir.join("t"),
+            }],
         });
         std::fs::write(dir.join("state.json"), state.to_string()).unwrap();
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();

@@ -409,6 +409,31 @@ pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
     Ok(())
 }
 
+/// A bridge `name` in `ns`, up, forwarding at once (no STP delay), with no
+/// multicast snooping and IPv6 off ([`enable_ipv6`] turns it on).
+///
+/// Snooping: nothing on a lab segment reports listening to a
+/// solicited-node group (a balancer answers neighbour solicitations for
+/// addresses it does not own), so a snooping bridge could keep those
+/// solicitations from it.
+pub fn bridge(ns: &Netns, name: &str) -> Result<()> {
+    check_ifname(name)?;
+    ns.ip(&[
+        "link",
+        "add",
+        name,
+        "type",
+        "bridge",
+        "forward_delay",
+        "0",
+        "mcast_snooping",
+        "0",
+    ])?;
+    disable_ipv6(ns, name)?;
+    ns.ip(&["link", "set", name, "up"])?;
+    Ok(())
+}
+
 /// Write a sysctl of `ns`: `key` is its path under `/proc/sys`, with
 /// slashes (`net/ipv4/neigh/eth0/mcast_solicit`), so interface names with
 /// dots need no escaping. The write happens from a thread inside the

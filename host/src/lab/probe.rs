@@ -34,9 +34,11 @@ pub struct Seen {
     pub sent: u32,
     pub replies: u32,
     /// Its first reply, and the longest time between two replies (from
-    /// the start for the first).
+    /// the start for the first), with the reply that ended it: after an
+    /// event, when the tunnel came back.
     pub first: Option<Instant>,
     pub longest_gap: Duration,
+    pub longest_gap_end: Option<Instant>,
     last: Option<Instant>,
     /// When the first [`LOST_KEPT`] probes that got no answer were sent.
     pub lost_at: [Option<SystemTime>; LOST_KEPT],
@@ -216,7 +218,10 @@ fn probe(sockets: &[UdpSocket], to: SocketAddr, stop: &AtomicBool) -> std::io::R
                 t.replies += 1;
                 t.first.get_or_insert(now);
                 let gap = now.duration_since(t.last.unwrap_or(started));
-                t.longest_gap = t.longest_gap.max(gap);
+                if gap > t.longest_gap {
+                    t.longest_gap = gap;
+                    t.longest_gap_end = Some(now);
+                }
                 t.last = Some(now);
             }
         }

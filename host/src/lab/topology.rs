@@ -5,6 +5,18 @@
 //!   PREFIX-iN (eth0) ── (iN) PREFIX-sw br0 (lb) ── (uplink) PREFIX-lb (pK) ── (eth0) PREFIX-sK
 //! ```
 //!
+//! With a pair (`lab.balancers = 2`) both balancers sit on the same
+//! segments, and each segw's `eth0` is a bridge with a port to each:
+//!
+//! ```text
+//!                        ┌ (lb)  ── (uplink) PREFIX-lb  (pK) ── (lb)  ┐
+//!   PREFIX-iN ── PREFIX-sw br0          (sync)│                      eth0 (bridge) PREFIX-sK
+//!                        └ (lb2) ── (uplink) PREFIX-lb2 (pK) ── (lb2) ┘
+//! ```
+//!
+//! keepalived in each balancer's namespace (`vrrp`) decides which one is
+//! active; the state file keeps both balancers and their keepalived.
+//!
 //! Processes started by `up` outlive it (they run in their namespaces in
 //! their own process groups); their pids go into the state file. `down`
 //! ends every process in every namespace named `PREFIX-*` and deletes
@@ -20,9 +32,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::config::LabConfig;
+use super::config::{LabConfig, SYNC_VRRP};
 use super::netns::{self, Netns};
 use super::strongswan as sw;
+use super::vrrp;
 use super::{Error, Result};
 use crate::control::ctl::{request, Request};
 use crate::control::status::Status;
@@ -30,7 +43,8 @@ use crate::control::status::Status;
 /// Where `ip netns` keeps namespaces.
 const NETNS_DIR: &str = "/run/netns";
 const STATE: &str = "state.json";
-/// The balancer's table, saved for a warm restart (in the work dir) ...
+/// A lab of one balancer saves its table for a warm restart (in the work
+/// dir) ...
 const BALANCER_STATE: &str = "balancer.state";
 /// ... at SIGTERM, and every this many seconds.
 const STATE_INTERVAL_S: u32 = 2;
@@ -45,6 +59,32 @@ const BALANCER_NICE: i32 = -15;
 /// Graceful moves per second in the lab: what two shared cores' charons
 /// set up beside everything else.
 const MOVES_PER_SECOND: u32 = 25;
+/// Every balancer's interface on the initiators' bridge.
+const UPLINK: &str = "uplink";
+/// A pair's link between its two balancers, in both namespaces, and the
+/// port replication listens on there.
+const SYNC: &str = "sync";
+const SYNC_PORT: u16 = 7400;
+
+/// Balancer `k`'s address on a pair's sync link.
+fn sync_address(config: &LabConfig, k: usize) -> Ipv4Addr {
+    config
+        .addresses
+        .sync_prefix
+        .host(k as u32 + 1)
+        .expect("checked: room for the pair")
+}
+
+/// The pair's shared key: 128 random bits, as hex. It lives in the two
+/// balancers' configurations in the private work dir.
+fn pair_key() -> Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(io("read /dev/urandom".into()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
 
 /// `work/segw-by-name/NAME` → the segw's directory, for the move hook.
 fn name_segw(work: &Path, name: &str, dir: &Path) -> Result<()> {
@@ -162,6 +202,83 @@ fn yes() -> bool {
     true
 }
 
+/// A `segwlb run` of the lab: the only one, or one of a pair.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Balancer {
+    /// `lb`, and `lb2` for a pair's second: its namespace is
+    /// `PREFIX-NAME`.
+    pub name: String,
+    pub ns: String,
+    pub pid: i32,
+    /// Its configuration, control socket and log, in the work dir.
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    /// A pair's: its keepalived.
+    #[serde(default)]
+    pub vrrp: Option<Vrrp>,
+    /// A pair's balancer failed by [`State::fail_active_balancer`], until
+    /// [`State::recover_balancer`].
+    #[serde(default)]
+    pub failed: Option<BalancerFailure>,
+}
+
+/// How a pair's active balancer fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BalancerFailure {
+    /// `segwlb run` SIGKILLed, its table with it: its keepalived faults
+    /// the node at its next check (within a second).
+    Killed,
+    /// Its uplink down: its keepalived faults the node at once.
+    UplinkDown,
+}
+
+/// A pair's balancer's keepalived.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Vrrp {
+    pub pid: i32,
+    /// Its files (`WORK/NAME/`): configuration, scripts, log, transitions.
+    pub dir: PathBuf,
+}
+
+impl Balancer {
+    /// The lab's `k`-th balancer (from 0). The first has the names a lab
+    /// of one always had (`lb.toml`, `segwlb.sock`, `balancer.log`); the
+    /// second's carry a 2.
+    fn new(prefix: &str, work: &Path, k: usize) -> Balancer {
+        let n = if k == 0 {
+            String::new()
+        } else {
+            (k + 1).to_string()
+        };
+        let name = format!("lb{n}");
+        Balancer {
+            ns: format!("{prefix}-{name}"),
+            pid: 0,
+            config: work.join(format!("{name}.toml")),
+            socket: work.join(format!("segwlb{n}.sock")),
+            log: work.join(format!("balancer{n}.log")),
+            vrrp: None,
+            failed: None,
+            name,
+        }
+    }
+
+    /// A pair's balancer's role as its keepalived announced it last.
+    pub fn role(&self) -> Option<vrrp::Role> {
+        let v = self.vrrp.as_ref()?;
+        vrrp::transitions(&v.dir).last().map(|t| t.to)
+    }
+
+    /// Its status, listing `tunnels` tunnels at most.
+    pub fn status(&self, tunnels: usize) -> Result<Status> {
+        let r = request(&self.socket, &Request::Status { tunnels, top: 0 })
+            .map_err(|e| step(&format!("asking balancer {}", self.name), e))?;
+        r.status
+            .ok_or_else(|| step(&format!("asking balancer {}", self.name), r.message))
+    }
+}
+
 /// What `lab up` built: read by `run`, `status` and `down`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct State {
@@ -174,9 +291,8 @@ pub struct State {
     pub namespaces: Vec<String>,
     pub initiators: Vec<Initiator>,
     pub segws: Vec<Segw>,
-    pub balancer_ns: String,
-    pub balancer_pid: i32,
-    pub socket: PathBuf,
+    /// One, or a pair.
+    pub balancers: Vec<Balancer>,
     pub swanctl_conf: PathBuf,
     /// The NAT's outside address, when some initiators are behind it.
     #[serde(default)]
@@ -221,22 +337,123 @@ impl State {
         })
     }
 
+    /// Whether the lab runs an active/standby pair of balancers.
+    pub fn pair(&self) -> bool {
+        self.balancers.len() == 2
+    }
+
+    /// Which balancer serves (its index in `balancers`): the only one, or
+    /// the pair's whose keepalived was announced master last. While one
+    /// has failed and the other not yet taken over: none, an error.
+    pub fn active(&self) -> Result<usize> {
+        if !self.pair() {
+            return Ok(0);
+        }
+        let roles: Vec<Option<vrrp::Role>> = self.balancers.iter().map(Balancer::role).collect();
+        match roles.as_slice() {
+            [Some(vrrp::Role::Active), Some(other)] if *other != vrrp::Role::Active => Ok(0),
+            [Some(other), Some(vrrp::Role::Active)] if *other != vrrp::Role::Active => Ok(1),
+            _ => Err(Error::State(format!(
+                "not one balancer of the pair is active: {}",
+                self.balancers
+                    .iter()
+                    .zip(&roles)
+                    .map(|(b, r)| format!(
+                        "{} {}",
+                        b.name,
+                        r.map_or("(no transition yet)".into(), |r| r.to_string())
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    /// The balancer that serves ([`State::active`]).
+    pub fn balancer(&self) -> Result<&Balancer> {
+        Ok(&self.balancers[self.active()?])
+    }
+
+    /// The pair's active balancer fails `how`; which one it was. The other
+    /// takes over once keepalived notices ([`State::wait_active`] waits for
+    /// it). What a scenario's balancer failure plays.
+    pub fn fail_active_balancer(&mut self, how: BalancerFailure) -> Result<usize> {
+        if !self.pair() {
+            return Err(Error::State(
+                "a lab of one balancer has no standby to take over: `lab.balancers = 2`".into(),
+            ));
+        }
+        let k = self.active()?;
+        match how {
+            BalancerFailure::Killed => self.kill_balancer(k)?,
+            BalancerFailure::UplinkDown => self.set_uplink(k, false)?,
+        }
+        self.balancers[k].failed = Some(how);
+        self.save()?;
+        Ok(k)
+    }
+
+    /// A pair's balancer `k` failed by [`State::fail_active_balancer`]
+    /// comes back: started again (`exe`), or its uplink up. Either way it
+    /// is a standby (keepalived's `nopreempt`: no second failover) holding
+    /// the active's table when this returns; how long that took. What a
+    /// scenario's balancer recovery plays.
+    pub fn recover_balancer(&mut self, k: usize, exe: &Path) -> Result<Duration> {
+        let started = Instant::now();
+        match self.balancers[k].failed {
+            Some(BalancerFailure::Killed) => self.start_balancer(k, exe, Ready::Following)?,
+            Some(BalancerFailure::UplinkDown) => {
+                self.set_uplink(k, true)?;
+                self.wait_until(k, Ready::Following)?;
+            }
+            None => {
+                return Err(Error::State(format!(
+                    "balancer {} has not failed",
+                    self.balancers[k].name
+                )))
+            }
+        }
+        self.balancers[k].failed = None;
+        self.save()?;
+        Ok(started.elapsed())
+    }
+
+    /// Balancer `k` dies: SIGKILL, its table with it.
+    fn kill_balancer(&mut self, k: usize) -> Result<()> {
+        let pid = self.balancers[k].pid;
+        kill(pid, libc::SIGKILL);
+        let until = Instant::now() + Duration::from_secs(5);
+        while alive(pid) {
+            if Instant::now() > until {
+                return Err(step("killing segwlb run", format!("pid {pid} lives on")));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Balancer `k`'s uplink goes down, or up again.
+    fn set_uplink(&self, k: usize, up: bool) -> Result<()> {
+        let state = if up { "up" } else { "down" };
+        Netns::adopt(&self.balancers[k].ns)?.ip(&["link", "set", UPLINK, state])?;
+        Ok(())
+    }
+
+    /// Wait until a pair's balancer `k` is active and serves: after the
+    /// other one failed, its takeover.
+    pub fn wait_active(&self, k: usize) -> Result<()> {
+        self.wait_until(k, Ready::Active)
+    }
+
     /// The balancer's status, listing every tunnel.
     pub fn balancer_status(&self) -> Result<Status> {
-        self.status_listing(usize::MAX)
+        self.balancer()?.status(usize::MAX)
     }
 
     /// The balancer's status without its tunnel lists: its counters, cheap
     /// to ask for many times a second.
     pub fn balancer_counters(&self) -> Result<Status> {
-        self.status_listing(0)
-    }
-
-    fn status_listing(&self, tunnels: usize) -> Result<Status> {
-        let r = request(&self.socket, &Request::Status { tunnels, top: 0 })
-            .map_err(|e| step("asking the balancer", e))?;
-        r.status
-            .ok_or_else(|| step("asking the balancer", r.message))
+        self.balancer()?.status(0)
     }
 
     /// `swanctl ARGS` against the charon whose files are in `dir`.
@@ -333,12 +550,26 @@ impl State {
     /// Ask the balancer `req`; its answer, or an error with its message.
     pub fn ctl(&self, req: &Request) -> Result<String> {
         let what = format!("segwlb ctl {req:?}");
-        let r = request(&self.socket, req).map_err(|e| step(&what, e))?;
+        let r = request(&self.balancer()?.socket, req).map_err(|e| step(&what, e))?;
         if r.ok {
             Ok(r.message)
         } else {
             Err(step(&what, r.message))
         }
+    }
+
+    /// Ask every balancer `req`, a change of the gateway set: each of a
+    /// pair has its own (its configuration's), and the standby's must be
+    /// the active's when it takes over.
+    fn ctl_every(&self, req: &Request) -> Result<()> {
+        for b in &self.balancers {
+            let what = format!("segwlb ctl {req:?} ({})", b.name);
+            let r = request(&b.socket, req).map_err(|e| step(&what, e))?;
+            if !r.ok {
+                return Err(step(&what, r.message));
+            }
+        }
+        Ok(())
     }
 
     fn segw_index(&self, name: &str) -> Result<usize> {
@@ -375,57 +606,81 @@ impl State {
         self.load_charon(&self.segws[k].dir.clone(), pid)
     }
 
-    /// Start `segwlb run` (`exe`) on the lab's `lb.toml`, its log appended
-    /// to `balancer.log`, and wait until it serves with every segw healthy
-    /// and its MAC known.
-    fn start_balancer(&mut self, exe: &Path) -> Result<()> {
-        let lb_ns = Netns::adopt(&self.balancer_ns)?;
-        let mut cmd = lb_ns.command(&exe.to_string_lossy());
-        cmd.arg("run").arg("-c").arg(self.work.join("lb.toml")).env(
+    /// Start balancer `k`'s `segwlb run` (`exe`) on its configuration, its
+    /// log appended to, and wait until it is `ready`.
+    fn start_balancer(&mut self, k: usize, exe: &Path, ready: Ready) -> Result<()> {
+        let b = &self.balancers[k];
+        let mut cmd = Netns::adopt(&b.ns)?.command(&exe.to_string_lossy());
+        cmd.arg("run").arg("-c").arg(&b.config).env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "segwlb=info".into()),
         );
-        // Ahead of the charons: at a few thousand initiators a hundred
-        // charons share the cores, and a balancer that waits its turn
-        // behind them holds every tunnel's packets (its worker paused
-        // 808 ms at 5,000). Every thread of it inherits this.
-        // SAFETY: setpriority is async-signal-safe; nothing else runs
-        // between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setpriority(libc::PRIO_PROCESS, 0, BALANCER_NICE) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let log = self.work.join("balancer.log");
+        let log = b.log.clone();
         let out = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .map_err(io(format!("open {}", log.display())))?;
-        let mut child = spawn_detached(cmd, out)?;
-        self.balancer_pid = child.id() as i32;
+        let child = spawn_detached(ahead_of_the_charons(cmd), out)?;
+        self.balancers[k].pid = child.id() as i32;
         self.save()?;
+        self.wait_until(k, ready)
+    }
+
+    /// Wait until balancer `k` is `ready` (at most a minute); an error
+    /// with its log if it exits first.
+    fn wait_until(&self, k: usize, ready: Ready) -> Result<()> {
+        let b = &self.balancers[k];
         let until = Instant::now() + Duration::from_secs(60);
         loop {
-            let ready = self
-                .balancer_status()
-                .is_ok_and(|s| s.gateways.iter().all(|g| g.healthy && g.mac.is_some()));
-            if ready {
+            if b.status(0).is_ok_and(|s| ready.is(&s)) {
                 return Ok(());
             }
-            let exited = child.try_wait().ok().flatten();
-            if exited.is_some() || Instant::now() > until {
-                let log = fs::read_to_string(&log).unwrap_or_default();
+            let running = alive(b.pid);
+            if !running || Instant::now() > until {
+                let log = fs::read_to_string(&b.log).unwrap_or_default();
+                let why = if running {
+                    "in a minute"
+                } else {
+                    "before it exited"
+                };
                 return Err(step(
-                    "starting segwlb run",
-                    format!("not up with every segw healthy ({exited:?}); its log:\n{log}"),
+                    &format!("starting segwlb run ({})", b.name),
+                    format!("not {ready} {why}; its log:\n{log}"),
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Start a pair: both balancers as standbys; keepalived on the first,
+    /// which elects it (alone, it hears no master); then on the second,
+    /// which hears the first's adverts and stays a backup (and with
+    /// `nopreempt`, would stay one even at a higher priority). So every
+    /// `lab up` ends the same: the first active, the second following it.
+    fn start_pair(&mut self, exe: &Path, nodes: [vrrp::Node; 2]) -> Result<()> {
+        for k in 0..2 {
+            self.start_balancer(k, exe, Ready::Answering)?;
+        }
+        for (k, (node, ready)) in nodes
+            .into_iter()
+            .zip([Ready::Active, Ready::Following])
+            .enumerate()
+        {
+            node.write().map_err(io(format!(
+                "write keepalived's files in {}",
+                node.dir.display()
+            )))?;
+            let log = node.dir.join(vrrp::LOG);
+            let out = fs::File::create(&log).map_err(io(format!("create {}", log.display())))?;
+            let b = &self.balancers[k];
+            let cmd = ahead_of_the_charons(node.command(&Netns::adopt(&b.ns)?));
+            let pid = spawn_detached(cmd, out)?.id() as i32;
+            self.balancers[k].vrrp = Some(Vrrp { pid, dir: node.dir });
+            self.save()?;
+            self.wait_until(k, ready)?;
+        }
+        Ok(())
     }
 
     /// Stop the balancer with `signal` (SIGTERM: it saves its table;
@@ -433,24 +688,27 @@ impl State {
     /// again (`exe`), and return the time from the signal until it serves
     /// again.
     pub fn restart_balancer(&mut self, exe: &Path, signal: i32) -> Result<Duration> {
+        if self.pair() {
+            return Err(Error::State(
+                "a pair's balancers fail and come back one at a time \
+                 (fail_active_balancer, recover_balancer): the other serves meanwhile"
+                    .into(),
+            ));
+        }
         let started = Instant::now();
-        kill(self.balancer_pid, signal);
-        while alive(self.balancer_pid) {
+        let pid = self.balancer()?.pid;
+        kill(pid, signal);
+        while alive(pid) {
             if started.elapsed() > Duration::from_secs(10) {
                 return Err(step(
                     "stopping segwlb run",
-                    format!("pid {} ignored signal {signal}", self.balancer_pid),
+                    format!("pid {pid} ignored signal {signal}"),
                 ));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        self.start_balancer(exe)?;
+        self.start_balancer(0, exe, Ready::Serving)?;
         Ok(started.elapsed())
-    }
-
-    /// The balancer's state file (warm restart).
-    pub fn balancer_state_file(&self) -> PathBuf {
-        self.work.join(BALANCER_STATE)
     }
 
     fn segw_side(&self) -> SegwSide<'_> {
@@ -484,12 +742,17 @@ impl State {
         let k = self.segws.len() + 1;
         let ns = Netns::new(&format!("{}-s{k}", self.prefix))?;
         let port = format!("p{k}");
-        link_segw(
-            &Netns::adopt(&self.balancer_ns)?,
-            &port,
-            &ns,
-            &self.segw_side(),
-        )?;
+        let lb_ns = self
+            .balancers
+            .iter()
+            .map(|b| Netns::adopt(&b.ns))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let ends: Vec<(&Netns, &str)> = lb_ns
+            .iter()
+            .zip(&self.balancers)
+            .map(|(ns, b)| (ns, b.name.as_str()))
+            .collect();
+        link_segw(&ends, &port, &ns, &self.segw_side())?;
         let dir = self.work.join(format!("s{k}"));
         name_segw(&self.work, name, &dir)?;
         let pid = start_charon(&dir, ns.name(), &self.segw_conf()?, capacity)?;
@@ -508,7 +771,7 @@ impl State {
         ns.keep();
         self.save()?;
         self.load_charon(&dir, pid)?;
-        self.ctl(&Request::GatewayAdd {
+        self.ctl_every(&Request::GatewayAdd {
             name: name.to_string(),
             interface: port,
             weight,
@@ -523,7 +786,7 @@ impl State {
     /// charon stops; the namespace stays until `lab down`.
     pub fn remove_segw(&mut self, name: &str) -> Result<()> {
         let k = self.segw_index(name)?;
-        self.ctl(&Request::GatewayRemove {
+        self.ctl_every(&Request::GatewayRemove {
             name: name.to_string(),
         })?;
         stop(&[self.segws[k].pid], Duration::from_secs(1));
@@ -674,7 +937,10 @@ pub fn down(config: &LabConfig) -> Result<Removed> {
         }
     }
     if let Ok(state) = State::load(&work) {
-        pids.push(state.balancer_pid);
+        for b in &state.balancers {
+            pids.push(b.pid);
+            pids.extend(b.vrrp.as_ref().map(|v| v.pid));
+        }
         pids.extend(state.initiators.iter().map(|i| i.pid));
         pids.extend(state.segws.iter().map(|s| s.pid));
     }
@@ -766,6 +1032,66 @@ fn write(path: &Path, text: &str) -> Result<()> {
     fs::write(path, text).map_err(io(format!("write {}", path.display())))
 }
 
+/// `cmd` at [`BALANCER_NICE`]: ahead of the charons. At a few thousand
+/// initiators a hundred charons share the cores, and a balancer that waits
+/// its turn behind them holds every tunnel's packets (its worker paused
+/// 808 ms at 5,000); a pair's keepalived that waits misses adverts and
+/// takes over from a live master. Every thread and child inherits it.
+fn ahead_of_the_charons(mut cmd: Command) -> Command {
+    // SAFETY: setpriority is async-signal-safe; nothing else runs between
+    // fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setpriority(libc::PRIO_PROCESS, 0, BALANCER_NICE) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// When a balancer is ready, by its status. A standby probes nothing, so
+/// it knows no segw's health or MAC: each role has its own condition.
+#[derive(Debug, Clone, Copy)]
+enum Ready {
+    /// Every segw healthy, its MAC known: a lab's only balancer.
+    Serving,
+    /// Its control socket answers: a pair's balancer before keepalived has
+    /// told it its role.
+    Answering,
+    /// Active, and serving.
+    Active,
+    /// Standby, connected to the active and holding its whole table.
+    Following,
+}
+
+impl Ready {
+    fn is(self, s: &Status) -> bool {
+        let serving = s.gateways.iter().all(|g| g.healthy && g.mac.is_some());
+        let pair = s.pair.as_ref();
+        match self {
+            Ready::Serving => serving,
+            Ready::Answering => true,
+            Ready::Active => serving && pair.is_some_and(|p| p.role == "active"),
+            Ready::Following => {
+                pair.is_some_and(|p| p.role == "standby" && p.connected && p.in_sync)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Ready {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Ready::Serving => "up with every segw healthy",
+            Ready::Answering => "answering on its control socket",
+            Ready::Active => "active with every segw healthy",
+            Ready::Following => "a standby holding the active's table",
+        })
+    }
+}
+
 /// Spawn `cmd` detached from us (own process group, no stdin), its output
 /// into `out`.
 fn spawn_detached(mut cmd: Command, out: fs::File) -> Result<Child> {
@@ -831,11 +1157,25 @@ fn routes_to_initiators(ns: &Netns, side: &SegwSide) -> Result<()> {
     Ok(())
 }
 
-/// A segw's namespace `ns` linked to the balancer's port `port` in `lb`:
-/// the VIP (both, in a dual-stack lab) on its link, routes back to the
-/// initiators, the service address on its `lo`.
-fn link_segw(lb: &Netns, port: &str, ns: &Netns, side: &SegwSide) -> Result<()> {
-    netns::veth(lb, port, ns, "eth0")?;
+/// A segw's namespace `ns` linked to port `port` of every balancer
+/// (namespace, name): the VIP (both, in a dual-stack lab) on its link,
+/// routes back to the initiators, the service address on its `lo`.
+///
+/// Its link is `eth0` either way. With one balancer it is a veth to the
+/// balancer's port; with a pair, a bridge named `eth0` whose ports are
+/// veths to both balancers' ports (named after the balancers): the
+/// segment the two share, as a switch between them and the segw would be.
+fn link_segw(balancers: &[(&Netns, &str)], port: &str, ns: &Netns, side: &SegwSide) -> Result<()> {
+    match balancers {
+        [(lb, _)] => netns::veth(lb, port, ns, "eth0")?,
+        pair => {
+            netns::bridge(ns, "eth0")?;
+            for (lb, name) in pair {
+                netns::veth(lb, port, ns, name)?;
+                ns.ip(&["link", "set", name, "master", "eth0"])?;
+            }
+        }
+    }
     ns.ip(&["addr", "add", &format!("{}/32", side.vip), "dev", "eth0"])?;
     if let Some((vip6, _)) = side.v6 {
         netns::enable_ipv6(ns, "eth0")?;
@@ -885,7 +1225,13 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
     // Namespaces: kept (forgotten) once everything is up; on an error
     // their guards delete them, and `up` runs `down` for the rest.
     let sw_ns = Netns::new(&format!("{prefix}-sw"))?;
-    let lb_ns = Netns::new(&format!("{prefix}-lb"))?;
+    let balancers: Vec<Balancer> = (0..config.lab.balancers as usize)
+        .map(|k| Balancer::new(prefix, work, k))
+        .collect();
+    let lb_ns = balancers
+        .iter()
+        .map(|b| Netns::new(&b.ns))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     let segw_ns = (1..=config.segw.len())
         .map(|k| Netns::new(&format!("{prefix}-s{k}")))
         .collect::<std::result::Result<Vec<_>, _>>()?;
@@ -895,24 +1241,21 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
         .map(|h| Netns::new(&format!("{prefix}-{}", h.name)))
         .collect::<std::result::Result<Vec<_>, _>>()?;
 
-    // The initiators' side: one bridge, the balancer's uplink on it.
-    // No multicast snooping: the balancer never reports listening to the
-    // VIP's solicited-node group, and a snooping bridge could keep the
-    // initiators' neighbour solicitations for it from its uplink.
-    sw_ns.ip(&[
-        "link",
-        "add",
-        "br0",
-        "type",
-        "bridge",
-        "forward_delay",
-        "0",
-        "mcast_snooping",
-        "0",
-    ])?;
-    sw_ns.ip(&["link", "set", "br0", "up"])?;
-    netns::veth(&lb_ns, "uplink", &sw_ns, "lb")?;
-    sw_ns.ip(&["link", "set", "lb", "master", "br0"])?;
+    // The initiators' side: one bridge, every balancer's uplink on it.
+    netns::bridge(&sw_ns, "br0")?;
+    for (b, ns) in balancers.iter().zip(&lb_ns) {
+        netns::veth(ns, UPLINK, &sw_ns, &b.name)?;
+        sw_ns.ip(&["link", "set", &b.name, "master", "br0"])?;
+    }
+    // A pair's sync link: replication and VRRP.
+    if let [lb, lb2] = lb_ns.as_slice() {
+        netns::veth(lb, SYNC, lb2, SYNC)?;
+        for (k, ns) in [lb, lb2].into_iter().enumerate() {
+            let address = sync_address(config, k);
+            let with_len = format!("{address}/{}", a.sync_prefix.len);
+            ns.ip(&["addr", "add", &with_len, "dev", SYNC])?;
+        }
+    }
     // The NAT: its own bridge for the initiators behind it, masquerade
     // (with UDP source ports rewritten) out to the initiators' bridge.
     let first_natted = config.lab.initiators - config.lab.nat + 1;
@@ -1037,10 +1380,15 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
         outer_prefix: &outer_prefix,
         v6: dual.then_some((a.vip6, outer6_prefix.as_str())),
     };
+    let balancer_ends: Vec<(&Netns, &str)> = lb_ns
+        .iter()
+        .zip(&balancers)
+        .map(|(ns, b)| (ns, b.name.as_str()))
+        .collect();
     let mut segws = Vec::new();
     for (k, (ns, spec)) in segw_ns.iter().zip(&config.segw).enumerate() {
         let port = format!("p{}", k + 1);
-        link_segw(&lb_ns, &port, ns, &side)?;
+        link_segw(&balancer_ends, &port, ns, &side)?;
         name_segw(work, &spec.name, &work.join(format!("s{}", k + 1)))?;
         segws.push(Segw {
             name: spec.name.clone(),
@@ -1104,7 +1452,7 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
         pings: config.lab.pings,
         policy: config.balancer.policy.clone(),
         namespaces: std::iter::once(&sw_ns)
-            .chain(std::iter::once(&lb_ns))
+            .chain(&lb_ns)
             .chain(nat.as_ref().map(|n| &n.0))
             .chain(&segw_ns)
             .chain(&ini_ns)
@@ -1112,9 +1460,7 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
             .collect(),
         initiators,
         segws,
-        balancer_ns: lb_ns.name().to_string(),
-        balancer_pid: 0,
-        socket: work.join("segwlb.sock"),
+        balancers,
         swanctl_conf,
         nat_outside: nat.as_ref().map(|n| n.2),
         outer_prefix: a.outer_prefix.to_string(),
@@ -1130,7 +1476,6 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
 
     // The balancer.
     let t2 = Instant::now();
-    let lb_toml = work.join("lb.toml");
     // A dual-stack lab's balancer serves both VIPs.
     let (vips, proxy_uplink, proxy_gateways) = if dual {
         (
@@ -1145,19 +1490,27 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
             format!("\"{}\"", a.outer_prefix),
         )
     };
-    // The table is saved at SIGTERM and every few seconds, and read at
-    // start: a restarted balancer moves no tunnel (`State::restart_balancer`).
+    // A pair's: the segws' next hops also as prefixes of their own. A
+    // balancer taking over announces every address of a small proxied
+    // prefix on the segw ports: the segws' one neighbour entry towards the
+    // initiators then points at it at once, where the outer prefix alone
+    // (too large to announce) left it on the dead balancer's MAC until
+    // the entry went stale and failed (tens of seconds).
+    let proxy_gateways = if config.lab.pair() {
+        let mut next_hops = format!(", \"{}/32\"", segws_next_hop(&a.outer_prefix.to_string())?);
+        if dual {
+            next_hops += &format!(
+                ", \"{}/128\"",
+                segws_next_hop6(&a.outer6_prefix.to_string())?
+            );
+        }
+        proxy_gateways + &next_hops
+    } else {
+        proxy_gateways
+    };
     let mut text = format!(
-        "# Written by `segwlb lab up`.\n[balancer]\nuplink = \"uplink\"\nvip = {}\n\
-         proxy_uplink = [{}]\nproxy_gateways = [{}]\ncontrol_socket = \"{}\"\n\
-         state_file = \"{}\"\nstate_interval_s = {STATE_INTERVAL_S}\n\
-         [policy]\nname = \"{}\"\ndir = \"{}\"\n\
+        "[policy]\nname = \"{}\"\ndir = \"{}\"\n\
          [health]\ninterval_ms = {}\ndown_after = {}\nup_after = 1\n",
-        vips,
-        proxy_uplink,
-        proxy_gateways,
-        state.socket.display(),
-        work.join(BALANCER_STATE).display(),
         config.balancer.policy,
         config.balancer.policy_dir.display(),
         config.balancer.health_interval_ms,
@@ -1182,21 +1535,75 @@ fn build(config: &LabConfig, exe: &Path, work: &Path) -> Result<(State, UpTimes)
         "[moves]\nper_second = {MOVES_PER_SECOND}\nhook = [\"{}\", \"{{from}}\", \"{{ike_spi}}\", \"{{vip}}\"]\n",
         hook.display()
     );
+    let mut gateways = String::new();
     for s in &state.segws {
-        text += &format!(
+        gateways += &format!(
             "\n[[gateway]]\nname = \"{}\"\ninterface = \"{}\"\nweight = {}\ncapacity = {}\n",
             s.name, s.port, s.weight, s.capacity
         );
         if s.throughput > 0 {
-            text += &format!("throughput = \"{} B/s\"\n", s.throughput);
+            gateways += &format!("throughput = \"{} B/s\"\n", s.throughput);
         }
     }
-    write(&lb_toml, &text)?;
-    state.start_balancer(exe)?;
+    let key = config.lab.pair().then(pair_key).transpose()?;
+    for (k, b) in state.balancers.iter().enumerate() {
+        let mut head = format!(
+            "# Written by `segwlb lab up`.\n[balancer]\nuplink = \"{UPLINK}\"\nvip = {vips}\n\
+             proxy_uplink = [{proxy_uplink}]\nproxy_gateways = [{proxy_gateways}]\n\
+             control_socket = \"{}\"\n",
+            b.socket.display(),
+        );
+        if config.lab.pair() {
+            // Both start as standbys; keepalived makes one active. A node
+            // started again gets the table from the active, not a file.
+            head += &text;
+            head += &format!(
+                "[pair]\nrole = \"standby\"\nlisten = \"{}:{SYNC_PORT}\"\npeer = \"{}:{SYNC_PORT}\"\nkey = \"{}\"\n",
+                sync_address(config, k),
+                sync_address(config, 1 - k),
+                key.as_deref().unwrap_or_default(),
+            );
+        } else {
+            // The table is saved at SIGTERM and every few seconds, and read
+            // at start: a restarted balancer moves no tunnel
+            // (`State::restart_balancer`).
+            head += &format!(
+                "state_file = \"{}\"\nstate_interval_s = {STATE_INTERVAL_S}\n{text}",
+                work.join(BALANCER_STATE).display()
+            );
+        }
+        write(&b.config, &(head + &gateways))?;
+    }
+    if config.lab.pair() {
+        let nodes = [0, 1].map(|k| {
+            let b = &state.balancers[k];
+            let ctl = format!(
+                "\"{}\" ctl --socket \"{}\"",
+                exe.display(),
+                b.socket.display()
+            );
+            vrrp::Node {
+                dir: work.join(&b.name),
+                sync: SYNC.into(),
+                address: (
+                    a.sync_prefix.host(SYNC_VRRP).expect("checked"),
+                    a.sync_prefix.len,
+                ),
+                track: UPLINK.into(),
+                // The first is elected at `up`.
+                priority: [150, 100][k],
+                check: format!("{ctl} status"),
+                tell: format!("{ctl} role"),
+            }
+        });
+        state.start_pair(exe, nodes)?;
+    } else {
+        state.start_balancer(0, exe, Ready::Serving)?;
+    }
     let balancer = t2.elapsed();
     // Up: the namespaces stay (`down` removes them).
     for ns in std::iter::once(sw_ns)
-        .chain(std::iter::once(lb_ns))
+        .chain(lb_ns)
         .chain(nat.map(|n| n.0))
         .chain(segw_ns)
         .chain(ini_ns)
@@ -1242,13 +1649,35 @@ pub fn status(config: &LabConfig) -> Result<String> {
         namespaces.len(),
         state.work.display()
     );
-    let _ = writeln!(
-        out,
-        "balancer  {:<12} pid {:<8} {}",
-        state.balancer_ns,
-        state.balancer_pid,
-        up(state.balancer_pid)
-    );
+    for b in &state.balancers {
+        let mut line = format!("balancer  {:<12} pid {:<8} {:<11}", b.ns, b.pid, up(b.pid));
+        // A pair's: what keepalived announced, and the role the balancer
+        // says it has.
+        if let Some(v) = &b.vrrp {
+            let said = b
+                .role()
+                .map_or("no transition yet".into(), |r| r.to_string());
+            let own = match b.status(0).map(|s| s.pair) {
+                Ok(Some(p)) => format!(
+                    "{}, {}",
+                    p.role,
+                    if p.connected {
+                        "connected"
+                    } else {
+                        "not connected"
+                    }
+                ),
+                Ok(None) => "not one of a pair".into(),
+                Err(e) => format!("no answer ({e})"),
+            };
+            line += &format!(
+                " keepalived pid {} {}: {said}; segwlb: {own}",
+                v.pid,
+                up(v.pid)
+            );
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
     for s in &state.segws {
         let sas = state
             .list_sas(&s.dir)
