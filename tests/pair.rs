@@ -346,6 +346,14 @@ impl Pair {
                 s.gateways.iter().all(|g| g.mac.is_some())
             });
         }
+        // Following the active: its ports (and their fast path, whose
+        // attaching resets a veth) are up and settled.
+        if start == [true, true] {
+            pair.lb[1].wait("the standby in sync", Duration::from_secs(5), |s| {
+                s.pair.as_ref().is_some_and(|p| p.in_sync)
+            });
+            std::thread::sleep(Duration::from_millis(200));
+        }
         pair
     }
 
@@ -564,6 +572,11 @@ fn replication_survives_a_broken_link_and_a_standby_that_stops_reading() {
     pair.lb[1].wait("in sync again", Duration::from_secs(20), in_sync(n));
 }
 
+/// Frames a balancer forwarded to the segws.
+fn to_segws(s: &Status) -> u64 {
+    s.gateways.iter().map(|g| g.frames_to).sum()
+}
+
 /// Longer than a standby waits for a heartbeat.
 fn wire_silence() -> Duration {
     segwlb::pair::link::SILENT + Duration::from_millis(500)
@@ -678,4 +691,75 @@ fn forged_replayed_and_reordered_frames_are_refused_and_change_nothing() {
     assert_eq!(held.len(), 1, "{held:?}");
     assert!(held.contains_key("10.1.0.1:4500"), "{held:?}");
     assert_eq!(refused(&pair), 4);
+}
+
+#[test]
+fn in_split_brain_each_frame_is_forwarded_once_and_nothing_loops() {
+    if !can_run() {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut pair = Pair::up("pair-split", [true, true]);
+    let segw_of = pair.open(0, 1, 13);
+    pair.lb[1].wait("12 replicated", Duration::from_secs(5), |s| {
+        s.pair.as_ref().is_some_and(|p| p.in_sync) && tunnels(s).len() == 12
+    });
+    // The sync link goes down and both become active (keepalived on each
+    // side hears no adverts).
+    pair.lb[1].ns.ip(&["link", "set", "sync", "down"]).unwrap();
+    pair.lb[1].role("active");
+    pair.lb[1].wait("segw MACs probed", Duration::from_secs(5), |s| {
+        s.gateways.iter().all(|g| g.healthy && g.mac.is_some())
+    });
+    let before: Vec<u64> = pair.lb.iter().map(|lb| to_segws(&lb.status())).collect();
+    // Each tunnel's ESP, once to each balancer's MAC: each copy reaches
+    // its segw once, through the balancer it was sent to; neither forwards
+    // the other's output (addressed to a segw's MAC, it is not theirs).
+    let (lb1, lb2) = (pair.lb[0].uplink_mac, pair.lb[1].uplink_mac);
+    for &n in segw_of.keys() {
+        for mac in [lb1, lb2] {
+            let ip = udp_packet(
+                peer(n),
+                4500,
+                IpAddr::V4(VIP),
+                4500,
+                &esp_body(0xc000_0000 | u32::from(n), u32::from(mac[5]), 100),
+            );
+            pair.ini.send(&frame(mac, pair.ini.mac, None, &ip));
+        }
+    }
+    let mut copies: BTreeMap<(u16, Mac), usize> = BTreeMap::new();
+    for (i, s) in pair.segws.iter_mut().enumerate() {
+        for f in s.drain(Duration::from_millis(500), from_initiator) {
+            let n = u16::from_be_bytes([f[28], f[29]]);
+            assert_eq!(segw_of[&n], i, "tunnel {n} reached another segw");
+            let via: Mac = f[6..12].try_into().unwrap();
+            *copies.entry((n, via)).or_default() += 1;
+        }
+    }
+    let (p1, p2): (Vec<Mac>, Vec<Mac>) =
+        (pair.lb[0].port_macs.clone(), pair.lb[1].port_macs.clone());
+    for &n in segw_of.keys() {
+        let i = segw_of[&n];
+        assert_eq!(copies.get(&(n, p1[i])), Some(&1), "tunnel {n} via lb1");
+        assert_eq!(copies.get(&(n, p2[i])), Some(&1), "tunnel {n} via lb2");
+    }
+    assert_eq!(copies.len(), 2 * segw_of.len(), "{copies:?}");
+    let after: Vec<u64> = pair.lb.iter().map(|lb| to_segws(&lb.status())).collect();
+    for k in 0..2 {
+        assert_eq!(
+            after[k] - before[k],
+            segw_of.len() as u64,
+            "lb{} forwarded",
+            k + 1
+        );
+    }
+    // The link heals; VRRP makes one of them the standby again, which
+    // takes the active's table whole.
+    pair.lb[1].ns.ip(&["link", "set", "sync", "up"]).unwrap();
+    pair.lb[1].role("standby");
+    pair.lb[1].wait("the active's table again", Duration::from_secs(10), |s| {
+        s.pair.as_ref().is_some_and(|p| p.in_sync && p.connected)
+    });
+    assert_eq!(tunnels(&pair.lb[1].status()), tunnels(&pair.lb[0].status()));
 }

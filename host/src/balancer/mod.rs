@@ -484,9 +484,11 @@ impl<P: Policy> Balancer<P> {
                 payload: Payload::NeighborSolicit(ns),
                 ..
             }) => {
-                self.heard_from_segw(ingress, parsed.src);
                 let ours = ns.target == packet::ndp::link_local(self.port_mac(ingress));
                 if ours || self.proxies(IpAddr::V6(ns.target), ingress) {
+                    // Only a solicitation we answer is a segw's: another
+                    // balancer's probe asks for the VIP.
+                    self.heard_from_segw(ingress, parsed.src);
                     if !ours {
                         self.note_asked(IpAddr::V6(ns.target), ingress);
                     }

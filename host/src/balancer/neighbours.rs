@@ -93,7 +93,14 @@ impl<P: Policy> Balancer<P> {
     /// Answer ARP requests for proxied addresses, on any port; learn a
     /// segw's MAC from any ARP it sends.
     pub(super) fn arp(&mut self, arp: &Arp, ingress: PortId) -> Option<Arp> {
-        self.heard_from_segw(ingress, arp.sender_mac);
+        // Only a segw's own words teach its MAC. On a segment shared by a
+        // pair the other balancer speaks too: its health probes (ARP
+        // probes, sender 0.0.0.0) and, after a takeover, gratuitous ARPs
+        // for the proxied addresses (a sender no segw has).
+        let probe = arp.op == packet::arp::REQUEST && arp.sender_ip.is_unspecified();
+        if !probe && !self.proxies(IpAddr::V4(arp.sender_ip), ingress) {
+            self.heard_from_segw(ingress, arp.sender_mac);
+        }
         if ingress == UPLINK {
             self.heard_from_next_hop(IpAddr::V4(arp.sender_ip), arp.sender_mac);
         }

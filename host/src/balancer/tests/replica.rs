@@ -297,3 +297,28 @@ fn a_standby_overhears_what_the_segws_ask_for_and_announces_it_first_at_takeover
         "the asked-for address, on every segw port"
     );
 }
+
+#[test]
+fn the_other_balancers_probes_on_a_shared_segment_teach_no_segw_mac() {
+    let mut lab = Lab::learning_macs();
+    let other: Mac = [2, 0xbb, 0, 0, 0, 1];
+    for vip in [VIP, "2001:db8:2::1".parse().unwrap()] {
+        let mut probe = health::probe_frame(other, vip);
+        lab.lb.handle(&mut probe, 1, lab.now);
+    }
+    // Nor its gratuitous ARPs for the proxied addresses, after a takeover.
+    let mut claim = lab.lb.takeover_announcements(&[VIP], 1);
+    for (port, f) in &mut claim {
+        if *port == 1 {
+            let mut f = std::mem::take(f);
+            f[6..12].copy_from_slice(&other);
+            f[22..28].copy_from_slice(&other);
+            lab.lb.handle(&mut f, 1, lab.now);
+        }
+    }
+    assert_eq!(lab.lb.gateway("segw1").unwrap().mac, None);
+    // segw1's own answer does.
+    let mut answer = arp_reply_from_segw(1);
+    lab.lb.handle(&mut answer, 1, lab.now);
+    assert_eq!(lab.lb.gateway("segw1").unwrap().mac, Some(segw_mac(1)));
+}
