@@ -28,7 +28,7 @@ use crate::time::Timestamp;
 use crate::workload::{vip_for, Rng, VIP, VIP6};
 
 /// The initiator side's router: the source MAC of every frame from peers.
-const ROUTER: Mac = [2, 0xaa, 0, 0, 0, 1];
+pub(crate) const ROUTER: Mac = [2, 0xaa, 0, 0, 0, 1];
 /// Bytes of IKE payload after the header (a typical IKE_SA_INIT is ~300).
 const IKE_EXTRA: usize = 240;
 /// How many tunnels ahead the sim asks the core to prefetch.
@@ -259,6 +259,21 @@ impl SegwNow {
     }
 }
 
+/// The core's configuration in front of `segws` segws (segw n on port n,
+/// as [`farm`] lays them out), answering for the VIPs on the uplink.
+pub(crate) fn core_config(segws: usize, max_tunnels: usize) -> Config {
+    Config {
+        port_macs: (0..=segws as PortId).map(farm::port_mac).collect(),
+        proxy: vec![
+            Prefix::new(IpAddr::V4(VIP), 32).expect("a /32"),
+            Prefix::new(IpAddr::V6(VIP6), 128).expect("a /128"),
+        ],
+        proxy_gateways: Vec::new(),
+        max_tunnels,
+        timeouts: Timeouts::default(),
+    }
+}
+
 /// The position of the segw `name` in `segws`.
 pub(crate) fn segw_index(segws: &[SegwSpec], name: &str) -> usize {
     segws
@@ -394,19 +409,10 @@ pub fn run_with(
         spent_ns: spent_ns.clone(),
     };
     let policy = first.name().to_string();
-    let ports = segws.len() as PortId;
-    let config = Config {
-        port_macs: (0..=ports).map(farm::port_mac).collect(),
-        proxy: vec![
-            Prefix::new(IpAddr::V4(VIP), 32).expect("a /32"),
-            Prefix::new(IpAddr::V6(VIP6), 128).expect("a /128"),
-        ],
-        proxy_gateways: Vec::new(),
-        // Room for every tunnel that ever lives: ended ones stay until idle
-        // expiry, as they would in a real balancer.
-        max_tunnels: given.map_or(scenario.total_tunnels(), <[_]>::len) + 1024,
-        timeouts: Timeouts::default(),
-    };
+    // Room for every tunnel that ever lives: ended ones stay until idle
+    // expiry, as they would in a real balancer.
+    let max_tunnels = given.map_or(scenario.total_tunnels(), <[_]>::len) + 1024;
+    let config = core_config(segws.len(), max_tunnels);
     let mut sim = Sim {
         scenario,
         state: SegwNow::at_start(scenario),
@@ -914,39 +920,21 @@ impl Sim<'_> {
     /// IKE_SA_INIT and IKE_AUTH, each answered.
     fn open(&mut self, i: usize) {
         let p = &self.peers[i];
-        let (addr, ike_port, natt_port) = (p.addr, p.ike_port, p.natt_port);
-        let (initiator_spi, their_spi) = (p.ike_spi, p.responder_spi);
-        let vip = vip_for(addr);
-        let header = |exchange, responder_spi, response: bool| IkeHeader {
-            initiator_spi,
-            responder_spi,
-            exchange,
-            from_initiator: !response,
-            response,
-            message_id: u32::from(exchange == ike::IKE_AUTH),
+        let opening = Opening {
+            addr: p.addr,
+            ike_port: p.ike_port,
+            natt_port: p.natt_port,
+            initiator_spi: p.ike_spi,
         };
-        let init = header(ike::IKE_SA_INIT, 0, false);
-        let init_reply = header(ike::IKE_SA_INIT, their_spi, true);
-        let auth = header(ike::IKE_AUTH, their_spi, false);
-        let auth_reply = header(ike::IKE_AUTH, their_spi, true);
-        let (port, float) = match natt_port {
-            Some(port) => (port, true),
-            None => (ike_port, false),
-        };
-        let dport = if float { 4500 } else { 500 };
-
-        let body = craft::ike_body(&init, false, IKE_EXTRA);
-        self.peer_sends(i, &craft::udp_packet(addr, ike_port, vip, 500, &body));
+        let theirs = p.responder_spi;
+        self.peer_sends(i, &opening.init());
         if self.peers[i].segw.is_none() {
             // Refused: no segw answers; it tries again next step.
             return;
         }
-        let body = craft::ike_body(&init_reply, false, IKE_EXTRA);
-        self.segw_answers(i, &craft::udp_packet(vip, 500, addr, ike_port, &body));
-        let body = craft::ike_body(&auth, float, IKE_EXTRA);
-        self.peer_sends(i, &craft::udp_packet(addr, port, vip, dport, &body));
-        let body = craft::ike_body(&auth_reply, float, IKE_EXTRA);
-        self.segw_answers(i, &craft::udp_packet(vip, dport, addr, port, &body));
+        self.segw_answers(i, &opening.init_reply(theirs));
+        self.peer_sends(i, &opening.auth(theirs));
+        self.segw_answers(i, &opening.auth_reply(theirs));
     }
 
     /// One ESP packet each way; with `bulk`, standing for that traffic.
@@ -1143,6 +1131,64 @@ impl Sim<'_> {
             downlink_every: self.scenario.step_secs as f64 / down_packets as f64,
             phase: Move::phase_of(peer.ike_spi),
         })
+    }
+}
+
+/// How a peer opens a tunnel, as the IP packets each side sends: IKE_SA_INIT
+/// and its answer on 500, then IKE_AUTH and its answer, on 4500 after the
+/// float (from `natt_port`, with the non-ESP marker) or on 500 for a peer
+/// that stays there and sends raw ESP.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Opening {
+    pub addr: IpAddr,
+    /// The port its IKE_SA_INIT comes from: 500, or what a NAT made of it.
+    pub ike_port: u16,
+    pub natt_port: Option<u16>,
+    pub initiator_spi: u64,
+}
+
+impl Opening {
+    pub fn init(&self) -> Vec<u8> {
+        self.ike(ike::IKE_SA_INIT, 0, false)
+    }
+
+    /// The segw's answer, with its own SPI of the IKE SA.
+    pub fn init_reply(&self, responder_spi: u64) -> Vec<u8> {
+        self.ike(ike::IKE_SA_INIT, responder_spi, true)
+    }
+
+    pub fn auth(&self, responder_spi: u64) -> Vec<u8> {
+        self.ike(ike::IKE_AUTH, responder_spi, false)
+    }
+
+    pub fn auth_reply(&self, responder_spi: u64) -> Vec<u8> {
+        self.ike(ike::IKE_AUTH, responder_spi, true)
+    }
+
+    /// The peer's port and the VIP's for the exchange, IKE on UDP.
+    fn ports(&self, exchange: u8) -> (u16, u16, bool) {
+        match self.natt_port {
+            Some(port) if exchange != ike::IKE_SA_INIT => (port, 4500, true),
+            _ => (self.ike_port, 500, false),
+        }
+    }
+
+    fn ike(&self, exchange: u8, responder_spi: u64, response: bool) -> Vec<u8> {
+        let header = IkeHeader {
+            initiator_spi: self.initiator_spi,
+            responder_spi,
+            exchange,
+            from_initiator: !response,
+            response,
+            message_id: u32::from(exchange == ike::IKE_AUTH),
+        };
+        let (port, vip_port, float) = self.ports(exchange);
+        let body = craft::ike_body(&header, float, IKE_EXTRA);
+        let vip = vip_for(self.addr);
+        match response {
+            false => craft::udp_packet(self.addr, port, vip, vip_port, &body),
+            true => craft::udp_packet(vip, vip_port, self.addr, port, &body),
+        }
     }
 }
 
