@@ -2,6 +2,7 @@
 //! frames through the balancer core ([`sim`]), measured the same way, and
 //! reported as a ranked table, `report.json` and `report.html`.
 
+pub mod ecmp;
 pub mod outage;
 pub mod report;
 pub mod scenario;
