@@ -24,7 +24,11 @@
 //!    initiator's retries meet the same entries: it does not come up
 //!    (counted as broken, and left out of step 2);
 //! 2. the first balancer leaves; ECMP rehashes; every working tunnel sends
-//!    one ESP packet on its flow.
+//!    one ESP packet on its flow. A tunnel a balancer places again is
+//!    counted where that placement sends it: the core would correct the
+//!    guess if the SA's segw spoke to the peer through that balancer (its
+//!    downlink), which depends on how the segws reach N balancers, not
+//!    modelled here.
 //!
 //! Deterministic: the tunnels come from a fixed seed, the balancers and
 //! ECMP draw nothing.
