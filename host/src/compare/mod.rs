@@ -2,6 +2,7 @@
 //! frames through the balancer core ([`sim`]), measured the same way, and
 //! reported as a ranked table, `report.json` and `report.html`.
 
+pub mod ecmp;
 pub mod outage;
 pub mod report;
 pub mod scenario;
@@ -19,7 +20,7 @@ pub use scenario::{Event, Scenario, ScenarioError, SegwSpec, TimedEvent};
 
 /// Keys every object of `report.json` has, `segwlb compare`'s and
 /// `segwlb lab compare`'s alike: what tools may rely on.
-pub const REPORT_KEYS: [&str; 15] = [
+pub const REPORT_KEYS: [&str; 16] = [
     "policy",
     "tunnels_per_segw",
     "max_over_mean",
@@ -35,6 +36,7 @@ pub const REPORT_KEYS: [&str; 15] = [
     "throughput_max_over_mean",
     "outage_seconds_per_event",
     "outage_p95_per_event",
+    "failovers",
 ];
 
 /// One policy's run through a scenario: what `report.json` holds per policy.
@@ -81,6 +83,10 @@ pub struct PolicyRun {
     /// Tunnels whose packets reached a second segw while the first was up
     /// and no rebalance was asked for. Anything but 0 is a broken tunnel.
     pub split_tunnels: u64,
+    /// One per `balancer_fail` event: what the pair's takeover cost. Its
+    /// moves and time in the dark are also the event's in
+    /// `moved_per_event` and `outage_*_per_event`.
+    pub failovers: Vec<Failover>,
     pub decisions: u64,
     /// Wall time per policy decision, wasm call included; `null` when the
     /// run was asked not to time (`--no-timing`), so a report is
@@ -132,6 +138,28 @@ pub struct PolicyRun {
     /// make it back. Both 0 when the core does its job.
     pub drops: BTreeMap<String, u64>,
     pub returns_lost: u64,
+}
+
+/// A `balancer_fail` as `report.json` gives it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Failover {
+    /// Its position in `events`.
+    pub event: usize,
+    /// Tunnels up at the failure: those the standby knew (kept where they
+    /// were, no policy asked), those it placed again (opened within the
+    /// replication lag), and of those, the ones placed on another segw.
+    pub tunnels: u64,
+    pub kept: u64,
+    pub replaced: u64,
+    pub moved: u64,
+    /// Tunnel-seconds in the dark (every tunnel for the detection time, a
+    /// moved one then until its peers set up again), one tunnel's 95th
+    /// percentile and longest, seconds; and moved tunnels never back
+    /// (`dpd_action = "clear"`).
+    pub dark_seconds: f64,
+    pub dark_p95: f64,
+    pub dark_max: f64,
+    pub never_back: u64,
 }
 
 /// How to run a comparison.
@@ -200,6 +228,22 @@ impl PolicyRun {
             })
             .collect();
         let load = LoadFigures::of(scenario, &out);
+        let failovers = (out.takeovers.iter().enumerate())
+            .filter_map(|(event, t)| {
+                let t = t.as_ref()?;
+                Some(Failover {
+                    event,
+                    tunnels: t.tunnels,
+                    kept: t.kept,
+                    replaced: t.replaced,
+                    moved: t.moved,
+                    dark_seconds: round1(t.outage.seconds),
+                    dark_p95: round1(t.outage.p95),
+                    dark_max: round1(t.outage.max),
+                    never_back: t.outage.never,
+                })
+            })
+            .collect();
         PolicyRun {
             policy: out.policy,
             scenario: scenario.name.clone(),
@@ -230,6 +274,7 @@ impl PolicyRun {
             graceful_moves_per_event: out.graceful,
             setups_per_second_peak_per_event: out.setups_peak,
             split_tunnels: out.split,
+            failovers,
             decisions: out.decisions,
             ns_per_decision: options
                 .timing
@@ -517,12 +562,16 @@ impl fmt::Display for Table<'_> {
             writeln!(f, "{}", traffic.describe())?;
             load_table(f, self.scenario, &ranked)?;
         }
-        if ranked
-            .iter()
-            .any(|r| r.moved_per_event.iter().any(|&m| m > 0))
-        {
+        if ranked.iter().any(|r| {
+            r.moved_per_event.iter().any(|&m| m > 0)
+                || r.outage_seconds_per_event.iter().any(|&s| s > 0.0)
+        }) {
             writeln!(f)?;
             outage_table(f, self.scenario, &ranked)?;
+        }
+        if self.scenario.has_failovers() {
+            writeln!(f)?;
+            failover_table(f, self.scenario, &ranked)?;
         }
         writeln!(f)?;
         writeln!(
@@ -693,7 +742,7 @@ fn outage_table(
             .zip(&r.outage_p95_per_event)
             .zip(&r.never_back_per_event)
             .enumerate()
-            .filter(|(e, _)| r.moved_per_event[*e] > 0)
+            .filter(|(e, ((secs, _), _))| r.moved_per_event[*e] > 0 || **secs > 0.0)
             .map(|(e, ((secs, p95), never))| {
                 let never = match never {
                     0 => String::new(),
@@ -737,6 +786,55 @@ fn outage_table(
             "least time in the dark: {} ({:.1} tunnel-minutes)",
             best.policy,
             best.outage_seconds_per_event.iter().sum::<f64>() / 60.0
+        )?;
+    }
+    Ok(())
+}
+
+/// Per policy and `balancer_fail`: the tunnels the standby knew, those it
+/// placed again and those it moved, and their time in the dark; then who
+/// moves fewest.
+fn failover_table(
+    f: &mut fmt::Formatter<'_>,
+    scenario: &Scenario,
+    ranked: &[&PolicyRun],
+) -> fmt::Result {
+    writeln!(f, "balancer failover: {}", scenario.pair.describe())?;
+    writeln!(
+        f,
+        "  {:<18} at each failover: tunnels kept / re-placed / moved, tunnel-minutes dark (p95 of one tunnel)",
+        "policy"
+    )?;
+    for r in ranked {
+        let cells: Vec<String> = r
+            .failovers
+            .iter()
+            .map(|o| {
+                let never = match o.never_back {
+                    0 => String::new(),
+                    n => format!(", {n} never back"),
+                };
+                format!(
+                    "[{}] {} / {} / {}, {:.1} ({:.1} s{never})",
+                    o.event + 1,
+                    o.kept,
+                    o.replaced,
+                    o.moved,
+                    o.dark_seconds / 60.0,
+                    o.dark_p95
+                )
+            })
+            .collect();
+        writeln!(f, "  {:<18} {}", r.policy, cells.join("  "))?;
+    }
+    let moved = |r: &&&PolicyRun| r.failovers.iter().map(|o| o.moved).sum::<u64>();
+    if let Some(best) = ranked.iter().min_by_key(moved) {
+        writeln!(
+            f,
+            "moves fewest at a failover: {} ({} of {} re-placed)",
+            best.policy,
+            moved(&best),
+            best.failovers.iter().map(|o| o.replaced).sum::<u64>()
         )?;
     }
     Ok(())

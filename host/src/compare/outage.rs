@@ -94,6 +94,9 @@ pub enum Found {
     Dpd,
     /// Its next rekey went unanswered (DPD off).
     Rekey,
+    /// It never moved: its balancer failed, and it was dark until the
+    /// standby took over.
+    Takeover,
 }
 
 /// How long one moved tunnel is dark.

@@ -106,6 +106,7 @@ pub fn page(
     page.push_str("<h2>Disruption at each event</h2>\n<p class=\"note\">Bars: tunnels each policy moved; black marks: the fewest any policy could move.</p>\n");
     page.push_str(&figure(disruption(scenario, runs)));
     page.push_str(&darkness(scenario, runs));
+    page.push_str(&failovers(scenario, runs));
     page.push_str("<h2>Final spread</h2>\n<p class=\"note\">Tunnels on each segw over its fair share by weight: 1.0 everywhere is perfect.</p>\n");
     page.push_str(&segw_legend(runs));
     page.push_str(&figure(final_spread(runs)));
@@ -145,12 +146,48 @@ fn darkness(scenario: &Scenario, runs: &[PolicyRun]) -> String {
                 r.outage_seconds_per_event.get(e),
                 r.outage_p95_per_event.get(e),
             ) {
-                (Some(&s), Some(&p)) if r.moved_per_event.get(e).is_some_and(|&m| m > 0) => {
+                (Some(&s), Some(&p))
+                    if s > 0.0 || r.moved_per_event.get(e).is_some_and(|&m| m > 0) =>
+                {
                     format!("{:.1} min (p95 {p:.1} s)", s / 60.0)
                 }
                 _ => "–".to_string(),
             };
             let _ = write!(out, "<td>{cell}</td>");
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</table>\n");
+    out
+}
+
+/// Per policy and `balancer_fail`: the tunnels the pair's standby knew,
+/// placed again and moved, and their time in the dark.
+fn failovers(scenario: &Scenario, runs: &[PolicyRun]) -> String {
+    if !scenario.has_failovers() {
+        return String::new();
+    }
+    let mut out = format!(
+        "<h3>Balancer failover</h3>\n<p class=\"note\">Tunnels the standby knew (kept where they were), placed again (unknown to it) and moved (placed on another segw than their SA's), and tunnel-minutes in the dark: {}.</p>\n<table><tr><th></th><th>policy</th>",
+        escape(&scenario.pair.describe())
+    );
+    for f in runs.first().map_or(&[][..], |r| &r.failovers) {
+        let label = scenario.events[f.event].label();
+        let _ = write!(out, "<th>[{}] {}</th>", f.event + 1, escape(&label));
+    }
+    out.push_str("</tr>\n");
+    for (i, r) in ranked(runs).iter().enumerate() {
+        let _ = write!(out, "<tr><td>{}</td><td>{}</td>", i + 1, escape(&r.policy));
+        for f in &r.failovers {
+            let _ = write!(
+                out,
+                "<td>{} kept, {} re-placed, {} moved; {:.1} min dark (p95 {:.1} s)</td>",
+                f.kept,
+                f.replaced,
+                f.moved,
+                f.dark_seconds / 60.0,
+                f.dark_p95
+            );
         }
         out.push_str("</tr>\n");
     }

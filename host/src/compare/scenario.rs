@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::ops::Range;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -30,12 +31,16 @@ pub const BUILTIN_LAB_CAPACITY: &str = include_str!("../../../config/scenarios/l
 /// A day of traffic (`--scenario diurnal`): cells of mixed daily shapes on
 /// segws of unequal throughput, a failure at the busy hour.
 pub const BUILTIN_DIURNAL: &str = include_str!("../../../config/scenarios/diurnal.toml");
+/// The pair's failover (`--scenario failover`): the active balancer killed,
+/// back as the standby, then the new active's uplink down.
+pub const BUILTIN_FAILOVER: &str = include_str!("../../../config/scenarios/failover.toml");
 
 /// `--scenario NAME` for a built-in one (a file of that name wins).
-pub const BUILTINS: [(&str, &str); 5] = [
+pub const BUILTINS: [(&str, &str); 6] = [
     ("default", BUILTIN),
     ("capacity", BUILTIN_CAPACITY),
     ("diurnal", BUILTIN_DIURNAL),
+    ("failover", BUILTIN_FAILOVER),
     ("lab", BUILTIN_LAB),
     ("lab-capacity", BUILTIN_LAB_CAPACITY),
 ];
@@ -73,6 +78,24 @@ pub enum Event {
     Swap {
         rebalance: bool,
     },
+    /// The active balancer of the pair fails; the standby takes over, with
+    /// the table as replicated to it (see [`Pair`]).
+    BalancerFail(Failure),
+    /// The failed balancer is back, as the standby: it takes a snapshot of
+    /// the table and forwards nothing, so no tunnel notices.
+    BalancerRecover,
+}
+
+/// How the active balancer fails. The lab makes each real; to the model
+/// they are the same: the active stops forwarding, and the standby takes
+/// over once VRRP misses its adverts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Its process is killed (SIGKILL): nothing is saved, nothing said.
+    Kill,
+    /// Its uplink goes down: it still runs, but hears and sends nothing
+    /// on the initiators' side.
+    Uplink,
 }
 
 impl Event {
@@ -87,6 +110,9 @@ impl Event {
             Event::Undrain(n) => format!("{n} undrains"),
             Event::Swap { rebalance: false } => "policy hot-swap".into(),
             Event::Swap { rebalance: true } => "rebalance".into(),
+            Event::BalancerFail(Failure::Kill) => "active balancer killed".into(),
+            Event::BalancerFail(Failure::Uplink) => "active balancer's uplink down".into(),
+            Event::BalancerRecover => "failed balancer back as standby".into(),
         }
     }
 }
@@ -136,6 +162,44 @@ pub struct Population {
     pub peak: Option<Peak>,
 }
 
+/// `[pair]`: the active/standby pair a `balancer_fail` event fails over.
+///
+/// The defaults: a replication stream a few milliseconds behind the active
+/// (a delta crosses the sync link and is applied), and keepalived's VRRP
+/// with `advert_int 0.2`: the standby declares the master down after
+/// 3 × 0.2 s + skew (RFC 5798: (256 − priority) / 256 × 0.2 s, 0.12 s at
+/// priority 100), 0.72 s, then runs its notify script (`segwlb ctl role
+/// active`) and announces itself: about a second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pair {
+    /// How far the standby's table is behind the active's: tunnels opened
+    /// within it before the failure are unknown to the standby.
+    pub replication_lag: Duration,
+    /// From the failure until the standby forwards: every tunnel is dark
+    /// that long.
+    pub detection: Duration,
+}
+
+impl Default for Pair {
+    fn default() -> Self {
+        Pair {
+            replication_lag: Duration::from_millis(5),
+            detection: Duration::from_millis(1000),
+        }
+    }
+}
+
+impl Pair {
+    /// One line: what a failover costs in the model.
+    pub fn describe(&self) -> String {
+        format!(
+            "the standby takes over {} ms after the active fails (VRRP detection); tunnels opened within {} ms before (the replication lag) are unknown to it and placed again by its policy",
+            self.detection.as_millis(),
+            self.replication_lag.as_millis()
+        )
+    }
+}
+
 /// `tunnels.peak`: `tunnels` more arrive in `step` (the population is
 /// `count + tunnels` from then on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +225,8 @@ pub struct Scenario {
     /// Graceful moves asked per second, at most (`[moves] per_second` of
     /// `segwlb run`).
     pub moves_per_second: f64,
+    /// The balancers' pair, for `balancer_fail` events.
+    pub pair: Pair,
 }
 
 /// A scenario file that cannot be used.
@@ -198,7 +264,8 @@ impl Scenario {
     }
 
     /// `--scenario ARG`: a file, or the name of a built-in scenario
-    /// (`default`, `capacity`, `lab`, `lab-capacity`) when no such file exists.
+    /// (`default`, `capacity`, `diurnal`, `failover`, `lab`, `lab-capacity`)
+    /// when no such file exists.
     pub fn resolve(arg: &Path) -> Result<Self, ScenarioError> {
         let builtin = BUILTINS
             .iter()
@@ -256,6 +323,13 @@ impl Scenario {
     /// Does any segw have a capacity?
     pub fn has_capacities(&self) -> bool {
         self.all_segws().iter().any(|s| s.capacity > 0)
+    }
+
+    /// Does an event fail the pair's active balancer?
+    pub fn has_failovers(&self) -> bool {
+        self.events
+            .iter()
+            .any(|e| matches!(e.event, Event::BalancerFail(_)))
     }
 
     /// Does any segw have a throughput capacity?
@@ -338,8 +412,28 @@ struct RawScenario {
     traffic: Option<Spanned<RawTraffic>>,
     peers: Option<RawPeers>,
     moves_per_second: Option<Spanned<f64>>,
+    pair: Option<RawPair>,
     #[serde(default)]
     event: Vec<Spanned<RawEvent>>,
+}
+
+/// `[pair]`: whole milliseconds, each optional.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPair {
+    replication_lag_ms: Option<u64>,
+    detection_ms: Option<u64>,
+}
+
+impl RawPair {
+    fn pair(&self) -> Pair {
+        let d = Pair::default();
+        let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
+        Pair {
+            replication_lag: ms(self.replication_lag_ms, d.replication_lag),
+            detection: ms(self.detection_ms, d.detection),
+        }
+    }
 }
 
 /// `[peers]`: every field optional, the lab's strongSwan by default.
@@ -532,6 +626,8 @@ struct RawEvent {
     drain: Option<Spanned<String>>,
     undrain: Option<Spanned<String>>,
     swap: Option<Spanned<RawSwap>>,
+    balancer_fail: Option<Spanned<RawBalancerFail>>,
+    balancer_recover: Option<Spanned<RawBalancerRecover>>,
     /// With drain, or swap with rebalance: make-before-break moves.
     #[serde(default)]
     graceful: Option<Spanned<bool>>,
@@ -550,6 +646,18 @@ struct RawSwap {
     #[serde(default)]
     rebalance: bool,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBalancerFail {
+    /// `kill` (the default) or `uplink`.
+    how: Option<Spanned<String>>,
+}
+
+/// `balancer_recover = {}`: nothing to say but that it happens.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBalancerRecover {}
 
 type At<'a> = dyn Fn(Range<usize>, String, String) -> ScenarioError + 'a;
 
@@ -613,6 +721,9 @@ impl RawScenario {
         let mut events: Vec<TimedEvent> = Vec::new();
         let mut order: Vec<usize> = (0..self.event.len()).collect();
         order.sort_by_key(|&i| *self.event[i].get_ref().step.get_ref());
+        // The step the pair's failed balancer failed at, until it is back:
+        // a pair has one standby to fail over to.
+        let mut failed_at: Option<u32> = None;
         // Check names against the set as it is when each event happens.
         for i in order {
             let raw = self.event[i].get_ref();
@@ -632,6 +743,30 @@ impl RawScenario {
                 }
                 Event::Remove(n) => {
                     names.remove(n);
+                }
+                Event::BalancerFail(_) => {
+                    if let Some(then) = failed_at.replace(step) {
+                        let span = raw.balancer_fail.as_ref().expect("parsed").span();
+                        return Err(at(
+                            span,
+                            format!("{field}.balancer_fail"),
+                            format!(
+                                "no standby at step {step}: the other balancer failed at step {then} \
+                                 and is not back (a balancer_recover first)"
+                            ),
+                        ));
+                    }
+                }
+                Event::BalancerRecover => {
+                    if failed_at.is_none() {
+                        let span = raw.balancer_recover.as_ref().expect("parsed").span();
+                        return Err(at(
+                            span,
+                            format!("{field}.balancer_recover"),
+                            format!("no balancer is down at step {step} (a balancer_fail first)"),
+                        ));
+                    }
+                    failed_at = None;
                 }
                 _ => {}
             }
@@ -675,6 +810,7 @@ impl RawScenario {
             peers,
             events,
             moves_per_second,
+            pair: self.pair.as_ref().map(RawPair::pair).unwrap_or_default(),
         })
     }
 }
@@ -994,12 +1130,33 @@ impl RawEvent {
                 },
             ));
         }
+        if let Some(f) = &self.balancer_fail {
+            let failure = match &f.get_ref().how {
+                None => Failure::Kill,
+                Some(how) => match how.get_ref().as_str() {
+                    "kill" => Failure::Kill,
+                    "uplink" => Failure::Uplink,
+                    other => {
+                        return Err(at(
+                            how.span(),
+                            format!("{field}.balancer_fail.how"),
+                            format!("{other:?} is not `kill` or `uplink`"),
+                        ))
+                    }
+                },
+            };
+            found.push(("balancer_fail", Event::BalancerFail(failure)));
+        }
+        if self.balancer_recover.is_some() {
+            found.push(("balancer_recover", Event::BalancerRecover));
+        }
         match found.len() {
             1 => Ok(found.pop().expect("one").1),
             0 => Err(at(
                 span,
                 field.to_string(),
-                "no action: give one of fail, recover, add, remove, weight, drain, undrain, swap"
+                "no action: give one of fail, recover, add, remove, weight, drain, undrain, swap, \
+                 balancer_fail, balancer_recover"
                     .into(),
             )),
             _ => {
@@ -1193,6 +1350,52 @@ mod tests {
         );
         let e = error(&BASE.replace("name = \"b\"", "name = \"b\"\nthroughput = \"4\""));
         assert!(e.contains("segw[2].throughput: \"4\" has no unit"), "{e}");
+    }
+
+    #[test]
+    fn a_pair_fails_over_only_to_a_standby_it_has() {
+        let fail =
+            |step: u32, how: &str| format!("[[event]]\nstep = {step}\nbalancer_fail = {{{how}}}\n");
+        let recover = |step: u32| format!("[[event]]\nstep = {step}\nbalancer_recover = {{}}\n");
+        let s = Scenario::parse(
+            &format!(
+                "{BASE}[pair]\nreplication_lag_ms = 20\n{}{}{}",
+                fail(1, ""),
+                recover(2),
+                fail(3, "how = \"uplink\"")
+            ),
+            "s.toml",
+        )
+        .unwrap();
+        assert_eq!(s.pair.replication_lag, Duration::from_millis(20));
+        assert_eq!(s.pair.detection, Duration::from_secs(1));
+        let events: Vec<&Event> = s.events.iter().map(|e| &e.event).collect();
+        assert_eq!(
+            events,
+            [
+                &Event::BalancerFail(Failure::Kill),
+                &Event::BalancerRecover,
+                &Event::BalancerFail(Failure::Uplink)
+            ]
+        );
+        let e = error(&format!("{BASE}{}{}", fail(1, ""), fail(2, "")));
+        assert_eq!(
+            e,
+            "s.toml:14:17: event[2].balancer_fail: no standby at step 2: the other balancer failed \
+             at step 1 and is not back (a balancer_recover first)"
+        );
+        let e = error(&format!("{BASE}{}", recover(1)));
+        assert_eq!(
+            e,
+            "s.toml:11:20: event[1].balancer_recover: no balancer is down at step 1 (a balancer_fail first)"
+        );
+        let e = error(&format!("{BASE}{}", fail(1, "how = \"reboot\"")));
+        assert!(
+            e.contains("event[1].balancer_fail.how: \"reboot\" is not `kill` or `uplink`"),
+            "{e}"
+        );
+        let e = error(&format!("{BASE}[pair]\nlag_ms = 5\n"));
+        assert!(e.contains("pair.lag_ms: unknown field"), "{e}");
     }
 
     #[test]

@@ -8,12 +8,13 @@
 //! tunnel "is on" the segw its last packet reached. The balancer does not
 //! know the simulation exists: it sees frames, a port and a time.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::outage::{Dark, Move, Summary};
+use super::outage::{Dark, Found, Move, Summary};
 use super::scenario::{Event, Scenario, SegwSpec};
 use super::traffic::{Profile, Sent, Step};
 use crate::balancer::affinity::Timeouts;
@@ -27,7 +28,7 @@ use crate::time::Timestamp;
 use crate::workload::{vip_for, Rng, VIP, VIP6};
 
 /// The initiator side's router: the source MAC of every frame from peers.
-const ROUTER: Mac = [2, 0xaa, 0, 0, 0, 1];
+pub(crate) const ROUTER: Mac = [2, 0xaa, 0, 0, 0, 1];
 /// Bytes of IKE payload after the header (a typical IKE_SA_INIT is ~300).
 const IKE_EXTRA: usize = 240;
 /// How many tunnels ahead the sim asks the core to prefetch.
@@ -81,6 +82,30 @@ pub struct Outcome {
     /// one that closed), in arrival order as long as no tunnel ended: with [`Arrivals::Given`], the
     /// tunnel-by-tunnel prediction.
     pub placements: Vec<Option<usize>>,
+    /// Per event: for a `balancer_fail`, how the standby's takeover went;
+    /// `None` for every other event. Empty where nobody modelled it (a
+    /// lab's measured outcome).
+    pub takeovers: Vec<Option<Takeover>>,
+}
+
+/// One `balancer_fail`, tunnel by tunnel: the standby takes over with the
+/// table as replicated to it, and places again what it does not know.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Takeover {
+    /// Tunnels up at the failure (on a segw, not closed): those kept and
+    /// those placed again, but for any the standby refused (every segw
+    /// full), which count as refusals.
+    pub tunnels: u64,
+    /// Known to the standby: they stay on their segw, no policy asked.
+    pub kept: u64,
+    /// Opened within the replication lag before the failure, so unknown to
+    /// the standby: its policy placed them again on their next packet ...
+    pub replaced: u64,
+    /// ... on another segw than the one holding their SA.
+    pub moved: u64,
+    /// Every tunnel in the dark: the detection time for all, and for a
+    /// moved one then as long as its peers take to notice.
+    pub outage: Summary,
 }
 
 /// The seed of a run with [`Arrivals::Given`] tunnels: their traffic
@@ -161,6 +186,13 @@ struct Peer {
     closed: bool,
     /// What it carries, with the scenario's `[traffic]`.
     profile: Option<Profile>,
+    /// When its entry in the table was made: its opening as
+    /// [`Sim::spread_openings`] times it, or the new IKE SA of a graceful
+    /// move.
+    opened: Timestamp,
+    /// Unknown to the balancer serving now (opened within the replication
+    /// lag before it took over): its next packet is a miss.
+    unknown: bool,
 }
 
 /// Where one segw of a scenario stands as its events move it: what the
@@ -222,8 +254,23 @@ impl SegwNow {
             Event::Weight(n, w) => now[segw_index(segws, n)].weight = *w,
             Event::Drain(n) => now[segw_index(segws, n)].draining = true,
             Event::Undrain(n) => now[segw_index(segws, n)].draining = false,
-            Event::Swap { .. } => {}
+            Event::Swap { .. } | Event::BalancerFail(_) | Event::BalancerRecover => {}
         }
+    }
+}
+
+/// The core's configuration in front of `segws` segws (segw n on port n,
+/// as [`farm`] lays them out), answering for the VIPs on the uplink.
+pub(crate) fn core_config(segws: usize, max_tunnels: usize) -> Config {
+    Config {
+        port_macs: (0..=segws as PortId).map(farm::port_mac).collect(),
+        proxy: vec![
+            Prefix::new(IpAddr::V4(VIP), 32).expect("a /32"),
+            Prefix::new(IpAddr::V6(VIP6), 128).expect("a /128"),
+        ],
+        proxy_gateways: Vec::new(),
+        max_tunnels,
+        timeouts: Timeouts::default(),
     }
 }
 
@@ -238,7 +285,8 @@ pub(crate) fn segw_index(segws: &[SegwSpec], name: &str) -> usize {
 /// The fewest tunnels any policy must move for `event`, from the tunnels
 /// per segw and the segws' states just before it: a failed or removed
 /// segw's tunnels; on a rebalance, every segw's excess over its fair
-/// share; nothing otherwise.
+/// share; nothing otherwise (a balancer's failure too: a standby whose
+/// policy answers what the active's did moves nothing).
 pub(crate) fn minimum_moved(
     event: &Event,
     graceful: bool,
@@ -266,7 +314,12 @@ struct Sim<'s> {
     scenario: &'s Scenario,
     segws: Vec<SegwSpec>,
     state: Vec<SegwNow>,
+    /// What the balancer was built from: a standby is built the same.
+    config: Config,
+    /// The balancer serving: the first, or the standby that took over.
     lb: Balancer<Timed>,
+    /// What the balancers that failed counted before they did.
+    served: Served,
     spent_ns: Arc<AtomicU64>,
     peers: Vec<Peer>,
     counts: Vec<u64>,
@@ -295,7 +348,36 @@ struct Sim<'s> {
     seed: u64,
     /// This step's traffic, with the scenario's `[traffic]`.
     step: Option<Step>,
+    /// Each segw's bytes by the serving balancer's counters when last read.
+    carried: Vec<u64>,
+    /// The peers opened this step, in order.
+    opening: Vec<usize>,
+    /// A takeover this step, and its tunnels' time in the dark.
+    takeover: Option<Takeover>,
+    takeover_darks: Vec<Dark>,
     buf: Vec<u8>,
+}
+
+/// What a balancer counted: kept when it fails, so that a run's figures are
+/// those of every balancer that served in it.
+#[derive(Debug, Default)]
+struct Served {
+    decisions: u64,
+    fallbacks: u64,
+    full_answers: u64,
+    drops: [u64; DropReason::ALL.len()],
+}
+
+impl Served {
+    fn add(&mut self, lb: &Balancer<Timed>) {
+        let stats = lb.policy_stats();
+        self.decisions += stats.decisions;
+        self.fallbacks += stats.fallbacks_total();
+        self.full_answers += stats.fallbacks_for(FallbackReason::GatewayFull);
+        for (n, &r) in self.drops.iter_mut().zip(&DropReason::ALL) {
+            *n += lb.counters().dropped(r);
+        }
+    }
 }
 
 /// Run `scenario` with the policy `make` builds (once at the start, again at
@@ -327,25 +409,19 @@ pub fn run_with(
         spent_ns: spent_ns.clone(),
     };
     let policy = first.name().to_string();
-    let ports = segws.len() as PortId;
-    let config = Config {
-        port_macs: (0..=ports).map(farm::port_mac).collect(),
-        proxy: vec![
-            Prefix::new(IpAddr::V4(VIP), 32).expect("a /32"),
-            Prefix::new(IpAddr::V6(VIP6), 128).expect("a /128"),
-        ],
-        proxy_gateways: Vec::new(),
-        // Room for every tunnel that ever lives: ended ones stay until idle
-        // expiry, as they would in a real balancer.
-        max_tunnels: given.map_or(scenario.total_tunnels(), <[_]>::len) + 1024,
-        timeouts: Timeouts::default(),
-    };
+    // Room for every tunnel that ever lives: ended ones stay until idle
+    // expiry, as they would in a real balancer.
+    let max_tunnels = given.map_or(scenario.total_tunnels(), <[_]>::len) + 1024;
+    let config = core_config(segws.len(), max_tunnels);
     let mut sim = Sim {
         scenario,
         state: SegwNow::at_start(scenario),
         counts: vec![0; segws.len()],
+        carried: vec![0; segws.len()],
         segws,
-        lb: Balancer::new(config, first),
+        lb: Balancer::new(config.clone(), first),
+        config,
+        served: Served::default(),
         spent_ns,
         peers: Vec::with_capacity(given.map_or(scenario.tunnels.count, <[_]>::len)),
         given: given.unwrap_or_default(),
@@ -366,15 +442,15 @@ pub fn run_with(
         arrived: 0,
         seed,
         step: None,
+        opening: Vec::new(),
+        takeover: None,
+        takeover_darks: Vec::new(),
         buf: Vec::with_capacity(1600),
     };
     for i in 0..scenario.segws.len() {
         sim.add_gateway(i);
     }
-    sim.lb.set_move_settings(crate::balancer::moves::Settings {
-        per_second: scenario.moves_per_second,
-        ..Default::default()
-    });
+    sim.set_move_settings();
 
     let t = &scenario.tunnels;
     let arrive_over = t.arrive_over.max(1) as usize;
@@ -384,9 +460,11 @@ pub fn run_with(
     let (mut graceful, mut setups_peak) = (Vec::new(), Vec::new());
     let mut per_step = Vec::with_capacity(scenario.steps as usize);
     let mut bytes_per_step = Vec::with_capacity(scenario.steps as usize);
-    let mut carried = vec![0u64; sim.segws.len()];
     let mut refused_per_step = Vec::with_capacity(scenario.steps as usize);
+    let mut takeovers = Vec::new();
     let mut last_event: Option<usize> = None;
+    // The balancer_fail event of this step, if any.
+    let mut takeover_at: Option<usize> = None;
     for step in 0..scenario.steps {
         sim.now = Timestamp::from_secs(u64::from(step) * scenario.step_secs);
         sim.step = scenario.traffic.as_ref().map(|t| {
@@ -421,7 +499,11 @@ pub fn run_with(
             darks.push(Vec::new());
             graceful.push(0);
             setups_peak.push(0);
+            takeovers.push(None);
             last_event = Some(moved.len() - 1);
+            if matches!(event.event, Event::BalancerFail(_)) {
+                takeover_at = last_event;
+            }
         }
         let arrivals = if let Some(given) = given {
             given.iter().filter(|p| p.step == step).count()
@@ -451,6 +533,7 @@ pub fn run_with(
             // again, as an initiator retries.
             if i >= old || sim.peers[i].segw.is_none() {
                 sim.open(i);
+                sim.opening.push(i);
             }
             if sim.peers[i].segw.is_some() {
                 match sim.peers[i].profile {
@@ -464,6 +547,7 @@ pub fn run_with(
             }
         }
         refused_per_step.push(sim.lb.counters().dropped(DropReason::AtCapacity) - refused_before);
+        sim.spread_openings();
         sim.play_moves();
         match last_event {
             Some(e) => {
@@ -478,14 +562,17 @@ pub fn run_with(
                 sim.dark_this_step.clear();
             }
         }
+        if let Some(e) = takeover_at.take() {
+            takeovers[e] = Some(sim.took_over());
+        }
         per_step.push(sim.counts.clone());
-        bytes_per_step.push(sim.carried_since(&mut carried));
+        bytes_per_step.push(sim.carried_since());
         sim.lb.expire(sim.now, usize::MAX);
         progress(step);
     }
 
-    let stats = sim.lb.policy_stats();
-    let counters = sim.lb.counters();
+    let mut served = sim.served;
+    served.add(&sim.lb);
     Outcome {
         policy,
         fair_weights: sim.state.iter().map(SegwNow::fair_weight).collect(),
@@ -498,20 +585,22 @@ pub fn run_with(
         graceful,
         setups_peak,
         split: sim.split,
-        decisions: stats.decisions,
+        decisions: served.decisions,
         policy_ns: sim.spent_ns.load(Ordering::Relaxed),
-        fallbacks: stats.fallbacks_total(),
-        full_answers: stats.fallbacks_for(FallbackReason::GatewayFull),
+        fallbacks: served.fallbacks,
+        full_answers: served.full_answers,
         refused_per_step,
         refused_tunnels: sim.refused_tunnels,
         frames: sim.frames,
         drops: DropReason::ALL
             .iter()
-            .map(|&r| (r.as_str(), counters.dropped(r)))
+            .zip(served.drops)
+            .map(|(r, n)| (r.as_str(), n))
             .filter(|&(_, n)| n > 0)
             .collect(),
         returns_lost: sim.returns_lost,
         placements: sim.peers.iter().map(|p| p.segw).collect(),
+        takeovers,
     }
 }
 
@@ -522,7 +611,7 @@ impl Sim<'_> {
             name: self.segws[i].name.clone(),
             port,
             mac: Some(farm::segw_mac(port as u8)),
-            weight: self.segws[i].weight,
+            weight: self.state[i].weight,
             capacity: self.segws[i].capacity,
             throughput: self.segws[i].throughput,
             ..Default::default()
@@ -530,6 +619,13 @@ impl Sim<'_> {
         self.lb
             .add_gateway(spec, self.now)
             .expect("the scenario was validated: names are unique");
+    }
+
+    fn set_move_settings(&mut self) {
+        self.lb.set_move_settings(crate::balancer::moves::Settings {
+            per_second: self.scenario.moves_per_second,
+            ..Default::default()
+        });
     }
 
     /// Apply one event (`graceful`: its moves make-before-break); returns
@@ -577,8 +673,150 @@ impl Sim<'_> {
                     self.rebalancing = *rebalance;
                 }
             }
+            Event::BalancerFail(_) => self.take_over(make),
+            // Back as the standby, it takes a snapshot and forwards nothing.
+            Event::BalancerRecover => {}
         }
         minimum
+    }
+
+    /// The pair's active balancer fails and the standby takes over. The
+    /// standby is a balancer of its own: the same configuration, the segws
+    /// as they stand, its own instance of the policy (which has placed
+    /// nothing: a round-robin starts its turn afresh, and its load view
+    /// has no rates until it measures), and the active's table as it was
+    /// `replication_lag` ago, as the state file carries it
+    /// (`Balancer::save`, `restore`) less the tunnels opened since. Those
+    /// are unknown to it: their next packet is a miss its policy places.
+    /// What the active had queued (graceful moves) is not replicated.
+    fn take_over(&mut self, make: &mut dyn FnMut() -> Box<dyn Policy>) {
+        let pair = self.scenario.pair;
+        let since = self.now.before(pair.replication_lag);
+        let mut takeover = Takeover::default();
+        let mut unknown = HashSet::new();
+        for p in self.peers.iter_mut() {
+            if p.closed || p.segw.is_none() {
+                continue;
+            }
+            takeover.tunnels += 1;
+            if p.opened > since {
+                p.unknown = true;
+                unknown.insert(p.ike_spi);
+            } else {
+                takeover.kept += 1;
+            }
+        }
+        let known = Dark {
+            seconds: Some(pair.detection.as_secs_f64()),
+            found: Found::Takeover,
+        };
+        for _ in 0..takeover.kept {
+            self.dark_at_takeover(known);
+        }
+        self.takeover = Some(takeover);
+
+        let mut replicated = self.lb.save(self.now);
+        replicated.retain(|t| !t.ike_spi.is_some_and(|spi| unknown.contains(&spi)));
+        let policy = Timed {
+            inner: make(),
+            spent_ns: self.spent_ns.clone(),
+        };
+        let standby = Balancer::new(self.config.clone(), policy);
+        let failed = std::mem::replace(&mut self.lb, standby);
+        self.served.add(&failed);
+        let checked = "the standby has every segw present";
+        for i in 0..self.segws.len() {
+            let segw = self.state[i];
+            if !segw.present {
+                continue;
+            }
+            self.add_gateway(i);
+            let name = &self.segws[i].name;
+            if !segw.up {
+                self.lb.set_healthy(name, false, self.now).expect(checked);
+            }
+            if segw.draining {
+                self.lb.set_draining(name, true, self.now).expect(checked);
+            }
+        }
+        self.set_move_settings();
+        let restored = self.lb.restore(&replicated, self.now);
+        assert_eq!(
+            restored.loaded,
+            replicated.len(),
+            "a replicated table restores whole ({restored})"
+        );
+        // Its counters start at 0.
+        self.carried.fill(0);
+    }
+
+    /// Tunnel `i`, unknown to the standby that took over, was placed again
+    /// by its policy, on another segw (`moved`) or its own. It was dark for
+    /// the detection time; moved, then as long as its peers take to notice
+    /// (its old segw still holding its SA and answering, or not).
+    fn replaced(&mut self, i: usize, moved: bool, old_answers: bool) {
+        let detection = self.scenario.pair.detection.as_secs_f64();
+        let dark = if moved {
+            let after = self.dark(i, old_answers);
+            Dark {
+                seconds: after.seconds.map(|s| detection + s),
+                ..after
+            }
+        } else {
+            Dark {
+                seconds: Some(detection),
+                found: Found::Takeover,
+            }
+        };
+        self.dark_at_takeover(dark);
+        let t = (self.takeover.as_mut()).expect("an unknown tunnel lands in its takeover's step");
+        t.replaced += 1;
+        t.moved += u64::from(moved);
+    }
+
+    /// This step's takeover, over: its tunnels' time in the dark summed up.
+    /// A tunnel still unknown was not placed in its step (refused: every
+    /// segw full) and counts as a refusal, not as the takeover's.
+    fn took_over(&mut self) -> Takeover {
+        for p in &mut self.peers {
+            p.unknown = false;
+        }
+        let mut takeover = self.takeover.take().expect("a balancer_fail takes over");
+        takeover.outage = Summary::of(&self.takeover_darks);
+        self.takeover_darks.clear();
+        takeover
+    }
+
+    /// A tunnel's time in the dark at a takeover: the event's and the
+    /// takeover's own.
+    fn dark_at_takeover(&mut self, dark: Dark) {
+        self.dark_this_step.push(dark);
+        self.takeover_darks.push(dark);
+    }
+
+    /// The tunnels opened this step, timed: spread evenly over the step in
+    /// the order they were opened, the k-th of n at the middle of the k-th
+    /// n-th of it.
+    ///
+    /// A step's openings all go through the core at its start, and nothing
+    /// else cares when within it each happened; a `balancer_fail` does,
+    /// at the start of a later step: the ones within the replication lag
+    /// before it are unknown to the standby. Spread this way, a lag L
+    /// covers the last round(n × L / step) of the step's openings (a tie
+    /// rounds down), the share arrivals uniform over the step would give
+    /// on average, and the tunnels re-placed are the last ones opened.
+    /// It is deterministic and draws nothing, so a scenario's other
+    /// figures do not change when it gains a failover; random times would
+    /// add noise, not truth: the simulation does not time arrivals within
+    /// a step in the first place.
+    fn spread_openings(&mut self) {
+        let step = Duration::from_secs(self.scenario.step_secs).as_nanos();
+        let n = self.opening.len() as u128;
+        for (k, &i) in self.opening.iter().enumerate() {
+            let at = step * (2 * k as u128 + 1) / (2 * n);
+            self.peers[i].opened = self.now + Duration::from_nanos(at as u64);
+        }
+        self.opening.clear();
     }
 
     /// A new peer: the next given one; else its own address, or a NAT's
@@ -639,15 +877,17 @@ impl Sim<'_> {
             refused: false,
             closed: false,
             profile,
+            opened: self.now,
+            unknown: false,
         });
     }
 
-    /// What each segw carried since `carried` (both ways, as the balancer
-    /// counted), which becomes the totals now.
-    fn carried_since(&self, carried: &mut [u64]) -> Vec<u64> {
+    /// What each segw carried since last asked (both ways, as the serving
+    /// balancer counted).
+    fn carried_since(&mut self) -> Vec<u64> {
         self.segws
             .iter()
-            .zip(carried.iter_mut())
+            .zip(self.carried.iter_mut())
             .map(|(spec, total)| {
                 let now = self
                     .lb
@@ -680,39 +920,21 @@ impl Sim<'_> {
     /// IKE_SA_INIT and IKE_AUTH, each answered.
     fn open(&mut self, i: usize) {
         let p = &self.peers[i];
-        let (addr, ike_port, natt_port) = (p.addr, p.ike_port, p.natt_port);
-        let (initiator_spi, their_spi) = (p.ike_spi, p.responder_spi);
-        let vip = vip_for(addr);
-        let header = |exchange, responder_spi, response: bool| IkeHeader {
-            initiator_spi,
-            responder_spi,
-            exchange,
-            from_initiator: !response,
-            response,
-            message_id: u32::from(exchange == ike::IKE_AUTH),
+        let opening = Opening {
+            addr: p.addr,
+            ike_port: p.ike_port,
+            natt_port: p.natt_port,
+            initiator_spi: p.ike_spi,
         };
-        let init = header(ike::IKE_SA_INIT, 0, false);
-        let init_reply = header(ike::IKE_SA_INIT, their_spi, true);
-        let auth = header(ike::IKE_AUTH, their_spi, false);
-        let auth_reply = header(ike::IKE_AUTH, their_spi, true);
-        let (port, float) = match natt_port {
-            Some(port) => (port, true),
-            None => (ike_port, false),
-        };
-        let dport = if float { 4500 } else { 500 };
-
-        let body = craft::ike_body(&init, false, IKE_EXTRA);
-        self.peer_sends(i, &craft::udp_packet(addr, ike_port, vip, 500, &body));
+        let theirs = p.responder_spi;
+        self.peer_sends(i, &opening.init());
         if self.peers[i].segw.is_none() {
             // Refused: no segw answers; it tries again next step.
             return;
         }
-        let body = craft::ike_body(&init_reply, false, IKE_EXTRA);
-        self.segw_answers(i, &craft::udp_packet(vip, 500, addr, ike_port, &body));
-        let body = craft::ike_body(&auth, float, IKE_EXTRA);
-        self.peer_sends(i, &craft::udp_packet(addr, port, vip, dport, &body));
-        let body = craft::ike_body(&auth_reply, float, IKE_EXTRA);
-        self.segw_answers(i, &craft::udp_packet(vip, dport, addr, port, &body));
+        self.segw_answers(i, &opening.init_reply(theirs));
+        self.peer_sends(i, &opening.auth(theirs));
+        self.segw_answers(i, &opening.auth_reply(theirs));
     }
 
     /// One ESP packet each way; with `bulk`, standing for that traffic.
@@ -817,6 +1039,7 @@ impl Sim<'_> {
     fn landed(&mut self, i: usize, segw: usize) {
         let peer = &mut self.peers[i];
         let before = peer.segw.replace(segw);
+        let unknown = std::mem::take(&mut peer.unknown);
         if let Some(old) = before {
             if old != segw {
                 self.counts[old] -= 1;
@@ -834,11 +1057,18 @@ impl Sim<'_> {
             return;
         }
         let old_up = before.is_some_and(|g| self.state[g].is_live());
-        match landing(before, segw, old_up, self.rebalancing) {
+        let old_answers = before.is_some_and(|g| self.state[g].up);
+        // Placed afresh by a standby that did not know it, it left its segw
+        // by the failover, as by a rebalance: a move, not a split.
+        let landing = landing(before, segw, old_up, self.rebalancing || unknown);
+        if landing == Landing::Moved {
+            self.moved_this_step += 1;
+        }
+        match landing {
+            _ if unknown => self.replaced(i, landing == Landing::Moved, old_answers),
             Landing::Stayed | Landing::First => {}
             Landing::Moved => {
-                self.moved_this_step += 1;
-                let dark = self.dark(i, before.is_some_and(|g| self.state[g].up));
+                let dark = self.dark(i, old_answers);
                 self.dark_this_step.push(dark);
             }
             Landing::Split => self.split += 1,
@@ -878,6 +1108,7 @@ impl Sim<'_> {
     /// Peer `i` follows a redirect: a new IKE SA, new SPIs.
     fn follow(&mut self, i: usize) {
         let p = &mut self.peers[i];
+        p.opened = self.now;
         p.ike_spi = self.rng.next_u64() | 1;
         p.responder_spi = self.rng.next_u64() | 1;
         p.spi_in = (self.rng.next_u64() as u32) | 0x100;
@@ -900,6 +1131,64 @@ impl Sim<'_> {
             downlink_every: self.scenario.step_secs as f64 / down_packets as f64,
             phase: Move::phase_of(peer.ike_spi),
         })
+    }
+}
+
+/// How a peer opens a tunnel, as the IP packets each side sends: IKE_SA_INIT
+/// and its answer on 500, then IKE_AUTH and its answer, on 4500 after the
+/// float (from `natt_port`, with the non-ESP marker) or on 500 for a peer
+/// that stays there and sends raw ESP.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Opening {
+    pub addr: IpAddr,
+    /// The port its IKE_SA_INIT comes from: 500, or what a NAT made of it.
+    pub ike_port: u16,
+    pub natt_port: Option<u16>,
+    pub initiator_spi: u64,
+}
+
+impl Opening {
+    pub fn init(&self) -> Vec<u8> {
+        self.ike(ike::IKE_SA_INIT, 0, false)
+    }
+
+    /// The segw's answer, with its own SPI of the IKE SA.
+    pub fn init_reply(&self, responder_spi: u64) -> Vec<u8> {
+        self.ike(ike::IKE_SA_INIT, responder_spi, true)
+    }
+
+    pub fn auth(&self, responder_spi: u64) -> Vec<u8> {
+        self.ike(ike::IKE_AUTH, responder_spi, false)
+    }
+
+    pub fn auth_reply(&self, responder_spi: u64) -> Vec<u8> {
+        self.ike(ike::IKE_AUTH, responder_spi, true)
+    }
+
+    /// The peer's port and the VIP's for the exchange, IKE on UDP.
+    fn ports(&self, exchange: u8) -> (u16, u16, bool) {
+        match self.natt_port {
+            Some(port) if exchange != ike::IKE_SA_INIT => (port, 4500, true),
+            _ => (self.ike_port, 500, false),
+        }
+    }
+
+    fn ike(&self, exchange: u8, responder_spi: u64, response: bool) -> Vec<u8> {
+        let header = IkeHeader {
+            initiator_spi: self.initiator_spi,
+            responder_spi,
+            exchange,
+            from_initiator: !response,
+            response,
+            message_id: u32::from(exchange == ike::IKE_AUTH),
+        };
+        let (port, vip_port, float) = self.ports(exchange);
+        let body = craft::ike_body(&header, float, IKE_EXTRA);
+        let vip = vip_for(self.addr);
+        match response {
+            false => craft::udp_packet(self.addr, port, vip, vip_port, &body),
+            true => craft::udp_packet(vip, vip_port, self.addr, port, &body),
+        }
     }
 }
 

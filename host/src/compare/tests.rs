@@ -676,3 +676,195 @@ fn graceful_is_refused_where_nothing_moves_gracefully() {
         );
     }
 }
+
+/// `small` with `[pair]` and a `balancer_fail` at step 1.
+fn failover(steps: u32, pair: &str, events: &str) -> Scenario {
+    small(
+        steps,
+        &format!("[pair]\n{pair}\n[[event]]\nstep = 1\nbalancer_fail = {{}}\n{events}"),
+    )
+}
+
+#[test]
+fn with_no_replication_lag_a_failover_moves_nothing_and_darkens_each_tunnel_for_the_detection() {
+    let s = failover(3, "replication_lag_ms = 0\ndetection_ms = 800", "");
+    for policy in native::SHIPPED {
+        let r = run_native(policy, &s);
+        clean(&r);
+        let f = &r.failovers[0];
+        assert_eq!(
+            (f.event, f.tunnels, f.kept, f.replaced, f.moved),
+            (0, 12, 12, 0, 0),
+            "{policy}"
+        );
+        assert_eq!(r.moved_per_event, [0], "{policy}");
+        assert_eq!(r.minimum_moved_per_event, [0], "{policy}");
+        // The standby knew every tunnel: its policy was never asked.
+        assert_eq!(r.decisions, 12, "{policy}");
+        assert_eq!((f.dark_seconds, f.dark_p95, f.dark_max), (9.6, 0.8, 0.8));
+        assert_eq!(r.outage_seconds_per_event, [9.6], "{policy}");
+        assert_eq!(r.tunnels_over_time[0], r.tunnels_over_time[2], "{policy}");
+    }
+}
+
+/// The 12 tunnels of `small` open in step 0, spread over its 10 s at the
+/// middles of twelfths: the last two 1.25 s and 0.42 s before the failure
+/// at step 1, the one before them 2.08 s. A lag of 1.5 s covers exactly
+/// the last two.
+#[test]
+fn a_lag_covering_the_last_two_openings_re_places_exactly_those_two() {
+    let s = failover(3, "replication_lag_ms = 1500", "");
+    let out = sim::run(
+        &s,
+        1,
+        &mut || native::shipped("round-robin", &[]).unwrap(),
+        &mut |_| {},
+    );
+    // The active's round-robin placed them a, b, c in turn, so the last
+    // two (10 and 11) on b and c. The standby's own round-robin starts its
+    // turn afresh: a, then b. Both move; the ten it knew stay.
+    let before: Vec<Option<usize>> = (0..12).map(|j| Some(j % 3)).collect();
+    let mut after = before.clone();
+    after[10] = Some(0);
+    after[11] = Some(1);
+    assert_eq!(out.placements, after);
+    let r = PolicyRun::of(
+        &s,
+        Options {
+            seed: 1,
+            timing: false,
+        },
+        out,
+    );
+    clean(&r);
+    let f = &r.failovers[0];
+    assert_eq!((f.tunnels, f.kept, f.replaced, f.moved), (12, 10, 2, 2));
+    assert_eq!(r.moved_per_event, [2]);
+    assert_eq!(r.tunnels_over_time[1], [5, 4, 3]);
+    assert_eq!(r.decisions, 12 + 2);
+    // Ten tunnels dark for the detection (1 s by default); the two moved
+    // off a live segw then until their DPD gave up (idle tunnels: 6 to
+    // 11 s into their cycle) and they set up again.
+    assert_eq!(f.dark_p95, f.dark_max);
+    assert!((7.1..=12.2).contains(&f.dark_max), "{}", f.dark_max);
+    assert!(f.dark_seconds > 10.0 + 2.0 * 7.1, "{}", f.dark_seconds);
+    // Three tunnels within 2.5 s: the last three, which the active had
+    // placed on a, b and c, and the standby's fresh turn too. None moves.
+    let r = run_native("round-robin", &failover(3, "replication_lag_ms = 2500", ""));
+    let f = &r.failovers[0];
+    assert_eq!((f.kept, f.replaced, f.moved), (9, 3, 0));
+}
+
+/// A consistent hash gives every balancer the same answer for the same
+/// key, but the standby does not see the key the tunnel opened with: it
+/// sees an ESP packet from the port the tunnel floated to (4500), and the
+/// hash of that endpoint is of another slot. So the re-placed tunnels land
+/// where the ESP endpoint hashes, not where they were.
+#[test]
+fn a_consistent_hash_places_an_unknown_tunnel_by_the_endpoint_the_standby_sees_not_the_opening() {
+    use crate::policy::{Gateway, Load, Opener, TunnelKey};
+    use sim::{run_with, Arrivals, GivenPeer};
+    let given: Vec<GivenPeer> = (1..=12u8)
+        .map(|n| GivenPeer {
+            step: 0,
+            addr: std::net::Ipv4Addr::new(10, 1, 0, n).into(),
+            ike_port: 500,
+            natt_port: Some(4500),
+            ike_spi: 0x1100 + u64::from(n),
+            ends: None,
+        })
+        .collect();
+    // A lag of the whole step: the standby knows none of them.
+    let s = failover(3, "replication_lag_ms = 10000", "");
+    let out = run_with(
+        &s,
+        Arrivals::Given(&given),
+        &mut || native::shipped("consistent-hash", &[]).unwrap(),
+        &mut |_| {},
+    );
+    // What consistent-hash answers for a port (ids 1..=3 are a, b, c).
+    let mut policy = native::shipped("consistent-hash", &[]).unwrap();
+    let set: Vec<Gateway> = ["a", "b", "c"]
+        .iter()
+        .zip(1..)
+        .map(|(name, id)| Gateway::new(id, *name, 1))
+        .collect();
+    policy.set_gateways(&set).unwrap();
+    let mut hashed = |p: &GivenPeer, port: u16| {
+        let key = TunnelKey {
+            peer: p.addr,
+            peer_port: port,
+            vip: crate::workload::vip_for(p.addr),
+            ike_spi: None,
+            opened_by: Opener::NatT,
+        };
+        let id = policy.choose(&key, &Load::default()).unwrap().unwrap();
+        Some(id as usize - 1)
+    };
+    let opened: Vec<Option<usize>> = given.iter().map(|p| hashed(p, 500)).collect();
+    let floated: Vec<Option<usize>> = given.iter().map(|p| hashed(p, 4500)).collect();
+    assert_eq!(out.placements, floated);
+    let takeover = out.takeovers[0].clone().unwrap();
+    let moved = opened.iter().zip(&floated).filter(|(a, b)| a != b).count();
+    assert_eq!((takeover.replaced, takeover.moved), (12, moved as u64));
+    assert!(
+        moved > 0,
+        "every port hashed to the same segw: pick other peers"
+    );
+}
+
+#[test]
+fn a_failed_balancer_back_as_standby_moves_nothing_and_the_pair_fails_over_again() {
+    let s = failover(
+        5,
+        "replication_lag_ms = 0",
+        "[[event]]\nstep = 2\nbalancer_recover = {}\n\
+         [[event]]\nstep = 3\nbalancer_fail = { how = \"uplink\" }\n",
+    );
+    let r = run_native("least-tunnels", &s);
+    clean(&r);
+    assert_eq!(r.moved_per_event, [0, 0, 0]);
+    assert_eq!(r.outage_seconds_per_event, [12.0, 0.0, 12.0]);
+    let events: Vec<usize> = r.failovers.iter().map(|f| f.event).collect();
+    assert_eq!(events, [0, 2]);
+    assert_eq!(r.events[1], "step 2: failed balancer back as standby");
+    assert_eq!(r.events[2], "step 3: active balancer's uplink down");
+    assert!(r.tunnels_over_time.windows(2).all(|w| w[0] == w[1]));
+    // The terminal and the page say so, per failover.
+    let runs = [r];
+    let table = Table {
+        scenario: &s,
+        seed: 1,
+        runs: &runs,
+    }
+    .to_string();
+    assert!(
+        table.contains(
+            "least-tunnels      [1] 12 / 0 / 0, 0.2 (1.0 s)  [3] 12 / 0 / 0, 0.2 (1.0 s)"
+        ),
+        "{table}"
+    );
+    let page = report::html(&s, 1, &runs);
+    assert!(page.contains("<h3>Balancer failover</h3>"), "{page}");
+    assert!(page.contains("<td>12 kept, 0 re-placed, 0 moved; 0.2 min dark (p95 1.0 s)</td>"));
+}
+
+/// The built-in failover scenario without churn: a burst of 20,000
+/// openings over step 3 (2,000 a second) leaves the last 10 within the
+/// default 5 ms lag of the kill at step 4; at the uplink failure at step 8
+/// nothing has opened for steps, and nothing is placed again.
+#[test]
+fn the_failover_scenario_re_places_the_burst_s_last_openings_only() {
+    let mut s = Scenario::resolve(std::path::Path::new("failover")).unwrap();
+    assert_eq!(s.pair, scenario::Pair::default());
+    s.tunnels.count = 1_000;
+    s.tunnels.churn = 0.0;
+    let r = run_native("weighted", &s);
+    clean(&r);
+    let counts: Vec<(u64, u64, u64)> = (r.failovers.iter())
+        .map(|f| (f.tunnels, f.kept, f.replaced))
+        .collect();
+    assert_eq!(counts, [(21_000, 20_990, 10), (21_000, 21_000, 0)]);
+    assert_eq!(r.failovers[1].moved, 0);
+    assert!(r.failovers[0].moved <= 10);
+}

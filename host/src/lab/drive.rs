@@ -333,6 +333,12 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                         disrupted |= *rebalance;
                     }
                 }
+                Event::BalancerFail(_) | Event::BalancerRecover => {
+                    return Err(Error::State(format!(
+                        "step {step}: {}: the lab runs one balancer; a pair's failover needs lab.balancers = 2",
+                        e.label()
+                    )));
+                }
             }
             SegwNow::apply(&mut now, &segws, &e.event);
         }
@@ -579,6 +585,8 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         drops: drops_of(&status),
         returns_lost: 0,
         placements: holder,
+        // No balancer fails in the lab (yet): nothing taken over.
+        takeovers: Vec::new(),
     };
     let mut opened = vec![0; state.initiators.len()];
     let initiators = plan
