@@ -429,3 +429,50 @@ fn a_pair_fails_over_and_back_under_probes_and_reestablishes_no_tunnel() {
     lab.down_and_check();
     eprintln!("the test took {:.0} s", started.elapsed().as_secs_f64());
 }
+
+/// `lab compare --scenario lab-failover` on a pair (issue 31): 24 tunnels;
+/// the active balancer SIGKILLed, back as the standby, then the new
+/// active's uplink down. The lab plays both failures for real and reports
+/// them as the simulation predicts them: every tunnel kept where it was,
+/// none placed again, none moved; each dark only while no balancer
+/// served (a probe every 200 ms: at most keepalived's check interval and
+/// the election).
+#[test]
+fn lab_compare_plays_a_pairs_failovers_as_the_simulation_predicts() {
+    if !can_run(true) {
+        return;
+    }
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let lab = Lab::pair("fc", "round-robin", &[1, 1, 1], 1, 0, 0);
+    let out_dir = lab.dir.path().join("report");
+    let (ok, out, err) = lab.cli(&[
+        "compare",
+        "--scenario",
+        "lab-failover",
+        "--policies",
+        "round-robin,consistent-hash",
+        "--out",
+        &out_dir.to_string_lossy(),
+    ]);
+    eprintln!("{out}\n{err}");
+    assert!(ok, "lab compare failed:\n{out}\n{err}");
+    let json = std::fs::read_to_string(out_dir.join("report.json")).unwrap();
+    let runs: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(runs.len(), 2);
+    for r in &runs {
+        let p = r["policy"].as_str().unwrap();
+        assert_eq!(r["prediction_differs"], serde_json::json!([]), "{p}");
+        assert_eq!(r["problems"], serde_json::json!([]), "{p}");
+        let failovers = r["failovers"].as_array().unwrap();
+        assert_eq!(failovers.len(), 2, "{p}: {failovers:?}");
+        for f in failovers {
+            assert_eq!(f["tunnels"], 24, "{p}: {f}");
+            assert_eq!(f["kept"], 24, "{p}: {f}");
+            assert_eq!(f["replaced"], 0, "{p}: {f}");
+            assert_eq!(f["moved"], 0, "{p}: {f}");
+            let max = f["dark_max"].as_f64().unwrap();
+            assert!(max <= 2.0, "{p}: a tunnel dark for {max} s: {f}");
+        }
+    }
+    lab::assert_nothing_left(&lab.config, &[]);
+}

@@ -43,7 +43,8 @@ enum Command {
         /// A scenario file (TOML; see config/scenarios/), or a built-in one
         /// by name: `default` (the default), `capacity` (a segw fails at
         /// peak with capacities set), `diurnal` (a day of traffic on segws
-        /// of unequal throughput, a failure at the busy hour).
+        /// of unequal throughput, a failure at the busy hour), `failover`
+        /// (a pair's active balancer fails, twice).
         #[arg(long)]
         scenario: Option<PathBuf>,
         /// Override the scenario's tunnel count.
@@ -129,7 +130,8 @@ enum LabCommand {
     /// prediction of the same tunnels.
     Compare {
         /// A scenario file (TOML; see config/scenarios/), or a built-in one
-        /// by name: `lab` (the default), `lab-capacity`.
+        /// by name: `lab` (the default), `lab-capacity`, `lab-failover` (a
+        /// pair's failover: needs `lab.balancers = 2`).
         #[arg(long)]
         scenario: Option<PathBuf>,
         /// Policies, comma-separated names in the lab file's policy_dir.

@@ -34,15 +34,19 @@ pub const BUILTIN_DIURNAL: &str = include_str!("../../../config/scenarios/diurna
 /// The pair's failover (`--scenario failover`): the active balancer killed,
 /// back as the standby, then the new active's uplink down.
 pub const BUILTIN_FAILOVER: &str = include_str!("../../../config/scenarios/failover.toml");
+/// The pair's failover at lab size (`lab compare --scenario lab-failover`,
+/// on a lab with `lab.balancers = 2`).
+pub const BUILTIN_LAB_FAILOVER: &str = include_str!("../../../config/scenarios/lab-failover.toml");
 
 /// `--scenario NAME` for a built-in one (a file of that name wins).
-pub const BUILTINS: [(&str, &str); 6] = [
+pub const BUILTINS: [(&str, &str); 7] = [
     ("default", BUILTIN),
     ("capacity", BUILTIN_CAPACITY),
     ("diurnal", BUILTIN_DIURNAL),
     ("failover", BUILTIN_FAILOVER),
     ("lab", BUILTIN_LAB),
     ("lab-capacity", BUILTIN_LAB_CAPACITY),
+    ("lab-failover", BUILTIN_LAB_FAILOVER),
 ];
 
 /// Upper bounds, so a typo cannot ask for a run that never ends.
@@ -264,7 +268,8 @@ impl Scenario {
     }
 
     /// `--scenario ARG`: a file, or the name of a built-in scenario
-    /// (`default`, `capacity`, `diurnal`, `failover`, `lab`, `lab-capacity`)
+    /// (`default`, `capacity`, `diurnal`, `failover`, `lab`, `lab-capacity`,
+    /// `lab-failover`)
     /// when no such file exists.
     pub fn resolve(arg: &Path) -> Result<Self, ScenarioError> {
         let builtin = BUILTINS

@@ -319,6 +319,23 @@ pub fn render(s: &Status) -> String {
         "# HELP segwlb_fast_path_resyncing 1 while a full resync of the fast path is under way (every frame goes to the core).\n# TYPE segwlb_fast_path_resyncing gauge\nsegwlb_fast_path_resyncing {}",
         u8::from(w.fast_path_resyncing)
     );
+    if let Some(p) = &s.pair {
+        let samples: [(&str, &str, &str, String); 7] = [
+            ("pair_active", "gauge", "1 while this balancer is its pair's active one, 0 while standby.", u8::from(p.role == "active").to_string()),
+            ("pair_connected", "gauge", "1 while the sync link to the peer is up (serving a standby, or following the active).", u8::from(p.connected).to_string()),
+            ("pair_lag_frames", "gauge", "Sync frames not yet acknowledged (active) or not yet applied (standby).", p.lag_frames.to_string()),
+            ("pair_lag_seconds", "gauge", "Replication lag: to the acknowledgement (active), from the active's send to the apply (standby).", (p.lag_ms / 1e3).to_string()),
+            ("pair_snapshots_total", "counter", "Whole tables sent (active) or taken (standby).", p.snapshots.to_string()),
+            ("pair_standbys_dropped_total", "counter", "Standbys dropped for not keeping up.", p.dropped_slow.to_string()),
+            ("pair_refused_total", "counter", "Sync connections or frames refused: a wrong address, a failed proof, a forged or out-of-order frame.", p.refused.to_string()),
+        ];
+        for (name, kind, help, value) in samples {
+            let _ = writeln!(
+                out,
+                "# HELP segwlb_{name} {help}\n# TYPE segwlb_{name} {kind}\nsegwlb_{name} {value}"
+            );
+        }
+    }
     out
 }
 

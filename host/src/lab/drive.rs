@@ -55,11 +55,12 @@ use super::initiate;
 use super::netns::Netns;
 use super::probe::{Prober, PERIOD};
 use super::report::{by_inner, ping_each};
-use super::topology::State;
+use super::topology::{BalancerFailure, State};
 use super::traffic::{self, Flow, Scaled};
 use super::{Error, Result};
 use crate::balancer::DropReason;
 use crate::compare::outage::{Dark, Found, Summary};
+use crate::compare::scenario::Failure;
 use crate::compare::sim::{self, GivenPeer, Landing, Outcome, SegwNow};
 use crate::compare::{Event, Scenario, SegwSpec};
 use crate::control::ctl::Request;
@@ -172,6 +173,9 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
     let mut arrived = 0;
     let (mut moved, mut minimum) = (Vec::new(), Vec::new());
     let mut darks: Vec<Vec<Dark>> = Vec::new();
+    // Per balancer failure: its event, the tunnels live at it, and how
+    // many the new active placed again.
+    let mut takeovers: Vec<(usize, u64, u64)> = Vec::new();
     // Per event: tunnels moved gracefully.
     let mut graceful: Vec<u64> = Vec::new();
     let mut came_back: Vec<CameBack> = Vec::new();
@@ -233,6 +237,9 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         // Probes through every live tunnel from the step's first event
         // that moves tunnels until its step has settled.
         let mut probing: Option<(Instant, Prober)> = None;
+        // This step's balancer failure: its event, the new active, and
+        // what that one had placed before it took over.
+        let mut takeover: Option<(usize, usize, u64)> = None;
         for e in scenario.events.iter().filter(|e| e.step == step) {
             say(&format!("step {step}: {}", e.label()));
             let counts = counts_of(&holder, segws.len());
@@ -333,14 +340,58 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                         disrupted |= *rebalance;
                     }
                 }
-                Event::BalancerFail(_) | Event::BalancerRecover => {
-                    return Err(Error::State(format!(
-                        "step {step}: {}: the lab runs one balancer; a pair's failover needs lab.balancers = 2",
-                        e.label()
-                    )));
+                Event::BalancerFail(how) => {
+                    // Probes from before the failure: what a tunnel lost is
+                    // its time in the dark.
+                    if probing.is_none() {
+                        probing = Some((Instant::now(), Prober::start(state, &initiators_now)?));
+                    }
+                    let how = match how {
+                        Failure::Kill => BalancerFailure::Killed,
+                        Failure::Uplink => BalancerFailure::UplinkDown,
+                    };
+                    let t0 = Instant::now();
+                    let failed = state.fail_active_balancer(how)?;
+                    let next = 1 - failed;
+                    let placed_before = state.balancers[next].status(0)?.counters.placed;
+                    state.wait_active(next)?;
+                    say(&format!(
+                        "step {step}: {} active after {:.0} ms",
+                        state.balancers[next].name,
+                        t0.elapsed().as_secs_f64() * 1e3
+                    ));
+                    takeover = Some((moved.len() - 1, next, placed_before));
+                }
+                Event::BalancerRecover => {
+                    let Some(k) = state.balancers.iter().position(|b| b.failed.is_some()) else {
+                        return Err(Error::State(format!(
+                            "step {step}: no balancer of the pair has failed"
+                        )));
+                    };
+                    // Started again from the binary its peer runs.
+                    let peer = state.balancers[1 - k].pid;
+                    let exe =
+                        std::fs::read_link(format!("/proc/{peer}/exe")).map_err(|e| Error::Io {
+                            what: format!("finding the binary of balancer pid {peer}"),
+                            source: e,
+                        })?;
+                    let took = state.recover_balancer(k, &exe)?;
+                    say(&format!(
+                        "step {step}: {} back as the standby, holding the table, after {:.0} ms",
+                        state.balancers[k].name,
+                        took.as_secs_f64() * 1e3
+                    ));
                 }
             }
             SegwNow::apply(&mut now, &segws, &e.event);
+        }
+        // A takeover: what the new active placed again (what the
+        // replication had not brought it), once every probed tunnel has
+        // spoken through it (before this step's arrivals).
+        if let Some((e, next, placed_before)) = takeover {
+            std::thread::sleep(PERIOD * 3);
+            let placed = state.balancers[next].status(0)?.counters.placed;
+            takeovers.push((e, lives_now.len() as u64, placed - placed_before));
         }
 
         clock.lap("events");
@@ -465,7 +516,17 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
                 holder[l] = Some(at);
                 continue;
             }
+            let taken_over = takeover.map(|(e, ..)| e);
             match sim::landing(before, at, before_up, rebalancing) {
+                Landing::Stayed if taken_over.is_some() => {
+                    // Kept through the takeover: dark for the probes lost.
+                    if let (Some(e), Some(b)) = (taken_over, back.get(&l)) {
+                        darks[e].push(Dark {
+                            seconds: Some(f64::from(b.lost) * PERIOD.as_secs_f64()),
+                            found: Found::Takeover,
+                        });
+                    }
+                }
                 Landing::First | Landing::Stayed => {}
                 Landing::Moved => {
                     moved_now += 1;
@@ -536,6 +597,20 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
     }
 
     let status = state.balancer_status()?;
+    // Per event, as the simulation has them: each balancer failure's
+    // takeover, measured.
+    let takeovers: Vec<Option<sim::Takeover>> = (0..moved.len())
+        .map(|e| {
+            let &(_, tunnels, replaced) = takeovers.iter().find(|t| t.0 == e)?;
+            Some(sim::Takeover {
+                tunnels,
+                kept: tunnels.saturating_sub(moved[e]),
+                replaced,
+                moved: moved[e],
+                outage: Summary::of(&darks[e]),
+            })
+        })
+        .collect();
     let outcome = Outcome {
         policy: status.policy.name.clone(),
         segws: segws
@@ -585,8 +660,7 @@ pub fn drive(state: &mut State, scenario: &Scenario, say: &mut dyn FnMut(&str)) 
         drops: drops_of(&status),
         returns_lost: 0,
         placements: holder,
-        // No balancer fails in the lab (yet): nothing taken over.
-        takeovers: Vec::new(),
+        takeovers,
     };
     let mut opened = vec![0; state.initiators.len()];
     let initiators = plan
