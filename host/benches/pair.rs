@@ -30,7 +30,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
 use segwlb::balancer::farm::{self, port_mac, segw_mac};
-use segwlb::balancer::{Balancer, PortId, UPLINK};
+use segwlb::balancer::replica::Source;
+use segwlb::balancer::{Balancer, PortId, Verdict, UPLINK};
 use segwlb::control::status::{PolicyRecord, Status};
 use segwlb::dataplane::{Clock, Command, Worker};
 use segwlb::io::{memory, Received};
@@ -40,6 +41,7 @@ use segwlb::packet::{self, IkeHeader, Mac, Payload};
 use segwlb::pair::link::Link;
 use segwlb::pair::{PairConfig, Role};
 use segwlb::policy::native;
+use segwlb::time::Timestamp;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 2, 2, 1);
 const ROUTER: Mac = [2, 0xaa, 0, 0, 0, 1];
@@ -290,6 +292,54 @@ fn run(rate: u64, secs: u64, with_standby: bool) -> Run {
     }
 }
 
+/// `n` handshakes through the core on this thread (IKE_SA_INIT, its
+/// segw's two answers), with the change log on and drained every 32
+/// tunnels or off: the time taken, best of 5.
+fn core_cost(n: u32, replicate: bool) -> Duration {
+    let answers = |i: u32, port: PortId| -> Vec<Vec<u8>> {
+        [IKE_SA_INIT, IKE_AUTH]
+            .into_iter()
+            .map(|exchange| {
+                let ip = udp_packet(
+                    IpAddr::V4(VIP),
+                    500,
+                    peer(i),
+                    500,
+                    &ike_body(&ike(u64::from(i) + 1, exchange, false), false, 200),
+                );
+                frame(port_mac(port), segw_mac(port as u8), None, &ip)
+            })
+            .collect()
+    };
+    (0..5)
+        .map(|_| {
+            let mut lb = balancer();
+            lb.replicate(replicate);
+            let mut source = Source::default();
+            let mut deltas = Vec::with_capacity(128);
+            let frames: Vec<Vec<u8>> = (0..n).map(|i| sa_init(i).frame).collect();
+            let started = Instant::now();
+            for (i, f) in frames.into_iter().enumerate() {
+                let mut f = f;
+                let Verdict::Forward(port) = lb.handle(&mut f, UPLINK, Timestamp::ZERO) else {
+                    panic!("tunnel {i} not placed");
+                };
+                for mut a in answers(i as u32, port) {
+                    lb.handle(&mut a, port, Timestamp::ZERO);
+                }
+                if replicate && i % 32 == 31 {
+                    lb.replica_deltas(&mut source, Timestamp::ZERO, &mut deltas)
+                        .expect("the log keeps 32 tunnels' changes");
+                    std::hint::black_box(&deltas);
+                    deltas.clear();
+                }
+            }
+            started.elapsed()
+        })
+        .min()
+        .expect("five runs")
+}
+
 fn quantile(sorted: &[u64], q: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -328,5 +378,14 @@ fn main() {
     println!(
         "  cost of the standby to the active's worker: ×{:.2} busy time per tunnel",
         (paired.busy_s / paired.opened as f64) / (alone.busy_s / alone.opened as f64)
+    );
+    let n = 50_000;
+    let (off, on) = (core_cost(n, false), core_cost(n, true));
+    let per = |d: Duration| d.as_secs_f64() / f64::from(n) * 1e9;
+    println!(
+        "  the core alone, {n} handshakes (3 frames each): {:.0} ns a tunnel without the change log, {:.0} ns with it and its deltas (×{:.2})",
+        per(off),
+        per(on),
+        per(on) / per(off)
     );
 }

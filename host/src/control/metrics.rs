@@ -520,6 +520,45 @@ mod tests {
     use std::io::Read;
     use std::time::Instant;
 
+    #[test]
+    fn a_pairs_role_lag_and_drops_are_metrics() {
+        use crate::balancer::farm;
+        use crate::control::status::{Gathered, PolicyRecord, Status, TunnelLists};
+        use crate::policy::native;
+        let lb = farm::balancer(native::shipped("round-robin", &[]).unwrap(), 2, vec![], 16);
+        let status = |pair| -> Status {
+            let now = crate::time::Timestamp::ZERO;
+            let record = PolicyRecord::default();
+            let mut g = Gathered::of(&lb, &record, vec![], now, 1.0, TunnelLists::new(0));
+            g.status_mut().pair = pair;
+            g.finish()
+        };
+        assert!(
+            !render(&status(None)).contains("segwlb_pair_"),
+            "not one of a pair"
+        );
+        let text = render(&status(Some(crate::pair::PairStatus {
+            role: "standby".into(),
+            connected: true,
+            lag_frames: 3,
+            lag_ms: 1.5,
+            snapshots: 2,
+            refused: 1,
+            ..Default::default()
+        })));
+        for line in [
+            "segwlb_pair_active 0",
+            "segwlb_pair_connected 1",
+            "segwlb_pair_lag_frames 3",
+            "segwlb_pair_lag_seconds 0.0015",
+            "segwlb_pair_snapshots_total 2",
+            "segwlb_pair_standbys_dropped_total 0",
+            "segwlb_pair_refused_total 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
+    }
+
     /// What the listener answers to `send`, and how long it took.
     fn exchange(addr: SocketAddr, send: &[u8]) -> (String, Duration) {
         let t = Instant::now();
