@@ -21,9 +21,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::netns_can_run as can_run;
+use common::socket::Socket;
 use segwlb::control::ctl::{request, Request};
 use segwlb::control::status::Status;
-use segwlb::io::afpacket::{self, AfPacketTx, Reader};
+use segwlb::io::afpacket;
 use segwlb::io::Tx;
 use segwlb::lab::netns::{self, Netns};
 use segwlb::packet::craft::{
@@ -81,81 +83,6 @@ fn from_initiator(f: &[u8]) -> bool {
 /// One lab at a time: they time frames and health rounds, and two
 /// balancers on two cores would measure each other.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Skip (or fail, under CI) when namespaces cannot be made here.
-fn can_run() -> bool {
-    let missing = if netns::is_root() {
-        netns::prerequisites().err()
-    } else {
-        Some("not root".to_string())
-    };
-    match missing {
-        None => true,
-        Some(why) if std::env::var_os("SEGWLB_REQUIRE_NETNS").is_some() => {
-            panic!("network-namespace tests cannot run: {why}")
-        }
-        Some(why) => {
-            eprintln!("skipped: network-namespace tests need root, iproute2 and ethtool ({why})");
-            false
-        }
-    }
-}
-
-/// An AF_PACKET socket on an interface inside a namespace.
-struct Socket {
-    tx: AfPacketTx,
-    rx: Reader,
-    mac: Mac,
-}
-
-impl Socket {
-    fn open(ns: &Netns, ifname: &str) -> Socket {
-        let o = ns
-            .enter(|| afpacket::open(ifname))
-            .unwrap()
-            .unwrap_or_else(|e| panic!("{}: {e}", ns.name()));
-        Socket {
-            tx: o.tx,
-            rx: o.rx,
-            mac: o.mac,
-        }
-    }
-
-    fn send(&mut self, f: &[u8]) {
-        self.tx.send(f).unwrap();
-    }
-
-    /// Every frame from an initiator address that arrives until the line
-    /// has been quiet for `quiet` (probes, NDP and the rest are not
-    /// counted).
-    fn drain(&mut self, quiet: Duration) -> Vec<Vec<u8>> {
-        let mut got = Vec::new();
-        let mut last = Instant::now();
-        while last.elapsed() < quiet {
-            if let Ok(f) = self.rx.recv() {
-                if from_initiator(f) {
-                    got.push(f.to_vec());
-                    last = Instant::now();
-                }
-            }
-        }
-        got
-    }
-
-    /// Frames of EtherType `ethertype` until `wait` runs out.
-    fn frames_of(&mut self, ethertype: [u8; 2], wait: Duration) -> Vec<Vec<u8>> {
-        let until = Instant::now() + wait;
-        let mut got = Vec::new();
-        while Instant::now() < until {
-            if let Ok(f) = self.rx.recv() {
-                if f.len() >= 14 && f[12..14] == ethertype {
-                    got.push(f.to_vec());
-                }
-            }
-        }
-        got
-    }
-}
 
 /// The namespaces, the balancer process and the sockets of one test.
 struct Lab {
@@ -429,7 +356,7 @@ impl Lab {
         }
         self.segws
             .iter_mut()
-            .map(|s| s.drain(Duration::from_millis(300)))
+            .map(|s| s.drain(Duration::from_millis(300), from_initiator))
             .collect()
     }
 }
@@ -1685,7 +1612,7 @@ fn ctl_adds_removes_undrains_and_rebalances_a_live_balancer() {
     let round = |lab: &mut Lab, sock4: &mut Socket, seq: u32| {
         let frames = lab.raw_esp(500, 8, 0xb000, seq);
         let mut captured = lab.send_and_capture(&frames);
-        captured.push(sock4.drain(Duration::from_millis(300)));
+        captured.push(sock4.drain(Duration::from_millis(300), from_initiator));
         captured.iter().map(Vec::len).collect::<Vec<_>>()
     };
     // Round-robin over four: two new tunnels each.
@@ -2081,9 +2008,9 @@ fn a_known_load_is_reported_per_gateway_within_five_percent() {
         }
         if round % 200 == 0 {
             // Keep the capture sockets from filling.
-            lab.ini.drain(Duration::ZERO);
+            lab.ini.drain(Duration::ZERO, |_| true);
             for s in &mut lab.segws {
-                s.drain(Duration::ZERO);
+                s.drain(Duration::ZERO, |_| true);
             }
         }
     }

@@ -24,12 +24,12 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::netns_can_run as can_run;
+use common::socket::Socket;
 use segwlb::balancer::replica::Delta;
 use segwlb::balancer::saved::SavedTunnel;
 use segwlb::control::ctl::{request, Request};
 use segwlb::control::status::Status;
-use segwlb::io::afpacket::{self, AfPacketTx, Reader};
-use segwlb::io::Tx;
 use segwlb::lab::netns::{self, Netns};
 use segwlb::packet::craft::{esp_body, frame, ike_body, udp_packet};
 use segwlb::packet::ike::{IKE_AUTH, IKE_SA_INIT};
@@ -48,62 +48,6 @@ fn peer(n: u16) -> IpAddr {
 
 /// One pair at a time: two balancers on two cores already share them.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn can_run() -> bool {
-    let missing = if netns::is_root() {
-        netns::prerequisites().err()
-    } else {
-        Some("not root".to_string())
-    };
-    match missing {
-        None => true,
-        Some(why) if std::env::var_os("SEGWLB_REQUIRE_NETNS").is_some() => {
-            panic!("network-namespace tests cannot run: {why}")
-        }
-        Some(why) => {
-            eprintln!("skipped: network-namespace tests need root, iproute2 and ethtool ({why})");
-            false
-        }
-    }
-}
-
-/// An AF_PACKET socket on an interface inside a namespace.
-struct Socket {
-    tx: AfPacketTx,
-    rx: Reader,
-    mac: Mac,
-}
-
-impl Socket {
-    fn open(ns: &Netns, ifname: &str) -> Socket {
-        let o = ns.enter(|| afpacket::open(ifname)).unwrap().unwrap();
-        Socket {
-            tx: o.tx,
-            rx: o.rx,
-            mac: o.mac,
-        }
-    }
-
-    fn send(&mut self, f: &[u8]) {
-        self.tx.send(f).unwrap();
-    }
-
-    /// Every frame `keep` takes until none came for `quiet` (probes and
-    /// the rest go on all the time, and are not waited for).
-    fn drain(&mut self, quiet: Duration, keep: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
-        let mut got = Vec::new();
-        let mut last = Instant::now();
-        while last.elapsed() < quiet {
-            if let Ok(f) = self.rx.recv() {
-                if keep(f) {
-                    got.push(f.to_vec());
-                    last = Instant::now();
-                }
-            }
-        }
-        got
-    }
-}
 
 /// IPv4 from an initiator (10.1/16) in a frame.
 fn from_initiator(f: &[u8]) -> bool {

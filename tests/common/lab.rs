@@ -29,19 +29,10 @@ pub fn can_run(pair: bool) -> bool {
     } else {
         None
     };
-    match missing {
-        None => true,
-        Some(why) if std::env::var_os("SEGWLB_REQUIRE_NETNS").is_some() => {
-            panic!("the strongSwan lab cannot run: {why}")
-        }
-        Some(why) => {
-            eprintln!(
-                "skipped: the strongSwan lab needs root, iproute2, ethtool and strongSwan, \
-                 and keepalived for a pair ({why})"
-            );
-            false
-        }
-    }
+    crate::common::runs_here(
+        "the strongSwan lab (root, iproute2, ethtool, strongSwan; keepalived for a pair)",
+        missing,
+    )
 }
 
 /// A lab file of the test's own (own prefix and work dir); `lab down` on
@@ -122,6 +113,34 @@ impl Lab {
                 .arg(&self.file)
                 .args(args),
         )
+    }
+
+    /// `lab compare --scenario SCENARIO --policies POLICIES` into a report
+    /// directory of the lab's own: its output, and the runs of its
+    /// report.json, each checked to be predicted exactly and to have no
+    /// problems.
+    pub fn compare(&self, scenario: &str, policies: &str) -> (String, Vec<serde_json::Value>) {
+        let out_dir = self.dir.path().join("report");
+        let (ok, out, err) = self.cli(&[
+            "compare",
+            "--scenario",
+            scenario,
+            "--policies",
+            policies,
+            "--out",
+            &out_dir.to_string_lossy(),
+        ]);
+        eprintln!("{out}\n{err}");
+        assert!(ok, "lab compare failed:\n{out}\n{err}");
+        let json = std::fs::read_to_string(out_dir.join("report.json")).unwrap();
+        let runs: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+        assert_eq!(runs.len(), policies.split(',').count());
+        for r in &runs {
+            let p = r["policy"].as_str().unwrap();
+            assert_eq!(r["prediction_differs"], serde_json::json!([]), "{p}");
+            assert_eq!(r["problems"], serde_json::json!([]), "{p}");
+        }
+        (out, runs)
     }
 
     pub fn up(&mut self) {

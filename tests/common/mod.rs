@@ -2,6 +2,8 @@
 //! make a policy component from hand-written WAT.
 #![allow(dead_code)]
 
+pub mod socket;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -28,21 +30,40 @@ pub fn fast_path_under_test() -> Option<&'static str> {
 /// build with the program, root, and what namespaces need. Without them
 /// it says so and skips, unless SEGWLB_REQUIRE_NETNS is set: then it fails.
 pub fn xdp_can_run(what: &str) -> bool {
-    use segwlb::lab::netns;
     let missing = if segwlb::io::xdp::PROGRAM.is_none() {
         Some("this build has no XDP program (clang, libbpf-dev)".to_string())
-    } else if !netns::is_root() {
-        Some("not root".to_string())
     } else {
-        netns::prerequisites().err()
+        netns_missing()
     };
+    runs_here(what, missing)
+}
+
+/// Whether the network-namespace tests can run here: root, and what
+/// namespaces need (iproute2, ethtool). Without them they say so and
+/// skip, unless SEGWLB_REQUIRE_NETNS is set: then they fail.
+pub fn netns_can_run() -> bool {
+    runs_here("network-namespace tests", netns_missing())
+}
+
+fn netns_missing() -> Option<String> {
+    use segwlb::lab::netns;
+    if netns::is_root() {
+        netns::prerequisites().err()
+    } else {
+        Some("not root".to_string())
+    }
+}
+
+/// `what` runs unless something it needs is `missing`: then it is
+/// skipped, said, or, when SEGWLB_REQUIRE_NETNS is set (CI), failed.
+pub fn runs_here(what: &str, missing: Option<String>) -> bool {
     match missing {
         None => true,
         Some(why) if std::env::var_os("SEGWLB_REQUIRE_NETNS").is_some() => {
             panic!("{what} cannot run: {why}")
         }
         Some(why) => {
-            eprintln!("skipped: {why}");
+            eprintln!("skipped: {what} cannot run here ({why})");
             false
         }
     }
