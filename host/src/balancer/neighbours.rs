@@ -96,9 +96,11 @@ impl<P: Policy> Balancer<P> {
         // Only a segw's own words teach its MAC. On a segment shared by a
         // pair the other balancer speaks too: its health probes (ARP
         // probes, sender 0.0.0.0) and, after a takeover, gratuitous ARPs
-        // for the proxied addresses (a sender no segw has).
+        // claiming the proxied addresses (no segw claims those).
         let probe = arp.op == packet::arp::REQUEST && arp.sender_ip.is_unspecified();
-        if !probe && !self.proxies(IpAddr::V4(arp.sender_ip), ingress) {
+        let claim =
+            arp.sender_ip == arp.target_ip && self.proxies(IpAddr::V4(arp.sender_ip), ingress);
+        if !probe && !claim {
             self.heard_from_segw(ingress, arp.sender_mac);
         }
         if ingress == UPLINK {

@@ -49,10 +49,13 @@ pub enum Delta {
     },
 }
 
-/// The active's side of a replica: what it last said of the neighbours.
+/// The active's side of a replica: what it last said of the neighbours,
+/// and as of which gateway epoch and default next hop (the neighbours are
+/// looked at again only when one of those moved).
 #[derive(Debug, Default)]
 pub struct Source {
     neighbours: Option<Delta>,
+    as_of: Option<(u64, Option<crate::packet::Mac>)>,
 }
 
 /// The standby's side: which of its tunnels stands for which slot of the
@@ -137,10 +140,15 @@ impl<P: Policy> Balancer<P> {
                 Change::Touched(_) => {}
             }
         }
-        let neighbours = self.neighbours_delta();
-        if source.neighbours.as_ref() != Some(&neighbours) {
-            source.neighbours = Some(neighbours.clone());
-            out.push(neighbours);
+        // A segw's MAC moves the epoch; the next hop is looked at itself.
+        let as_of = Some((self.epoch, self.default_next_hop));
+        if source.as_of != as_of {
+            source.as_of = as_of;
+            let neighbours = self.neighbours_delta();
+            if source.neighbours.as_ref() != Some(&neighbours) {
+                source.neighbours = Some(neighbours.clone());
+                out.push(neighbours);
+            }
         }
         Ok(())
     }
@@ -160,6 +168,7 @@ impl<P: Policy> Balancer<P> {
     ) -> Option<usize> {
         if from == 0 {
             let neighbours = self.neighbours_delta();
+            source.as_of = Some((self.epoch, self.default_next_hop));
             source.neighbours = Some(neighbours.clone());
             out.push(neighbours);
         }

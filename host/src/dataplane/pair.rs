@@ -16,8 +16,11 @@ use crate::pair::{PairConfig, PairStatus, Role};
 use crate::time::Timestamp;
 
 /// The most peer addresses announced on the segw ports at a takeover (see
-/// `Balancer::takeover_announcements`).
+/// `Balancer::takeover_announcements`) ...
 pub const ANNOUNCE_MAX: usize = 4_096;
+/// ... sent this many frames a turn (the VIPs upstream first): a NIC's
+/// send queue takes a few hundred at once, not twelve thousand.
+pub const ANNOUNCE_PER_TURN: usize = 256;
 
 /// The worker's state of a pair.
 pub struct Pair {
@@ -32,6 +35,8 @@ pub struct Pair {
     in_sync: bool,
     snapshots: u64,
     role_changes: u64,
+    /// A takeover's announcements not sent yet.
+    announcing: std::collections::VecDeque<(crate::balancer::PortId, Vec<u8>)>,
 }
 
 /// The active's stream to one standby.
@@ -53,7 +58,19 @@ impl Pair {
             in_sync: false,
             snapshots: 0,
             role_changes: 0,
+            announcing: Default::default(),
         }
+    }
+}
+
+impl Pair {
+    /// The next slot of the snapshot under way, if there is room for it in
+    /// the writer's queue.
+    fn snapshot_ready(&self) -> Option<usize> {
+        let s = self.serving.as_ref()?;
+        (s.out.len() < crate::pair::link::QUEUE / 2)
+            .then_some(s.snapshot)
+            .flatten()
     }
 }
 
@@ -97,6 +114,7 @@ impl Worker {
                 // Nothing more goes out; the table stays until the active's
                 // snapshot replaces it.
                 pair.serving = None;
+                pair.announcing.clear();
                 pair.in_sync = false;
                 self.lb.replicate(false);
                 self.lb.set_standby(true);
@@ -109,10 +127,8 @@ impl Worker {
                 let tunnels = self.lb.table().len();
                 let frames = self.lb.takeover_announcements(&self.vips, ANNOUNCE_MAX);
                 let announced = frames.len();
-                for (port, frame) in frames {
-                    self.queue(port, frame);
-                }
-                self.flush();
+                pair.announcing = frames.into();
+                self.announce_some();
                 // Probe now: segws marked down while we were standby, and
                 // MACs the stream did not bring.
                 self.next_probe = now;
@@ -193,28 +209,27 @@ impl Worker {
         }
     }
 
-    /// A snapshot is being sent (see [`Worker::pair_background`]).
+    /// Work without input: a snapshot being sent (see
+    /// [`Worker::pair_background`]), or a takeover's announcements.
     pub(super) fn pair_has_background(&self) -> bool {
         self.pair
             .as_ref()
-            .and_then(|p| p.serving.as_ref())
-            .is_some_and(|s| s.snapshot.is_some() && s.out.len() < crate::pair::link::QUEUE / 2)
+            .is_some_and(|p| !p.announcing.is_empty() || p.snapshot_ready().is_some())
     }
 
     /// A slice of the snapshot under way, while the writer keeps up (the
     /// queue at most half full): a large table is paced by the link, not
     /// dropped for filling the queue.
     pub(super) fn pair_background(&mut self, now: Timestamp) -> bool {
-        if !self.pair_has_background() {
-            return false;
-        }
         let Some(pair) = &mut self.pair else {
+            return false;
+        };
+        let Some(from) = pair.snapshot_ready() else {
             return false;
         };
         let Some(s) = &mut pair.serving else {
             return false;
         };
-        let from = s.snapshot.expect("checked above");
         let mut deltas = Vec::with_capacity(STATUS_CHUNK + 1);
         s.snapshot = self
             .lb
@@ -229,8 +244,23 @@ impl Worker {
         true
     }
 
-    /// After a turn: what changed in the table, to the standby.
+    /// The next [`ANNOUNCE_PER_TURN`] of a takeover's announcements.
+    fn announce_some(&mut self) {
+        let Some(pair) = &mut self.pair else { return };
+        let n = pair.announcing.len().min(ANNOUNCE_PER_TURN);
+        let batch: Vec<_> = pair.announcing.drain(..n).collect();
+        for (port, frame) in batch {
+            self.queue(port, frame);
+        }
+        self.flush();
+    }
+
+    /// After a turn: the takeover's announcements still to send, and what
+    /// changed in the table, to the standby.
     pub(super) fn pair_turn(&mut self, now: Timestamp) {
+        if self.pair.as_ref().is_some_and(|p| !p.announcing.is_empty()) {
+            self.announce_some();
+        }
         let Some(pair) = &mut self.pair else { return };
         let Some(s) = &mut pair.serving else { return };
         let mut deltas = Vec::new();

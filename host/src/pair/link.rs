@@ -68,6 +68,10 @@ pub struct Outgoing {
 pub struct Shared {
     role: AtomicU8,
     pub connected: AtomicBool,
+    /// (Active) which standby connection is the current one: a connection
+    /// the worker replaced may still be closing, and must not overwrite
+    /// the new one's figures.
+    serving: AtomicU64,
     /// (Active) the last frame written; (standby) the last frame received.
     pub seq: AtomicU64,
     /// (Active) the last frame the standby acknowledged; (standby) the
@@ -89,6 +93,7 @@ impl Shared {
         Shared {
             role: AtomicU8::new(role as u8),
             connected: AtomicBool::new(false),
+            serving: AtomicU64::new(0),
             seq: AtomicU64::new(0),
             done: AtomicU64::new(0),
             lag_us: AtomicU64::new(0),
@@ -286,11 +291,13 @@ fn serve(stream: TcpStream, session: [u8; TAG], queued: &Receiver<Outgoing>, sha
         Err(e) => return shared.error(format!("serving the standby: {e}"), false),
     };
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let me = shared.serving.fetch_add(1, Ordering::Relaxed) + 1;
+    let current = || shared.serving.load(Ordering::Relaxed) == me;
     shared.connected.store(true, Ordering::Relaxed);
     shared.seq.store(0, Ordering::Relaxed);
     shared.done.store(0, Ordering::Relaxed);
     std::thread::scope(|scope| {
-        scope.spawn(|| read_acks(acks, session, shared));
+        scope.spawn(|| read_acks(acks, session, shared, &current));
         let mut stream = stream;
         let mut seq = 0u64;
         let why = loop {
@@ -322,23 +329,33 @@ fn serve(stream: TcpStream, session: [u8; TAG], queued: &Receiver<Outgoing>, sha
                 }
                 break Some(format!("the standby went ({e})"));
             }
-            shared.sent_at[seq as usize % SENT_TIMES].store(now_us(), Ordering::Relaxed);
-            shared.seq.store(seq, Ordering::Relaxed);
+            if current() {
+                shared.sent_at[seq as usize % SENT_TIMES].store(now_us(), Ordering::Relaxed);
+                shared.seq.store(seq, Ordering::Relaxed);
+            }
         };
         if let Some(why) = why {
             shared.error(why, false);
         }
-        shared.connected.store(false, Ordering::Relaxed);
+        if current() {
+            shared.connected.store(false, Ordering::Relaxed);
+        }
         let _ = stream.shutdown(Shutdown::Both);
     });
 }
 
-fn read_acks(mut stream: TcpStream, session: [u8; TAG], shared: &Shared) {
+fn read_acks(
+    mut stream: TcpStream,
+    session: [u8; TAG],
+    shared: &Shared,
+    current: &dyn Fn() -> bool,
+) {
     let _ = stream.set_read_timeout(None);
     let mut frames = Frames::default();
     let mut expected = 1;
     loop {
         match frames.next(&mut stream, &session, Direction::ToActive, expected) {
+            Ok(Some((_, Message::Ack(_)))) if !current() => expected += 1,
             Ok(Some((_, Message::Ack(seq)))) => {
                 expected += 1;
                 shared.done.store(seq, Ordering::Relaxed);
