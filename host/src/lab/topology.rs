@@ -350,9 +350,12 @@ impl State {
             return Ok(0);
         }
         let roles: Vec<Option<vrrp::Role>> = self.balancers.iter().map(Balancer::role).collect();
-        match roles.as_slice() {
-            [Some(vrrp::Role::Active), Some(other)] if *other != vrrp::Role::Active => Ok(0),
-            [Some(other), Some(vrrp::Role::Active)] if *other != vrrp::Role::Active => Ok(1),
+        // A node whose keepalived has logged no transition yet (just
+        // started, as a backup) is not the active one.
+        let active = |r: &Option<vrrp::Role>| *r == Some(vrrp::Role::Active);
+        match (active(&roles[0]), active(&roles[1])) {
+            (true, false) => Ok(0),
+            (false, true) => Ok(1),
             _ => Err(Error::State(format!(
                 "not one balancer of the pair is active: {}",
                 self.balancers
