@@ -10,7 +10,7 @@ use crossbeam_channel::{Sender, TrySendError};
 
 use super::{Reply, Worker, STATUS_CHUNK};
 use crate::balancer::replica::{Replica, Source};
-use crate::pair::link::{Link, Outgoing, PairEvent};
+use crate::pair::link::{now_us, Link, Outgoing, PairEvent};
 use crate::pair::wire::Message;
 use crate::pair::{PairConfig, PairStatus, Role};
 use crate::time::Timestamp;
@@ -61,9 +61,7 @@ impl Pair {
             announcing: Default::default(),
         }
     }
-}
 
-impl Pair {
     /// The next slot of the snapshot under way, if there is room for it in
     /// the writer's queue.
     fn snapshot_ready(&self) -> Option<usize> {
@@ -74,24 +72,12 @@ impl Pair {
     }
 }
 
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
-
 impl Worker {
     /// Be one of a pair, in the role `config` starts in.
     pub fn use_pair(&mut self, link: Link, config: &PairConfig) {
         self.lb.set_standby(config.role == Role::Standby);
         tracing::info!(role = %config.role, peer = %config.peer, "one of a pair");
         self.pair = Some(Pair::new(link, config));
-    }
-
-    /// This balancer's role (a balancer that is not one of a pair is
-    /// active).
-    pub fn role(&self) -> Role {
-        self.pair.as_ref().map_or(Role::Active, |p| p.role)
     }
 
     /// `ctl role`: become `role` (or, with `None`, say which it is).

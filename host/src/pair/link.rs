@@ -192,7 +192,9 @@ impl Drop for Link {
     }
 }
 
-fn now_us() -> u64 {
+/// The wall clock in µs since the Unix epoch: a frame's send time, which
+/// the standby's lag is measured against.
+pub(crate) fn now_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
