@@ -136,6 +136,13 @@ impl Runtime {
     pub fn with_compiler(mut compiler: Compiler) -> Result<Self, String> {
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true).wasm_component_model(true);
+        // Data segments are copied into each instance, not mapped from a
+        // sealed memfd: sealing fails now and then under memory pressure
+        // (the kernel's F_SEAL_WRITE waits ~150 ms for pinned pages, then
+        // gives up with EBUSY), and a policy then could not start. We start
+        // an instance at load, for the spare and after a failure, all off
+        // the data path, so the copy-on-write start bought little.
+        config.memory_init_cow(false);
         let engine = match compiler {
             Compiler::Winch => {
                 config.strategy(wasmtime::Strategy::Winch);
