@@ -4,6 +4,8 @@
 #     rustc-web + rust-web-src + lld-19 where rustup cannot fetch targets);
 #   - as root: iproute2 and ethtool, for the network-namespace tests of
 #     `segwlb run` (without root those tests are skipped and need nothing);
+#   - as root: strongSwan, keepalived and (unpacked into .tools/, see below)
+#     libreswan's pluto, for the lab;
 #   - clang and libbpf-dev, for the XDP fast path.
 # Idempotent and quiet when everything is there. Never installs by hand what
 # it could not name: when it cannot install, it says what to install.
@@ -113,6 +115,32 @@ if [ "$(id -u)" -eq 0 ]; then
             apt_install "${missing[@]}"
         else
             say "the network-namespace tests and the lab need: ${missing[*]}"
+        fi
+    fi
+fi
+
+# libreswan's pluto for the lab's second IKE stack, in .tools/libreswan.
+# Debian's `libreswan` package Conflicts with strongswan-libcharon and
+# strongswan-starter (both ship an `ipsec` command), so it is never installed
+# beside the charons: its libraries come from apt, its .deb is unpacked with
+# `dpkg -x` into .tools/libreswan, and the lab runs pluto from there in a
+# mount namespace of its own (lab/libreswan.rs).
+if [ "$(id -u)" -eq 0 ]; then
+    lsw=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.tools/libreswan
+    if [ ! -x "$lsw/usr/libexec/ipsec/pluto" ] || ! "$lsw/usr/libexec/ipsec/pluto" --version >/dev/null 2>&1; then
+        if can_apt; then
+            apt_install libnss3-tools libunbound8 libldns3 libevent-core-2.1-7 \
+                libevent-pthreads-2.1-7 libcurl3-nss libcap-ng0 libaudit1
+            scratch=$(mktemp -d)
+            say "apt-get download libreswan; dpkg -x into .tools/libreswan"
+            (cd "$scratch" && apt-get download -qq -o APT::Sandbox::User=root libreswan >/dev/null)
+            rm -rf "$lsw" && mkdir -p "$lsw"
+            dpkg -x "$scratch"/libreswan_*.deb "$lsw"
+            rm -rf "$scratch"
+            "$lsw/usr/libexec/ipsec/pluto" --version >/dev/null 2>&1 ||
+                { say "pluto from .tools/libreswan does not run"; exit 1; }
+        else
+            say "the lab's libreswan needs: apt-get download libreswan, unpacked into .tools/libreswan"
         fi
     fi
 fi

@@ -11,6 +11,7 @@ pub mod compare;
 pub mod config;
 pub mod drive;
 pub mod initiate;
+pub mod libreswan;
 pub mod netns;
 pub mod probe;
 pub mod report;

@@ -14,7 +14,7 @@ pub const CHARON: &str = "/usr/lib/ipsec/charon";
 /// The plugin that gives userland ESP over TUN (the kernel has no ESP).
 pub const KERNEL_LIBIPSEC: &str = "/usr/lib/ipsec/plugins/libstrongswan-kernel-libipsec.so";
 /// The pre-shared key of every lab tunnel (it never leaves the lab).
-const PSK: &str = "segwlb-lab-psk-not-a-secret";
+pub(crate) const PSK: &str = "segwlb-lab-psk-not-a-secret";
 /// The connection and child names of every initiator.
 pub const CONN: &str = "lab";
 pub const CHILD: &str = "net";
