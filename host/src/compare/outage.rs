@@ -21,6 +21,22 @@
 
 use segwlb_policy_sdk::hash;
 
+/// How an IKE stack spaces its retransmissions and when it gives up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stack {
+    /// strongSwan: waits of `retransmit_timeout × retransmit_base^n`,
+    /// `retransmit_tries` retransmissions, given up after the last wait.
+    #[default]
+    StrongSwan,
+    /// libreswan (pluto): waits of `retransmit_timeout` (its
+    /// `retransmit-interval`), the same again, then doubling; at each
+    /// expiry it gives up once `retransmit_limit` (its
+    /// `retransmit-timeout`) has passed since the first send. Seen in the
+    /// lab: interval 0.5 s, limit 10 s: sends at 0, 0.5, 1, 2, 4 and 8 s,
+    /// given up at 16 s.
+    Libreswan,
+}
+
 /// The peers' timers, as a scenario's `[peers]` gives them. The defaults
 /// are the lab's strongSwan: initiators' DPD every 5 s, the segws' 6×
 /// slower, retransmissions after 1, 1.8 and 3.24 s (give up after 6.04 s),
@@ -28,6 +44,11 @@ use segwlb_policy_sdk::hash;
 /// ESP defers DPD).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Timers {
+    /// Whose retransmission schedule the initiators follow.
+    pub stack: Stack,
+    /// libreswan's `retransmit-timeout`: seconds from a request's first send
+    /// after which it is given up on (strongSwan counts tries instead).
+    pub retransmit_limit: f64,
     /// The initiators' `dpd_delay`, seconds; 0 is off.
     pub dpd_delay: f64,
     /// The segws' `dpd_delay`; 0 is off.
@@ -53,6 +74,8 @@ pub struct Timers {
 impl Default for Timers {
     fn default() -> Self {
         Timers {
+            stack: Stack::StrongSwan,
+            retransmit_limit: 60.0,
             dpd_delay: 5.0,
             segw_dpd_delay: 30.0,
             retransmit_timeout: 1.0,
@@ -126,19 +149,51 @@ impl Timers {
         )
     }
 
+    /// libreswan's timers: liveness every `dpd_delay` (its `dpddelay`),
+    /// retransmissions from `interval` (`retransmit-interval`, 0.5 s by
+    /// default) given up after `limit` (`retransmit-timeout`, 60 s by
+    /// default); the rest as strongSwan's defaults.
+    pub fn libreswan(dpd_delay: f64, interval: f64, limit: f64) -> Timers {
+        Timers {
+            stack: Stack::Libreswan,
+            dpd_delay,
+            retransmit_timeout: interval,
+            retransmit_limit: limit,
+            ..Timers::default()
+        }
+    }
+
+    /// The waits after each send, in order, until the request is given up.
+    fn waits(&self) -> Vec<f64> {
+        match self.stack {
+            Stack::StrongSwan => (0..=self.retransmit_tries)
+                .map(|n| self.retransmit_timeout * self.retransmit_base.powi(n as i32))
+                .collect(),
+            Stack::Libreswan => {
+                let mut waits = vec![self.retransmit_timeout];
+                let mut elapsed = self.retransmit_timeout;
+                // Bounded: the interval is at least 1 ms, the limit finite.
+                while elapsed < self.retransmit_limit {
+                    let w = self.retransmit_timeout * 2f64.powi(waits.len() as i32 - 1);
+                    waits.push(w);
+                    elapsed += w;
+                }
+                waits
+            }
+        }
+    }
+
     /// From a request's first send until it is given up on.
     pub fn give_up(&self) -> f64 {
-        (0..=self.retransmit_tries)
-            .map(|n| self.retransmit_timeout * self.retransmit_base.powi(n as i32))
-            .sum()
+        self.waits().iter().sum()
     }
 
     /// When a prober that starts at `first` sends: the request, then each
     /// retransmission.
-    fn sends(&self, first: f64) -> impl Iterator<Item = f64> + '_ {
-        (0..=self.retransmit_tries).scan(first, |at, n| {
+    fn sends(&self, first: f64) -> impl Iterator<Item = f64> {
+        self.waits().into_iter().scan(first, |at, w| {
             let now = *at;
-            *at += self.retransmit_timeout * self.retransmit_base.powi(n as i32);
+            *at += w;
             Some(now)
         })
     }
@@ -263,6 +318,24 @@ mod tests {
         let rounded: Vec<i64> = sends.iter().map(|s| s.round() as i64).collect();
         assert_eq!(rounded, [0, 4, 11, 24, 47, 89]);
         assert!(close(Timers::default().give_up(), 6.04));
+    }
+
+    #[test]
+    fn libreswan_doubles_from_its_interval_and_gives_up_at_the_first_expiry_past_its_limit() {
+        // As pluto 4.10 did in the lab (tests/lab_libreswan.rs): interval
+        // 0.5 s, limit 10 s: sends at 0, 0.5, 1, 2, 4, 8, given up at 16.
+        let t = Timers::libreswan(5.0, 0.5, 10.0);
+        let sends: Vec<f64> = t.sends(0.0).collect();
+        assert_eq!(sends, [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]);
+        assert!(close(t.give_up(), 16.0));
+        // Its defaults: 60 s is passed at 64.
+        assert!(close(Timers::libreswan(5.0, 0.5, 60.0).give_up(), 64.0));
+        // A limit on an expiry gives up there.
+        assert!(close(Timers::libreswan(5.0, 0.5, 8.0).give_up(), 8.0));
+        // Off a dead segw, an idle tunnel whose liveness was due at the
+        // failure: dpd_delay, then the 16 s.
+        assert!(close(dark(&t, false, IDLE, 0.0), 5.0 + 16.0 + 0.1));
+        assert!(t.describe().contains("given up after 16.0 s"));
     }
 
     #[test]

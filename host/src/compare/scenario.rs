@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::outage::Timers;
+use super::outage::{Stack, Timers};
 use super::traffic::{RateDist, Shape, Traffic};
 use crate::toml_at::{field_at, line_column};
 use crate::units::parse_rate;
@@ -445,6 +445,10 @@ impl RawPair {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPeers {
+    /// `strongswan` (default) or `libreswan`: whose retransmissions.
+    stack: Option<Spanned<String>>,
+    /// libreswan's `retransmit-timeout` (default 60 s).
+    retransmit_limit: Option<Spanned<f64>>,
     dpd_delay: Option<Spanned<f64>>,
     segw_dpd_delay: Option<Spanned<f64>>,
     retransmit_timeout: Option<Spanned<f64>>,
@@ -459,7 +463,25 @@ struct RawPeers {
 
 impl RawPeers {
     fn validate(&self, at: &At) -> Result<Timers, ScenarioError> {
-        let d = Timers::default();
+        let stack = match &self.stack {
+            None => Stack::StrongSwan,
+            Some(s) => match s.get_ref().as_str() {
+                "strongswan" => Stack::StrongSwan,
+                "libreswan" => Stack::Libreswan,
+                other => {
+                    return Err(at(
+                        s.span(),
+                        "peers.stack".into(),
+                        format!("{other:?} is not `strongswan` or `libreswan`"),
+                    ))
+                }
+            },
+        };
+        // libreswan's own defaults: retransmit-interval 0.5 s.
+        let d = match stack {
+            Stack::StrongSwan => Timers::default(),
+            Stack::Libreswan => Timers::libreswan(5.0, 0.5, 60.0),
+        };
         let secs = |v: &Option<Spanned<f64>>, name: &str, default: f64, floor: f64| match v {
             None => Ok(default),
             Some(v) if v.get_ref().is_finite() && *v.get_ref() >= floor => Ok(*v.get_ref()),
@@ -483,7 +505,23 @@ impl RawPeers {
                 }
             },
         };
+        if let (Stack::StrongSwan, Some(v)) = (stack, &self.retransmit_limit) {
+            return Err(at(
+                v.span(),
+                "peers.retransmit_limit".into(),
+                "is libreswan's retransmit-timeout: only with `stack = \"libreswan\"` \
+                 (strongSwan counts retransmit_tries)"
+                    .into(),
+            ));
+        }
         Ok(Timers {
+            stack,
+            retransmit_limit: secs(
+                &self.retransmit_limit,
+                "retransmit_limit",
+                d.retransmit_limit,
+                0.001,
+            )?,
             dpd_delay: secs(&self.dpd_delay, "dpd_delay", d.dpd_delay, 0.0)?,
             segw_dpd_delay: secs(
                 &self.segw_dpd_delay,

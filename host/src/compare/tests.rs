@@ -603,6 +603,29 @@ fn bad_peer_timers_are_named_in_the_error() {
     assert!(e.contains("peers.retransmit_tries"), "{e}");
     let e = bad("dpd = 5.0");
     assert!(e.contains("dpd"), "{e}");
+    let e = bad("stack = \"racoon\"");
+    assert!(e.contains("peers.stack") && e.contains("racoon"), "{e}");
+    let e = bad("retransmit_limit = 10.0");
+    assert!(
+        e.contains("peers.retransmit_limit") && e.contains("libreswan"),
+        "{e}"
+    );
+}
+
+#[test]
+fn libreswan_peers_take_its_retransmissions_and_its_defaults() {
+    let timers = |peers: &str| {
+        let text = format!(
+            "step_secs = 10\nsteps = 1\n[[segw]]\nname = \"a\"\n[tunnels]\ncount = 1\n[peers]\n{peers}\n"
+        );
+        Scenario::parse(&text, "p.toml").unwrap().peers
+    };
+    let t = timers("stack = \"libreswan\"\nretransmit_limit = 10.0");
+    assert_eq!(t.stack, crate::compare::outage::Stack::Libreswan);
+    assert!((t.give_up() - 16.0).abs() < 1e-9, "{}", t.give_up());
+    // Its defaults: interval 0.5 s, limit 60 s (given up at 64 s).
+    let t = timers("stack = \"libreswan\"");
+    assert!((t.give_up() - 64.0).abs() < 1e-9, "{}", t.give_up());
 }
 
 #[test]
