@@ -1,0 +1,416 @@
+//! libreswan beside strongSwan (root): pluto initiators, each pluto in a
+//! namespace of its own on the lab's initiator bridge, next to the lab's
+//! charon initiators, through `segwlb run` to the lab's charon segws.
+//!
+//! Where the kernel has no ESP (these machines), pluto cannot install a
+//! CHILD SA and its tunnels are childless IKE SAs (`lab::libreswan`): what
+//! is tested is libreswan's IKE on the wire through the balancer — its
+//! placement, its float to 4500, its liveness and its restart after a
+//! segw failure, timed beside strongSwan's.
+//!
+//! Without root, strongSwan or the unpacked libreswan these tests say so
+//! and pass, unless SEGWLB_REQUIRE_NETNS is set (CI sets it): then they
+//! fail.
+
+mod common;
+#[path = "common/lab.rs"]
+mod lab;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use lab::{can_run, Lab, SERIAL};
+use segwlb::compare::outage::{Move, Timers};
+use segwlb::lab::libreswan::{self, Conn, Liveness, Pluto};
+use segwlb::lab::netns::{self, Netns};
+use segwlb::lab::topology::State;
+
+/// pluto's liveness in this lab: a liveness exchange after 5 s without
+/// word from the segw (the lab's charons use `dpd_delay = 5s` too),
+/// retransmitted for 10 s (pluto's default is 60 s).
+const LIVENESS: Liveness = Liveness {
+    dpd_delay_s: 5,
+    retransmit_timeout_s: 10,
+};
+
+fn libreswan_can_run() -> bool {
+    common::runs_here(
+        "libreswan's pluto (scripts/setup.sh unpacks it into .tools/libreswan)",
+        libreswan::prerequisites().err(),
+    )
+}
+
+/// The plutos started, killed on drop (the lab's `down` would too: they
+/// live in the lab's namespaces).
+struct Plutos {
+    running: Vec<(Pluto, Child, Netns)>,
+}
+
+impl Drop for Plutos {
+    fn drop(&mut self) {
+        for (p, child, _) in &mut self.running {
+            if std::thread::panicking() {
+                let log = std::fs::read_to_string(p.dir.join("pluto.log")).unwrap_or_default();
+                let _ = std::fs::write(format!("/tmp/{}-pluto.log", p.ns), &log);
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- {} pluto.log (last lines) ---", p.ns);
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn run(cmd: &mut std::process::Command) -> String {
+    let (ok, out, err) = common::run(cmd);
+    assert!(ok, "{cmd:?} failed:\n{out}\n{err}");
+    out
+}
+
+/// A namespace `PREFIX-NAME` on the initiators' bridge holding `conns`'
+/// outer and inner addresses, with a pluto for them.
+fn start_pluto(lab: &Lab, name: &str, conns: &[Conn]) -> (Pluto, Child, Netns) {
+    let prefix = &lab.config.lab.prefix;
+    let a = &lab.config.addresses;
+    let ns = Netns::new(&format!("{prefix}-{name}")).unwrap();
+    let sw = Netns::adopt(&format!("{prefix}-sw")).unwrap();
+    netns::veth(&ns, "eth0", &sw, name).unwrap();
+    sw.ip(&["link", "set", name, "master", "br0"]).unwrap();
+    if conns.iter().any(|c| c.outer.is_ipv6()) {
+        netns::enable_ipv6(&ns, "eth0").unwrap();
+    }
+    for c in conns {
+        ns.ip(&["addr", "add", &format!("{}/32", c.inner), "dev", "lo"])
+            .unwrap();
+        let with_len = match c.outer {
+            IpAddr::V4(v4) => format!("{v4}/{}", a.outer_prefix.len),
+            IpAddr::V6(v6) => format!("{v6}/{}", a.outer6_prefix.len),
+        };
+        let mut add = vec!["addr", "add", &with_len, "dev", "eth0"];
+        if c.outer.is_ipv6() {
+            add.push("nodad");
+        }
+        ns.ip(&add).unwrap();
+    }
+    // As the lab's direct initiators: the VIPs are on the link.
+    ns.ip(&["route", "add", &a.vip_prefix.to_string(), "dev", "eth0"])
+        .unwrap();
+    if conns.iter().any(|c| c.outer.is_ipv6()) {
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{}/128", a.vip6),
+            "dev",
+            "eth0",
+        ])
+        .unwrap();
+    }
+    let dir = lab.dir.path().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = libreswan::ipsec_conf(
+        &dir,
+        (a.vip, Some(a.vip6)),
+        &a.service_prefix.to_string(),
+        conns,
+        LIVENESS,
+    );
+    std::fs::write(dir.join("ipsec.conf"), conf).unwrap();
+    std::fs::write(dir.join("ipsec.secrets"), libreswan::secrets(conns)).unwrap();
+    let pluto = Pluto::new(ns.name(), &dir);
+    pluto.prepare().unwrap();
+    let out = std::fs::File::create(dir.join("pluto.out")).unwrap();
+    let child = pluto
+        .command()
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !pluto.ctl().exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "pluto in {} made no control socket:\n{}",
+            ns.name(),
+            std::fs::read_to_string(dir.join("pluto.out")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    run(&mut pluto.addconn());
+    if Pluto::childless() {
+        run(&mut pluto.whack(&["--impair", "omit-v2-ike-auth-child"]));
+    }
+    for c in conns {
+        run(&mut pluto.whack(&["--initiate", "--asynchronous", "--name", &c.name]));
+    }
+    (pluto, child, ns)
+}
+
+/// Where each of `peers` (outer addresses) has an established IKE SA: the
+/// segws holding one (failed ones skipped) and the initiator SPI of the
+/// newest.
+fn held_by(state: &State, peers: &[IpAddr], skip: &str) -> BTreeMap<IpAddr, (Vec<String>, String)> {
+    let mut held: BTreeMap<IpAddr, (Vec<String>, String)> = BTreeMap::new();
+    for s in state.segws.iter().filter(|s| s.name != skip) {
+        for sa in state.list_sas(&s.dir).unwrap() {
+            let Ok(remote) = sa.remote_host.parse::<IpAddr>() else {
+                continue;
+            };
+            if sa.state == "ESTABLISHED" && peers.contains(&remote) {
+                let e = held.entry(remote).or_default();
+                e.0.push(s.name.clone());
+                e.1 = sa.initiator_spi.clone();
+            }
+        }
+    }
+    held
+}
+
+/// The balancer's segw for each IKE initiator SPI it holds.
+fn balancer_by_spi(state: &State) -> BTreeMap<String, Vec<String>> {
+    let status = state.balancer_status().unwrap();
+    let mut by_spi: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for g in &status.gateways {
+        for t in &g.tunnel_list {
+            if let Some(spi) = &t.ike_spi {
+                by_spi.entry(spi.clone()).or_default().push(g.name.clone());
+            }
+        }
+    }
+    by_spi
+}
+
+/// Every peer on exactly one segw, and the balancer holds its IKE SA there.
+fn agreement(
+    state: &State,
+    peers: &[IpAddr],
+    skip: &str,
+) -> Result<BTreeMap<IpAddr, (String, String)>, String> {
+    let held = held_by(state, peers, skip);
+    let by_spi = balancer_by_spi(state);
+    let mut placed = BTreeMap::new();
+    for p in peers {
+        let Some((segws, spi)) = held.get(p) else {
+            return Err(format!("{p}: no segw holds an established IKE SA"));
+        };
+        if segws.len() != 1 {
+            return Err(format!("{p}: established on {segws:?}"));
+        }
+        let balancer = by_spi.get(spi).cloned().unwrap_or_default();
+        if balancer != *segws {
+            return Err(format!(
+                "{p}: segws {segws:?}, balancer {balancer:?} (IKE SPI {spi})"
+            ));
+        }
+        placed.insert(*p, (segws[0].clone(), spi.clone()));
+    }
+    Ok(placed)
+}
+
+fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let t = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if t.elapsed() > within => panic!("after {within:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+#[test]
+fn libreswan_initiators_beside_strongswan_are_placed_agree_and_come_back_after_a_segw_failure_by_their_own_liveness(
+) {
+    if !can_run(false) || !libreswan_can_run() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // 4 strongSwan initiators (the first over IPv6), 2 segws, round robin.
+    let mut lab = Lab::new("lw", "round-robin", &[1, 1], 4, 0, 1);
+    lab.up();
+    // The strongSwan initiators' tunnels up, passing pings, agreeing.
+    lab.run();
+    let mut state = State::load(&lab.config.work_dir()).unwrap();
+    let a = lab.config.addresses.clone();
+    let conn = |name: &str, n: u32, v6: bool| Conn {
+        name: name.to_string(),
+        outer: if v6 {
+            a.outer6_prefix.host(n).unwrap().into()
+        } else {
+            a.outer_prefix.host(n).unwrap().into()
+        },
+        inner: a.inner_prefix.host(n).unwrap(),
+    };
+    // Two plutos, two connections each; one over IPv6.
+    let hosts = [
+        (
+            "l1",
+            vec![conn("l201", 201, false), conn("l202", 202, false)],
+        ),
+        (
+            "l2",
+            vec![conn("l203", 203, true), conn("l204", 204, false)],
+        ),
+    ];
+    let t_up = Instant::now();
+    let mut plutos = Plutos {
+        running: Vec::new(),
+    };
+    for (name, conns) in &hosts {
+        plutos.running.push(start_pluto(&lab, name, conns));
+    }
+    let peers: Vec<IpAddr> = hosts
+        .iter()
+        .flat_map(|(_, c)| c.iter().map(|c| c.outer))
+        .collect();
+    let before = wait_for(Duration::from_secs(30), || agreement(&state, &peers, ""));
+    eprintln!(
+        "libreswan ({}, {}): {} tunnels up and agreeing in {:.1} s: {before:?}",
+        libreswan::prerequisites().unwrap(),
+        if Pluto::childless() {
+            "childless: this kernel has no ESP"
+        } else {
+            "with CHILD SAs"
+        },
+        peers.len(),
+        t_up.elapsed().as_secs_f64()
+    );
+    for (p, _, _) in &plutos.running {
+        let states = libreswan::parse_showstates(&run(&mut p.whack(&["--showstates"]))).unwrap();
+        let up: Vec<_> = states.iter().filter(|s| s.established_ike()).collect();
+        assert_eq!(up.len(), 2, "{}: {states:?}", p.ns);
+        // Floated: IKE_AUTH and everything after on 4500, also without a NAT.
+        assert!(up.iter().all(|s| s.port == 4500), "{states:?}");
+    }
+    // The strongSwan initiators are where the balancer says too.
+    let ss_peers: Vec<IpAddr> = state.initiators.iter().map(|i| i.outer).collect();
+    let ss_before = agreement(&state, &ss_peers, "").unwrap();
+
+    // The segw holding the first libreswan tunnel dies.
+    let victim = before[&peers[0]].0.clone();
+    let moved: Vec<IpAddr> = peers
+        .iter()
+        .copied()
+        .filter(|p| before[p].0 == victim)
+        .collect();
+    let stayed: Vec<IpAddr> = peers
+        .iter()
+        .copied()
+        .filter(|p| before[p].0 != victim)
+        .collect();
+    let ss_moved: Vec<IpAddr> = ss_peers
+        .iter()
+        .copied()
+        .filter(|p| ss_before[p].0 == victim)
+        .collect();
+    let t0 = Instant::now();
+    state.fail_segw(&victim).unwrap();
+    let all: Vec<IpAddr> = peers.iter().chain(&ss_peers).copied().collect();
+    let mut back: BTreeMap<IpAddr, f64> = BTreeMap::new();
+    // pluto gives up 16 s after its first liveness request (see below).
+    let bound = Duration::from_secs(u64::from(LIVENESS.dpd_delay_s) + 16 + 10);
+    // pluto schedules its liveness exchange per CHILD SA (it asks the
+    // kernel when the SA last carried traffic): a childless IKE SA has
+    // none, and would sit on the dead segw until its rekey hours later.
+    // Here the test keeps the lab's DPD interval for it, through pluto's
+    // own liveness exchange; what follows (retransmits, giving up,
+    // starting again) is pluto's.
+    let mut whacks = Vec::new();
+    let mut next_liveness = Duration::from_secs(LIVENESS.dpd_delay_s.into());
+    let after = wait_for(bound, || {
+        if Pluto::childless() && t0.elapsed() >= next_liveness {
+            next_liveness += Duration::from_secs(LIVENESS.dpd_delay_s.into());
+            for (p, _, _) in &plutos.running {
+                let states = libreswan::parse_showstates(&run(&mut p.whack(&["--showstates"])))?;
+                for st in states.iter().filter(|st| st.established_ike()) {
+                    // whack waits for the exchange (retransmits
+                    // included): not here.
+                    let arg = format!("initiate-v2-liveness:{}", st.serial);
+                    let whack = p
+                        .whack(&["--impair", &arg])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn();
+                    whacks.push(whack.map_err(|e| e.to_string())?);
+                }
+            }
+        }
+        let held = held_by(&state, &all, &victim);
+        for p in moved.iter().chain(&ss_moved) {
+            if held.contains_key(p) {
+                back.entry(*p).or_insert(t0.elapsed().as_secs_f64());
+            }
+        }
+        agreement(&state, &all, &victim)
+    });
+    for mut w in whacks {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    let dark = |ps: &[IpAddr]| -> Vec<String> {
+        ps.iter()
+            .map(|p| format!("{p} {:.1} s", back.get(p).copied().unwrap_or(f64::NAN)))
+            .collect()
+    };
+    eprintln!("{victim} failed: libreswan dark {:?}", dark(&moved));
+    eprintln!("{victim} failed: strongSwan dark {:?}", dark(&ss_moved));
+    // The outage model's timers for each stack (compare's `[peers]`): a
+    // dead segw, an idle tunnel. pluto's liveness is due `dpd_delay` after
+    // the failure (the test drives it so); a charon's DPD at some point of
+    // its 5 s cycle.
+    let pluto = Timers::libreswan(
+        LIVENESS.dpd_delay_s.into(),
+        0.5,
+        LIVENESS.retransmit_timeout_s.into(),
+    );
+    let charon = Timers::default();
+    let idle = |phase: f64| Move {
+        old_answers: false,
+        downlink_every: f64::INFINITY,
+        phase,
+    };
+    let model = |t: &Timers, phase: f64| t.dark(idle(phase)).seconds.unwrap();
+    let (lsw, ss) = (
+        model(&pluto, 0.0),
+        (model(&charon, 0.999), model(&charon, 0.0)),
+    );
+    eprintln!(
+        "the outage model: libreswan {lsw:.1} s; strongSwan {:.1}..{:.1} s",
+        ss.0, ss.1
+    );
+    // Polled every 200 ms, each poll a few swanctl and whack calls.
+    let slack = 1.5;
+    for p in &moved {
+        assert_ne!(after[p].0, victim);
+        assert_ne!(
+            after[p].1, before[p].1,
+            "{p}: a new IKE SA after the failure"
+        );
+        let s = back[p];
+        assert!(
+            (s - lsw).abs() < slack,
+            "{p}: back after {s:.1} s, the model says {lsw:.1} s"
+        );
+    }
+    for p in &ss_moved {
+        let s = back[p];
+        assert!(
+            s > ss.0 - slack && s < ss.1 + slack,
+            "{p}: back after {s:.1} s"
+        );
+    }
+    for p in &stayed {
+        assert_eq!(
+            after[p], before[p],
+            "{p}: on the surviving segw, kept its IKE SA"
+        );
+    }
+    drop(plutos);
+    lab.down_and_check();
+}
