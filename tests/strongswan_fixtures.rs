@@ -6,54 +6,13 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use segwlb::balancer::farm::port_mac;
-use segwlb::balancer::{Balancer, DropReason, PortId, Verdict, UPLINK};
+use segwlb::balancer::{Verdict, UPLINK};
 use segwlb::packet;
 use segwlb::time::Timestamp;
 
 #[path = "common/fixtures.rs"]
 mod fixtures;
-use fixtures::{arriving, balancer, from_segw, pcap, Captured, VIP};
-
-/// Replay `frames` with the segw behind `port`; check every verdict and
-/// every rewrite. Returns the ports IP frames from the initiator went to.
-fn replay(lb: &mut Balancer, frames: &[Captured], port: PortId) -> Vec<PortId> {
-    let mut went = Vec::new();
-    for (i, c) in frames.iter().enumerate() {
-        let n = i + 1;
-        let back = from_segw(&c.bytes);
-        let (ingress, mut f) = arriving(c, port);
-        let sent = f.clone();
-        let verdict = lb.handle(&mut f, ingress, c.at);
-        let arp = c.bytes[12..14] == [0x08, 0x06];
-        match (arp, verdict) {
-            (true, Verdict::Reply) => {
-                let reply = packet::arp::Arp::parse(&f[14..]).expect("an ARP reply");
-                assert_eq!(reply.sender_mac, port_mac(ingress), "frame {n}");
-            }
-            (true, Verdict::Drop(DropReason::ArpIgnored)) => {
-                assert_eq!(c.bytes[21], 2, "frame {n}: only ARP replies go unanswered");
-            }
-            (false, Verdict::Forward(out)) => {
-                assert_eq!(
-                    f[12..],
-                    sent[12..],
-                    "frame {n}: bytes past the MACs changed"
-                );
-                assert_eq!(f[6..12], port_mac(out), "frame {n}: source MAC");
-                if back {
-                    assert_eq!(out, UPLINK, "frame {n}");
-                    // The initiator's (or its NAT's) MAC, learned from its frames.
-                    assert_eq!(f[0..6], c.bytes[0..6], "frame {n}: next hop");
-                } else {
-                    went.push(out);
-                }
-            }
-            (_, v) => panic!("frame {n}: unexpected {v:?}"),
-        }
-    }
-    went
-}
+use fixtures::{balancer, from_segw, pcap, replay, VIP};
 
 #[test]
 fn a_direct_tunnel_stays_on_one_segw_through_rekeys_dpd_and_delete() {

@@ -1,4 +1,4 @@
-//! The strongSwan captures in tests/fixtures/ (made by
+//! The strongSwan and libreswan captures in tests/fixtures/ (made by
 //! scripts/capture-fixtures.sh; what each frame is is listed in
 //! tests/fixtures/README.md) and the balancer they were captured for: the
 //! initiator on the uplink, the captured segw behind port 1 (port 3 for
@@ -11,7 +11,9 @@ use std::path::PathBuf;
 
 use segwlb::balancer::affinity::Timeouts;
 use segwlb::balancer::farm::port_mac;
-use segwlb::balancer::{Balancer, Config, GatewaySpec, IkeSpiLabel, PortId, SpiSteering, UPLINK};
+use segwlb::balancer::{
+    Balancer, Config, DropReason, GatewaySpec, IkeSpiLabel, PortId, SpiSteering, Verdict, UPLINK,
+};
 use segwlb::packet::{self, Mac};
 use segwlb::policy::native;
 use segwlb::time::Timestamp;
@@ -104,9 +106,53 @@ pub fn arriving(c: &Captured, port: PortId) -> (PortId, Vec<u8>) {
     (ingress, f)
 }
 
-/// The three captures by name.
-pub const ALL: [&str; 3] = [
+/// Every capture by name.
+pub const ALL: [&str; 7] = [
     "strongswan-direct.pcap",
     "strongswan-nat.pcap",
     "strongswan-steered.pcap",
+    "libreswan-direct.pcap",
+    "libreswan-nat.pcap",
+    "libreswan-nofloat.pcap",
+    "libreswan-nochild.pcap",
 ];
+
+/// Replay `frames` with the segw behind `port`; check every verdict and
+/// every rewrite. Returns the ports IP frames from the initiator went to.
+pub fn replay(lb: &mut Balancer, frames: &[Captured], port: PortId) -> Vec<PortId> {
+    let mut went = Vec::new();
+    for (i, c) in frames.iter().enumerate() {
+        let n = i + 1;
+        let back = from_segw(&c.bytes);
+        let (ingress, mut f) = arriving(c, port);
+        let sent = f.clone();
+        let verdict = lb.handle(&mut f, ingress, c.at);
+        let arp = c.bytes[12..14] == [0x08, 0x06];
+        match (arp, verdict) {
+            (true, Verdict::Reply) => {
+                let reply = packet::arp::Arp::parse(&f[14..]).expect("an ARP reply");
+                assert_eq!(reply.sender_mac, port_mac(ingress), "frame {n}");
+            }
+            (true, Verdict::Drop(DropReason::ArpIgnored)) => {
+                assert_eq!(c.bytes[21], 2, "frame {n}: only ARP replies go unanswered");
+            }
+            (false, Verdict::Forward(out)) => {
+                assert_eq!(
+                    f[12..],
+                    sent[12..],
+                    "frame {n}: bytes past the MACs changed"
+                );
+                assert_eq!(f[6..12], port_mac(out), "frame {n}: source MAC");
+                if back {
+                    assert_eq!(out, UPLINK, "frame {n}");
+                    // The initiator's (or its NAT's) MAC, learned from its frames.
+                    assert_eq!(f[0..6], c.bytes[0..6], "frame {n}: next hop");
+                } else {
+                    went.push(out);
+                }
+            }
+            (_, v) => panic!("frame {n}: unexpected {v:?}"),
+        }
+    }
+    went
+}
