@@ -213,6 +213,17 @@ fn agreement(
     Ok(placed)
 }
 
+/// `segwlb ctl ARGS` against the lab's balancer.
+fn ctl(state: &State, args: &[&str]) {
+    let socket = &state.balancer().unwrap().socket;
+    let out = run(std::process::Command::new(env!("CARGO_BIN_EXE_segwlb"))
+        .arg("ctl")
+        .arg("--socket")
+        .arg(socket)
+        .args(args));
+    eprintln!("{}", out.trim_end());
+}
+
 fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
     let t = Instant::now();
     loop {
@@ -238,7 +249,9 @@ fn libreswan_initiators_beside_strongswan_are_placed_agree_and_come_back_after_a
     lab.run();
     let mut state = State::load(&lab.config.work_dir()).unwrap();
     let a = lab.config.addresses.clone();
+    // l1's pluto follows a segw's redirect, l2's does not (pluto's default).
     let conn = |name: &str, n: u32, v6: bool| Conn {
+        accept_redirect: n <= 202,
         name: name.to_string(),
         outer: if v6 {
             a.outer6_prefix.host(n).unwrap().into()
@@ -290,10 +303,74 @@ fn libreswan_initiators_beside_strongswan_are_placed_agree_and_come_back_after_a
     }
     // The strongSwan initiators are where the balancer says too.
     let ss_peers: Vec<IpAddr> = state.initiators.iter().map(|i| i.outer).collect();
-    let ss_before = agreement(&state, &ss_peers, "").unwrap();
+    let all: Vec<IpAddr> = peers.iter().chain(&ss_peers).copied().collect();
+    let start = agreement(&state, &all, "").unwrap();
 
-    // The segw holding the first libreswan tunnel dies.
-    let victim = before[&peers[0]].0.clone();
+    // A graceful drain of the segw holding the first libreswan tunnel: the
+    // balancer asks that segw to redirect each of its peers to the VIP
+    // (RFC 5685). strongSwan follows; pluto only with accept-redirect=yes,
+    // and the moves of the others time out and leave them where they were.
+    let drained = start[&peers[0]].0.clone();
+    let on_drained: Vec<IpAddr> = all
+        .iter()
+        .copied()
+        .filter(|p| start[p].0 == drained)
+        .collect();
+    let refusing: Vec<IpAddr> = hosts
+        .iter()
+        .flat_map(|(_, c)| c)
+        .filter(|c| !c.accept_redirect && start[&c.outer].0 == drained)
+        .map(|c| c.outer)
+        .collect();
+    assert!(
+        !refusing.is_empty() && refusing.len() < on_drained.len(),
+        "{start:?}"
+    );
+    let t = Instant::now();
+    ctl(&state, &["gateway", "drain", &drained, "--graceful"]);
+    let m = wait_for(Duration::from_secs(60), || {
+        let m = state.balancer_status().map_err(|e| e.to_string())?.moves;
+        match m.queued + m.asked + m.moving + m.lingering {
+            0 => Ok(m),
+            n => Err(format!("{n} moves under way: {m:?}")),
+        }
+    });
+    eprintln!(
+        "graceful drain of {drained}: {} moved, {} timed out in {:.1} s",
+        m.moved,
+        m.timed_out,
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        (m.moved, m.timed_out, m.hook_failed),
+        (
+            (on_drained.len() - refusing.len()) as u64,
+            refusing.len() as u64,
+            0
+        )
+    );
+    let after_drain = agreement(&state, &all, "").unwrap();
+    for p in &on_drained {
+        if refusing.contains(p) {
+            assert_eq!(
+                after_drain[p], start[p],
+                "{p}: refused the redirect, stayed whole"
+            );
+        } else {
+            assert_ne!(after_drain[p].0, drained, "{p}: followed the redirect");
+            assert_ne!(after_drain[p].1, start[p].1, "{p}: on a new IKE SA");
+        }
+    }
+    ctl(&state, &["gateway", "undrain", &drained]);
+
+    // The segw holding the most libreswan tunnels now dies.
+    let before = after_drain;
+    let ss_before = before.clone();
+    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+    for p in &peers {
+        *count.entry(before[p].0.as_str()).or_default() += 1;
+    }
+    let victim = count.iter().max_by_key(|(_, n)| **n).unwrap().0.to_string();
     let moved: Vec<IpAddr> = peers
         .iter()
         .copied()
@@ -311,7 +388,6 @@ fn libreswan_initiators_beside_strongswan_are_placed_agree_and_come_back_after_a
         .collect();
     let t0 = Instant::now();
     state.fail_segw(&victim).unwrap();
-    let all: Vec<IpAddr> = peers.iter().chain(&ss_peers).copied().collect();
     let mut back: BTreeMap<IpAddr, f64> = BTreeMap::new();
     // pluto gives up 16 s after its first liveness request (see below).
     let bound = Duration::from_secs(u64::from(LIVENESS.dpd_delay_s) + 16 + 10);

@@ -88,6 +88,9 @@ pub struct Conn {
     pub name: String,
     pub outer: IpAddr,
     pub inner: Ipv4Addr,
+    /// Follow a segw's IKEv2 Redirect (RFC 5685) of the established SA, as
+    /// a graceful move asks (`accept-redirect`; pluto's default is no).
+    pub accept_redirect: bool,
 }
 
 /// Liveness as pluto is told it: a liveness exchange after `dpd_delay_s`
@@ -135,6 +138,7 @@ pub fn ipsec_conf(
     dpddelay={dpd}
     dpdaction=restart
     retransmit-timeout={rt}s
+    accept-redirect={redirect}
     auto=add
 ",
             name = c.name,
@@ -142,6 +146,7 @@ pub fn ipsec_conf(
             inner = c.inner,
             dpd = liveness.dpd_delay_s,
             rt = liveness.retransmit_timeout_s,
+            redirect = if c.accept_redirect { "yes" } else { "no" },
         );
     }
     text
@@ -384,11 +389,13 @@ mod tests {
                 name: "l1".into(),
                 outer: "10.1.0.201".parse().unwrap(),
                 inner: "10.200.0.201".parse().unwrap(),
+                accept_redirect: true,
             },
             Conn {
                 name: "l2".into(),
                 outer: "2001:db8:1::ca".parse().unwrap(),
                 inner: "10.200.0.202".parse().unwrap(),
+                accept_redirect: false,
             },
         ];
         let vips = (
@@ -406,6 +413,7 @@ mod tests {
         assert!(l2.contains("leftid=@l2.lab") && l2.contains("retransmit-timeout=10s"));
         let l1 = &conf[conf.find("conn l1").unwrap()..conf.find("conn l2").unwrap()];
         assert!(l1.contains("right=10.2.2.1\n") && l1.contains("leftsubnet=10.200.0.201/32"));
+        assert!(l1.contains("accept-redirect=yes") && l2.contains("accept-redirect=no"));
         let secrets = secrets(&conns);
         assert_eq!(secrets.lines().count(), 2);
         assert!(secrets.starts_with("@l1.lab @segw.lab : PSK \""));
