@@ -365,7 +365,6 @@ fn libreswan_initiators_beside_strongswan_are_placed_agree_and_come_back_after_a
 
     // The segw holding the most libreswan tunnels now dies.
     let before = after_drain;
-    let ss_before = before.clone();
     let mut count: BTreeMap<&str, usize> = BTreeMap::new();
     for p in &peers {
         *count.entry(before[p].0.as_str()).or_default() += 1;
@@ -384,7 +383,7 @@ fn libreswan_initiators_beside_strongswan_are_placed_agree_and_come_back_after_a
     let ss_moved: Vec<IpAddr> = ss_peers
         .iter()
         .copied()
-        .filter(|p| ss_before[p].0 == victim)
+        .filter(|p| before[p].0 == victim)
         .collect();
     let t0 = Instant::now();
     state.fail_segw(&victim).unwrap();

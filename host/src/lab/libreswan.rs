@@ -181,7 +181,8 @@ impl Pluto {
     /// Whether this kernel can install ESP SAs; without, the lab's
     /// libreswan tunnels are childless (see the module's text).
     pub fn childless() -> bool {
-        !kernel_has_esp()
+        static CHILDLESS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *CHILDLESS.get_or_init(|| !kernel_has_esp())
     }
 
     /// A fresh NSS database in `nss/` (no password), `run/`.
