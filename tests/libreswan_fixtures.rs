@@ -83,6 +83,32 @@ fn behind_a_nat_libreswans_float_and_keepalives_keep_the_tunnel_on_its_segw() {
 }
 
 #[test]
+fn a_nat_that_forgot_an_idle_pluto_gives_it_a_new_port_and_the_tunnel_follows_its_ike_spi() {
+    // pluto 4.10 never re-arms its NAT keepalive: idle past the NAT's UDP
+    // timeout (3 s in the capture, 30 s by default), its next message, a
+    // liveness under the same IKE SPIs, leaves from a new NAT port.
+    let frames = pcap("libreswan-rebind.pcap");
+    let mut lb = balancer(1, false);
+    let went = replay(&mut lb, &frames, 1);
+    assert_eq!(went.len(), 4);
+    assert!(went.iter().all(|&p| p == 1), "{went:?}");
+    assert_eq!(lb.policy_stats().decisions, 1);
+    assert_eq!(lb.table().len(), 1);
+    let nat = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20));
+    let id = lb
+        .table()
+        .by_endpoint(nat, 40469)
+        .expect("rebound to the new port");
+    // The old mapping is gone from the table; where it opened still finds it.
+    assert_eq!(lb.table().by_endpoint(nat, 40956), None);
+    assert_eq!(lb.table().get(id).unwrap().opened_port, 40816);
+    assert_eq!(lb.table().by_endpoint(nat, 40816), Some(id));
+    // The segw's answers went back to the new port (replay checks each).
+    let g = lb.gateway("segw1").unwrap();
+    assert_eq!((g.counters.frames_to, g.counters.frames_from), (4, 4));
+}
+
+#[test]
 fn with_encapsulation_off_libreswan_keeps_ike_on_500_and_it_is_one_tunnel() {
     // `encapsulation=no`: pluto never floats without a NAT (strongSwan
     // always does): every exchange, the rekey included, on 500.

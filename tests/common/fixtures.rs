@@ -107,7 +107,7 @@ pub fn arriving(c: &Captured, port: PortId) -> (PortId, Vec<u8>) {
 }
 
 /// Every capture by name.
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 8] = [
     "strongswan-direct.pcap",
     "strongswan-nat.pcap",
     "strongswan-steered.pcap",
@@ -115,6 +115,7 @@ pub const ALL: [&str; 7] = [
     "libreswan-nat.pcap",
     "libreswan-nofloat.pcap",
     "libreswan-nochild.pcap",
+    "libreswan-rebind.pcap",
 ];
 
 /// Replay `frames` with the segw behind `port`; check every verdict and
