@@ -18,6 +18,7 @@ mod lab;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -73,7 +74,7 @@ fn run(cmd: &mut std::process::Command) -> String {
 }
 
 /// A namespace `PREFIX-NAME` on the initiators' bridge holding `conns`'
-/// outer and inner addresses, with a pluto for them.
+/// outer and inner addresses, with a pluto for them that initiates each.
 fn start_pluto(lab: &Lab, name: &str, conns: &[Conn]) -> (Pluto, Child, Netns) {
     let prefix = &lab.config.lab.prefix;
     let a = &lab.config.addresses;
@@ -112,7 +113,6 @@ fn start_pluto(lab: &Lab, name: &str, conns: &[Conn]) -> (Pluto, Child, Netns) {
         .unwrap();
     }
     let dir = lab.dir.path().join(name);
-    std::fs::create_dir_all(&dir).unwrap();
     let conf = libreswan::ipsec_conf(
         &dir,
         (a.vip, Some(a.vip6)),
@@ -120,9 +120,22 @@ fn start_pluto(lab: &Lab, name: &str, conns: &[Conn]) -> (Pluto, Child, Netns) {
         conns,
         LIVENESS,
     );
+    let started = launch(ns, &dir, &conf, &libreswan::secrets(conns));
+    for c in conns {
+        run(&mut started
+            .0
+            .whack(&["--initiate", "--asynchronous", "--name", &c.name]));
+    }
+    started
+}
+
+/// pluto in `ns` on `conf` and `secrets` (files in `dir`), its
+/// connections added; childless where the kernel has no ESP.
+fn launch(ns: Netns, dir: &Path, conf: &str, secrets: &str) -> (Pluto, Child, Netns) {
+    std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("ipsec.conf"), conf).unwrap();
-    std::fs::write(dir.join("ipsec.secrets"), libreswan::secrets(conns)).unwrap();
-    let pluto = Pluto::new(ns.name(), &dir);
+    std::fs::write(dir.join("ipsec.secrets"), secrets).unwrap();
+    let pluto = Pluto::new(ns.name(), dir);
     pluto.prepare().unwrap();
     let out = std::fs::File::create(dir.join("pluto.out")).unwrap();
     let child = pluto
@@ -145,9 +158,6 @@ fn start_pluto(lab: &Lab, name: &str, conns: &[Conn]) -> (Pluto, Child, Netns) {
     run(&mut pluto.addconn());
     if Pluto::childless() {
         run(&mut pluto.whack(&["--impair", "omit-v2-ike-auth-child"]));
-    }
-    for c in conns {
-        run(&mut pluto.whack(&["--initiate", "--asynchronous", "--name", &c.name]));
     }
     (pluto, child, ns)
 }
@@ -485,6 +495,135 @@ fn libreswan_initiators_beside_strongswan_are_placed_agree_and_come_back_after_a
             after[p], before[p],
             "{p}: on the surviving segw, kept its IKE SA"
         );
+    }
+    drop(plutos);
+    lab.down_and_check();
+}
+
+/// A libreswan segw beside a charon one: pluto initiators (IPv4 and IPv6)
+/// through the balancer to both, placed by round robin, each held by the
+/// segw the balancer says. Against the pluto segw nothing fakes a NAT, so
+/// a direct pluto keeps all of IKE on 500 (a charon segw with
+/// kernel-libipsec fakes one, and pluto floats to 4500).
+#[test]
+fn a_libreswan_segw_beside_a_charon_one_serves_pluto_initiators_through_the_balancer() {
+    if !can_run(false) || !libreswan_can_run() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // One strongSwan initiator, over IPv6: round robin puts it on segw1.
+    let mut lab = Lab::new("lx", "round-robin", &[1, 1], 1, 0, 1);
+    lab.up();
+    lab.run();
+    let state = State::load(&lab.config.work_dir()).unwrap();
+    let a = lab.config.addresses.clone();
+    // segw2, holding nothing, becomes a libreswan segw.
+    let s2 = state.segws[1].clone();
+    assert!(state.list_sas(&s2.dir).unwrap().is_empty());
+    run(std::process::Command::new("kill").arg(s2.pid.to_string()));
+    let t = Instant::now();
+    while segwlb::lab::topology::alive(s2.pid) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "charon of segw2 still up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dir = lab.dir.path().join("segw2-pluto");
+    let conf = libreswan::segw_conf(
+        &dir,
+        (a.vip, Some(a.vip6)),
+        &a.service_prefix.to_string(),
+        &a.inner_prefix.to_string(),
+    );
+    let segw = launch(
+        Netns::adopt(&s2.ns).unwrap(),
+        &dir,
+        &conf,
+        &libreswan::segw_secrets(),
+    );
+    let conn = |name: &str, n: u32, v6: bool| Conn {
+        accept_redirect: false,
+        name: name.to_string(),
+        outer: if v6 {
+            a.outer6_prefix.host(n).unwrap().into()
+        } else {
+            a.outer_prefix.host(n).unwrap().into()
+        },
+        inner: a.inner_prefix.host(n).unwrap(),
+    };
+    let hosts = [
+        (
+            "l1",
+            vec![conn("l201", 201, false), conn("l202", 202, false)],
+        ),
+        (
+            "l2",
+            vec![conn("l203", 203, true), conn("l204", 204, false)],
+        ),
+    ];
+    let mut plutos = Plutos {
+        running: vec![segw],
+    };
+    for (name, conns) in &hosts {
+        plutos.running.push(start_pluto(&lab, name, conns));
+    }
+    let conns: Vec<&Conn> = hosts.iter().flat_map(|(_, c)| c).collect();
+    let placed = wait_for(Duration::from_secs(30), || {
+        // Who holds each: segw1's charon by remote address, segw2's pluto
+        // by the peer of each established state.
+        let mut held: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+        for sa in state
+            .list_sas(&state.segws[0].dir)
+            .map_err(|e| e.to_string())?
+        {
+            if let (Ok(peer), "ESTABLISHED") = (sa.remote_host.parse(), sa.state.as_str()) {
+                held.entry(peer).or_default().push("segw1".into());
+            }
+        }
+        let (segw2, _, _) = &plutos.running[0];
+        let shown = segw2
+            .whack(&["--showstates"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        for st in libreswan::parse_showstates(&String::from_utf8_lossy(&shown.stdout))? {
+            if let (Some(peer), true) = (st.peer, st.established_ike()) {
+                held.entry(peer).or_default().push("segw2".into());
+            }
+        }
+        let status = state.balancer_status().map_err(|e| e.to_string())?;
+        let mut placed = BTreeMap::new();
+        for c in &conns {
+            let on = held.get(&c.outer).cloned().unwrap_or_default();
+            let balancer: Vec<String> = status
+                .gateways
+                .iter()
+                .filter(|g| g.tunnel_list.iter().any(|t| t.peer.parse() == Ok(c.outer)))
+                .map(|g| g.name.clone())
+                .collect();
+            if on.len() != 1 || on != balancer {
+                return Err(format!("{}: segws {on:?}, balancer {balancer:?}", c.outer));
+            }
+            placed.insert(c.name.clone(), on[0].clone());
+        }
+        Ok(placed)
+    });
+    eprintln!("pluto initiators to a charon and a pluto segw: {placed:?}");
+    let on = |segw: &str| placed.values().filter(|s| *s == segw).count();
+    assert_eq!((on("segw1"), on("segw2")), (2, 2), "{placed:?}");
+    // The IPv6 one too, on either.
+    assert!(placed.contains_key("l203"));
+    // Each initiator's port: 500 to the pluto segw, 4500 to the charon.
+    for (p, _, _) in &plutos.running[1..] {
+        let shown = run(&mut p.whack(&["--showstates"]));
+        for st in libreswan::parse_showstates(&shown).unwrap() {
+            let want = if placed[&st.conn] == "segw2" {
+                500
+            } else {
+                4500
+            };
+            assert_eq!(st.port, want, "{st:?}");
+        }
     }
     drop(plutos);
     lab.down_and_check();

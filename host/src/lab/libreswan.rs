@@ -152,6 +152,50 @@ pub fn ipsec_conf(
     text
 }
 
+/// The `ipsec.conf` of a libreswan segw whose files live in `dir`: the
+/// lab's segw identity on the VIP (and on `vip6`, a connection of its
+/// own), any initiator with the lab's PSK, `service_ts` to `inner_ts`.
+pub fn segw_conf(
+    dir: &Path,
+    vips: (Ipv4Addr, Option<Ipv6Addr>),
+    service_ts: &str,
+    inner_ts: &str,
+) -> String {
+    let mut text = format!(
+        "config setup
+    logfile={}/pluto.log
+    logtime=yes
+    plutodebug=none
+",
+        dir.display()
+    );
+    let vips = [Some(IpAddr::V4(vips.0)), vips.1.map(IpAddr::V6)];
+    for (vip, name) in vips.into_iter().zip(["segw", "segw6"]) {
+        let Some(vip) = vip else { continue };
+        text += &format!(
+            "conn {name}
+    ikev2=insist
+    authby=secret
+    left={vip}
+    leftid=@{SEGW_ID}
+    leftsubnet={service_ts}
+    right=%any
+    rightid=%any
+    rightsubnet={inner_ts}
+    ike=aes128-sha2_256;modp2048
+    esp=aes_gcm128
+    auto=add
+"
+        );
+    }
+    text
+}
+
+/// A segw's secrets: the lab's PSK for any initiator.
+pub fn segw_secrets() -> String {
+    format!(": PSK \"{PSK}\"\n")
+}
+
 /// The secrets of `conns`: the lab's one PSK between each and the segws.
 pub fn secrets(conns: &[Conn]) -> String {
     conns
@@ -294,6 +338,10 @@ pub struct State {
     /// `#N`: pluto's serial of the state.
     pub serial: u64,
     pub conn: String,
+    /// The peer, where the line names it: a responder's instance of a
+    /// `right=%any` connection does (`"segw"[2] 10.1.0.201:500`), an
+    /// initiator's connection does not (`"l201":4500`).
+    pub peer: Option<IpAddr>,
     /// The peer's port (4500 after the float).
     pub port: u16,
     /// `STATE_V2_ESTABLISHED_IKE_SA`, `STATE_V2_PARENT_I1`, ...
@@ -307,7 +355,8 @@ impl State {
 }
 
 /// Parse `whack --showstates`: lines like
-/// `000 #5: "c1":4500 STATE_V2_ESTABLISHED_IKE_SA (established IKE SA); ...`.
+/// `000 #5: "c1":4500 STATE_V2_ESTABLISHED_IKE_SA (established IKE SA); ...`
+/// or, for an instance, `000 #1: "segw"[2] 192.0.2.100:500 STATE_...`.
 /// Lines that are not states are skipped; a state line that does not parse
 /// is an error naming it.
 pub fn parse_showstates(text: &str) -> Result<Vec<State>, String> {
@@ -324,15 +373,29 @@ pub fn parse_showstates(text: &str) -> Result<Vec<State>, String> {
         let serial = serial.parse().map_err(|_| bad())?;
         let rest = rest.strip_prefix('"').ok_or_else(bad)?;
         let (conn, rest) = rest.split_once('"').ok_or_else(bad)?;
-        // An instance of a template connection carries `[N]` after its name.
-        let rest = rest.trim_start_matches(|c: char| c == '[' || c == ']' || c.is_ascii_digit());
-        let rest = rest.strip_prefix(':').ok_or_else(bad)?;
-        let (port, rest) = rest.split_once(' ').ok_or_else(bad)?;
+        let mut words = rest.split_whitespace();
+        // An instance carries `[N]` after its name, then its peer.
+        let mut endpoint = words.next().ok_or_else(bad)?;
+        if let Some(after) = endpoint.strip_prefix('[') {
+            let (n, after) = after.split_once(']').ok_or_else(bad)?;
+            n.parse::<u64>().map_err(|_| bad())?;
+            endpoint = if after.is_empty() {
+                words.next().ok_or_else(bad)?
+            } else {
+                after
+            };
+        }
+        let (peer, port) = endpoint.rsplit_once(':').ok_or_else(bad)?;
+        let peer = match peer.trim_start_matches('[').trim_end_matches(']') {
+            "" => None,
+            p => Some(p.parse().map_err(|_| bad())?),
+        };
         let port = port.parse().map_err(|_| bad())?;
-        let state = rest.split_whitespace().next().ok_or_else(bad)?;
+        let state = words.next().ok_or_else(bad)?;
         states.push(State {
             serial,
             conn: conn.to_string(),
+            peer,
             port,
             state: state.to_string(),
         });
@@ -352,6 +415,8 @@ mod tests {
 000 #5: \"l1a\":4500 STATE_V2_ESTABLISHED_IKE_SA (established IKE SA); REKEY in 27973s; REPLACE in 28799s; newest; idle;
 000 #7: \"l1b\":500 STATE_V2_PARENT_I1 (sent IKE_SA_INIT request); RETRANSMIT in 1s; idle;
 000 #9: \"l1c\"[2]:4500 STATE_V2_ESTABLISHED_IKE_SA (established IKE SA); newest;
+000 #1: \"segw\"[2] 192.0.2.100:500 STATE_V2_ESTABLISHED_IKE_SA (established IKE SA); idle;
+000 #4: \"segw6\"[1] 2001:db8:1::cb:500 STATE_V2_ESTABLISHED_IKE_SA (established IKE SA); idle;
 000  
 ";
         let states = parse_showstates(text).unwrap();
@@ -361,19 +426,36 @@ mod tests {
                 State {
                     serial: 5,
                     conn: "l1a".into(),
+                    peer: None,
                     port: 4500,
                     state: "STATE_V2_ESTABLISHED_IKE_SA".into()
                 },
                 State {
                     serial: 7,
                     conn: "l1b".into(),
+                    peer: None,
                     port: 500,
                     state: "STATE_V2_PARENT_I1".into()
                 },
                 State {
                     serial: 9,
                     conn: "l1c".into(),
+                    peer: None,
                     port: 4500,
+                    state: "STATE_V2_ESTABLISHED_IKE_SA".into()
+                },
+                State {
+                    serial: 1,
+                    conn: "segw".into(),
+                    peer: Some("192.0.2.100".parse().unwrap()),
+                    port: 500,
+                    state: "STATE_V2_ESTABLISHED_IKE_SA".into()
+                },
+                State {
+                    serial: 4,
+                    conn: "segw6".into(),
+                    peer: Some("2001:db8:1::cb".parse().unwrap()),
+                    port: 500,
                     state: "STATE_V2_ESTABLISHED_IKE_SA".into()
                 },
             ]
