@@ -8,7 +8,7 @@
 //! (the core then handles it, as it handles every frame today).
 //!
 //! Agreement is a property, not a list: beside the battery of frames of
-//! every kind and the strongSwan captures, a fuzz sends random frames and
+//! every kind and the strongSwan and libreswan captures, a fuzz sends random frames and
 //! mutations of those (a fixed seed, 20,000 frames here; a million with
 //! `SEGWLB_FASTPATH_FUZZ_FRAMES`) through both.
 //!
@@ -937,7 +937,16 @@ impl World {
                 ("strongswan-nat.pcap", 1, false, false),
                 ("strongswan-steered.pcap", 3, true, true),
                 ("strongswan-steered.pcap", 1, true, false),
-            ][scenario - 1];
+                // libreswan's pluto: IKE only, floated behind a NAT, and
+                // kept on 500 throughout; the segw's requests carry no
+                // flag, pluto's answers I and R.
+                ("libreswan-nat.pcap", 1, false, false),
+                ("libreswan-nofloat.pcap", 1, false, false),
+            ][if scenario < 5 {
+                scenario - 1
+            } else {
+                scenario - 2
+            }];
             let mut lb: Balancer<Box<dyn Policy>> = fixtures::balancer(port, steering);
             if drained {
                 lb.set_draining("segw1", true, Timestamp::ZERO).unwrap();
@@ -1035,7 +1044,7 @@ fn fuzz(fp: &mut FastPath, ifindex: &[u32], frames: usize, seed: u64) -> FuzzRep
         if report.frames >= frames {
             break;
         }
-        let mut world = World::new(episode % 6, fp, ifindex, &mut report);
+        let mut world = World::new(episode % 8, fp, ifindex, &mut report);
         for i in 0..EPISODE.min(frames.saturating_sub(report.frames)) {
             let (ingress, f, what) = if rng.chance(10) {
                 random_frame(&mut rng, &world.addrs)
