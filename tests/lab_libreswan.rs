@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use lab::{can_run, Lab, SERIAL};
 use segwlb::compare::outage::{Move, Timers};
+use segwlb::lab::config::Addresses;
 use segwlb::lab::libreswan::{self, Conn, Liveness, Pluto};
 use segwlb::lab::netns::{self, Netns};
 use segwlb::lab::topology::State;
@@ -162,6 +163,32 @@ fn launch(ns: Netns, dir: &Path, conf: &str, secrets: &str) -> (Pluto, Child, Ne
     (pluto, child, ns)
 }
 
+/// The tests' two plutos and their connections: `l1` with l201 and l202,
+/// `l2` with l203 (over IPv6) and l204, each from host 201.. of the lab's
+/// prefixes; l1's follow a redirect when `l1_accepts_redirect`.
+fn pluto_hosts(a: &Addresses, l1_accepts_redirect: bool) -> [(&'static str, Vec<Conn>); 2] {
+    let conn = |name: &str, n: u32, v6: bool| Conn {
+        accept_redirect: l1_accepts_redirect && n <= 202,
+        name: name.to_string(),
+        outer: if v6 {
+            a.outer6_prefix.host(n).unwrap().into()
+        } else {
+            a.outer_prefix.host(n).unwrap().into()
+        },
+        inner: a.inner_prefix.host(n).unwrap(),
+    };
+    [
+        (
+            "l1",
+            vec![conn("l201", 201, false), conn("l202", 202, false)],
+        ),
+        (
+            "l2",
+            vec![conn("l203", 203, true), conn("l204", 204, false)],
+        ),
+    ]
+}
+
 /// Where each of `peers` (outer addresses) has an established IKE SA: the
 /// segws holding one (failed ones skipped) and the initiator SPI of the
 /// newest.
@@ -259,28 +286,9 @@ fn libreswan_initiators_beside_strongswan_are_placed_agree_and_come_back_after_a
     lab.run();
     let mut state = State::load(&lab.config.work_dir()).unwrap();
     let a = lab.config.addresses.clone();
-    // l1's pluto follows a segw's redirect, l2's does not (pluto's default).
-    let conn = |name: &str, n: u32, v6: bool| Conn {
-        accept_redirect: n <= 202,
-        name: name.to_string(),
-        outer: if v6 {
-            a.outer6_prefix.host(n).unwrap().into()
-        } else {
-            a.outer_prefix.host(n).unwrap().into()
-        },
-        inner: a.inner_prefix.host(n).unwrap(),
-    };
-    // Two plutos, two connections each; one over IPv6.
-    let hosts = [
-        (
-            "l1",
-            vec![conn("l201", 201, false), conn("l202", 202, false)],
-        ),
-        (
-            "l2",
-            vec![conn("l203", 203, true), conn("l204", 204, false)],
-        ),
-    ];
+    // Two plutos, two connections each, one over IPv6; l1's follows a
+    // segw's redirect, l2's does not (pluto's default).
+    let hosts = pluto_hosts(&a, true);
     let t_up = Instant::now();
     let mut plutos = Plutos {
         running: Vec::new(),
@@ -542,26 +550,7 @@ fn a_libreswan_segw_beside_a_charon_one_serves_pluto_initiators_through_the_bala
         &conf,
         &libreswan::segw_secrets(),
     );
-    let conn = |name: &str, n: u32, v6: bool| Conn {
-        accept_redirect: false,
-        name: name.to_string(),
-        outer: if v6 {
-            a.outer6_prefix.host(n).unwrap().into()
-        } else {
-            a.outer_prefix.host(n).unwrap().into()
-        },
-        inner: a.inner_prefix.host(n).unwrap(),
-    };
-    let hosts = [
-        (
-            "l1",
-            vec![conn("l201", 201, false), conn("l202", 202, false)],
-        ),
-        (
-            "l2",
-            vec![conn("l203", 203, true), conn("l204", 204, false)],
-        ),
-    ];
+    let hosts = pluto_hosts(&a, false);
     let mut plutos = Plutos {
         running: vec![segw],
     };

@@ -102,6 +102,18 @@ pub struct Liveness {
     pub retransmit_timeout_s: u32,
 }
 
+/// `config setup` of a pluto whose files live in `dir`: its log there.
+fn config_setup(dir: &Path) -> String {
+    format!(
+        "config setup
+    logfile={}/pluto.log
+    logtime=yes
+    plutodebug=none
+",
+        dir.display()
+    )
+}
+
 /// The `ipsec.conf` of a pluto whose files live in `dir`.
 pub fn ipsec_conf(
     dir: &Path,
@@ -110,14 +122,7 @@ pub fn ipsec_conf(
     conns: &[Conn],
     liveness: Liveness,
 ) -> String {
-    let mut text = format!(
-        "config setup
-    logfile={}/pluto.log
-    logtime=yes
-    plutodebug=none
-",
-        dir.display()
-    );
+    let mut text = config_setup(dir);
     for c in conns {
         let vip = match (c.outer, vips.1) {
             (IpAddr::V6(_), Some(vip6)) => IpAddr::V6(vip6),
@@ -161,14 +166,7 @@ pub fn segw_conf(
     service_ts: &str,
     inner_ts: &str,
 ) -> String {
-    let mut text = format!(
-        "config setup
-    logfile={}/pluto.log
-    logtime=yes
-    plutodebug=none
-",
-        dir.display()
-    );
+    let mut text = config_setup(dir);
     let vips = [Some(IpAddr::V4(vips.0)), vips.1.map(IpAddr::V6)];
     for (vip, name) in vips.into_iter().zip(["segw", "segw6"]) {
         let Some(vip) = vip else { continue };
