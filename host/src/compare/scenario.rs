@@ -463,20 +463,16 @@ struct RawPeers {
 
 impl RawPeers {
     fn validate(&self, at: &At) -> Result<Timers, ScenarioError> {
-        let stack = match &self.stack {
-            None => Stack::StrongSwan,
-            Some(s) => match s.get_ref().as_str() {
-                "strongswan" => Stack::StrongSwan,
-                "libreswan" => Stack::Libreswan,
-                other => {
-                    return Err(at(
-                        s.span(),
-                        "peers.stack".into(),
-                        format!("{other:?} is not `strongswan` or `libreswan`"),
-                    ))
-                }
-            },
-        };
+        let stack = one_of(
+            &self.stack,
+            "peers.stack",
+            [
+                ("strongswan", Stack::StrongSwan),
+                ("libreswan", Stack::Libreswan),
+            ],
+            at,
+        )?
+        .unwrap_or_default();
         // libreswan's own defaults: retransmit-interval 0.5 s.
         let d = match stack {
             Stack::StrongSwan => Timers::default(),
@@ -491,20 +487,13 @@ impl RawPeers {
                 format!("must be a number of at least {floor}, not {}", v.get_ref()),
             )),
         };
-        let restart = match &self.dpd_action {
-            None => d.restart,
-            Some(a) => match a.get_ref().as_str() {
-                "restart" => true,
-                "clear" => false,
-                other => {
-                    return Err(at(
-                        a.span(),
-                        "peers.dpd_action".into(),
-                        format!("{other:?} is not `restart` or `clear`"),
-                    ))
-                }
-            },
-        };
+        let restart = one_of(
+            &self.dpd_action,
+            "peers.dpd_action",
+            [("restart", true), ("clear", false)],
+            at,
+        )?
+        .unwrap_or(d.restart);
         if let (Stack::StrongSwan, Some(v)) = (stack, &self.retransmit_limit) {
             return Err(at(
                 v.span(),
@@ -703,6 +692,30 @@ struct RawBalancerFail {
 struct RawBalancerRecover {}
 
 type At<'a> = dyn Fn(Range<usize>, String, String) -> ScenarioError + 'a;
+
+/// The value of `field` (given or not) as one of two named `choices`;
+/// anything else is an error at its span naming both.
+fn one_of<T: Copy>(
+    value: &Option<Spanned<String>>,
+    field: &str,
+    choices: [(&str, T); 2],
+    at: &At,
+) -> Result<Option<T>, ScenarioError> {
+    let Some(v) = value else { return Ok(None) };
+    match choices.iter().find(|(name, _)| *name == v.get_ref()) {
+        Some(&(_, chosen)) => Ok(Some(chosen)),
+        None => Err(at(
+            v.span(),
+            field.into(),
+            format!(
+                "{:?} is not `{}` or `{}`",
+                v.get_ref(),
+                choices[0].0,
+                choices[1].0
+            ),
+        )),
+    }
+}
 
 impl RawScenario {
     fn validate(self, at: &At) -> Result<Scenario, ScenarioError> {
@@ -1174,20 +1187,13 @@ impl RawEvent {
             ));
         }
         if let Some(f) = &self.balancer_fail {
-            let failure = match &f.get_ref().how {
-                None => Failure::Kill,
-                Some(how) => match how.get_ref().as_str() {
-                    "kill" => Failure::Kill,
-                    "uplink" => Failure::Uplink,
-                    other => {
-                        return Err(at(
-                            how.span(),
-                            format!("{field}.balancer_fail.how"),
-                            format!("{other:?} is not `kill` or `uplink`"),
-                        ))
-                    }
-                },
-            };
+            let failure = one_of(
+                &f.get_ref().how,
+                &format!("{field}.balancer_fail.how"),
+                [("kill", Failure::Kill), ("uplink", Failure::Uplink)],
+                at,
+            )?
+            .unwrap_or(Failure::Kill);
             found.push(("balancer_fail", Event::BalancerFail(failure)));
         }
         if self.balancer_recover.is_some() {
