@@ -22,7 +22,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use lab::{can_run, Lab, SERIAL};
+use lab::{can_run, ctl, Lab, SERIAL};
 use segwlb::compare::outage::{Move, Timers};
 use segwlb::lab::config::Addresses;
 use segwlb::lab::libreswan::{self, Conn, Liveness, Pluto};
@@ -248,17 +248,6 @@ fn agreement(
         placed.insert(*p, (segws[0].clone(), spi.clone()));
     }
     Ok(placed)
-}
-
-/// `segwlb ctl ARGS` against the lab's balancer.
-fn ctl(state: &State, args: &[&str]) {
-    let socket = &state.balancer().unwrap().socket;
-    let out = run(std::process::Command::new(env!("CARGO_BIN_EXE_segwlb"))
-        .arg("ctl")
-        .arg("--socket")
-        .arg(socket)
-        .args(args));
-    eprintln!("{}", out.trim_end());
 }
 
 fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {

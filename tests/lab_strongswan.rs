@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use lab::{assert_nothing_left, can_run, Lab, SERIAL};
+use lab::{assert_nothing_left, can_run, ctl, Lab, SERIAL};
 use segwlb::lab::topology::State;
 use segwlb::lab::{netns, traffic, Report};
 use segwlb::policy::native;
@@ -292,20 +292,6 @@ fn policy_hot_swap_under_traffic_loses_no_ping_and_reestablishes_nothing() {
     }
     assert_eq!(after.balancer_moved, 0);
     lab.down_and_check();
-}
-
-/// `segwlb ctl ARGS` against the lab's balancer; it must succeed. What it
-/// printed is shown.
-fn ctl(state: &State, args: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_segwlb"))
-        .arg("ctl")
-        .arg("--socket")
-        .arg(&state.balancer().unwrap().socket)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{args:?}: {out:?}");
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim_end());
 }
 
 /// `count` pings, 10 a second, through every tunnel of `state`, started now.

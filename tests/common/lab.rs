@@ -241,3 +241,17 @@ pub fn assert_nothing_left(config: &LabConfig, pids: &[i32]) {
     }
     assert!(!config.work_dir().exists());
 }
+
+/// `segwlb ctl ARGS` against the lab's (active) balancer; its output
+/// printed, its failure a panic.
+pub fn ctl(state: &State, args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_segwlb"))
+        .arg("ctl")
+        .arg("--socket")
+        .arg(&state.balancer().unwrap().socket)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim_end());
+}
